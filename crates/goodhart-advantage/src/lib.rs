@@ -1,0 +1,1 @@
+//! Advantage estimators (GAE, RLOO, GRPO, BNPO, ...) and loss aggregation.

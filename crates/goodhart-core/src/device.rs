@@ -1,0 +1,223 @@
+//! Backend and device selection: `--device cpu|wgpu|cuda[:N]`.
+//!
+//! Library code is generic over `B: Backend`; only binaries and tests pick a concrete
+//! backend. They do it at run time through [`dispatch`], which runs a [`BackendJob`] on
+//! the backend a [`DeviceSpec`] names, or explains why it cannot: the backend's cargo
+//! feature was not compiled in, or the backend found no usable device.
+
+use std::{fmt, str::FromStr};
+
+use burn::tensor::backend::Backend;
+
+use crate::error::{GoodhartError, Result};
+
+/// A device as the user names it: `cpu` (ndarray), `wgpu[:N]`, `cuda[:N]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The ndarray CPU backend (feature `ndarray`).
+    #[default]
+    Cpu,
+    /// The wgpu backend (feature `wgpu`): the default adapter, or discrete GPU `N`.
+    Wgpu(Option<usize>),
+    /// The CUDA backend (feature `cuda`), GPU `N` (0 when omitted).
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// The cargo feature that compiles this backend in.
+    pub fn feature(&self) -> &'static str {
+        match self {
+            Self::Cpu => "ndarray",
+            Self::Wgpu(_) => "wgpu",
+            Self::Cuda(_) => "cuda",
+        }
+    }
+
+    /// Whether this binary was built with the backend.
+    pub fn is_compiled(&self) -> bool {
+        compiled_backends().contains(&self.feature())
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Wgpu(None) => write!(f, "wgpu"),
+            Self::Wgpu(Some(n)) => write!(f, "wgpu:{n}"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = GoodhartError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |reason: &str| GoodhartError::invalid("device", format!("`{s}`: {reason}"));
+        let (name, index) = match s.split_once(':') {
+            Some((n, i)) => {
+                let i = i
+                    .parse::<usize>()
+                    .map_err(|_| bad("the index after `:` must be a non-negative integer"))?;
+                (n, Some(i))
+            }
+            None => (s, None),
+        };
+        match (name.trim().to_ascii_lowercase().as_str(), index) {
+            ("cpu" | "ndarray", None) => Ok(Self::Cpu),
+            ("cpu" | "ndarray", Some(_)) => Err(bad("cpu takes no index")),
+            ("wgpu", i) => Ok(Self::Wgpu(i)),
+            ("cuda", i) => Ok(Self::Cuda(i.unwrap_or(0))),
+            _ => Err(bad("expected cpu, wgpu, wgpu:N, cuda or cuda:N")),
+        }
+    }
+}
+
+/// The backend features this binary was compiled with.
+pub fn compiled_backends() -> &'static [&'static str] {
+    &[
+        #[cfg(feature = "ndarray")]
+        "ndarray",
+        #[cfg(feature = "wgpu")]
+        "wgpu",
+        #[cfg(feature = "cuda")]
+        "cuda",
+    ]
+}
+
+/// Work that can run on any backend; [`dispatch`] picks which at run time.
+///
+/// For training, wrap the backend in `burn::backend::Autodiff<B>` inside `run`.
+pub trait BackendJob {
+    /// What the job returns.
+    type Output;
+    /// Runs the job on backend `B`, device `device`.
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+}
+
+/// The ndarray backend as goodhart uses it (f32 floats).
+#[cfg(feature = "ndarray")]
+pub type Cpu = burn::backend::NdArray<f32>;
+/// The wgpu backend as goodhart uses it (f32 floats, i32 ints).
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu<f32, i32>;
+/// The CUDA backend as goodhart uses it (f32 floats, i32 ints).
+#[cfg(feature = "cuda")]
+pub type Cuda = burn::backend::Cuda<f32, i32>;
+
+/// Runs `job` on the backend and device `spec` names.
+///
+/// Errors with [`GoodhartError::BackendNotCompiled`] when the backend's feature is
+/// missing, and [`GoodhartError::BackendUnavailable`] when it has no usable device
+/// (checked by a one-element round trip before the job starts).
+pub fn dispatch<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
+    let not_compiled = || GoodhartError::BackendNotCompiled {
+        backend: spec.to_string(),
+        feature: spec.feature().into(),
+    };
+    match spec {
+        DeviceSpec::Cpu => {
+            #[cfg(feature = "ndarray")]
+            return Ok(job.run::<Cpu>(burn::backend::ndarray::NdArrayDevice::Cpu));
+            #[cfg(not(feature = "ndarray"))]
+            return Err(not_compiled());
+        }
+        DeviceSpec::Wgpu(index) => {
+            #[cfg(feature = "wgpu")]
+            {
+                use burn::backend::wgpu::WgpuDevice;
+                let device = index.map_or(WgpuDevice::DefaultDevice, WgpuDevice::DiscreteGpu);
+                probe::<Wgpu>(spec, &device)?;
+                return Ok(job.run::<Wgpu>(device));
+            }
+            #[cfg(not(feature = "wgpu"))]
+            {
+                let _ = index;
+                return Err(not_compiled());
+            }
+        }
+        DeviceSpec::Cuda(index) => {
+            #[cfg(feature = "cuda")]
+            {
+                let device = burn::backend::cuda::CudaDevice { index };
+                probe::<Cuda>(spec, &device)?;
+                return Ok(job.run::<Cuda>(device));
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = index;
+                return Err(not_compiled());
+            }
+        }
+    }
+}
+
+/// A one-element round trip: GPU runtimes panic when they find no adapter or driver;
+/// this turns that into an error naming the backend.
+#[allow(dead_code)]
+fn probe<B: Backend>(spec: DeviceSpec, device: &B::Device) -> Result<()> {
+    let device = device.clone();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let t = burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0], &device);
+        t.sum().into_scalar().to_string()
+    }));
+    match outcome {
+        Ok(v) if v.starts_with('3') => Ok(()),
+        Ok(v) => Err(GoodhartError::BackendUnavailable {
+            backend: spec.to_string(),
+            reason: format!("1 + 2 evaluated to {v}"),
+        }),
+        Err(panic) => Err(GoodhartError::BackendUnavailable {
+            backend: spec.to_string(),
+            reason: panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the runtime panicked while opening the device".into()),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_spelling() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("ndarray".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!(
+            "wgpu".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Wgpu(None)
+        );
+        assert_eq!(
+            "wgpu:1".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Wgpu(Some(1))
+        );
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("CUDA:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
+        for bad in ["tpu", "cuda:x", "cpu:0", "", "wgpu:-1"] {
+            assert!(
+                bad.parse::<DeviceSpec>().is_err(),
+                "{bad} should be rejected"
+            );
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn missing_feature_is_named() {
+        struct Nothing;
+        impl BackendJob for Nothing {
+            type Output = ();
+            fn run<B: Backend>(self, _: B::Device) {}
+        }
+        let err = dispatch(DeviceSpec::Cuda(0), Nothing).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "backend `cuda:0` is not compiled in: rebuild with `--features cuda`"
+        );
+    }
+}

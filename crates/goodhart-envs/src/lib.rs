@@ -1,0 +1,1 @@
+//! Environments with a gold reward and a hackable proxy.

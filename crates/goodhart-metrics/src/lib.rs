@@ -1,0 +1,1 @@
+//! Metrics and diagnostics: proxy-gold gap, overoptimisation fits, hacking detectors.

@@ -1,0 +1,1 @@
+//! Surrogate losses: PPO-clip family, GSPO, CISPO, value loss, preference losses.

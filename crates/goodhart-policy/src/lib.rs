@@ -1,0 +1,1 @@
+//! Policy models: transformer LM with KV-cache sampling, MLP policies, value heads.

@@ -1,0 +1,1 @@
+//! Regularisers: KL estimators and controllers, entropy, chi-squared occupancy, GARDO, constraints.

@@ -1,0 +1,1 @@
+//! Training algorithms, experiment configuration and run directories.

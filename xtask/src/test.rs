@@ -1,0 +1,119 @@
+//! `cargo xtask test`: every test on ndarray, then the backend-matrix tests on wgpu.
+
+use std::{
+    path::Path,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result};
+use goodhart_core::testing::{BACKEND_TEST_FILTER, TEST_DEVICE_ENV};
+
+/// Runs the workspace tests; extra `args` go to `cargo test` (before any `--`).
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    let mut report = Vec::new();
+    let cpu_ok = cargo_test(args, "cpu", None)?;
+    report.push(format!("ndarray (cpu): {}", verdict(cpu_ok)));
+    let mut all_ok = cpu_ok;
+    match vulkan_driver() {
+        Ok(icd) => {
+            println!("\n== backend-matrix tests on wgpu (Vulkan driver: {icd})");
+            let ok = cargo_test(args, "wgpu", Some(BACKEND_TEST_FILTER))?;
+            report.push(format!("wgpu (Vulkan, {icd}): {}", verdict(ok)));
+            all_ok &= ok;
+        }
+        Err(why) => {
+            report.push(format!("wgpu: skipped, {why}"));
+        }
+    }
+    report.push(format!(
+        "cuda: {}",
+        if cfg!(feature = "cuda") {
+            "compiled in; not run by `xtask test` (run the suite with GOODHART_TEST_DEVICE=cuda)"
+        } else {
+            "not compiled in (feature `cuda`)"
+        }
+    ));
+    println!("\n== backends");
+    for line in &report {
+        println!("  {line}");
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "passed"
+    } else {
+        "FAILED"
+    }
+}
+
+fn cargo_test(args: &[String], device: &str, filter: Option<&str>) -> Result<bool> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let (cargo_args, test_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut cmd = Command::new(cargo);
+    // Library, binary and integration tests; doc tests are skipped (each would link
+    // burn again for a few lines of example).
+    cmd.args(["test", "--workspace", "--lib", "--bins", "--tests"])
+        .args(cargo_args)
+        .arg("--")
+        .args(test_args)
+        .env(TEST_DEVICE_ENV, device);
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    println!("== {TEST_DEVICE_ENV}={device} {cmd:?}");
+    let status = cmd.status().context("running cargo test")?;
+    Ok(status.success())
+}
+
+/// The Vulkan ICD manifest wgpu would load, or why there is none.
+fn vulkan_driver() -> Result<String, String> {
+    let loader = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/lib/x86_64-linux-gnu",
+    ]
+    .iter()
+    .any(|d| Path::new(d).join("libvulkan.so.1").exists());
+    if !loader {
+        return Err("no Vulkan loader (libvulkan.so.1); on Debian: apt-get install libvulkan1 mesa-vulkan-drivers".into());
+    }
+    let dirs: Vec<String> =
+        match std::env::var("VK_ICD_FILENAMES").or_else(|_| std::env::var("VK_DRIVER_FILES")) {
+            Ok(files) if !files.is_empty() => return Ok(files),
+            _ => [
+                "/usr/share/vulkan/icd.d",
+                "/etc/vulkan/icd.d",
+                "/usr/local/share/vulkan/icd.d",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        };
+    let icds: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    if icds.is_empty() {
+        Err(
+            "no Vulkan driver (ICD) installed; on Debian: apt-get install mesa-vulkan-drivers"
+                .into(),
+        )
+    } else {
+        Ok(icds.join(", "))
+    }
+}
