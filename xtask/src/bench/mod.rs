@@ -1,0 +1,58 @@
+//! `cargo xtask bench`: throughput benchmarks.
+//!
+//! Benchmarks run in the same optimised profile and feature set as everything else (no
+//! second build of burn). Each prints its figures; compare figures from one run only.
+
+use std::{process::ExitCode, time::Instant};
+
+use anyhow::{bail, Result};
+use goodhart_core::device::DeviceSpec;
+
+mod core;
+
+/// One benchmark: a name for the command line, a line for `--list`, and its body.
+pub struct Bench {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(DeviceSpec) -> Result<()>,
+}
+
+/// Every benchmark, one module per crate.
+const BENCHES: &[&[Bench]] = &[core::BENCHES];
+
+/// Runs the benchmarks named in `args` (all when none).
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    let mut args = args.to_vec();
+    let device = crate::take_device(&mut args)?;
+    if args.iter().any(|a| a == "--list") {
+        for b in BENCHES.iter().copied().flatten() {
+            println!("{:<16} {}", b.name, b.about);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    for name in &args {
+        if !BENCHES.iter().copied().flatten().any(|b| b.name == name) {
+            bail!("unknown benchmark `{name}` (cargo xtask bench --list)");
+        }
+    }
+    let selected = BENCHES.iter().copied().flatten();
+    for b in selected.filter(|b| args.is_empty() || args.iter().any(|a| a == b.name)) {
+        println!("== {} on {device}: {}", b.name, b.about);
+        (b.run)(device)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Median wall time of `reps` calls of `f` (after one warm-up call), in seconds.
+pub fn time_median(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
