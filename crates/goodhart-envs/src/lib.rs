@@ -1,1 +1,7 @@
-//! Environments with a gold reward and a hackable proxy.
+//! # goodhart-envs
+//!
+//! Tasks with a known gold reward and a hackable proxy.
+//!
+//! - [`tomato`]: the tomato-watering gridworld of "Correlated Proxies" (ORPO).
+
+pub mod tomato;
