@@ -1,0 +1,283 @@
+//! What every policy-gradient surrogate shares: validated inputs ([`PolicyInputs`]), the
+//! output with its metrics ([`PolicyLoss`], [`PolicyMetrics`]), the config enum a TOML file
+//! picks a loss with ([`PolicyLossConfig`], `kind = "ppo_clip" | "gspo" | "cispo"`) and the
+//! family's [`REGISTRY`].
+//!
+//! Conventions (verl `core_algos.py`): every tensor is `[B, T]` (responses x padded
+//! response tokens); `mask` is 1 on response tokens that count and 0 on padding (or tool
+//! output in multi-turn rollouts); per-response advantages are broadcast to tokens by the
+//! caller. The per-token log-ratio is `d = lp - lp_old`, the ratio `exp(clamp(d, -20, 20))`
+//! (verl's clamp, so a stale `lp_old` cannot overflow `exp`).
+
+use burn::tensor::{backend::Backend, Bool, Tensor};
+use goodhart_core::{
+    ops::{check_finite, check_finite_masked, check_same_shape, masked_mean},
+    registry::MethodInfo,
+    GoodhartError, Result,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{cispo::CispoConfig, gspo::GspoConfig, ppo_clip::PpoClipConfig};
+
+/// Bound on the per-token log-ratio before `exp` (verl's `clamp(-20, 20)`).
+pub const LOG_RATIO_CLAMP: f32 = 20.0;
+
+/// The inputs of a policy loss, checked once: four `[B, T]` tensors of one shape, finite
+/// wherever `mask` is non-zero.
+///
+/// Masked positions are replaced by 0 at construction (as a `mask_fill`, which passes a
+/// zero gradient), so padding may hold NaN or garbage: it changes neither the loss nor
+/// the gradient that reaches the model.
+#[derive(Debug, Clone)]
+pub struct PolicyInputs<B: Backend> {
+    /// `lp`: log-probabilities of the sampled tokens under the policy being trained
+    /// (carries the gradient).
+    pub logp: Tensor<B, 2>,
+    /// `lp_old`: log-probabilities under the policy that sampled the rollout (no gradient).
+    pub logp_old: Tensor<B, 2>,
+    /// Per-token advantages `A` (no gradient).
+    pub advantages: Tensor<B, 2>,
+    /// 0/1 response mask `m`.
+    pub mask: Tensor<B, 2>,
+}
+
+impl<B: Backend> PolicyInputs<B> {
+    /// Checks shapes and finiteness and zeroes masked positions.
+    ///
+    /// Errors: [`GoodhartError::ShapeMismatch`] when any tensor's shape differs from
+    /// `logp`'s, [`GoodhartError::NonFinite`] when `mask` is not finite or a log-prob or
+    /// advantage is NaN/infinite at an unmasked position, [`GoodhartError::Empty`] when
+    /// the batch has no element.
+    pub fn new(
+        logp: Tensor<B, 2>,
+        logp_old: Tensor<B, 2>,
+        advantages: Tensor<B, 2>,
+        mask: Tensor<B, 2>,
+    ) -> Result<Self> {
+        check_same_shape(&logp, "logp", &logp_old, "logp_old")?;
+        check_same_shape(&logp, "logp", &advantages, "advantages")?;
+        check_same_shape(&logp, "logp", &mask, "mask")?;
+        if logp.dims().contains(&0) {
+            return Err(GoodhartError::Empty {
+                what: "logp".into(),
+            });
+        }
+        check_finite(&mask, "mask")?;
+        check_finite_masked(&logp, &mask, "logp")?;
+        check_finite_masked(&logp_old, &mask, "logp_old")?;
+        check_finite_masked(&advantages, &mask, "advantages")?;
+        let pad = mask.clone().equal_elem(0.0);
+        Ok(Self {
+            logp: logp.mask_fill(pad.clone(), 0.0),
+            logp_old: logp_old.mask_fill(pad.clone(), 0.0).detach(),
+            advantages: advantages.mask_fill(pad, 0.0).detach(),
+            mask: mask.detach(),
+        })
+    }
+
+    /// Per-token log-ratio `d = clamp(lp - lp_old, -20, 20)`.
+    pub fn log_ratio(&self) -> Tensor<B, 2> {
+        (self.logp.clone() - self.logp_old.clone()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    }
+
+    /// Masked mean of a 0/1 flag, detached: the fraction of counted tokens where `flag`
+    /// holds.
+    pub(crate) fn fraction(&self, flag: Tensor<B, 2, Bool>) -> Tensor<B, 1> {
+        masked_mean(flag.float(), &self.mask).detach()
+    }
+
+    /// `A < 0` and `A > 0`, per token.
+    pub(crate) fn advantage_signs(&self) -> (Tensor<B, 2, Bool>, Tensor<B, 2, Bool>) {
+        (
+            self.advantages.clone().lower_elem(0.0),
+            self.advantages.clone().greater_elem(0.0),
+        )
+    }
+}
+
+/// Diagnostics of a policy loss, each a detached one-element tensor averaged over counted
+/// tokens only (so reading them forces no device sync until the caller asks).
+#[derive(Debug, Clone)]
+pub struct PolicyMetrics<B: Backend> {
+    /// Fraction of tokens whose lower clip bound is active (for PPO-clip/GSPO: `A < 0` and
+    /// ratio `< 1 - eps_low`; TRL's `clip_ratio/low_mean`).
+    pub clip_frac_low: Tensor<B, 1>,
+    /// Fraction of tokens whose upper clip bound is active (PPO-clip/GSPO: `A > 0` and
+    /// ratio `> 1 + eps_high`; CISPO: the IS weight was truncated). verl's `pg_clipfrac` is
+    /// `clip_frac_low + clip_frac_high`.
+    pub clip_frac_high: Tensor<B, 1>,
+    /// Fraction of tokens where dual-clip bounds the loss (`A < 0`, ratio beyond `c`);
+    /// verl's `pg_clipfrac_lower`. 0 for losses without dual-clip.
+    pub dual_clip_frac: Tensor<B, 1>,
+    /// `k1` estimate of `KL(pi_old || pi)`: mean of `lp_old - lp` (verl's `ppo_kl`).
+    pub approx_kl_k1: Tensor<B, 1>,
+    /// `k3` estimate of `KL(pi_old || pi)`: mean of `exp(d) - 1 - d`, `d = lp - lp_old`
+    /// (non-negative, low variance; Schulman's estimator with `r = pi / pi_old`).
+    pub approx_kl_k3: Tensor<B, 1>,
+}
+
+impl<B: Backend> PolicyMetrics<B> {
+    /// Metrics from the clip flags; the KL estimates come from the token log-ratio.
+    pub(crate) fn new(
+        inputs: &PolicyInputs<B>,
+        low: Tensor<B, 2, Bool>,
+        high: Tensor<B, 2, Bool>,
+        dual: Option<Tensor<B, 2, Bool>>,
+    ) -> Self {
+        let d = inputs.log_ratio().detach();
+        let mask = &inputs.mask;
+        let zero = || Tensor::zeros([1], &mask.device());
+        Self {
+            clip_frac_low: inputs.fraction(low),
+            clip_frac_high: inputs.fraction(high),
+            dual_clip_frac: dual.map_or_else(zero, |f| inputs.fraction(f)),
+            approx_kl_k1: masked_mean(-d.clone(), mask),
+            approx_kl_k3: masked_mean(d.clone().exp() - 1.0 - d, mask),
+        }
+    }
+}
+
+/// A policy loss: the differentiable scalar to minimise and its detached metrics.
+#[derive(Debug, Clone)]
+pub struct PolicyLoss<B: Backend> {
+    /// One-element loss tensor; `loss.backward()` differentiates through `logp`.
+    pub loss: Tensor<B, 1>,
+    /// Clip fractions and approximate KL, detached.
+    pub metrics: PolicyMetrics<B>,
+}
+
+/// Which policy-gradient surrogate to use, chosen in TOML by `kind`:
+///
+/// ```toml
+/// [objective]
+/// kind = "ppo_clip"
+/// eps_high = 0.28   # DAPO clip-higher
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PolicyLossConfig {
+    /// PPO-clip with asymmetric range and dual-clip ([`crate::ppo_clip`]).
+    PpoClip(PpoClipConfig),
+    /// Sequence-level ratio, sequence-level clipping ([`crate::gspo`]).
+    Gspo(GspoConfig),
+    /// REINFORCE with a truncated, detached importance weight ([`crate::cispo`]).
+    Cispo(CispoConfig),
+}
+
+impl Default for PolicyLossConfig {
+    /// PPO-clip with its defaults (verl's vanilla policy loss).
+    fn default() -> Self {
+        Self::PpoClip(PpoClipConfig::default())
+    }
+}
+
+impl PolicyLossConfig {
+    /// The registry name (`"ppo_clip"`, `"gspo"`, `"cispo"`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::PpoClip(_) => "ppo_clip",
+            Self::Gspo(_) => "gspo",
+            Self::Cispo(_) => "cispo",
+        }
+    }
+
+    /// Errors if a parameter is out of range (see each config's `validate`).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::PpoClip(c) => c.validate(),
+            Self::Gspo(c) => c.validate(),
+            Self::Cispo(c) => c.validate(),
+        }
+    }
+
+    /// Computes the chosen loss.
+    pub fn loss<B: Backend>(&self, inputs: &PolicyInputs<B>) -> Result<PolicyLoss<B>> {
+        match self {
+            Self::PpoClip(c) => c.loss(inputs),
+            Self::Gspo(c) => c.loss(inputs),
+            Self::Cispo(c) => c.loss(inputs),
+        }
+    }
+}
+
+/// The policy-loss registry: the names a TOML `kind` accepts, with summary and source.
+pub const REGISTRY: &[MethodInfo] = &[
+    MethodInfo {
+        name: "ppo_clip",
+        summary: "max(-A r, -A clip(r, 1-eps_low, 1+eps_high)), dual-clip min(., -A c) for A<0; r = exp(clamp(lp - lp_old, +-20))",
+        source: "Schulman et al. 2017 (PPO); DAPO clip-higher (Yu et al. 2025); dual-clip (Ye et al. 2020); defaults verl (0.2/0.2, c = 3)",
+    },
+    MethodInfo {
+        name: "gspo",
+        summary: "PPO-clip on the sequence ratio s = exp(mean_t(lp - lp_old)), token gradient via exp(lp - sg(lp) + sg(log s))",
+        source: "Zheng et al. 2025 (GSPO, arXiv:2507.18071); verl compute_policy_loss_gspo; defaults 3e-4/4e-4 from the paper",
+    },
+    MethodInfo {
+        name: "cispo",
+        summary: "-sg(clip(r, eps_min, eps_max)) A lp: REINFORCE with a truncated, detached importance weight",
+        source: "MiniMax-M1 (arXiv:2506.13585); TRL loss_type = \"cispo\" (cap on the weight itself)",
+    },
+];
+
+/// Validation shared by the clip-range configs.
+pub(crate) fn check_clip_range(eps_low: f32, eps_high: f32) -> Result<()> {
+    if !(eps_low.is_finite() && (0.0..=1.0).contains(&eps_low)) {
+        return Err(GoodhartError::invalid(
+            "eps_low",
+            format!("must lie in [0, 1] (lower bound 1 - eps_low >= 0), got {eps_low}"),
+        ));
+    }
+    if !(eps_high.is_finite() && eps_high >= 0.0) {
+        return Err(GoodhartError::invalid(
+            "eps_high",
+            format!("must be finite and >= 0, got {eps_high}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registry_name_deserialises_from_toml() {
+        for info in REGISTRY {
+            let cfg: PolicyLossConfig =
+                toml::from_str(&format!("kind = \"{}\"", info.name)).unwrap();
+            assert_eq!(cfg.name(), info.name);
+            cfg.validate().unwrap();
+        }
+        assert_eq!(REGISTRY.len(), 3);
+        let cfg: PolicyLossConfig =
+            toml::from_str("kind = \"ppo_clip\"\neps_high = 0.28\ndual_clip = false\naggregation = \"seq-mean-token-sum-norm\"").unwrap();
+        assert_eq!(
+            cfg,
+            PolicyLossConfig::PpoClip(PpoClipConfig {
+                eps_high: 0.28,
+                dual_clip: false,
+                aggregation: goodhart_core::aggregate::LossAggregation::SeqMeanTokenSumNorm,
+                ..Default::default()
+            })
+        );
+        let cfg: PolicyLossConfig = toml::from_str("kind = \"cispo\"\neps_min = 0.5").unwrap();
+        assert_eq!(
+            cfg,
+            PolicyLossConfig::Cispo(CispoConfig {
+                eps_min: Some(0.5),
+                ..Default::default()
+            })
+        );
+        // Unknown keys and unknown kinds are rejected, naming the culprit.
+        let err = toml::from_str::<PolicyLossConfig>("kind = \"gspo\"\nclip = 0.1").unwrap_err();
+        assert!(err.to_string().contains("clip"), "{err}");
+        let err = toml::from_str::<PolicyLossConfig>("kind = \"ppo\"").unwrap_err();
+        assert!(err.to_string().contains("ppo_clip"), "{err}");
+        assert!(PolicyLossConfig::Gspo(GspoConfig {
+            eps_low: 2.0,
+            ..Default::default()
+        })
+        .validate()
+        .is_err());
+    }
+}
