@@ -1,1 +1,26 @@
-//! Policy models: transformer LM with KV-cache sampling, MLP policies, value heads.
+//! # goodhart-policy
+//!
+//! Policies for RL post-training, generic over the burn backend:
+//!
+//! - [`transformer`]: a decoder-only transformer LM ([`TransformerLm`]) whose [`Trunk`]
+//!   goodhart-reward reuses for its reward model;
+//! - [`kv_cache`] and [`generate`]: batched sampling with incremental decoding
+//!   (temperature, top-k, top-p, greedy, EOS), seeded from `goodhart_core::seed`;
+//! - [`score`]: teacher-forced per-token log-probs and entropies (current, old and
+//!   reference policies);
+//! - [`mlp`]: categorical MLP policies and value heads for small environments, and a value
+//!   head on the LM trunk for PPO;
+//! - [`reference`]: frozen reference snapshots with EMA update and reset;
+//! - [`tokenizer`]: built-in character / word tokenizers and Hugging Face `tokenizer.json`;
+//! - [`checkpoint`]: save / load with burn's recorders and GPT-2 safetensors import;
+//! - [`sft`]: supervised fine-tuning (next-token NLL) to make base and SFT policies.
+
+pub mod generate;
+pub mod kv_cache;
+pub mod score;
+pub mod transformer;
+
+pub use generate::{generate, Generation, GenerationConfig};
+pub use kv_cache::KvCache;
+pub use score::{score, TokenScores};
+pub use transformer::{Positions, TransformerConfig, TransformerLm, Trunk};
