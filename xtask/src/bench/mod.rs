@@ -8,6 +8,7 @@ use std::{process::ExitCode, time::Instant};
 use anyhow::{bail, Result};
 use goodhart_core::device::DeviceSpec;
 
+mod advantage;
 mod core;
 
 /// One benchmark: a name for the command line, a line for `--list`, and its body.
@@ -18,7 +19,7 @@ pub struct Bench {
 }
 
 /// Every benchmark, one module per crate.
-const BENCHES: &[&[Bench]] = &[core::BENCHES];
+const BENCHES: &[&[Bench]] = &[core::BENCHES, advantage::BENCHES];
 
 /// Runs the benchmarks named in `args` (all when none).
 pub fn run(args: &[String]) -> Result<ExitCode> {
