@@ -42,17 +42,39 @@ pub fn top_fraction_mask<B: Backend>(
             format!("must be in (0, 1], got {q}"),
         ));
     }
+    let n_valid = count_valid(mask);
+    let k = ((q * n_valid as f64).ceil() as usize).min(n_valid);
+    top_k_mask(score, mask, k)
+}
+
+/// Number of non-zero entries of `mask` (one scalar read back).
+pub(crate) fn count_valid<B: Backend, const D: usize>(mask: &Tensor<B, D>) -> usize {
+    mask.clone()
+        .not_equal_elem(0.0)
+        .int()
+        .sum()
+        .into_scalar()
+        .to_i64() as usize
+}
+
+/// A 0/1 mask `[B, T]` of the `k` valid positions with the largest `score` (plus ties
+/// with the k-th); all zero when `k = 0` or nothing is valid; every valid position when
+/// `k >= n_valid`.
+pub fn top_k_mask<B: Backend>(
+    score: Tensor<B, 2>,
+    mask: &Tensor<B, 2>,
+    k: usize,
+) -> Result<Tensor<B, 2>> {
+    check_same_shape(mask, "mask", &score, "score")?;
     let valid = mask.clone().not_equal_elem(0.0);
-    let n_valid = valid.clone().int().sum().into_scalar().to_i64() as usize;
-    if n_valid == 0 {
+    let k = k.min(count_valid(mask));
+    if k == 0 {
         return Ok(mask.zeros_like());
     }
-    let k = ((q * n_valid as f64).ceil() as usize).clamp(1, n_valid);
     let [b, t] = score.dims();
-    let floor = f32::MIN;
     let ranked = score
         .clone()
-        .mask_fill(valid.clone().bool_not(), floor)
+        .mask_fill(valid.clone().bool_not(), f32::MIN)
         .reshape([b * t])
         .sort_descending(0);
     let threshold = ranked.slice([k - 1..k]).reshape([1, 1]);
@@ -110,6 +132,58 @@ impl Default for EntropyConfig {
             top_q: None,
             aggregation: LossAggregation::default(),
         }
+    }
+}
+
+impl EntropyConfig {
+    /// Validates the config and builds the regulariser.
+    pub fn init(&self) -> Result<EntropyRegularizer> {
+        check_coef("coef", self.coef)?;
+        if let Some(q) = self.top_q {
+            if !(q > 0.0 && q <= 1.0) {
+                return Err(GoodhartError::invalid(
+                    "top_q",
+                    format!("must be in (0, 1], got {q}"),
+                ));
+            }
+        }
+        Ok(EntropyRegularizer {
+            config: self.clone(),
+            last_entropy: None,
+        })
+    }
+}
+
+/// The `entropy` regulariser.
+#[derive(Debug, Clone)]
+pub struct EntropyRegularizer {
+    config: EntropyConfig,
+    last_entropy: Option<f64>,
+}
+
+impl<B: Backend> crate::Regularizer<B> for EntropyRegularizer {
+    fn name(&self) -> &'static str {
+        "entropy"
+    }
+
+    fn loss(&mut self, x: &crate::RegInputs<B>) -> Result<Option<Tensor<B, 1>>> {
+        let h = crate::need(&x.entropy, "entropy", "entropy")?;
+        let mask = crate::need(&x.mask, "mask", "entropy")?;
+        let c = &self.config;
+        let loss = entropy_bonus(h.clone(), &mask, c.coef, c.aggregation, c.top_q)?;
+        self.last_entropy = Some(
+            goodhart_core::ops::masked_mean(h.detach(), &mask)
+                .into_scalar()
+                .to_f64(),
+        );
+        Ok(Some(loss))
+    }
+
+    fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        self.last_entropy
+            .map(|h| ("entropy/mean".to_string(), h))
+            .into_iter()
+            .collect()
     }
 }
 

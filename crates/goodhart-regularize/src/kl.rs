@@ -231,6 +231,108 @@ impl Default for KlConfig {
     }
 }
 
+impl KlConfig {
+    /// Validates the config and builds the regulariser.
+    pub fn init(&self) -> Result<KlRegularizer> {
+        Ok(KlRegularizer {
+            controller: self.controller.init()?,
+            config: self.clone(),
+            last_kl: None,
+        })
+    }
+}
+
+/// The `kl` regulariser: a [`KlConfig`] with its coefficient controller.
+#[derive(Debug, Clone)]
+pub struct KlRegularizer {
+    config: KlConfig,
+    controller: crate::controller::Controller,
+    last_kl: Option<f64>,
+}
+
+impl KlRegularizer {
+    /// The current coefficient `beta`.
+    pub fn coef(&self) -> f64 {
+        self.controller.value()
+    }
+
+    fn inputs<B: Backend>(
+        &self,
+        x: &crate::RegInputs<B>,
+    ) -> Result<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
+        Ok((
+            crate::need(&x.logp, "logp", "kl")?,
+            crate::need(&x.logp_ref, "logp_ref", "kl")?,
+            crate::need(&x.mask, "mask", "kl")?,
+        ))
+    }
+
+    fn record<B: Backend>(&mut self, kl: &Tensor<B, 2>, mask: &Tensor<B, 2>) {
+        use burn::tensor::cast::ToElement;
+        let mean = goodhart_core::ops::masked_mean(kl.clone().detach(), mask);
+        self.last_kl = Some(mean.into_scalar().to_f64());
+    }
+}
+
+impl<B: Backend> crate::Regularizer<B> for KlRegularizer {
+    fn name(&self) -> &'static str {
+        "kl"
+    }
+
+    /// `r_t - beta kl_t` with detached log-probs, when placed in the reward.
+    fn shape_rewards(
+        &mut self,
+        rewards: Tensor<B, 2>,
+        x: &crate::RegInputs<B>,
+    ) -> Result<Tensor<B, 2>> {
+        if self.config.placement != KlPlacement::Reward {
+            return Ok(rewards);
+        }
+        let (lp, lr, mask) = self.inputs(x)?;
+        check_same_shape(&mask, "mask", &rewards, "rewards")?;
+        let kl = kl_per_token(
+            lp.detach(),
+            lr.detach(),
+            &mask,
+            self.config.estimator,
+            self.config.clamp,
+        )?;
+        self.record(&kl, &mask);
+        Ok(rewards - kl * self.coef())
+    }
+
+    /// `beta * agg(kl)`, when placed in the loss.
+    fn loss(&mut self, x: &crate::RegInputs<B>) -> Result<Option<Tensor<B, 1>>> {
+        if self.config.placement != KlPlacement::Loss {
+            return Ok(None);
+        }
+        let (lp, lr, mask) = self.inputs(x)?;
+        let kl = kl_per_token(lp, lr, &mask, self.config.estimator, self.config.clamp)?;
+        self.record(&kl, &mask);
+        Ok(Some(
+            self.config.aggregation.aggregate(kl, &mask)? * self.coef(),
+        ))
+    }
+
+    fn observe(&mut self, stats: &crate::StepStats) -> Result<()> {
+        self.controller
+            .update(crate::controller::ControllerObservation {
+                kl: stats.kl,
+                reward: stats.reward,
+                n_steps: stats.n_samples,
+            })
+            .map(|_| ())
+    }
+
+    fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut m = std::collections::BTreeMap::from([("kl/coef".to_string(), self.coef())]);
+        if let Some(kl) = self.last_kl {
+            m.insert("kl/mean".into(), kl);
+        }
+        m
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

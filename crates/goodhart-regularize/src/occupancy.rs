@@ -431,6 +431,40 @@ impl<B: AutodiffBackend> OccupancyRegularizer<B> {
     }
 }
 
+impl<B: AutodiffBackend> crate::Regularizer<B> for OccupancyRegularizer<B> {
+    fn name(&self) -> &'static str {
+        "chi2_occupancy"
+    }
+
+    /// [`OccupancyRegularizer::penalize_rewards`] from `observations`, `tokens` (the
+    /// actions, when the discriminator takes them) and `mask` (all ones when absent).
+    /// Training the discriminator is a separate call ([`OccupancyRegularizer::train_step`])
+    /// on base-policy and current-policy samples.
+    fn shape_rewards(
+        &mut self,
+        rewards: Tensor<B, 2>,
+        x: &crate::RegInputs<B>,
+    ) -> Result<Tensor<B, 2>> {
+        let obs = crate::need(&x.observations, "observations", "chi2_occupancy")?;
+        let actions = match self.config.num_actions {
+            Some(_) => Some(crate::need(&x.tokens, "tokens", "chi2_occupancy")?),
+            None => None,
+        };
+        let mask = x.mask.clone().unwrap_or_else(|| rewards.ones_like());
+        self.penalize_rewards(rewards, obs, actions, &mask)
+    }
+
+    fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("chi2_occupancy/chi2", self.last_chi2),
+            ("chi2_occupancy/disc_loss", self.last_loss),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
