@@ -1,1 +1,17 @@
-//! Metrics and diagnostics: proxy-gold gap, overoptimisation fits, hacking detectors.
+//! # goodhart-metrics
+//!
+//! Metrics and diagnostics: measure the proxy-gold gap, fit the known overoptimisation
+//! laws to it, and detect its onset.
+//!
+//! - [`step`]: per-step metrics of a batch (KL, entropy, rewards per source, gap,
+//!   correlations, lengths, zero-std groups, ensemble disagreement), as a flat map.
+//! - [`stats`]: summaries and Pearson / Spearman correlation on plain series.
+//! - [`overopt`]: Gao et al.'s best-of-n and RL laws, best-of-n KL, unbiased best-of-n.
+
+pub mod detect;
+pub mod overopt;
+pub mod stats;
+pub mod step;
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,277 @@
+//! Statistics on plain series (`&[f64]`): validation, summaries, Pearson and Spearman
+//! correlation, and the small least-squares solver the overoptimisation fits use.
+//!
+//! Everything here works on host memory: the series are per-step or per-response values
+//! that are already scalars (a run's gold curve, a batch's rewards read back once).
+
+use goodhart_core::{GoodhartError, Result};
+use serde::{Deserialize, Serialize};
+
+/// Error unless `x` is non-empty and every value is finite.
+pub fn check_series(x: &[f64], what: &str) -> Result<()> {
+    if x.is_empty() {
+        return Err(GoodhartError::Empty { what: what.into() });
+    }
+    if x.iter().any(|v| !v.is_finite()) {
+        return Err(GoodhartError::NonFinite { what: what.into() });
+    }
+    Ok(())
+}
+
+/// Error unless `a` and `b` are valid series ([`check_series`]) of the same length.
+pub fn check_pair(a: &[f64], a_name: &str, b: &[f64], b_name: &str) -> Result<()> {
+    check_series(a, a_name)?;
+    check_series(b, b_name)?;
+    if a.len() != b.len() {
+        return Err(GoodhartError::shape(
+            format!("{b_name} (to match {a_name})"),
+            &[a.len()],
+            &[b.len()],
+        ));
+    }
+    Ok(())
+}
+
+/// Arithmetic mean of a valid series.
+pub fn mean(x: &[f64]) -> Result<f64> {
+    check_series(x, "series")?;
+    Ok(x.iter().sum::<f64>() / x.len() as f64)
+}
+
+/// Count, mean, standard deviation, minimum and maximum of a series.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Number of values.
+    pub count: usize,
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation (`n - 1` divisor, as `torch.std` and TRL's logged
+    /// `reward_std`); 0 for a single value.
+    pub std: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+/// [`Summary`] of a non-empty, finite series (two passes, no cancellation).
+pub fn summary(x: &[f64]) -> Result<Summary> {
+    check_series(x, "series")?;
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let ss: f64 = x.iter().map(|v| (v - mean).powi(2)).sum();
+    let std = if x.len() > 1 {
+        (ss / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    let (min, max) = x
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    Ok(Summary {
+        count: x.len(),
+        mean,
+        std,
+        min,
+        max,
+    })
+}
+
+/// Pearson correlation `sum (x - mx)(y - my) / sqrt(sum (x - mx)^2 sum (y - my)^2)`.
+///
+/// Errors on empty, non-finite or mismatched input, and with `InvalidArgument` when
+/// either series is constant (the correlation is undefined there; scipy returns NaN).
+pub fn pearson(x: &[f64], y: &[f64]) -> Result<f64> {
+    check_pair(x, "x", y, "y")?;
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        let (da, db) = (a - mx, b - my);
+        sxy += da * db;
+        sxx += da * da;
+        syy += db * db;
+    }
+    if sxx == 0.0 || syy == 0.0 {
+        return Err(GoodhartError::invalid(
+            if sxx == 0.0 { "x" } else { "y" },
+            "constant series: correlation is undefined",
+        ));
+    }
+    Ok((sxy / (sxx.sqrt() * syy.sqrt())).clamp(-1.0, 1.0))
+}
+
+/// 1-based ranks with ties given the average of the ranks they span (`scipy.stats.rankdata`
+/// `method="average"`). Input must be finite.
+pub fn ranks(x: &[f64]) -> Result<Vec<f64>> {
+    check_series(x, "x")?;
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut out = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        // positions i..=j (0-based) share ranks i+1 ..= j+1: average (i + j)/2 + 1.
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            out[k] = r;
+        }
+        i = j + 1;
+    }
+    Ok(out)
+}
+
+/// Spearman rank correlation: Pearson correlation of the average ranks ([`ranks`]).
+/// Errors as [`pearson`] does (a constant series has constant ranks).
+pub fn spearman(x: &[f64], y: &[f64]) -> Result<f64> {
+    check_pair(x, "x", y, "y")?;
+    pearson(&ranks(x)?, &ranks(y)?)
+}
+
+/// Ordinary least squares `y ~ sum_j c_j X_j` for a few feature columns, by modified
+/// Gram-Schmidt QR (stabler than the normal equations). Returns the coefficients and
+/// `R^2 = 1 - SS_res / SS_tot` (SS_tot around the mean of `y`, so a model without an
+/// intercept can score below 0).
+///
+/// Errors when there are fewer points than columns, when the columns are (numerically)
+/// linearly dependent, or when `y` is constant (R^2 undefined).
+pub(crate) fn least_squares(columns: &[Vec<f64>], y: &[f64]) -> Result<(Vec<f64>, f64)> {
+    let n = y.len();
+    let k = columns.len();
+    if n < k {
+        return Err(GoodhartError::invalid(
+            "points",
+            format!("{n} point(s) cannot determine {k} coefficients"),
+        ));
+    }
+    let mut q: Vec<Vec<f64>> = columns.to_vec();
+    let mut r = vec![vec![0.0; k]; k];
+    for j in 0..k {
+        let norm0 = dot(&columns[j], &columns[j]).sqrt();
+        for i in 0..j {
+            r[i][j] = dot(&q[i], &q[j]);
+            let (qi, qj) = (q[i].clone(), &mut q[j]);
+            for (a, b) in qj.iter_mut().zip(&qi) {
+                *a -= r[i][j] * b;
+            }
+        }
+        let norm = dot(&q[j], &q[j]).sqrt();
+        if norm0 == 0.0 || norm <= 1e-10 * norm0 {
+            return Err(GoodhartError::invalid(
+                "points",
+                "the design is degenerate (too few distinct x values for the model)",
+            ));
+        }
+        r[j][j] = norm;
+        q[j].iter_mut().for_each(|v| *v /= norm);
+    }
+    let qty: Vec<f64> = q.iter().map(|col| dot(col, y)).collect();
+    let mut coef = vec![0.0; k];
+    for j in (0..k).rev() {
+        let s: f64 = (j + 1..k).map(|i| r[j][i] * coef[i]).sum();
+        coef[j] = (qty[j] - s) / r[j][j];
+    }
+    let my = y.iter().sum::<f64>() / n as f64;
+    let ss_tot: f64 = y.iter().map(|v| (v - my).powi(2)).sum();
+    if ss_tot == 0.0 {
+        return Err(GoodhartError::invalid(
+            "y",
+            "constant series: R^2 is undefined",
+        ));
+    }
+    let ss_res: f64 = (0..n)
+        .map(|i| {
+            let pred: f64 = (0..k).map(|j| coef[j] * columns[j][i]).sum();
+            (y[i] - pred).powi(2)
+        })
+        .sum();
+    Ok((coef, 1.0 - ss_res / ss_tot))
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pearson_and_spearman_by_hand() {
+        // x = 1,2,3,4 (mean 2.5), y = 2,4,5,9 (mean 5):
+        // dx = -1.5,-.5,.5,1.5; dy = -3,-1,0,4
+        // sxy = 4.5+.5+0+6 = 11; sxx = 5; syy = 9+1+0+16 = 26
+        let r = pearson(&[1.0, 2.0, 3.0, 4.0], &[2.0, 4.0, 5.0, 9.0]).unwrap();
+        assert!((r - 11.0 / (5.0f64 * 26.0).sqrt()).abs() < 1e-12, "{r}");
+        // ranks of 10, 20, 20, 5 are 2, 3.5, 3.5, 1
+        assert_eq!(
+            ranks(&[10.0, 20.0, 20.0, 5.0]).unwrap(),
+            vec![2.0, 3.5, 3.5, 1.0]
+        );
+        // monotone but non-linear: Spearman 1, Pearson < 1
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let y = [1.0, 8.0, 27.0, 64.0, 125.0];
+        assert!((spearman(&x, &y).unwrap() - 1.0).abs() < 1e-12);
+        assert!(pearson(&x, &y).unwrap() < 0.99);
+        // with a tie: ranks x = 1,2,3,4; y = 1,2.5,2.5,4 ->
+        // dx = -1.5,-.5,.5,1.5; dy = -1.5,0,0,1.5: sxy = 4.5, sxx = 5, syy = 4.5
+        let s = spearman(&[1.0, 2.0, 3.0, 4.0], &[0.0, 7.0, 7.0, 9.0]).unwrap();
+        assert!((s - 4.5 / (5.0f64 * 4.5).sqrt()).abs() < 1e-12, "{s}");
+    }
+
+    #[test]
+    fn bad_series_are_typed_errors() {
+        assert!(matches!(
+            pearson(&[], &[]),
+            Err(GoodhartError::Empty { .. })
+        ));
+        assert!(matches!(
+            pearson(&[1.0, f64::NAN], &[1.0, 2.0]),
+            Err(GoodhartError::NonFinite { .. })
+        ));
+        assert!(matches!(
+            spearman(&[1.0, 2.0], &[1.0]),
+            Err(GoodhartError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            pearson(&[1.0, 1.0], &[1.0, 2.0]),
+            Err(GoodhartError::InvalidArgument { .. })
+        ));
+        let s = summary(&[1.0, 3.0]).unwrap();
+        assert_eq!((s.mean, s.min, s.max, s.count), (2.0, 1.0, 3.0, 2));
+        assert!((s.std - 2f64.sqrt()).abs() < 1e-12);
+        assert_eq!(summary(&[4.0]).unwrap().std, 0.0);
+    }
+
+    #[test]
+    fn least_squares_recovers_exact_coefficients() {
+        // y = 2 x - 3 x^2 exactly
+        let x = [0.5, 1.0, 1.5, 2.0];
+        let y: Vec<f64> = x.iter().map(|v| 2.0 * v - 3.0 * v * v).collect();
+        let (c, r2) = least_squares(&[x.to_vec(), x.iter().map(|v| v * v).collect()], &y).unwrap();
+        assert!((c[0] - 2.0).abs() < 1e-12 && (c[1] + 3.0).abs() < 1e-12);
+        assert!((r2 - 1.0).abs() < 1e-12);
+        assert!(least_squares(&[vec![1.0, 1.0], vec![2.0, 2.0]], &[1.0, 2.0]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn correlations_lie_in_unit_interval(
+            xy in proptest::collection::vec((-1e3f64..1e3, -1e3f64..1e3), 2..40)
+        ) {
+            let (x, y): (Vec<f64>, Vec<f64>) = xy.into_iter().unzip();
+            for r in [pearson(&x, &y), spearman(&x, &y)].into_iter().flatten() {
+                prop_assert!((-1.0..=1.0).contains(&r), "{}", r);
+            }
+            if let Ok(r) = pearson(&x, &x) {
+                prop_assert!((r - 1.0).abs() < 1e-9);
+            }
+        }
+    }
+}
