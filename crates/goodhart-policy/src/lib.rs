@@ -15,6 +15,7 @@
 //! - [`checkpoint`]: save / load with burn's recorders and GPT-2 safetensors import;
 //! - [`sft`]: supervised fine-tuning (next-token NLL) to make base and SFT policies.
 
+pub mod checkpoint;
 pub mod generate;
 pub mod kv_cache;
 pub mod score;

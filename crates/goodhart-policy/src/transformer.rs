@@ -206,7 +206,7 @@ impl TransformerConfig {
                 .with_initializer(init.clone())
                 .init(device)
         };
-        Ok(Trunk {
+        Ok(materialize(Trunk {
             tok_emb: emb(self.vocab_size),
             pos_emb: (self.positions == Positions::Learned).then(|| emb(self.max_seq_len)),
             blocks,
@@ -214,7 +214,7 @@ impl TransformerConfig {
             dropout: DropoutConfig::new(self.dropout).init(),
             rope_theta: (self.positions == Positions::Rotary).then_some(self.rope_theta),
             max_seq_len: self.max_seq_len,
-        })
+        }))
     }
 
     /// A [`TransformerLm`] (trunk and LM head).
@@ -229,11 +229,28 @@ impl TransformerConfig {
                 })
                 .init(device)
         });
-        Ok(TransformerLm {
+        Ok(materialize(TransformerLm {
             trunk,
             head: LmHead { proj },
-        })
+        }))
     }
+}
+
+/// Draws every lazily initialised parameter of `module` now.
+///
+/// burn initialises parameters on first use, and cloning a module whose parameters are
+/// still uninitialised gives a copy that draws *its own* values: a reference snapshot
+/// or a saved checkpoint would then hold other weights than the policy, and the values
+/// drawn would depend on the order of first use. Every `init` in this crate calls this.
+pub fn materialize<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Touch;
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+    module
 }
 
 /// Causal multi-head self-attention with a fused QKV projection (GPT-2's `c_attn`).
