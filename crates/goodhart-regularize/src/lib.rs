@@ -290,4 +290,59 @@ mod tests {
         let kl: RegularizerConfig = toml::from_str("kind = \"kl\"\n").unwrap();
         assert_eq!(kl, RegularizerConfig::Kl(kl::KlConfig::default()));
     }
+
+    goodhart_core::backend_test! {
+        fn built_regularizers_run_through_the_trait<B>(device) {
+            use burn::backend::Autodiff;
+            use goodhart_core::testing::{assert_close, tolerance, values};
+            type A<B> = Autodiff<B>;
+            let tol = tolerance(1e-5);
+            let build = |text: &str| toml::from_str::<RegularizerConfig>(text).unwrap().build::<A<B>>(device).unwrap();
+            // d = lp - lr = (0.5, -1 | 2, pad)
+            let inputs = RegInputs::<A<B>> {
+                logp: Some(Tensor::from_floats([[-0.5, -2.0], [-0.1, 0.0]], device)),
+                logp_ref: Some(Tensor::from_floats([[-1.0, -1.0], [-2.1, 0.0]], device)),
+                mask: Some(Tensor::from_floats([[1.0, 1.0], [1.0, 0.0]], device)),
+                entropy: Some(Tensor::from_floats([[1.0, 2.0], [3.0, 9.0]], device)),
+                ..Default::default()
+            };
+            // kl in the reward, k1, fixed beta 0.1: r - 0.1 d; padding keeps its reward
+            let mut kl = build("kind = \"kl\"\nestimator = \"k1\"\nplacement = \"reward\"\n[controller]\nkind = \"fixed\"\ncoef = 0.1\n");
+            let r = Tensor::<A<B>, 2>::ones([2, 2], device);
+            assert_close(&values(kl.shape_rewards(r, &inputs).unwrap()), &[0.95, 1.1, 0.8, 1.0], tol);
+            assert!(kl.loss(&inputs).unwrap().is_none());
+            // token mean of d = 1.5 / 3 = 0.5
+            assert!((kl.metrics()["kl/mean"] - 0.5).abs() < 1e-5);
+            // kl in the loss with the adaptive controller: beta 0.001 * (1 + 0.2 * 100 / 1e4) after KL 1.0
+            let mut kl = build("kind = \"kl\"\n[controller]\nkind = \"adaptive\"\n");
+            // k3: e^-0.5 - 0.5 = 0.1065307, e^1 - 2 = 0.7182818, e^-2 + 1 = 1.1353353 -> mean 0.6533826
+            let loss = kl.loss(&inputs).unwrap().unwrap();
+            assert_close(&values(loss), &[0.001 * 0.653_382_6], 1e-6);
+            kl.observe(&StepStats { kl: 1.0, n_samples: 100.0, ..Default::default() }).unwrap();
+            assert!((kl.metrics()["kl/coef"] - 0.001 * 1.002).abs() < 1e-12);
+            // entropy bonus: -0.5 * mean(1, 2, 3)
+            let mut h = build("kind = \"entropy\"\ncoef = 0.5\n");
+            assert_close(&values(h.loss(&inputs).unwrap().unwrap()), &[-1.0], tol);
+            // a missing input is a typed error naming it
+            let mut anchor = build("kind = \"sft_anchor\"\n");
+            match anchor.loss(&inputs) {
+                Err(GoodhartError::InvalidArgument { name, .. }) => assert_eq!(name, "baseline_logp"),
+                other => panic!("expected a missing-input error, got {other:?}"),
+            }
+            // constrained: a violated constraint raises lambda from 0.5
+            let mut c = build("kind = \"constrained\"\n[[constraints]]\nthreshold = 1.0\n");
+            c.observe(&StepStats { component_returns: vec![0.0], ..Default::default() }).unwrap();
+            assert!(c.metrics()["constrained/lambda_0"] > 0.5);
+            // gardo: main ranks (1, 0) vs aux ranks (0, 1): u = (1, -1); beta 0.1 of 2 -> k 1:
+            // only sequence 0 is regularised: k3 mean over its tokens (0.1065307 + 0.7182818)/2
+            let mut g = build("kind = \"gardo\"\ncoef = 1.0\n");
+            let gin = RegInputs::<A<B>> {
+                reward_main: Some(Tensor::from_floats([1.0, 0.0], device)),
+                rewards_aux: vec![Tensor::from_floats([0.0, 1.0], device)],
+                ..inputs.clone()
+            };
+            assert_close(&values(g.loss(&gin).unwrap().unwrap()), &[0.412_406_3], tol);
+            assert!((g.metrics()["gardo/gated_share"] - 0.5).abs() < 1e-12);
+        }
+    }
 }
