@@ -225,6 +225,12 @@ pub fn generate<B: Backend>(
     })
 }
 
+/// The index that uniform draw `u in [0, 1)` selects from probabilities `probs` by
+/// inverse CDF in index order (no truncation).
+pub fn inverse_cdf(probs: &[f32], u: f64) -> usize {
+    pick(probs, u, &GenerationConfig::new(1))
+}
+
 /// A float tensor's values on the host.
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()

@@ -18,6 +18,8 @@
 pub mod checkpoint;
 pub mod generate;
 pub mod kv_cache;
+pub mod mlp;
+pub mod reference;
 pub mod score;
 pub mod transformer;
 

@@ -167,15 +167,7 @@ impl TransformerConfig {
             mean: 0.0,
             std: 0.02,
         };
-        let linear = |i: usize, o: usize| {
-            let mut l = LinearConfig::new(i, o)
-                .with_initializer(init.clone())
-                .init(device);
-            l.bias = l
-                .bias
-                .map(|b| b.map(|t| Tensor::zeros(t.dims(), &t.device())));
-            l
-        };
+        let linear = |i: usize, o: usize| linear(i, o, init.clone(), device);
         let norm = || {
             LayerNormConfig::new(self.d_model)
                 .with_epsilon(self.layer_norm_eps)
@@ -234,6 +226,23 @@ impl TransformerConfig {
             head: LmHead { proj },
         }))
     }
+}
+
+/// A `Linear [i, o]` with weights from `init` and a zero bias (GPT-2's and CleanRL's
+/// bias initialisation).
+pub(crate) fn linear<B: Backend>(
+    i: usize,
+    o: usize,
+    init: Initializer,
+    device: &B::Device,
+) -> Linear<B> {
+    let mut l = LinearConfig::new(i, o).with_initializer(init).init(device);
+    // A fresh parameter: the dropped one is never drawn (an orthogonal initializer has
+    // no meaning for a vector).
+    l.bias = l
+        .bias
+        .map(|_| burn::module::Param::from_tensor(Tensor::zeros([o], device)));
+    l
 }
 
 /// Draws every lazily initialised parameter of `module` now.
