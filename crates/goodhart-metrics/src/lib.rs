@@ -9,9 +9,15 @@
 //! - [`overopt`]: Gao et al.'s best-of-n and RL laws, best-of-n KL, unbiased best-of-n.
 
 pub mod detect;
+pub mod effective_rank;
+pub mod evaluate;
+pub mod hacking;
+pub mod ope;
 pub mod overopt;
+pub mod pass_at_k;
 pub mod stats;
 pub mod step;
+pub mod win_rate;
 
 #[cfg(test)]
 mod testing;
