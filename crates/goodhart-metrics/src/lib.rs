@@ -1,12 +1,22 @@
 //! # goodhart-metrics
 //!
-//! Metrics and diagnostics: measure the proxy-gold gap, fit the known overoptimisation
-//! laws to it, and detect its onset.
+//! Measure the proxy-gold gap, fit the known overoptimisation laws to it, and detect its
+//! onset. Formulas and sources: `docs/metrics.md`.
 //!
-//! - [`step`]: per-step metrics of a batch (KL, entropy, rewards per source, gap,
-//!   correlations, lengths, zero-std groups, ensemble disagreement), as a flat map.
-//! - [`stats`]: summaries and Pearson / Spearman correlation on plain series.
+//! - [`step`]: per-step metrics of a batch (KL to the reference, entropy, clip fractions,
+//!   rewards per source, proxy-gold gap and correlation, lengths, zero-std groups,
+//!   ensemble disagreement, advantage moments) as one flat map of `metrics.jsonl`.
+//! - [`stats`]: summaries, Pearson and Spearman correlation on plain series.
+//! - [`hacking`]: the ORPO definition of reward hacking.
 //! - [`overopt`]: Gao et al.'s best-of-n and RL laws, best-of-n KL, unbiased best-of-n.
+//! - [`detect`]: online hacking detectors (gold-aware, proxy-only); [`evaluate`]: their
+//!   lead / lag against the gold peak and false alarms over logged runs.
+//! - [`effective_rank`]: effective rank of hidden states, ERV and ERA.
+//! - [`pass_at_k`], [`win_rate`], [`ope`]: unbiased pass@k, bootstrap win rate,
+//!   off-policy estimators (IPS, SNIPS, doubly robust).
+//! - [`sink`]: JSONL, CSV and in-memory metric sinks.
+
+use goodhart_core::registry::MethodInfo;
 
 pub mod detect;
 pub mod effective_rank;
@@ -15,9 +25,98 @@ pub mod hacking;
 pub mod ope;
 pub mod overopt;
 pub mod pass_at_k;
+pub mod sink;
 pub mod stats;
 pub mod step;
 pub mod win_rate;
 
 #[cfg(test)]
 mod testing;
+
+/// The detectors (by the `kind` a config uses) and the fits and estimators of this crate.
+pub const REGISTRY: &[MethodInfo] = &[
+    MethodInfo {
+        name: "gold-aware",
+        summary: "detector: proxy still rising while EMA-smoothed gold fell from its running peak by max(abs, rel * gain, noise)",
+        source: "ORPO definition of hacking (Laidlaw et al., Correlated Proxies); Gao et al. 2022 overoptimisation; defaults goodhart's own",
+    },
+    MethodInfo {
+        name: "proxy-only",
+        summary: "detector: RMS of warm-up z-scores of KL acceleration, entropy collapse, ensemble disagreement, length drift, advantage skew",
+        source: "goodhart heuristic over symptoms reported in seeds/papers.txt (entropy collapse, length hacking, ensemble disagreement)",
+    },
+    MethodInfo {
+        name: "bon-fit",
+        summary: "least-squares fit of gold = d (alpha - beta d), d = sqrt(KL); peak d* = alpha / (2 beta)",
+        source: "Gao, Schulman & Hilton 2022, Scaling Laws for Reward Model Overoptimization",
+    },
+    MethodInfo {
+        name: "rl-fit",
+        summary: "least-squares fit of gold = d (alpha - beta log d); peak d* = exp(alpha / beta - 1)",
+        source: "Gao, Schulman & Hilton 2022, Scaling Laws for Reward Model Overoptimization",
+    },
+    MethodInfo {
+        name: "bon-kl",
+        summary: "KL of best-of-n from the base policy, log n - (n - 1)/n",
+        source: "Stiennon et al. 2020; Gao et al. 2022",
+    },
+    MethodInfo {
+        name: "bon-unbiased",
+        summary: "unbiased best-of-n gold from N >= n samples, sum_{i>=n} C(i-1, n-1)/C(N, n) gold_(i)",
+        source: "Gao et al. 2022, appendix",
+    },
+    MethodInfo {
+        name: "orpo-hacking",
+        summary: "proxy-true correlation under the base policy; hacked iff the policy's true return < the base policy's",
+        source: "Laidlaw, Singhal & Dragan, Correlated Proxies (ORPO)",
+    },
+    MethodInfo {
+        name: "effective-rank",
+        summary: "exp(entropy) of normalised singular values of centred hidden states; ERV / ERA over prefixes",
+        source: "Roy & Vetterli 2007; ERV/ERA from the VERL hidden-state paper (reading unverified)",
+    },
+    MethodInfo {
+        name: "pass-at-k",
+        summary: "unbiased pass@k, 1 - C(n - c, k)/C(n, k) in product form",
+        source: "Chen et al. 2021 (Codex)",
+    },
+    MethodInfo {
+        name: "win-rate",
+        summary: "paired win rate (ties 1/2) with a seeded percentile-bootstrap interval",
+        source: "standard percentile bootstrap (Efron)",
+    },
+    MethodInfo {
+        name: "ips",
+        summary: "inverse propensity scoring, mean w r",
+        source: "Horvitz & Thompson 1952",
+    },
+    MethodInfo {
+        name: "snips",
+        summary: "self-normalised IPS, sum w r / sum w",
+        source: "Swaminathan & Joachims 2015",
+    },
+    MethodInfo {
+        name: "dr",
+        summary: "doubly robust, mean v_hat + w (r - q_hat)",
+        source: "Dudik, Langford & Li 2011",
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_names_are_unique_and_detectors_build_by_name() {
+        let mut names: Vec<_> = REGISTRY.iter().map(|m| m.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), REGISTRY.len());
+        for kind in ["gold-aware", "proxy-only"] {
+            goodhart_core::registry::lookup(REGISTRY, "metric", kind).unwrap();
+            let cfg: detect::DetectorConfig =
+                serde_json::from_str(&format!(r#"{{"kind": "{kind}"}}"#)).unwrap();
+            assert_eq!(cfg.build().unwrap().name(), kind);
+        }
+    }
+}
