@@ -5,7 +5,8 @@
 //! cargo xtask list                                                     presets and every registered method
 //! cargo xtask test [ARGS...]                                           all tests, on every available backend
 //! cargo xtask bench [NAME...] [--device D]                             benchmarks
-//! cargo xtask sweep | report                                           (not implemented yet)
+//! cargo xtask report RUN_DIR                                           write RUN_DIR/report.html
+//! cargo xtask sweep                                                    (not implemented yet)
 //! ```
 //!
 //! `cargo xtask` builds with the ndarray and wgpu backends, the same feature set as the
@@ -14,6 +15,7 @@
 
 mod bench;
 mod list;
+mod report;
 mod test;
 
 use std::process::ExitCode;
@@ -27,7 +29,8 @@ const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report> [ARGS
   list                                                   presets and every registered method
   test [ARGS...]                                         all tests on ndarray, then on wgpu if a
                                                          Vulkan driver is present
-  bench [NAME...] [--device D]                           benchmarks (`bench --list` names them)";
+  bench [NAME...] [--device D]                           benchmarks (`bench --list` names them)
+  report RUN_DIR                                         write RUN_DIR/report.html, print its path";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -54,7 +57,8 @@ fn real_main() -> Result<ExitCode> {
         }
         "test" => test::run(&rest),
         "bench" => bench::run(&rest),
-        "sweep" | "report" => not_implemented(&cmd),
+        "report" => report::run(&rest),
+        "sweep" => not_implemented(&cmd),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
