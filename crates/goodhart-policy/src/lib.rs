@@ -21,9 +21,16 @@ pub mod kv_cache;
 pub mod mlp;
 pub mod reference;
 pub mod score;
+pub mod sft;
+pub mod tokenizer;
 pub mod transformer;
 
+pub use checkpoint::CheckpointError;
 pub use generate::{generate, Generation, GenerationConfig};
 pub use kv_cache::KvCache;
+pub use mlp::{LmValueModel, MlpConfig, MlpPolicy, MlpValue, ValueHead};
+pub use reference::Reference;
 pub use score::{score, TokenScores};
+pub use sft::{SftConfig, SftExample};
+pub use tokenizer::{CharTokenizer, HfTokenizer, SpecialTokens, Tokenizer, WordTokenizer};
 pub use transformer::{Positions, TransformerConfig, TransformerLm, Trunk};
