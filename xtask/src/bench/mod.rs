@@ -10,6 +10,7 @@ use goodhart_core::device::DeviceSpec;
 
 mod advantage;
 mod core;
+mod policy;
 
 /// One benchmark: a name for the command line, a line for `--list`, and its body.
 pub struct Bench {
@@ -19,7 +20,7 @@ pub struct Bench {
 }
 
 /// Every benchmark, one module per crate.
-const BENCHES: &[&[Bench]] = &[core::BENCHES, advantage::BENCHES];
+const BENCHES: &[&[Bench]] = &[core::BENCHES, advantage::BENCHES, policy::BENCHES];
 
 /// Runs the benchmarks named in `args` (all when none).
 pub fn run(args: &[String]) -> Result<ExitCode> {
