@@ -50,7 +50,7 @@ impl RewardModelConfig {
 }
 
 /// Touches every parameter so lazy initialisers run now, in a known RNG state.
-struct Materialise;
+pub(crate) struct Materialise;
 
 impl<B: Backend> ModuleVisitor<B> for Materialise {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
