@@ -11,6 +11,7 @@ use goodhart_core::device::DeviceSpec;
 mod advantage;
 mod core;
 mod policy;
+mod reward;
 
 /// One benchmark: a name for the command line, a line for `--list`, and its body.
 pub struct Bench {
@@ -20,7 +21,7 @@ pub struct Bench {
 }
 
 /// Every benchmark, one module per crate.
-const BENCHES: &[&[Bench]] = &[core::BENCHES, advantage::BENCHES, policy::BENCHES];
+const BENCHES: &[&[Bench]] = &[core::BENCHES, advantage::BENCHES, policy::BENCHES, reward::BENCHES];
 
 /// Runs the benchmarks named in `args` (all when none).
 pub fn run(args: &[String]) -> Result<ExitCode> {
