@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod groups;
 pub mod ops;
+pub mod params;
 pub mod registry;
 pub mod seed;
 pub mod testing;

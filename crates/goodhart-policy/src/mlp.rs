@@ -17,13 +17,15 @@ use burn::{
     nn::{Initializer, Linear},
     tensor::{activation::softmax, backend::Backend, Int, Tensor, TensorData},
 };
-use goodhart_core::{ops::zero_masked, seed::ChaCha8Rng, GoodhartError, Result};
+use goodhart_core::{
+    ops::zero_masked, params::materialized, seed::ChaCha8Rng, GoodhartError, Result,
+};
 use rand::RngExt as _;
 
 use crate::{
     generate::inverse_cdf,
     score::logprobs_from_logits,
-    transformer::{linear, materialize, TransformerConfig, Trunk},
+    transformer::{linear, TransformerConfig, Trunk},
 };
 
 /// Configuration of an [`MlpPolicy`] or [`MlpValue`].
@@ -57,7 +59,7 @@ impl MlpConfig {
             gain(head_gain),
             device,
         );
-        Ok(materialize(Mlp { hidden, head }))
+        Ok(materialized(Mlp { hidden, head }))
     }
 
     /// A categorical policy over `n_actions` actions.
@@ -180,7 +182,7 @@ impl<B: Backend> ValueHead<B> {
     /// A head on width `d_model`, initialised to zero so every value starts at 0.
     pub fn new(d_model: usize, device: &B::Device) -> Self {
         Self {
-            proj: materialize(linear(d_model, 1, Initializer::Zeros, device)),
+            proj: materialized(linear(d_model, 1, Initializer::Zeros, device)),
         }
     }
 

@@ -14,13 +14,8 @@
 //! For a policy on an autodiff backend, snapshot its inner module (`policy.valid()`): the
 //! reference then lives on the plain backend and builds no graph when it scores.
 
-use burn::{
-    module::{Module, ModuleMapper, ModuleVisitor, Param},
-    tensor::{backend::Backend, Tensor},
-};
-use goodhart_core::{GoodhartError, Result};
-
-use crate::transformer::materialize;
+use burn::{module::Module, tensor::backend::Backend};
+use goodhart_core::{params, Result};
 
 /// A frozen snapshot of a module.
 #[derive(Debug, Clone)]
@@ -33,16 +28,14 @@ impl<M> Reference<M> {
     pub fn module(&self) -> &M {
         &self.module
     }
-}
 
-impl<M> Reference<M> {
-    /// A frozen copy of `policy`.
+    /// A frozen copy of `policy` ([`goodhart_core::params::snapshot`]).
     pub fn snapshot<B: Backend>(policy: &M) -> Self
     where
         M: Module<B>,
     {
         Self {
-            module: materialize(policy.clone()).no_grad(),
+            module: params::snapshot(policy),
         }
     }
 
@@ -61,77 +54,8 @@ impl<M> Reference<M> {
     where
         M: Module<B>,
     {
-        if !(0.0..=1.0).contains(&decay) {
-            return Err(GoodhartError::invalid("decay", "must lie in [0, 1]"));
-        }
-        let mut collect = Collect::<B>(Vec::new());
-        policy.visit(&mut collect);
-        let mut count = Count(Vec::new());
-        self.module.visit(&mut count);
-        let got: Vec<Vec<usize>> = collect.0.iter().map(|t| t.1.clone()).collect();
-        if got.len() != count.0.len() {
-            return Err(GoodhartError::shape(
-                "policy parameter count (to match the reference)",
-                &[count.0.len()],
-                &[got.len()],
-            ));
-        }
-        if let Some(i) = (0..got.len()).find(|&i| got[i] != count.0[i]) {
-            return Err(GoodhartError::shape(
-                format!("policy parameter {i} (to match the reference)"),
-                &count.0[i],
-                &got[i],
-            ));
-        }
-        let mut ema = Ema {
-            source: collect.0.into_iter().map(|t| t.0),
-            decay,
-        };
-        self.module = self.module.clone().map(&mut ema);
+        self.module = params::ema_update(self.module.clone(), policy, decay)?;
         Ok(())
-    }
-}
-
-/// Flattened parameter values and shapes, in visiting order.
-struct Collect<B: Backend>(Vec<(Tensor<B, 1>, Vec<usize>)>);
-
-impl<B: Backend> ModuleVisitor<B> for Collect<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let t = param.val().detach();
-        let dims = t.dims().to_vec();
-        let n: usize = dims.iter().product();
-        self.0.push((t.reshape([n]), dims));
-    }
-}
-
-/// Parameter shapes in visiting order.
-struct Count(Vec<Vec<usize>>);
-
-impl<B: Backend> ModuleVisitor<B> for Count {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.push(param.val().dims().to_vec());
-    }
-}
-
-struct Ema<I> {
-    source: I,
-    decay: f64,
-}
-
-impl<B: Backend, I: Iterator<Item = Tensor<B, 1>>> ModuleMapper<B> for Ema<I> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, t, mapper) = param.consume();
-        // Shapes were checked before mapping, so every parameter has its source.
-        let new = match self.source.next() {
-            Some(src) => {
-                let src = src.reshape(t.dims());
-                (t * self.decay + src * (1.0 - self.decay))
-                    .detach()
-                    .set_require_grad(false)
-            }
-            None => t,
-        };
-        Param::from_mapped_value(id, new, mapper)
     }
 }
 
@@ -149,7 +73,11 @@ mod tests {
         backend::Autodiff,
         nn::{Linear, LinearConfig},
     };
-    use goodhart_core::testing::{assert_close, tolerance, values};
+    use burn::{module::Param, tensor::Tensor};
+    use goodhart_core::{
+        testing::{assert_close, tolerance, values},
+        GoodhartError,
+    };
 
     goodhart_core::backend_test! {
         fn reference_is_frozen_and_equal_to_the_policy<B>(device) {

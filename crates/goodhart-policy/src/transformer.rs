@@ -38,7 +38,7 @@ use burn::{
         Int, Tensor,
     },
 };
-use goodhart_core::{GoodhartError, Result};
+use goodhart_core::{params::materialized, GoodhartError, Result};
 
 use crate::kv_cache::{KvCache, LayerCache};
 
@@ -198,7 +198,7 @@ impl TransformerConfig {
                 .with_initializer(init.clone())
                 .init(device)
         };
-        Ok(materialize(Trunk {
+        Ok(materialized(Trunk {
             tok_emb: emb(self.vocab_size),
             pos_emb: (self.positions == Positions::Learned).then(|| emb(self.max_seq_len)),
             blocks,
@@ -221,7 +221,7 @@ impl TransformerConfig {
                 })
                 .init(device)
         });
-        Ok(materialize(TransformerLm {
+        Ok(materialized(TransformerLm {
             trunk,
             head: LmHead { proj },
         }))
@@ -243,23 +243,6 @@ pub(crate) fn linear<B: Backend>(
         .bias
         .map(|_| burn::module::Param::from_tensor(Tensor::zeros([o], device)));
     l
-}
-
-/// Draws every lazily initialised parameter of `module` now.
-///
-/// burn initialises parameters on first use, and cloning a module whose parameters are
-/// still uninitialised gives a copy that draws *its own* values: a reference snapshot
-/// or a saved checkpoint would then hold other weights than the policy, and the values
-/// drawn would depend on the order of first use. Every `init` in this crate calls this.
-pub fn materialize<B: Backend, M: Module<B>>(module: M) -> M {
-    struct Touch;
-    impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
-            let _ = param.val();
-        }
-    }
-    module.visit(&mut Touch);
-    module
 }
 
 /// Causal multi-head self-attention with a fused QKV projection (GPT-2's `c_attn`).

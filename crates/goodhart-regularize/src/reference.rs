@@ -11,118 +11,19 @@
 //!   when the KL to it exceeds a threshold (GARDO; TRL's hard sync).
 
 use burn::{
-    module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param},
-    tensor::{backend::Backend, Bool, Int, Tensor},
+    module::{AutodiffModule, Module},
+    tensor::backend::Backend,
 };
 use goodhart_core::{GoodhartError, Result};
 use serde::{Deserialize, Serialize};
 
-/// A frozen copy of `module`: same parameters, no gradient tracking.
-///
-/// burn initialises parameters lazily, and each clone of a not-yet-initialised parameter
-/// would draw its own values; the module's parameters are therefore materialised first,
-/// so the copy always equals the original.
-pub fn snapshot<B: Backend, M: Module<B>>(module: &M) -> M {
-    materialize(module);
-    module.clone().no_grad()
-}
-
-/// Forces burn's lazy parameter initialisation of `module` in place.
-pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
-    struct Touch;
-    impl<B: Backend> ModuleVisitor<B> for Touch {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let _ = param.val();
-        }
-        fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<B, D, Int>>) {
-            let _ = param.val();
-        }
-        fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
-            let _ = param.val();
-        }
-    }
-    module.visit(&mut Touch);
-}
+pub use goodhart_core::params::{ema_update, materialize, snapshot};
 
 /// The frozen reference on the inner (non-autodiff) backend: cheaper forward passes.
 pub fn frozen_inner<B: burn::tensor::backend::AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
 ) -> M::InnerModule {
     module.valid()
-}
-
-struct Collect<B: Backend> {
-    params: Vec<(Vec<usize>, Tensor<B, 1>)>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Collect<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let t = param.val().detach();
-        let shape = t.dims().to_vec();
-        let n: usize = shape.iter().product();
-        self.params.push((shape, t.reshape([n])));
-    }
-}
-
-struct Blend<B: Backend> {
-    online: std::vec::IntoIter<(Vec<usize>, Tensor<B, 1>)>,
-    tau: f64,
-    error: Option<GoodhartError>,
-}
-
-impl<B: Backend> ModuleMapper<B> for Blend<B> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, reference, mapper) = param.consume();
-        let dims = reference.dims();
-        let value = match self.online.next() {
-            Some((shape, p)) if shape == dims => {
-                reference.detach() * self.tau + p.reshape(dims) * (1.0 - self.tau)
-            }
-            Some((shape, _)) => {
-                self.error
-                    .get_or_insert(GoodhartError::shape("online parameter", &dims, &shape));
-                reference
-            }
-            None => {
-                self.error.get_or_insert(GoodhartError::invalid(
-                    "online module",
-                    "has fewer parameters than the reference",
-                ));
-                reference
-            }
-        };
-        Param::from_mapped_value(id, value, mapper)
-    }
-}
-
-/// `p_ref <- tau p_ref + (1 - tau) p` for every float parameter, matched in visiting
-/// order (the modules must share an architecture). `tau` in `[0, 1]`: 1 keeps the
-/// reference, 0 copies the policy. The result carries no gradient.
-pub fn ema_update<B: Backend, M: Module<B>>(reference: M, online: &M, tau: f64) -> Result<M> {
-    if !(0.0..=1.0).contains(&tau) {
-        return Err(GoodhartError::invalid(
-            "tau",
-            format!("must be in [0, 1], got {tau}"),
-        ));
-    }
-    let mut collect = Collect { params: Vec::new() };
-    online.visit(&mut collect);
-    let mut blend = Blend {
-        online: collect.params.into_iter(),
-        tau,
-        error: None,
-    };
-    let out = reference.map(&mut blend);
-    if blend.online.next().is_some() {
-        blend.error.get_or_insert(GoodhartError::invalid(
-            "online module",
-            "has more parameters than the reference",
-        ));
-    }
-    match blend.error {
-        Some(e) => Err(e),
-        None => Ok(out.no_grad()),
-    }
 }
 
 /// When to reset the reference to the current policy.
