@@ -73,6 +73,31 @@ impl LengthConfig {
     }
 }
 
+impl LengthConfig {
+    /// Applies a penalty method to `rewards [N]` with `lengths [N]`:
+    /// [`linear_length_penalty`] or `r +` [`dapo_overlong`]. `fimi` needs a fit first
+    /// ([`fit_length_bias`], then [`LengthBias::debias`]) and is an error here.
+    pub fn penalise<B: Backend>(
+        &self,
+        rewards: Tensor<B, 1>,
+        lengths: Tensor<B, 1>,
+    ) -> Result<Tensor<B, 1>> {
+        match self {
+            Self::LinearLength { coef, free } => {
+                linear_length_penalty(rewards, lengths, *coef, *free)
+            }
+            Self::DapoOverlong(c) => {
+                check_inputs(&rewards, &lengths)?;
+                Ok(rewards + dapo_overlong(lengths, c)?)
+            }
+            Self::Fimi(_) => Err(GoodhartError::invalid(
+                "length.kind",
+                "`fimi` is fitted, not a fixed penalty: use fit_length_bias, then LengthBias::debias",
+            )),
+        }
+    }
+}
+
 /// `r - coef * max(L - free, 0)` for `rewards [N]` and `lengths [N]`.
 pub fn linear_length_penalty<B: Backend>(
     rewards: Tensor<B, 1>,
@@ -337,6 +362,10 @@ mod tests {
             // 1 - 0.1 * max(L - 12, 0): 1, 0.6, 0.4, 0.2, -0.3
             let lin = linear_length_penalty(r, l.clone(), 0.1, 12.0).unwrap();
             assert_close(&values(lin), &[1.0, 0.6, 0.4, 0.2, -0.3], tolerance(1e-6));
+            // through the config: 1 + p(L)
+            let via = LengthConfig::DapoOverlong(cfg).penalise(Tensor::ones([5], device), l.clone()).unwrap();
+            assert_close(&values(via), &[1.0, 1.0, 0.0, -1.0, -1.0], tolerance(1e-6));
+            assert!(LengthConfig::Fimi(LengthDebiasConfig::default()).penalise(Tensor::ones([5], device), l.clone()).is_err());
             let bad = OverlongConfig { max_len: 20.0, buffer: 0.0, factor: 1.0 };
             assert!(matches!(dapo_overlong(l, &bad), Err(GoodhartError::InvalidArgument { .. })));
         }

@@ -20,6 +20,8 @@
 //! Each family's config picks a method by name (`kind = "uwo"`); [`REGISTRY`] lists them
 //! all for `cargo xtask list`.
 
+#![warn(missing_docs)]
+
 use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{registry::MethodInfo, GoodhartError, Result};
 
