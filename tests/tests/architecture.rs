@@ -117,3 +117,48 @@ fn burn_is_pinned_to_0_21_0() {
     let burn = &m["workspace"]["dependencies"]["burn"];
     assert_eq!(burn["version"].as_str(), Some("=0.21.0"));
 }
+
+/// Features per package (`name vX.Y.Z` -> `[features]`) from `cargo tree`.
+fn features(args: &[&str]) -> BTreeMap<String, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(root())
+        .args(["tree", "--offline", "--prefix", "none", "-f", "{p} [{f}]"])
+        .args(args)
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (pkg, feats) = l.trim_end_matches(" (*)").rsplit_once(" [")?;
+            let mut words = pkg.split_whitespace();
+            Some((
+                format!("{} {}", words.next()?, words.next()?),
+                feats.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// `cargo xtask` and `cargo test --workspace` must build every shared crate with the
+/// same features, or burn is compiled twice (DESIGN.md: one build).
+#[test]
+fn xtask_and_tests_share_one_feature_set() {
+    let xtask = features(&["-p", "xtask", "-e", "normal,build"]);
+    let tests = features(&["--workspace", "-e", "normal,build,dev"]);
+    let differ: Vec<String> = xtask
+        .iter()
+        .filter(|(pkg, f)| tests.get(*pkg).is_some_and(|g| g != *f))
+        .map(|(pkg, f)| format!("{pkg}: xtask [{f} / tests [{}", tests[pkg]))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "feature sets differ:\n{}",
+        differ.join("\n")
+    );
+}
