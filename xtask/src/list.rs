@@ -29,6 +29,16 @@ const FAMILIES: &[(&str, &str, &[MethodInfo])] = &[
         "goodhart-regularize",
         goodhart_regularize::REGISTRY,
     ),
+    (
+        "reward transforms and aggregators",
+        "goodhart-reward",
+        goodhart_reward::REGISTRY,
+    ),
+    (
+        "metrics, fits and detectors",
+        "goodhart-metrics",
+        goodhart_metrics::REGISTRY,
+    ),
 ];
 
 /// Prints every family's names with a one-line description and source.

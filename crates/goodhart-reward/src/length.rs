@@ -320,7 +320,7 @@ pub fn fit_length_bias<B: AutodiffBackend>(
         reward_mean,
         reward_std,
     };
-    model.visit(&mut crate::model::Materialise);
+    goodhart_core::params::materialize(&model);
     let mut optim = AdamConfig::new().init::<B, LengthBias<B>>();
     for step in 0..config.steps {
         let r_hat = model.standardised(l.clone());

@@ -16,12 +16,12 @@ use std::path::Path;
 
 use burn::{
     config::Config,
-    module::{Module, ModuleVisitor, Param},
+    module::{Module, Param},
     nn::{Initializer, Linear, LinearConfig},
     record::{FullPrecisionSettings, NamedMpkFileRecorder},
     tensor::{backend::Backend, cast::ToElement, Int, Tensor, TensorData},
 };
-use goodhart_core::{GoodhartError, Result};
+use goodhart_core::{params::materialize, GoodhartError, Result};
 use goodhart_policy::{TransformerConfig, Trunk};
 
 use crate::source::{RewardOutput, RewardSource, Sequences};
@@ -44,17 +44,8 @@ impl RewardModelConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<RewardModel<B>> {
         let trunk = self.trunk.init_trunk(device)?;
         let model = RewardModel::from_trunk(trunk, device);
-        model.visit(&mut Materialise);
+        materialize(&model);
         Ok(model)
-    }
-}
-
-/// Touches every parameter so lazy initialisers run now, in a known RNG state.
-pub(crate) struct Materialise;
-
-impl<B: Backend> ModuleVisitor<B> for Materialise {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let _ = param.val();
     }
 }
 
