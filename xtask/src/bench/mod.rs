@@ -21,7 +21,12 @@ pub struct Bench {
 }
 
 /// Every benchmark, one module per crate.
-const BENCHES: &[&[Bench]] = &[core::BENCHES, advantage::BENCHES, policy::BENCHES, reward::BENCHES];
+const BENCHES: &[&[Bench]] = &[
+    core::BENCHES,
+    advantage::BENCHES,
+    policy::BENCHES,
+    reward::BENCHES,
+];
 
 /// Runs the benchmarks named in `args` (all when none).
 pub fn run(args: &[String]) -> Result<ExitCode> {

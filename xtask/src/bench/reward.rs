@@ -1,5 +1,6 @@
 //! goodhart-reward: reward-model training and scoring throughput.
 
+use super::{time_median, Bench};
 use anyhow::Result;
 use burn::{backend::Autodiff, module::AutodiffModule, tensor::backend::Backend};
 use goodhart_core::{
@@ -11,7 +12,6 @@ use goodhart_reward::{
     train::{raw_pair_scores, PreferencePair},
     train_reward_model, Preferences, RewardModelConfig, RewardTrainConfig,
 };
-use super::{time_median, Bench};
 
 pub const BENCHES: &[Bench] = &[
     Bench {
@@ -84,9 +84,7 @@ fn score_bench(device: DeviceSpec) -> Result<()> {
         type Output = Result<()>;
         fn run<B: Backend>(self, device: B::Device) -> Result<()> {
             let data = pairs(1024)?;
-            let model = model_config()
-                .init::<Autodiff<B>>(&device)?
-                .valid();
+            let model = model_config().init::<Autodiff<B>>(&device)?.valid();
             let secs = time_median(5, || {
                 let (c, _) = raw_pair_scores(&model, &data, 128).expect("scores");
                 let _ = c.sum().into_scalar();
