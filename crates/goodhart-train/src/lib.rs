@@ -3,8 +3,22 @@
 //! Algorithms that tie the crates together, experiment configuration and run
 //! directories.
 //!
+//! Algorithms, one file each:
+//! - [`ppo`]: PPO with a value head and GAE on the vectorised tomato gridworld.
+//! - [`sft`]: supervised fine-tuning of the base language policy on the synthetic language.
+//! - [`reward_model`]: a proxy reward model trained on gold-labelled preference pairs.
+//! - [`policy_gradient`]: critic-free RL for language models with any goodhart-advantage
+//!   estimator (GRPO, RLOO, REINFORCE++, BNPO, ...) and any regulariser.
+//! - [`best_of_n`]: best-of-n sampling against a proxy, gold measured on the same samples.
+//!
+//! Runs:
 //! - [`run_dir`]: `runs/<name>/<id>/` with atomically written files.
 //! - [`report`]: the self-contained `report.html` of a run (inline SVG charts, tables).
 
+pub mod best_of_n;
+pub mod policy_gradient;
+pub mod ppo;
 pub mod report;
+pub mod reward_model;
 pub mod run_dir;
+pub mod sft;
