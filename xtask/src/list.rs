@@ -44,7 +44,10 @@ const FAMILIES: &[(&str, &str, &[MethodInfo])] = &[
 /// Prints every family's names with a one-line description and source.
 pub fn print() {
     println!("backends compiled in: {}", compiled_backends().join(", "));
-    println!("\npresets: none yet (the experiment runner is still to be written)");
+    println!("\npresets (cargo xtask run <name>; files in docs/presets/)");
+    for (name, summary, _) in goodhart_train::presets::PRESETS {
+        println!("  {name:<12}  {summary}");
+    }
     println!("\nloss aggregation (goodhart-core::aggregate)");
     for (name, _) in LossAggregation::ALL {
         println!("  {name}");

@@ -1,12 +1,13 @@
 //! `cargo xtask`: the goodhart command line.
 //!
 //! ```text
-//! cargo xtask run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]]   run an experiment
+//! cargo xtask run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set k=v]... [--seed N]
+//!                 [--out DIR] [--resume RUN_DIR]                      run an experiment (default: lab)
 //! cargo xtask list                                                     presets and every registered method
 //! cargo xtask test [ARGS...]                                           all tests, on every available backend
 //! cargo xtask bench [NAME...] [--device D]                             benchmarks
 //! cargo xtask report RUN_DIR                                           write RUN_DIR/report.html
-//! cargo xtask sweep                                                    (not implemented yet)
+//! cargo xtask sweep [PRESET | FILE.toml] [--set k=v]... [--device D]  one run per [sweep] point
 //! ```
 //!
 //! `cargo xtask` builds with the ndarray and wgpu backends, the same feature set as the
@@ -16,16 +17,19 @@
 mod bench;
 mod list;
 mod report;
+mod run;
 mod test;
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use goodhart_core::device::DeviceSpec;
 
 const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report> [ARGS...]
 
-  run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]]   run an experiment
+  run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
+      [--out DIR] [--resume RUN_DIR]                     run an experiment (default preset: lab)
+  sweep [PRESET | FILE.toml] [--set key=value]...        one run per point of the [sweep] section
   list                                                   presets and every registered method
   test [ARGS...]                                         all tests on ndarray, then on wgpu if a
                                                          Vulkan driver is present
@@ -50,7 +54,7 @@ fn real_main() -> Result<ExitCode> {
     };
     let rest: Vec<String> = args.collect();
     match cmd.as_str() {
-        "run" => run(&rest),
+        "run" => run::run(&rest),
         "list" => {
             list::print();
             Ok(ExitCode::SUCCESS)
@@ -58,7 +62,7 @@ fn real_main() -> Result<ExitCode> {
         "test" => test::run(&rest),
         "bench" => bench::run(&rest),
         "report" => report::run(&rest),
-        "sweep" => not_implemented(&cmd),
+        "sweep" => run::sweep(&rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -89,24 +93,4 @@ pub(crate) fn take_device(args: &mut Vec<String>) -> Result<DeviceSpec> {
         }
     }
     Ok(spec)
-}
-
-fn run(args: &[String]) -> Result<ExitCode> {
-    let mut args = args.to_vec();
-    let device = take_device(&mut args)?;
-    if !device.is_compiled() {
-        bail!(goodhart_core::GoodhartError::BackendNotCompiled {
-            backend: device.to_string(),
-            feature: device.feature().into(),
-        });
-    }
-    not_implemented("run")
-}
-
-fn not_implemented(cmd: &str) -> Result<ExitCode> {
-    eprintln!(
-        "`cargo xtask {cmd}` is not implemented yet: the experiment runner (environments, \
-         training algorithms, presets, reports) is still to be written (issue: the goodhart lab)."
-    );
-    Ok(ExitCode::from(2))
 }

@@ -11,14 +11,24 @@
 //!   estimator (GRPO, RLOO, REINFORCE++, BNPO, ...) and any regulariser.
 //! - [`best_of_n`]: best-of-n sampling against a proxy, gold measured on the same samples.
 //!
+//! Experiments:
+//! - [`config`]: the experiment TOML (`deny_unknown_fields`, `--set`, key-path errors, sweeps).
+//! - [`presets`]: the embedded presets (`lab`, `tomato`, `overopt`, `mitigations`).
+//! - [`experiments`]: each experiment as checkpointed stages, and its summary.
+//! - [`runner`]: stages, checkpoints and `--resume`.
+//!
 //! Runs:
 //! - [`run_dir`]: `runs/<name>/<id>/` with atomically written files.
 //! - [`report`]: the self-contained `report.html` of a run (inline SVG charts, tables).
 
 pub mod best_of_n;
+pub mod config;
+pub mod experiments;
 pub mod policy_gradient;
 pub mod ppo;
+pub mod presets;
 pub mod report;
 pub mod reward_model;
 pub mod run_dir;
+pub mod runner;
 pub mod sft;

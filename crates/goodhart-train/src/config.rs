@@ -1,0 +1,536 @@
+//! Experiment configuration: one TOML file (DESIGN.md, "Configuration and runs").
+//!
+//! ```toml
+//! name = "lab"
+//! seed = 0
+//!
+//! [tomato]            # ORPO's tomato gridworld: base policy, proxy PPO, KL vs chi2 sweep
+//! seeds = 5
+//! action_kl = [0.01, 0.1]
+//! chi2 = [0.01, 0.1]
+//!
+//! [language]          # the synthetic language (shared by overopt and mitigations)
+//! [sft]               # the base policy
+//! [proxy]             # proxy reward models
+//! [rl]                # the RL algorithm (critic-free, any advantage estimator)
+//!
+//! [overopt]           # Gao et al.: RL and best-of-n against proxies from more and more pairs
+//! pairs = [100, 1000]
+//!
+//! [mitigations]       # peak and final gold per method, over seeds
+//! [[mitigations.arms]]
+//! name = "kl"
+//! rl = { kl = { coef = 0.1 } }
+//!
+//! [sweep]             # `cargo xtask sweep`: one run per point of the product
+//! "rl.lr" = [1e-3, 3e-3]
+//! ```
+//!
+//! Every table denies unknown fields. [`ExperimentConfig::parse`] applies `--set`
+//! overrides (`path.to.key=value`, the value read as TOML, else as a string) and rejects a
+//! bad file before any work starts with the key path and the reason
+//! ([`ConfigError::Invalid`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use goodhart_envs::{language::LanguageConfig, tomato::TomatoConfig};
+use goodhart_reward::Aggregator;
+
+use crate::{policy_gradient::PgConfig, ppo::PpoConfig, reward_model::ProxyConfig, sft::SftConfig};
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    /// Not valid TOML.
+    #[error("not valid TOML: {0}")]
+    Syntax(String),
+    /// A `--set` override is malformed.
+    #[error("--set `{arg}`: {reason}")]
+    Override {
+        /// The argument as given.
+        arg: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key has a wrong type or value, is unknown, or is missing.
+    #[error("`{path}`: {reason}")]
+    Invalid {
+        /// Dotted key path (`tomato.ppo.lr`; `[i]` indexes arrays of tables).
+        path: String,
+        /// The reason.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+/// A whole experiment. Each optional section adds one experiment to the run; a run with
+/// none of them is rejected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// The run's name: runs go to `runs/<name>/<id>/`.
+    pub name: String,
+    /// Base seed; arm `i` of an experiment with `seeds = k` uses `seed + i`.
+    #[serde(default)]
+    pub seed: u64,
+    /// The tomato-watering experiment of ORPO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tomato: Option<TomatoExperiment>,
+    /// The synthetic language of the language-model experiments.
+    #[serde(default)]
+    pub language: LanguageConfig,
+    /// Supervised fine-tuning of the base policy.
+    #[serde(default)]
+    pub sft: SftConfig,
+    /// Proxy reward models (the number of pairs is set by each experiment).
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// The RL algorithm of the language-model experiments.
+    #[serde(default)]
+    pub rl: PgConfig,
+    /// Overoptimisation curves (Gao, Schulman & Hilton 2022).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overopt: Option<OveroptExperiment>,
+    /// Mitigations compared on the overoptimisation task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mitigations: Option<MitigationsExperiment>,
+    /// `cargo xtask sweep`: dotted key path -> values; one run per point of the product.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sweep: BTreeMap<String, Vec<toml::Value>>,
+}
+
+/// ORPO's tomato experiment: a base policy trained on the true reward (with random
+/// actions), then PPO on the proxy from it without regularisation, with action-distribution
+/// KL and with chi-squared occupancy regularisation at each coefficient, over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TomatoExperiment {
+    /// Seeds per arm.
+    pub seeds: usize,
+    /// The environment the proxy is optimised and every policy is evaluated in.
+    pub env: TomatoConfig,
+    /// Random-action probability of the base policy's training environment (0.1, ORPO).
+    pub base_eps: f64,
+    /// PPO for the base policy (true reward).
+    pub base: PpoConfig,
+    /// PPO on the proxy, starting from the base policy.
+    pub ppo: PpoConfig,
+    /// Action-distribution KL coefficients.
+    pub action_kl: Vec<f64>,
+    /// Chi-squared occupancy coefficients.
+    pub chi2: Vec<f64>,
+    /// Evaluation episodes per policy.
+    pub eval_episodes: usize,
+}
+
+impl Default for TomatoExperiment {
+    fn default() -> Self {
+        Self {
+            seeds: 5,
+            env: TomatoConfig::default(),
+            base_eps: 0.1,
+            base: PpoConfig::default(),
+            ppo: PpoConfig::default(),
+            action_kl: vec![0.003, 0.01, 0.03, 0.1, 0.3],
+            chi2: vec![0.003, 0.01, 0.03, 0.1, 0.3],
+            eval_episodes: 100,
+        }
+    }
+}
+
+/// Gao et al.'s experiment: proxies from increasing numbers of pairs; RL and best-of-n
+/// against each; gold against `d = sqrt(KL)` with the fitted laws.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OveroptExperiment {
+    /// Preference pairs of each proxy, increasing.
+    pub pairs: Vec<usize>,
+    /// Best-of-n against each proxy.
+    pub best_of_n: BestOfNConfig,
+}
+
+impl Default for OveroptExperiment {
+    fn default() -> Self {
+        Self {
+            pairs: vec![100, 1000],
+            best_of_n: BestOfNConfig::default(),
+        }
+    }
+}
+
+/// Best-of-n sampling: the unbiased estimator over `samples_per_prompt` samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BestOfNConfig {
+    /// The values of n.
+    pub ns: Vec<usize>,
+    /// Samples per prompt (at least the largest n).
+    pub samples_per_prompt: usize,
+    /// Prompts.
+    pub prompts: usize,
+}
+
+impl Default for BestOfNConfig {
+    fn default() -> Self {
+        Self {
+            ns: vec![1, 2, 4, 8, 16, 32, 64],
+            samples_per_prompt: 128,
+            prompts: 16,
+        }
+    }
+}
+
+/// Mitigations on the overoptimisation task: each arm is the `[rl]` algorithm with
+/// overrides and a proxy of one or more reward models, over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MitigationsExperiment {
+    /// Seeds per arm.
+    pub seeds: usize,
+    /// Preference pairs of each proxy reward model.
+    pub pairs: usize,
+    /// The methods compared.
+    pub arms: Vec<Arm>,
+}
+
+impl Default for MitigationsExperiment {
+    fn default() -> Self {
+        let arm = |name: &str, rl: &str, ensemble: usize, aggregation: Aggregator| Arm {
+            name: name.into(),
+            rl: rl.parse().expect("built-in arm overrides are valid TOML"),
+            ensemble,
+            aggregation,
+        };
+        Self {
+            seeds: 3,
+            pairs: 200,
+            arms: vec![
+                arm("none", "", 1, Aggregator::Mean),
+                arm("kl", "kl = { coef = 0.05 }", 1, Aggregator::Mean),
+                arm(
+                    "ensemble-uwo",
+                    "",
+                    3,
+                    Aggregator::Uwo {
+                        lambda: 0.1,
+                        unbiased: false,
+                    },
+                ),
+                arm(
+                    "par",
+                    "reward_shaping = { kind = \"par\" }",
+                    1,
+                    Aggregator::Mean,
+                ),
+                arm("sequence-chi2", "sequence_chi2 = 0.1", 1, Aggregator::Mean),
+            ],
+        }
+    }
+}
+
+/// One method of the mitigations experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Arm {
+    /// Its name in tables and charts.
+    pub name: String,
+    /// Keys of `[rl]` this arm overrides (merged key by key).
+    #[serde(default)]
+    pub rl: toml::Table,
+    /// Reward models in the proxy (different seeds); 1 is a single model.
+    #[serde(default = "one")]
+    pub ensemble: usize,
+    /// How the members' rewards are combined.
+    #[serde(default)]
+    pub aggregation: Aggregator,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Arm {
+    /// The `[rl]` algorithm with this arm's overrides.
+    pub fn pg_config(&self, base: &PgConfig, index: usize) -> Result<PgConfig> {
+        let path = format!("mitigations.arms[{index}].rl");
+        let mut table = toml::Table::try_from(base)
+            .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise [rl]: {e}")))?;
+        merge(&mut table, &self.rl);
+        let text = toml::to_string(&table)
+            .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise: {e}")))?;
+        from_toml(&text, &path)
+    }
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Deserialises canonical TOML (as written by `toml::to_string`), mapping an error to
+/// the key path of the line it points at.
+fn from_toml<T: for<'de> Deserialize<'de>>(text: &str, prefix: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
+        let path = e
+            .span()
+            .map(|span| key_path(text, span.start))
+            .unwrap_or_default();
+        let path = match (prefix.is_empty(), path.is_empty()) {
+            (true, _) => path,
+            (false, true) => prefix.to_string(),
+            (false, false) => format!("{prefix}.{path}"),
+        };
+        let path = if path.is_empty() {
+            "(top level)".into()
+        } else {
+            path
+        };
+        ConfigError::invalid(path, e.message().trim())
+    })
+}
+
+/// The dotted key path of the entry at byte `offset` of canonical TOML: the nearest table
+/// header above it (`[a.b]`, or `[[a.b]]` counted into `a.b[i]`) plus the key on the line.
+fn key_path(text: &str, offset: usize) -> String {
+    let line_start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let mut header = String::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if let Some(h) = l.strip_prefix("[[").and_then(|s| s.strip_suffix("]]")) {
+            let n = counts.entry(h.to_string()).or_insert(0);
+            header = format!("{h}[{n}]");
+            *n += 1;
+        } else if let Some(h) = l.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            header = h.to_string();
+        }
+    }
+    let line = line.trim();
+    let key = if line.starts_with('[') {
+        // The error is about a table itself (e.g. an unknown section).
+        let h = line.trim_start_matches('[').trim_end_matches(']');
+        return h.to_string();
+    } else {
+        line.split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"')
+    };
+    match (header.is_empty(), key.is_empty()) {
+        (true, _) => key.to_string(),
+        (false, true) => header,
+        (false, false) => format!("{header}.{key}"),
+    }
+}
+
+/// Parses a `--set path.to.key=value` argument and applies it to `table`.
+pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<()> {
+    let bad = |reason: &str| ConfigError::Override {
+        arg: arg.into(),
+        reason: reason.into(),
+    };
+    let (path, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| bad("expected `path.to.key=value`"))?;
+    let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(bad("empty key in the path"));
+    }
+    let raw = raw.trim();
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (last, parents) = keys.split_last().expect("split gives at least one key");
+    let mut node = table;
+    for (i, k) in parents.iter().enumerate() {
+        let entry = node
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = match entry {
+            toml::Value::Table(t) => t,
+            other => {
+                return Err(bad(&format!(
+                    "`{}` is a {}, not a table",
+                    keys[..=i].join("."),
+                    other.type_str()
+                )))
+            }
+        };
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}
+
+impl ExperimentConfig {
+    /// Parses `text`, applies the `--set` overrides in order, and validates.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        Self::from_table(&table)
+    }
+
+    /// Deserialises and validates a table.
+    pub fn from_table(table: &toml::Table) -> Result<Self> {
+        let text = toml::to_string(table).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let config: Self = from_toml(&text, "")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The resolved configuration as TOML (what `config.toml` of a run holds).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("an experiment config always serialises to TOML")
+    }
+
+    /// Semantic checks that serde cannot express, each naming its key path.
+    pub fn validate(&self) -> Result<()> {
+        if self.tomato.is_none() && self.overopt.is_none() && self.mitigations.is_none() {
+            return Err(ConfigError::invalid(
+                "(top level)",
+                "no experiment: add at least one of [tomato], [overopt], [mitigations]",
+            ));
+        }
+        if let Some(t) = &self.tomato {
+            positive("tomato.seeds", t.seeds)?;
+            positive("tomato.eval_episodes", t.eval_episodes)?;
+            if !(0.0..=1.0).contains(&t.base_eps) {
+                return Err(ConfigError::invalid(
+                    "tomato.base_eps",
+                    format!("{} is not a probability", t.base_eps),
+                ));
+            }
+            coefficients("tomato.action_kl", &t.action_kl)?;
+            coefficients("tomato.chi2", &t.chi2)?;
+        }
+        if let Some(o) = &self.overopt {
+            if o.pairs.is_empty() {
+                return Err(ConfigError::invalid("overopt.pairs", "is empty"));
+            }
+            for (i, &p) in o.pairs.iter().enumerate() {
+                positive(&format!("overopt.pairs[{i}]"), p)?;
+            }
+            let b = &o.best_of_n;
+            positive("overopt.best_of_n.prompts", b.prompts)?;
+            let max_n = b.ns.iter().copied().max().unwrap_or(0);
+            if b.ns.contains(&0) || b.ns.is_empty() {
+                return Err(ConfigError::invalid(
+                    "overopt.best_of_n.ns",
+                    "must be a non-empty list of positive integers",
+                ));
+            }
+            if b.samples_per_prompt < max_n {
+                return Err(ConfigError::invalid(
+                    "overopt.best_of_n.samples_per_prompt",
+                    format!("{} is below the largest n ({max_n})", b.samples_per_prompt),
+                ));
+            }
+        }
+        if let Some(m) = &self.mitigations {
+            positive("mitigations.seeds", m.seeds)?;
+            positive("mitigations.pairs", m.pairs)?;
+            if m.arms.is_empty() {
+                return Err(ConfigError::invalid("mitigations.arms", "is empty"));
+            }
+            let mut names = std::collections::BTreeSet::new();
+            for (i, arm) in m.arms.iter().enumerate() {
+                positive(&format!("mitigations.arms[{i}].ensemble"), arm.ensemble)?;
+                if !names.insert(arm.name.as_str()) {
+                    return Err(ConfigError::invalid(
+                        format!("mitigations.arms[{i}].name"),
+                        format!("`{}` is used by two arms", arm.name),
+                    ));
+                }
+                arm.pg_config(&self.rl, i)?;
+            }
+        }
+        for (key, values) in &self.sweep {
+            if values.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("sweep.{key}"),
+                    "has no values",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configurations of a sweep: one per point of the product of `[sweep]`, each
+    /// with its label (`key=value,...`) and without the sweep section. A config without a
+    /// sweep gives itself.
+    pub fn expand_sweep(&self) -> Result<Vec<(String, Self)>> {
+        let mut base = self.clone();
+        base.sweep.clear();
+        let mut points: Vec<(String, toml::Table)> = vec![(
+            String::new(),
+            toml::Table::try_from(&base).map_err(|e| ConfigError::Syntax(e.to_string()))?,
+        )];
+        for (key, values) in &self.sweep {
+            let mut next = Vec::with_capacity(points.len() * values.len());
+            for (label, table) in &points {
+                for v in values {
+                    let mut t = table.clone();
+                    let shown = match v {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    apply_override(&mut t, &format!("{key}={v}"))?;
+                    let sep = if label.is_empty() { "" } else { "," };
+                    next.push((format!("{label}{sep}{key}={shown}"), t));
+                }
+            }
+            points = next;
+        }
+        points
+            .into_iter()
+            .map(|(label, t)| Ok((label, Self::from_table(&t)?)))
+            .collect()
+    }
+}
+
+fn positive(path: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(ConfigError::invalid(path, "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn coefficients(path: &str, v: &[f64]) -> Result<()> {
+    for (i, c) in v.iter().enumerate() {
+        if !(c.is_finite() && *c >= 0.0) {
+            return Err(ConfigError::invalid(
+                format!("{path}[{i}]"),
+                format!("{c} is not a finite, non-negative coefficient"),
+            ));
+        }
+    }
+    Ok(())
+}

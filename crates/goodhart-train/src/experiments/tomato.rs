@@ -1,0 +1,254 @@
+//! ORPO's tomato experiment ("Correlated Proxies", Laidlaw et al.): does optimising the
+//! proxy lower the true return below the base policy's (hacking), and does chi-squared
+//! occupancy regularisation hold it back better than action-distribution KL?
+//!
+//! Stages, per seed `s`:
+//! - `tomato/s{s}/base`: PPO on the **true** reward in the environment with random actions
+//!   (`base_eps`, 0.1 in the paper); the base policy is saved and evaluated in the
+//!   experiment's environment;
+//! - `tomato/s{s}/proxy`: PPO on the **proxy** from the base, no regularisation;
+//! - `tomato/s{s}/action_kl={c}` and `tomato/s{s}/chi2={c}`: the same with each
+//!   coefficient of the sweep, toward the base policy.
+//!
+//! Every policy is evaluated on `eval_episodes` episodes; the summary table gives the mean
+//! and standard deviation over seeds of the true return, the proxy return and how often
+//! episodes visit the bucket.
+
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use goodhart_core::seed;
+use goodhart_envs::tomato::TomatoConfig;
+use goodhart_metrics::step::{KEY_GOLD_MEAN, KEY_PROXY_MEAN};
+use goodhart_policy::checkpoint::{load_module, save_module};
+
+use super::{checkpoint_error, mean_sd, stage_error, table, Logger};
+use crate::{
+    config::TomatoExperiment,
+    ppo::{self, Agent, IterationMetrics, PpoRegularizer, Returns, TrainReward},
+    runner::{Result, Runner},
+};
+
+/// One trained policy's evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluated {
+    /// Arm: `base`, `proxy`, `action_kl` or `chi2`.
+    pub method: String,
+    /// The regularisation coefficient (0 for base and proxy).
+    pub coef: f64,
+    /// The seed.
+    pub seed: u64,
+    /// Mean true return per episode.
+    pub true_return: f64,
+    /// Mean proxy return per episode.
+    pub proxy_return: f64,
+    /// Fraction of episodes that visit the bucket.
+    pub bucket_rate: f64,
+}
+
+fn metrics(m: &IterationMetrics) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    out.insert(KEY_GOLD_MEAN.into(), json!(m.true_return));
+    out.insert(KEY_PROXY_MEAN.into(), json!(m.proxy_return));
+    out.insert("loss/policy".into(), json!(m.policy_loss));
+    out.insert("loss/value".into(), json!(m.value_loss));
+    out.insert("entropy".into(), json!(m.entropy));
+    out.insert("kl/old".into(), json!(m.approx_kl));
+    out.insert("clip_frac".into(), json!(m.clip_frac));
+    out.insert("timesteps".into(), json!(m.timesteps));
+    if let Some(r) = m.reg_term {
+        out.insert("regularizer".into(), json!(r));
+    }
+    out
+}
+
+fn arms(cfg: &TomatoExperiment) -> Vec<(String, f64, PpoRegularizer)> {
+    let mut arms = vec![("proxy".to_string(), 0.0, PpoRegularizer::None)];
+    for &coef in &cfg.action_kl {
+        arms.push(("action_kl".into(), coef, PpoRegularizer::ActionKl { coef }));
+    }
+    for &coef in &cfg.chi2 {
+        arms.push(("chi2".into(), coef, PpoRegularizer::chi2_occupancy(coef)));
+    }
+    arms
+}
+
+/// Runs the experiment; returns every evaluation (base first, per seed).
+pub fn run<B: AutodiffBackend>(
+    runner: &mut Runner,
+    cfg: &TomatoExperiment,
+    seed0: u64,
+    device: &B::Device,
+) -> Result<Vec<Evaluated>> {
+    let mut out = Vec::new();
+    let evaluate = |policy: &goodhart_policy::mlp::MlpPolicy<B>, s: u64| {
+        ppo::evaluate(
+            policy,
+            &cfg.env,
+            cfg.eval_episodes,
+            seed::derive(s, "tomato/eval"),
+            device,
+        )
+    };
+    let record = |method: &str, coef: f64, s: u64, r: Returns| Evaluated {
+        method: method.into(),
+        coef,
+        seed: s,
+        true_return: r.true_return,
+        proxy_return: r.proxy_return,
+        bucket_rate: r.bucket_rate,
+    };
+    for i in 0..cfg.seeds {
+        let s = seed0 + i as u64;
+        let base_name = format!("tomato/s{s}/base");
+        let policy_path = runner.artifact(&format!("tomato/s{s}/base-policy"))?;
+        let value_path = runner.artifact(&format!("tomato/s{s}/base-value"))?;
+        let base_env = TomatoConfig {
+            eps: cfg.base_eps,
+            ..cfg.env.clone()
+        };
+        let base = runner.stage(&base_name, |log| {
+            let series = format!("base/s{s}");
+            let mut logger = Logger::new(log, "tomato", &series);
+            let stage = logger.stage().to_string();
+            seed::seed_backend::<B>(device, s, &stage);
+            let mut run = || -> goodhart_core::Result<Agent<B>> {
+                let init = ppo::init_agent::<B>(&cfg.base, &base_env, device)?;
+                ppo::train(
+                    &cfg.base,
+                    &base_env,
+                    TrainReward::True,
+                    &PpoRegularizer::None,
+                    init,
+                    None,
+                    s,
+                    device,
+                    &mut |m| logger.log(m.iteration as u64, metrics(m)),
+                )
+            };
+            let agent = run().map_err(stage_error(&stage))?;
+            save_module(&agent.policy, &policy_path)
+                .and_then(|()| save_module(&agent.value, &value_path))
+                .map_err(checkpoint_error(&stage))?;
+            let r = evaluate(&agent.policy, s).map_err(stage_error(&stage))?;
+            Ok(record("base", 0.0, s, r))
+        })?;
+        out.push(base);
+        for (method, coef, reg) in arms(cfg) {
+            let name = if method == "proxy" {
+                format!("tomato/s{s}/proxy")
+            } else {
+                format!("tomato/s{s}/{method}={coef}")
+            };
+            let ev = runner.stage(&name, |log| {
+                let series = if method == "proxy" {
+                    format!("proxy/s{s}")
+                } else {
+                    format!("{method}={coef}/s{s}")
+                };
+                let mut logger = Logger::new(log, "tomato", &series);
+                let stage = logger.stage().to_string();
+                seed::seed_backend::<B>(device, s, &stage);
+                let template = ppo::init_agent::<B>(&cfg.ppo, &cfg.env, device)
+                    .map_err(stage_error(&stage))?;
+                let policy = load_module(template.policy, &policy_path, device)
+                    .map_err(checkpoint_error(&stage))?;
+                let value = load_module(template.value, &value_path, device)
+                    .map_err(checkpoint_error(&stage))?;
+                // Training returns new modules; this clone stays the base policy.
+                let base_policy = policy.clone();
+                let init = Agent { policy, value };
+                let agent = ppo::train(
+                    &cfg.ppo,
+                    &cfg.env,
+                    TrainReward::Proxy,
+                    &reg,
+                    init,
+                    Some(&base_policy),
+                    seed::derive(s, &stage),
+                    device,
+                    &mut |m| logger.log(m.iteration as u64, metrics(m)),
+                )
+                .map_err(stage_error(&stage))?;
+                let r = evaluate(&agent.policy, s).map_err(stage_error(&stage))?;
+                Ok(record(&method, coef, s, r))
+            })?;
+            out.push(ev);
+        }
+    }
+    Ok(out)
+}
+
+/// The summary of the experiment: figures, and the table of true return per arm.
+pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Value) {
+    let arms: Vec<(String, f64)> = std::iter::once(("base".to_string(), 0.0))
+        .chain(arms(cfg).into_iter().map(|(m, c, _)| (m, c)))
+        .collect();
+    let of = |m: &str, c: f64| -> Vec<&Evaluated> {
+        evals
+            .iter()
+            .filter(|e| e.method == m && e.coef == c)
+            .collect()
+    };
+    let mut rows = Vec::new();
+    let mut means = Vec::new();
+    for (m, c) in &arms {
+        let es = of(m, *c);
+        let (t, tsd) = mean_sd(es.iter().map(|e| e.true_return));
+        let (p, psd) = mean_sd(es.iter().map(|e| e.proxy_return));
+        let (b, _) = mean_sd(es.iter().map(|e| e.bucket_rate));
+        means.push((m.clone(), *c, t));
+        rows.push(json!([m, c, t, tsd, p, psd, b, es.len()]));
+    }
+    let base_of = |seed: u64| {
+        evals
+            .iter()
+            .find(|e| e.method == "base" && e.seed == seed)
+            .map(|e| e.true_return)
+    };
+    let proxy = of("proxy", 0.0);
+    let hacked = proxy
+        .iter()
+        .filter(|e| base_of(e.seed).is_some_and(|b| e.true_return < b))
+        .count();
+    let best = |m: &str| {
+        means
+            .iter()
+            .filter(|(mm, _, t)| mm == m && t.is_finite())
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+            .map(|(_, c, t)| (*c, *t))
+    };
+    let base_mean = means[0].2;
+    let (chi2, kl) = (best("chi2"), best("action_kl"));
+    let claim = match (chi2, kl) {
+        (Some((_, c)), Some((_, k))) => Some(c >= base_mean && c > k),
+        _ => None,
+    };
+    let figures = json!({
+        "seeds": cfg.seeds,
+        "base_true_return": base_mean,
+        "proxy_true_return": means.get(1).map(|m| m.2),
+        "hacked_seeds": hacked,
+        "best_chi2_coef": chi2.map(|c| c.0),
+        "best_chi2_true_return": chi2.map(|c| c.1),
+        "best_action_kl_coef": kl.map(|c| c.0),
+        "best_action_kl_true_return": kl.map(|c| c.1),
+        "chi2_beats_kl_and_base": claim,
+    });
+    let table = table(
+        &format!("Tomato: true return per method ({} seeds)", cfg.seeds),
+        &[
+            "method",
+            "coef",
+            "true return",
+            "sd",
+            "proxy return",
+            "sd",
+            "bucket rate",
+            "seeds",
+        ],
+        rows,
+    );
+    (figures, table)
+}

@@ -1,0 +1,51 @@
+//! The presets embedded in the binary (`cargo xtask run <name>`); their files are in
+//! `docs/presets/`, where each one explains its choices.
+
+/// `(name, one-line description, TOML)` of every preset.
+pub const PRESETS: &[(&str, &str, &str)] = &[
+    (
+        "lab",
+        "the default: small tomato, overopt and mitigations together (< 10 min on 2 cores)",
+        include_str!("../../../docs/presets/lab.toml"),
+    ),
+    (
+        "tomato",
+        "ORPO's tomato gridworld: base policy, proxy PPO, action-KL vs chi-squared over 5 seeds",
+        include_str!("../../../docs/presets/tomato.toml"),
+    ),
+    (
+        "overopt",
+        "Gao et al.: proxies from more and more pairs, RL and best-of-n, gold vs sqrt(KL) fits",
+        include_str!("../../../docs/presets/overopt.toml"),
+    ),
+    (
+        "mitigations",
+        "none, KL, ensemble UWO, PAR and sequence chi-squared on the overopt task, 3 seeds",
+        include_str!("../../../docs/presets/mitigations.toml"),
+    ),
+];
+
+/// The TOML of preset `name`.
+pub fn preset(name: &str) -> Option<&'static str> {
+    PRESETS.iter().find(|p| p.0 == name).map(|p| p.2)
+}
+
+/// Every preset's name.
+pub fn names() -> Vec<&'static str> {
+    PRESETS.iter().map(|p| p.0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExperimentConfig;
+
+    #[test]
+    fn every_preset_parses_and_validates() {
+        for (name, _, text) in PRESETS {
+            let c = ExperimentConfig::parse(text, &[])
+                .unwrap_or_else(|e| panic!("preset `{name}`: {e}"));
+            assert_eq!(&c.name, name);
+        }
+    }
+}

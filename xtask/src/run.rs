@@ -1,0 +1,185 @@
+//! `cargo xtask run` and `cargo xtask sweep`: resolve the config, then run the experiments
+//! through `goodhart_train::experiments` on the chosen backend.
+//!
+//! ```text
+//! cargo xtask run [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N]
+//!                 [--out DIR] [--resume RUN_DIR]
+//! cargo xtask sweep [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N] [--out DIR]
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Instant,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::backend::Autodiff;
+use goodhart_core::device::{dispatch, BackendJob, DeviceSpec};
+use goodhart_train::{
+    config::ExperimentConfig,
+    experiments, presets,
+    runner::{RunError, Runner},
+};
+use serde_json::Value;
+
+use crate::take_device;
+
+/// The parsed command line of `run` / `sweep`.
+struct Args {
+    target: Option<String>,
+    device: DeviceSpec,
+    sets: Vec<String>,
+    out: PathBuf,
+    resume: Option<PathBuf>,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut args = args.to_vec();
+    let device = take_device(&mut args)?;
+    let mut parsed = Args {
+        target: None,
+        device,
+        sets: Vec::new(),
+        out: PathBuf::from("runs"),
+        resume: None,
+    };
+    let mut seed = None;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let mut value = |flag: &str| it.next().with_context(|| format!("{flag} needs a value"));
+        match a.as_str() {
+            "--set" => parsed.sets.push(value("--set")?),
+            "--seed" => {
+                let v = value("--seed")?;
+                seed = Some(
+                    v.parse::<u64>()
+                        .with_context(|| format!("--seed `{v}`: not an unsigned integer"))?,
+                );
+            }
+            "--out" => parsed.out = PathBuf::from(value("--out")?),
+            "--resume" => parsed.resume = Some(PathBuf::from(value("--resume")?)),
+            flag if flag.starts_with("--") => bail!("unknown option `{flag}`"),
+            _ if parsed.target.is_none() => parsed.target = Some(a),
+            _ => bail!("unexpected argument `{a}`: give one preset or config file"),
+        }
+    }
+    if let Some(s) = seed {
+        parsed.sets.push(format!("seed={s}"));
+    }
+    Ok(parsed)
+}
+
+/// The config text of a preset name or a TOML file, with where it came from.
+fn config_text(target: Option<&str>) -> Result<(String, String)> {
+    let target = target.unwrap_or("lab");
+    let path = Path::new(target);
+    if target.ends_with(".toml") || path.is_file() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file `{target}`"))?;
+        return Ok((text, target.to_string()));
+    }
+    match presets::preset(target) {
+        Some(text) => Ok((text.to_string(), format!("preset `{target}`"))),
+        None => bail!(
+            "`{target}` is neither a preset ({}) nor a TOML file",
+            presets::names().join(", ")
+        ),
+    }
+}
+
+struct Job {
+    runner: Runner,
+}
+
+impl BackendJob for Job {
+    type Output = Result<(Runner, Value), RunError>;
+    fn run<B: burn::tensor::backend::Backend>(mut self, device: B::Device) -> Self::Output {
+        let summary = experiments::run::<Autodiff<B>>(&mut self.runner, &device)?;
+        Ok((self.runner, summary))
+    }
+}
+
+fn execute(runner: Runner, device: DeviceSpec) -> Result<Value> {
+    let t0 = Instant::now();
+    let path = runner.dir().path().to_path_buf();
+    eprintln!("run directory: {}  (device {device})", path.display());
+    let (runner, summary) = dispatch(device, Job { runner })?.map_err(|e| anyhow!("{e}"))?;
+    print!("{}", experiments::text_tables(&summary));
+    println!(
+        "\nfinished in {:.0} s ({} stages from checkpoints)\n  {}\n  {}\n  {}",
+        t0.elapsed().as_secs_f64(),
+        runner.skipped(),
+        runner.dir().metrics().display(),
+        runner.dir().summary().display(),
+        runner.dir().report().display()
+    );
+    Ok(summary)
+}
+
+fn check_device(device: DeviceSpec) -> Result<()> {
+    if !device.is_compiled() {
+        bail!(goodhart_core::GoodhartError::BackendNotCompiled {
+            backend: device.to_string(),
+            feature: device.feature().into(),
+        });
+    }
+    Ok(())
+}
+
+/// `cargo xtask run`.
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    let args = parse_args(args)?;
+    check_device(args.device)?;
+    let runner = if let Some(dir) = &args.resume {
+        if args.target.is_some() || !args.sets.is_empty() {
+            bail!("--resume continues a run with its own config.toml: drop the preset, file, --set and --seed");
+        }
+        Runner::resume(dir).map_err(|e| anyhow!("{e}"))?
+    } else {
+        let (text, origin) = config_text(args.target.as_deref())?;
+        let config =
+            ExperimentConfig::parse(&text, &args.sets).map_err(|e| anyhow!("{origin}: {e}"))?;
+        Runner::create(&args.out, config).map_err(|e| anyhow!("{e}"))?
+    };
+    execute(runner, args.device)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo xtask sweep`: one run per point of the config's `[sweep]` product, under
+/// `<out>/<name>-sweep/<point>/`.
+pub fn sweep(args: &[String]) -> Result<ExitCode> {
+    let args = parse_args(args)?;
+    check_device(args.device)?;
+    if args.resume.is_some() {
+        bail!("resume one point of a sweep with `cargo xtask run --resume RUN_DIR`");
+    }
+    let (text, origin) = config_text(args.target.as_deref())?;
+    let config =
+        ExperimentConfig::parse(&text, &args.sets).map_err(|e| anyhow!("{origin}: {e}"))?;
+    if config.sweep.is_empty() {
+        bail!("{origin} has no [sweep] section: add e.g. `[sweep]\\n\"rl.lr\" = [1e-3, 3e-3]`, or use --set sweep.KEY=[...]");
+    }
+    let points = config
+        .expand_sweep()
+        .map_err(|e| anyhow!("{origin}: {e}"))?;
+    let root = args.out.join(format!("{}-sweep", config.name));
+    let total = points.len();
+    eprintln!("sweep: {total} runs under {}", root.display());
+    for (i, (label, mut point)) in points.into_iter().enumerate() {
+        eprintln!("\n[{}/{total}] {label}", i + 1);
+        point.name = label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let runner = Runner::create(&root, point).map_err(|e| anyhow!("{e}"))?;
+        execute(runner, args.device)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
