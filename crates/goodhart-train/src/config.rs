@@ -375,7 +375,7 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<()> {
             toml::Value::Table(t) => t,
             other => {
                 return Err(bad(&format!(
-                    "`{}` is a {}, not a table",
+                    "`{}` is not a table (it holds a {})",
                     keys[..=i].join("."),
                     other.type_str()
                 )))
@@ -533,4 +533,121 @@ fn coefficients(path: &str, v: &[f64]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "name = \"t\"\n[tomato]\nseeds = 2\n";
+
+    fn err(text: &str, sets: &[&str]) -> ConfigError {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        ExperimentConfig::parse(text, &sets).unwrap_err()
+    }
+
+    fn path_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { path, .. } => path,
+            other => panic!("expected a key-path error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        assert_eq!(
+            path_of(err(MINIMAL, &["tomato.ppo.lrr=1"])),
+            "tomato.ppo.lrr"
+        );
+        assert_eq!(path_of(err(MINIMAL, &["rl.lr=\"fast\""])), "rl.lr");
+        assert_eq!(
+            path_of(err("name = \"t\"\nbogus = 1\n[tomato]\n", &[])),
+            "bogus"
+        );
+        assert_eq!(
+            path_of(err(
+                "name = \"t\"\n[mitigations]\n[[mitigations.arms]]\nname = \"a\"\n[[mitigations.arms]]\nname = \"b\"\nensembl = 2\n",
+                &[]
+            )),
+            "mitigations.arms[1].ensembl"
+        );
+        assert_eq!(
+            path_of(err(
+                "name = \"t\"\n[mitigations]\narms = [{ name = \"a\", rl = { stepz = 3 } }]\n",
+                &[]
+            )),
+            "mitigations.arms[0].rl.stepz"
+        );
+        assert_eq!(path_of(err(MINIMAL, &["tomato.seeds=0"])), "tomato.seeds");
+        assert_eq!(
+            path_of(err(MINIMAL, &["tomato.chi2=[0.1, -1]"])),
+            "tomato.chi2[1]"
+        );
+        assert_eq!(path_of(err("name = \"t\"\n", &[])), "(top level)");
+        assert!(matches!(err("name = ", &[]), ConfigError::Syntax(_)));
+        assert!(matches!(
+            err(MINIMAL, &["novalue"]),
+            ConfigError::Override { .. }
+        ));
+        assert!(matches!(
+            err(MINIMAL, &["name.x=1"]),
+            ConfigError::Override { .. }
+        ));
+    }
+
+    #[test]
+    fn overrides_read_toml_values_else_strings() {
+        let c = ExperimentConfig::parse(
+            MINIMAL,
+            &[
+                "seed=9".into(),
+                "tomato.chi2=[0.5]".into(),
+                "name=other".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.seed, 9);
+        assert_eq!(c.tomato.as_ref().unwrap().chi2, vec![0.5]);
+        assert_eq!(c.name, "other");
+        // Unset keys keep their defaults; the resolved config round-trips.
+        assert_eq!(c.tomato.as_ref().unwrap().base_eps, 0.1);
+        assert_eq!(ExperimentConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn arms_override_rl_key_by_key() {
+        let c = ExperimentConfig::parse(
+            "name = \"t\"\n[rl]\nsteps = 7\n[mitigations]\narms = [{ name = \"kl\", rl = { kl = { coef = 0.3 } } }]\n",
+            &[],
+        )
+        .unwrap();
+        let arm = &c.mitigations.as_ref().unwrap().arms[0];
+        let pg = arm.pg_config(&c.rl, 0).unwrap();
+        assert_eq!(pg.steps, 7, "kept from [rl]");
+        assert_eq!(pg.kl.as_ref().unwrap().coef, 0.3);
+        assert_eq!(arm.ensemble, 1);
+    }
+
+    #[test]
+    fn sweeps_expand_to_the_product() {
+        let c = ExperimentConfig::parse(
+            "name = \"t\"\n[tomato]\n[sweep]\n\"tomato.seeds\" = [1, 2]\nseed = [0, 5, 6]\n",
+            &[],
+        )
+        .unwrap();
+        let points = c.expand_sweep().unwrap();
+        assert_eq!(points.len(), 6);
+        assert_eq!(points[0].0, "seed=0,tomato.seeds=1");
+        assert_eq!(points[5].0, "seed=6,tomato.seeds=2");
+        assert_eq!(points[5].1.seed, 6);
+        assert_eq!(points[5].1.tomato.as_ref().unwrap().seeds, 2);
+        assert!(points.iter().all(|(_, p)| p.sweep.is_empty()));
+        // A bad point is rejected with its key path.
+        let bad = ExperimentConfig::parse(
+            "name = \"t\"\n[tomato]\n[sweep]\n\"tomato.seeds\" = [1, 0]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(path_of(bad.expand_sweep().unwrap_err()), "tomato.seeds");
+    }
 }
