@@ -137,6 +137,7 @@ type Result<T> = std::result::Result<T, ReportError>;
 const KEY_STEP: &str = "step";
 const KEY_SERIES: &str = "series";
 const KEY_METHOD: &str = "method";
+const KEY_GROUP: &str = "experiment";
 const KEY_PROXY: &str = "reward/proxy/mean";
 const KEY_GOLD: &str = "reward/gold/mean";
 const KEY_D: [&str; 2] = ["kl/d", "sqrt_kl"];
@@ -161,6 +162,9 @@ pub struct Row {
 pub struct Series {
     /// Its name (`series`, else `method`, else `run`).
     pub name: String,
+    /// The `experiment` label of its first line (each experiment gets its own reward
+    /// chart, as tomato returns and language-model rewards do not share a scale).
+    pub group: Option<String>,
     /// Its lines.
     pub rows: Vec<Row>,
 }
@@ -284,6 +288,7 @@ impl Metrics {
             let s = *index.entry(name.clone()).or_insert_with(|| {
                 m.series.push(Series {
                     name,
+                    group: obj.get(KEY_GROUP).and_then(Value::as_str).map(String::from),
                     rows: Vec::new(),
                 });
                 m.series.len() - 1
@@ -1129,36 +1134,71 @@ pub fn render(title: &str, metrics: &Metrics, summary: Option<&Summary>) -> Stri
     }
     legend.push_str("</div>\n");
 
-    // Proxy and gold against step.
-    let reward_pts: Vec<(Vec<(f64, f64)>, Vec<(f64, f64)>)> = metrics
-        .series
-        .iter()
-        .map(|s| (s.points(KEY_PROXY), s.points(KEY_GOLD)))
-        .collect();
-    let y = extent(
-        reward_pts
+    // Proxy and gold against step, one chart per experiment.
+    let mut groups: Vec<Option<&str>> = Vec::new();
+    for s in &metrics.series {
+        if !groups.contains(&s.group.as_deref()) {
+            groups.push(s.group.as_deref());
+        }
+    }
+    for group in groups {
+        let members: Vec<usize> = (0..metrics.series.len())
+            .filter(|&i| metrics.series[i].group.as_deref() == group)
+            .collect();
+        let reward_pts: Vec<(usize, Vec<(f64, f64)>, Vec<(f64, f64)>)> = members
             .iter()
-            .flat_map(|(p, g)| p.iter().chain(g).map(|pt| pt.1)),
-    );
-    if let (Some(y), Some(x)) = (y, step_extent) {
-        html.push_str("<h2>Proxy and gold reward</h2>\n");
-        html.push_str(&legend);
+            .map(|&i| {
+                let s = &metrics.series[i];
+                (i, s.points(KEY_PROXY), s.points(KEY_GOLD))
+            })
+            .collect();
+        let y = extent(
+            reward_pts
+                .iter()
+                .flat_map(|(_, p, g)| p.iter().chain(g).map(|pt| pt.1)),
+        );
+        let x = extent(
+            members
+                .iter()
+                .flat_map(|&i| metrics.series[i].rows.iter().map(|r| r.step)),
+        );
+        let (Some(y), Some(x)) = (y, x) else {
+            continue;
+        };
+        let title = match group {
+            Some(g) => format!("Proxy and gold reward: {g}"),
+            None => "Proxy and gold reward".to_string(),
+        };
+        let _ = writeln!(html, "<h2>{}</h2>", escape(&title));
+        html.push_str(r#"<div class="legend">"#);
+        for &i in &members {
+            html.push_str(&swatch(color(i), "", &metrics.series[i].name));
+        }
+        html.push_str("</div>\n");
         html.push_str(r#"<div class="legend">"#);
         html.push_str(&swatch(NEUTRAL, "", "gold (solid)"));
         html.push_str(&swatch(NEUTRAL, " dashed", "proxy (dashed)"));
-        if !marks.is_empty() {
+        let group_marks: Vec<&Marker> = marks
+            .iter()
+            .filter(|m| {
+                m.series
+                    .as_deref()
+                    .is_none_or(|name| members.iter().any(|&i| metrics.series[i].name == name))
+            })
+            .collect();
+        if !group_marks.is_empty() {
             html.push_str(
                 r#"<span class="key"><span class="swatch det"></span>detector fired</span>"#,
             );
         }
         html.push_str("</div>\n");
-        let mut chart = Chart::new("Proxy and gold reward", "step", WIDE, x, y);
-        for m in &marks {
+        let mut chart = Chart::new(&title, "step", WIDE, x, y);
+        for m in group_marks {
             chart.vline(m.step, Some(&m.label()));
         }
-        for (i, (proxy, gold)) in reward_pts.iter().enumerate() {
-            chart.line(proxy, color(i), true);
-            chart.line(gold, color(i), false);
+        for (i, proxy, gold) in &reward_pts {
+            chart.line(proxy, color(*i), true);
+            chart.line(gold, color(*i), false);
         }
         let _ = write!(html, r#"<div class="wide">{}</div>"#, chart.finish());
     }
@@ -1201,7 +1241,13 @@ pub fn render(title: &str, metrics: &Metrics, summary: Option<&Summary>) -> Stri
         );
         if let Some(y) = y {
             html.push_str("<h2>Gold reward against √KL</h2>\n");
-            html.push_str(&legend);
+            html.push_str(r#"<div class="legend">"#);
+            for (i, s) in metrics.series.iter().enumerate() {
+                if !gold_d[i].is_empty() {
+                    html.push_str(&swatch(color(i), "", &s.name));
+                }
+            }
+            html.push_str("</div>\n");
             let mut chart = Chart::new(
                 "Gold reward against d = √KL",
                 "d = √KL(π ‖ π_ref)",
