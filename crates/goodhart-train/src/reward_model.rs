@@ -411,13 +411,13 @@ mod tests {
             if test_device() != DeviceSpec::Cpu {
                 return;
             }
-            let l = lang();
+            let l = Language::new(crate::sft::lab_language()).unwrap();
             let cfg = ProxyConfig { pairs: 1000, epochs: 3, heldout_pairs: 256, pearson_samples: 256, ..Default::default() };
             let (model, r) = train_proxy::<Autodiff<B>>(&l, &cfg, 1, device).unwrap();
             eprintln!("{r:?}");
             // Clean pairs are tied or random at 0.5; a fitted proxy agrees with gold well above.
-            assert!(r.heldout_acc > 0.55, "{r:?}");
-            assert!(r.gold_pearson > 0.15, "{r:?}");
+            assert!(r.heldout_acc > 0.68, "{r:?}"); // measured 0.727
+            assert!(r.gold_pearson > 0.6, "{r:?}"); // measured 0.714
             // Normalised on the training responses: mean ~0, std ~1 there.
             let (mean, std) = model.normalization();
             assert!(std > 0.0 && mean.is_finite());
@@ -432,14 +432,32 @@ mod tests {
     #[test]
     #[ignore]
     fn measure_proxy_fit() {
+        use crate::sft::tests::{knob, knob_language};
         use goodhart_core::device::Cpu;
-        fn knob<T: std::str::FromStr>(key: &str, default: T) -> T {
-            std::env::var(format!("GOODHART_{key}"))
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        }
-        let l = lang();
+        let l = knob_language();
+        // The generator's statistics: length, gold spread, tied clean pairs.
+        let pairs = l.preference_pairs(4000, 0.0, 9).unwrap();
+        let gold = |p: &goodhart_envs::language::PreferencePair, c: bool| {
+            l.gold(&p.prompt, if c { &p.chosen } else { &p.rejected })
+                .unwrap()
+        };
+        let golds: Vec<f64> = pairs.iter().map(|p| gold(p, true)).collect();
+        let ties = pairs
+            .iter()
+            .filter(|p| gold(p, true) == gold(p, false))
+            .count();
+        let len = pairs
+            .iter()
+            .map(|p| p.chosen.len() as f64 - 1.0)
+            .sum::<f64>()
+            / 4000.0;
+        let gm = golds.iter().sum::<f64>() / 4000.0;
+        let gs = (golds.iter().map(|g| (g - gm).powi(2)).sum::<f64>() / 4000.0).sqrt();
+        eprintln!(
+            "entropy {:.3} mean length {len:.2} chosen gold {gm:.3} +- {gs:.3} ties {:.3}",
+            l.entropy_per_token(),
+            ties as f64 / 4000.0
+        );
         let d = ProxyConfig::default();
         for pairs in [200, 1000, 3000] {
             let cfg = ProxyConfig {

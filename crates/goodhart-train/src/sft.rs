@@ -21,13 +21,29 @@
 
 use burn::tensor::backend::AutodiffBackend;
 use goodhart_core::{seed, GoodhartError, Result};
-use goodhart_envs::language::{Language, EOS};
+use goodhart_envs::language::{Language, LanguageConfig, EOS};
 use goodhart_policy::{
     sft::{evaluate, inference, train, SftExample},
     TransformerConfig, TransformerLm,
 };
 use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
+
+/// The language the lab's defaults ([`SftConfig`], `ProxyConfig`, `PgConfig`) were
+/// measured on: goodhart-envs' default language (4 topics, 16 words, 3 favoured per
+/// topic, max 16 words, gold target length 8) with `eos_logit = 1.5` and
+/// `favour_bias = 0.5`, so generator responses average 8 words (the gold's sweet spot)
+/// and favoured words are common enough that a proxy learns relevance from a few hundred
+/// pairs (measured: Pearson(proxy, gold) 0.55 from 200 pairs, 0.69 from 1000; with the
+/// envs default, where responses run to the 16-word cap and favoured words are rare,
+/// 0.04 and 0.37).
+pub fn lab_language() -> LanguageConfig {
+    LanguageConfig {
+        eos_logit: 1.5,
+        favour_bias: 0.5,
+        ..LanguageConfig::default()
+    }
+}
 
 /// Width of a prompt `[BOS, topic, SEP]`.
 pub const PROMPT_LEN: usize = 3;
@@ -36,7 +52,7 @@ pub const PROMPT_LEN: usize = 3;
 ///
 /// Defaults (goodhart's choice for a laptop CPU): a 2-layer, width-32, 2-head rotary
 /// transformer (GPT-2 init, pre-norm, tied embeddings: [`TransformerConfig`]'s defaults),
-/// 4096 generator samples, 600 AdamW steps of 64 sequences at lr 3e-3 (~9 epochs).
+/// 4096 generator samples, 400 AdamW steps of 64 sequences at lr 3e-3 (~6 epochs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SftConfig {
@@ -70,7 +86,7 @@ impl Default for SftConfig {
             max_seq_len: 32,
             examples: 4096,
             heldout: 512,
-            steps: 600,
+            steps: 400,
             batch: 64,
             lr: 3e-3,
         }
@@ -199,12 +215,36 @@ pub fn train_base<B: AutodiffBackend>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use burn::backend::Autodiff;
     use goodhart_core::device::DeviceSpec;
     use goodhart_core::testing::test_device;
-    use goodhart_envs::language::{LanguageConfig, BOS, SEP};
+    use goodhart_envs::language::{BOS, SEP};
+
+    /// `GOODHART_<KEY>` from the environment, or `default` (knobs of the measurements).
+    pub(crate) fn knob<T: std::str::FromStr>(key: &str, default: T) -> T {
+        std::env::var(format!("GOODHART_{key}"))
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// [`lab_language`] with knobs `GOODHART_LANG_{EOS, FAV, SHARP, REP, LEN, TARGET, MAXLEN}`.
+    pub(crate) fn knob_language() -> Language {
+        let d = lab_language();
+        Language::new(LanguageConfig {
+            eos_logit: knob("LANG_EOS", d.eos_logit),
+            favour_bias: knob("LANG_FAV", d.favour_bias),
+            sharpness: knob("LANG_SHARP", d.sharpness),
+            rep_penalty: knob("LANG_REP", d.rep_penalty),
+            len_penalty: knob("LANG_LEN", d.len_penalty),
+            target_len: knob("LANG_TARGET", d.target_len),
+            max_len: knob("LANG_MAXLEN", d.max_len),
+            ..d
+        })
+        .unwrap()
+    }
 
     fn lang() -> Language {
         Language::new(LanguageConfig::default()).unwrap()
