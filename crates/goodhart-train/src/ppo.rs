@@ -1216,8 +1216,11 @@ mod tests {
         fn same_seed_same_metrics<B>(device) {
             type A<B> = Autodiff<B>;
             let (config, env) = tiny();
+            // One initial agent for every run: the backend RNG is global, so a test on
+            // another thread could draw from it between seeding and initialisation.
+            let init = init_agent_seeded::<A<B>>(&config, &env, 1, device).unwrap();
             let run = |reg: &PpoRegularizer, seed: u64| {
-                let agent = init_agent_seeded::<A<B>>(&config, &env, 1, device).unwrap();
+                let agent = init.clone();
                 let base = agent.policy.clone();
                 let mut metrics = Vec::new();
                 let mut log = |m: &IterationMetrics| {
@@ -1241,15 +1244,8 @@ mod tests {
             for reg in [PpoRegularizer::None, PpoRegularizer::ActionKl { coef: 0.1 }, chi2] {
                 let (a, ea) = run(&reg, 5);
                 let (b, eb) = run(&reg, 5);
-                if goodhart_core::testing::test_device() == goodhart_core::device::DeviceSpec::Cpu {
-                    assert_eq!(a, b, "{reg:?}");
-                    assert_eq!(ea, eb);
-                } else {
-                    // GPU reductions are not bitwise reproducible (and Adam magnifies the
-                    // last bits of near-zero gradients), so only the first rollout, which
-                    // precedes any update, must match exactly.
-                    assert_eq!((a[0].true_return, a[0].proxy_return, a[0].bucket_rate), (b[0].true_return, b[0].proxy_return, b[0].bucket_rate));
-                }
+                assert_eq!(a, b, "{reg:?}");
+                assert_eq!(ea, eb);
                 assert_eq!(a.len(), 2);
                 assert_eq!(a[1].timesteps, 2 * 3 * 12);
                 assert!(a.iter().all(|m| m.policy_loss.is_finite() && m.entropy > 0.0 && m.entropy <= 4f64.ln() + 1e-6));
@@ -1271,21 +1267,19 @@ mod tests {
     goodhart_core::backend_test! {
         fn true_reward_ppo_beats_the_random_policy<B>(device) {
             type A<B> = Autodiff<B>;
+            // Three iterations with a wider clip (0.2) keep this near 15 s on wgpu
+            // (lavapipe), where each environment step costs a device round trip.
             let env = TomatoConfig::default();
-            let train_env = TomatoConfig { eps: 0.1, ..Default::default() };
-            let config = PpoConfig { iterations: 8, ..Default::default() };
+            let train_env = TomatoConfig { eps: 0.1, ..env.clone() };
+            let config = PpoConfig { iterations: 3, clip: 0.2, ..Default::default() };
             let agent = init_agent_seeded::<A<B>>(&config, &env, 0, device).unwrap();
             let before = evaluate(&agent.policy, &env, 64, 1, device).unwrap();
-            let mut returns = Vec::new();
-            let mut log = |m: &IterationMetrics| {
-                returns.push(m.true_return);
-                Ok(())
-            };
+            let mut log = |_: &IterationMetrics| Ok(());
             let trained = train(&config, &train_env, TrainReward::True, &PpoRegularizer::None, agent, None, 0, device, &mut log).unwrap();
             let after = evaluate(&trained.policy, &env, 64, 1, device).unwrap();
-            // Measured on cpu: random 5.6 (sd 1.7), after 8 iterations about 8.
-            assert!(after.true_return > before.true_return + 1.5, "{before:?} -> {after:?} ({returns:?})");
-            assert!(returns[7] > returns[0] + 1.0, "{returns:?}");
+            // Measured on cpu: random 5.32 (sd 2.0, so the mean of 64 is +- 0.25), trained
+            // 7.57 (sd 1.4).
+            assert!(after.true_return > before.true_return + 1.5, "{before:?} -> {after:?}");
         }
     }
 
