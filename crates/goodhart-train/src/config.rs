@@ -88,8 +88,9 @@ pub struct ExperimentConfig {
     /// The tomato-watering experiment of ORPO.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tomato: Option<TomatoExperiment>,
-    /// The synthetic language of the language-model experiments.
-    #[serde(default)]
+    /// The synthetic language of the language-model experiments; keys not given keep the
+    /// values of [`crate::sft::lab_language`], on which the lab's defaults were measured.
+    #[serde(default = "crate::sft::lab_language")]
     pub language: LanguageConfig,
     /// Supervised fine-tuning of the base policy.
     #[serde(default)]
@@ -400,7 +401,14 @@ impl ExperimentConfig {
 
     /// Deserialises and validates a table.
     pub fn from_table(table: &toml::Table) -> Result<Self> {
-        let text = toml::to_string(table).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let mut table = table.clone();
+        if let Some(toml::Value::Table(given)) = table.get("language") {
+            let mut language = toml::Table::try_from(crate::sft::lab_language())
+                .map_err(|e| ConfigError::Syntax(e.to_string()))?;
+            merge(&mut language, given);
+            table.insert("language".into(), toml::Value::Table(language));
+        }
+        let text = toml::to_string(&table).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         let config: Self = from_toml(&text, "")?;
         config.validate()?;
         Ok(config)
@@ -611,6 +619,10 @@ mod tests {
         assert_eq!(c.name, "other");
         // Unset keys keep their defaults; the resolved config round-trips.
         assert_eq!(c.tomato.as_ref().unwrap().base_eps, 0.1);
+        assert_eq!(c.language, crate::sft::lab_language());
+        let c2 = ExperimentConfig::parse(MINIMAL, &["language.topics=3".into()]).unwrap();
+        assert_eq!(c2.language.topics, 3);
+        assert_eq!(c2.language.eos_logit, crate::sft::lab_language().eos_logit);
         assert_eq!(ExperimentConfig::parse(&c.to_toml(), &[]).unwrap(), c);
     }
 
