@@ -34,6 +34,31 @@
 //! iteration (`"ppo/<it>/policy/actions"`, `".../env"`, `"ppo/<it>/minibatch"`, ...), so an
 //! iteration depends only on the agent, the optimiser state, the seed and its index: the
 //! same call gives the same numbers on the same backend.
+//!
+//! ## Measured (ndarray, 2 shared CPU cores)
+//!
+//! Base: 2 iterations on the true reward with `eps = 0.1`; then 40 iterations on the proxy
+//! (`eps = 0`) from the base, hidden 256x256, other settings default. True return per
+//! episode (200 evaluation episodes on `eps = 0`, sampling), mean over seeds 0..5:
+//!
+//! | policy | true return | per seed | bucket rate |
+//! |---|---|---|---|
+//! | random init | 5.56 | 5.58 5.59 5.50 5.66 5.48 | 0.09 |
+//! | base | 6.09 | 6.10 6.37 5.97 6.13 5.87 | 0.07 |
+//! | proxy, none | 2.32 | 2.35 2.28 2.31 2.30 2.37 | 1.00 |
+//! | action KL 0.01 | 4.30 | 4.25 4.31 4.32 4.62 3.98 | 0.63 |
+//! | action KL 0.1 | 6.14 | 6.26 6.37 5.94 6.20 5.92 | 0.10 |
+//! | action KL 1 | 6.11 | 6.12 6.42 5.99 6.15 5.87 | 0.07 |
+//! | sqrt-chi2 0.01 | 3.23 | 2.38 2.13 8.87 2.01 0.75 | 0.80 |
+//! | sqrt-chi2 0.1 | 6.35 | 6.27 7.44 5.29 6.44 6.30 | 0.16 |
+//! | sqrt-chi2 1 | 6.29 | 6.20 6.25 6.74 5.58 6.69 | 0.07 |
+//!
+//! Hacking in 5 of 5 seeds; the best chi-squared coefficient (6.35) is above the base
+//! (6.09) and the best action-KL coefficient (6.14), as ORPO reports, by less than the
+//! seed-to-seed spread. Wall time with other builds on the machine (load ~4 on 2 cores):
+//! base 6 s including two 200-episode evaluations; a proxy run of 25 iterations 13 s
+//! (chi-squared 15-17 s); of 40 iterations 19-47 s with two runs in parallel. At 25
+//! iterations the unregularised run already hacks (bucket rate 0.95-1, true 2.5-3.7).
 
 use burn::{
     module::{AutodiffModule, Module, ModuleVisitor, Param},
@@ -66,14 +91,22 @@ use serde::{Deserialize, Serialize};
 /// PPO settings for the tomato gridworld.
 ///
 /// Defaults: `gamma 0.99`, GAE `lambda 0.98`, `lr 1e-3`, `clip 0.05`, `entropy_coef 0.01`
-/// are ORPO's tomato settings (METHODS.md). The rest are goodhart's, chosen so a run
-/// trains in seconds on two CPU cores and the base policy and the hack both appear (see
-/// `docs` of the `tomato` preset for the measured figures): 16 environments (1600 steps
-/// per iteration), 4 epochs of 4 minibatches (CleanRL's `update_epochs 4`,
-/// `num_minibatches 4`), value coefficient 0.5 and global gradient norm 0.5 (CleanRL),
-/// a tanh MLP of two hidden layers of 64 (CleanRL), advantage whitening over the batch
-/// (verl, TRL), and an unclipped value loss (the returns are not normalised and reach
-/// tens on the proxy, where verl's 0.5 clip window would throttle the critic).
+/// are ORPO's tomato settings (METHODS.md; ORPO also leaves the value loss unclipped,
+/// `vf_clip_param = inf`). The rest are goodhart's, sized so a run trains in seconds on
+/// two CPU cores where ORPO runs 500 iterations of 3000 steps: 16 environments (1600
+/// steps per iteration), 30 iterations, 4 epochs of 4 minibatches (CleanRL's
+/// `update_epochs 4`, `num_minibatches 4`; ORPO 8 epochs of 128 steps), value coefficient
+/// 0.5 and global gradient norm 0.5 (CleanRL), advantage whitening over the batch (verl,
+/// TRL, RLlib), and tanh MLPs of two hidden layers of 256 (ORPO uses four of 512).
+///
+/// Measured on `rhard` (5 seeds, ndarray; the table is in the module docs):
+/// the width matters. With 64-wide layers, PPO on the proxy from a briefly trained base
+/// converges to the tomato-watering local optimum (true return 9.7) in 4 of 5 seeds and
+/// never finds the bucket; with 256-wide layers it finds the bucket in 5 of 5. The base
+/// policy must still explore: after 2 iterations on the true reward (eps 0.1) it has true
+/// return 6.1 (random 5.6) and visits the bucket in 5% of episodes, and proxy PPO hacks
+/// it (true 2.3, bucket rate 1); after 6 iterations (true 7.2, bucket 1.5%) proxy PPO
+/// no longer finds the bucket within 40 iterations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PpoConfig {
@@ -99,7 +132,8 @@ pub struct PpoConfig {
     pub value_coef: f64,
     /// Global gradient-norm clip over policy and value parameters; 0 disables (CleanRL 0.5).
     pub max_grad_norm: f64,
-    /// Hidden widths of the policy and value MLPs (CleanRL 64, 64).
+    /// Hidden widths of the policy and value MLPs (default 256, 256; CleanRL 64, 64;
+    /// ORPO four of 512).
     pub hidden: Vec<usize>,
     /// Whiten advantages over each iteration's valid steps (verl, TRL, CleanRL do).
     pub whiten_advantages: bool,
@@ -111,7 +145,7 @@ pub struct PpoConfig {
 impl Default for PpoConfig {
     fn default() -> Self {
         Self {
-            iterations: 60,
+            iterations: 30,
             envs: 16,
             epochs: 4,
             minibatches: 4,
@@ -122,7 +156,7 @@ impl Default for PpoConfig {
             entropy_coef: 0.01,
             value_coef: 0.5,
             max_grad_norm: 0.5,
-            hidden: vec![64, 64],
+            hidden: vec![256, 256],
             whiten_advantages: true,
             value_clip: None,
         }
@@ -1271,7 +1305,7 @@ mod tests {
             // (lavapipe), where each environment step costs a device round trip.
             let env = TomatoConfig::default();
             let train_env = TomatoConfig { eps: 0.1, ..env.clone() };
-            let config = PpoConfig { iterations: 3, clip: 0.2, ..Default::default() };
+            let config = PpoConfig { iterations: 3, clip: 0.2, hidden: vec![64, 64], ..Default::default() };
             let agent = init_agent_seeded::<A<B>>(&config, &env, 0, device).unwrap();
             let before = evaluate(&agent.policy, &env, 64, 1, device).unwrap();
             let mut log = |_: &IterationMetrics| Ok(());
