@@ -198,33 +198,6 @@ pub fn to_preferences(pairs: Vec<goodhart_envs::language::PreferencePair>) -> Re
     )
 }
 
-/// Pearson correlation of two equal-length samples; errors when either is constant.
-pub fn pearson(x: &[f64], y: &[f64]) -> Result<f64> {
-    if x.len() != y.len() {
-        return Err(GoodhartError::shape("pearson", &[x.len()], &[y.len()]));
-    }
-    if x.len() < 2 {
-        return Err(GoodhartError::Empty {
-            what: "pearson (needs two points)".into(),
-        });
-    }
-    let n = x.len() as f64;
-    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
-    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
-    for (a, b) in x.iter().zip(y) {
-        sxy += (a - mx) * (b - my);
-        sxx += (a - mx) * (a - mx);
-        syy += (b - my) * (b - my);
-    }
-    if sxx == 0.0 || syy == 0.0 {
-        return Err(GoodhartError::invalid(
-            "pearson",
-            "a constant sample has no correlation",
-        ));
-    }
-    Ok(sxy / (sxx * syy).sqrt())
-}
-
 /// Normalised proxy scores of `(prompt, response)` pairs, in batches of 256.
 pub fn score_responses<B: Backend>(
     model: &RewardModel<B>,
@@ -278,7 +251,7 @@ fn fit_member<B: AutodiffBackend>(
         ProxyReport {
             train_acc: report.train_accuracy as f64,
             heldout_acc: report.eval_accuracy.unwrap_or(f32::NAN) as f64,
-            gold_pearson: pearson(&proxy, &gold)?,
+            gold_pearson: goodhart_metrics::stats::pearson(&proxy, &gold)?,
             pairs: train.len(),
         },
     ))
@@ -358,15 +331,6 @@ mod tests {
 
     fn lang() -> Language {
         Language::new(LanguageConfig::default()).unwrap()
-    }
-
-    #[test]
-    fn pearson_by_hand() {
-        // x = (1, 2, 3), y = (1, 3, 2): sxy = (-1)(-1) + 0 + (1)(0) = 1, sxx = syy = 2 -> 0.5
-        assert!((pearson(&[1.0, 2.0, 3.0], &[1.0, 3.0, 2.0]).unwrap() - 0.5).abs() < 1e-12);
-        assert!((pearson(&[1.0, 2.0], &[4.0, 2.0]).unwrap() + 1.0).abs() < 1e-12);
-        assert!(pearson(&[1.0, 1.0], &[1.0, 2.0]).is_err());
-        assert!(pearson(&[1.0], &[1.0, 2.0]).is_err());
     }
 
     #[test]
