@@ -133,7 +133,10 @@ pub struct PgConfig {
     /// Reward shaping (`kind = "par"`, ...); references are `m` responses per prompt
     /// sampled once from the initial policy (stream `pg/references`). `None` = raw proxy.
     pub reward_shaping: Option<ShapingConfig>,
-    /// Global gradient-norm clip (0 = off; default 1.0, verl / TRL).
+    /// Gradient-norm clip (0 = off; default 1.0, verl / TRL's value). Note: burn's
+    /// `GradientClippingConfig::Norm` clips each parameter tensor to this norm, not the
+    /// global norm over all parameters as verl and TRL do (the figures in docs/lab.md were
+    /// measured with this per-tensor clip).
     pub max_grad_norm: f64,
 }
 
