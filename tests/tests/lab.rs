@@ -253,6 +253,22 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     child.kill().unwrap(); // SIGKILL on unix
     child.wait().unwrap();
     let done_at_kill = stages_done();
+    // The lines of the completed stages, as the killed process wrote them.
+    let kept: usize = serde_json::from_str::<Value>(&std::fs::read_to_string(&progress).unwrap())
+        .unwrap()["stages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["lines"]
+        .as_u64()
+        .unwrap() as usize;
+    let before: Vec<String> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .take(kept)
+        .map(String::from)
+        .collect();
+    assert_eq!(before.len(), kept);
 
     let mut resumed = Runner::resume(&dir).unwrap().quiet(true);
     let resumed_summary = experiments::run::<B>(&mut resumed, &Default::default()).unwrap();
@@ -271,6 +287,10 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         "killed after every stage had finished"
     );
 
+    // The completed stages' lines are kept byte for byte.
+    let after = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(after.lines().take(kept).collect::<Vec<_>>(), before);
+
     let (fresh_dir, fresh_summary) = run(resume_config(), &root.join("fresh"));
     // The same lines in the same order (the killed stage's partial lines were cut)...
     let (a, b) = (metric_lines(&dir), metric_lines(&fresh_dir));
@@ -279,9 +299,12 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         a.iter().map(key).collect::<Vec<_>>(),
         b.iter().map(key).collect::<Vec<_>>()
     );
-    // ...and the same final metrics. burn's autodiff sums gradient contributions in hash
-    // order (randomly seeded per process), so two runs in two processes agree to ~1e-7 at
-    // the first step, not bit for bit; Adam and the RL loop carry that forward.
+    // ...and the same final metrics. Two processes running the same stage on ndarray
+    // agree to ~1e-7 at the first step, not bit for bit (one process repeating a stage
+    // is exact; the source of the cross-process difference inside burn is not pinned
+    // down), and Adam and the RL loops carry that forward: typically 1e-5..1e-4 on the
+    // final figures of this run, with a margin here against a rare sampled action that
+    // flips.
     let (mut x, mut y) = (BTreeMap::new(), BTreeMap::new());
     numbers("", &resumed_summary, &mut x);
     numbers("", &fresh_summary, &mut y);
@@ -293,7 +316,7 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         .unwrap();
     eprintln!("largest relative difference: {} {:.3e}", worst.0, worst.1);
     assert!(
-        worst.1 <= 1e-3,
+        worst.1 <= 2e-2,
         "{}: resumed {} vs uninterrupted {}",
         worst.0,
         x[worst.0],
