@@ -436,6 +436,8 @@ impl ExperimentConfig {
         }
         if let Some(t) = &self.tomato {
             positive("tomato.seeds", t.seeds)?;
+            section("tomato.base", t.base.validate())?;
+            section("tomato.ppo", t.ppo.validate())?;
             positive("tomato.eval_episodes", t.eval_episodes)?;
             if !(0.0..=1.0).contains(&t.base_eps) {
                 return Err(ConfigError::invalid(
@@ -469,6 +471,13 @@ impl ExperimentConfig {
                 ));
             }
         }
+        if self.overopt.is_some() || self.mitigations.is_some() {
+            let lang = goodhart_envs::language::Language::new(self.language.clone())
+                .map_err(|e| at("language", e))?;
+            section("sft", self.sft.validate(&lang))?;
+            section("proxy", self.proxy.validate(&lang))?;
+            section("rl", self.rl.validate())?;
+        }
         if let Some(m) = &self.mitigations {
             positive("mitigations.seeds", m.seeds)?;
             positive("mitigations.pairs", m.pairs)?;
@@ -484,7 +493,10 @@ impl ExperimentConfig {
                         format!("`{}` is used by two arms", arm.name),
                     ));
                 }
-                arm.pg_config(&self.rl, i)?;
+                section(
+                    &format!("mitigations.arms[{i}].rl"),
+                    arm.pg_config(&self.rl, i)?.validate(),
+                )?;
             }
         }
         for (key, values) in &self.sweep {
@@ -528,6 +540,23 @@ impl ExperimentConfig {
             .into_iter()
             .map(|(label, t)| Ok((label, Self::from_table(&t)?)))
             .collect()
+    }
+}
+
+/// Maps an algorithm's own validation error to the key path of its config section: the
+/// algorithms name keys under their own prefix (`pg.lr`, `ppo.clip`), which becomes
+/// `section.lr`.
+fn section(path: &str, checked: goodhart_core::Result<()>) -> Result<()> {
+    checked.map_err(|e| at(path, e))
+}
+
+fn at(path: &str, e: goodhart_core::GoodhartError) -> ConfigError {
+    match e {
+        goodhart_core::GoodhartError::InvalidArgument { name, reason } => {
+            let key = name.split_once('.').map_or(name.as_str(), |(_, k)| k);
+            ConfigError::invalid(format!("{path}.{key}"), reason)
+        }
+        other => ConfigError::invalid(path, other.to_string()),
     }
 }
 
@@ -594,6 +623,14 @@ mod tests {
             "mitigations.arms[0].rl.stepz"
         );
         assert_eq!(path_of(err(MINIMAL, &["tomato.seeds=0"])), "tomato.seeds");
+        // The algorithms' own checks run before any work, under the TOML key path.
+        let lm = "name = \"t\"\n[overopt]\n";
+        assert_eq!(path_of(err(lm, &["rl.steps=0"])), "rl.steps");
+        assert_eq!(path_of(err(lm, &["sft.batch=0"])), "sft.batch");
+        assert_eq!(
+            path_of(err(MINIMAL, &["tomato.ppo.envs=0"])),
+            "tomato.ppo.envs"
+        );
         assert_eq!(
             path_of(err(MINIMAL, &["tomato.chi2=[0.1, -1]"])),
             "tomato.chi2[1]"
