@@ -3,7 +3,8 @@
 //! Every random stream (sampling, data order, initialisation, environment noise) is a
 //! [`ChaCha8Rng`] derived from the experiment seed and the stream's name, so adding a new
 //! stream never shifts the numbers of another. Tensor-side randomness (burn's
-//! `Tensor::random`, dropout) is seeded with [`seed_backend`] from the same derivation.
+//! `Tensor::random`, dropout) is seeded with [`seed_backend`] from the same derivation;
+//! module initialisation goes through [`seeded`], which holds the backend RNG for itself.
 //! Same seed, same backend, same thread count: the same numbers.
 
 pub use rand::rngs::ChaCha8Rng;
@@ -26,12 +27,43 @@ pub fn rng(seed: u64, stream: &str) -> ChaCha8Rng {
 }
 
 /// Seeds the backend's tensor RNG on `device` for stream `stream`.
+///
+/// burn's backend RNG is one per process, shared by every thread: to initialise modules
+/// reproducibly while other threads may do the same (parallel tests, a user's thread
+/// pool), use [`seeded`].
 pub fn seed_backend<B: burn::tensor::backend::Backend>(
     device: &B::Device,
     seed: u64,
     stream: &str,
 ) {
+    let _guard = lock_backend_rng();
     B::seed(device, derive(seed, stream));
+}
+
+/// Held while the backend RNG is seeded, and drawn from by [`seeded`].
+static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock_backend_rng() -> std::sync::MutexGuard<'static, ()> {
+    // The guarded value is `()`: a panic while it was held leaves nothing inconsistent.
+    BACKEND_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs `init` (module initialisation, `Tensor::random`) with the backend's tensor RNG
+/// seeded for stream `stream` of `seed`, under a process-wide lock: no other [`seeded`]
+/// call can reseed the RNG or draw from it in between, so the draws are the same whatever
+/// other threads do. Without it, two threads initialising at once interleave their draws
+/// and neither gets its seed's numbers.
+pub fn seeded<B: burn::tensor::backend::Backend, T>(
+    device: &B::Device,
+    seed: u64,
+    stream: &str,
+    init: impl FnOnce() -> T,
+) -> T {
+    let _guard = lock_backend_rng();
+    B::seed(device, derive(seed, stream));
+    init()
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -69,5 +101,41 @@ mod tests {
         assert_ne!(a, d);
         // Pinned value: a change of derivation would silently change every experiment.
         assert_eq!(derive(0, ""), splitmix64(splitmix64(0xcbf2_9ce4_8422_2325)));
+    }
+
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn seeded_draws_do_not_interleave_across_threads() {
+        use burn::tensor::{Distribution, Tensor};
+        type B = burn::backend::NdArray;
+        let device = Default::default();
+        let draw = |seed: u64| -> Vec<f32> {
+            seeded::<B, _>(&device, seed, "init", || {
+                // Several draws, as a module's layers make, for another thread to slip into.
+                (0..8)
+                    .flat_map(|_| {
+                        Tensor::<B, 1>::random([16], Distribution::Default, &device)
+                            .into_data()
+                            .to_vec::<f32>()
+                            .unwrap()
+                    })
+                    .collect()
+            })
+        };
+        let expected: Vec<Vec<f32>> = (0..4).map(draw).collect();
+        assert_ne!(expected[0], expected[1]);
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4u64)
+                .map(|seed| {
+                    let draw = &draw;
+                    s.spawn(move || (0..50).map(|_| draw(seed)).collect::<Vec<_>>())
+                })
+                .collect();
+            for (seed, t) in threads.into_iter().enumerate() {
+                for got in t.join().unwrap() {
+                    assert_eq!(got, expected[seed], "seed {seed}");
+                }
+            }
+        });
     }
 }

@@ -320,12 +320,14 @@ impl OccupancyConfig {
         if self.lr == 0.0 || self.clip == 0.0 {
             return Err(GoodhartError::invalid("lr/clip", "must be > 0"));
         }
-        goodhart_core::seed::seed_backend::<B>(device, self.seed, "discriminator");
-        let discriminator = DiscriminatorConfig::new(self.obs_dim)
-            .with_num_actions(self.num_actions)
-            .with_width(self.width)
-            .with_depth(self.depth)
-            .init(device);
+        let discriminator =
+            goodhart_core::seed::seeded::<B, _>(device, self.seed, "discriminator", || {
+                DiscriminatorConfig::new(self.obs_dim)
+                    .with_num_actions(self.num_actions)
+                    .with_width(self.width)
+                    .with_depth(self.depth)
+                    .init(device)
+            });
         Ok(OccupancyRegularizer {
             discriminator,
             optimizer: AdamConfig::new().init(),

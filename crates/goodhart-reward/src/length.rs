@@ -311,10 +311,15 @@ pub fn fit_length_bias<B: AutodiffBackend>(
     let reward_std = scalar((r.clone() - reward_mean).powi_scalar(2).mean().sqrt()).max(1e-6);
     let z = (r - reward_mean) / reward_std;
     let device = z.device();
-    seed::seed_backend::<B>(&device, config.seed, "reward/fimi/init");
+    let (fc, out) = seed::seeded::<B, _>(&device, config.seed, "reward/fimi/init", || {
+        (
+            LinearConfig::new(config.encoding_dim, config.hidden).init(&device),
+            LinearConfig::new(config.hidden, 1).init(&device),
+        )
+    });
     let mut model = LengthBias {
-        fc: LinearConfig::new(config.encoding_dim, config.hidden).init(&device),
-        out: LinearConfig::new(config.hidden, 1).init(&device),
+        fc,
+        out,
         dim: config.encoding_dim,
         length_scale,
         reward_mean,

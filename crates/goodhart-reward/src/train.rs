@@ -441,8 +441,10 @@ pub fn train_ensemble<B: AutodiffBackend>(
     }
     (0..k)
         .map(|i| {
-            seed::seed_backend::<B>(device, config.seed, &format!("reward/member/{i}/init"));
-            let model = model_config.init::<B>(device)?;
+            let stream = format!("reward/member/{i}/init");
+            let model = seed::seeded::<B, _>(device, config.seed, &stream, || {
+                model_config.init::<B>(device)
+            })?;
             let member = RewardTrainConfig {
                 seed: seed::derive(config.seed, &format!("reward/member/{i}")),
                 ..config.clone()
@@ -559,8 +561,10 @@ mod tests {
             let data = synthetic(2_200, 1);
             let (train, held_out) = data.split(200, 1).unwrap();
             assert_eq!(train.len(), 2_000);
-            seed::seed_backend::<Autodiff<B>>(device, 3, "test/init");
-            let model = tiny_config().init::<Autodiff<B>>(device).unwrap();
+            let model = seed::seeded::<Autodiff<B>, _>(device, 3, "test/init", || {
+                tiny_config().init::<Autodiff<B>>(device)
+            })
+            .unwrap();
             let config = RewardTrainConfig { epochs: 1, batch_size: 32, lr: 5e-3, ..Default::default() };
             let (model, report) = train_reward_model(model, &train, Some(&held_out), &config).unwrap();
             let acc = report.eval_accuracy.unwrap();

@@ -755,10 +755,10 @@ mod tests {
         TransformerLm<B::InnerBackend>,
         Proxy<B::InnerBackend>,
     ) {
-        seed::seed_backend::<B>(device, 11, "test");
-        let policy = TransformerConfig::new(lang.vocab_size(), 16, 1, 2, 32)
-            .init::<B>(device)
-            .unwrap();
+        let policy = seed::seeded::<B, _>(device, 11, "test", || {
+            TransformerConfig::new(lang.vocab_size(), 16, 1, 2, 32).init::<B>(device)
+        })
+        .unwrap();
         let reference = policy.valid();
         let rm = ProxyConfig {
             d_model: 16,

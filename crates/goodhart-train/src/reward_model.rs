@@ -232,8 +232,9 @@ fn fit_member<B: AutodiffBackend>(
     member_seed: u64,
     device: &B::Device,
 ) -> Result<(RewardModel<B>, ProxyReport)> {
-    seed::seed_backend::<B>(device, member_seed, "proxy/init");
-    let model = cfg.model(lang).init::<B>(device)?;
+    let model = seed::seeded::<B, _>(device, member_seed, "proxy/init", || {
+        cfg.model(lang).init::<B>(device)
+    })?;
     let (model, report) = train_reward_model(
         model,
         train,

@@ -189,8 +189,9 @@ pub fn train_base<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<(TransformerLm<B>, SftReport)> {
     cfg.validate(lang)?;
-    seed::seed_backend::<B>(device, seed, "sft/init");
-    let model = cfg.model(lang).init::<B>(device)?;
+    let model = seed::seeded::<B, _>(device, seed, "sft/init", || {
+        cfg.model(lang).init::<B>(device)
+    })?;
     let data = generator_examples(lang, cfg.examples, &mut seed::rng(seed, "sft/examples"));
     let held = generator_examples(lang, cfg.heldout, &mut seed::rng(seed, "sft/heldout"));
     let pad = goodhart_envs::language::PAD as usize;
