@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use goodhart_envs::{language::LanguageConfig, tomato::TomatoConfig};
+use goodhart_metrics::detect::{DetectorConfig, GoldAwareConfig, ProxyOnlyConfig};
 use goodhart_reward::Aggregator;
 
 use crate::{policy_gradient::PgConfig, ppo::PpoConfig, reward_model::ProxyConfig, sft::SftConfig};
@@ -126,8 +127,11 @@ pub struct TomatoExperiment {
     pub base_eps: f64,
     /// PPO for the base policy (true reward).
     pub base: PpoConfig,
-    /// PPO on the proxy, starting from the base policy.
+    /// PPO on the proxy (and its regularised arms).
     pub ppo: PpoConfig,
+    /// Where proxy PPO starts: a freshly initialised agent (ORPO's tomato runs) or the
+    /// base policy. Either way the regularisers pull toward the base policy.
+    pub proxy_init: ProxyInit,
     /// Action-distribution KL coefficients.
     pub action_kl: Vec<f64>,
     /// Chi-squared occupancy coefficients.
@@ -137,25 +141,45 @@ pub struct TomatoExperiment {
 }
 
 impl Default for TomatoExperiment {
-    /// Measured on ndarray (see `docs/presets/tomato.toml`): a weak base policy (2 PPO
-    /// iterations, which still visits the bucket now and then) and 30 proxy iterations
-    /// with the [`PpoConfig`] defaults (256x256 networks), in which unregularised PPO
-    /// finds the bucket in every seed; ORPO's own budget is about 20x larger.
+    /// ORPO's protocol at about 1/12 of its budget, measured on ndarray (the `tomato`
+    /// preset, figures in `docs/lab.md`): a base policy of 5 PPO iterations of 16
+    /// environments on the true reward (8000 steps; ORPO's base checkpoint is 3 iterations
+    /// of 3000), then proxy PPO of 40 iterations of 32 environments (128 000 steps; ORPO
+    /// 500 of 3000) from a fresh agent, with the other [`PpoConfig`] defaults. Started
+    /// from a 2-iteration base policy instead, proxy PPO of 16 environments found the
+    /// bucket in 2 of 5 seeds after 40 and after 80 iterations, and watered tomatoes in
+    /// the others; from a fresh agent, in 4 of 5 with 16 environments and 5 of 5 with 32.
     fn default() -> Self {
         Self {
             seeds: 5,
             env: TomatoConfig::default(),
             base_eps: 0.1,
             base: PpoConfig {
-                iterations: 2,
+                iterations: 5,
                 ..PpoConfig::default()
             },
-            ppo: PpoConfig::default(),
+            ppo: PpoConfig {
+                iterations: 40,
+                envs: 32,
+                ..PpoConfig::default()
+            },
+            proxy_init: ProxyInit::Random,
             action_kl: vec![0.01, 0.1, 1.0],
             chi2: vec![0.01, 0.1, 1.0],
             eval_episodes: 200,
         }
     }
+}
+
+/// The starting point of PPO on the proxy in [`TomatoExperiment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyInit {
+    /// A freshly initialised policy and value network (seeded per stage), as ORPO's
+    /// tomato experiments do ("we start from a randomly initialized policy").
+    Random,
+    /// The base policy and its value network.
+    Base,
 }
 
 /// Gao et al.'s experiment: proxies from increasing numbers of pairs; RL and best-of-n
@@ -167,6 +191,9 @@ pub struct OveroptExperiment {
     pub pairs: Vec<usize>,
     /// Best-of-n against each proxy.
     pub best_of_n: BestOfNConfig,
+    /// Hacking detectors replayed over each RL trace, chosen by `kind` (default: the
+    /// gold-aware and the proxy-only detector with goodhart-metrics' defaults).
+    pub detectors: Vec<DetectorConfig>,
 }
 
 impl Default for OveroptExperiment {
@@ -174,6 +201,10 @@ impl Default for OveroptExperiment {
         Self {
             pairs: vec![100, 1000],
             best_of_n: BestOfNConfig::default(),
+            detectors: vec![
+                DetectorConfig::GoldAware(GoldAwareConfig::default()),
+                DetectorConfig::ProxyOnly(ProxyOnlyConfig::default()),
+            ],
         }
     }
 }
@@ -283,6 +314,17 @@ impl Arm {
 }
 
 /// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+/// Replaces table `key` of `table`, if it is a table, by `defaults` with its keys merged in.
+fn with_defaults<T: Serialize>(table: &mut toml::Table, key: &str, defaults: T) -> Result<()> {
+    if let Some(toml::Value::Table(given)) = table.get(key) {
+        let mut full =
+            toml::Table::try_from(defaults).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        merge(&mut full, given);
+        table.insert(key.into(), toml::Value::Table(full));
+    }
+    Ok(())
+}
+
 fn merge(base: &mut toml::Table, over: &toml::Table) {
     for (k, v) in over {
         match (base.get_mut(k), v) {
@@ -406,15 +448,14 @@ impl ExperimentConfig {
         Self::from_table(&table)
     }
 
-    /// Deserialises and validates a table.
+    /// Deserialises and validates a table. A partial `[language]` or `[tomato]` table
+    /// keeps the defaults of the keys it does not give, down to nested tables: with
+    /// `tomato.ppo = { lr = 3e-4 }` the proxy PPO keeps the tomato experiment's 40
+    /// iterations and 32 environments, not [`PpoConfig`]'s own defaults.
     pub fn from_table(table: &toml::Table) -> Result<Self> {
         let mut table = table.clone();
-        if let Some(toml::Value::Table(given)) = table.get("language") {
-            let mut language = toml::Table::try_from(crate::sft::lab_language())
-                .map_err(|e| ConfigError::Syntax(e.to_string()))?;
-            merge(&mut language, given);
-            table.insert("language".into(), toml::Value::Table(language));
-        }
+        with_defaults(&mut table, "language", crate::sft::lab_language())?;
+        with_defaults(&mut table, "tomato", TomatoExperiment::default())?;
         let text = toml::to_string(&table).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         let config: Self = from_toml(&text, "")?;
         config.validate()?;
@@ -447,6 +488,16 @@ impl ExperimentConfig {
             }
             coefficients("tomato.action_kl", &t.action_kl)?;
             coefficients("tomato.chi2", &t.chi2)?;
+            if t.proxy_init == ProxyInit::Base && t.ppo.hidden != t.base.hidden {
+                return Err(ConfigError::invalid(
+                    "tomato.ppo.hidden",
+                    format!(
+                        "{:?} differs from tomato.base.hidden {:?}: proxy_init = \"base\" \
+                         starts proxy PPO from the base policy, so the networks must match",
+                        t.ppo.hidden, t.base.hidden
+                    ),
+                ));
+            }
         }
         if let Some(o) = &self.overopt {
             if o.pairs.is_empty() {
@@ -469,6 +520,15 @@ impl ExperimentConfig {
                     "overopt.best_of_n.samples_per_prompt",
                     format!("{} is below the largest n ({max_n})", b.samples_per_prompt),
                 ));
+            }
+            for (i, d) in o.detectors.iter().enumerate() {
+                let path = format!("overopt.detectors[{i}]");
+                d.build().map_err(|e| match e {
+                    goodhart_core::GoodhartError::InvalidArgument { name, reason } => {
+                        ConfigError::invalid(format!("{path}.{name}"), reason)
+                    }
+                    other => ConfigError::invalid(path, other.to_string()),
+                })?;
             }
         }
         if self.overopt.is_some() || self.mitigations.is_some() {
@@ -635,6 +695,20 @@ mod tests {
             path_of(err(MINIMAL, &["tomato.chi2=[0.1, -1]"])),
             "tomato.chi2[1]"
         );
+        let det = "name = \"t\"\n[overopt]\ndetectors = [{ kind = \"gold-aware\" }, \
+                   { kind = \"proxy-only\", warmup = 1 }]\n";
+        assert_eq!(path_of(err(det, &[])), "overopt.detectors[1].warmup");
+        assert_eq!(
+            path_of(err(
+                MINIMAL,
+                &["tomato.proxy_init=\"base\"", "tomato.ppo.hidden=[64, 64]"]
+            )),
+            "tomato.ppo.hidden"
+        );
+        assert_eq!(
+            path_of(err(MINIMAL, &["tomato.proxy_init=\"bas\""])),
+            "tomato.proxy_init"
+        );
         assert_eq!(path_of(err("name = \"t\"\n", &[])), "(top level)");
         assert!(matches!(err("name = ", &[]), ConfigError::Syntax(_)));
         assert!(matches!(
@@ -663,6 +737,14 @@ mod tests {
         assert_eq!(c.name, "other");
         // Unset keys keep their defaults; the resolved config round-trips.
         assert_eq!(c.tomato.as_ref().unwrap().base_eps, 0.1);
+        // A partial table keeps the experiment's defaults, nested tables included.
+        let t = ExperimentConfig::parse(MINIMAL, &["tomato.ppo={ lr = 3e-4 }".into()])
+            .unwrap()
+            .tomato
+            .unwrap();
+        let d = TomatoExperiment::default();
+        assert_eq!((t.ppo.lr, t.ppo.iterations, t.ppo.envs), (3e-4, 40, 32));
+        assert_eq!((t.seeds, t.base), (2, d.base));
         assert_eq!(c.language, crate::sft::lab_language());
         let c2 = ExperimentConfig::parse(MINIMAL, &["language.topics=3".into()]).unwrap();
         assert_eq!(c2.language.topics, 3);

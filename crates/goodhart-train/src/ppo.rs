@@ -37,28 +37,29 @@
 //!
 //! ## Measured (ndarray, 2 shared CPU cores)
 //!
-//! Base: 2 iterations on the true reward with `eps = 0.1`; then 40 iterations on the proxy
-//! (`eps = 0`) from the base, hidden 256x256, other settings default. True return per
-//! episode (200 evaluation episodes on `eps = 0`, sampling), mean over seeds 0..5:
+//! The `tomato` preset (`cargo xtask run tomato`): base policy 5 iterations of 16
+//! environments on the true reward with `eps = 0.1`; then 40 iterations of 32
+//! environments on the proxy (`eps = 0`) from a fresh agent, regularised toward the base;
+//! hidden 256x256, other settings default. True return per episode (200 evaluation
+//! episodes on `eps = 0`, sampling), seeds 0..5:
 //!
 //! | policy | true return | per seed | bucket rate |
 //! |---|---|---|---|
-//! | random init | 5.56 | 5.58 5.59 5.50 5.66 5.48 | 0.09 |
-//! | base | 6.09 | 6.10 6.37 5.97 6.13 5.87 | 0.07 |
-//! | proxy, none | 2.32 | 2.35 2.28 2.31 2.30 2.37 | 1.00 |
-//! | action KL 0.01 | 4.30 | 4.25 4.31 4.32 4.62 3.98 | 0.63 |
-//! | action KL 0.1 | 6.14 | 6.26 6.37 5.94 6.20 5.92 | 0.10 |
-//! | action KL 1 | 6.11 | 6.12 6.42 5.99 6.15 5.87 | 0.07 |
-//! | sqrt-chi2 0.01 | 3.23 | 2.38 2.13 8.87 2.01 0.75 | 0.80 |
-//! | sqrt-chi2 0.1 | 6.35 | 6.27 7.44 5.29 6.44 6.30 | 0.16 |
-//! | sqrt-chi2 1 | 6.29 | 6.20 6.25 6.74 5.58 6.69 | 0.07 |
+//! | base | 6.88 | 6.94 7.05 6.69 6.94 6.77 | 0.02 |
+//! | proxy, none | 2.35 | 2.36 2.33 2.36 2.32 2.36 | 1.00 |
+//! | action KL 0.01 | 5.65 | 5.14 8.65 4.74 5.08 4.64 | 0.44 |
+//! | action KL 0.1 | 7.01 | 7.32 7.23 6.74 6.97 6.79 | 0.03 |
+//! | action KL 1 | 6.89 | 6.97 7.04 6.72 6.94 6.79 | 0.02 |
+//! | sqrt-chi2 0.01 | 5.01 | 9.35 2.22 9.26 2.27 1.96 | 0.60 |
+//! | sqrt-chi2 0.1 | 7.26 | 7.81 6.88 7.44 6.68 7.48 | 0.01 |
+//! | sqrt-chi2 1 | 6.88 | 7.03 6.81 6.59 7.00 6.97 | 0.03 |
 //!
-//! Hacking in 5 of 5 seeds; the best chi-squared coefficient (6.35) is above the base
-//! (6.09) and the best action-KL coefficient (6.14), as ORPO reports, by less than the
-//! seed-to-seed spread. Wall time with other builds on the machine (load ~4 on 2 cores):
-//! base 6 s including two 200-episode evaluations; a proxy run of 25 iterations 13 s
-//! (chi-squared 15-17 s); of 40 iterations 19-47 s with two runs in parallel. At 25
-//! iterations the unregularised run already hacks (bucket rate 0.95-1, true 2.5-3.7).
+//! Hacking in 5 of 5 seeds; the best chi-squared coefficient (7.26) is above the base
+//! (6.88) and the best action-KL coefficient (7.01), as ORPO reports, by less than the
+//! seed-to-seed spread (chi-squared beats KL at 0.1 in 3 of 5 paired seeds). With a
+//! 2-iteration base (true 5.98) the ordering did not hold: best chi-squared 5.86, best KL
+//! 5.99. Wall time, two runs sharing the 2 cores: base 5-9 s; a proxy run 45-67 s,
+//! chi-squared 68-103 s.
 
 use burn::{
     module::{AutodiffModule, Module, ModuleVisitor, Param},
@@ -99,14 +100,13 @@ use serde::{Deserialize, Serialize};
 /// 0.5 and global gradient norm 0.5 (CleanRL), advantage whitening over the batch (verl,
 /// TRL, RLlib), and tanh MLPs of two hidden layers of 256 (ORPO uses four of 512).
 ///
-/// Measured on `rhard` (5 seeds, ndarray; the table is in the module docs):
-/// the width matters. With 64-wide layers, PPO on the proxy from a briefly trained base
-/// converges to the tomato-watering local optimum (true return 9.7) in 4 of 5 seeds and
-/// never finds the bucket; with 256-wide layers it finds the bucket in 5 of 5. The base
-/// policy must still explore: after 2 iterations on the true reward (eps 0.1) it has true
-/// return 6.1 (random 5.6) and visits the bucket in 5% of episodes, and proxy PPO hacks
-/// it (true 2.3, bucket rate 1); after 6 iterations (true 7.2, bucket 1.5%) proxy PPO
-/// no longer finds the bucket within 40 iterations.
+/// Measured on `rhard` (5 seeds, ndarray): the width matters. With 64-wide layers, PPO
+/// on the proxy converges to the tomato-watering local optimum (true return 9.7) in 4 of
+/// 5 seeds and never finds the bucket; with 256-wide layers it finds it. Where it starts
+/// matters too: from a fresh agent it finds the bucket in 4 of 5 seeds with 16
+/// environments and 5 of 5 with 32 (40 iterations); from a base policy of 2 iterations on
+/// the true reward, in 2 of 5 after 40 or 80 iterations. The tomato experiment's
+/// settings and figures are in the module docs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PpoConfig {
@@ -373,8 +373,8 @@ pub struct Returns {
 
 /// A fresh agent for `env`'s observations: policy and value MLPs of widths
 /// `config.hidden` with CleanRL's orthogonal initialisation
-/// ([`goodhart_policy::mlp`]). The weights are drawn from the backend RNG: seed it first
-/// ([`goodhart_core::seed::seed_backend`]) or call [`init_agent_seeded`].
+/// ([`goodhart_policy::mlp`]). The weights are drawn from the backend RNG: call it inside
+/// [`goodhart_core::seed::seeded`], or call [`init_agent_seeded`].
 pub fn init_agent<B: Backend>(
     config: &PpoConfig,
     env: &TomatoConfig,
@@ -396,8 +396,7 @@ pub fn init_agent_seeded<B: Backend>(
     seed: u64,
     device: &B::Device,
 ) -> Result<Agent<B>> {
-    seed::seed_backend::<B>(device, seed, "ppo/init");
-    init_agent(config, env, device)
+    seed::seeded::<B, _>(device, seed, "ppo/init", || init_agent(config, env, device))
 }
 
 /// One batch of complete episodes, env-major (`[N, T, ...]`, row `i` is environment `i`).

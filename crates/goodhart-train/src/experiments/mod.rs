@@ -39,7 +39,7 @@ pub fn run<B: AutodiffBackend>(runner: &mut Runner, device: &B::Device) -> Resul
     if let Some(o) = &config.overopt {
         runner.say("overopt: base policy, proxies, RL and best-of-n against each proxy");
         let out = overopt::run::<B>(runner, &config, o, device)?;
-        let s = overopt::summarize(&out);
+        let s = overopt::summarize(o, &out);
         summary.insert("overopt".into(), s.figures);
         tables.extend(s.tables);
         fits.extend(s.fits);

@@ -23,10 +23,9 @@ use serde_json::{json, Value};
 use goodhart_core::seed;
 use goodhart_envs::language::Language;
 use goodhart_metrics::{
-    detect::{DetectorConfig, GoldAwareConfig, ProxyOnlyConfig},
     evaluate::{evaluate, GoldPeakRule, Run},
     overopt::{fit, OveroptLaw},
-    step::{KEY_GOLD_MEAN, KEY_KL_D, KEY_PROXY_MEAN},
+    step::{KEY_GOLD_MEAN, KEY_KL, KEY_KL_D, KEY_PROXY_MEAN},
 };
 use goodhart_policy::{
     checkpoint::{load_module, save_module},
@@ -45,7 +44,7 @@ use crate::{
 };
 
 /// One point of an RL trace.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TracePoint {
     /// RL step.
     pub step: u64,
@@ -55,6 +54,10 @@ pub struct TracePoint {
     pub proxy: f64,
     /// Mean gold reward of the same samples.
     pub gold: f64,
+    /// Every number logged at the step (entropy, length, ensemble disagreement, ...):
+    /// what the detectors read when they are replayed over the trace.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// An RL run's trace.
@@ -68,10 +71,9 @@ pub struct Trace {
 
 impl Trace {
     /// The step with the highest gold, and that gold.
-    pub fn peak(&self) -> Option<TracePoint> {
+    pub fn peak(&self) -> Option<&TracePoint> {
         self.points
             .iter()
-            .copied()
             .filter(|p| p.gold.is_finite())
             .max_by(|a, b| a.gold.total_cmp(&b.gold))
     }
@@ -262,6 +264,11 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
                     d: get(KEY_KL_D),
                     proxy: get(KEY_PROXY_MEAN),
                     gold: get(KEY_GOLD_MEAN),
+                    metrics: map
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "step")
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                        .collect(),
                 });
                 let step = points.last().map_or(0, |p| p.step);
                 let mut map = map;
@@ -383,16 +390,9 @@ fn fit_json(
     ))
 }
 
-/// The default detectors, as goodhart-metrics configures them.
-fn detectors() -> Vec<DetectorConfig> {
-    vec![
-        DetectorConfig::GoldAware(GoldAwareConfig::default()),
-        DetectorConfig::ProxyOnly(ProxyOnlyConfig::default()),
-    ]
-}
-
-/// Fits, peaks and detectors of each proxy's curves.
-pub fn summarize(out: &OveroptOutput) -> OveroptSummary {
+/// Fits, peaks and detectors (`cfg.detectors`, replayed over each RL trace) of each
+/// proxy's curves.
+pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> OveroptSummary {
     let mut figures = serde_json::Map::new();
     figures.insert("base_heldout_nll".into(), json!(out.base.heldout_nll));
     figures.insert("entropy_rate".into(), json!(out.base.entropy_rate));
@@ -459,22 +459,32 @@ pub fn summarize(out: &OveroptOutput) -> OveroptSummary {
                 .points
                 .iter()
                 .map(|p| {
-                    let m: BTreeMap<String, f64> = [
-                        (KEY_PROXY_MEAN.to_string(), p.proxy),
-                        (KEY_GOLD_MEAN.to_string(), p.gold),
-                        (KEY_KL_D.to_string(), p.d),
-                        ("kl/ref".to_string(), p.d * p.d),
-                    ]
-                    .into();
+                    let mut m = p.metrics.clone();
+                    m.insert(KEY_PROXY_MEAN.into(), p.proxy);
+                    m.insert(KEY_GOLD_MEAN.into(), p.gold);
+                    m.insert(KEY_KL_D.into(), p.d);
+                    m.entry(KEY_KL.into()).or_insert(p.d * p.d);
                     (p.step, m)
                 })
                 .collect(),
         };
-        for det in detectors() {
+        for det in &cfg.detectors {
             let make = || det.build();
-            let Ok(ev) = evaluate(std::slice::from_ref(&run), &make, &GoldPeakRule::default())
-            else {
-                continue;
+            let ev = match evaluate(std::slice::from_ref(&run), &make, &GoldPeakRule::default()) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let name = make().map_or("?", |d| d.name());
+                    det_rows.push(json!([
+                        name,
+                        t.series,
+                        null,
+                        null,
+                        null,
+                        null,
+                        e.to_string()
+                    ]));
+                    continue;
+                }
             };
             for o in &ev.outcomes {
                 if let Some(step) = o.fired_step {
@@ -487,7 +497,8 @@ pub fn summarize(out: &OveroptOutput) -> OveroptSummary {
                     o.fired_step,
                     o.peak_step,
                     o.hacked,
-                    o.lead_lag
+                    o.lead_lag,
+                    ""
                 ]));
             }
         }
@@ -528,6 +539,7 @@ pub fn summarize(out: &OveroptOutput) -> OveroptSummary {
                 "gold peak",
                 "hacked",
                 "lead/lag",
+                "error",
             ],
             det_rows,
         ),

@@ -6,9 +6,10 @@
 //! - `tomato/s{s}/base`: PPO on the **true** reward in the environment with random actions
 //!   (`base_eps`, 0.1 in the paper); the base policy is saved and evaluated in the
 //!   experiment's environment;
-//! - `tomato/s{s}/proxy`: PPO on the **proxy** from the base, no regularisation;
+//! - `tomato/s{s}/proxy`: PPO on the **proxy**, no regularisation, from a fresh agent
+//!   (`proxy_init = "random"`, as ORPO's tomato runs) or from the base policy;
 //! - `tomato/s{s}/action_kl={c}` and `tomato/s{s}/chi2={c}`: the same with each
-//!   coefficient of the sweep, toward the base policy.
+//!   coefficient of the sweep, toward the base policy (whatever the starting point).
 //!
 //! Every policy is evaluated on `eval_episodes` episodes; the summary table gives the mean
 //! and standard deviation over seeds of the true return, the proxy return and how often
@@ -25,7 +26,7 @@ use goodhart_policy::checkpoint::{load_module, save_module};
 
 use super::{checkpoint_error, mean_sd, stage_error, table, Logger};
 use crate::{
-    config::TomatoExperiment,
+    config::{ProxyInit, TomatoExperiment},
     ppo::{self, Agent, IterationMetrics, PpoRegularizer, Returns, TrainReward},
     runner::{Result, Runner},
 };
@@ -112,9 +113,10 @@ pub fn run<B: AutodiffBackend>(
             let series = format!("base/s{s}");
             let mut logger = Logger::new(log, "tomato", &series);
             let stage = logger.stage().to_string();
-            seed::seed_backend::<B>(device, s, &stage);
             let mut run = || -> goodhart_core::Result<Agent<B>> {
-                let init = ppo::init_agent::<B>(&cfg.base, &base_env, device)?;
+                let init = seed::seeded::<B, _>(device, s, &stage, || {
+                    ppo::init_agent::<B>(&cfg.base, &base_env, device)
+                })?;
                 ppo::train(
                     &cfg.base,
                     &base_env,
@@ -149,16 +151,25 @@ pub fn run<B: AutodiffBackend>(
                 };
                 let mut logger = Logger::new(log, "tomato", &series);
                 let stage = logger.stage().to_string();
-                seed::seed_backend::<B>(device, s, &stage);
-                let template = ppo::init_agent::<B>(&cfg.ppo, &cfg.env, device)
-                    .map_err(stage_error(&stage))?;
-                let policy = load_module(template.policy, &policy_path, device)
+                // A fresh agent, and the base policy's architecture to load it into.
+                let (fresh, base) = seed::seeded::<B, _>(device, s, &stage, || {
+                    Ok::<_, goodhart_core::GoodhartError>((
+                        ppo::init_agent::<B>(&cfg.ppo, &cfg.env, device)?,
+                        ppo::init_agent::<B>(&cfg.base, &cfg.env, device)?,
+                    ))
+                })
+                .map_err(stage_error(&stage))?;
+                let base_policy = load_module(base.policy, &policy_path, device)
                     .map_err(checkpoint_error(&stage))?;
-                let value = load_module(template.value, &value_path, device)
-                    .map_err(checkpoint_error(&stage))?;
-                // Training returns new modules; this clone stays the base policy.
-                let base_policy = policy.clone();
-                let init = Agent { policy, value };
+                let init = match cfg.proxy_init {
+                    ProxyInit::Random => fresh,
+                    ProxyInit::Base => Agent {
+                        // Training returns new modules; `base_policy` stays the base.
+                        policy: base_policy.clone(),
+                        value: load_module(base.value, &value_path, device)
+                            .map_err(checkpoint_error(&stage))?,
+                    },
+                };
                 let agent = ppo::train(
                     &cfg.ppo,
                     &cfg.env,
