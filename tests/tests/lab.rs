@@ -190,6 +190,8 @@ fn resume_config() -> ExperimentConfig {
             "tomato.seeds=1",
             "tomato.base={iterations = 6, envs = 4}",
             "tomato.ppo={iterations = 6, envs = 4}",
+            // tiny_tomato_preset covers the default fresh start; this run the other one.
+            "tomato.proxy_init=\"base\"",
             "mitigations.seeds=1",
             "mitigations.arms=[{name = \"none\"}, {name = \"kl\", rl = {kl = {coef = 0.1}}}]",
             "seed=7",

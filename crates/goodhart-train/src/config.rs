@@ -313,7 +313,6 @@ impl Arm {
     }
 }
 
-/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
 /// Replaces table `key` of `table`, if it is a table, by `defaults` with its keys merged in.
 fn with_defaults<T: Serialize>(table: &mut toml::Table, key: &str, defaults: T) -> Result<()> {
     if let Some(toml::Value::Table(given)) = table.get(key) {
@@ -325,6 +324,7 @@ fn with_defaults<T: Serialize>(table: &mut toml::Table, key: &str, defaults: T) 
     Ok(())
 }
 
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
 fn merge(base: &mut toml::Table, over: &toml::Table) {
     for (k, v) in over {
         match (base.get_mut(k), v) {
