@@ -36,19 +36,11 @@ pub fn seed_backend<B: burn::tensor::backend::Backend>(
     seed: u64,
     stream: &str,
 ) {
-    let _guard = lock_backend_rng();
-    B::seed(device, derive(seed, stream));
+    seeded::<B, _>(device, seed, stream, || ());
 }
 
-/// Held while the backend RNG is seeded, and drawn from by [`seeded`].
+/// Held while the backend RNG is seeded and drawn from by [`seeded`].
 static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock_backend_rng() -> std::sync::MutexGuard<'static, ()> {
-    // The guarded value is `()`: a panic while it was held leaves nothing inconsistent.
-    BACKEND_RNG
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Runs `init` (module initialisation, `Tensor::random`) with the backend's tensor RNG
 /// seeded for stream `stream` of `seed`, under a process-wide lock: no other [`seeded`]
@@ -61,7 +53,10 @@ pub fn seeded<B: burn::tensor::backend::Backend, T>(
     stream: &str,
     init: impl FnOnce() -> T,
 ) -> T {
-    let _guard = lock_backend_rng();
+    // The guarded value is `()`: a panic while it was held leaves nothing inconsistent.
+    let _guard = BACKEND_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     B::seed(device, derive(seed, stream));
     init()
 }

@@ -54,8 +54,8 @@ pub struct TracePoint {
     pub proxy: f64,
     /// Mean gold reward of the same samples.
     pub gold: f64,
-    /// Every number logged at the step (entropy, length, ensemble disagreement, ...):
-    /// what the detectors read when they are replayed over the trace.
+    /// Every other number logged at the step (entropy, length, ensemble disagreement,
+    /// ...): with the fields above, what the detectors read when replayed over the trace.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
 }
@@ -266,7 +266,9 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
                     gold: get(KEY_GOLD_MEAN),
                     metrics: map
                         .iter()
-                        .filter(|(k, _)| k.as_str() != "step")
+                        .filter(|(k, _)| {
+                            !["step", KEY_KL_D, KEY_PROXY_MEAN, KEY_GOLD_MEAN].contains(&k.as_str())
+                        })
                         .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
                         .collect(),
                 });
