@@ -542,15 +542,12 @@ fn run_kind<B: Backend>(
 ) -> Vec<f32> {
     let cfg: AdvantageConfig = toml::from_str(&format!("kind = \"{kind}\"")).unwrap();
     let n = mask.dims()[0];
+    let device = mask.device();
     let input = AdvantageInput::new(mask, groups)
         .with_token_rewards(tok)
         .with_values(values)
-        .with_baseline_rewards(Tensor::ones([n], &groups_device::<B>()));
+        .with_baseline_rewards(Tensor::ones([n], &device));
     goodhart_core::testing::values(compute(&cfg, &input).unwrap().advantages)
-}
-
-fn groups_device<B: Backend>() -> B::Device {
-    Default::default()
 }
 
 goodhart_core::backend_test! {

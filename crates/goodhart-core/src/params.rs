@@ -133,9 +133,14 @@ mod tests {
 
     crate::backend_test! {
         fn snapshot_and_ema_by_hand<B>(device) {
-            // A never-used module: the snapshot must equal it despite lazy init.
-            let fresh = LinearConfig::new(3, 2).init::<B>(device);
-            let copy = snapshot(&fresh);
+            // A never-used module: the snapshot must equal it despite lazy init. Drawn
+            // under `seeded`'s lock, as every draw in the project is (another test of this
+            // binary asserts that seeded draws are not interleaved).
+            let (fresh, copy) = crate::seed::seeded::<B, _>(device, 0, "test/params", || {
+                let fresh = LinearConfig::new(3, 2).init::<B>(device);
+                let copy = snapshot(&fresh);
+                (fresh, copy)
+            });
             assert_close(&values(copy.weight.val()), &values(fresh.weight.val()), 0.0);
             assert!(!copy.weight.is_require_grad());
             // 0.9 * 0 + 0.1 * 1 = 0.1, then 0.9 * 0.1 + 0.1 * 1 = 0.19.

@@ -54,7 +54,9 @@ pub struct DiscriminatorConfig {
 
 impl DiscriminatorConfig {
     /// Builds the MLP `input -> (Linear, ReLU) x depth -> Linear -> 1` on `device`
-    /// (burn's default Kaiming-uniform initialisation, seeded by the backend RNG).
+    /// (burn's default Kaiming-uniform initialisation, seeded by the backend RNG). The
+    /// parameters are drawn now (burn initialises lazily otherwise), so seeding the backend
+    /// right before this call fixes them.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Discriminator<B> {
         let d_in = self.obs_dim + self.num_actions.unwrap_or(0);
         let hidden = (0..self.depth)
@@ -64,12 +66,12 @@ impl DiscriminatorConfig {
             })
             .collect();
         let last = if self.depth == 0 { d_in } else { self.width };
-        Discriminator {
+        goodhart_core::params::materialized(Discriminator {
             hidden,
             output: LinearConfig::new(last, 1).init(device),
             obs_dim: self.obs_dim,
             num_actions: self.num_actions,
-        }
+        })
     }
 }
 
@@ -575,6 +577,32 @@ mod tests {
             assert_close(&out, &[1.0 - d0, 5.0], tolerance(1e-5));
             let nan = Tensor::<A<B>, 2>::from_floats([[f32::NAN, 0.0]], device);
             assert!(matches!(reg.discriminator().features(nan, Some(Tensor::from_ints([0], device))), Err(GoodhartError::NonFinite { .. })));
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn init_is_seeded_while_other_threads_reseed<B>(device) {
+            // burn draws parameters lazily; they must be drawn inside `seeded`'s lock, or a
+            // thread reseeding the backend in between changes them (the lab's chi-squared
+            // arm differed between two runs of one seed before this held).
+            type A<B> = Autodiff<B>;
+            let config = OccupancyConfig::new(6);
+            let probe = |reg: &OccupancyRegularizer<A<B>>| {
+                let x = Tensor::<A<B>, 2>::from_floats([[1.0, 0.0, 0.5, 0.0, 0.0, 2.0]], device);
+                values(reg.log_ratio(x))
+            };
+            let expected = probe(&config.init::<A<B>>(device).unwrap());
+            let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+                s.spawn(|| {
+                    for i in 0..20_000 {
+                        goodhart_core::seed::seed_backend::<B>(device, i, "noise");
+                    }
+                });
+                (0..20).map(|_| probe(&config.init::<A<B>>(device).unwrap())).collect()
+            });
+            for g in &got {
+                assert_eq!(g, &expected);
+            }
         }
     }
 }

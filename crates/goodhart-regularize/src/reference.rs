@@ -159,7 +159,12 @@ mod tests {
     goodhart_core::backend_test! {
         fn ema_snapshot_and_reset<B>(device) {
             type A<B> = Autodiff<B>;
-            let policy: Linear<A<B>> = LinearConfig::new(2, 2).init(device);
+            // Drawn under `seeded`'s lock: this binary also asserts seeded draws exactly.
+            let (policy, other) = goodhart_core::seed::seeded::<A<B>, _>(device, 0, "test", || {
+                let policy: Linear<A<B>> = goodhart_core::params::materialized(LinearConfig::new(2, 2).init(device));
+                let other: Linear<A<B>> = goodhart_core::params::materialized(LinearConfig::new(3, 2).init(device));
+                (policy, other)
+            });
             let frozen = snapshot(&policy);
             assert!(!frozen.weight.val().is_require_grad());
             assert_close(&weights(&frozen), &weights(&policy), 0.0);
@@ -170,7 +175,6 @@ mod tests {
             let want: Vec<f32> = weights(&frozen).iter().map(|p| p + 0.25).collect();
             assert_close(&weights(&ema), &want, tolerance(1e-6));
             assert!(ema_update(frozen.clone(), &moved, 1.5).is_err());
-            let other: Linear<A<B>> = LinearConfig::new(3, 2).init(device);
             assert!(matches!(ema_update(frozen.clone(), &other, 0.5), Err(GoodhartError::ShapeMismatch { .. })));
 
             let mut r = ReferencePolicy::new(&policy, ReferenceMode::Reset { kl_threshold: Some(0.5), period: Some(3) });

@@ -39,6 +39,7 @@ use burn::{
 };
 use goodhart_core::{
     ops::{check_finite, check_same_shape},
+    params::materialized,
     seed, GoodhartError, Result,
 };
 use serde::{Deserialize, Serialize};
@@ -311,10 +312,11 @@ pub fn fit_length_bias<B: AutodiffBackend>(
     let reward_std = scalar((r.clone() - reward_mean).powi_scalar(2).mean().sqrt()).max(1e-6);
     let z = (r - reward_mean) / reward_std;
     let device = z.device();
+    // Drawn under the lock: burn initialises lazily, at first use otherwise.
     let (fc, out) = seed::seeded::<B, _>(&device, config.seed, "reward/fimi/init", || {
         (
-            LinearConfig::new(config.encoding_dim, config.hidden).init(&device),
-            LinearConfig::new(config.hidden, 1).init(&device),
+            materialized(LinearConfig::new(config.encoding_dim, config.hidden).init(&device)),
+            materialized(LinearConfig::new(config.hidden, 1).init(&device)),
         )
     });
     let mut model = LengthBias {
@@ -325,7 +327,6 @@ pub fn fit_length_bias<B: AutodiffBackend>(
         reward_mean,
         reward_std,
     };
-    goodhart_core::params::materialize(&model);
     let mut optim = AdamConfig::new().init::<B, LengthBias<B>>();
     for step in 0..config.steps {
         let r_hat = model.standardised(l.clone());

@@ -169,10 +169,11 @@ mod tests {
     goodhart_core::backend_test! {
         fn best_of_n_is_deterministic_and_checks_n<B>(device) {
             let lang = Language::new(LanguageConfig::default()).unwrap();
-            B::seed(device, 0);
-            let policy = TransformerConfig::new(lang.vocab_size(), 16, 1, 2, 32).init::<B>(device).unwrap();
-            // A random proxy on the untrained policy: n = 1 is the plain sample mean.
-            let rm = ProxyConfig::default().model(&lang).init::<B>(device).unwrap();
+            let (policy, rm) = goodhart_core::seed::seeded::<B, _>(device, 0, "test", || {
+                let policy = TransformerConfig::new(lang.vocab_size(), 16, 1, 2, 32).init::<B>(device).unwrap();
+                // A random proxy on the untrained policy: n = 1 is the plain sample mean.
+                (policy, ProxyConfig::default().model(&lang).init::<B>(device).unwrap())
+            });
             let proxy = Proxy::single(rm);
             let pts = best_of_n(&policy, &lang, &proxy, &[1, 4], 8, 2, 5, device).unwrap();
             let again = best_of_n(&policy, &lang, &proxy, &[1, 4], 8, 2, 5, device).unwrap();

@@ -760,12 +760,14 @@ mod tests {
         })
         .unwrap();
         let reference = policy.valid();
-        let rm = ProxyConfig {
-            d_model: 16,
-            ..Default::default()
-        }
-        .model(lang)
-        .init::<B::InnerBackend>(device)
+        let rm = seed::seeded::<B::InnerBackend, _>(device, 12, "test", || {
+            ProxyConfig {
+                d_model: 16,
+                ..Default::default()
+            }
+            .model(lang)
+            .init::<B::InnerBackend>(device)
+        })
         .unwrap();
         // Raw scores of a fresh head spread by ~0.01: standardise them to about unit scale.
         (
