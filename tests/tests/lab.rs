@@ -9,11 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use burn::backend::{Autodiff, NdArray};
+use goodhart_core::device::Autodiff;
 use goodhart_train::{config::ExperimentConfig, experiments, presets, runner::Runner};
 use serde_json::Value;
 
-type B = Autodiff<NdArray<f32>>;
+type B = Autodiff<goodhart_core::device::Dispatch>;
 
 /// Overrides that shrink every preset to seconds.
 const TINY: &[&str] = &[
@@ -56,7 +56,7 @@ fn tiny(preset: &str, extra: &[&str]) -> ExperimentConfig {
 
 fn run(config: ExperimentConfig, root: &Path) -> (PathBuf, Value) {
     let mut runner = Runner::create(root, config).unwrap().quiet(true);
-    let summary = experiments::run::<B>(&mut runner, &Default::default()).unwrap();
+    let summary = experiments::run::<B>(&mut runner, &goodhart_core::device::cpu()).unwrap();
     (runner.dir().path().to_path_buf(), summary)
 }
 
@@ -273,7 +273,7 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     assert_eq!(before.len(), kept);
 
     let mut resumed = Runner::resume(&dir).unwrap().quiet(true);
-    let resumed_summary = experiments::run::<B>(&mut resumed, &Default::default()).unwrap();
+    let resumed_summary = experiments::run::<B>(&mut resumed, &goodhart_core::device::cpu()).unwrap();
     assert_eq!(
         resumed.skipped(),
         done_at_kill,

@@ -14,12 +14,11 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use burn::backend::Autodiff;
-use goodhart_core::device::{dispatch, BackendJob, DeviceSpec};
+use goodhart_core::device::DeviceSpec;
 use goodhart_train::{
     config::ExperimentConfig,
     experiments, presets,
-    runner::{RunError, Runner},
+    runner::Runner,
 };
 use serde_json::Value;
 
@@ -88,23 +87,11 @@ fn config_text(target: Option<&str>) -> Result<(String, String)> {
     }
 }
 
-struct Job {
-    runner: Runner,
-}
-
-impl BackendJob for Job {
-    type Output = Result<(Runner, Value), RunError>;
-    fn run<B: burn::tensor::backend::Backend>(mut self, device: B::Device) -> Self::Output {
-        let summary = experiments::run::<Autodiff<B>>(&mut self.runner, &device)?;
-        Ok((self.runner, summary))
-    }
-}
-
-fn execute(runner: Runner, device: DeviceSpec) -> Result<Value> {
+fn execute(mut runner: Runner, device: DeviceSpec) -> Result<Value> {
     let t0 = Instant::now();
     let path = runner.dir().path().to_path_buf();
     eprintln!("run directory: {}  (device {device})", path.display());
-    let (runner, summary) = dispatch(device, Job { runner })?.map_err(|e| anyhow!("{e}"))?;
+    let summary = experiments::run_on(&mut runner, device)?.map_err(|e| anyhow!("{e}"))?;
     print!("{}", experiments::text_tables(&summary));
     println!(
         "\nfinished in {:.0} s ({} stages from checkpoints)\n  {}\n  {}\n  {}",

@@ -61,7 +61,7 @@ fn cargo_test(args: &[String], device: &str, filter: Option<&str>) -> Result<boo
     let mut cmd = Command::new(cargo);
     // Library, binary and integration tests; doc tests are skipped (each would link
     // burn again for a few lines of example).
-    cmd.args(["test", "--workspace", "--lib", "--bins", "--tests"])
+    cmd.args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-fail-fast"])
         .args(cargo_args)
         .arg("--")
         .args(test_args)

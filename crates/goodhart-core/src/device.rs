@@ -7,14 +7,18 @@
 
 use std::{fmt, str::FromStr};
 
-use burn::tensor::backend::Backend;
 
 use crate::error::{GoodhartError, Result};
 
-/// A device as the user names it: `cpu` (ndarray), `wgpu[:N]`, `cuda[:N]`.
+/// burn's reverse-mode autodiff decorator: `Autodiff<B>` is a backend that records
+/// gradients over backend `B` (`Autodiff<Dispatch>` in goodhart's binaries and tests).
+pub use burn_autodiff::Autodiff;
+
+/// A device as the user names it: `cpu`, `wgpu[:N]`, `cuda[:N]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
-    /// The ndarray CPU backend (feature `ndarray`).
+    /// The CPU backend, burn-flex (feature `ndarray`: the feature kept its name when
+    /// burn-flex replaced burn-ndarray).
     #[default]
     Cpu,
     /// The wgpu backend (feature `wgpu`): the default adapter, or discrete GPU `N`.
@@ -88,30 +92,34 @@ pub fn compiled_backends() -> &'static [&'static str] {
 
 /// Work that can run on any backend; [`dispatch`] picks which at run time.
 ///
-/// For training, wrap the backend in `burn::backend::Autodiff<B>` inside `run`.
+/// For training, wrap the backend in [`Autodiff<B>`](Autodiff) inside `run`.
 pub trait BackendJob {
     /// What the job returns.
     type Output;
     /// Runs the job on backend `B`, device `device`.
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output;
 }
 
-/// The ndarray backend as goodhart uses it (f32 floats).
-#[cfg(feature = "ndarray")]
-pub type Cpu = burn::backend::NdArray<f32>;
-/// The wgpu backend as goodhart uses it (f32 floats, i32 ints).
-#[cfg(feature = "wgpu")]
-pub type Wgpu = burn::backend::Wgpu<f32, i32>;
-/// The CUDA backend as goodhart uses it (f32 floats, i32 ints).
-#[cfg(feature = "cuda")]
-pub type Cuda = burn::backend::Cuda<f32, i32>;
+/// The one concrete backend of goodhart's binaries and tests: burn's runtime
+/// `Dispatch`, which forwards every op to the backend its `DispatchDevice` names (the CPU
+/// backend burn-flex, wgpu or CUDA, each compiled in by its feature: `ndarray`, `wgpu`,
+/// `cuda`). Code generic over `B: Backend` is instantiated once for it (and
+/// once for `Autodiff<Dispatch>`) instead of once per backend; the backends' own
+/// instantiations are compiled once, in `burn-dispatch`. Floats are f32, ints i32.
+#[cfg(any(feature = "ndarray", feature = "wgpu", feature = "cuda"))]
+pub use burn::{Dispatch, DispatchDevice};
 
-/// Runs `job` on the backend and device `spec` names.
-///
-/// Errors with [`GoodhartError::BackendNotCompiled`] when the backend's feature is
-/// missing, and [`GoodhartError::BackendUnavailable`] when it has no usable device
-/// (checked by a one-element round trip before the job starts).
-pub fn dispatch<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
+/// The CPU device of [`Dispatch`] (burn-flex, feature `ndarray`).
+/// (`DispatchDevice::default()` is the first GPU backend compiled in, not the CPU.)
+#[cfg(feature = "ndarray")]
+pub fn cpu() -> DispatchDevice {
+    DispatchDevice::Flex(burn::backend::flex::FlexDevice)
+}
+
+/// The [`DispatchDevice`] `spec` names, or why this binary has none:
+/// [`GoodhartError::BackendNotCompiled`] when its feature is missing. No device is opened.
+#[cfg(any(feature = "ndarray", feature = "wgpu", feature = "cuda"))]
+pub fn device(spec: DeviceSpec) -> Result<DispatchDevice> {
     // Unused when every backend is compiled in.
     #[allow(unused_variables)]
     let not_compiled = || GoodhartError::BackendNotCompiled {
@@ -121,7 +129,7 @@ pub fn dispatch<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
     match spec {
         DeviceSpec::Cpu => {
             #[cfg(feature = "ndarray")]
-            return Ok(job.run::<Cpu>(burn::backend::ndarray::NdArrayDevice::Cpu));
+            return Ok(cpu());
             #[cfg(not(feature = "ndarray"))]
             return Err(not_compiled());
         }
@@ -129,9 +137,9 @@ pub fn dispatch<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
             #[cfg(feature = "wgpu")]
             {
                 use burn::backend::wgpu::WgpuDevice;
-                let device = index.map_or(WgpuDevice::DefaultDevice, WgpuDevice::DiscreteGpu);
-                probe::<Wgpu>(spec, &device)?;
-                return Ok(job.run::<Wgpu>(device));
+                return Ok(DispatchDevice::Wgpu(
+                    index.map_or(WgpuDevice::DefaultDevice, WgpuDevice::DiscreteGpu),
+                ));
             }
             #[cfg(not(feature = "wgpu"))]
             {
@@ -141,11 +149,9 @@ pub fn dispatch<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
         }
         DeviceSpec::Cuda(index) => {
             #[cfg(feature = "cuda")]
-            {
-                let device = burn::backend::cuda::CudaDevice { index };
-                probe::<Cuda>(spec, &device)?;
-                return Ok(job.run::<Cuda>(device));
-            }
+            return Ok(DispatchDevice::Cuda(burn::backend::cuda::CudaDevice {
+                index,
+            }));
             #[cfg(not(feature = "cuda"))]
             {
                 let _ = index;
@@ -155,10 +161,24 @@ pub fn dispatch<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
     }
 }
 
+/// Runs `job` on [`Dispatch`] with the device `spec` names.
+///
+/// Errors with [`GoodhartError::BackendNotCompiled`] when the backend's feature is
+/// missing, and [`GoodhartError::BackendUnavailable`] when it has no usable device
+/// (checked by a one-element round trip before the job starts).
+#[cfg(any(feature = "ndarray", feature = "wgpu", feature = "cuda"))]
+pub fn dispatch<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
+    let device = device(spec)?;
+    if spec != DeviceSpec::Cpu {
+        probe::<Dispatch>(spec, &device)?;
+    }
+    Ok(job.run::<Dispatch>(device))
+}
+
 /// A one-element round trip: GPU runtimes panic when they find no adapter or driver;
 /// this turns that into an error naming the backend.
-#[allow(dead_code)]
-fn probe<B: Backend>(spec: DeviceSpec, device: &B::Device) -> Result<()> {
+#[cfg(any(feature = "ndarray", feature = "wgpu", feature = "cuda"))]
+fn probe<B: burn::tensor::backend::Backend>(spec: DeviceSpec, device: &B::Device) -> Result<()> {
     let device = device.clone();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let t = burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0], &device);
@@ -214,7 +234,7 @@ mod tests {
         struct Nothing;
         impl BackendJob for Nothing {
             type Output = ();
-            fn run<B: Backend>(self, _: B::Device) {}
+            fn run<B: burn::tensor::backend::Backend>(self, _: B::Device) {}
         }
         let err = dispatch(DeviceSpec::Cuda(0), Nothing).unwrap_err();
         assert_eq!(

@@ -17,6 +17,7 @@ pub mod ops;
 pub mod params;
 pub mod registry;
 pub mod seed;
+#[cfg(any(feature = "ndarray", feature = "wgpu", feature = "cuda"))]
 pub mod testing;
 
 pub use burn;

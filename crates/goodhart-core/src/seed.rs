@@ -102,8 +102,8 @@ mod tests {
     #[test]
     fn seeded_draws_do_not_interleave_across_threads() {
         use burn::tensor::{Distribution, Tensor};
-        type B = burn::backend::NdArray;
-        let device = Default::default();
+        type B = crate::device::Dispatch;
+        let device = crate::device::cpu();
         let draw = |seed: u64| -> Vec<f32> {
             seeded::<B, _>(&device, seed, "init", || {
                 // Several draws, as a module's layers make, for another thread to slip into.

@@ -44,7 +44,7 @@ pub fn run_on_test_device<J: BackendJob>(job: J) -> J::Output {
 ///     }
 /// }
 /// ```
-/// `device` is a `&B::Device`; wrap `B` in `burn::backend::Autodiff<B>` for gradients.
+/// `device` is a `&B::Device`; wrap `B` in `crate::device::Autodiff<B>` for gradients.
 #[macro_export]
 macro_rules! backend_test {
     ($(#[$meta:meta])* fn $name:ident<$B:ident>($device:ident) $body:block) => {
@@ -124,7 +124,7 @@ mod tests {
 
     crate::backend_test! {
         fn autodiff_step<B>(device) {
-            use burn::backend::Autodiff;
+            use crate::device::Autodiff;
             // d/dx sum(x^2) = 2x
             let x = Tensor::<Autodiff<B>, 1>::from_floats([1.0, -2.0, 0.5], device).require_grad();
             let grads = x.clone().powi_scalar(2).sum().backward();

@@ -94,7 +94,8 @@ impl CispoConfig {
 
 #[cfg(test)]
 mod tests {
-    use burn::{backend::Autodiff, tensor::Tensor};
+    use burn::tensor::Tensor;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
 
     use super::*;

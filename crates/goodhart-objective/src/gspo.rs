@@ -94,7 +94,7 @@ impl GspoConfig {
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
 
     use super::*;

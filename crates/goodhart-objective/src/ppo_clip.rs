@@ -101,7 +101,8 @@ impl PpoClipConfig {
 
 #[cfg(test)]
 mod tests {
-    use burn::{backend::Autodiff, tensor::Tensor};
+    use burn::tensor::Tensor;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
     use proptest::{
         collection::vec,

@@ -465,7 +465,7 @@ pub const REGISTRY: &[MethodInfo] = &[
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
     use proptest::{
         collection::vec,

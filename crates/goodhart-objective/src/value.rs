@@ -109,7 +109,7 @@ impl ValueLossConfig {
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
 
     use super::*;

@@ -69,8 +69,8 @@ mod tests {
             Positions,
         },
     };
+    use goodhart_core::device::Autodiff;
     use burn::{
-        backend::Autodiff,
         nn::{Linear, LinearConfig},
     };
     use burn::{module::Param, tensor::Tensor};

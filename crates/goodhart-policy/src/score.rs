@@ -98,8 +98,8 @@ mod tests {
 
     #[test]
     fn logprobs_from_logits_by_hand() {
-        use goodhart_core::device::Cpu;
-        let device = Default::default();
+        use goodhart_core::device::{cpu, Dispatch as Cpu};
+        let device = cpu();
         // One position, logits (0, ln 2, ln 3) -> p = (1, 2, 3)/6; target 2: log(1/2).
         // At tau = 2 the logits halve: weights (1, sqrt 2, sqrt 3) / 4.146264.
         let logits = Tensor::<Cpu, 3>::from_floats([[[0.0, 2f32.ln(), 3f32.ln()]]], &device);

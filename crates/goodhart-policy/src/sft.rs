@@ -231,7 +231,7 @@ pub fn inference<B: AutodiffBackend>(model: &TransformerLm<B>) -> TransformerLm<
 mod tests {
     use super::*;
     use crate::transformer::TransformerConfig;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::device::DeviceSpec;
     use goodhart_core::testing::{assert_close, test_device, values};
     use rand::RngExt as _;
@@ -313,13 +313,13 @@ mod tests {
 
     #[test]
     fn collate_masks_first_token_and_padding() {
-        use goodhart_core::device::Cpu;
+        use goodhart_core::device::{cpu, Dispatch as Cpu};
         let a = SftExample::new(vec![1, 2, 3]);
         let b = SftExample {
             tokens: vec![4, 5],
             loss_mask: Some(vec![1.0, 0.0]),
         };
-        let batch = collate::<Cpu>(&[&a, &b], 9, &Default::default()).unwrap();
+        let batch = collate::<Cpu>(&[&a, &b], 9, &cpu()).unwrap();
         assert_eq!(
             batch
                 .tokens
@@ -343,7 +343,7 @@ mod tests {
             tokens: vec![1, 2],
             loss_mask: Some(vec![1.0]),
         };
-        assert!(collate::<Cpu>(&[&bad], 0, &Default::default()).is_err());
+        assert!(collate::<Cpu>(&[&bad], 0, &cpu()).is_err());
     }
 
     goodhart_core::backend_test! {

@@ -336,7 +336,7 @@ impl<B: Backend> crate::Regularizer<B> for KlRegularizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
 
     // d = lp - lr for the four columns: 0, 0.5, -1, 2.

@@ -210,8 +210,8 @@ impl RegularizerConfig {
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    use goodhart_core::device::Autodiff;
     use burn::{
-        backend::Autodiff,
         tensor::{backend::Backend, Tensor},
     };
     use goodhart_core::testing::{tolerance, values};
@@ -295,7 +295,7 @@ mod tests {
 
     goodhart_core::backend_test! {
         fn built_regularizers_run_through_the_trait<B>(device) {
-            use burn::backend::Autodiff;
+            use goodhart_core::device::Autodiff;
             use goodhart_core::testing::{assert_close, tolerance, values};
             type A<B> = Autodiff<B>;
             let tol = tolerance(1e-5);

@@ -85,7 +85,7 @@ impl GradientPenalty {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
 
     goodhart_core::backend_test! {

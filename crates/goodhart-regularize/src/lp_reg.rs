@@ -241,7 +241,7 @@ impl<B: Backend> crate::Regularizer<B> for LpRegRegularizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
 
     goodhart_core::backend_test! {

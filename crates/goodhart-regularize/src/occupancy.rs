@@ -472,7 +472,7 @@ impl<B: AutodiffBackend> crate::Regularizer<B> for OccupancyRegularizer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::{assert_close, tolerance, values};
 
     /// Rows of the 6x6 identity repeated `counts[s]` times.

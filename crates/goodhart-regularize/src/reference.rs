@@ -144,8 +144,8 @@ impl<M> ReferencePolicy<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use goodhart_core::device::Autodiff;
     use burn::{
-        backend::Autodiff,
         nn::{Linear, LinearConfig},
     };
     use goodhart_core::testing::{assert_close, tolerance, values};

@@ -258,7 +258,7 @@ mod tests {
 
     goodhart_core::backend_test! {
         fn bt_loss_gradient_pushes_the_gap<B>(device) {
-            use burn::backend::Autodiff;
+            use goodhart_core::device::Autodiff;
             // d/dc of -log sig(c - r) = -(1 - sig(c - r)) = -sig(r - c); at c = r: -0.5
             let c = Tensor::<Autodiff<B>, 1>::from_floats([0.0], device).require_grad();
             let r = Tensor::<Autodiff<B>, 1>::from_floats([0.0], device).require_grad();

@@ -388,7 +388,7 @@ mod tests {
 
     goodhart_core::backend_test! {
         fn fimi_removes_most_of_an_injected_length_bias<B>(device) {
-            use burn::backend::Autodiff;
+            use goodhart_core::device::Autodiff;
             // quality q ~ U(-1, 1), lengths in [10, 200], r = q + 3 sqrt(L / 200) (a
             // saturating bias that no linear fit captures exactly)
             let mut rng = seed::rng(7, "test/fimi");
@@ -424,7 +424,7 @@ mod tests {
 
     goodhart_core::backend_test! {
         fn fimi_rejects_bad_input<B>(device) {
-            use burn::backend::Autodiff;
+            use goodhart_core::device::Autodiff;
             let one = Tensor::<Autodiff<B>, 1>::from_floats([1.0], device);
             assert!(fit_length_bias(one.clone(), one, &LengthDebiasConfig::default()).is_err());
             let r = Tensor::<Autodiff<B>, 1>::from_floats([1.0, f32::NAN], device);

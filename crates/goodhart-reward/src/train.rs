@@ -557,7 +557,7 @@ mod tests {
 
     goodhart_core::backend_test! {
         fn learns_a_hidden_linear_preference<B>(device) {
-            use burn::backend::Autodiff;
+            use goodhart_core::device::Autodiff;
             let data = synthetic(2_200, 1);
             let (train, held_out) = data.split(200, 1).unwrap();
             assert_eq!(train.len(), 2_000);
@@ -587,7 +587,7 @@ mod tests {
 
     goodhart_core::backend_test! {
         fn noisy_labels_are_flipped_by_a_confident_ensemble<B>(device) {
-            use burn::backend::Autodiff;
+            use goodhart_core::device::Autodiff;
             let data = synthetic(400, 2);
             let config = RewardTrainConfig { epochs: 2, lr: 3e-3, ..Default::default() };
             let members = train_ensemble::<Autodiff<B>>(&tiny_config(), 2, &data, None, &config, device).unwrap();

@@ -737,7 +737,7 @@ pub fn train<B: AutodiffBackend>(
 mod tests {
     use super::*;
     use crate::reward_model::ProxyConfig;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::testing::test_device;
     use goodhart_envs::language::LanguageConfig;
     use goodhart_policy::TransformerConfig;
@@ -894,7 +894,7 @@ mod tests {
         assert_eq!(t.kl.unwrap().estimator, KlEstimator::K1);
         assert_eq!(t.reward_shaping, Some(ShapingConfig::par()));
         assert!(toml::from_str::<PgConfig>("step = 3").is_err());
-        assert!(Proxy::<goodhart_core::device::Cpu>::new(vec![], Aggregator::Mean).is_err());
+        assert!(Proxy::<goodhart_core::device::Dispatch>::new(vec![], Aggregator::Mean).is_err());
     }
 
     goodhart_core::backend_test! {
@@ -1038,10 +1038,10 @@ mod tests {
             reward_model::{train_proxy, train_proxy_ensemble},
             sft::{train_base, SftConfig},
         };
-        use goodhart_core::device::Cpu;
+        use goodhart_core::device::{cpu, Dispatch as Cpu};
         use std::time::Instant;
         type A = Autodiff<Cpu>;
-        let device = Default::default();
+        let device = cpu();
         let seed: u64 = knob("SEED", 0);
         let lang = crate::sft::tests::knob_language();
         eprintln!("entropy/token {:.3}", lang.entropy_per_token());

@@ -988,7 +988,7 @@ pub fn evaluate<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
 
     use burn::module::Param;
     use goodhart_core::testing::{assert_close, tolerance, values};
@@ -1325,8 +1325,8 @@ mod tests {
     #[test]
     #[ignore]
     fn measure() {
-        type A = Autodiff<burn::backend::NdArray>;
-        let device = Default::default();
+        type A = Autodiff<goodhart_core::device::Dispatch>;
+        let device = goodhart_core::device::cpu();
         let parse = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.into());
         let seeds: Vec<u64> = parse("SEEDS", "0")
             .split(',')

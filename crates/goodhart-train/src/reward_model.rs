@@ -325,7 +325,7 @@ pub fn train_proxy_ensemble<B: AutodiffBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::device::DeviceSpec;
     use goodhart_core::testing::test_device;
     use goodhart_envs::language::LanguageConfig;
@@ -398,7 +398,7 @@ mod tests {
     #[ignore]
     fn measure_proxy_fit() {
         use crate::sft::tests::{knob, knob_language};
-        use goodhart_core::device::Cpu;
+        use goodhart_core::device::{cpu, Dispatch as Cpu};
         let l = knob_language();
         // The generator's statistics: length, gold spread, tied clean pairs.
         let pairs = l.preference_pairs(4000, 0.0, 9).unwrap();
@@ -435,7 +435,7 @@ mod tests {
                 ..d.clone()
             };
             let t = std::time::Instant::now();
-            let (_, r) = train_proxy::<Autodiff<Cpu>>(&l, &cfg, 0, &Default::default()).unwrap();
+            let (_, r) = train_proxy::<Autodiff<Cpu>>(&l, &cfg, 0, &cpu()).unwrap();
             eprintln!("{pairs} pairs {:.1}s {r:?}", t.elapsed().as_secs_f64());
         }
     }

@@ -218,7 +218,7 @@ pub fn train_base<B: AutodiffBackend>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use burn::backend::Autodiff;
+    use goodhart_core::device::Autodiff;
     use goodhart_core::device::DeviceSpec;
     use goodhart_core::testing::test_device;
     use goodhart_envs::language::{BOS, SEP};

@@ -1,8 +1,8 @@
 //! goodhart-policy: generation (with and without the KV cache) and training throughput.
 
 use anyhow::Result;
+use goodhart_core::device::Autodiff;
 use burn::{
-    backend::Autodiff,
     optim::{AdamWConfig, GradientsParams, Optimizer},
     tensor::{backend::Backend, Distribution, Int, Tensor},
 };

@@ -2,7 +2,8 @@
 
 use super::{time_median, Bench};
 use anyhow::Result;
-use burn::{backend::Autodiff, module::AutodiffModule, tensor::backend::Backend};
+use burn::{module::AutodiffModule, tensor::backend::Backend};
+use goodhart_core::device::Autodiff;
 use goodhart_core::{
     device::{dispatch, BackendJob, DeviceSpec},
     seed,

@@ -19,6 +19,26 @@ use goodhart_core::GoodhartError;
 
 use crate::runner::{Result, RunError, Runner, StageLog};
 
+/// [`run`] on the device `spec` names: burn's runtime `Dispatch` backend, with autodiff.
+/// The experiments are instantiated here, in this library, so a binary that calls this
+/// only links them (xtask's own build is then seconds). The outer error is the backend's
+/// (not compiled in, no device found), the inner one the run's.
+#[cfg(any(feature = "ndarray", feature = "wgpu", feature = "cuda"))]
+pub fn run_on(
+    runner: &mut Runner,
+    spec: goodhart_core::device::DeviceSpec,
+) -> goodhart_core::Result<Result<Value>> {
+    use goodhart_core::device::{dispatch, Autodiff, BackendJob};
+    struct Job<'a>(&'a mut Runner);
+    impl BackendJob for Job<'_> {
+        type Output = Result<Value>;
+        fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Result<Value> {
+            run::<Autodiff<B>>(self.0, &device)
+        }
+    }
+    dispatch(spec, Job(runner))
+}
+
 /// Runs every experiment of the runner's config on `device` and returns the summary
 /// (also written to `summary.json`, with `report.html`, by [`Runner::finish`]).
 pub fn run<B: AutodiffBackend>(runner: &mut Runner, device: &B::Device) -> Result<Value> {
