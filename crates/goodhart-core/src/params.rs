@@ -1,11 +1,17 @@
 //! Parameter-level operations on any burn [`Module`] that more than one crate needs:
-//! forcing lazy initialisation, frozen snapshots, and the EMA blend of two modules of
-//! the same architecture. Reference policies (goodhart-policy) and reference
-//! management (goodhart-regularize) are built on these.
+//! forcing lazy initialisation, frozen snapshots, the EMA blend of two modules of the
+//! same architecture, and global gradient-norm clipping. Reference policies
+//! (goodhart-policy) and reference management (goodhart-regularize) are built on these;
+//! every trainer clips with [`clip_grad_norm`].
 
 use burn::{
-    module::{Module, ModuleMapper, ModuleVisitor, Param},
-    tensor::{backend::Backend, Bool, Int, Tensor},
+    module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param},
+    optim::GradientsParams,
+    tensor::{
+        backend::{AutodiffBackend, Backend},
+        cast::ToElement,
+        Bool, Int, Tensor,
+    },
 };
 
 use crate::error::{GoodhartError, Result};
@@ -117,6 +123,74 @@ pub fn ema_update<B: Backend, M: Module<B>>(reference: M, online: &M, tau: f64) 
     }
 }
 
+/// Scales every gradient of `module` by `min(1, max_norm / (norm + 1e-6))`, `norm` the L2
+/// norm of all its parameters' gradients taken together: PyTorch's `clip_grad_norm_`,
+/// which verl, TRL and CleanRL call (burn's own `GradientClippingConfig::Norm` clips each
+/// parameter tensor on its own). Returns the gradients and `norm` before clipping, read
+/// back once; `max_norm = 0` turns clipping off and measures nothing (`None`).
+///
+/// Errors: `max_norm` negative or NaN ([`GoodhartError::InvalidArgument`]); a non-finite
+/// norm ([`GoodhartError::NonFinite`]), so that no optimiser step is taken on it.
+pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    mut grads: GradientsParams,
+    max_norm: f64,
+) -> Result<(GradientsParams, Option<f64>)> {
+    if !(max_norm >= 0.0) {
+        return Err(GoodhartError::invalid(
+            "max_grad_norm",
+            format!("must be >= 0 (0 = no clipping), got {max_norm}"),
+        ));
+    }
+    if max_norm == 0.0 {
+        return Ok((grads, None));
+    }
+    struct SquaredNorm<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        sums: Vec<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                self.sums.push(g.powi_scalar(2).sum());
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                self.grads.register(param.id, g * self.factor);
+            }
+        }
+    }
+    let mut squares = SquaredNorm::<B> {
+        grads: &grads,
+        sums: Vec::new(),
+    };
+    module.visit(&mut squares);
+    if squares.sums.is_empty() {
+        return Ok((grads, Some(0.0)));
+    }
+    let norm = Tensor::cat(squares.sums, 0).sum().into_scalar().to_f64().sqrt();
+    if !norm.is_finite() {
+        return Err(GoodhartError::NonFinite {
+            what: format!("gradient norm ({norm})"),
+        });
+    }
+    let factor = (max_norm / (norm + 1e-6)).min(1.0);
+    if factor < 1.0 {
+        module.visit(&mut Scale {
+            grads: &mut grads,
+            factor,
+        });
+    }
+    Ok((grads, Some(norm)))
+}
+
 #[cfg(test)]
 mod tests {
     use burn::nn::{Linear, LinearConfig};
@@ -152,6 +226,47 @@ mod tests {
             assert!(ema_update(twice.clone(), &one, 1.5).is_err());
             let wider = filled::<B>(1.0, 4, device);
             assert!(matches!(ema_update(twice, &wider, 0.5), Err(GoodhartError::ShapeMismatch { .. })));
+        }
+    }
+
+    crate::backend_test! {
+        fn clip_grad_norm_uses_the_norm_over_all_parameters<B>(device) {
+            type A<B> = crate::device::Autodiff<B>;
+            // y = x W + b with x = [[1]], loss = 3 y0 + 4 y1: dW = [[3, 4]], db = [3, 4].
+            // Global norm sqrt(9 + 16 + 9 + 16) = sqrt(50); at max_norm 1 both tensors
+            // scale by 1 / (sqrt(50) + 1e-6): [0.424264, 0.565685] each (a per-tensor
+            // clip would give [0.6, 0.8]).
+            let mut lin = LinearConfig::new(1, 2).init::<A<B>>(device);
+            lin.weight = Param::from_tensor(Tensor::from_floats([[0.5, -1.0]], device));
+            lin.bias = Some(Param::from_tensor(Tensor::from_floats([0.25, 2.0], device)));
+            let grads = || {
+                let y = lin.forward(Tensor::<A<B>, 2>::from_floats([[1.0]], device));
+                let loss = (y * Tensor::from_floats([[3.0, 4.0]], device)).sum();
+                GradientsParams::from_grads(loss.backward(), &lin)
+            };
+            let read = |g: &GradientsParams| {
+                let mut v = values(g.get::<B, 2>(lin.weight.id).unwrap());
+                v.extend(values(g.get::<B, 1>(lin.bias.as_ref().unwrap().id).unwrap()));
+                v
+            };
+            let (clipped, norm) = clip_grad_norm(&lin, grads(), 1.0).unwrap();
+            assert_close(&[norm.unwrap() as f32], &[50f32.sqrt()], tolerance(1e-6));
+            let s = 1.0 / (50f32.sqrt() + 1e-6);
+            assert_close(&read(&clipped), &[3.0 * s, 4.0 * s, 3.0 * s, 4.0 * s], tolerance(1e-6));
+            // Under the threshold nothing moves; 0 turns clipping off.
+            let (same, norm) = clip_grad_norm(&lin, grads(), 10.0).unwrap();
+            assert_close(&[norm.unwrap() as f32], &[50f32.sqrt()], tolerance(1e-6));
+            assert_close(&read(&same), &[3.0, 4.0, 3.0, 4.0], 0.0);
+            let (off, norm) = clip_grad_norm(&lin, grads(), 0.0).unwrap();
+            assert_eq!(norm, None);
+            assert_close(&read(&off), &[3.0, 4.0, 3.0, 4.0], 0.0);
+            for bad in [-1.0, f64::NAN] {
+                assert!(matches!(clip_grad_norm(&lin, grads(), bad), Err(GoodhartError::InvalidArgument { .. })));
+            }
+            // A NaN gradient: an error, not a step.
+            let y = lin.forward(Tensor::<A<B>, 2>::from_floats([[f32::NAN]], device));
+            let nan = GradientsParams::from_grads(y.sum().backward(), &lin);
+            assert!(matches!(clip_grad_norm(&lin, nan, 1.0), Err(GoodhartError::NonFinite { .. })));
         }
     }
 }

@@ -12,7 +12,6 @@
 
 use burn::{
     config::Config,
-    grad_clipping::GradientClippingConfig,
     module::AutodiffModule,
     optim::{AdamWConfig, GradientsParams, Optimizer},
     tensor::{
@@ -21,7 +20,7 @@ use burn::{
         Int, Tensor, TensorData,
     },
 };
-use goodhart_core::{ops::zero_masked, seed, GoodhartError, Result};
+use goodhart_core::{ops::zero_masked, params::clip_grad_norm, seed, GoodhartError, Result};
 use rand::seq::SliceRandom as _;
 
 use crate::{score::score, transformer::TransformerLm};
@@ -192,13 +191,16 @@ pub fn train<B: AutodiffBackend>(
     if !(config.lr > 0.0) {
         return Err(GoodhartError::invalid("lr", "must be positive"));
     }
+    if !(config.max_grad_norm >= 0.0) {
+        return Err(GoodhartError::invalid(
+            "max_grad_norm",
+            format!("must be >= 0 (0 = no clipping), got {}", config.max_grad_norm),
+        ));
+    }
     let device = model.trunk.tok_emb.weight.device();
-    let clip =
-        (config.max_grad_norm > 0.0).then(|| GradientClippingConfig::Norm(config.max_grad_norm));
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(config.weight_decay as f32)
-        .with_grad_clipping(clip)
         .init::<B, TransformerLm<B>>();
     let mut rng = seed::rng(config.seed, "sft-data");
     let mut order: Vec<usize> = Vec::new();
@@ -217,6 +219,7 @@ pub fn train<B: AutodiffBackend>(
         let loss = nll(&model, &batch)?;
         losses.push(loss.clone().into_scalar().to_f32());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (grads, _) = clip_grad_norm(&model, grads, f64::from(config.max_grad_norm))?;
         model = optim.step(config.lr, model, grads);
     }
     Ok((model, losses))

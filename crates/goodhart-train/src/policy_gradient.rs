@@ -35,7 +35,6 @@
 //! (`response/ill_formed`).
 
 use burn::{
-    grad_clipping::GradientClippingConfig,
     module::AutodiffModule,
     optim::{AdamWConfig, GradientsParams, Optimizer},
     tensor::{
@@ -48,6 +47,7 @@ use goodhart_core::{
     aggregate::LossAggregation,
     groups::Groups,
     ops::{masked_mean, zero_masked},
+    params::clip_grad_norm,
     seed, GoodhartError, Result,
 };
 use goodhart_envs::language::{Language, EOS, PAD};
@@ -133,10 +133,9 @@ pub struct PgConfig {
     /// Reward shaping (`kind = "par"`, ...); references are `m` responses per prompt
     /// sampled once from the initial policy (stream `pg/references`). `None` = raw proxy.
     pub reward_shaping: Option<ShapingConfig>,
-    /// Gradient-norm clip (0 = off; default 1.0, verl / TRL's value). Note: burn's
-    /// `GradientClippingConfig::Norm` clips each parameter tensor to this norm, not the
-    /// global norm over all parameters as verl and TRL do (the figures in docs/lab.md were
-    /// measured with this per-tensor clip).
+    /// Clip of the gradient norm over all parameters together
+    /// ([`goodhart_core::params::clip_grad_norm`], as verl and TRL clip; 0 = off; default
+    /// 1.0, their value).
     pub max_grad_norm: f64,
 }
 
@@ -567,12 +566,9 @@ pub fn train<B: AutodiffBackend>(
         )?),
         _ => None,
     };
-    let clip =
-        (cfg.max_grad_norm > 0.0).then(|| GradientClippingConfig::Norm(cfg.max_grad_norm as f32));
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.0)
-        .with_grad_clipping(clip)
         .init::<B, TransformerLm<B>>();
     let mut prompt_rng = seed::rng(seed, "pg/prompts");
     let mut sample_rng = seed::rng(seed, "pg/sample");
@@ -695,6 +691,7 @@ pub fn train<B: AutodiffBackend>(
             loss_sum += parts[0];
             clip_sum += parts[1] + parts[2];
             let grads = GradientsParams::from_grads(loss.backward(), &policy);
+            let (grads, _) = clip_grad_norm(&policy, grads, cfg.max_grad_norm)?;
             policy = optim.step(cfg.lr, policy, grads);
         }
         // Metrics of the samples of this step.

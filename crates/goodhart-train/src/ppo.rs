@@ -66,7 +66,7 @@
 //! chi-squared 52-134 s; the whole preset 2335 s.
 
 use burn::{
-    module::{AutodiffModule, Module, ModuleVisitor, Param},
+    module::{AutodiffModule, Module},
     optim::{AdamConfig, GradientsParams, Optimizer},
     tensor::{
         backend::{AutodiffBackend, Backend},
@@ -78,7 +78,9 @@ use goodhart_advantage::{
     gae::{gae, GaeConfig},
     AdvantageOutput, Whitening,
 };
-use goodhart_core::{aggregate::LossAggregation, params::materialize, seed, GoodhartError, Result};
+use goodhart_core::{
+    aggregate::LossAggregation, params::clip_grad_norm, seed, GoodhartError, Result,
+};
 use goodhart_envs::tomato::{Board, TomatoConfig, TomatoVec, NUM_ACTIONS};
 use goodhart_objective::{policy::PolicyInputs, ppo_clip::PpoClipConfig, value::ValueLossConfig};
 use goodhart_policy::{
@@ -637,9 +639,6 @@ impl<B: AutodiffBackend> RegState<B> {
                     seed,
                 };
                 let reg = config.init::<B>(device)?;
-                // The discriminator's layers initialise lazily; draw them now, right after
-                // `init` seeded the backend, so nothing else can shift their values.
-                materialize(reg.discriminator());
                 Self::Occupancy {
                     reg: Box::new(reg),
                     steps: *disc_steps,
@@ -850,7 +849,7 @@ pub fn train<B: AutodiffBackend>(
                     loss = loss + action_kl(logits, bl, None, f64::from(config.gamma), *coef)?;
                 }
                 let grads = GradientsParams::from_grads(loss.backward(), &agent);
-                let grads = clip_global_norm(&agent, grads, config.max_grad_norm);
+                let (grads, _) = clip_grad_norm(&agent, grads, config.max_grad_norm)?;
                 agent = optim.step(config.lr, agent, grads);
                 let m = pl.metrics;
                 for (s, x) in stats.iter_mut().zip([
@@ -894,60 +893,6 @@ pub fn train<B: AutodiffBackend>(
 /// The single value of a one-element tensor, as `f64`.
 fn scalar<B: Backend>(x: Tensor<B, 1>) -> f64 {
     x.into_scalar().to_f64()
-}
-
-/// Scales every gradient of `module` by `min(1, max_norm / ||g||)`, `||g||` the global L2
-/// norm over all its parameters (PyTorch's `clip_grad_norm_`, as CleanRL uses it; burn's
-/// own `GradientClippingConfig::Norm` clips each parameter tensor separately). `max_norm
-/// = 0` leaves the gradients alone.
-fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
-    module: &M,
-    mut grads: GradientsParams,
-    max_norm: f64,
-) -> GradientsParams {
-    if max_norm <= 0.0 {
-        return grads;
-    }
-    struct SquaredNorm<'a, B: AutodiffBackend> {
-        grads: &'a GradientsParams,
-        sums: Vec<Tensor<B::InnerBackend, 1>>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                self.sums.push(g.powi_scalar(2).sum());
-            }
-        }
-    }
-    struct Scale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: f64,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-                self.grads.register(param.id, g * self.factor);
-            }
-        }
-    }
-    let mut norm = SquaredNorm::<B> {
-        grads: &grads,
-        sums: Vec::new(),
-    };
-    module.visit(&mut norm);
-    if norm.sums.is_empty() {
-        return grads;
-    }
-    // One read-back for the whole norm.
-    let total = scalar(Tensor::cat(norm.sums, 0).sum()).sqrt();
-    if total > max_norm {
-        let factor = max_norm / (total + 1e-6);
-        module.visit(&mut Scale {
-            grads: &mut grads,
-            factor,
-        });
-    }
-    grads
 }
 
 /// Runs `policy` (sampling, as ORPO evaluates) for `episodes` fresh episodes of `env` and
