@@ -273,7 +273,8 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     assert_eq!(before.len(), kept);
 
     let mut resumed = Runner::resume(&dir).unwrap().quiet(true);
-    let resumed_summary = experiments::run::<B>(&mut resumed, &goodhart_core::device::cpu()).unwrap();
+    let resumed_summary =
+        experiments::run::<B>(&mut resumed, &goodhart_core::device::cpu()).unwrap();
     assert_eq!(
         resumed.skipped(),
         done_at_kill,

@@ -15,11 +15,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use goodhart_core::device::DeviceSpec;
-use goodhart_train::{
-    config::ExperimentConfig,
-    experiments, presets,
-    runner::Runner,
-};
+use goodhart_train::{config::ExperimentConfig, experiments, presets, runner::Runner};
 use serde_json::Value;
 
 use crate::take_device;

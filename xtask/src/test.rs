@@ -61,11 +61,18 @@ fn cargo_test(args: &[String], device: &str, filter: Option<&str>) -> Result<boo
     let mut cmd = Command::new(cargo);
     // Library, binary and integration tests; doc tests are skipped (each would link
     // burn again for a few lines of example).
-    cmd.args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-fail-fast"])
-        .args(cargo_args)
-        .arg("--")
-        .args(test_args)
-        .env(TEST_DEVICE_ENV, device);
+    cmd.args([
+        "test",
+        "--workspace",
+        "--lib",
+        "--bins",
+        "--tests",
+        "--no-fail-fast",
+    ])
+    .args(cargo_args)
+    .arg("--")
+    .args(test_args)
+    .env(TEST_DEVICE_ENV, device);
     if let Some(f) = filter {
         cmd.arg(f);
     }

@@ -7,7 +7,6 @@
 
 use std::{fmt, str::FromStr};
 
-
 use crate::error::{GoodhartError, Result};
 
 /// burn's reverse-mode autodiff decorator: `Autodiff<B>` is a backend that records

@@ -175,7 +175,11 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     if squares.sums.is_empty() {
         return Ok((grads, Some(0.0)));
     }
-    let norm = Tensor::cat(squares.sums, 0).sum().into_scalar().to_f64().sqrt();
+    let norm = Tensor::cat(squares.sums, 0)
+        .sum()
+        .into_scalar()
+        .to_f64()
+        .sqrt();
     if !norm.is_finite() {
         return Err(GoodhartError::NonFinite {
             what: format!("gradient norm ({norm})"),

@@ -69,11 +69,9 @@ mod tests {
             Positions,
         },
     };
-    use goodhart_core::device::Autodiff;
-    use burn::{
-        nn::{Linear, LinearConfig},
-    };
+    use burn::nn::{Linear, LinearConfig};
     use burn::{module::Param, tensor::Tensor};
+    use goodhart_core::device::Autodiff;
     use goodhart_core::{
         testing::{assert_close, tolerance, values},
         GoodhartError,

@@ -194,7 +194,10 @@ pub fn train<B: AutodiffBackend>(
     if !(config.max_grad_norm >= 0.0) {
         return Err(GoodhartError::invalid(
             "max_grad_norm",
-            format!("must be >= 0 (0 = no clipping), got {}", config.max_grad_norm),
+            format!(
+                "must be >= 0 (0 = no clipping), got {}",
+                config.max_grad_norm
+            ),
         ));
     }
     let device = model.trunk.tok_emb.weight.device();

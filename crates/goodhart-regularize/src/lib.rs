@@ -210,10 +210,8 @@ impl RegularizerConfig {
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    use burn::tensor::{backend::Backend, Tensor};
     use goodhart_core::device::Autodiff;
-    use burn::{
-        tensor::{backend::Backend, Tensor},
-    };
     use goodhart_core::testing::{tolerance, values};
 
     /// Asserts the autodiff gradient of `f` at `x0` (shape `shape`) matches central finite

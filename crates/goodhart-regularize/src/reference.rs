@@ -144,10 +144,8 @@ impl<M> ReferencePolicy<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::nn::{Linear, LinearConfig};
     use goodhart_core::device::Autodiff;
-    use burn::{
-        nn::{Linear, LinearConfig},
-    };
     use goodhart_core::testing::{assert_close, tolerance, values};
 
     fn weights<B: Backend>(l: &Linear<B>) -> Vec<f32> {

@@ -1,11 +1,11 @@
 //! goodhart-policy: generation (with and without the KV cache) and training throughput.
 
 use anyhow::Result;
-use goodhart_core::device::Autodiff;
 use burn::{
     optim::{AdamWConfig, GradientsParams, Optimizer},
     tensor::{backend::Backend, Distribution, Int, Tensor},
 };
+use goodhart_core::device::Autodiff;
 use goodhart_core::{
     device::{dispatch, BackendJob, DeviceSpec},
     seed,
