@@ -123,6 +123,19 @@ pub fn ema_update<B: Backend, M: Module<B>>(reference: M, online: &M, tau: f64) 
     }
 }
 
+/// The check [`clip_grad_norm`] makes of `max_norm`, for trainers to run before any work:
+/// `>= 0` (0 = no clipping), not NaN.
+pub fn check_max_grad_norm(max_norm: f64) -> Result<()> {
+    if max_norm >= 0.0 {
+        Ok(())
+    } else {
+        Err(GoodhartError::invalid(
+            "max_grad_norm",
+            format!("must be >= 0 (0 = no clipping), got {max_norm}"),
+        ))
+    }
+}
+
 /// Scales every gradient of `module` by `min(1, max_norm / (norm + 1e-6))`, `norm` the L2
 /// norm of all its parameters' gradients taken together: PyTorch's `clip_grad_norm_`,
 /// which verl, TRL and CleanRL call (burn's own `GradientClippingConfig::Norm` clips each
@@ -136,12 +149,7 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     mut grads: GradientsParams,
     max_norm: f64,
 ) -> Result<(GradientsParams, Option<f64>)> {
-    if !(max_norm >= 0.0) {
-        return Err(GoodhartError::invalid(
-            "max_grad_norm",
-            format!("must be >= 0 (0 = no clipping), got {max_norm}"),
-        ));
-    }
+    check_max_grad_norm(max_norm)?;
     if max_norm == 0.0 {
         return Ok((grads, None));
     }

@@ -44,7 +44,7 @@ pub fn run_on_test_device<J: BackendJob>(job: J) -> J::Output {
 ///     }
 /// }
 /// ```
-/// `device` is a `&B::Device`; wrap `B` in `crate::device::Autodiff<B>` for gradients.
+/// `device` is a `&B::Device`; wrap `B` in `goodhart_core::device::Autodiff<B>` for gradients.
 #[macro_export]
 macro_rules! backend_test {
     ($(#[$meta:meta])* fn $name:ident<$B:ident>($device:ident) $body:block) => {

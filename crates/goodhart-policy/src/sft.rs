@@ -20,7 +20,11 @@ use burn::{
         Int, Tensor, TensorData,
     },
 };
-use goodhart_core::{ops::zero_masked, params::clip_grad_norm, seed, GoodhartError, Result};
+use goodhart_core::{
+    ops::zero_masked,
+    params::{check_max_grad_norm, clip_grad_norm},
+    seed, GoodhartError, Result,
+};
 use rand::seq::SliceRandom as _;
 
 use crate::{score::score, transformer::TransformerLm};
@@ -191,15 +195,7 @@ pub fn train<B: AutodiffBackend>(
     if !(config.lr > 0.0) {
         return Err(GoodhartError::invalid("lr", "must be positive"));
     }
-    if !(config.max_grad_norm >= 0.0) {
-        return Err(GoodhartError::invalid(
-            "max_grad_norm",
-            format!(
-                "must be >= 0 (0 = no clipping), got {}",
-                config.max_grad_norm
-            ),
-        ));
-    }
+    check_max_grad_norm(f64::from(config.max_grad_norm))?;
     let device = model.trunk.tok_emb.weight.device();
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)

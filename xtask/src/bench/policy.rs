@@ -5,9 +5,8 @@ use burn::{
     optim::{AdamWConfig, GradientsParams, Optimizer},
     tensor::{backend::Backend, Distribution, Int, Tensor},
 };
-use goodhart_core::device::Autodiff;
 use goodhart_core::{
-    device::{dispatch, BackendJob, DeviceSpec},
+    device::{dispatch, Autodiff, BackendJob, DeviceSpec},
     seed,
 };
 use goodhart_policy::{generate, sft, GenerationConfig, Positions, TransformerConfig};

@@ -3,9 +3,8 @@
 use super::{time_median, Bench};
 use anyhow::Result;
 use burn::{module::AutodiffModule, tensor::backend::Backend};
-use goodhart_core::device::Autodiff;
 use goodhart_core::{
-    device::{dispatch, BackendJob, DeviceSpec},
+    device::{dispatch, Autodiff, BackendJob, DeviceSpec},
     seed,
 };
 use goodhart_policy::TransformerConfig;
