@@ -72,7 +72,11 @@ fn table<'a>(summary: &'a Value, title_start: &str) -> &'a Vec<Value> {
 }
 
 fn metric_lines(dir: &Path) -> Vec<serde_json::Map<String, Value>> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
+    jsonl(dir, "metrics.jsonl")
+}
+
+fn jsonl(dir: &Path, file: &str) -> Vec<serde_json::Map<String, Value>> {
+    std::fs::read_to_string(dir.join(file))
         .unwrap()
         .lines()
         .map(|l| {
@@ -89,6 +93,7 @@ fn assert_run_files(dir: &Path) {
     for f in [
         "config.toml",
         "metrics.jsonl",
+        "samples.jsonl",
         "summary.json",
         "report.html",
     ] {
@@ -151,6 +156,34 @@ fn tiny_overopt_preset() {
     let rl: Vec<_> = lines.iter().filter(|l| l["series"] == "rl p20").collect();
     assert_eq!(rl.len(), 4);
     assert!(rl.iter().all(|l| l["kl/d"].as_f64().unwrap() >= 0.0));
+    // samples.jsonl: each RL step's 2 x 4 responses with proxy and gold, whose means are
+    // the step line's.
+    let samples = jsonl(&dir, "samples.jsonl");
+    for l in &rl {
+        let mine: Vec<_> = samples
+            .iter()
+            .filter(|s| s["series"] == "rl p20" && s["step"] == l["step"])
+            .collect();
+        assert_eq!(mine.len(), 8);
+        for (sample_key, step_key) in [("proxy", "reward/proxy/mean"), ("gold", "reward/gold/mean")]
+        {
+            let mean = mine
+                .iter()
+                .map(|s| s["rewards"][sample_key].as_f64().unwrap())
+                .sum::<f64>()
+                / 8.0;
+            let want = l[step_key].as_f64().unwrap();
+            assert!(
+                (mean - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{sample_key}: {mean} vs {want}"
+            );
+        }
+    }
+    assert_eq!(
+        samples.len(),
+        2 * 4 * 8,
+        "two proxies x 4 steps x 8 responses"
+    );
     let bon: Vec<_> = lines.iter().filter(|l| l["series"] == "bon p40").collect();
     assert_eq!(bon.len(), 3);
     // The analytic best-of-n KL: log n - (n - 1) / n (METHODS.md): n = 4 gives 0.636.
@@ -193,7 +226,7 @@ fn resume_config() -> ExperimentConfig {
             // tiny_tomato_preset covers the default fresh start; this run the other one.
             "tomato.proxy_init=\"base\"",
             "mitigations.seeds=1",
-            "mitigations.arms=[{name = \"none\"}, {name = \"kl\", rl = {kl = {coef = 0.1}}}]",
+            "mitigations.arms=[{name = \"none\"}, {name = \"kl\", rl = {regularizers = [{kind = \"kl\", controller = {kind = \"fixed\", coef = 0.1}}]}}]",
             "seed=7",
         ],
     )
@@ -264,13 +297,26 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         .unwrap()["lines"]
         .as_u64()
         .unwrap() as usize;
-    let before: Vec<String> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+    let kept_samples = serde_json::from_str::<Value>(&std::fs::read_to_string(&progress).unwrap())
+        .unwrap()["stages"]
+        .as_array()
         .unwrap()
-        .lines()
-        .take(kept)
-        .map(String::from)
-        .collect();
+        .last()
+        .unwrap()["samples"]
+        .as_u64()
+        .unwrap() as usize;
+    let read = |file: &str, n: usize| -> Vec<String> {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .lines()
+            .take(n)
+            .map(String::from)
+            .collect()
+    };
+    let before = read("metrics.jsonl", kept);
     assert_eq!(before.len(), kept);
+    let samples_before = read("samples.jsonl", kept_samples);
+    assert_eq!(samples_before.len(), kept_samples);
 
     let mut resumed = Runner::resume(&dir).unwrap().quiet(true);
     let resumed_summary =
@@ -291,8 +337,8 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     );
 
     // The completed stages' lines are kept byte for byte.
-    let after = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    assert_eq!(after.lines().take(kept).collect::<Vec<_>>(), before);
+    assert_eq!(read("metrics.jsonl", kept), before);
+    assert_eq!(read("samples.jsonl", kept_samples), samples_before);
 
     let (fresh_dir, fresh_summary) = run(resume_config(), &root.join("fresh"));
     // The same lines in the same order (the killed stage's partial lines were cut)...
@@ -301,6 +347,15 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     assert_eq!(
         a.iter().map(key).collect::<Vec<_>>(),
         b.iter().map(key).collect::<Vec<_>>()
+    );
+    let (a, b) = (
+        jsonl(&dir, "samples.jsonl"),
+        jsonl(&fresh_dir, "samples.jsonl"),
+    );
+    assert_eq!(
+        a.iter().map(key).collect::<Vec<_>>(),
+        b.iter().map(key).collect::<Vec<_>>(),
+        "samples.jsonl: the same samples in the same order"
     );
     // ...and the same final metrics. Two processes running the same stage on ndarray
     // agree to ~1e-7 at the first step, not bit for bit (one process repeating a stage

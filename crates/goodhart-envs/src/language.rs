@@ -245,6 +245,24 @@ impl Language {
             .then(|| t - first)
     }
 
+    /// A readable name of token `tok`: `<pad>`, `<bos>`, `<eos>`, `<sep>`, `t<i>` for
+    /// topic `i`, `w<i>` for word `i`, `<id>` for an id outside the vocabulary.
+    pub fn token_text(&self, tok: u32) -> String {
+        match tok {
+            PAD => "<pad>".into(),
+            BOS => "<bos>".into(),
+            EOS => "<eos>".into(),
+            SEP => "<sep>".into(),
+            _ => match self.word_of(tok) {
+                Some(w) => format!("w{w}"),
+                None if (tok as usize) < NUM_SPECIAL as usize + self.config.topics => {
+                    format!("t{}", tok - NUM_SPECIAL)
+                }
+                None => format!("<{tok}>"),
+            },
+        }
+    }
+
     /// The prompt of topic `t`: `[BOS, topic, SEP]`.
     pub fn prompt(&self, t: usize) -> Vec<u32> {
         vec![BOS, self.topic_token(t), SEP]

@@ -20,7 +20,7 @@
 //! [mitigations]       # peak and final gold per method, over seeds
 //! [[mitigations.arms]]
 //! name = "kl"
-//! rl = { kl = { coef = 0.1 } }
+//! rl = { regularizers = [{ kind = "kl", controller = { kind = "fixed", coef = 0.1 } }] }
 //!
 //! [sweep]             # `cargo xtask sweep`: one run per point of the product
 //! "rl.lr" = [1e-3, 3e-3]
@@ -39,7 +39,12 @@ use goodhart_envs::{language::LanguageConfig, tomato::TomatoConfig};
 use goodhart_metrics::detect::{DetectorConfig, GoldAwareConfig, ProxyOnlyConfig};
 use goodhart_reward::Aggregator;
 
-use crate::{policy_gradient::PgConfig, ppo::PpoConfig, reward_model::ProxyConfig, sft::SftConfig};
+use crate::{
+    policy_gradient::RlConfig,
+    ppo::PpoConfig,
+    reward_model::ProxyConfig,
+    sft::{SftConfig, PROMPT_LEN},
+};
 
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -101,7 +106,7 @@ pub struct ExperimentConfig {
     pub proxy: ProxyConfig,
     /// The RL algorithm of the language-model experiments.
     #[serde(default)]
-    pub rl: PgConfig,
+    pub rl: RlConfig,
     /// Overoptimisation curves (Gao, Schulman & Hilton 2022).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overopt: Option<OveroptExperiment>,
@@ -257,7 +262,13 @@ impl Default for MitigationsExperiment {
             pairs: 200,
             arms: vec![
                 arm("none", "", 1, Aggregator::Mean),
-                arm("kl", "kl = { coef = 0.05 }", 1, Aggregator::Mean),
+                arm(
+                    "kl",
+                    "regularizers = [{ kind = \"kl\", estimator = \"k1\", placement = \"reward\", \
+                     controller = { kind = \"fixed\", coef = 0.05 } }]",
+                    1,
+                    Aggregator::Mean,
+                ),
                 arm(
                     "ensemble-uwo",
                     "",
@@ -273,7 +284,12 @@ impl Default for MitigationsExperiment {
                     1,
                     Aggregator::Mean,
                 ),
-                arm("sequence-chi2", "sequence_chi2 = 0.1", 1, Aggregator::Mean),
+                arm(
+                    "sequence-chi2",
+                    "regularizers = [{ kind = \"sequence_chi2\", coef = 0.1 }]",
+                    1,
+                    Aggregator::Mean,
+                ),
             ],
         }
     }
@@ -302,7 +318,7 @@ fn one() -> usize {
 
 impl Arm {
     /// The `[rl]` algorithm with this arm's overrides.
-    pub fn pg_config(&self, base: &PgConfig, index: usize) -> Result<PgConfig> {
+    pub fn rl_config(&self, base: &RlConfig, index: usize) -> Result<RlConfig> {
         let path = format!("mitigations.arms[{index}].rl");
         let mut table = toml::Table::try_from(base)
             .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise [rl]: {e}")))?;
@@ -536,7 +552,25 @@ impl ExperimentConfig {
                 .map_err(|e| at("language", e))?;
             section("sft", self.sft.validate(&lang))?;
             section("proxy", self.proxy.validate(&lang))?;
-            section("rl", self.rl.validate())?;
+            let need = PROMPT_LEN + self.rl.max_new_tokens;
+            for (what, len) in [
+                ("sft.max_seq_len", self.sft.max_seq_len),
+                ("proxy.max_seq_len", self.proxy.max_seq_len),
+            ] {
+                if len < need {
+                    return Err(ConfigError::invalid(
+                        "rl.max_new_tokens",
+                        format!(
+                            "prompt {PROMPT_LEN} + {} tokens exceeds {what} = {len}",
+                            self.rl.max_new_tokens
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.overopt.is_some() {
+            // Overopt trains against one reward model per pairs count.
+            section("rl", self.rl.validate(1))?;
         }
         if let Some(m) = &self.mitigations {
             positive("mitigations.seeds", m.seeds)?;
@@ -555,7 +589,7 @@ impl ExperimentConfig {
                 }
                 section(
                     &format!("mitigations.arms[{i}].rl"),
-                    arm.pg_config(&self.rl, i)?.validate(),
+                    arm.rl_config(&self.rl, i)?.validate(arm.ensemble),
                 )?;
             }
         }
@@ -755,14 +789,24 @@ mod tests {
     #[test]
     fn arms_override_rl_key_by_key() {
         let c = ExperimentConfig::parse(
-            "name = \"t\"\n[rl]\nsteps = 7\n[mitigations]\narms = [{ name = \"kl\", rl = { kl = { coef = 0.3 } } }]\n",
+            "name = \"t\"\n[rl]\nsteps = 7\n[mitigations]\narms = [{ name = \"kl\", rl = { regularizers = [{ kind = \"kl\", controller = { kind = \"fixed\", coef = 0.3 } }] } }]\n",
             &[],
         )
         .unwrap();
         let arm = &c.mitigations.as_ref().unwrap().arms[0];
-        let pg = arm.pg_config(&c.rl, 0).unwrap();
+        let pg = arm.rl_config(&c.rl, 0).unwrap();
         assert_eq!(pg.steps, 7, "kept from [rl]");
-        assert_eq!(pg.kl.as_ref().unwrap().coef, 0.3);
+        assert_eq!(
+            pg.regularizers,
+            [goodhart_regularize::RegularizerConfig::Kl(
+                goodhart_regularize::kl::KlConfig {
+                    controller: goodhart_regularize::controller::ControllerConfig::Fixed {
+                        coef: 0.3
+                    },
+                    ..Default::default()
+                }
+            )]
+        );
         assert_eq!(arm.ensemble, 1);
     }
 

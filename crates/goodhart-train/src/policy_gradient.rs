@@ -1,7 +1,10 @@
-//! Critic-free RL for language models against a proxy reward, with any goodhart-advantage
-//! estimator (GRPO, RLOO, REINFORCE++, BNPO, Dr.GRPO, ...) picked by name, the PPO-clip
-//! surrogate, and the regularisers and shaping of the overoptimisation literature. The
-//! gold reward of every sample is measured and logged; it never enters training.
+//! RL for language models against a proxy reward (TOML `[rl]`), composed from the
+//! library's own types: any goodhart-advantage estimator ([`AdvantageConfig`]), any
+//! goodhart-objective policy loss ([`PolicyLossConfig`], with its aggregation and a
+//! [`SampleFilter`]), any list of goodhart-regularize regularisers ([`RegularizerConfig`],
+//! through the [`Regularizer`] trait), and goodhart-reward's aggregators, Ctrl-U, shaping
+//! and length methods. The gold reward of every sample is measured and logged; it never
+//! enters training unless `components` names it.
 //!
 //! One step (DESIGN.md, "Data flow of one RL step"):
 //!
@@ -9,30 +12,42 @@
 //! 1. prompts: P topics drawn uniformly (stream "pg/prompts"), each repeated G times
 //!    (group = prompt), N = P G rows [BOS, topic, SEP];
 //! 2. rollout: y ~ pi_theta(. | x) at temperature tau (stream "pg/sample", KV cache);
-//!    lp_old, entropy = score(pi_theta), lr = score(pi_init) at tau (teacher-forced);
-//! 3. rewards: r = proxy(x, y) (one RM, or an ensemble aggregated by mean / UWO / ...);
-//!    gold g(x, y) logged; r' = shaping(r) (PAR etc., against M reference responses per
-//!    prompt sampled once from pi_init);
-//!    KL in reward:  r'_t = r' 1[t = last] - beta kl_t,  kl_t = k1 | k3 of (lp_old - lr);
-//! 4. advantages A = estimator(r', groups)  (GRPO by default: (r - mu_g)/(sigma_g + eps));
-//! 5. `epochs` passes over the batch:
-//!      L = PPO-clip(lp, lp_old, A; eps) [token-mean, dual-clip c = 3: verl's defaults]
-//!        + beta agg(kl_t(lp, lr))            (KL in loss, GRPO-style)
-//!        + coef sqrt(max(chi2_seq, 1e-4))    (ORPO's sequence-level chi-squared)
-//!    AdamW step (PyTorch betas, eps 1e-8, no weight decay, grad-norm clip 1.0).
+//! 3. rewards: proxy = aggregate(members)            (one RM, or an ensemble: mean, UWO, ...)
+//!             proxy' = ctrl_u(proxy, std(members))  (`ctrl_u`)
+//!             r = length(shaping(proxy'))           (`reward_shaping`, `length_penalty`)
+//!             train = sum_i w_i c_i                 (`components`; default: r alone)
+//!    gold g(x, y) on every sample. With `dynamic_sampling` (DAPO), groups whose train
+//!    rewards have zero spread are dropped and more prompts drawn, up to `max_batches`
+//!    rollouts, the batch then filled with dropped groups;
+//! 4. lp_old, entropy = score(pi_theta), lr = score(pi_init) at tau; per-token rewards
+//!    train at the last token, then each regulariser's in-reward term (KL in the reward);
+//! 5. advantages A = estimator(token rewards, groups [, values | greedy baseline |
+//!    components]); constrained RLHF mixes per-component advantages by its multipliers;
+//! 6. `epochs` passes over the batch:
+//!      L = loss(lp, lp_old, A; filter(mask)) + sum of the regularisers' loss terms
+//!    AdamW step (PyTorch betas, eps 1e-8, no weight decay) after clipping the gradient
+//!    norm over all parameters; with `gae` the value head takes its own step on the
+//!    clipped value loss;
+//! 7. the regularisers observe the step (KL controllers, multipliers, gates).
 //! ```
 //!
-//! Sources: Schulman et al. 2017 (PPO); Shao et al. 2024 (GRPO); Ziegler et al. 2019 and
-//! verl (`use_kl_in_reward` / `use_kl_loss`, k1/k3 estimators); Laidlaw et al. 2024
-//! (ORPO, sequence chi-squared); Fu et al. 2025 (PAR); Coste et al. 2024 (UWO ensembles);
-//! Gao, Schulman & Hilton 2022 (`d = sqrt(KL(pi || pi_init))`, what [`StepMetrics`]
-//! reports so gold can be fitted against it).
+//! Each step yields one [`StepLine`]: the flat metrics of goodhart-metrics'
+//! [`batch_metrics`] (proxy and gold, their gap and correlation, zero-std groups,
+//! advantage statistics, KL, entropy, length, ensemble disagreement) plus the loss's,
+//! the regularisers' and the trainer's own, and one [`Sample`] per response.
+//!
+//! Sources: Schulman et al. 2017 (PPO); Shao et al. 2024 (GRPO); Yu et al. 2025 (DAPO:
+//! dynamic sampling, overlong filtering); Ziegler et al. 2019 and verl (KL in the reward
+//! or the loss); Li et al. 2024 (ReMax's greedy baseline); Gao, Schulman & Hilton 2022
+//! (`d = sqrt(KL(pi || pi_init))`, logged so gold can be fitted against it).
 //!
 //! A response is the generated tokens up to and including `EOS` (or `max_new_tokens`
 //! tokens). Gold is defined on words; a response that emits a non-word token (a special
 //! or topic token) before `EOS` is *ill-formed*: its gold is that of the words before the
 //! offending token (see [`gold_reward`]), and the fraction of such responses is logged
 //! (`response/ill_formed`).
+
+use std::collections::BTreeMap;
 
 use burn::{
     module::AutodiffModule,
@@ -42,104 +57,102 @@ use burn::{
         Int, Tensor, TensorData,
     },
 };
-use goodhart_advantage::{AdvantageConfig, AdvantageInput};
+use goodhart_advantage::{common::outcome_at_last_token, AdvantageConfig, AdvantageInput};
 use goodhart_core::{
-    aggregate::LossAggregation,
-    groups::Groups,
-    ops::{masked_mean, zero_masked},
-    params::clip_grad_norm,
-    seed, GoodhartError, Result,
+    aggregate::LossAggregation, batch::RolloutBatch, groups::Groups, ops::zero_masked,
+    params::clip_grad_norm, seed, GoodhartError, Result,
 };
 use goodhart_envs::language::{Language, EOS, PAD};
-use goodhart_objective::{policy::PolicyInputs, ppo_clip::PpoClipConfig};
-use goodhart_policy::{generate, score, Generation, GenerationConfig, TransformerLm};
+use goodhart_metrics::step::{batch_metrics, StepInputs, GOLD, PROXY};
+use goodhart_objective::{policy::PolicyInputs, PolicyLossConfig, SampleFilter, ValueLossConfig};
+use goodhart_policy::{
+    generate, score, score::logprobs_from_logits, Generation, GenerationConfig, LmValueModel,
+    TransformerLm,
+};
 use goodhart_regularize::{
-    kl::{kl_in_loss, kl_per_token, KlEstimator, KlPlacement},
-    sequence_chi2::{sequence_chi2_loss, RHO_CLIP},
+    constrained::ConstrainedRlhf, kl::KlPlacement, RegInputs, Regularizer, RegularizerConfig,
+    StepStats,
 };
 use goodhart_reward::{
-    ensemble::member_variance, shaping::Shaper, Aggregator, RewardModel, ShapingConfig,
+    ctrl_u,
+    ensemble::member_variance,
+    length::{fit_length_bias, LengthBias},
+    shaping::Shaper,
+    Aggregator, CtrlUConfig, LengthConfig, RewardModel, ShapingConfig,
 };
 use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
 
-use crate::sft::PROMPT_LEN;
+use crate::sft::{generator_examples, PROMPT_LEN};
 
-/// A KL penalty to the initial policy (TOML `[pg.kl]`).
-///
-/// Per token `kl_t` from `d = lp - lr` with Schulman's `k1 = d` or `k3 = exp(-d) + d - 1`
-/// (verl's clamps), placed in the reward (`r_t - coef kl_t`, PPO-RLHF, verl
-/// `use_kl_in_reward`, on the sampling policy's log-probs) or in the loss
-/// (`coef * token-mean(kl_t)` on the current log-probs, GRPO, verl `use_kl_loss`).
-/// Defaults: coef 0.05 (goodhart's choice for the lab), k1 in the reward (verl's
-/// `kl_penalty = "kl"` with `use_kl_in_reward`; Gao et al. and Ziegler et al. penalise in
-/// the reward). In the reward use k1: with a score-function gradient its expectation is
-/// the gradient of `KL(pi || pi_ref)`, while k3 as a reward is not (measured here: k3 in
-/// the reward at 0.2 ended at a *larger* KL than at 0.05). k3 belongs in the loss (verl's
-/// `kl_loss_type = "low_var_kl"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KlConfig {
-    /// Coefficient `beta >= 0`.
-    pub coef: f64,
-    /// `k1`, `k3` (or any other goodhart-regularize estimator name).
-    pub estimator: KlEstimator,
-    /// `reward` or `loss`.
-    pub placement: KlPlacement,
-}
-
-impl Default for KlConfig {
-    fn default() -> Self {
-        Self {
-            coef: 0.05,
-            estimator: KlEstimator::K1,
-            placement: KlPlacement::Reward,
-        }
-    }
-}
-
-/// Settings of a policy-gradient run (TOML `[pg]`).
+/// Settings of an RL run (TOML `[rl]`; every key optional).
 ///
 /// Defaults: 16 prompts x 8 responses per step (GRPO's group of 8), 80 steps, lr 3e-4
-/// (small model trained from scratch), one PPO epoch per batch (verl `ppo_epochs = 1`),
-/// clip 0.2 (verl, TRL, OpenRLHF), GRPO advantages with verl's defaults, temperature 1,
-/// 24 new tokens, no KL, no chi-squared, no shaping: the unregularised run that
-/// overoptimises.
+/// (small model trained from scratch), one epoch per batch (verl `ppo_epochs = 1`),
+/// GRPO advantages and the PPO-clip loss with verl's defaults (clip 0.2, dual-clip
+/// `c = 3`, token-mean), temperature 1, 24 new tokens, no regulariser, no shaping: the
+/// unregularised run that overoptimises.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PgConfig {
+pub struct RlConfig {
     /// RL steps (one batch each).
     pub steps: usize,
     /// Prompts per step (`P`).
     pub prompts_per_step: usize,
     /// Responses per prompt (`G`, the group).
     pub group_size: usize,
-    /// AdamW learning rate.
+    /// AdamW learning rate of the policy.
     pub lr: f64,
-    /// PPO epochs over each batch (full batch).
+    /// Epochs over each batch (full batch).
     pub epochs: usize,
-    /// PPO clip `eps` (symmetric; dual-clip `c = 3` as verl).
-    pub clip: f32,
-    /// The advantage estimator, by name (`kind = "grpo"`, `"rloo"`, ...).
+    /// The advantage estimator (`kind = "grpo"`, `"rloo"`, `"gae"`, ...).
     pub advantage: AdvantageConfig,
+    /// The policy loss (`kind = "ppo_clip" | "gspo" | "cispo"` with its options).
+    pub loss: PolicyLossConfig,
+    /// Overrides the loss's own aggregation (`"token-mean"`, `"seq-mean-token-sum"`,
+    /// `"seq-mean-token-mean"`, `"seq-mean-token-sum-norm"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<LossAggregation>,
+    /// Which responses the loss trains on (`"all"`, `"nsr"`, `"psr"`).
+    pub sample_filter: SampleFilter,
+    /// Regularisers, each `{ kind = "kl" | "entropy" | "sequence_chi2" | "sft_anchor" |
+    /// "gardo" | "lp_reg" | "constrained", ... }`.
+    pub regularizers: Vec<RegularizerConfig>,
     /// Sampling temperature (log-probs are scored at it too, as verl and TRL do).
     pub temperature: f64,
     /// Longest response in tokens (`EOS` included).
     pub max_new_tokens: usize,
-    /// KL penalty to the initial policy; `None` = no KL.
-    pub kl: Option<KlConfig>,
-    /// Coefficient of ORPO's sequence-level chi-squared in the loss; `None` = off.
-    pub sequence_chi2: Option<f64>,
     /// Reward shaping (`kind = "par"`, ...); references are `m` responses per prompt
     /// sampled once from the initial policy (stream `pg/references`). `None` = raw proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reward_shaping: Option<ShapingConfig>,
+    /// A length method after shaping (`kind = "linear_length" | "dapo_overlong" |
+    /// "fimi"`); `fimi` is fitted once on responses of the initial policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub length_penalty: Option<LengthConfig>,
+    /// Ctrl-U: the proxy times `exp(-beta U)`, `U` the ensemble members' standard
+    /// deviation (needs an ensemble proxy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctrl_u: Option<CtrlUConfig>,
+    /// The trained reward as a weighted sum of named components; empty = the proxy
+    /// alone. GDPO normalises each component, constrained RLHF puts one constraint on
+    /// each, GARDO reads the components after the first as its auxiliary rewards.
+    pub components: Vec<RewardComponent>,
+    /// DAPO's dynamic sampling; `None` = off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_sampling: Option<DynamicSampling>,
+    /// DAPO's overlong filtering: responses cut at `max_new_tokens` without `EOS` get
+    /// no loss (they still count in their group's advantages).
+    pub overlong_filter: bool,
+    /// The value head of `advantage = { kind = "gae" }` (ignored otherwise).
+    pub critic: CriticConfig,
     /// Clip of the gradient norm over all parameters together
     /// ([`goodhart_core::params::clip_grad_norm`], as verl and TRL clip; 0 = off; default
     /// 1.0, their value).
     pub max_grad_norm: f64,
 }
 
-impl Default for PgConfig {
+impl Default for RlConfig {
     fn default() -> Self {
         Self {
             steps: 80,
@@ -147,22 +160,109 @@ impl Default for PgConfig {
             group_size: 8,
             lr: 3e-4,
             epochs: 1,
-            clip: 0.2,
             advantage: AdvantageConfig::default(),
+            loss: PolicyLossConfig::default(),
+            aggregation: None,
+            sample_filter: SampleFilter::All,
+            regularizers: Vec::new(),
             temperature: 1.0,
             max_new_tokens: 24,
-            kl: None,
-            sequence_chi2: None,
             reward_shaping: None,
+            length_penalty: None,
+            ctrl_u: None,
+            components: Vec::new(),
+            dynamic_sampling: None,
+            overlong_filter: false,
+            critic: CriticConfig::default(),
             max_grad_norm: 1.0,
         }
     }
 }
 
-impl PgConfig {
-    /// Errors on settings that cannot run.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, why: String| GoodhartError::invalid(format!("pg.{k}"), why);
+/// One named reward component with its weight in the trained reward.
+///
+/// Names: `proxy` (after Ctrl-U, shaping and the length method), `member<k>` (ensemble
+/// member `k`'s normalised score), `length` (response tokens), `gold` (the true reward:
+/// naming it trains on it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardComponent {
+    /// Which reward.
+    pub name: String,
+    /// Its weight (default 1).
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// DAPO's dynamic sampling (verl `filter_groups`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DynamicSampling {
+    /// Most rollouts per step (verl `max_num_gen_batches`; default 4).
+    pub max_batches: usize,
+}
+
+impl Default for DynamicSampling {
+    fn default() -> Self {
+        Self { max_batches: 4 }
+    }
+}
+
+/// The value head of GAE: the policy's trunk copied at the start plus a fresh scalar
+/// head ([`LmValueModel`]), trained by its own AdamW on the clipped value loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriticConfig {
+    /// Learning rate (default 1e-3, goodhart's choice for the lab's small models).
+    pub lr: f64,
+    /// The value loss (verl's defaults: clipped at 0.5, token-mean).
+    pub value_loss: ValueLossConfig,
+}
+
+impl Default for CriticConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            value_loss: ValueLossConfig::default(),
+        }
+    }
+}
+
+/// Estimators that need data this task does not have, and what they need.
+fn unsupported_estimator(a: &AdvantageConfig) -> Option<&'static str> {
+    match a {
+        AdvantageConfig::Gra(_) => Some("per-turn step rewards from a multi-turn environment"),
+        AdvantageConfig::A2tgpo(_) => Some("per-turn signals from a multi-turn environment"),
+        AdvantageConfig::Igpo(_) => {
+            Some("per-turn ground-truth answer probabilities from a multi-turn environment")
+        }
+        AdvantageConfig::Verpo(_) => Some("unit-test outcomes from a code environment"),
+        _ => None,
+    }
+}
+
+impl RlConfig {
+    /// The policy loss with `aggregation` applied.
+    pub fn policy_loss(&self) -> PolicyLossConfig {
+        let mut loss = self.loss;
+        if let Some(a) = self.aggregation {
+            match &mut loss {
+                PolicyLossConfig::PpoClip(c) => c.aggregation = a,
+                PolicyLossConfig::Gspo(c) => c.aggregation = a,
+                PolicyLossConfig::Cispo(c) => c.aggregation = a,
+            }
+        }
+        loss
+    }
+
+    /// Errors on settings that cannot run against a proxy of `members` reward models,
+    /// naming the key (`rl.<key>`).
+    pub fn validate(&self, members: usize) -> Result<()> {
+        let bad = |k: &str, why: String| GoodhartError::invalid(format!("rl.{k}"), why);
         for (k, v) in [
             ("steps", self.steps),
             ("prompts_per_step", self.prompts_per_step),
@@ -174,17 +274,10 @@ impl PgConfig {
                 return Err(bad(k, "must be at least 1".into()));
             }
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(bad(
-                "lr",
-                format!("must be finite and positive, got {}", self.lr),
-            ));
-        }
-        if !(self.clip.is_finite() && self.clip > 0.0 && self.clip <= 1.0) {
-            return Err(bad(
-                "clip",
-                format!("must lie in (0, 1], got {}", self.clip),
-            ));
+        for (k, v) in [("lr", self.lr), ("critic.lr", self.critic.lr)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(bad(k, format!("must be finite and positive, got {v}")));
+            }
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return Err(bad("temperature", "must be finite and positive".into()));
@@ -192,25 +285,173 @@ impl PgConfig {
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
             return Err(bad("max_grad_norm", "must be finite and >= 0".into()));
         }
-        if let Some(kl) = &self.kl {
-            if !(kl.coef.is_finite() && kl.coef >= 0.0) {
+        let sub = |k: &str, e: GoodhartError| match e {
+            GoodhartError::InvalidArgument { name, reason } => {
+                let leaf = name.rsplit('.').next().unwrap_or(&name).to_string();
+                GoodhartError::invalid(format!("rl.{k}.{leaf}"), reason)
+            }
+            other => GoodhartError::invalid(format!("rl.{k}"), other.to_string()),
+        };
+        self.policy_loss().validate().map_err(|e| sub("loss", e))?;
+        if self.advantage.name() == "gae" {
+            self.critic
+                .value_loss
+                .validate()
+                .map_err(|e| sub("critic.value_loss", e))?;
+        }
+        if let Some(need) = unsupported_estimator(&self.advantage) {
+            return Err(bad(
+                "advantage.kind",
+                format!(
+                    "`{}` needs {need}; the language task has single-turn responses and \
+                     one reward per response",
+                    self.advantage.name()
+                ),
+            ));
+        }
+        // Components.
+        for (i, c) in self.components.iter().enumerate() {
+            let known = matches!(c.name.as_str(), "proxy" | "length" | "gold")
+                || c.name
+                    .strip_prefix("member")
+                    .and_then(|k| k.parse::<usize>().ok())
+                    .is_some_and(|k| k < members);
+            if !known {
                 return Err(bad(
-                    "kl.coef",
-                    format!("must be finite and >= 0, got {}", kl.coef),
+                    &format!("components[{i}].name"),
+                    format!(
+                        "`{}` is not a reward of this task: proxy, length, gold or member<k> \
+                         with k < {members} (the proxy's members)",
+                        c.name
+                    ),
+                ));
+            }
+            if !c.weight.is_finite() {
+                return Err(bad(
+                    &format!("components[{i}].weight"),
+                    "must be finite".into(),
                 ));
             }
         }
-        if let Some(c) = self.sequence_chi2 {
-            if !(c.is_finite() && c >= 0.0) {
-                return Err(bad(
-                    "sequence_chi2",
-                    format!("must be finite and >= 0, got {c}"),
-                ));
+        let k = self.components.len();
+        match &self.advantage {
+            AdvantageConfig::Gdpo(g) => {
+                if k < 2 {
+                    return Err(bad(
+                        "components",
+                        format!("gdpo normalises each named reward component: give at least two, got {k}"),
+                    ));
+                }
+                if !g.weights.is_empty() && g.weights.len() != k {
+                    return Err(bad(
+                        "advantage.weights",
+                        format!("{} weights for {k} components (or leave it empty to use the components' weights)", g.weights.len()),
+                    ));
+                }
             }
+            AdvantageConfig::Bnpo(b) => {
+                let bounded = matches!(
+                    self.reward_shaping,
+                    Some(ShapingConfig::Par { .. }) | Some(ShapingConfig::Minmax)
+                ) && self.length_penalty.is_none()
+                    && self.components.is_empty()
+                    && b.reward_range[0] <= 0.0
+                    && b.reward_range[1] >= 1.0;
+                let kl_in_reward = self.regularizers.iter().any(|r| {
+                    matches!(r, RegularizerConfig::Kl(kl) if kl.placement == KlPlacement::Reward)
+                });
+                if !bounded || kl_in_reward {
+                    return Err(bad(
+                        "advantage.kind",
+                        format!(
+                            "bnpo reads rewards in advantage.reward_range {:?}, and a reward \
+                             model's are unbounded: set rl.reward_shaping = {{ kind = \"par\" }} \
+                             (or \"minmax\"), bounded in [0, 1], with no length_penalty, no \
+                             components and no KL in the reward",
+                            b.reward_range
+                        ),
+                    ));
+                }
+            }
+            _ => {}
         }
+        // Regularisers.
+        for (i, r) in self.regularizers.iter().enumerate() {
+            let path = format!("regularizers[{i}]");
+            let checked = match r {
+                RegularizerConfig::Chi2Occupancy(_) | RegularizerConfig::ActionKl(_) => {
+                    return Err(bad(
+                        &format!("{path}.kind"),
+                        format!(
+                            "`{}` regularises the occupancy of an environment's states and \
+                             actions: it belongs to [tomato], not to the language task",
+                            r.name()
+                        ),
+                    ))
+                }
+                RegularizerConfig::Kl(c) => c.init().map(drop),
+                RegularizerConfig::Entropy(c) => c.init().map(drop),
+                RegularizerConfig::SequenceChi2(c) => c.init().map(drop),
+                RegularizerConfig::SftAnchor(c) => c.init().map(drop),
+                RegularizerConfig::LpReg(c) => c.init().map(drop),
+                RegularizerConfig::Gardo(c) => {
+                    if k < 2 {
+                        return Err(bad(
+                            &path,
+                            "gardo compares the proxy's ranks with auxiliary rewards: name at \
+                             least two components (the first is the proxy, the rest auxiliary)"
+                                .into(),
+                        ));
+                    }
+                    c.init().map(drop)
+                }
+                RegularizerConfig::Constrained(c) => {
+                    if c.constraints.len() != k {
+                        return Err(bad(
+                            &format!("{path}.constraints"),
+                            format!(
+                                "one constraint per reward component: {} constraints, {k} components",
+                                c.constraints.len()
+                            ),
+                        ));
+                    }
+                    c.init().map(drop)
+                }
+            };
+            checked.map_err(|e| sub(&path, e))?;
+        }
+        if self
+            .regularizers
+            .iter()
+            .filter(|r| matches!(r, RegularizerConfig::Constrained(_)))
+            .count()
+            > 1
+        {
+            return Err(bad("regularizers", "at most one `constrained`".into()));
+        }
+        // Rewards.
         if let Some(s) = &self.reward_shaping {
             if s.needs_references() && references_per_prompt(s) == 0 {
                 return Err(bad("reward_shaping.m", "must be at least 1".into()));
+            }
+        }
+        if let Some(c) = &self.ctrl_u {
+            if members < 2 {
+                return Err(bad(
+                    "ctrl_u",
+                    format!("Ctrl-U weights by the ensemble's disagreement: it needs a proxy of at least two members, this one has {members}"),
+                ));
+            }
+            if !(c.beta.is_finite() && c.beta >= 0.0) {
+                return Err(bad("ctrl_u.beta", "must be finite and >= 0".into()));
+            }
+        }
+        if let Some(d) = &self.dynamic_sampling {
+            if d.max_batches == 0 {
+                return Err(bad(
+                    "dynamic_sampling.max_batches",
+                    "must be at least 1".into(),
+                ));
             }
         }
         Ok(())
@@ -227,7 +468,6 @@ fn references_per_prompt(s: &ShapingConfig) -> usize {
         _ => 0,
     }
 }
-
 /// The proxy the policy is trained against: one reward model, or an ensemble of them
 /// combined per response by `aggregation` (`mean`, `median`, `worst_case`, `uwo`:
 /// goodhart-reward's [`Aggregator`], Coste et al. 2024). Scores are the members'
@@ -302,59 +542,6 @@ impl<B: AutodiffBackend> Proxy<B> {
         Proxy {
             members: self.members.iter().map(|m| m.valid()).collect(),
             aggregation: self.aggregation,
-        }
-    }
-}
-
-/// Metrics of one RL step, on the samples of that step. [`StepMetrics::to_json`] gives
-/// the flat map of one `metrics.jsonl` line with goodhart-metrics' keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
-    /// Step index (0-based).
-    pub step: usize,
-    /// `reward/proxy/mean`: mean proxy reward (aggregated, before shaping and penalties).
-    #[serde(rename = "reward/proxy/mean")]
-    pub proxy_mean: f64,
-    /// `reward/gold/mean`: mean gold reward of the same samples (never trained on).
-    #[serde(rename = "reward/gold/mean")]
-    pub gold_mean: f64,
-    /// `reward/train/mean`: mean reward the advantages were computed from (after shaping
-    /// and an in-reward KL penalty).
-    #[serde(rename = "reward/train/mean")]
-    pub train_reward_mean: f64,
-    /// `kl/ref`: mean over responses of `sum_t (lp - lr)` (k1 at the sequence level, nats),
-    /// an estimate of `KL(pi || pi_init)`.
-    #[serde(rename = "kl/ref")]
-    pub kl_ref: f64,
-    /// `kl/d`: `sqrt(max(kl/ref, 0))`, Gao et al.'s distance.
-    #[serde(rename = "kl/d")]
-    pub kl_d: f64,
-    /// `entropy`: token-mean entropy of the sampling policy over response tokens.
-    pub entropy: f64,
-    /// `length/mean`: mean response length in tokens (`EOS` included).
-    #[serde(rename = "length/mean")]
-    pub length_mean: f64,
-    /// `loss`: total loss, mean over the PPO epochs.
-    pub loss: f64,
-    /// `clip/frac`: fraction of response tokens with an active PPO clip bound (low +
-    /// high, verl's `pg_clipfrac`), mean over epochs.
-    #[serde(rename = "clip/frac")]
-    pub clip_frac: f64,
-    /// `reward/ensemble/disagreement`: mean member variance of the proxy (0 for one
-    /// member).
-    #[serde(rename = "reward/ensemble/disagreement")]
-    pub disagreement: f64,
-    /// `response/ill_formed`: fraction of responses with a non-word token before `EOS`.
-    #[serde(rename = "response/ill_formed")]
-    pub ill_formed: f64,
-}
-
-impl StepMetrics {
-    /// The metrics as a flat JSON object keyed as the field docs say.
-    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
-        match serde_json::to_value(self) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
         }
     }
 }
@@ -464,13 +651,297 @@ pub(crate) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f6
         .map_err(|e| GoodhartError::invalid("tensor data", format!("{e:?}")))
 }
 
-fn mean(x: &[f64]) -> f64 {
-    x.iter().sum::<f64>() / x.len().max(1) as f64
+/// One step's record: its flat metrics (one `metrics.jsonl` line) and its samples (one
+/// `samples.jsonl` line each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLine {
+    /// Step index (0-based).
+    pub step: usize,
+    /// Metrics keyed as goodhart-metrics names them (`reward/proxy/mean`, `kl/d`, ...).
+    pub metrics: BTreeMap<String, f64>,
+    /// Every response of the step.
+    pub samples: Vec<Sample>,
 }
 
-/// Reference rewards `[topics][m]`: proxy scores of `m` responses per topic sampled from
-/// the initial policy (PAR's reference responses; stream `pg/references`).
+impl StepLine {
+    /// A metric by key (NaN when absent).
+    pub fn get(&self, key: &str) -> f64 {
+        self.metrics.get(key).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// One response of a step, with every reward it got (a `samples.jsonl` line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// RL step.
+    pub step: usize,
+    /// The prompt's id (its topic).
+    pub prompt: usize,
+    /// The response's tokens (up to and including `EOS`).
+    pub tokens: Vec<u32>,
+    /// The response as text ([`Language::token_text`], space-separated).
+    pub text: String,
+    /// `proxy` (the aggregated proxy score), `gold`, `reward` (the proxy after Ctrl-U,
+    /// shaping and the length method), `train` (the trained reward before in-reward
+    /// regularisers), `component/<name>` per component, `baseline` (ReMax's greedy reward).
+    pub rewards: BTreeMap<String, f64>,
+    /// Its advantage: the mean over its tokens (an outcome estimator's one value).
+    pub advantage: f64,
+    /// `sum_t log pi_old(y_t | ...)` at the sampling temperature.
+    pub logprob: f64,
+    /// `sum_t (log pi_old - log pi_init)`: k1 KL to the reference.
+    pub kl: f64,
+    /// Response length in tokens.
+    pub length: usize,
+}
+
+/// The reward side of the trainer: the proxy through FiMi debiasing, Ctrl-U, shaping and
+/// a length penalty, and the weighted components (inner backend).
+struct Rewards<B: Backend> {
+    shaper: Option<Shaper>,
+    /// Reference rewards `[topics][m]` for shaping.
+    references: Option<Vec<Vec<f32>>>,
+    penalty: Option<LengthConfig>,
+    bias: Option<LengthBias<B>>,
+    ctrl_u: Option<CtrlUConfig>,
+    components: Vec<RewardComponent>,
+}
+
+/// A batch's rewards, each `[N]`.
+#[derive(Debug, Clone)]
+struct Scores<B: Backend> {
+    reward: Tensor<B, 1>,
+    components: Vec<Tensor<B, 1>>,
+    train: Tensor<B, 1>,
+}
+
+fn lengths_of<B: Backend>(mask: &Tensor<B, 2>) -> Tensor<B, 1> {
+    let n = mask.dims()[0];
+    mask.clone().sum_dim(1).reshape([n])
+}
+
+impl<B: Backend> Rewards<B> {
+    /// The proxy after FiMi debiasing and Ctrl-U (what references and batches share).
+    fn base(&self, s: &Scored<B>) -> Result<Tensor<B, 1>> {
+        let mut r = s.proxy.clone();
+        if let Some(bias) = &self.bias {
+            r = bias.debias(r, lengths_of(&s.generation.response_mask))?;
+        }
+        if let Some(c) = &self.ctrl_u {
+            let u = member_variance(s.members.clone(), false)?.sqrt();
+            r = ctrl_u(r, u, c)?;
+        }
+        Ok(r)
+    }
+
+    fn score(&mut self, s: &Scored<B>, device: &B::Device) -> Result<Scores<B>> {
+        let n = s.topics.len();
+        let mut r = self.base(s)?;
+        if let Some(shaper) = self.shaper.as_mut() {
+            let refs = self.references.as_ref().map(|refs| {
+                let m = refs[0].len();
+                let flat: Vec<f32> = s
+                    .topics
+                    .iter()
+                    .flat_map(|&t| refs[t].iter().copied())
+                    .collect();
+                Tensor::<B, 2>::from_data(TensorData::new(flat, [n, m]), device)
+            });
+            r = shaper.apply(r, refs.as_ref())?;
+        }
+        let lengths = lengths_of(&s.generation.response_mask);
+        if let Some(p) = self
+            .penalty
+            .as_ref()
+            .filter(|p| !matches!(p, LengthConfig::Fimi(_)))
+        {
+            r = p.penalise(r, lengths.clone())?;
+        }
+        let components =
+            self.components
+                .iter()
+                .map(|c| {
+                    Ok(match c.name.as_str() {
+                        "proxy" => r.clone(),
+                        "length" => lengths.clone(),
+                        "gold" => Tensor::from_data(
+                            TensorData::new(s.gold.iter().map(|&g| g as f32).collect(), [n]),
+                            device,
+                        ),
+                        member => {
+                            let k: usize = member
+                                .strip_prefix("member")
+                                .and_then(|k| k.parse().ok())
+                                .ok_or_else(|| GoodhartError::invalid("rl.components", member))?;
+                            s.members.clone().narrow(0, k, 1).reshape([n])
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+        let train = if components.is_empty() {
+            r.clone()
+        } else {
+            components
+                .iter()
+                .zip(&self.components)
+                .map(|(c, w)| c.clone() * w.weight)
+                .reduce(|a, b| a + b)
+                .expect("at least one component")
+        };
+        Ok(Scores {
+            reward: r,
+            components,
+            train,
+        })
+    }
+}
+
+/// Samples of one or more rollouts with their rewards, `N` rows (inner backend).
+#[derive(Debug, Clone)]
+struct Rollout<B: Backend> {
+    topics: Vec<usize>,
+    tokens: Tensor<B, 2, Int>,
+    attention: Tensor<B, 2>,
+    response: Tensor<B, 2>,
+    members: Tensor<B, 2>,
+    proxy: Tensor<B, 1>,
+    scores: Scores<B>,
+    gold: Vec<f64>,
+    ill_formed: Vec<bool>,
+    /// Response tokens per row, up to and including `EOS`.
+    responses: Vec<Vec<u32>>,
+}
+
+fn pad_cols<B: Backend, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<B>>(
+    t: Tensor<B, 2, K>,
+    width: usize,
+) -> Tensor<B, 2, K> {
+    let [n, w] = t.dims();
+    if w >= width {
+        return t;
+    }
+    // PAD is 0: zeros pad tokens and masks alike.
+    let zeros = Tensor::<B, 2, K>::empty([n, width - w], &t.device()).zeros_like();
+    Tensor::cat(vec![t, zeros], 1)
+}
+
+impl<B: Backend> Rollout<B> {
+    fn new(s: Scored<B>, scores: Scores<B>) -> Result<Self> {
+        let n = s.topics.len();
+        let width = s.generation.tokens.dims()[1];
+        let toks: Vec<i64> = s
+            .generation
+            .tokens
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .map_err(|e| GoodhartError::invalid("tokens", format!("{e:?}")))?;
+        let responses = (0..n)
+            .map(|row| {
+                let mut r = Vec::new();
+                for &t in &toks[row * width + PROMPT_LEN..(row + 1) * width] {
+                    r.push(t as u32);
+                    if t as u32 == EOS {
+                        break;
+                    }
+                }
+                r
+            })
+            .collect();
+        Ok(Self {
+            topics: s.topics,
+            tokens: s.generation.tokens,
+            attention: s.generation.attention_mask,
+            response: s.generation.response_mask,
+            members: s.members,
+            proxy: s.proxy,
+            scores,
+            gold: s.gold,
+            ill_formed: s.ill_formed,
+            responses,
+        })
+    }
+
+    /// The rows `rows`, in order.
+    fn select(&self, rows: &[usize]) -> Self {
+        let device = self.tokens.device();
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+            &device,
+        );
+        let pick = |t: &Tensor<B, 1>| t.clone().select(0, idx.clone());
+        Self {
+            topics: rows.iter().map(|&r| self.topics[r]).collect(),
+            tokens: self.tokens.clone().select(0, idx.clone()),
+            attention: self.attention.clone().select(0, idx.clone()),
+            response: self.response.clone().select(0, idx.clone()),
+            members: self.members.clone().select(1, idx.clone()),
+            proxy: pick(&self.proxy),
+            scores: Scores {
+                reward: pick(&self.scores.reward),
+                components: self.scores.components.iter().map(pick).collect(),
+                train: pick(&self.scores.train),
+            },
+            gold: rows.iter().map(|&r| self.gold[r]).collect(),
+            ill_formed: rows.iter().map(|&r| self.ill_formed[r]).collect(),
+            responses: rows.iter().map(|&r| self.responses[r].clone()).collect(),
+        }
+    }
+
+    /// The rollouts one after the other, padded to the widest (at least one).
+    fn cat(parts: Vec<Self>) -> Self {
+        if parts.len() == 1 {
+            return parts.into_iter().next().expect("one part");
+        }
+        let width = parts.iter().map(|p| p.tokens.dims()[1]).max().unwrap_or(0);
+        let cat1 =
+            |f: &dyn Fn(&Self) -> Tensor<B, 1>| Tensor::cat(parts.iter().map(f).collect(), 0);
+        let k = parts[0].scores.components.len();
+        Self {
+            topics: parts.iter().flat_map(|p| p.topics.clone()).collect(),
+            tokens: Tensor::cat(
+                parts
+                    .iter()
+                    .map(|p| pad_cols(p.tokens.clone(), width))
+                    .collect(),
+                0,
+            ),
+            attention: Tensor::cat(
+                parts
+                    .iter()
+                    .map(|p| pad_cols(p.attention.clone(), width))
+                    .collect(),
+                0,
+            ),
+            response: Tensor::cat(
+                parts
+                    .iter()
+                    .map(|p| pad_cols(p.response.clone(), width))
+                    .collect(),
+                0,
+            ),
+            members: Tensor::cat(parts.iter().map(|p| p.members.clone()).collect(), 1),
+            proxy: cat1(&|p| p.proxy.clone()),
+            scores: Scores {
+                reward: cat1(&|p| p.scores.reward.clone()),
+                components: (0..k)
+                    .map(|i| cat1(&|p| p.scores.components[i].clone()))
+                    .collect(),
+                train: cat1(&|p| p.scores.train.clone()),
+            },
+            gold: parts.iter().flat_map(|p| p.gold.clone()).collect(),
+            ill_formed: parts.iter().flat_map(|p| p.ill_formed.clone()).collect(),
+            responses: parts.iter().flat_map(|p| p.responses.clone()).collect(),
+        }
+    }
+}
+
+/// Reference rewards `[topics][m]`: [`Rewards::base`] of `m` responses per topic sampled
+/// from the initial policy (shaping's reference responses; stream `pg/references`).
+#[allow(clippy::too_many_arguments)]
 fn reference_rewards<B: Backend>(
+    rewards: &Rewards<B>,
     reference: &TransformerLm<B>,
     lang: &Language,
     proxy: &Proxy<B>,
@@ -485,34 +956,113 @@ fn reference_rewards<B: Backend>(
         .collect();
     let mut rng = seed::rng(seed, "pg/references");
     let s = sample_and_score(reference, lang, proxy, &rows, generation, &mut rng, device)?;
-    let r = host(s.proxy)?;
+    let r: Vec<f32> = host(rewards.base(&s)?)?
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
     Ok((0..topics)
-        .map(|t| r[t * m..(t + 1) * m].iter().map(|&x| x as f32).collect())
+        .map(|t| r[t * m..(t + 1) * m].to_vec())
         .collect())
 }
 
+/// Responses per fit of FiMi's length model, sampled from the initial policy.
+const FIMI_SAMPLES: usize = 256;
+
+/// The group ids of `rows` that have a non-zero spread of `train` (DAPO keeps those).
+fn groups_with_spread(train: &[f64], g: usize) -> Vec<bool> {
+    train
+        .chunks(g)
+        .map(|c| c.iter().any(|&x| (x - c[0]).abs() > 1e-6))
+        .collect()
+}
+
+/// Steps 1-3: a batch of `P` groups of `G` responses, with dynamic sampling when set.
+/// Returns the batch, the rollouts drawn and the share of drawn groups with spread.
+#[allow(clippy::too_many_arguments)]
+fn collect<B: Backend>(
+    cfg: &RlConfig,
+    sampler: &TransformerLm<B>,
+    lang: &Language,
+    proxy: &Proxy<B>,
+    rewards: &mut Rewards<B>,
+    generation: &GenerationConfig,
+    prompt_rng: &mut seed::ChaCha8Rng,
+    sample_rng: &mut seed::ChaCha8Rng,
+    device: &B::Device,
+) -> Result<(Rollout<B>, usize, f64)> {
+    let (p, g) = (cfg.prompts_per_step, cfg.group_size);
+    let topics_n = lang.config().topics;
+    let rounds = cfg.dynamic_sampling.as_ref().map_or(1, |d| d.max_batches);
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    let (mut kept_groups, mut drawn) = (0, 0);
+    for round in 1..=rounds {
+        let topics: Vec<usize> = (0..p)
+            .flat_map(|_| std::iter::repeat_n(prompt_rng.random_range(0..topics_n), g))
+            .collect();
+        let s = sample_and_score(
+            sampler, lang, proxy, &topics, generation, sample_rng, device,
+        )?;
+        let scores = rewards.score(&s, device)?;
+        let r = Rollout::new(s, scores)?;
+        if cfg.dynamic_sampling.is_none() {
+            return Ok((r, 1, f64::NAN));
+        }
+        let spread = groups_with_spread(&host(r.scores.train.clone())?, g);
+        drawn += p;
+        let rows = |keep: bool| -> Vec<usize> {
+            spread
+                .iter()
+                .enumerate()
+                .filter(|(_, &s)| s == keep)
+                .flat_map(|(i, _)| i * g..(i + 1) * g)
+                .collect()
+        };
+        let (yes, no) = (rows(true), rows(false));
+        kept_groups += yes.len() / g;
+        if !yes.is_empty() {
+            kept.push(r.select(&yes));
+        }
+        if !no.is_empty() {
+            dropped.push(r.select(&no));
+        }
+        if kept_groups >= p || round == rounds {
+            let share = kept_groups as f64 / drawn as f64;
+            // Kept groups first; a short batch is filled with dropped ones.
+            kept.extend(dropped);
+            let all = Rollout::cat(kept);
+            let first: Vec<usize> = (0..p * g).collect();
+            return Ok((all.select(&first), round, share));
+        }
+    }
+    Err(GoodhartError::invalid(
+        "rl.dynamic_sampling.max_batches",
+        "must be at least 1",
+    ))
+}
+
 /// Trains `policy` against `proxy` for `cfg.steps` steps (see the module docs), calling
-/// `log` with each step's metrics; returns the trained policy.
+/// `log` with each step's [`StepLine`]; returns the trained policy.
 ///
-/// `reference` is the initial policy (frozen, inner backend): the KL penalties, the
-/// chi-squared term, PAR's references and the reported `kl/ref` are measured against it.
+/// `reference` is the initial policy (frozen, inner backend): KL terms, the chi-squared
+/// term, shaping's references and the reported `kl/ref` are measured against it.
 /// Deterministic in `seed` on a given backend (streams `pg/init`, `pg/prompts`,
-/// `pg/sample`, `pg/references`).
+/// `pg/sample`, `pg/greedy`, `pg/references`, `pg/fimi`, `pg/anchor`).
 ///
 /// Errors on a bad config, a prompt plus `max_new_tokens` longer than the policy's or a
-/// proxy member's `max_seq_len`, or an error from `log` (which stops the run).
+/// proxy member's `max_seq_len`, non-finite rewards or losses, or an error from `log`
+/// (which stops the run).
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: AutodiffBackend>(
-    cfg: &PgConfig,
+    cfg: &RlConfig,
     lang: &Language,
     mut policy: TransformerLm<B>,
     reference: &TransformerLm<B::InnerBackend>,
     proxy: &Proxy<B::InnerBackend>,
     seed: u64,
     device: &B::Device,
-    log: &mut dyn FnMut(&StepMetrics) -> Result<()>,
+    log: &mut dyn FnMut(&StepLine) -> Result<()>,
 ) -> Result<TransformerLm<B>> {
-    cfg.validate()?;
+    cfg.validate(proxy.members.len())?;
     let need = PROMPT_LEN + cfg.max_new_tokens;
     for (what, len) in std::iter::once(("policy", policy.trunk.max_seq_len()))
         .chain(std::iter::once((
@@ -528,7 +1078,7 @@ pub fn train<B: AutodiffBackend>(
     {
         if len < need {
             return Err(GoodhartError::invalid(
-                "pg.max_new_tokens",
+                "rl.max_new_tokens",
                 format!(
                     "prompt {PROMPT_LEN} + {} tokens exceeds the {what}'s max_seq_len {len}",
                     cfg.max_new_tokens
@@ -548,193 +1098,508 @@ pub fn train<B: AutodiffBackend>(
         .with_temperature(cfg.temperature)
         .with_eos_id(Some(EOS as usize))
         .with_pad_id(PAD as usize);
-    let objective = PpoClipConfig {
-        eps_low: cfg.clip,
-        eps_high: cfg.clip,
-        ..PpoClipConfig::default()
+    let objective = cfg.policy_loss();
+    // Rewards: FiMi's length model is fitted first (shaping's references read it).
+    let mut rewards = Rewards::<B::InnerBackend> {
+        shaper: cfg.reward_shaping.clone().map(Shaper::new),
+        references: None,
+        penalty: cfg.length_penalty.clone(),
+        bias: None,
+        ctrl_u: cfg.ctrl_u,
+        components: cfg.components.clone(),
     };
-    let mut shaper = cfg.reward_shaping.clone().map(Shaper::new);
-    let references = match &cfg.reward_shaping {
-        Some(s) if s.needs_references() => Some(reference_rewards(
+    if let Some(LengthConfig::Fimi(f)) = &cfg.length_penalty {
+        let topics = lang.config().topics;
+        let rows: Vec<usize> = (0..FIMI_SAMPLES).map(|i| i % topics).collect();
+        let mut rng = seed::rng(seed, "pg/fimi");
+        let s = sample_and_score(reference, lang, proxy, &rows, &generation, &mut rng, device)?;
+        let lengths = lengths_of(&s.generation.response_mask);
+        rewards.bias = Some(fit_length_bias::<B>(
+            Tensor::from_inner(s.proxy),
+            Tensor::from_inner(lengths),
+            f,
+        )?);
+    }
+    if let Some(s) = cfg.reward_shaping.as_ref().filter(|s| s.needs_references()) {
+        let m = references_per_prompt(s);
+        rewards.references = Some(reference_rewards(
+            &rewards,
             reference,
             lang,
             proxy,
-            references_per_prompt(s),
+            m,
             &generation,
             seed,
             device,
-        )?),
-        _ => None,
-    };
+        )?);
+    }
+    // Regularisers: every one through the trait; constrained RLHF's multipliers also mix
+    // the advantages, so it is held as its own type.
+    let mut regularizers: Vec<Box<dyn Regularizer<B>>> = Vec::new();
+    let mut constrained: Option<ConstrainedRlhf> = None;
+    for r in &cfg.regularizers {
+        match r {
+            RegularizerConfig::Constrained(c) => constrained = Some(c.init()?),
+            other => regularizers.push(other.build::<B>(device)?),
+        }
+    }
+    let needs_logits = cfg
+        .regularizers
+        .iter()
+        .any(|r| matches!(r, RegularizerConfig::LpReg(_)));
+    let anchor = cfg
+        .regularizers
+        .iter()
+        .any(|r| matches!(r, RegularizerConfig::SftAnchor(_)));
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.0)
         .init::<B, TransformerLm<B>>();
+    // GAE's value head, on a copy of the policy's trunk.
+    let gae = matches!(cfg.advantage, AdvantageConfig::Gae(_));
+    let mut critic = gae.then(|| {
+        (
+            LmValueModel::from_trunk(policy.trunk.clone()),
+            AdamWConfig::new()
+                .with_epsilon(1e-8)
+                .with_weight_decay(0.0)
+                .init::<B, LmValueModel<B>>(),
+        )
+    });
     let mut prompt_rng = seed::rng(seed, "pg/prompts");
     let mut sample_rng = seed::rng(seed, "pg/sample");
+    let mut greedy_rng = seed::rng(seed, "pg/greedy");
+    let mut anchor_rng = seed::rng(seed, "pg/anchor");
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
     let groups = Groups::contiguous(p, g)?;
-    let topics_n = lang.config().topics;
+    let n = p * g;
+    let to_ad = |t: Tensor<B::InnerBackend, 2>| Tensor::<B, 2>::from_inner(t);
+    let to_ad1 = |t: Tensor<B::InnerBackend, 1>| Tensor::<B, 1>::from_inner(t);
     for step in 0..cfg.steps {
-        // 1-2. Prompts and rollout with the current policy (no autodiff).
-        let topics: Vec<usize> = (0..p)
-            .flat_map(|_| std::iter::repeat_n(prompt_rng.random_range(0..topics_n), g))
-            .collect();
+        // 1-3. Prompts, rollout with the current policy (no autodiff), rewards.
         let sampler = policy.valid();
-        let s = sample_and_score(
+        let (batch, rollouts, spread_share) = collect(
+            cfg,
             &sampler,
             lang,
             proxy,
-            &topics,
+            &mut rewards,
             &generation,
+            &mut prompt_rng,
             &mut sample_rng,
             device,
         )?;
-        let gen = &s.generation;
-        let mask = gen.response_mask.clone();
+        let mask = batch.response.clone();
+        // 4. Log-probs of the sampling policy and the reference.
         let old = score(
             &sampler,
-            gen.tokens.clone(),
-            gen.attention_mask.clone(),
+            batch.tokens.clone(),
+            batch.attention.clone(),
             cfg.temperature,
         )?;
         let lp_old = zero_masked(old.logprobs, &mask);
         let lr = zero_masked(
             score(
                 reference,
-                gen.tokens.clone(),
-                gen.attention_mask.clone(),
+                batch.tokens.clone(),
+                batch.attention.clone(),
                 cfg.temperature,
             )?
             .logprobs,
             &mask,
         );
-        // 3. Rewards: shaping, then an in-reward KL penalty.
-        let n = topics.len();
-        let mut reward = s.proxy.clone();
-        if let Some(shaper) = shaper.as_mut() {
-            let refs = references.as_ref().map(|r| {
-                let m = r[0].len();
-                let flat: Vec<f32> = topics.iter().flat_map(|&t| r[t].iter().copied()).collect();
-                Tensor::<B::InnerBackend, 2>::from_data(TensorData::new(flat, [n, m]), device)
-            });
-            reward = shaper.apply(reward, refs.as_ref())?;
-        }
-        let mut input = AdvantageInput::new(mask.clone(), &groups);
-        let train_reward = match &cfg.kl {
-            Some(kl) if kl.placement == KlPlacement::Reward && kl.coef > 0.0 => {
-                let per_token =
-                    kl_per_token(lp_old.clone(), lr.clone(), &mask, kl.estimator, true)?;
-                let seq = per_token.clone().sum_dim(1).reshape([n]);
-                let tokens =
-                    goodhart_advantage::common::outcome_at_last_token(reward.clone(), &mask)
-                        - per_token * kl.coef;
-                input = input.with_token_rewards(tokens);
-                reward - seq * kl.coef
-            }
-            _ => {
-                input = input.with_rewards(reward.clone());
-                reward
-            }
-        };
-        // 4. Advantages.
-        let adv = cfg.advantage.compute(&input)?.advantages;
-        // 5. PPO epochs on the autodiff backend.
-        let to_ad = |t: Tensor<B::InnerBackend, 2>| Tensor::<B, 2>::from_inner(t);
-        let tokens = Tensor::<B, 2, Int>::from_inner(gen.tokens.clone());
-        let attention = to_ad(gen.attention_mask.clone());
-        let (mask_ad, lp_old_ad, lr_ad, adv_ad) = (
+        let (tokens, attention, mask_ad) = (
+            Tensor::<B, 2, Int>::from_inner(batch.tokens.clone()),
+            to_ad(batch.attention.clone()),
             to_ad(mask.clone()),
-            to_ad(lp_old.clone()),
-            to_ad(lr.clone()),
-            to_ad(adv),
         );
-        let (mut loss_sum, mut clip_sum) = (0.0, 0.0);
+        let (lp_old_ad, lr_ad) = (to_ad(lp_old.clone()), to_ad(lr.clone()));
+        let reward_main = to_ad1(batch.scores.train.clone());
+        let rewards_aux: Vec<Tensor<B, 1>> = batch
+            .scores
+            .components
+            .iter()
+            .skip(1)
+            .map(|c| to_ad1(c.clone()))
+            .collect();
+        let sampled = RegInputs::<B> {
+            mask: Some(mask_ad.clone()),
+            logp: Some(lp_old_ad.clone()),
+            logp_ref: Some(lr_ad.clone()),
+            entropy: Some(to_ad(old.entropy.clone())),
+            tokens: Some(tokens.clone()),
+            reward_main: Some(reward_main.clone()),
+            rewards_aux: rewards_aux.clone(),
+            ..Default::default()
+        };
+        let outcome = outcome_at_last_token(reward_main.clone(), &mask_ad);
+        let mut token_rewards = outcome.clone();
+        for r in regularizers.iter_mut() {
+            token_rewards = r.shape_rewards(token_rewards, &sampled)?;
+        }
+        let token_rewards = token_rewards.inner();
+        // 5. Advantages.
+        let mut input =
+            AdvantageInput::new(mask.clone(), &groups).with_token_rewards(token_rewards.clone());
+        let old_values = critic
+            .as_ref()
+            .map(|(c, _)| {
+                c.valid()
+                    .forward(batch.tokens.clone(), batch.attention.clone())
+            })
+            .transpose()?
+            .map(|v| zero_masked(v, &mask));
+        if let Some(v) = &old_values {
+            input = input.with_values(v.clone());
+        }
+        let mut baseline = None;
+        if matches!(cfg.advantage, AdvantageConfig::Remax(_)) {
+            // ReMax: the reward of the greedy response to each prompt.
+            let prompts: Vec<usize> = batch.topics.iter().step_by(g).copied().collect();
+            let greedy = generation.clone().with_greedy(true);
+            let s = sample_and_score(
+                &sampler,
+                lang,
+                proxy,
+                &prompts,
+                &greedy,
+                &mut greedy_rng,
+                device,
+            )?;
+            let per_prompt = rewards.score(&s, device)?.train;
+            let rows = Tensor::<B::InnerBackend, 1, Int>::from_data(
+                TensorData::new((0..n).map(|i| (i / g) as i64).collect(), [n]),
+                device,
+            );
+            let b = per_prompt.select(0, rows);
+            input = input.with_baseline_rewards(b.clone());
+            baseline = Some(host(b)?);
+        }
+        let estimator = match &cfg.advantage {
+            AdvantageConfig::Gdpo(c) if c.weights.is_empty() => {
+                let mut c = c.clone();
+                c.weights = cfg.components.iter().map(|w| w.weight as f32).collect();
+                AdvantageConfig::Gdpo(c)
+            }
+            other => other.clone(),
+        };
+        if matches!(estimator, AdvantageConfig::Gdpo(_)) {
+            let cols: Vec<Tensor<B::InnerBackend, 2>> = batch
+                .scores
+                .components
+                .iter()
+                .map(|c| c.clone().reshape([n, 1]))
+                .collect();
+            input = input.with_reward_components(Tensor::cat(cols, 1));
+        }
+        let out = estimator.compute(&input)?;
+        let returns = out.returns;
+        let mut adv = out.advantages;
+        if let Some(c) = &constrained {
+            // Moskovitz et al.: (N - sum lambda) A_KL + sum lambda_i A_i, A_KL from the
+            // in-reward regularisers' terms alone, A_i from each component alone.
+            let kl_only = token_rewards.clone() - outcome.clone().inner();
+            let a_kl = estimator
+                .compute(&AdvantageInput::new(mask.clone(), &groups).with_token_rewards(kl_only))?
+                .advantages;
+            let parts = batch
+                .scores
+                .components
+                .iter()
+                .map(|r| {
+                    let t = outcome_at_last_token(r.clone(), &mask);
+                    Ok(estimator
+                        .compute(&AdvantageInput::new(mask.clone(), &groups).with_token_rewards(t))?
+                        .advantages)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            adv = c.mix_advantages(a_kl, &parts)?;
+        }
+        // The loss mask: overlong filtering, then the sample filter.
+        let mut loss_mask = mask.clone();
+        if cfg.overlong_filter {
+            let keep: Vec<f32> = batch
+                .responses
+                .iter()
+                .map(|r| if r.last() == Some(&EOS) { 1.0 } else { 0.0 })
+                .collect();
+            let keep = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(keep, [n]), device);
+            loss_mask = loss_mask * keep.reshape([n, 1]);
+        }
+        let loss_mask = cfg.sample_filter.apply(&adv, &loss_mask)?;
+        let loss_mask_ad = to_ad(loss_mask.clone());
+        let adv_ad = to_ad(adv.clone());
+        // SFT anchoring: responses of the language itself (the SFT data), one per row.
+        let baseline_batch = if anchor {
+            let ex = generator_examples(lang, n, &mut anchor_rng);
+            let w = ex.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+            let mut ids = vec![PAD as i64; n * w];
+            let (mut attn, mut resp) = (vec![0f32; n * w], vec![0f32; n * w]);
+            for (i, e) in ex.iter().enumerate() {
+                for (j, &t) in e.tokens.iter().enumerate() {
+                    ids[i * w + j] = t as i64;
+                    attn[i * w + j] = 1.0;
+                    resp[i * w + j] = if j >= PROMPT_LEN { 1.0 } else { 0.0 };
+                }
+            }
+            Some((
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, w]), device),
+                Tensor::<B, 2>::from_data(TensorData::new(attn, [n, w]), device),
+                Tensor::<B, 2>::from_data(TensorData::new(resp, [n, w]), device),
+            ))
+        } else {
+            None
+        };
+        // 6. Epochs on the autodiff backend.
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut add = |k: &str, v: f64| *sums.entry(k.to_string()).or_insert(0.0) += v;
+        let width = batch.tokens.dims()[1];
         for _ in 0..cfg.epochs {
-            let lp = score(&policy, tokens.clone(), attention.clone(), cfg.temperature)?.logprobs;
+            let logits = policy.forward(tokens.clone(), attention.clone())?;
+            let (lp, entropy) = logprobs_from_logits(
+                logits.clone().narrow(1, 0, width - 1),
+                tokens.clone().narrow(1, 1, width - 1),
+                cfg.temperature,
+            );
+            let zero = Tensor::<B, 2>::zeros([n, 1], device);
+            let align =
+                |x: Tensor<B, 2>| zero_masked(Tensor::cat(vec![zero.clone(), x], 1), &attention);
+            let (lp, entropy) = (align(lp), align(entropy));
             let inputs = PolicyInputs::new(
                 lp.clone(),
                 lp_old_ad.clone(),
                 adv_ad.clone(),
-                mask_ad.clone(),
+                loss_mask_ad.clone(),
             )?;
             let out = objective.loss(&inputs)?;
-            let mut loss = out.loss;
-            if let Some(kl) = cfg.kl.as_ref().filter(|k| k.placement == KlPlacement::Loss) {
-                loss = loss
-                    + kl_in_loss(
-                        lp.clone(),
-                        lr_ad.clone(),
-                        &mask_ad,
-                        kl.coef,
-                        kl.estimator,
-                        true,
-                        LossAggregation::TokenMean,
-                    )?;
+            let current = RegInputs::<B> {
+                mask: Some(loss_mask_ad.clone()),
+                logp: Some(lp),
+                logp_ref: Some(lr_ad.clone()),
+                entropy: Some(entropy),
+                logits: needs_logits.then(|| {
+                    let v = logits.dims()[2];
+                    Tensor::cat(
+                        vec![
+                            Tensor::<B, 3>::zeros([n, 1, v], device),
+                            logits.clone().narrow(1, 0, width - 1) / cfg.temperature,
+                        ],
+                        1,
+                    )
+                }),
+                tokens: Some(tokens.clone()),
+                baseline_logp: baseline_batch
+                    .as_ref()
+                    .map(|(t, a, _)| score(&policy, t.clone(), a.clone(), 1.0).map(|s| s.logprobs))
+                    .transpose()?,
+                baseline_mask: baseline_batch.as_ref().map(|(_, _, m)| m.clone()),
+                reward_main: Some(reward_main.clone()),
+                rewards_aux: rewards_aux.clone(),
+                ..Default::default()
+            };
+            let mut loss = out.loss.clone();
+            let mut parts = vec![
+                out.loss.inner(),
+                out.metrics.clip_frac_low.inner(),
+                out.metrics.clip_frac_high.inner(),
+                out.metrics.dual_clip_frac.inner(),
+                out.metrics.approx_kl_k3.inner(),
+            ];
+            let mut names = vec![
+                "loss/policy",
+                "clip/low",
+                "clip/high",
+                "clip/dual",
+                "ppo_kl",
+            ];
+            for r in regularizers.iter_mut() {
+                if let Some(term) = r.loss(&current)? {
+                    parts.push(term.clone().inner());
+                    names.push(r.name());
+                    loss = loss + term;
+                }
             }
-            if let Some(coef) = cfg.sequence_chi2 {
-                loss = loss + sequence_chi2_loss(lp, lr_ad.clone(), &mask_ad, coef, RHO_CLIP)?;
-            }
-            let parts = host(Tensor::cat(
-                vec![
-                    loss.clone().inner(),
-                    out.metrics.clip_frac_low.inner(),
-                    out.metrics.clip_frac_high.inner(),
-                ],
-                0,
-            ))?;
-            if !parts[0].is_finite() {
+            parts.insert(0, loss.clone().inner());
+            names.insert(0, "loss");
+            let values = host(Tensor::cat(parts, 0))?;
+            if !values[0].is_finite() {
                 return Err(GoodhartError::NonFinite {
-                    what: format!("policy-gradient loss at step {step}"),
+                    what: format!("rl loss at step {step}"),
                 });
             }
-            loss_sum += parts[0];
-            clip_sum += parts[1] + parts[2];
+            for (name, v) in names.iter().zip(&values) {
+                let key = match *name {
+                    "loss" | "loss/policy" | "clip/low" | "clip/high" | "clip/dual" | "ppo_kl" => {
+                        name.to_string()
+                    }
+                    reg => format!("loss/{reg}"),
+                };
+                add(&key, *v);
+            }
             let grads = GradientsParams::from_grads(loss.backward(), &policy);
-            let (grads, _) = clip_grad_norm(&policy, grads, cfg.max_grad_norm)?;
+            let (grads, norm) = clip_grad_norm(&policy, grads, cfg.max_grad_norm)?;
+            if let Some(norm) = norm {
+                add("grad_norm", norm);
+            }
             policy = optim.step(cfg.lr, policy, grads);
+            if let (Some((model, opt)), Some(v_old), Some(ret)) =
+                (critic.take(), old_values.as_ref(), returns.as_ref())
+            {
+                let v = model.forward(tokens.clone(), attention.clone())?;
+                let vl = cfg.critic.value_loss.loss(
+                    v,
+                    to_ad(v_old.clone()),
+                    to_ad(ret.clone()),
+                    &mask_ad,
+                )?;
+                let values = host(Tensor::cat(
+                    vec![vl.loss.clone().inner(), vl.clip_frac.clone().inner()],
+                    0,
+                ))?;
+                if !values[0].is_finite() {
+                    return Err(GoodhartError::NonFinite {
+                        what: format!("value loss at step {step}"),
+                    });
+                }
+                add("critic/value_loss", values[0]);
+                add("critic/clip_frac", values[1]);
+                let mut opt = opt;
+                let grads = GradientsParams::from_grads(vl.loss.backward(), &model);
+                let (grads, _) = clip_grad_norm(&model, grads, cfg.max_grad_norm)?;
+                let model = opt.step(cfg.critic.lr, model, grads);
+                critic = Some((model, opt));
+            }
         }
-        // Metrics of the samples of this step.
-        let b = n;
-        let seq_kl = (lp_old - lr).sum_dim(1).reshape([b]);
-        let lengths = mask.clone().sum_dim(1).reshape([b]);
-        let disagreement = member_variance(s.members.clone(), false)?.mean();
-        let scalars = host(Tensor::cat(
-            vec![
-                s.proxy.clone().mean(),
-                train_reward.mean(),
-                seq_kl.mean(),
-                masked_mean(old.entropy, &mask),
-                lengths.mean(),
-                disagreement,
-            ],
-            0,
-        ))?;
-        let kl = scalars[2];
-        let m = StepMetrics {
-            step,
-            proxy_mean: scalars[0],
-            gold_mean: mean(&s.gold),
-            train_reward_mean: scalars[1],
-            kl_ref: kl,
-            kl_d: kl.max(0.0).sqrt(),
-            entropy: scalars[3],
-            length_mean: scalars[4],
-            loss: loss_sum / cfg.epochs as f64,
-            clip_frac: clip_sum / cfg.epochs as f64,
-            disagreement: scalars[5],
-            ill_formed: s.ill_formed.iter().filter(|&&x| x).count() as f64 / b as f64,
+        // 7. Metrics of the samples of this step, then the regularisers observe it.
+        let mut rollout = RolloutBatch::new(batch.tokens.clone(), mask.clone(), groups.clone())?
+            .with_reward(PROXY, batch.proxy.clone())?
+            .with_reward(
+                GOLD,
+                Tensor::from_data(
+                    TensorData::new(batch.gold.iter().map(|&x| x as f32).collect(), [n]),
+                    device,
+                ),
+            )?
+            .with_reward("train", batch.scores.train.clone())?
+            .with_logp_ref(lr.clone())?;
+        if cfg.reward_shaping.is_some() || cfg.length_penalty.is_some() || cfg.ctrl_u.is_some() {
+            rollout = rollout.with_reward("shaped", batch.scores.reward.clone())?;
+        }
+        let mut metrics = batch_metrics(
+            &rollout,
+            &StepInputs {
+                logp: Some(lp_old.clone()),
+                entropy: Some(old.entropy.clone()),
+                advantages: Some(adv.clone()),
+                ensemble: (batch.members.dims()[0] > 1).then(|| batch.members.clone()),
+            },
+        )?;
+        metrics
+            .entry(goodhart_metrics::step::KEY_DISAGREEMENT.into())
+            .or_insert(0.0);
+        for (k, v) in sums {
+            metrics.insert(k, v / cfg.epochs as f64);
+        }
+        metrics.insert(
+            "clip/frac".into(),
+            metrics.get("clip/low").copied().unwrap_or(0.0)
+                + metrics.get("clip/high").copied().unwrap_or(0.0),
+        );
+        let ill = batch.ill_formed.iter().filter(|&&x| x).count() as f64 / n as f64;
+        metrics.insert("response/ill_formed".into(), ill);
+        let truncated = batch
+            .responses
+            .iter()
+            .filter(|r| r.last() != Some(&EOS))
+            .count();
+        metrics.insert("response/truncated".into(), truncated as f64 / n as f64);
+        if cfg.dynamic_sampling.is_some() {
+            metrics.insert("sampling/rollouts".into(), rollouts as f64);
+            metrics.insert("sampling/spread_share".into(), spread_share);
+        }
+        let component_returns: Vec<f64> = batch
+            .scores
+            .components
+            .iter()
+            .map(|c| host(c.clone().mean()).map(|v| v[0]))
+            .collect::<Result<_>>()?;
+        for (c, v) in cfg.components.iter().zip(&component_returns) {
+            metrics.insert(format!("reward/component/{}", c.name), *v);
+        }
+        let stats = StepStats {
+            kl: metrics.get("kl/ref/token").copied().unwrap_or(0.0),
+            reward: metrics.get("reward/proxy/mean").copied().unwrap_or(0.0),
+            n_samples: n as f64,
+            component_returns: component_returns.clone(),
         };
-        log(&m)?;
+        for r in regularizers.iter_mut() {
+            r.observe(&stats)?;
+            metrics.extend(r.metrics());
+        }
+        if let Some(c) = constrained.as_mut() {
+            Regularizer::<B>::observe(c, &stats)?;
+            metrics.extend(Regularizer::<B>::metrics(c));
+        }
+        // Samples.
+        let lp_seq = host(lp_old.clone().sum_dim(1).reshape([n]))?;
+        let kl_seq = host((lp_old - lr).sum_dim(1).reshape([n]))?;
+        let adv_h = host(
+            (adv.clone() * mask.clone()).sum_dim(1).reshape([n]) / lengths_of(&mask).clamp_min(1.0),
+        )?;
+        let proxy_h = host(batch.proxy.clone())?;
+        let reward_h = host(batch.scores.reward.clone())?;
+        let train_h = host(batch.scores.train.clone())?;
+        let comps_h = batch
+            .scores
+            .components
+            .iter()
+            .map(|c| host(c.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let samples = (0..n)
+            .map(|i| {
+                let mut r = BTreeMap::from([
+                    ("proxy".to_string(), proxy_h[i]),
+                    ("gold".to_string(), batch.gold[i]),
+                    ("reward".to_string(), reward_h[i]),
+                    ("train".to_string(), train_h[i]),
+                ]);
+                for (c, v) in cfg.components.iter().zip(&comps_h) {
+                    r.insert(format!("component/{}", c.name), v[i]);
+                }
+                if let Some(b) = &baseline {
+                    r.insert("baseline".into(), b[i]);
+                }
+                let tokens = batch.responses[i].clone();
+                Sample {
+                    step,
+                    prompt: batch.topics[i],
+                    text: tokens
+                        .iter()
+                        .map(|&t| lang.token_text(t))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    length: tokens.len(),
+                    tokens,
+                    rewards: r,
+                    advantage: adv_h[i],
+                    logprob: lp_seq[i],
+                    kl: kl_seq[i],
+                }
+            })
+            .collect();
+        log(&StepLine {
+            step,
+            metrics,
+            samples,
+        })?;
     }
     Ok(policy)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::reward_model::ProxyConfig;
-    use goodhart_core::device::Autodiff;
+    use goodhart_core::device::{cpu, Autodiff, Dispatch};
     use goodhart_core::testing::test_device;
     use goodhart_envs::language::LanguageConfig;
     use goodhart_policy::TransformerConfig;
@@ -743,9 +1608,10 @@ mod tests {
         Language::new(LanguageConfig::default()).unwrap()
     }
 
-    /// A small random policy and a random reward model.
+    /// A small random policy and `k` random reward models.
     fn setup<B: AutodiffBackend>(
         lang: &Language,
+        k: usize,
         device: &B::Device,
     ) -> (
         TransformerLm<B>,
@@ -757,31 +1623,62 @@ mod tests {
         })
         .unwrap();
         let reference = policy.valid();
-        let rm = seed::seeded::<B::InnerBackend, _>(device, 12, "test", || {
-            ProxyConfig {
-                d_model: 16,
-                ..Default::default()
-            }
-            .model(lang)
-            .init::<B::InnerBackend>(device)
-        })
-        .unwrap();
-        // Raw scores of a fresh head spread by ~0.01: standardise them to about unit scale.
-        (
-            policy,
-            reference,
-            Proxy::single(rm.with_normalization(0.0, 0.01).unwrap()),
-        )
+        let members = (0..k)
+            .map(|i| {
+                let rm = seed::seeded::<B::InnerBackend, _>(device, 12 + i as u64, "test", || {
+                    ProxyConfig {
+                        d_model: 16,
+                        ..Default::default()
+                    }
+                    .model(lang)
+                    .init::<B::InnerBackend>(device)
+                })
+                .unwrap();
+                // Raw scores of a fresh head spread by ~0.01: standardise them to about
+                // unit scale.
+                rm.with_normalization(0.0, 0.01).unwrap()
+            })
+            .collect();
+        let aggregation = if k == 1 {
+            Aggregator::Mean
+        } else {
+            Aggregator::uwo_ppo()
+        };
+        (policy, reference, Proxy::new(members, aggregation).unwrap())
     }
 
-    fn small() -> PgConfig {
-        PgConfig {
+    fn small() -> RlConfig {
+        RlConfig {
             steps: 2,
             prompts_per_step: 4,
             group_size: 4,
             max_new_tokens: 12,
             ..Default::default()
         }
+    }
+
+    /// `small()` with the `[rl]` keys of `toml` on top.
+    fn rl(toml: &str) -> RlConfig {
+        let mut base = toml::Table::try_from(small()).unwrap();
+        for (k, v) in toml.parse::<toml::Table>().unwrap() {
+            base.insert(k, v);
+        }
+        base.try_into().unwrap_or_else(|e| panic!("{toml}: {e}"))
+    }
+
+    type Cpu = Autodiff<Dispatch>;
+
+    /// Runs `cfg` on the CPU against a proxy of `k` members; every step's line.
+    fn run_cpu(cfg: &RlConfig, k: usize) -> Result<Vec<StepLine>> {
+        let device = cpu();
+        let l = lang();
+        let (policy, reference, proxy) = setup::<Cpu>(&l, k, &device);
+        let mut out = Vec::new();
+        train::<Cpu>(cfg, &l, policy, &reference, &proxy, 5, &device, &mut |m| {
+            out.push(m.clone());
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     #[test]
@@ -804,102 +1701,413 @@ mod tests {
     }
     const SEP_TOKEN: u32 = goodhart_envs::language::SEP;
 
-    #[test]
-    fn metrics_serialise_with_slash_keys() {
-        let m = StepMetrics {
-            step: 3,
-            proxy_mean: 1.0,
-            gold_mean: 2.0,
-            train_reward_mean: 0.5,
-            kl_ref: 0.25,
-            kl_d: 0.5,
-            entropy: 1.5,
-            length_mean: 7.0,
-            loss: -0.1,
-            clip_frac: 0.0,
-            disagreement: 0.0,
-            ill_formed: 0.0,
+    /// The key path a rejected config names.
+    fn rejected(toml: &str, members: usize) -> String {
+        let cfg: RlConfig = match toml::from_str(toml) {
+            Ok(c) => c,
+            Err(e) => return format!("parse: {e}"),
         };
-        let j = m.to_json();
-        let keys: Vec<&str> = j.keys().map(|k| k.as_str()).collect();
-        for k in [
-            "step",
-            "reward/proxy/mean",
-            "reward/gold/mean",
-            "kl/ref",
-            "kl/d",
-            "entropy",
-            "length/mean",
-            "loss",
-            "clip/frac",
-        ] {
-            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        match cfg.validate(members) {
+            Err(GoodhartError::InvalidArgument { name, .. }) => name,
+            other => panic!("{toml}: expected a typed error, got {other:?}"),
         }
-        assert_eq!(j["kl/d"], serde_json::json!(0.5));
-        assert_eq!(j["step"], serde_json::json!(3));
     }
 
     #[test]
-    fn bad_configs_are_typed_errors() {
-        for cfg in [
-            PgConfig {
-                steps: 0,
-                ..Default::default()
-            },
-            PgConfig {
-                group_size: 0,
-                ..Default::default()
-            },
-            PgConfig {
-                lr: f64::NAN,
-                ..Default::default()
-            },
-            PgConfig {
-                clip: 0.0,
-                ..Default::default()
-            },
-            PgConfig {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            PgConfig {
-                kl: Some(KlConfig {
-                    coef: -1.0,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            PgConfig {
-                sequence_chi2: Some(f64::INFINITY),
-                ..Default::default()
-            },
-            PgConfig {
-                reward_shaping: Some(ShapingConfig::Par { m: 0, k: 1.0 }),
-                ..Default::default()
-            },
+    fn bad_configs_name_their_key() {
+        for (toml, members, key) in [
+            ("steps = 0", 1, "rl.steps"),
+            ("group_size = 0", 1, "rl.group_size"),
+            ("lr = nan", 1, "rl.lr"),
+            ("temperature = 0.0", 1, "rl.temperature"),
+            ("critic = { lr = -1.0 }", 1, "rl.critic.lr"),
+            ("loss = { kind = \"ppo_clip\", eps_low = 2.0 }", 1, "rl.loss.eps_low"),
+            ("advantage = { kind = \"gra\" }", 1, "rl.advantage.kind"),
+            ("advantage = { kind = \"a2tgpo\" }", 1, "rl.advantage.kind"),
+            ("advantage = { kind = \"igpo\" }", 1, "rl.advantage.kind"),
+            ("advantage = { kind = \"verpo\" }", 1, "rl.advantage.kind"),
+            ("advantage = { kind = \"gdpo\" }", 1, "rl.components"),
+            (
+                "advantage = { kind = \"gdpo\", weights = [1.0] }\ncomponents = [{ name = \"proxy\" }, { name = \"length\" }]",
+                1,
+                "rl.advantage.weights",
+            ),
+            ("advantage = { kind = \"bnpo\" }", 1, "rl.advantage.kind"),
+            (
+                "advantage = { kind = \"bnpo\" }\nreward_shaping = { kind = \"par\" }\nregularizers = [{ kind = \"kl\", placement = \"reward\" }]",
+                1,
+                "rl.advantage.kind",
+            ),
+            ("components = [{ name = \"member1\" }]", 1, "rl.components[0].name"),
+            ("components = [{ name = \"proxy\", weight = inf }]", 1, "rl.components[0].weight"),
+            ("ctrl_u = {}", 1, "rl.ctrl_u"),
+            ("regularizers = [{ kind = \"chi2_occupancy\", obs_dim = 2, num_actions = 2 }]", 1, "rl.regularizers[0].kind"),
+            ("regularizers = [{ kind = \"action_kl\" }]", 1, "rl.regularizers[0].kind"),
+            ("regularizers = [{ kind = \"gardo\" }]", 1, "rl.regularizers[0]"),
+            ("regularizers = [{ kind = \"constrained\", constraints = [{ threshold = 0.5 }] }]", 1, "rl.regularizers[0].constraints"),
+            ("regularizers = [{ kind = \"entropy\", coef = -1.0 }]", 1, "rl.regularizers[0].coef"),
+            ("reward_shaping = { kind = \"par\", m = 0 }", 1, "rl.reward_shaping.m"),
+            ("dynamic_sampling = { max_batches = 0 }", 1, "rl.dynamic_sampling.max_batches"),
         ] {
+            assert_eq!(rejected(toml, members), key, "{toml}");
+        }
+        // Unknown keys and names fail to parse.
+        for toml in [
+            "step = 3",
+            "clip = 0.2",
+            "loss = { kind = \"ppo\" }",
+            "aggregation = \"mean\"",
+            "sample_filter = \"neg\"",
+        ] {
+            assert!(toml::from_str::<RlConfig>(toml).is_err(), "{toml}");
+        }
+        // What the refusals ask for is accepted.
+        let ok: RlConfig =
+            toml::from_str("advantage = { kind = \"bnpo\" }\nreward_shaping = { kind = \"par\" }")
+                .unwrap();
+        ok.validate(1).unwrap();
+        let ok: RlConfig = toml::from_str("ctrl_u = { beta = 0.5 }").unwrap();
+        ok.validate(3).unwrap();
+        let agg: RlConfig =
+            toml::from_str("aggregation = \"seq-mean-token-sum\"\nloss = { kind = \"cispo\" }")
+                .unwrap();
+        match agg.policy_loss() {
+            PolicyLossConfig::Cispo(c) => {
+                assert_eq!(c.aggregation, LossAggregation::SeqMeanTokenSum)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Proxy::<Dispatch>::new(vec![], Aggregator::Mean).is_err());
+    }
+
+    /// Every method name `[rl]` takes runs 3 steps with finite metrics (CPU).
+    #[test]
+    fn every_method_runs_from_toml() {
+        let mut cases: Vec<(String, usize)> = Vec::new();
+        let mut add = |toml: &str, k: usize| cases.push((toml.to_string(), k));
+        for a in goodhart_advantage::REGISTRY.iter().map(|m| m.name) {
+            match a {
+                "gra" | "a2tgpo" | "igpo" | "verpo" => continue, // refused: bad_configs_name_their_key
+                "gdpo" => add("advantage = { kind = \"gdpo\" }\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = -0.1 }]", 1),
+                "bnpo" => add("advantage = { kind = \"bnpo\" }\nreward_shaping = { kind = \"par\", m = 2 }", 1),
+                a => add(&format!("advantage = {{ kind = \"{a}\" }}"), 1),
+            }
+        }
+        for l in goodhart_objective::policy::REGISTRY.iter().map(|m| m.name) {
+            add(&format!("loss = {{ kind = \"{l}\" }}"), 1);
+        }
+        add("loss = { kind = \"ppo_clip\", eps_low = 0.2, eps_high = 0.28, dual_clip = true, clip_ratio_c = 2.0 }", 1);
+        for (a, _) in LossAggregation::ALL {
+            add(&format!("aggregation = \"{a}\""), 1);
+        }
+        for f in goodhart_objective::nsr::REGISTRY.iter().map(|m| m.name) {
+            add(&format!("sample_filter = \"{f}\""), 1);
+        }
+        for (e, _) in goodhart_regularize::kl::KlEstimator::ALL {
+            for place in ["reward", "loss"] {
+                add(&format!("regularizers = [{{ kind = \"kl\", estimator = \"{e}\", placement = \"{place}\" }}]"), 1);
+            }
+        }
+        for c in [
+            "{ kind = \"fixed\", coef = 0.1 }",
+            "{ kind = \"adaptive\" }",
+            "{ kind = \"reward_adaptive\", beta_min = 0.01, beta_max = 0.1, reward_start = 0.0, reward_target = 1.0 }",
+            "{ kind = \"lagrangian\" }",
+        ] {
+            add(&format!("regularizers = [{{ kind = \"kl\", placement = \"reward\", controller = {c} }}]"), 1);
+        }
+        for r in [
+            "{ kind = \"entropy\", coef = 0.01 }",
+            "{ kind = \"entropy\", coef = 0.01, top_q = 0.2 }",
+            "{ kind = \"sequence_chi2\", coef = 0.1 }",
+            "{ kind = \"sft_anchor\", coef = 0.1 }",
+            "{ kind = \"lp_reg\" }",
+        ] {
+            add(&format!("regularizers = [{r}]"), 1);
+        }
+        add("regularizers = [{ kind = \"gardo\", coef = 1.0 }]\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = 0.0 }]", 1);
+        add("regularizers = [{ kind = \"constrained\", constraints = [{ threshold = 0.0 }, { threshold = 3.0, kind = \"equality\" }] }, { kind = \"kl\", placement = \"reward\", controller = { kind = \"fixed\", coef = 0.1 } }]\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = 0.0 }]", 1);
+        for s in ["par", "centred", "lsc"] {
+            add(&format!("reward_shaping = {{ kind = \"{s}\", m = 2 }}"), 1);
+        }
+        add(
+            "reward_shaping = { kind = \"tanh\", centred = true, m = 2 }",
+            1,
+        );
+        for s in ["meanstd", "clip", "minmax", "tanh"] {
+            add(&format!("reward_shaping = {{ kind = \"{s}\" }}"), 1);
+        }
+        add("reward_shaping = { kind = \"ceil\", value = 0.5 }", 1);
+        for a in ["mean", "median", "worst_case", "uwo"] {
+            // The aggregator is the proxy's; the key is the experiment's (one per arm).
+            let _ = a;
+        }
+        add(
+            "length_penalty = { kind = \"linear_length\", coef = 0.05 }",
+            1,
+        );
+        add(
+            "length_penalty = { kind = \"dapo_overlong\", max_len = 12, buffer = 4 }",
+            1,
+        );
+        add("length_penalty = { kind = \"fimi\", steps = 20 }", 1);
+        add("ctrl_u = { beta = 1.0 }", 3);
+        add(
+            "components = [{ name = \"member0\" }, { name = \"member2\", weight = 0.5 }]",
+            3,
+        );
+        add("dynamic_sampling = { max_batches = 3 }", 1);
+        add("overlong_filter = true", 1);
+        let mut failures = Vec::new();
+        for (toml, k) in &cases {
+            let cfg = RlConfig {
+                steps: 3,
+                ..rl(toml)
+            };
+            match run_cpu(&cfg, *k) {
+                Ok(lines) => {
+                    assert_eq!(lines.len(), 3, "{toml}");
+                    for l in &lines {
+                        for key in [
+                            "loss",
+                            "reward/proxy/mean",
+                            "reward/gold/mean",
+                            "kl/ref",
+                            "entropy",
+                            "length/mean",
+                            "advantage/mean",
+                        ] {
+                            if !l.get(key).is_finite() {
+                                failures.push(format!(
+                                    "{toml}: {key} = {} at step {}",
+                                    l.get(key),
+                                    l.step
+                                ));
+                            }
+                        }
+                    }
+                }
+                Err(e) => failures.push(format!("{toml}: {e}")),
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} failed:\n{}",
+            failures.len(),
+            cases.len(),
+            failures.join("\n")
+        );
+    }
+
+    /// The aggregators of an ensemble proxy each run (the proxy is built by the
+    /// experiment; the trainer reads its aggregated score).
+    #[test]
+    fn every_aggregator_runs() {
+        let device = cpu();
+        let l = lang();
+        let (policy, reference, proxy) = setup::<Cpu>(&l, 3, &device);
+        for a in ["mean", "median", "worst_case", "uwo"] {
+            let agg: Aggregator =
+                toml::from_str::<toml::Table>(&format!("a = {{ kind = \"{a}\" }}")).unwrap()["a"]
+                    .clone()
+                    .try_into()
+                    .unwrap();
+            let p = Proxy::new(proxy.members.clone(), agg).unwrap();
+            let mut lines = Vec::new();
+            train::<Cpu>(
+                &RlConfig {
+                    steps: 3,
+                    ..small()
+                },
+                &l,
+                policy.clone(),
+                &reference,
+                &p,
+                5,
+                &device,
+                &mut |m| {
+                    lines.push(m.clone());
+                    Ok(())
+                },
+            )
+            .unwrap();
             assert!(
-                matches!(cfg.validate(), Err(GoodhartError::InvalidArgument { .. })),
-                "{cfg:?}"
+                lines
+                    .iter()
+                    .all(|m| m.get("loss").is_finite()
+                        && m.get("reward/ensemble/disagreement") > 0.0),
+                "{a}"
             );
         }
-        let t: PgConfig = toml::from_str(
-            "steps = 3\n[advantage]\nkind = \"rloo\"\n[kl]\ncoef = 0.1\nestimator = \"k1\"\nplacement = \"loss\"\n[reward_shaping]\nkind = \"par\"",
+    }
+
+    #[test]
+    fn samples_hold_every_reward_and_match_the_step_means() {
+        let cfg = rl("reward_shaping = { kind = \"par\", m = 2 }\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = -0.1 }]");
+        let lines = run_cpu(&cfg, 1).unwrap();
+        for line in &lines {
+            assert_eq!(line.samples.len(), 16);
+            let mean = |k: &str| line.samples.iter().map(|s| s.rewards[k]).sum::<f64>() / 16.0;
+            for (sample_key, step_key) in [
+                ("proxy", "reward/proxy/mean"),
+                ("gold", "reward/gold/mean"),
+                ("train", "reward/train/mean"),
+                ("reward", "reward/shaped/mean"),
+            ] {
+                let (a, b) = (mean(sample_key), line.get(step_key));
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{sample_key}: {a} vs {step_key} {b}"
+                );
+            }
+            let len = line.samples.iter().map(|s| s.length as f64).sum::<f64>() / 16.0;
+            assert!((len - line.get("length/mean")).abs() < 1e-9);
+            let kl = line.samples.iter().map(|s| s.kl).sum::<f64>() / 16.0;
+            assert!(
+                (kl - line.get("kl/ref")).abs() < 1e-4,
+                "{kl} vs {}",
+                line.get("kl/ref")
+            );
+            for s in &line.samples {
+                // train = proxy' - 0.1 L, the weighted components.
+                let t = s.rewards["component/proxy"] - 0.1 * s.rewards["component/length"];
+                assert!((s.rewards["train"] - t).abs() < 1e-5);
+                assert_eq!(s.rewards["component/length"], s.length as f64);
+                assert_eq!(s.text.split(' ').count(), s.tokens.len());
+                assert!(s.tokens.len() == 12 || s.text.ends_with("<eos>"));
+            }
+        }
+        // The policy starts at the reference: KL 0 (up to rounding) and no clipping.
+        assert!(lines[0].get("kl/ref").abs() < 1e-4);
+        assert_eq!(lines[0].get("clip/frac"), 0.0);
+    }
+
+    #[test]
+    fn remax_subtracts_the_greedy_responses_reward() {
+        let device = cpu();
+        let l = lang();
+        let (policy, reference, proxy) = setup::<Cpu>(&l, 1, &device);
+        let cfg = RlConfig {
+            steps: 1,
+            ..rl("advantage = { kind = \"remax\" }")
+        };
+        let mut lines = Vec::new();
+        train::<Cpu>(&cfg, &l, policy, &reference, &proxy, 5, &device, &mut |m| {
+            lines.push(m.clone());
+            Ok(())
+        })
+        .unwrap();
+        // At step 0 the policy is the reference: its greedy response to each prompt,
+        // scored by the proxy, is the baseline of every response to that prompt.
+        let samples = &lines[0].samples;
+        let topics: Vec<usize> = samples.iter().step_by(4).map(|s| s.prompt).collect();
+        let greedy = GenerationConfig::new(12)
+            .with_eos_id(Some(EOS as usize))
+            .with_pad_id(PAD as usize)
+            .with_greedy(true);
+        let s = sample_and_score(
+            &reference,
+            &l,
+            &proxy,
+            &topics,
+            &greedy,
+            &mut seed::rng(0, "x"),
+            &device,
         )
         .unwrap();
-        assert_eq!(t.advantage.name(), "rloo");
-        assert_eq!(t.kl.unwrap().estimator, KlEstimator::K1);
-        assert_eq!(t.reward_shaping, Some(ShapingConfig::par()));
-        assert!(toml::from_str::<PgConfig>("step = 3").is_err());
-        assert!(Proxy::<goodhart_core::device::Dispatch>::new(vec![], Aggregator::Mean).is_err());
+        let b = host(s.proxy).unwrap();
+        for (i, sample) in samples.iter().enumerate() {
+            assert!(
+                (sample.rewards["baseline"] - b[i / 4]).abs() < 1e-5,
+                "row {i}"
+            );
+            // No KL: every token's advantage is r - b.
+            let a = sample.rewards["train"] - sample.rewards["baseline"];
+            assert!(
+                (sample.advantage - a).abs() < 1e-5,
+                "row {i}: {} vs {a}",
+                sample.advantage
+            );
+        }
+    }
+
+    #[test]
+    fn gdpo_normalises_each_component_in_its_group() {
+        let cfg = RlConfig {
+            steps: 1,
+            ..rl("advantage = { kind = \"gdpo\" }\ncomponents = [{ name = \"proxy\", weight = 1.0 }, { name = \"length\", weight = 0.5 }]")
+        };
+        let lines = run_cpu(&cfg, 1).unwrap();
+        let samples = &lines[0].samples;
+        // By hand: z-score each component in its group of 4 (unbiased std, eps 1e-4),
+        // weighted sum, z-score over the batch.
+        let z = |xs: &[f64]| -> Vec<f64> {
+            let m = xs.iter().sum::<f64>() / xs.len() as f64;
+            let sd =
+                (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() as f64 - 1.0)).sqrt();
+            xs.iter().map(|x| (x - m) / (sd + 1e-4)).collect()
+        };
+        let col = |k: &str| -> Vec<f64> {
+            samples
+                .chunks(4)
+                .flat_map(|g| z(&g.iter().map(|s| s.rewards[k]).collect::<Vec<_>>()))
+                .collect()
+        };
+        let (a, b) = (col("component/proxy"), col("component/length"));
+        let s: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + 0.5 * y).collect();
+        let want = z(&s);
+        for (sample, w) in samples.iter().zip(&want) {
+            assert!(
+                (sample.advantage - w).abs() < 1e-3,
+                "{} vs {w}",
+                sample.advantage
+            );
+        }
+    }
+
+    #[test]
+    fn gae_trains_its_value_head() {
+        let cfg = RlConfig {
+            steps: 12,
+            lr: 1e-6,
+            critic: CriticConfig { lr: 1e-2, ..Default::default() },
+            // The random proxy's scores reach +-30: scaled to about unit size, so the value
+            // clip (0.5 per step) does not bound the fit.
+            ..rl("advantage = { kind = \"gae\" }\ncomponents = [{ name = \"proxy\", weight = 0.05 }]")
+        };
+        let lines = run_cpu(&cfg, 1).unwrap();
+        let v: Vec<f64> = lines.iter().map(|l| l.get("critic/value_loss")).collect();
+        let (first, last) = ((v[0] + v[1] + v[2]) / 3.0, (v[9] + v[10] + v[11]) / 3.0);
+        assert!(last < 0.5 * first, "value loss {first} -> {last}: {v:?}");
+    }
+
+    #[test]
+    fn dynamic_sampling_keeps_groups_with_spread() {
+        // A constant reward (length weight 0 on the proxy) has no spread in any group:
+        // every rollout is drawn and the batch filled with dropped groups.
+        let flat = rl("dynamic_sampling = { max_batches = 3 }\ncomponents = [{ name = \"proxy\", weight = 0.0 }]");
+        let lines = run_cpu(&flat, 1).unwrap();
+        assert!(lines
+            .iter()
+            .all(|l| l.get("sampling/rollouts") == 3.0 && l.get("sampling/spread_share") == 0.0));
+        assert!(lines.iter().all(|l| l.samples.len() == 16));
+        // Continuous proxy rewards always spread: one rollout suffices.
+        let lines = run_cpu(&rl("dynamic_sampling = {}"), 1).unwrap();
+        assert!(lines
+            .iter()
+            .all(|l| l.get("sampling/rollouts") == 1.0 && l.get("sampling/spread_share") == 1.0));
+        assert_eq!(
+            groups_with_spread(&[1.0, 1.0, 0.0, 1.0, 2.0, 2.0], 2),
+            [false, true, false]
+        );
     }
 
     goodhart_core::backend_test! {
         fn runs_are_deterministic_and_validate_lengths<B>(device) {
             type A<B> = Autodiff<B>;
             let l = lang();
-            let (policy, reference, proxy) = setup::<A<B>>(&l, device);
-            let run = |cfg: &PgConfig| {
+            let (policy, reference, proxy) = setup::<A<B>>(&l, 1, device);
+            let run = |cfg: &RlConfig| {
                 let mut out = Vec::new();
                 train::<A<B>>(cfg, &l, policy.clone(), &reference, &proxy, 5, device, &mut |m| {
                     out.push(m.clone());
@@ -910,15 +2118,12 @@ mod tests {
             let a = run(&small()).unwrap();
             let b = run(&small()).unwrap();
             assert_eq!(a.len(), 2);
-            // The first step samples from the same policy with the same stream.
-            assert_eq!(a[0], b[0]);
-            // The policy starts at the reference: KL 0 (up to rounding) and no clipping.
-            assert!(a[0].kl_ref.abs() < 1e-4, "{:?}", a[0]);
-            assert_eq!(a[0].clip_frac, 0.0);
-            assert!(a[0].length_mean >= 1.0 && a[0].length_mean <= 12.0);
+            // Same seed, same numbers.
+            assert_eq!(a, b);
+            assert!(a[0].get("length/mean") >= 1.0 && a[0].get("length/mean") <= 12.0);
             // Too long for the 32-token models.
-            let long = PgConfig { max_new_tokens: 30, ..small() };
-            assert!(matches!(run(&long), Err(GoodhartError::InvalidArgument { .. })));
+            let long = RlConfig { max_new_tokens: 30, ..small() };
+            assert!(matches!(run(&long), Err(GoodhartError::InvalidArgument { name, .. }) if name == "rl.max_new_tokens"));
             // An error from the log callback stops the run.
             let mut calls = 0;
             let r = train::<A<B>>(&small(), &l, policy.clone(), &reference, &proxy, 5, device, &mut |_| {
@@ -927,252 +2132,37 @@ mod tests {
             });
             assert!(r.is_err());
             assert_eq!(calls, 1);
-            // Every regulariser and shaping path runs.
-            let all = PgConfig {
-                kl: Some(KlConfig::default()),
-                sequence_chi2: Some(0.01),
-                reward_shaping: Some(ShapingConfig::Par { m: 2, k: 1.0 }),
-                epochs: 2,
-                ..small()
-            };
+            // Regularisers and shaping together, two epochs.
+            let all = RlConfig { epochs: 2, ..rl("reward_shaping = { kind = \"par\", m = 2 }\nregularizers = [{ kind = \"kl\", estimator = \"k1\", placement = \"reward\", controller = { kind = \"fixed\", coef = 0.05 } }, { kind = \"sequence_chi2\", coef = 0.01 }]") };
             let m = run(&all).unwrap();
-            assert!(m.iter().all(|s| s.loss.is_finite() && s.train_reward_mean > 0.0 && s.train_reward_mean < 1.0), "{m:?}");
-            let in_loss = PgConfig { kl: Some(KlConfig { placement: KlPlacement::Loss, estimator: KlEstimator::K1, coef: 0.1 }), ..small() };
-            assert!(run(&in_loss).is_ok());
+            assert!(m.iter().all(|s| s.get("loss").is_finite() && s.get("reward/train/mean") > 0.0 && s.get("reward/train/mean") < 1.0), "{m:?}");
+            assert!(m.iter().all(|s| s.get("kl/coef") == 0.05 && s.get("loss/sequence_chi2").is_finite()));
         }
     }
 
     goodhart_core::backend_test! {
-        fn pg_raises_the_proxy<B>(device) {
+        fn rl_raises_the_proxy<B>(device) {
             // CPU only: dozens of optimiser steps are slow on lavapipe.
             if test_device() != goodhart_core::device::DeviceSpec::Cpu {
                 return;
             }
             type A<B> = Autodiff<B>;
             let l = lang();
-            let (policy, reference, proxy) = setup::<A<B>>(&l, device);
-            let cfg = PgConfig { steps: 20, prompts_per_step: 8, group_size: 8, lr: 1e-2, max_new_tokens: 12, ..Default::default() };
+            let (policy, reference, proxy) = setup::<A<B>>(&l, 1, device);
+            let cfg = RlConfig { steps: 20, prompts_per_step: 8, group_size: 8, lr: 1e-2, max_new_tokens: 12, ..Default::default() };
             let mut m = Vec::new();
             train::<A<B>>(&cfg, &l, policy, &reference, &proxy, 1, device, &mut |s| {
                 m.push(s.clone());
                 Ok(())
             })
             .unwrap();
-            let first = (m[0].proxy_mean + m[1].proxy_mean + m[2].proxy_mean) / 3.0;
-            let last = (m[17].proxy_mean + m[18].proxy_mean + m[19].proxy_mean) / 3.0;
-            eprintln!("proxy {first:.3} -> {last:.3}; kl {:.3}", m[19].kl_ref);
+            let p = |i: usize| m[i].get("reward/proxy/mean");
+            let first = (p(0) + p(1) + p(2)) / 3.0;
+            let last = (p(17) + p(18) + p(19)) / 3.0;
+            eprintln!("proxy {first:.3} -> {last:.3}; kl {:.3}", m[19].get("kl/ref"));
             // Measured on ndarray: 1.8 -> 12.0 (raw +0.10).
             assert!(last > first + 5.0, "proxy {first} -> {last}");
-            assert!(m[19].kl_ref > 0.0);
-        }
-    }
-
-    use crate::sft::tests::knob;
-
-    /// Gold rise, peak and fall of one run, and the Gao RL fit of gold (relative to the
-    /// first steps) against `d` on 8-step bins.
-    fn summarise(name: &str, m: &[StepMetrics], secs: f64) -> (f64, f64, f64, f64) {
-        let w = 5.min(m.len());
-        let avg = |s: &[StepMetrics], f: fn(&StepMetrics) -> f64| {
-            s.iter().map(f).sum::<f64>() / s.len() as f64
-        };
-        let g0 = avg(&m[..w], |x| x.gold_mean);
-        // Smoothed gold: centred moving average over 5 steps.
-        let smooth: Vec<f64> = (0..m.len())
-            .map(|i| {
-                avg(&m[i.saturating_sub(2)..(i + 3).min(m.len())], |x| {
-                    x.gold_mean
-                })
-            })
-            .collect();
-        let (ipk, gpk) =
-            smooth
-                .iter()
-                .enumerate()
-                .fold((0, f64::MIN), |a, (i, &g)| if g > a.1 { (i, g) } else { a });
-        let gfin = avg(&m[m.len() - w..], |x| x.gold_mean);
-        let bin = 8;
-        let (mut d, mut g) = (vec![0.0], vec![0.0]);
-        for c in m.chunks(bin) {
-            d.push(avg(c, |x| x.kl_d));
-            g.push(avg(c, |x| x.gold_mean) - g0);
-        }
-        let fit = goodhart_metrics::overopt::fit_rl(&d, &g);
-        let r2 = fit.as_ref().map(|f| f.r_squared).unwrap_or(f64::NAN);
-        let fall = if gpk > g0 {
-            (gpk - gfin) / (gpk - g0)
-        } else {
-            f64::NAN
-        };
-        eprintln!(
-            "{name}: {secs:.1}s proxy {:.2}->{:.2} gold {g0:.3} peak {gpk:.3} at step {ipk} (kl {:.2}) final {gfin:.3} fall/gain {fall:.2} kl_end {:.2} len {:.1}->{:.1} ill {:.2} | RL fit R2 {r2:.3} {:?}",
-            avg(&m[..w], |x| x.proxy_mean),
-            avg(&m[m.len() - w..], |x| x.proxy_mean),
-            m[ipk].kl_ref,
-            avg(&m[m.len() - w..], |x| x.kl_ref),
-            avg(&m[..w], |x| x.length_mean),
-            avg(&m[m.len() - w..], |x| x.length_mean),
-            avg(&m[m.len() - w..], |x| x.ill_formed),
-            fit.ok().map(|f| (f.alpha, f.beta, f.peak().map(|p| p.d)))
-        );
-        let every: Vec<String> = m
-            .iter()
-            .step_by(5)
-            .map(|x| format!("{}:{:.2}/{:.1}", x.step, x.gold_mean, x.kl_ref))
-            .collect();
-        eprintln!("  gold/kl by step: {}", every.join(" "));
-        (g0, gpk, gfin, r2)
-    }
-
-    /// The overoptimisation measurement of issue 8 (ignored: about a few minutes on 2
-    /// cores). Knobs: `GOODHART_{PAIRS_FEW, PAIRS_MANY, STEPS, LR, SFT_STEPS, RM_EPOCHS,
-    /// RM_LR, NOISE, MITIGATIONS, SEED}`.
-    #[test]
-    #[ignore]
-    fn measure_overopt() {
-        use crate::{
-            best_of_n::best_of_n,
-            reward_model::{train_proxy, train_proxy_ensemble},
-            sft::{train_base, SftConfig},
-        };
-        use goodhart_core::device::{cpu, Dispatch as Cpu};
-        use std::time::Instant;
-        type A = Autodiff<Cpu>;
-        let device = cpu();
-        let seed: u64 = knob("SEED", 0);
-        let lang = crate::sft::tests::knob_language();
-        eprintln!("entropy/token {:.3}", lang.entropy_per_token());
-        let t = Instant::now();
-        let sft = SftConfig {
-            steps: knob("SFT_STEPS", SftConfig::default().steps),
-            ..Default::default()
-        };
-        let (base, report) = train_base::<A>(&lang, &sft, seed, &device).unwrap();
-        eprintln!("SFT {:.1}s {report:?}", t.elapsed().as_secs_f64());
-        let reference = base.valid();
-        let pcfg = |pairs: usize| ProxyConfig {
-            pairs,
-            epochs: knob("RM_EPOCHS", ProxyConfig::default().epochs),
-            lr: knob("RM_LR", ProxyConfig::default().lr),
-            label_noise: knob("NOISE", ProxyConfig::default().label_noise),
-            ..Default::default()
-        };
-        let pg = PgConfig {
-            steps: knob("STEPS", PgConfig::default().steps),
-            lr: knob("LR", PgConfig::default().lr),
-            ..Default::default()
-        };
-        let run = |name: &str, cfg: &PgConfig, proxy: &Proxy<Cpu>| {
-            let t = Instant::now();
-            let mut m = Vec::new();
-            train::<A>(
-                cfg,
-                &lang,
-                base.clone(),
-                &reference,
-                proxy,
-                seed,
-                &device,
-                &mut |s| {
-                    m.push(s.clone());
-                    Ok(())
-                },
-            )
-            .unwrap();
-            summarise(name, &m, t.elapsed().as_secs_f64())
-        };
-        let mut proxies = Vec::new();
-        for pairs in [knob("PAIRS_FEW", 200usize), knob("PAIRS_MANY", 1000usize)] {
-            let t = Instant::now();
-            let (rm, r) = train_proxy::<A>(&lang, &pcfg(pairs), seed, &device).unwrap();
-            eprintln!(
-                "proxy {pairs} pairs {:.1}s {r:?}",
-                t.elapsed().as_secs_f64()
-            );
-            let proxy = Proxy::single(rm.valid());
-            let t = Instant::now();
-            let bon = best_of_n(
-                &reference,
-                &lang,
-                &proxy,
-                &[1, 2, 4, 8, 16, 32, 64],
-                128,
-                8,
-                seed,
-                &device,
-            )
-            .unwrap();
-            eprintln!(
-                "BoN {pairs} {:.1}s: {}",
-                t.elapsed().as_secs_f64(),
-                bon.iter()
-                    .map(|p| format!(
-                        "n{} d{:.2} proxy {:.2} gold {:.3}",
-                        p.n, p.d, p.proxy, p.gold
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            );
-            run(&format!("pg {pairs} pairs"), &pg, &proxy);
-            proxies.push(proxy);
-        }
-        if knob("MITIGATIONS", 0) == 1 {
-            let few = &proxies[0];
-            let kl = |coef, estimator, placement| PgConfig {
-                kl: Some(KlConfig {
-                    coef,
-                    estimator,
-                    placement,
-                }),
-                ..pg.clone()
-            };
-            let runs = [
-                (
-                    "kl k1 in reward 0.05",
-                    kl(0.05, KlEstimator::K1, KlPlacement::Reward),
-                ),
-                (
-                    "kl k1 in reward 0.2",
-                    kl(0.2, KlEstimator::K1, KlPlacement::Reward),
-                ),
-                (
-                    "kl k3 in loss 0.2",
-                    kl(0.2, KlEstimator::K3, KlPlacement::Loss),
-                ),
-                (
-                    "par",
-                    PgConfig {
-                        reward_shaping: Some(ShapingConfig::par()),
-                        ..pg.clone()
-                    },
-                ),
-                (
-                    "chi2 0.01",
-                    PgConfig {
-                        sequence_chi2: Some(0.01),
-                        ..pg.clone()
-                    },
-                ),
-            ];
-            for (name, cfg) in &runs {
-                run(name, cfg, few);
-            }
-            let t = Instant::now();
-            let members = train_proxy_ensemble::<A>(
-                &lang,
-                &pcfg(knob("PAIRS_FEW", 200usize)),
-                3,
-                seed,
-                &device,
-            )
-            .unwrap();
-            eprintln!("ensemble of 3 {:.1}s", t.elapsed().as_secs_f64());
-            let ens = Proxy::new(
-                members.iter().map(|(m, _)| m.valid()).collect(),
-                Aggregator::uwo_ppo(),
-            )
-            .unwrap();
-            run("uwo 0.1 x3", &pg, &ens);
+            assert!(m[19].get("kl/ref") > 0.0);
         }
     }
 }

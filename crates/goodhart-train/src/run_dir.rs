@@ -139,6 +139,11 @@ impl RunDir {
         self.path.join("metrics.jsonl")
     }
 
+    /// `samples.jsonl`: one JSON object per sampled response of an RL step.
+    pub fn samples(&self) -> PathBuf {
+        self.path.join("samples.jsonl")
+    }
+
     /// `summary.json`: the run's final figures.
     pub fn summary(&self) -> PathBuf {
         self.path.join("summary.json")

@@ -2,13 +2,14 @@
 //!
 //! An experiment is a fixed sequence of named **stages** (train the base policy of seed 0,
 //! train a proxy on 100 pairs, one RL run, ...). A stage
-//! - appends its metric lines to `metrics.jsonl`;
+//! - appends its metric lines to `metrics.jsonl` (and an RL stage one line per sampled
+//!   response to `samples.jsonl`);
 //! - writes the modules later stages need under `checkpoints/` (later stages always load
 //!   them from there, so a resumed run reads exactly what an uninterrupted one reads);
-//! - returns a small serialisable result, recorded with the number of metric lines in
-//!   `checkpoints/progress.json` (written atomically) when the stage completes.
+//! - returns a small serialisable result, recorded with the number of metric and sample
+//!   lines in `checkpoints/progress.json` (written atomically) when the stage completes.
 //!
-//! `--resume` reopens the run, cuts `metrics.jsonl` back to the lines of the completed
+//! `--resume` reopens the run, cuts both files back to the lines of the completed
 //! stages, returns the recorded results of completed stages without running them, and
 //! runs the rest. Each stage seeds its randomness from the run seed and its own name, so
 //! it computes the same numbers whether or not earlier stages ran in this process.
@@ -87,6 +88,9 @@ struct StageRecord {
     name: String,
     /// Lines in `metrics.jsonl` once the stage completed.
     lines: usize,
+    /// Lines in `samples.jsonl` once the stage completed.
+    #[serde(default)]
+    samples: usize,
     seconds: f64,
     output: Value,
 }
@@ -98,6 +102,7 @@ pub struct Runner {
     progress: Progress,
     done: BTreeMap<String, usize>,
     lines: usize,
+    samples: usize,
     /// Stages completed by an earlier process (the checkpoint resumed from).
     resumed: usize,
     skipped: usize,
@@ -129,6 +134,7 @@ impl Runner {
         let dir = RunDir::create(root, &config.name, config.seed)?;
         dir.write("config.toml", config.to_toml().as_bytes())?;
         fs::File::create(dir.metrics()).map_err(io_err(&dir.metrics()))?;
+        fs::File::create(dir.samples()).map_err(io_err(&dir.samples()))?;
         Ok(Self::new(dir, config, Progress::default()))
     }
 
@@ -151,34 +157,12 @@ impl Runner {
             Err(e) => return Err(bad(format!("{}: {e}", progress_path.display()))),
         };
         let keep = progress.stages.last().map_or(0, |s| s.lines);
-        let metrics = dir.metrics();
-        let text = fs::read_to_string(&metrics).unwrap_or_default();
-        let mut cut = 0usize;
-        let mut seen = 0usize;
-        for (i, b) in text.bytes().enumerate() {
-            if seen == keep {
-                break;
-            }
-            if b == b'\n' {
-                seen += 1;
-                cut = i + 1;
-            }
-        }
-        if seen < keep {
-            return Err(bad(format!(
-                "metrics.jsonl has {seen} complete lines, but the completed stages wrote {keep}"
-            )));
-        }
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&metrics)
-            .map_err(io_err(&metrics))?;
-        file.set_len(cut as u64).map_err(io_err(&metrics))?;
-        file.sync_all().map_err(io_err(&metrics))?;
+        let keep_samples = progress.stages.last().map_or(0, |s| s.samples);
+        cut_lines(&dir.metrics(), keep).map_err(|e| bad(format!("metrics.jsonl {e}")))?;
+        cut_lines(&dir.samples(), keep_samples).map_err(|e| bad(format!("samples.jsonl {e}")))?;
         let mut runner = Self::new(dir, config, progress);
         runner.lines = keep;
+        runner.samples = keep_samples;
         Ok(runner)
     }
 
@@ -196,6 +180,7 @@ impl Runner {
             progress,
             done,
             lines: 0,
+            samples: 0,
             skipped: 0,
             quiet: false,
             started: Instant::now(),
@@ -256,24 +241,38 @@ impl Runner {
             .create(true)
             .open(&metrics)
             .map_err(io_err(&metrics))?;
+        let samples = self.dir.samples();
+        let samples_file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&samples)
+            .map_err(io_err(&samples))?;
         let mut log = StageLog {
             stage: name,
             file,
             path: metrics,
             lines: 0,
+            samples_file,
+            samples_path: samples,
+            sample_lines: 0,
             status: !self.quiet && std::io::stderr().is_terminal(),
             last_status: None,
         };
         let out = f(&mut log)?;
         log.file.sync_data().map_err(io_err(&log.path))?;
+        log.samples_file
+            .sync_data()
+            .map_err(io_err(&log.samples_path))?;
         if log.last_status.is_some() && !self.quiet {
             eprint!("\r\x1b[K");
         }
         self.lines += log.lines;
+        self.samples += log.sample_lines;
         let seconds = t0.elapsed().as_secs_f64();
         self.progress.stages.push(StageRecord {
             name: name.to_string(),
             lines: self.lines,
+            samples: self.samples,
             seconds,
             output: serde_json::to_value(&out).map_err(|e| RunError::Checkpoint {
                 stage: name.into(),
@@ -310,12 +309,16 @@ impl Runner {
     }
 }
 
-/// What a running stage logs through: one JSON object per line of `metrics.jsonl`.
+/// What a running stage logs through: one JSON object per line of `metrics.jsonl`, and
+/// of `samples.jsonl`.
 pub struct StageLog<'a> {
     stage: &'a str,
     file: fs::File,
     path: PathBuf,
     lines: usize,
+    samples_file: fs::File,
+    samples_path: PathBuf,
+    sample_lines: usize,
     /// Whether to refresh a status line on stderr (a terminal, not quiet).
     status: bool,
     last_status: Option<Instant>,
@@ -370,6 +373,59 @@ impl StageLog<'_> {
         }
         Ok(())
     }
+}
+
+impl StageLog<'_> {
+    /// Appends one line per sample to `samples.jsonl`, each `labels` then the sample's
+    /// own fields, in one write.
+    pub fn samples<T: Serialize>(&mut self, labels: &[(&str, &str)], samples: &[T]) -> Result<()> {
+        let mut text = String::new();
+        for s in samples {
+            let mut obj = Map::new();
+            for (k, v) in labels {
+                obj.insert((*k).into(), Value::String((*v).into()));
+            }
+            obj.extend(to_map(s));
+            text.push_str(&Value::Object(obj).to_string());
+            text.push('\n');
+        }
+        self.samples_file
+            .write_all(text.as_bytes())
+            .map_err(io_err(&self.samples_path))?;
+        self.sample_lines += samples.len();
+        Ok(())
+    }
+}
+
+/// Keeps the first `keep` complete lines of `path` (a missing file holds none). Errors
+/// when it has fewer.
+fn cut_lines(path: &Path, keep: usize) -> std::result::Result<(), String> {
+    let text = match fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && keep == 0 => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let (mut cut, mut seen) = (0usize, 0usize);
+    for (i, &b) in text.iter().enumerate() {
+        if seen == keep {
+            break;
+        }
+        if b == b'\n' {
+            seen += 1;
+            cut = i + 1;
+        }
+    }
+    if seen < keep {
+        return Err(format!(
+            "has {seen} complete lines, but the completed stages wrote {keep}"
+        ));
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    file.set_len(cut as u64).map_err(|e| e.to_string())?;
+    file.sync_all().map_err(|e| e.to_string())
 }
 
 /// Converts a serialisable metrics struct into a JSON object (for [`StageLog::log`]).

@@ -29,7 +29,7 @@ use goodhart_policy::{
 use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
 
-/// The language the lab's defaults ([`SftConfig`], `ProxyConfig`, `PgConfig`) were
+/// The language the lab's defaults ([`SftConfig`], `ProxyConfig`, `RlConfig`) were
 /// measured on: goodhart-envs' default language (4 topics, 16 words, 3 favoured per
 /// topic, max 16 words, gold target length 8) with `eos_logit = 1.5` and
 /// `favour_bias = 0.5`, so generator responses average 8 words (the gold's sweet spot)

@@ -44,7 +44,7 @@ pub fn run<B: AutodiffBackend>(
         base_policy::<B>(runner, config, seed, device)?;
         for (a, arm) in cfg.arms.iter().enumerate() {
             proxies::<B>(runner, config, cfg.pairs, arm.ensemble, seed, device)?;
-            let pg = arm.pg_config(&config.rl, a)?;
+            let pg = arm.rl_config(&config.rl, a)?;
             let trace = rl_stage::<B>(
                 runner,
                 config,

@@ -117,6 +117,21 @@ impl<'a, 'b> Logger<'a, 'b> {
     }
 }
 
+impl Logger<'_, '_> {
+    /// Appends the samples of one step to `samples.jsonl`, labelled like the metrics.
+    pub(crate) fn samples<T: serde::Serialize>(
+        &mut self,
+        samples: &[T],
+    ) -> goodhart_core::Result<()> {
+        self.log
+            .samples(
+                &[("experiment", self.experiment), ("series", self.series)],
+                samples,
+            )
+            .map_err(|e| GoodhartError::invalid("samples.jsonl", e.to_string()))
+    }
+}
+
 pub(crate) fn stage_error(stage: &str) -> impl FnOnce(GoodhartError) -> RunError + '_ {
     move |source| RunError::Stage {
         stage: stage.into(),

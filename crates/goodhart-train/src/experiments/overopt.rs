@@ -37,7 +37,7 @@ use super::{checkpoint_error, stage_error, table, Logger};
 use crate::{
     best_of_n::{best_of_n, BonPoint},
     config::{ExperimentConfig, OveroptExperiment},
-    policy_gradient::{self, PgConfig, Proxy},
+    policy_gradient::{self, Proxy, RlConfig},
     reward_model::{train_proxy, train_proxy_ensemble, ProxyConfig, ProxyReport},
     runner::{Result, Runner},
     sft::{train_base, SftReport},
@@ -231,7 +231,7 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
     name: &str,
     experiment: &str,
     series: &str,
-    pg: &PgConfig,
+    pg: &RlConfig,
     seed: u64,
     proxy: (usize, usize, Aggregator),
     device: &B::Device,
@@ -253,29 +253,30 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
             &proxy,
             seed::derive(seed, name),
             device,
-            &mut |m| {
-                let map = m.to_json();
-                let get = |k: &str| map.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            &mut |line| {
+                let get = |k: &str| line.get(k);
                 points.push(TracePoint {
-                    step: map
-                        .get("step")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(points.len() as u64),
+                    step: line.step as u64,
                     d: get(KEY_KL_D),
                     proxy: get(KEY_PROXY_MEAN),
                     gold: get(KEY_GOLD_MEAN),
-                    metrics: map
+                    metrics: line
+                        .metrics
                         .iter()
                         .filter(|(k, _)| {
-                            !["step", KEY_KL_D, KEY_PROXY_MEAN, KEY_GOLD_MEAN].contains(&k.as_str())
+                            ![KEY_KL_D, KEY_PROXY_MEAN, KEY_GOLD_MEAN].contains(&k.as_str())
                         })
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                        .map(|(k, v)| (k.clone(), *v))
                         .collect(),
                 });
-                let step = points.last().map_or(0, |p| p.step);
-                let mut map = map;
-                map.remove("step");
-                logger.log(step, map)
+                logger.samples(&line.samples)?;
+                logger.log(
+                    line.step as u64,
+                    line.metrics
+                        .iter()
+                        .map(|(k, v)| (k.clone(), json!(v)))
+                        .collect(),
+                )
             },
         )
         .map_err(stage_error(name))?;
