@@ -149,6 +149,7 @@ pub fn member_variance<B: Backend>(scores: Tensor<B, 2>, unbiased: bool) -> Resu
 
 /// An ensemble of reward sources scored together and aggregated. Its output carries
 /// every member's score (`members [K, N]`), so the disagreement stays visible.
+#[derive(Debug, Clone)]
 pub struct RewardEnsemble<S> {
     name: String,
     members: Vec<S>,

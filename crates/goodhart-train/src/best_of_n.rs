@@ -25,6 +25,8 @@ use goodhart_metrics::overopt::{bon_kl, bon_unbiased};
 use goodhart_policy::{GenerationConfig, TransformerLm};
 use serde::{Deserialize, Serialize};
 
+use goodhart_reward::RewardSource;
+
 use crate::policy_gradient::{host, sample_and_score, Proxy};
 
 /// One point of the best-of-n curve.
@@ -88,6 +90,7 @@ pub fn best_of_n<B: Backend>(
     policy: &TransformerLm<B>,
     lang: &Language,
     proxy: &Proxy<B>,
+    gold: &dyn RewardSource<B>,
     ns: &[usize],
     samples_per_prompt: usize,
     prompts: usize,
@@ -116,7 +119,16 @@ pub fn best_of_n<B: Backend>(
         (Vec::with_capacity(prompts), Vec::with_capacity(prompts));
     for i in 0..prompts {
         let rows = vec![i % topics; samples_per_prompt];
-        let s = sample_and_score(policy, lang, proxy, &rows, &generation, &mut rng, device)?;
+        let s = sample_and_score(
+            policy,
+            lang,
+            proxy,
+            gold,
+            &rows,
+            &generation,
+            &mut rng,
+            device,
+        )?;
         proxy_rows.push(host(s.proxy)?);
         gold_rows.push(s.gold);
     }
@@ -174,14 +186,15 @@ mod tests {
                 // A random proxy on the untrained policy: n = 1 is the plain sample mean.
                 (policy, ProxyConfig::default().model(&lang).init::<B>(device).unwrap())
             });
-            let proxy = Proxy::single(rm);
-            let pts = best_of_n(&policy, &lang, &proxy, &[1, 4], 8, 2, 5, device).unwrap();
-            let again = best_of_n(&policy, &lang, &proxy, &[1, 4], 8, 2, 5, device).unwrap();
+            let proxy = crate::policy_gradient::proxy(vec![rm], goodhart_reward::Aggregator::Mean).unwrap();
+            let gold = crate::policy_gradient::LanguageGold::new(&lang);
+            let pts = best_of_n(&policy, &lang, &proxy, &gold, &[1, 4], 8, 2, 5, device).unwrap();
+            let again = best_of_n(&policy, &lang, &proxy, &gold, &[1, 4], 8, 2, 5, device).unwrap();
             assert_eq!(pts, again, "same seed, same numbers");
             assert!((pts[1].kl - 0.636_294).abs() < 1e-6, "{:?}", pts[1]);
             assert!(pts[1].proxy >= pts[0].proxy - tolerance(1e-6) as f64);
-            assert!(matches!(best_of_n(&policy, &lang, &proxy, &[9], 8, 2, 5, device), Err(GoodhartError::InvalidArgument { .. })));
-            assert!(best_of_n(&policy, &lang, &proxy, &[1], 8, 0, 5, device).is_err());
+            assert!(matches!(best_of_n(&policy, &lang, &proxy, &gold, &[9], 8, 2, 5, device), Err(GoodhartError::InvalidArgument { .. })));
+            assert!(best_of_n(&policy, &lang, &proxy, &gold, &[1], 8, 0, 5, device).is_err());
         }
     }
 }

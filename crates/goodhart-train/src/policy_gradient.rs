@@ -78,7 +78,8 @@ use goodhart_reward::{
     ensemble::member_variance,
     length::{fit_length_bias, LengthBias},
     shaping::Shaper,
-    Aggregator, CtrlUConfig, LengthConfig, RewardModel, ShapingConfig,
+    Aggregator, CtrlUConfig, LengthConfig, RewardEnsemble, RewardModel, RewardOutput, RewardSource,
+    Sequences, ShapingConfig,
 };
 use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
@@ -469,101 +470,96 @@ fn references_per_prompt(s: &ShapingConfig) -> usize {
     }
 }
 /// The proxy the policy is trained against: one reward model, or an ensemble of them
-/// combined per response by `aggregation` (`mean`, `median`, `worst_case`, `uwo`:
-/// goodhart-reward's [`Aggregator`], Coste et al. 2024). Scores are the members'
-/// normalised scores ([`RewardModel::scores`]).
-#[derive(Debug, Clone)]
-pub struct Proxy<B: Backend> {
-    /// The reward models (at least one).
-    pub members: Vec<RewardModel<B>>,
-    /// How member scores become one reward.
-    pub aggregation: Aggregator,
+/// combined per response by an [`Aggregator`] (`mean`, `median`, `worst_case`, `uwo`,
+/// Coste et al. 2024): goodhart-reward's [`RewardEnsemble`], whose output carries every
+/// member's normalised score ([`RewardModel::scores`]).
+pub type Proxy<B> = RewardEnsemble<RewardModel<B>>;
+
+/// A proxy named `proxy` from `members`; errors when there are none.
+pub fn proxy<B: Backend>(
+    members: Vec<RewardModel<B>>,
+    aggregation: Aggregator,
+) -> Result<Proxy<B>> {
+    RewardEnsemble::new(PROXY, members, aggregation)
 }
 
-impl<B: Backend> Proxy<B> {
-    /// A proxy from `members`; errors when there are none.
-    pub fn new(members: Vec<RewardModel<B>>, aggregation: Aggregator) -> Result<Self> {
-        if members.is_empty() {
-            return Err(GoodhartError::Empty {
-                what: "proxy members".into(),
-            });
-        }
-        Ok(Self {
-            members,
-            aggregation,
-        })
-    }
-
-    /// A single reward model (its own score).
-    pub fn single(model: RewardModel<B>) -> Self {
-        Self {
-            members: vec![model],
-            aggregation: Aggregator::Mean,
-        }
-    }
-
-    /// Every member's normalised score of `tokens` (read at each row's last token with
-    /// `attention_mask = 1`), `[K, N]`.
-    pub fn member_scores(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        attention_mask: Tensor<B, 2>,
-    ) -> Result<Tensor<B, 2>> {
-        let rows = self
-            .members
-            .iter()
-            .map(|m| {
-                Ok(m.scores(tokens.clone(), attention_mask.clone())?
-                    .unsqueeze_dim(0))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if rows.is_empty() {
-            return Err(GoodhartError::Empty {
-                what: "proxy members".into(),
-            });
-        }
-        Ok(Tensor::cat(rows, 0))
-    }
-
-    /// The aggregated proxy reward `[N]`.
-    pub fn score(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        attention_mask: Tensor<B, 2>,
-    ) -> Result<Tensor<B, 1>> {
-        self.aggregation
-            .aggregate(self.member_scores(tokens, attention_mask)?)
-    }
-}
-
-impl<B: AutodiffBackend> Proxy<B> {
-    /// The same proxy on the inner backend (no autodiff), as [`train`] takes it.
-    pub fn valid(&self) -> Proxy<B::InnerBackend> {
-        Proxy {
-            members: self.members.iter().map(|m| m.valid()).collect(),
-            aggregation: self.aggregation,
-        }
-    }
-}
-
-/// The gold reward of a generated response (tokens after the prompt) and whether it was
+/// The words of a generated response (tokens after the prompt) and whether it was
 /// ill-formed: words are read up to the first `EOS`; a non-word token before it ends the
-/// response there (ill-formed). Errors only on a malformed prompt.
-pub fn gold_reward(lang: &Language, prompt: &[u32], response: &[u32]) -> Result<(f64, bool)> {
+/// response there (ill-formed).
+fn response_words(lang: &Language, response: &[u32]) -> (Vec<u32>, bool) {
     let mut words: Vec<u32> = Vec::with_capacity(response.len() + 1);
-    let mut ill = false;
     for &tok in response {
         if tok == EOS {
             break;
         }
         if lang.word_of(tok).is_none() {
-            ill = true;
-            break;
+            return (words, true);
         }
         words.push(tok);
     }
+    (words, false)
+}
+
+/// The gold reward of a generated response (tokens after the prompt) and whether it was
+/// ill-formed (see [`response_words`]): the gold of the words, `EOS` appended. Errors only
+/// on a malformed prompt.
+pub fn gold_reward(lang: &Language, prompt: &[u32], response: &[u32]) -> Result<(f64, bool)> {
+    let (mut words, ill) = response_words(lang, response);
     words.push(EOS);
     Ok((lang.gold(prompt, &words)?, ill))
+}
+
+/// The synthetic language's true reward as a [`RewardSource`]: [`gold_reward`] of each
+/// row of a batch of `[BOS, topic, SEP]` prompts and their responses.
+#[derive(Debug, Clone, Copy)]
+pub struct LanguageGold<'a> {
+    lang: &'a Language,
+}
+
+impl<'a> LanguageGold<'a> {
+    /// The gold reward of `lang`.
+    pub fn new(lang: &'a Language) -> Self {
+        Self { lang }
+    }
+}
+
+/// The rows of an `[N, T]` id tensor on the host.
+fn host_rows<B: Backend>(t: &Tensor<B, 2, Int>) -> Result<Vec<Vec<u32>>> {
+    let [n, w] = t.dims();
+    let flat: Vec<i64> = t
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .map_err(|e| GoodhartError::invalid("tokens", format!("{e:?}")))?;
+    Ok((0..n)
+        .map(|r| flat[r * w..(r + 1) * w].iter().map(|&x| x as u32).collect())
+        .collect())
+}
+
+impl<B: Backend> RewardSource<B> for LanguageGold<'_> {
+    fn name(&self) -> &str {
+        GOLD
+    }
+
+    fn score(&self, input: &Sequences<B>) -> Result<RewardOutput<B>> {
+        let rows = host_rows(&input.tokens)?;
+        let gold = rows
+            .iter()
+            .map(|row| {
+                if row.len() < PROMPT_LEN {
+                    return Err(GoodhartError::invalid("tokens", "shorter than a prompt"));
+                }
+                let (p, r) = row.split_at(PROMPT_LEN);
+                gold_reward(self.lang, p, r).map(|(g, _)| g as f32)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = gold.len();
+        RewardOutput::scalar(Tensor::from_data(
+            TensorData::new(gold, [n]),
+            &input.tokens.device(),
+        ))
+    }
 }
 
 /// Samples of one batch of prompts, scored by proxy and gold (inner backend).
@@ -584,11 +580,13 @@ pub struct Scored<B: Backend> {
 }
 
 /// Samples one response per entry of `topics` from `policy` and scores it by `proxy` and
-/// by the gold reward.
+/// by `gold`.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_and_score<B: Backend>(
     policy: &TransformerLm<B>,
     lang: &Language,
     proxy: &Proxy<B>,
+    gold: &dyn RewardSource<B>,
     topics: &[usize],
     generation: &GenerationConfig,
     rng: &mut seed::ChaCha8Rng,
@@ -612,32 +610,25 @@ pub fn sample_and_score<B: Backend>(
         generation,
         rng,
     )?;
-    let members = proxy.member_scores(gen.tokens.clone(), gen.attention_mask.clone())?;
-    let agg = proxy.aggregation.aggregate(members.clone())?;
-    let width = PROMPT_LEN + gen.response_len;
-    let toks: Vec<i64> = gen
-        .tokens
-        .clone()
-        .into_data()
-        .convert::<i64>()
-        .into_vec()
-        .map_err(|e| GoodhartError::invalid("tokens", format!("{e:?}")))?;
-    let mut gold = Vec::with_capacity(n);
-    let mut ill_formed = Vec::with_capacity(n);
-    for (row, &t) in topics.iter().enumerate() {
-        let response: Vec<u32> = toks[row * width + PROMPT_LEN..(row + 1) * width]
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
-        let (g, ill) = gold_reward(lang, &lang.prompt(t), &response)?;
-        gold.push(g);
-        ill_formed.push(ill);
-    }
+    let batch = Sequences::new(
+        gen.tokens.clone(),
+        gen.attention_mask.clone(),
+        gen.response_mask.clone(),
+    )?;
+    let scored = proxy.score(&batch)?;
+    let members = scored
+        .members
+        .unwrap_or_else(|| scored.reward.clone().unsqueeze_dim(0));
+    let gold = host(gold.score(&batch)?.reward)?;
+    let ill_formed = host_rows(&gen.tokens)?
+        .iter()
+        .map(|row| response_words(lang, &row[PROMPT_LEN..]).1)
+        .collect();
     Ok(Scored {
         topics: topics.to_vec(),
         generation: gen,
         members,
-        proxy: agg,
+        proxy: scored.reward,
         gold,
         ill_formed,
     })
@@ -827,22 +818,13 @@ fn pad_cols<B: Backend, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<
 
 impl<B: Backend> Rollout<B> {
     fn new(s: Scored<B>, scores: Scores<B>) -> Result<Self> {
-        let n = s.topics.len();
-        let width = s.generation.tokens.dims()[1];
-        let toks: Vec<i64> = s
-            .generation
-            .tokens
-            .clone()
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .map_err(|e| GoodhartError::invalid("tokens", format!("{e:?}")))?;
-        let responses = (0..n)
+        let responses = host_rows(&s.generation.tokens)?
+            .into_iter()
             .map(|row| {
                 let mut r = Vec::new();
-                for &t in &toks[row * width + PROMPT_LEN..(row + 1) * width] {
-                    r.push(t as u32);
-                    if t as u32 == EOS {
+                for &t in &row[PROMPT_LEN..] {
+                    r.push(t);
+                    if t == EOS {
                         break;
                     }
                 }
@@ -945,6 +927,7 @@ fn reference_rewards<B: Backend>(
     reference: &TransformerLm<B>,
     lang: &Language,
     proxy: &Proxy<B>,
+    gold: &dyn RewardSource<B>,
     m: usize,
     generation: &GenerationConfig,
     seed: u64,
@@ -955,7 +938,9 @@ fn reference_rewards<B: Backend>(
         .flat_map(|t| std::iter::repeat_n(t, m))
         .collect();
     let mut rng = seed::rng(seed, "pg/references");
-    let s = sample_and_score(reference, lang, proxy, &rows, generation, &mut rng, device)?;
+    let s = sample_and_score(
+        reference, lang, proxy, gold, &rows, generation, &mut rng, device,
+    )?;
     let r: Vec<f32> = host(rewards.base(&s)?)?
         .into_iter()
         .map(|x| x as f32)
@@ -984,6 +969,7 @@ fn collect<B: Backend>(
     sampler: &TransformerLm<B>,
     lang: &Language,
     proxy: &Proxy<B>,
+    gold: &dyn RewardSource<B>,
     rewards: &mut Rewards<B>,
     generation: &GenerationConfig,
     prompt_rng: &mut seed::ChaCha8Rng,
@@ -1000,7 +986,7 @@ fn collect<B: Backend>(
             .flat_map(|_| std::iter::repeat_n(prompt_rng.random_range(0..topics_n), g))
             .collect();
         let s = sample_and_score(
-            sampler, lang, proxy, &topics, generation, sample_rng, device,
+            sampler, lang, proxy, gold, &topics, generation, sample_rng, device,
         )?;
         let scores = rewards.score(&s, device)?;
         let r = Rollout::new(s, scores)?;
@@ -1058,11 +1044,12 @@ pub fn train<B: AutodiffBackend>(
     mut policy: TransformerLm<B>,
     reference: &TransformerLm<B::InnerBackend>,
     proxy: &Proxy<B::InnerBackend>,
+    gold: &dyn RewardSource<B::InnerBackend>,
     seed: u64,
     device: &B::Device,
     log: &mut dyn FnMut(&StepLine) -> Result<()>,
 ) -> Result<TransformerLm<B>> {
-    cfg.validate(proxy.members.len())?;
+    cfg.validate(proxy.members().len())?;
     let need = PROMPT_LEN + cfg.max_new_tokens;
     for (what, len) in std::iter::once(("policy", policy.trunk.max_seq_len()))
         .chain(std::iter::once((
@@ -1071,7 +1058,7 @@ pub fn train<B: AutodiffBackend>(
         )))
         .chain(
             proxy
-                .members
+                .members()
                 .iter()
                 .map(|m| ("proxy", m.trunk.max_seq_len())),
         )
@@ -1112,7 +1099,16 @@ pub fn train<B: AutodiffBackend>(
         let topics = lang.config().topics;
         let rows: Vec<usize> = (0..FIMI_SAMPLES).map(|i| i % topics).collect();
         let mut rng = seed::rng(seed, "pg/fimi");
-        let s = sample_and_score(reference, lang, proxy, &rows, &generation, &mut rng, device)?;
+        let s = sample_and_score(
+            reference,
+            lang,
+            proxy,
+            gold,
+            &rows,
+            &generation,
+            &mut rng,
+            device,
+        )?;
         let lengths = lengths_of(&s.generation.response_mask);
         rewards.bias = Some(fit_length_bias::<B>(
             Tensor::from_inner(s.proxy),
@@ -1127,6 +1123,7 @@ pub fn train<B: AutodiffBackend>(
             reference,
             lang,
             proxy,
+            gold,
             m,
             &generation,
             seed,
@@ -1183,6 +1180,7 @@ pub fn train<B: AutodiffBackend>(
             &sampler,
             lang,
             proxy,
+            gold,
             &mut rewards,
             &generation,
             &mut prompt_rng,
@@ -1261,6 +1259,7 @@ pub fn train<B: AutodiffBackend>(
                 &sampler,
                 lang,
                 proxy,
+                gold,
                 &prompts,
                 &greedy,
                 &mut greedy_rng,
@@ -1644,7 +1643,7 @@ mod tests {
         } else {
             Aggregator::uwo_ppo()
         };
-        (policy, reference, Proxy::new(members, aggregation).unwrap())
+        (policy, reference, proxy(members, aggregation).unwrap())
     }
 
     fn small() -> RlConfig {
@@ -1674,10 +1673,20 @@ mod tests {
         let l = lang();
         let (policy, reference, proxy) = setup::<Cpu>(&l, k, &device);
         let mut out = Vec::new();
-        train::<Cpu>(cfg, &l, policy, &reference, &proxy, 5, &device, &mut |m| {
-            out.push(m.clone());
-            Ok(())
-        })?;
+        train::<Cpu>(
+            cfg,
+            &l,
+            policy,
+            &reference,
+            &proxy,
+            &LanguageGold::new(&l),
+            5,
+            &device,
+            &mut |m| {
+                out.push(m.clone());
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
@@ -1777,7 +1786,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(Proxy::<Dispatch>::new(vec![], Aggregator::Mean).is_err());
+        assert!(proxy::<Dispatch>(vec![], Aggregator::Mean).is_err());
     }
 
     /// Every method name `[rl]` takes runs 3 steps with finite metrics (CPU).
@@ -1912,7 +1921,7 @@ mod tests {
                     .clone()
                     .try_into()
                     .unwrap();
-            let p = Proxy::new(proxy.members.clone(), agg).unwrap();
+            let p = super::proxy(proxy.members().to_vec(), agg).unwrap();
             let mut lines = Vec::new();
             train::<Cpu>(
                 &RlConfig {
@@ -1923,6 +1932,7 @@ mod tests {
                 policy.clone(),
                 &reference,
                 &p,
+                &LanguageGold::new(&l),
                 5,
                 &device,
                 &mut |m| {
@@ -1992,10 +2002,20 @@ mod tests {
             ..rl("advantage = { kind = \"remax\" }")
         };
         let mut lines = Vec::new();
-        train::<Cpu>(&cfg, &l, policy, &reference, &proxy, 5, &device, &mut |m| {
-            lines.push(m.clone());
-            Ok(())
-        })
+        train::<Cpu>(
+            &cfg,
+            &l,
+            policy,
+            &reference,
+            &proxy,
+            &LanguageGold::new(&l),
+            5,
+            &device,
+            &mut |m| {
+                lines.push(m.clone());
+                Ok(())
+            },
+        )
         .unwrap();
         // At step 0 the policy is the reference: its greedy response to each prompt,
         // scored by the proxy, is the baseline of every response to that prompt.
@@ -2009,6 +2029,7 @@ mod tests {
             &reference,
             &l,
             &proxy,
+            &LanguageGold::new(&l),
             &topics,
             &greedy,
             &mut seed::rng(0, "x"),
@@ -2109,7 +2130,7 @@ mod tests {
             let (policy, reference, proxy) = setup::<A<B>>(&l, 1, device);
             let run = |cfg: &RlConfig| {
                 let mut out = Vec::new();
-                train::<A<B>>(cfg, &l, policy.clone(), &reference, &proxy, 5, device, &mut |m| {
+                train::<A<B>>(cfg, &l, policy.clone(), &reference, &proxy, &LanguageGold::new(&l), 5, device, &mut |m| {
                     out.push(m.clone());
                     Ok(())
                 })
@@ -2126,7 +2147,7 @@ mod tests {
             assert!(matches!(run(&long), Err(GoodhartError::InvalidArgument { name, .. }) if name == "rl.max_new_tokens"));
             // An error from the log callback stops the run.
             let mut calls = 0;
-            let r = train::<A<B>>(&small(), &l, policy.clone(), &reference, &proxy, 5, device, &mut |_| {
+            let r = train::<A<B>>(&small(), &l, policy.clone(), &reference, &proxy, &LanguageGold::new(&l), 5, device, &mut |_| {
                 calls += 1;
                 Err(GoodhartError::invalid("log", "disk full"))
             });
@@ -2151,7 +2172,7 @@ mod tests {
             let (policy, reference, proxy) = setup::<A<B>>(&l, 1, device);
             let cfg = RlConfig { steps: 20, prompts_per_step: 8, group_size: 8, lr: 1e-2, max_new_tokens: 12, ..Default::default() };
             let mut m = Vec::new();
-            train::<A<B>>(&cfg, &l, policy, &reference, &proxy, 1, device, &mut |s| {
+            train::<A<B>>(&cfg, &l, policy, &reference, &proxy, &LanguageGold::new(&l), 1, device, &mut |s| {
                 m.push(s.clone());
                 Ok(())
             })

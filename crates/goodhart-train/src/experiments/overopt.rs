@@ -37,7 +37,7 @@ use super::{checkpoint_error, stage_error, table, Logger};
 use crate::{
     best_of_n::{best_of_n, BonPoint},
     config::{ExperimentConfig, OveroptExperiment},
-    policy_gradient::{self, Proxy, RlConfig},
+    policy_gradient::{self, LanguageGold, Proxy, RlConfig},
     reward_model::{train_proxy, train_proxy_ensemble, ProxyConfig, ProxyReport},
     runner::{Result, Runner},
     sft::{train_base, SftReport},
@@ -220,7 +220,7 @@ pub(crate) fn load_proxy<B: Backend>(
             template.load(&path, device).map_err(stage_error(stage))
         })
         .collect::<Result<Vec<_>>>()?;
-    Proxy::new(members, aggregation).map_err(stage_error(stage))
+    policy_gradient::proxy(members, aggregation).map_err(stage_error(stage))
 }
 
 /// A stage that runs RL from the base policy against a proxy and returns its trace.
@@ -251,9 +251,10 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
             policy,
             &reference,
             &proxy,
+            &LanguageGold::new(&lang),
             seed::derive(seed, name),
             device,
-            &mut |line| {
+            &mut |line: &policy_gradient::StepLine| {
                 let get = |k: &str| line.get(k);
                 points.push(TracePoint {
                     step: line.step as u64,
@@ -331,6 +332,7 @@ pub fn run<B: AutodiffBackend>(
                 &policy,
                 &lang,
                 &proxy_model,
+                &LanguageGold::new(&lang),
                 &bon_cfg.ns,
                 bon_cfg.samples_per_prompt,
                 bon_cfg.prompts,
