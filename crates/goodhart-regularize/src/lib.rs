@@ -59,6 +59,13 @@ pub struct RegInputs<B: Backend> {
     pub tokens: Option<Tensor<B, 2, Int>>,
     /// Observation vectors `[N, T, K]` (environments with vector observations).
     pub observations: Option<Tensor<B, 3>>,
+    /// Observations `[M, T', K]` of reference-policy (base-policy) episodes, the other
+    /// side of an occupancy discriminator.
+    pub ref_observations: Option<Tensor<B, 3>>,
+    /// Their actions `[M, T']`.
+    pub ref_tokens: Option<Tensor<B, 2, Int>>,
+    /// Their mask `[M, T']` (all ones when absent).
+    pub ref_mask: Option<Tensor<B, 2>>,
     /// Policy log-probabilities of baseline responses `[M, T']` (SFT anchoring).
     pub baseline_logp: Option<Tensor<B, 2>>,
     /// Their mask `[M, T']`.
@@ -80,6 +87,9 @@ impl<B: Backend> Default for RegInputs<B> {
             ref_logits: None,
             tokens: None,
             observations: None,
+            ref_observations: None,
+            ref_tokens: None,
+            ref_mask: None,
             baseline_logp: None,
             baseline_mask: None,
             reward_main: None,
@@ -254,7 +264,7 @@ mod tests {
             ("entropy", "coef = 0.01\ntop_q = 0.2\n"),
             (
                 "chi2_occupancy",
-                "obs_dim = 12\nnum_actions = 4\ndivergence = \"chi2\"\n",
+                "obs_dim = 12\nnum_actions = 4\ndivergence = \"chi2\"\ndisc_steps = 3\n",
             ),
             ("sequence_chi2", "coef = 0.1\n"),
             ("action_kl", "gamma = 0.99\n"),

@@ -19,6 +19,12 @@
 //! in its experiments half the rollouts come from the base policy, and the discriminator
 //! is an MLP of width 256 and depth 2 over the observation and the one-hot action.
 //! Works with any environment whose observations are vectors.
+//!
+//! Through the [`crate::Regularizer`] trait one call does both halves of a step: given
+//! reference-policy episodes (`ref_observations`, `ref_tokens`, `ref_mask`), the
+//! discriminator first takes `disc_steps` Adam steps, each on `disc_batch` valid pairs
+//! drawn without replacement from either side ([`OccupancyRegularizer::fit`]); then the
+//! current episodes' rewards are penalised.
 
 use burn::{
     module::Module,
@@ -32,7 +38,8 @@ use burn::{
         Int, Tensor,
     },
 };
-use goodhart_core::{ops::check_finite, GoodhartError, Result};
+use goodhart_core::{ops::check_finite, seed, GoodhartError, Result};
+use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 
 /// Configuration of the occupancy [`Discriminator`] (ORPO: width 256, depth 2).
@@ -270,9 +277,23 @@ pub struct OccupancyConfig {
     /// Clip of the penalised reward (default 10).
     #[serde(default = "default_clip")]
     pub clip: f64,
-    /// Seed of the discriminator's initialisation.
+    /// Discriminator Adam steps per [`OccupancyRegularizer::fit`] (default 5, goodhart's).
+    #[serde(default = "default_disc_steps")]
+    pub disc_steps: usize,
+    /// Pairs drawn from each side for one discriminator step, without replacement
+    /// (default 256, goodhart's; ORPO trains it on PPO's 128-step minibatches).
+    #[serde(default = "default_disc_batch")]
+    pub disc_batch: usize,
+    /// Seed of the discriminator's initialisation and of its minibatch draws.
     #[serde(default)]
     pub seed: u64,
+}
+
+fn default_disc_steps() -> usize {
+    5
+}
+fn default_disc_batch() -> usize {
+    256
 }
 
 fn default_width() -> usize {
@@ -303,6 +324,8 @@ impl OccupancyConfig {
             divergence: OccupancyDivergence::default(),
             coef: default_coef(),
             clip: default_clip(),
+            disc_steps: default_disc_steps(),
+            disc_batch: default_disc_batch(),
             seed: 0,
         }
     }
@@ -322,6 +345,12 @@ impl OccupancyConfig {
         if self.lr == 0.0 || self.clip == 0.0 {
             return Err(GoodhartError::invalid("lr/clip", "must be > 0"));
         }
+        if self.disc_steps == 0 || self.disc_batch == 0 {
+            return Err(GoodhartError::invalid(
+                "disc_steps / disc_batch",
+                "must be at least 1",
+            ));
+        }
         let discriminator =
             goodhart_core::seed::seeded::<B, _>(device, self.seed, "discriminator", || {
                 DiscriminatorConfig::new(self.obs_dim)
@@ -334,6 +363,7 @@ impl OccupancyConfig {
             discriminator,
             optimizer: AdamConfig::new().init(),
             config: self.clone(),
+            rng: seed::rng(self.seed, "discriminator/minibatch"),
             last_loss: None,
             last_chi2: None,
         })
@@ -345,8 +375,47 @@ pub struct OccupancyRegularizer<B: AutodiffBackend> {
     discriminator: Discriminator<B>,
     optimizer: OptimizerAdaptor<Adam, Discriminator<B>, B>,
     config: OccupancyConfig,
+    rng: seed::ChaCha8Rng,
     last_loss: Option<f64>,
     last_chi2: Option<f64>,
+}
+
+/// The discriminator inputs of the valid steps of episodes `obs [N, T, K]`, `actions
+/// [N, T]`, `mask [N, T]` (all ones when absent).
+fn valid_features<B: AutodiffBackend>(
+    d: &Discriminator<B>,
+    obs: Tensor<B, 3>,
+    actions: Option<Tensor<B, 2, Int>>,
+    mask: Option<&Tensor<B, 2>>,
+) -> Result<Tensor<B, 2>> {
+    let [n, t, k] = obs.dims();
+    if let Some(m) = mask {
+        if m.dims() != [n, t] {
+            return Err(GoodhartError::shape("mask", &[n, t], &m.dims()));
+        }
+    }
+    let features = d.features(obs.reshape([n * t, k]), actions.map(|a| a.reshape([n * t])))?;
+    let Some(mask) = mask else {
+        return Ok(features);
+    };
+    let keep: Vec<i64> = mask
+        .clone()
+        .reshape([n * t])
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| GoodhartError::invalid("mask", format!("{e:?}")))?
+        .iter()
+        .enumerate()
+        .filter(|(_, &m)| m != 0.0)
+        .map(|(i, _)| i as i64)
+        .collect();
+    let m = keep.len();
+    let device = features.device();
+    Ok(features.select(
+        0,
+        Tensor::from_data(burn::tensor::TensorData::new(keep, [m]), &device),
+    ))
 }
 
 impl<B: AutodiffBackend> OccupancyRegularizer<B> {
@@ -386,6 +455,42 @@ impl<B: AutodiffBackend> OccupancyRegularizer<B> {
             .step(self.config.lr, self.discriminator.clone(), grads);
         self.last_loss = Some(value);
         Ok(value)
+    }
+
+    /// `disc_steps` discriminator steps ([`OccupancyRegularizer::train_step`]), each on
+    /// `disc_batch` valid pairs drawn without replacement from the current episodes and
+    /// as many from the reference episodes (stream `discriminator/minibatch` of the
+    /// config's seed). Returns the last loss; errors on a side with no valid step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit(
+        &mut self,
+        obs: Tensor<B, 3>,
+        actions: Option<Tensor<B, 2, Int>>,
+        mask: Option<&Tensor<B, 2>>,
+        ref_obs: Tensor<B, 3>,
+        ref_actions: Option<Tensor<B, 2, Int>>,
+        ref_mask: Option<&Tensor<B, 2>>,
+    ) -> Result<f64> {
+        let current = valid_features(&self.discriminator, obs, actions, mask)?;
+        let reference = valid_features(&self.discriminator, ref_obs, ref_actions, ref_mask)?;
+        let mut loss = f64::NAN;
+        for _ in 0..self.config.disc_steps {
+            let mut draw = |x: &Tensor<B, 2>| {
+                let n = x.dims()[0];
+                let mut ids: Vec<i64> = (0..n as i64).collect();
+                ids.shuffle(&mut self.rng);
+                ids.truncate(self.config.disc_batch);
+                let b = ids.len();
+                let device = x.device();
+                x.clone().select(
+                    0,
+                    Tensor::from_data(burn::tensor::TensorData::new(ids, [b]), &device),
+                )
+            };
+            let (c, r) = (draw(&current), draw(&reference));
+            loss = self.train_step(c, r)?;
+        }
+        Ok(loss)
     }
 
     /// Discriminator outputs `[N]` for `features`, detached.
@@ -440,10 +545,10 @@ impl<B: AutodiffBackend> crate::Regularizer<B> for OccupancyRegularizer<B> {
         "chi2_occupancy"
     }
 
+    /// With reference episodes (`ref_observations`, and `ref_tokens` when the
+    /// discriminator takes actions), [`OccupancyRegularizer::fit`] first; then
     /// [`OccupancyRegularizer::penalize_rewards`] from `observations`, `tokens` (the
-    /// actions, when the discriminator takes them) and `mask` (all ones when absent).
-    /// Training the discriminator is a separate call ([`OccupancyRegularizer::train_step`])
-    /// on base-policy and current-policy samples.
+    /// actions) and `mask` (all ones when absent).
     fn shape_rewards(
         &mut self,
         rewards: Tensor<B, 2>,
@@ -454,6 +559,20 @@ impl<B: AutodiffBackend> crate::Regularizer<B> for OccupancyRegularizer<B> {
             Some(_) => Some(crate::need(&x.tokens, "tokens", "chi2_occupancy")?),
             None => None,
         };
+        if let Some(ref_obs) = &x.ref_observations {
+            let ref_actions = match self.config.num_actions {
+                Some(_) => Some(crate::need(&x.ref_tokens, "ref_tokens", "chi2_occupancy")?),
+                None => None,
+            };
+            self.fit(
+                obs.clone(),
+                actions.clone(),
+                x.mask.as_ref(),
+                ref_obs.clone(),
+                ref_actions,
+                x.ref_mask.as_ref(),
+            )?;
+        }
         let mask = x.mask.clone().unwrap_or_else(|| rewards.ones_like());
         self.penalize_rewards(rewards, obs, actions, &mask)
     }
@@ -602,6 +721,56 @@ mod tests {
             });
             for g in &got {
                 assert_eq!(g, &expected);
+            }
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn the_trait_fits_the_discriminator_on_valid_pairs<B>(device) {
+            use crate::{RegInputs, Regularizer};
+            type A<B> = Autodiff<B>;
+            // Current episodes visit (obs (1, 0), action 0); reference episodes visit
+            // (obs (0, 1), action 1), and hold current-like pairs only on masked steps.
+            let config = OccupancyConfig {
+                num_actions: Some(2),
+                width: 16,
+                depth: 1,
+                lr: 1e-2,
+                disc_steps: 60,
+                disc_batch: 4,
+                coef: 1.0,
+                divergence: OccupancyDivergence::Kl,
+                ..OccupancyConfig::new(2)
+            };
+            let obs = |x: [f32; 2]| Tensor::<A<B>, 3>::from_floats([[x, x, x]], device);
+            let inputs = RegInputs::<A<B>> {
+                observations: Some(obs([1.0, 0.0])),
+                tokens: Some(Tensor::from_ints([[0, 0, 0]], device)),
+                mask: Some(Tensor::from_floats([[1.0, 1.0, 1.0]], device)),
+                ref_observations: Some(Tensor::from_floats([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]], device)),
+                ref_tokens: Some(Tensor::from_ints([[1, 1, 0]], device)),
+                ref_mask: Some(Tensor::from_floats([[1.0, 1.0, 0.0]], device)),
+                ..Default::default()
+            };
+            let run = || {
+                let mut reg = config.init::<A<B>>(device).unwrap();
+                let r = reg.shape_rewards(Tensor::zeros([1, 3], device), &inputs).unwrap();
+                (values(r), Regularizer::<A<B>>::metrics(&reg))
+            };
+            let (r, m) = run();
+            // The logistic loss starts at 2 ln 2 = 1.386 and falls on separable pairs; the
+            // masked reference step would make them inseparable. With the `kl` term the
+            // penalty is -coef * d, d = log-ratio > 0 on current pairs.
+            assert!(m["chi2_occupancy/disc_loss"] < 0.7, "{m:?}");
+            assert!(r.iter().all(|&x| x < -0.5), "{r:?}");
+            // Same config, same draws, same numbers.
+            assert_eq!(run().0, r);
+            // Reference episodes without actions, for a state-action discriminator.
+            let mut reg = config.init::<A<B>>(device).unwrap();
+            let no_actions = RegInputs { ref_tokens: None, ..inputs.clone() };
+            match reg.shape_rewards(Tensor::zeros([1, 3], device), &no_actions) {
+                Err(GoodhartError::InvalidArgument { name, .. }) => assert_eq!(name, "ref_tokens"),
+                other => panic!("expected a missing-input error, got {other:?}"),
             }
         }
     }

@@ -13,7 +13,7 @@
 //!    `envs` episodes is rolled out with the base policy, so half of all rollouts come from
 //!    the base policy, as in ORPO.
 //! 2. **Reward.** The true or the proxy reward per step ([`TrainReward`]); under
-//!    [`PpoRegularizer::Chi2Occupancy`] the discriminator `d(s, a) ~ log mu_pi / mu_base`
+//!    `chi2_occupancy` (a goodhart-regularize [`RegularizerConfig`]) the discriminator `d(s, a) ~ log mu_pi / mu_base`
 //!    first takes `disc_steps` Adam steps on current vs base state-action pairs, then each
 //!    step's reward becomes `clip(r - coef * term(d), -clip, clip)`
 //!    ([`goodhart_regularize::occupancy`]).
@@ -25,7 +25,7 @@
 //!    minibatches, each one Adam step on
 //!    `L = L_clip + value_coef L_V - entropy_coef mean H + L_reg`
 //!    (PPO eq. 9): [`PpoClipConfig`] with symmetric range `clip` and no dual-clip,
-//!    [`ValueLossConfig`], [`entropy_bonus`], and under [`PpoRegularizer::ActionKl`]
+//!    [`ValueLossConfig`], [`entropy_bonus`], and under `action_kl`
 //!    `L_reg = coef / (1 - gamma) * mean_s KL(pi(.|s) || pi_base(.|s))`
 //!    ([`goodhart_regularize::action_kl`]). Gradients are clipped to a global norm
 //!    `max_grad_norm` over policy and value together (CleanRL's `clip_grad_norm_`).
@@ -88,9 +88,7 @@ use goodhart_policy::{
     score::logprobs_from_logits,
 };
 use goodhart_regularize::{
-    action_kl::{action_kl, action_kl_per_state},
-    entropy::entropy_bonus,
-    occupancy::{OccupancyConfig, OccupancyDivergence, OccupancyRegularizer},
+    action_kl::action_kl_per_state, entropy::entropy_bonus, RegInputs, RegularizerConfig,
 };
 use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
@@ -228,95 +226,6 @@ pub enum TrainReward {
     True,
     /// The proxy (the bucket pays as if every cell held a watered tomato): the hackable one.
     Proxy,
-}
-
-/// How the policy is held near the base policy, chosen in TOML by `kind`:
-///
-/// ```toml
-/// [reg]
-/// kind = "chi2_occupancy"   # or "none", "action_kl"
-/// coef = 0.1
-/// ```
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum PpoRegularizer {
-    /// No regularisation.
-    #[default]
-    None,
-    /// Action-distribution KL to the base policy, added to the loss:
-    /// `coef / (1 - gamma) * mean_s KL(pi(.|s) || pi_base(.|s))` over the batch's states
-    /// (ORPO's comparison baseline; `gamma` is [`PpoConfig::gamma`]).
-    ActionKl {
-        /// Coefficient.
-        coef: f64,
-    },
-    /// Chi-squared occupancy-measure regularisation (ORPO): per-step reward
-    /// `clip(r - coef * term, -clip, clip)` with the term of `divergence` from a
-    /// state-action discriminator trained on current vs base-policy rollouts.
-    Chi2Occupancy {
-        /// Coefficient of the penalty.
-        coef: f64,
-        /// Clip of the penalised reward (default 10, goodhart-regularize's default).
-        #[serde(default = "default_reward_clip")]
-        clip: f64,
-        /// Discriminator Adam learning rate (default 1e-3, goodhart-regularize's).
-        #[serde(default = "default_disc_lr")]
-        lr: f64,
-        /// Per-sample term (default `sqrt_chi2`, ORPO's main regulariser; `chi2`, `kl`,
-        /// `tv` are available).
-        #[serde(default)]
-        divergence: OccupancyDivergence,
-        /// Discriminator hidden width (ORPO 256).
-        #[serde(default = "default_disc_width")]
-        width: usize,
-        /// Discriminator hidden layers (ORPO 2).
-        #[serde(default = "default_disc_depth")]
-        depth: usize,
-        /// Discriminator Adam steps per iteration (default 5, goodhart's).
-        #[serde(default = "default_disc_steps")]
-        disc_steps: usize,
-        /// Pairs drawn from each side (current, base) for one discriminator step, without
-        /// replacement (default 256, goodhart's; ORPO trains it on PPO's 128-step
-        /// minibatches).
-        #[serde(default = "default_disc_batch")]
-        disc_batch: usize,
-    },
-}
-
-fn default_reward_clip() -> f64 {
-    10.0
-}
-fn default_disc_lr() -> f64 {
-    1e-3
-}
-fn default_disc_width() -> usize {
-    256
-}
-fn default_disc_depth() -> usize {
-    2
-}
-fn default_disc_steps() -> usize {
-    5
-}
-fn default_disc_batch() -> usize {
-    256
-}
-
-impl PpoRegularizer {
-    /// Chi-squared occupancy regularisation with coefficient `coef` and every other
-    /// setting at its default.
-    pub fn chi2_occupancy(coef: f64) -> Self {
-        Self::Chi2Occupancy {
-            coef,
-            clip: default_reward_clip(),
-            lr: default_disc_lr(),
-            divergence: OccupancyDivergence::default(),
-            width: default_disc_width(),
-            depth: default_disc_depth(),
-            disc_steps: default_disc_steps(),
-            disc_batch: default_disc_batch(),
-        }
-    }
 }
 
 /// The PPO agent: a categorical policy and a separate state-value network over the
@@ -581,75 +490,41 @@ fn advantages<B: Backend>(
     gae(rewards + bonus, values, mask, &gae_config)
 }
 
-/// The regulariser's state during training.
-enum RegState<B: AutodiffBackend> {
-    None,
-    ActionKl(f64),
-    Occupancy {
-        reg: Box<OccupancyRegularizer<B>>,
-        steps: usize,
-        batch: usize,
-    },
-}
-
-impl<B: AutodiffBackend> RegState<B> {
-    fn new(reg: &PpoRegularizer, obs_dim: usize, seed: u64, device: &B::Device) -> Result<Self> {
-        let check = |coef: f64| {
-            if coef.is_finite() && coef >= 0.0 {
-                Ok(())
-            } else {
-                Err(GoodhartError::invalid(
-                    "reg.coef",
-                    format!("must be finite and >= 0, got {coef}"),
-                ))
-            }
-        };
-        Ok(match reg {
-            PpoRegularizer::None => Self::None,
-            PpoRegularizer::ActionKl { coef } => {
-                check(*coef)?;
-                Self::ActionKl(*coef)
-            }
-            PpoRegularizer::Chi2Occupancy {
-                coef,
-                clip,
-                lr,
-                divergence,
-                width,
-                depth,
-                disc_steps,
-                disc_batch,
-            } => {
-                check(*coef)?;
-                if *disc_steps == 0 || *disc_batch == 0 {
-                    return Err(GoodhartError::invalid(
-                        "reg.disc_steps / disc_batch",
-                        "must be at least 1",
-                    ));
-                }
-                let config = OccupancyConfig {
-                    obs_dim,
-                    num_actions: Some(NUM_ACTIONS),
-                    width: *width,
-                    depth: *depth,
-                    lr: *lr,
-                    divergence: *divergence,
-                    coef: *coef,
-                    clip: *clip,
-                    seed,
-                };
-                let reg = config.init::<B>(device)?;
-                Self::Occupancy {
-                    reg: Box::new(reg),
-                    steps: *disc_steps,
-                    batch: *disc_batch,
-                }
-            }
-        })
+/// Errors unless `reg` is one this PPO runs (`action_kl` with the MDP's `gamma`, or a
+/// state-action `chi2_occupancy` over the environment's observations), naming the key.
+fn check_regularizer(reg: &RegularizerConfig, obs_dim: usize, gamma: f64) -> Result<()> {
+    match reg {
+        RegularizerConfig::ActionKl(c) if (c.gamma - gamma).abs() > 1e-6 => Err(GoodhartError::invalid(
+            "reg.gamma",
+            format!(
+                "{} differs from the PPO discount {gamma}: coef / (1 - gamma) scales the KL to the occupancy of this MDP",
+                c.gamma
+            ),
+        )),
+        RegularizerConfig::ActionKl(_) => Ok(()),
+        RegularizerConfig::Chi2Occupancy(c) if c.obs_dim != obs_dim => Err(GoodhartError::invalid(
+            "reg.obs_dim",
+            format!("{} differs from the environment's observation length {obs_dim}", c.obs_dim),
+        )),
+        RegularizerConfig::Chi2Occupancy(c) if c.num_actions != Some(NUM_ACTIONS) => {
+            Err(GoodhartError::invalid(
+                "reg.num_actions",
+                format!("the discriminator reads state-action pairs: set {NUM_ACTIONS}, got {:?}", c.num_actions),
+            ))
+        }
+        RegularizerConfig::Chi2Occupancy(_) => Ok(()),
+        other => Err(GoodhartError::invalid(
+            "reg.kind",
+            format!(
+                "`{}` does not apply to the tomato gridworld: use `action_kl` or `chi2_occupancy`",
+                other.name()
+            ),
+        )),
     }
 }
 
-/// Trains `init` with PPO on `env` against `reward`, regularised by `reg` towards `base`,
+/// Trains `init` with PPO on `env` against `reward`, regularised by `reg` (a
+/// goodhart-regularize [`RegularizerConfig`]: `action_kl` or `chi2_occupancy`) towards `base`,
 /// for `config.iterations` iterations (see the module docs for one iteration); calls
 /// `log` after each one and stops at its first error. Returns the trained agent.
 ///
@@ -663,7 +538,7 @@ pub fn train<B: AutodiffBackend>(
     config: &PpoConfig,
     env: &TomatoConfig,
     reward: TrainReward,
-    reg: &PpoRegularizer,
+    reg: Option<&RegularizerConfig>,
     init: Agent<B>,
     base: Option<&MlpPolicy<B>>,
     seed: u64,
@@ -671,15 +546,19 @@ pub fn train<B: AutodiffBackend>(
     log: &mut dyn FnMut(&IterationMetrics) -> Result<()>,
 ) -> Result<Agent<B>> {
     config.validate()?;
-    if *reg != PpoRegularizer::None && base.is_none() {
+    if reg.is_some() && base.is_none() {
         return Err(GoodhartError::invalid(
             "base",
             "a regularised run needs the base policy",
         ));
     }
     let obs_dim = Board::parse(&env.board)?.obs_dim();
+    if let Some(r) = reg {
+        check_regularizer(r, obs_dim, f64::from(config.gamma))?;
+    }
     seed::seed_backend::<B>(device, seed, "ppo");
-    let mut state = RegState::<B>::new(reg, obs_dim, seed, device)?;
+    let mut regularizer = reg.map(|r| r.build::<B>(device)).transpose()?;
+    let occupancy = matches!(reg, Some(RegularizerConfig::Chi2Occupancy(_)));
     let base = base.map(|b| b.valid());
     let mut optim = AdamConfig::new().with_epsilon(1e-5).init::<B, Agent<B>>();
     let ppo = PpoClipConfig {
@@ -721,7 +600,7 @@ pub fn train<B: AutodiffBackend>(
         // Step 2: the occupancy penalty, from a discriminator updated on this iteration's
         // current-policy and base-policy pairs.
         let (mut reg_term, mut disc_loss) = (None, None);
-        if let (RegState::Occupancy { reg, steps, batch }, Some(base)) = (&mut state, &base) {
+        if let (true, Some(reg), Some(base)) = (occupancy, regularizer.as_mut(), &base) {
             let base_ro = rollout(
                 base,
                 env,
@@ -730,41 +609,25 @@ pub fn train<B: AutodiffBackend>(
                 &format!("{stream}/base"),
                 device,
             )?;
-            let base_valid = base_ro.valid::<B::InnerBackend>(device);
-            let (base_obs, base_actions) = base_ro.valid_pairs(&base_valid, device);
-            let disc = reg.discriminator();
-            let current = disc.features(
-                Tensor::from_inner(obs.clone()),
-                Some(Tensor::from_inner(actions.clone())),
-            )?;
-            let reference = disc.features(
-                Tensor::from_inner(base_obs),
-                Some(Tensor::from_inner(base_actions)),
-            )?;
-            let mut rng = seed::rng(seed, &format!("{stream}/discriminator"));
-            let mut draw = |x: &Tensor<B, 2>| {
-                let n = x.dims()[0];
-                let mut ids: Vec<i64> = (0..n as i64).collect();
-                ids.shuffle(&mut rng);
-                ids.truncate(*batch);
-                let b = ids.len();
-                x.clone()
-                    .select(0, Tensor::from_data(TensorData::new(ids, [b]), device))
-            };
-            for _ in 0..*steps {
-                let (c, r) = (draw(&current), draw(&reference));
-                disc_loss = Some(reg.train_step(c, r)?);
-            }
-            let penalised = reg.penalize_rewards(
-                Tensor::from_inner(rewards),
-                Tensor::from_inner(ro.obs_tensor::<B::InnerBackend>(device)),
-                Some(Tensor::from_inner(
-                    ro.actions_tensor::<B::InnerBackend>(device),
+            let lift3 = |x: Tensor<B::InnerBackend, 3>| Tensor::<B, 3>::from_inner(x);
+            let lift2i = |x: Tensor<B::InnerBackend, 2, Int>| Tensor::<B, 2, Int>::from_inner(x);
+            let inputs = RegInputs::<B> {
+                observations: Some(lift3(ro.obs_tensor(device))),
+                tokens: Some(lift2i(ro.actions_tensor(device))),
+                mask: Some(Tensor::from_inner(mask.clone())),
+                ref_observations: Some(lift3(base_ro.obs_tensor(device))),
+                ref_tokens: Some(lift2i(base_ro.actions_tensor(device))),
+                ref_mask: Some(Tensor::from_inner(
+                    base_ro.tensor2::<B::InnerBackend>(&base_ro.mask, device),
                 )),
-                &Tensor::from_inner(mask.clone()),
-            )?;
-            rewards = penalised.inner();
-            reg_term = reg.last_chi2();
+                ..Default::default()
+            };
+            rewards = reg
+                .shape_rewards(Tensor::from_inner(rewards), &inputs)?
+                .inner();
+            let m = reg.metrics();
+            reg_term = m.get("chi2_occupancy/chi2").copied();
+            disc_loss = m.get("chi2_occupancy/disc_loss").copied();
         }
         // Step 3: values, bootstrap and GAE.
         let critic = agent.value.valid();
@@ -796,7 +659,7 @@ pub fn train<B: AutodiffBackend>(
             )),
             None => None,
         };
-        if let RegState::ActionKl(_) = state {
+        if matches!(reg, Some(RegularizerConfig::ActionKl(_))) {
             reg_term = kl_base;
         }
         // Step 4: the update.
@@ -844,9 +707,19 @@ pub fn train<B: AutodiffBackend>(
                     None,
                 )?;
                 let mut loss = pl.loss.clone() + vl.loss.clone() * config.value_coef + bonus;
-                if let (RegState::ActionKl(coef), Some(bl)) = (&state, &base_logits) {
+                if let (false, Some(reg), Some(bl)) =
+                    (occupancy, regularizer.as_mut(), &base_logits)
+                {
                     let bl = bl.clone().select(0, idx.clone());
-                    loss = loss + action_kl(logits, bl, None, f64::from(config.gamma), *coef)?;
+                    let inputs = RegInputs::<B> {
+                        logits: Some(logits.reshape([b, 1, NUM_ACTIONS])),
+                        ref_logits: Some(bl.reshape([b, 1, NUM_ACTIONS])),
+                        mask: Some(ones.clone()),
+                        ..Default::default()
+                    };
+                    if let Some(term) = reg.loss(&inputs)? {
+                        loss = loss + term;
+                    }
                 }
                 let grads = GradientsParams::from_grads(loss.backward(), &agent);
                 let (grads, _) = clip_grad_norm(&agent, grads, config.max_grad_norm)?;
@@ -934,6 +807,7 @@ pub fn evaluate<B: Backend>(
 mod tests {
     use super::*;
     use goodhart_core::device::Autodiff;
+    use goodhart_regularize::occupancy::{OccupancyConfig, OccupancyDivergence};
 
     use burn::module::Param;
     use goodhart_core::testing::{assert_close, tolerance, values};
@@ -1126,25 +1000,6 @@ mod tests {
         let c: PpoConfig = toml::from_str("iterations = 3\nhidden = [8]").unwrap();
         assert_eq!((c.iterations, c.hidden.clone(), c.clip), (3, vec![8], 0.05));
         assert!(toml::from_str::<PpoConfig>("iteration = 3").is_err());
-        let r: PpoRegularizer =
-            toml::from_str("kind = \"chi2_occupancy\"\ncoef = 0.5\ndivergence = \"chi2\"").unwrap();
-        let mut want = PpoRegularizer::chi2_occupancy(0.5);
-        if let PpoRegularizer::Chi2Occupancy { divergence, .. } = &mut want {
-            *divergence = OccupancyDivergence::Chi2;
-        }
-        assert_eq!(r, want);
-        assert_eq!(
-            toml::from_str::<PpoRegularizer>("kind = \"action_kl\"\ncoef = 0.1").unwrap(),
-            PpoRegularizer::ActionKl { coef: 0.1 }
-        );
-        assert_eq!(
-            toml::from_str::<PpoRegularizer>("kind = \"none\"").unwrap(),
-            PpoRegularizer::None
-        );
-        assert!(
-            toml::from_str::<PpoRegularizer>("kind = \"action_kl\"\ncoef = 0.1\nclip = 1").is_err()
-        );
-        assert!(toml::from_str::<PpoRegularizer>("kind = \"occupancy\"").is_err());
         assert_eq!(
             serde_json::to_string(&TrainReward::Proxy).unwrap(),
             "\"proxy\""
@@ -1176,21 +1031,33 @@ mod tests {
             let (config, env) = tiny();
             let agent = init_agent_seeded::<A<B>>(&config, &env, 0, device).unwrap();
             let mut log = |_: &IterationMetrics| Ok(());
-            let e = train(&config, &env, TrainReward::Proxy, &PpoRegularizer::ActionKl { coef: 0.1 }, agent.clone(), None, 0, device, &mut log).unwrap_err();
+            let kl = |text: &str| -> RegularizerConfig { toml::from_str(text).unwrap() };
+            let e = train(&config, &env, TrainReward::Proxy, Some(&kl("kind = \"action_kl\"\ncoef = 0.1")), agent.clone(), None, 0, device, &mut log).unwrap_err();
             assert!(matches!(&e, GoodhartError::InvalidArgument { name, .. } if name == "base"), "{e}");
-            let bad_coef = PpoRegularizer::ActionKl { coef: -1.0 };
-            let e = train(&config, &env, TrainReward::Proxy, &bad_coef, agent.clone(), Some(&agent.policy), 0, device, &mut log).unwrap_err();
-            assert!(matches!(e, GoodhartError::InvalidArgument { .. }), "{e}");
+            // A bad coefficient, a discount other than the MDP's, a discriminator for
+            // another observation, a regulariser of language models: each names its key.
+            let obs = Board::parse(&env.board).unwrap().obs_dim();
+            for (text, key) in [
+                ("kind = \"action_kl\"\ncoef = -1.0".to_string(), "coef"),
+                ("kind = \"action_kl\"\ngamma = 0.5".to_string(), "reg.gamma"),
+                (format!("kind = \"chi2_occupancy\"\nobs_dim = {}\nnum_actions = 4", obs + 1), "reg.obs_dim"),
+                (format!("kind = \"chi2_occupancy\"\nobs_dim = {obs}"), "reg.num_actions"),
+                (format!("kind = \"chi2_occupancy\"\nobs_dim = {obs}\nnum_actions = 4\ndisc_steps = 0"), "disc_steps / disc_batch"),
+                ("kind = \"entropy\"".to_string(), "reg.kind"),
+            ] {
+                let e = train(&config, &env, TrainReward::Proxy, Some(&kl(&text)), agent.clone(), Some(&agent.policy), 0, device, &mut log).unwrap_err();
+                assert!(matches!(&e, GoodhartError::InvalidArgument { name, .. } if name == key), "{text}: {e}");
+            }
             let bad = PpoConfig { envs: 0, ..config.clone() };
-            assert!(train(&bad, &env, TrainReward::True, &PpoRegularizer::None, agent.clone(), None, 0, device, &mut log).is_err());
+            assert!(train(&bad, &env, TrainReward::True, None, agent.clone(), None, 0, device, &mut log).is_err());
             // An agent built for another board does not fit this one's observations.
             let small = TomatoConfig { board: "#####\n#At.#\n#####".into(), ..Default::default() };
-            let e = train(&config, &small, TrainReward::True, &PpoRegularizer::None, agent.clone(), None, 0, device, &mut log).unwrap_err();
+            let e = train(&config, &small, TrainReward::True, None, agent.clone(), None, 0, device, &mut log).unwrap_err();
             assert!(matches!(e, GoodhartError::ShapeMismatch { .. }), "{e}");
             assert!(matches!(evaluate(&agent.policy, &env, 0, 0, device), Err(GoodhartError::Empty { .. })));
             // The log's error stops training.
             let mut failing = |_: &IterationMetrics| Err(GoodhartError::invalid("sink", "full"));
-            assert!(train(&config, &env, TrainReward::True, &PpoRegularizer::None, agent, None, 0, device, &mut failing).is_err());
+            assert!(train(&config, &env, TrainReward::True, None, agent, None, 0, device, &mut failing).is_err());
         }
     }
 
@@ -1201,7 +1068,7 @@ mod tests {
             // One initial agent for every run: the backend RNG is global, so a test on
             // another thread could draw from it between seeding and initialisation.
             let init = init_agent_seeded::<A<B>>(&config, &env, 1, device).unwrap();
-            let run = |reg: &PpoRegularizer, seed: u64| {
+            let run = |reg: Option<&RegularizerConfig>, seed: u64| {
                 let agent = init.clone();
                 let base = agent.policy.clone();
                 let mut metrics = Vec::new();
@@ -1213,34 +1080,29 @@ mod tests {
                 let eval = evaluate(&out.policy, &env, 4, 9, device).unwrap();
                 (metrics, eval)
             };
-            let chi2 = PpoRegularizer::Chi2Occupancy {
-                coef: 0.1,
-                clip: 10.0,
-                lr: 1e-3,
-                divergence: OccupancyDivergence::SqrtChi2,
-                width: 16,
-                depth: 1,
-                disc_steps: 2,
-                disc_batch: 8,
-            };
-            for reg in [PpoRegularizer::None, PpoRegularizer::ActionKl { coef: 0.1 }, chi2] {
-                let (a, ea) = run(&reg, 5);
-                let (b, eb) = run(&reg, 5);
+            let obs = Board::parse(&env.board).unwrap().obs_dim();
+            let chi2: RegularizerConfig = toml::from_str(&format!(
+                "kind = \"chi2_occupancy\"\nobs_dim = {obs}\nnum_actions = 4\ncoef = 0.1\nwidth = 16\ndepth = 1\ndisc_steps = 2\ndisc_batch = 8"
+            )).unwrap();
+            let kl: RegularizerConfig = toml::from_str("kind = \"action_kl\"\ncoef = 0.1").unwrap();
+            for reg in [None, Some(&kl), Some(&chi2)] {
+                let (a, ea) = run(reg, 5);
+                let (b, eb) = run(reg, 5);
                 assert_eq!(a, b, "{reg:?}");
                 assert_eq!(ea, eb);
                 assert_eq!(a.len(), 2);
                 assert_eq!(a[1].timesteps, 2 * 3 * 12);
                 assert!(a.iter().all(|m| m.policy_loss.is_finite() && m.entropy > 0.0 && m.entropy <= 4f64.ln() + 1e-6));
                 match reg {
-                    PpoRegularizer::None => assert!(a[0].reg_term.is_none() && a[0].kl_base.is_some()),
+                    None => assert!(a[0].reg_term.is_none() && a[0].kl_base.is_some()),
                     // Before the first update the policy is the base: KL 0.
-                    PpoRegularizer::ActionKl { .. } => {
+                    Some(RegularizerConfig::ActionKl(_)) => {
                         assert!(a[0].reg_term.unwrap().abs() < 1e-6);
                         assert!(a[1].reg_term.unwrap() > 0.0);
                     }
-                    PpoRegularizer::Chi2Occupancy { .. } => assert!(a[0].reg_term.is_some() && a[0].disc_loss.is_some()),
+                    Some(_) => assert!(a[0].reg_term.is_some() && a[0].disc_loss.is_some()),
                 }
-                let (c, _) = run(&reg, 6);
+                let (c, _) = run(reg, 6);
                 assert_ne!(a, c, "another seed, other rollouts");
             }
         }
@@ -1257,7 +1119,7 @@ mod tests {
             let agent = init_agent_seeded::<A<B>>(&config, &env, 0, device).unwrap();
             let before = evaluate(&agent.policy, &env, 64, 1, device).unwrap();
             let mut log = |_: &IterationMetrics| Ok(());
-            let trained = train(&config, &train_env, TrainReward::True, &PpoRegularizer::None, agent, None, 0, device, &mut log).unwrap();
+            let trained = train(&config, &train_env, TrainReward::True, None, agent, None, 0, device, &mut log).unwrap();
             let after = evaluate(&trained.policy, &env, 64, 1, device).unwrap();
             // Measured on cpu: random 5.32 (sd 2.0, so the mean of 64 is +- 0.25), trained
             // 7.57 (sd 1.4).
@@ -1342,7 +1204,7 @@ mod tests {
                 &cfg,
                 &train_env,
                 TrainReward::True,
-                &PpoRegularizer::None,
+                None,
                 init,
                 None,
                 seed,
@@ -1360,18 +1222,25 @@ mod tests {
                 iterations: proxy_iters,
                 ..cfg.clone()
             };
-            let mut runs = vec![("none".to_string(), PpoRegularizer::None)];
-            runs.extend(
-                kl_coefs
-                    .iter()
-                    .map(|&c| (format!("kl {c}"), PpoRegularizer::ActionKl { coef: c })),
-            );
+            let obs_dim = Board::parse(&eval_env.board).unwrap().obs_dim();
+            let mut runs = vec![("none".to_string(), None)];
+            runs.extend(kl_coefs.iter().map(|&c| {
+                let r =
+                    RegularizerConfig::ActionKl(goodhart_regularize::action_kl::ActionKlConfig {
+                        coef: c,
+                        gamma: f64::from(pcfg.gamma),
+                    });
+                (format!("kl {c}"), Some(r))
+            }));
             runs.extend(chi_coefs.iter().map(|&c| {
-                let mut r = PpoRegularizer::chi2_occupancy(c);
-                if let PpoRegularizer::Chi2Occupancy { divergence: d, .. } = &mut r {
-                    *d = divergence;
-                }
-                (format!("{div} {c}"), r)
+                let r = RegularizerConfig::Chi2Occupancy(OccupancyConfig {
+                    num_actions: Some(NUM_ACTIONS),
+                    coef: c,
+                    divergence,
+                    seed,
+                    ..OccupancyConfig::new(obs_dim)
+                });
+                (format!("{div} {c}"), Some(r))
             }));
             for (name, reg) in runs {
                 let t1 = std::time::Instant::now();
@@ -1379,7 +1248,7 @@ mod tests {
                     &pcfg,
                     &eval_env,
                     TrainReward::Proxy,
-                    &reg,
+                    reg.as_ref(),
                     base.clone(),
                     Some(&base.policy),
                     seed,

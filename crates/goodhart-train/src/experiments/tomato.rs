@@ -20,14 +20,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use goodhart_core::seed;
-use goodhart_envs::tomato::TomatoConfig;
+use goodhart_envs::tomato::{Board, TomatoConfig, NUM_ACTIONS};
 use goodhart_metrics::step::{KEY_GOLD_MEAN, KEY_PROXY_MEAN};
 use goodhart_policy::checkpoint::{load_module, save_module};
+use goodhart_regularize::{
+    action_kl::ActionKlConfig, occupancy::OccupancyConfig, RegularizerConfig,
+};
 
 use super::{checkpoint_error, mean_sd, stage_error, table, Logger};
 use crate::{
     config::{ProxyInit, TomatoExperiment},
-    ppo::{self, Agent, IterationMetrics, PpoRegularizer, Returns, TrainReward},
+    ppo::{self, Agent, IterationMetrics, Returns, TrainReward},
     runner::{Result, Runner},
 };
 
@@ -64,15 +67,36 @@ fn metrics(m: &IterationMetrics) -> serde_json::Map<String, Value> {
     out
 }
 
-fn arms(cfg: &TomatoExperiment) -> Vec<(String, f64, PpoRegularizer)> {
-    let mut arms = vec![("proxy".to_string(), 0.0, PpoRegularizer::None)];
-    for &coef in &cfg.action_kl {
-        arms.push(("action_kl".into(), coef, PpoRegularizer::ActionKl { coef }));
-    }
-    for &coef in &cfg.chi2 {
-        arms.push(("chi2".into(), coef, PpoRegularizer::chi2_occupancy(coef)));
-    }
-    arms
+/// The proxy arms: none, then action KL and chi-squared per coefficient.
+fn arms(cfg: &TomatoExperiment) -> Vec<(String, f64)> {
+    std::iter::once(("proxy".to_string(), 0.0))
+        .chain(cfg.action_kl.iter().map(|&c| ("action_kl".to_string(), c)))
+        .chain(cfg.chi2.iter().map(|&c| ("chi2".to_string(), c)))
+        .collect()
+}
+
+/// The regulariser of an arm: action KL with the PPO discount, or ORPO's state-action
+/// sqrt-chi-squared occupancy regulariser (goodhart-regularize's other defaults) with
+/// its discriminator seeded by `seed`.
+fn regularizer(
+    cfg: &TomatoExperiment,
+    method: &str,
+    coef: f64,
+    seed: u64,
+) -> goodhart_core::Result<Option<RegularizerConfig>> {
+    Ok(match method {
+        "action_kl" => Some(RegularizerConfig::ActionKl(ActionKlConfig {
+            coef,
+            gamma: f64::from(cfg.ppo.gamma),
+        })),
+        "chi2" => Some(RegularizerConfig::Chi2Occupancy(OccupancyConfig {
+            num_actions: Some(NUM_ACTIONS),
+            coef,
+            seed,
+            ..OccupancyConfig::new(Board::parse(&cfg.env.board)?.obs_dim())
+        })),
+        _ => None,
+    })
 }
 
 /// Runs the experiment; returns every evaluation (base first, per seed).
@@ -121,7 +145,7 @@ pub fn run<B: AutodiffBackend>(
                     &cfg.base,
                     &base_env,
                     TrainReward::True,
-                    &PpoRegularizer::None,
+                    None,
                     init,
                     None,
                     s,
@@ -137,7 +161,7 @@ pub fn run<B: AutodiffBackend>(
             Ok(record("base", 0.0, s, r))
         })?;
         out.push(base);
-        for (method, coef, reg) in arms(cfg) {
+        for (method, coef) in arms(cfg) {
             let name = if method == "proxy" {
                 format!("tomato/s{s}/proxy")
             } else {
@@ -170,11 +194,13 @@ pub fn run<B: AutodiffBackend>(
                             .map_err(checkpoint_error(&stage))?,
                     },
                 };
+                let reg = regularizer(cfg, &method, coef, seed::derive(s, &stage))
+                    .map_err(stage_error(&stage))?;
                 let agent = ppo::train(
                     &cfg.ppo,
                     &cfg.env,
                     TrainReward::Proxy,
-                    &reg,
+                    reg.as_ref(),
                     init,
                     Some(&base_policy),
                     seed::derive(s, &stage),
@@ -194,7 +220,7 @@ pub fn run<B: AutodiffBackend>(
 /// The summary of the experiment: figures, and the table of true return per arm.
 pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Value) {
     let arms: Vec<(String, f64)> = std::iter::once(("base".to_string(), 0.0))
-        .chain(arms(cfg).into_iter().map(|(m, c, _)| (m, c)))
+        .chain(arms(cfg))
         .collect();
     let of = |m: &str, c: f64| -> Vec<&Evaluated> {
         evals
