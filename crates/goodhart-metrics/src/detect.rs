@@ -67,6 +67,23 @@ pub enum DetectorConfig {
 }
 
 impl DetectorConfig {
+    /// The metric keys the detector reads, each with the config key that names it
+    /// (`proxy_key`, `signals[1].key`, ...), so a trainer can check them before it runs.
+    pub fn keys(&self) -> Vec<(String, String)> {
+        match self {
+            Self::GoldAware(c) => vec![
+                (c.proxy_key.clone(), "proxy_key".into()),
+                (c.gold_key.clone(), "gold_key".into()),
+            ],
+            Self::ProxyOnly(c) => c
+                .signals
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.key.clone(), format!("signals[{i}].key")))
+                .collect(),
+        }
+    }
+
     /// Validates the configuration and builds the detector.
     pub fn build(&self) -> Result<Box<dyn Detector>> {
         Ok(match self {

@@ -35,15 +35,18 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use goodhart_envs::{language::LanguageConfig, tomato::TomatoConfig};
-use goodhart_metrics::detect::{DetectorConfig, GoldAwareConfig, ProxyOnlyConfig};
-use goodhart_reward::Aggregator;
+use goodhart_envs::language::LanguageConfig;
 
+pub use crate::experiments::{
+    mitigations::{Arm, MitigationsExperiment},
+    overopt::{BestOfNConfig, OveroptExperiment},
+    tomato::{ProxyInit, TomatoExperiment},
+};
 use crate::{
+    experiments::{Experiment, Visitor},
     policy_gradient::RlConfig,
-    ppo::PpoConfig,
     reward_model::ProxyConfig,
-    sft::{SftConfig, PROMPT_LEN},
+    sft::SftConfig,
 };
 
 /// Why a configuration was rejected.
@@ -71,7 +74,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(path: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(path: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Invalid {
             path: path.into(),
             reason: reason.into(),
@@ -118,217 +121,6 @@ pub struct ExperimentConfig {
     pub sweep: BTreeMap<String, Vec<toml::Value>>,
 }
 
-/// ORPO's tomato experiment: a base policy trained on the true reward (with random
-/// actions), then PPO on the proxy from it without regularisation, with action-distribution
-/// KL and with chi-squared occupancy regularisation at each coefficient, over seeds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TomatoExperiment {
-    /// Seeds per arm.
-    pub seeds: usize,
-    /// The environment the proxy is optimised and every policy is evaluated in.
-    pub env: TomatoConfig,
-    /// Random-action probability of the base policy's training environment (0.1, ORPO).
-    pub base_eps: f64,
-    /// PPO for the base policy (true reward).
-    pub base: PpoConfig,
-    /// PPO on the proxy (and its regularised arms).
-    pub ppo: PpoConfig,
-    /// Where proxy PPO starts: a freshly initialised agent (ORPO's tomato runs) or the
-    /// base policy. Either way the regularisers pull toward the base policy.
-    pub proxy_init: ProxyInit,
-    /// Action-distribution KL coefficients.
-    pub action_kl: Vec<f64>,
-    /// Chi-squared occupancy coefficients.
-    pub chi2: Vec<f64>,
-    /// Evaluation episodes per policy.
-    pub eval_episodes: usize,
-}
-
-impl Default for TomatoExperiment {
-    /// ORPO's protocol at about 1/12 of its budget, measured on ndarray (the `tomato`
-    /// preset, figures in `docs/lab.md`): a base policy of 5 PPO iterations of 16
-    /// environments on the true reward (8000 steps; ORPO's base checkpoint is 3 iterations
-    /// of 3000), then proxy PPO of 40 iterations of 32 environments (128 000 steps; ORPO
-    /// 500 of 3000) from a fresh agent, with the other [`PpoConfig`] defaults. Started
-    /// from a 2-iteration base policy instead, proxy PPO of 16 environments found the
-    /// bucket in 2 of 5 seeds after 40 and after 80 iterations, and watered tomatoes in
-    /// the others; from a fresh agent, in 4 of 5 with 16 environments and 5 of 5 with 32.
-    fn default() -> Self {
-        Self {
-            seeds: 5,
-            env: TomatoConfig::default(),
-            base_eps: 0.1,
-            base: PpoConfig {
-                iterations: 5,
-                ..PpoConfig::default()
-            },
-            ppo: PpoConfig {
-                iterations: 40,
-                envs: 32,
-                ..PpoConfig::default()
-            },
-            proxy_init: ProxyInit::Random,
-            action_kl: vec![0.01, 0.1, 1.0],
-            chi2: vec![0.01, 0.1, 1.0],
-            eval_episodes: 200,
-        }
-    }
-}
-
-/// The starting point of PPO on the proxy in [`TomatoExperiment`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProxyInit {
-    /// A freshly initialised policy and value network (seeded per stage), as ORPO's
-    /// tomato experiments do ("we start from a randomly initialized policy").
-    Random,
-    /// The base policy and its value network.
-    Base,
-}
-
-/// Gao et al.'s experiment: proxies from increasing numbers of pairs; RL and best-of-n
-/// against each; gold against `d = sqrt(KL)` with the fitted laws.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OveroptExperiment {
-    /// Preference pairs of each proxy, increasing.
-    pub pairs: Vec<usize>,
-    /// Best-of-n against each proxy.
-    pub best_of_n: BestOfNConfig,
-    /// Hacking detectors replayed over each RL trace, chosen by `kind` (default: the
-    /// gold-aware and the proxy-only detector with goodhart-metrics' defaults).
-    pub detectors: Vec<DetectorConfig>,
-}
-
-impl Default for OveroptExperiment {
-    fn default() -> Self {
-        Self {
-            pairs: vec![100, 1000],
-            best_of_n: BestOfNConfig::default(),
-            detectors: vec![
-                DetectorConfig::GoldAware(GoldAwareConfig::default()),
-                DetectorConfig::ProxyOnly(ProxyOnlyConfig::default()),
-            ],
-        }
-    }
-}
-
-/// Best-of-n sampling: the unbiased estimator over `samples_per_prompt` samples.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BestOfNConfig {
-    /// The values of n.
-    pub ns: Vec<usize>,
-    /// Samples per prompt (at least the largest n).
-    pub samples_per_prompt: usize,
-    /// Prompts.
-    pub prompts: usize,
-}
-
-impl Default for BestOfNConfig {
-    fn default() -> Self {
-        Self {
-            ns: vec![1, 2, 4, 8, 16, 32, 64],
-            samples_per_prompt: 128,
-            prompts: 16,
-        }
-    }
-}
-
-/// Mitigations on the overoptimisation task: each arm is the `[rl]` algorithm with
-/// overrides and a proxy of one or more reward models, over seeds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MitigationsExperiment {
-    /// Seeds per arm.
-    pub seeds: usize,
-    /// Preference pairs of each proxy reward model.
-    pub pairs: usize,
-    /// The methods compared.
-    pub arms: Vec<Arm>,
-}
-
-impl Default for MitigationsExperiment {
-    fn default() -> Self {
-        let arm = |name: &str, rl: &str, ensemble: usize, aggregation: Aggregator| Arm {
-            name: name.into(),
-            rl: rl.parse().expect("built-in arm overrides are valid TOML"),
-            ensemble,
-            aggregation,
-        };
-        Self {
-            seeds: 3,
-            pairs: 200,
-            arms: vec![
-                arm("none", "", 1, Aggregator::Mean),
-                arm(
-                    "kl",
-                    "regularizers = [{ kind = \"kl\", estimator = \"k1\", placement = \"reward\", \
-                     controller = { kind = \"fixed\", coef = 0.05 } }]",
-                    1,
-                    Aggregator::Mean,
-                ),
-                arm(
-                    "ensemble-uwo",
-                    "",
-                    3,
-                    Aggregator::Uwo {
-                        lambda: 0.1,
-                        unbiased: false,
-                    },
-                ),
-                arm(
-                    "par",
-                    "reward_shaping = { kind = \"par\" }",
-                    1,
-                    Aggregator::Mean,
-                ),
-                arm(
-                    "sequence-chi2",
-                    "regularizers = [{ kind = \"sequence_chi2\", coef = 0.1 }]",
-                    1,
-                    Aggregator::Mean,
-                ),
-            ],
-        }
-    }
-}
-
-/// One method of the mitigations experiment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Arm {
-    /// Its name in tables and charts.
-    pub name: String,
-    /// Keys of `[rl]` this arm overrides (merged key by key).
-    #[serde(default)]
-    pub rl: toml::Table,
-    /// Reward models in the proxy (different seeds); 1 is a single model.
-    #[serde(default = "one")]
-    pub ensemble: usize,
-    /// How the members' rewards are combined.
-    #[serde(default)]
-    pub aggregation: Aggregator,
-}
-
-fn one() -> usize {
-    1
-}
-
-impl Arm {
-    /// The `[rl]` algorithm with this arm's overrides.
-    pub fn rl_config(&self, base: &RlConfig, index: usize) -> Result<RlConfig> {
-        let path = format!("mitigations.arms[{index}].rl");
-        let mut table = toml::Table::try_from(base)
-            .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise [rl]: {e}")))?;
-        merge(&mut table, &self.rl);
-        let text = toml::to_string(&table)
-            .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise: {e}")))?;
-        from_toml(&text, &path)
-    }
-}
-
 /// Replaces table `key` of `table`, if it is a table, by `defaults` with its keys merged in.
 fn with_defaults<T: Serialize>(table: &mut toml::Table, key: &str, defaults: T) -> Result<()> {
     if let Some(toml::Value::Table(given)) = table.get(key) {
@@ -341,7 +133,7 @@ fn with_defaults<T: Serialize>(table: &mut toml::Table, key: &str, defaults: T) 
 }
 
 /// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
-fn merge(base: &mut toml::Table, over: &toml::Table) {
+pub(crate) fn merge(base: &mut toml::Table, over: &toml::Table) {
     for (k, v) in over {
         match (base.get_mut(k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
@@ -354,7 +146,7 @@ fn merge(base: &mut toml::Table, over: &toml::Table) {
 
 /// Deserialises canonical TOML (as written by `toml::to_string`), mapping an error to
 /// the key path of the line it points at.
-fn from_toml<T: for<'de> Deserialize<'de>>(text: &str, prefix: &str) -> Result<T> {
+pub(crate) fn from_toml<T: for<'de> Deserialize<'de>>(text: &str, prefix: &str) -> Result<T> {
     toml::from_str(text).map_err(|e| {
         let path = e
             .span()
@@ -485,113 +277,22 @@ impl ExperimentConfig {
 
     /// Semantic checks that serde cannot express, each naming its key path.
     pub fn validate(&self) -> Result<()> {
-        if self.tomato.is_none() && self.overopt.is_none() && self.mitigations.is_none() {
+        struct Validate<'a>(&'a ExperimentConfig);
+        impl Visitor for Validate<'_> {
+            type Error = ConfigError;
+            fn visit<E: Experiment>(&mut self, e: &E) -> Result<()> {
+                e.validate(self.0)
+            }
+        }
+        if crate::experiments::visit(self, &mut Validate(self))? == 0 {
+            let names: Vec<String> = crate::experiments::EXPERIMENTS
+                .iter()
+                .map(|(n, _)| format!("[{n}]"))
+                .collect();
             return Err(ConfigError::invalid(
                 "(top level)",
-                "no experiment: add at least one of [tomato], [overopt], [mitigations]",
+                format!("no experiment: add at least one of {}", names.join(", ")),
             ));
-        }
-        if let Some(t) = &self.tomato {
-            positive("tomato.seeds", t.seeds)?;
-            section("tomato.base", t.base.validate())?;
-            section("tomato.ppo", t.ppo.validate())?;
-            positive("tomato.eval_episodes", t.eval_episodes)?;
-            if !(0.0..=1.0).contains(&t.base_eps) {
-                return Err(ConfigError::invalid(
-                    "tomato.base_eps",
-                    format!("{} is not a probability", t.base_eps),
-                ));
-            }
-            coefficients("tomato.action_kl", &t.action_kl)?;
-            coefficients("tomato.chi2", &t.chi2)?;
-            if t.proxy_init == ProxyInit::Base && t.ppo.hidden != t.base.hidden {
-                return Err(ConfigError::invalid(
-                    "tomato.ppo.hidden",
-                    format!(
-                        "{:?} differs from tomato.base.hidden {:?}: proxy_init = \"base\" \
-                         starts proxy PPO from the base policy, so the networks must match",
-                        t.ppo.hidden, t.base.hidden
-                    ),
-                ));
-            }
-        }
-        if let Some(o) = &self.overopt {
-            if o.pairs.is_empty() {
-                return Err(ConfigError::invalid("overopt.pairs", "is empty"));
-            }
-            for (i, &p) in o.pairs.iter().enumerate() {
-                positive(&format!("overopt.pairs[{i}]"), p)?;
-            }
-            let b = &o.best_of_n;
-            positive("overopt.best_of_n.prompts", b.prompts)?;
-            let max_n = b.ns.iter().copied().max().unwrap_or(0);
-            if b.ns.contains(&0) || b.ns.is_empty() {
-                return Err(ConfigError::invalid(
-                    "overopt.best_of_n.ns",
-                    "must be a non-empty list of positive integers",
-                ));
-            }
-            if b.samples_per_prompt < max_n {
-                return Err(ConfigError::invalid(
-                    "overopt.best_of_n.samples_per_prompt",
-                    format!("{} is below the largest n ({max_n})", b.samples_per_prompt),
-                ));
-            }
-            for (i, d) in o.detectors.iter().enumerate() {
-                let path = format!("overopt.detectors[{i}]");
-                d.build().map_err(|e| match e {
-                    goodhart_core::GoodhartError::InvalidArgument { name, reason } => {
-                        ConfigError::invalid(format!("{path}.{name}"), reason)
-                    }
-                    other => ConfigError::invalid(path, other.to_string()),
-                })?;
-            }
-        }
-        if self.overopt.is_some() || self.mitigations.is_some() {
-            let lang = goodhart_envs::language::Language::new(self.language.clone())
-                .map_err(|e| at("language", e))?;
-            section("sft", self.sft.validate(&lang))?;
-            section("proxy", self.proxy.validate(&lang))?;
-            let need = PROMPT_LEN + self.rl.max_new_tokens;
-            for (what, len) in [
-                ("sft.max_seq_len", self.sft.max_seq_len),
-                ("proxy.max_seq_len", self.proxy.max_seq_len),
-            ] {
-                if len < need {
-                    return Err(ConfigError::invalid(
-                        "rl.max_new_tokens",
-                        format!(
-                            "prompt {PROMPT_LEN} + {} tokens exceeds {what} = {len}",
-                            self.rl.max_new_tokens
-                        ),
-                    ));
-                }
-            }
-        }
-        if self.overopt.is_some() {
-            // Overopt trains against one reward model per pairs count.
-            section("rl", self.rl.validate(1))?;
-        }
-        if let Some(m) = &self.mitigations {
-            positive("mitigations.seeds", m.seeds)?;
-            positive("mitigations.pairs", m.pairs)?;
-            if m.arms.is_empty() {
-                return Err(ConfigError::invalid("mitigations.arms", "is empty"));
-            }
-            let mut names = std::collections::BTreeSet::new();
-            for (i, arm) in m.arms.iter().enumerate() {
-                positive(&format!("mitigations.arms[{i}].ensemble"), arm.ensemble)?;
-                if !names.insert(arm.name.as_str()) {
-                    return Err(ConfigError::invalid(
-                        format!("mitigations.arms[{i}].name"),
-                        format!("`{}` is used by two arms", arm.name),
-                    ));
-                }
-                section(
-                    &format!("mitigations.arms[{i}].rl"),
-                    arm.rl_config(&self.rl, i)?.validate(arm.ensemble),
-                )?;
-            }
         }
         for (key, values) in &self.sweep {
             if values.is_empty() {
@@ -640,11 +341,11 @@ impl ExperimentConfig {
 /// Maps an algorithm's own validation error to the key path of its config section: the
 /// algorithms name keys under their own prefix (`pg.lr`, `ppo.clip`), which becomes
 /// `section.lr`.
-fn section(path: &str, checked: goodhart_core::Result<()>) -> Result<()> {
+pub(crate) fn section(path: &str, checked: goodhart_core::Result<()>) -> Result<()> {
     checked.map_err(|e| at(path, e))
 }
 
-fn at(path: &str, e: goodhart_core::GoodhartError) -> ConfigError {
+pub(crate) fn at(path: &str, e: goodhart_core::GoodhartError) -> ConfigError {
     match e {
         goodhart_core::GoodhartError::InvalidArgument { name, reason } => {
             let key = name.split_once('.').map_or(name.as_str(), |(_, k)| k);
@@ -654,14 +355,14 @@ fn at(path: &str, e: goodhart_core::GoodhartError) -> ConfigError {
     }
 }
 
-fn positive(path: &str, v: usize) -> Result<()> {
+pub(crate) fn positive(path: &str, v: usize) -> Result<()> {
     if v == 0 {
         return Err(ConfigError::invalid(path, "must be at least 1"));
     }
     Ok(())
 }
 
-fn coefficients(path: &str, v: &[f64]) -> Result<()> {
+pub(crate) fn coefficients(path: &str, v: &[f64]) -> Result<()> {
     for (i, c) in v.iter().enumerate() {
         if !(c.is_finite() && *c >= 0.0) {
             return Err(ConfigError::invalid(
@@ -808,6 +509,27 @@ mod tests {
             )]
         );
         assert_eq!(arm.ensemble, 1);
+    }
+
+    #[test]
+    fn cross_section_checks_name_the_key() {
+        for (text, path) in [
+            // A detector reading a key the trainer never logs.
+            ("name = \"t\"\n[overopt]\ndetectors = [{ kind = \"proxy-only\", signals = [{ key = \"entropi\", transform = \"level\", direction = \"down\" }] }]\n", "overopt.detectors[0].signals[0].key"),
+            ("name = \"t\"\n[overopt]\ndetectors = [{ kind = \"gold-aware\", gold_key = \"gold\" }]\n", "overopt.detectors[0].gold_key"),
+            // Responses longer than the models.
+            ("name = \"t\"\n[overopt]\n[rl]\nmax_new_tokens = 40\n", "rl.max_new_tokens"),
+            // Refused estimators, and an arm's ensemble too small for Ctrl-U.
+            ("name = \"t\"\n[overopt]\n[rl]\nadvantage = { kind = \"igpo\" }\n", "rl.advantage.kind"),
+            ("name = \"t\"\n[mitigations]\narms = [{ name = \"u\", rl = { ctrl_u = {} } }]\n", "mitigations.arms[0].rl.ctrl_u"),
+        ] {
+            assert_eq!(path_of(ExperimentConfig::parse(text, &[]).unwrap_err()), path, "{text}");
+        }
+        // A regulariser's own metrics are keys a detector may read.
+        let ok = "name = \"t\"\n[overopt]\ndetectors = [{ kind = \"proxy-only\", signals = [{ key = \"kl/coef\", transform = \"level\", direction = \"up\" }] }]\n[rl]\nregularizers = [{ kind = \"kl\" }]\n";
+        ExperimentConfig::parse(ok, &[]).unwrap();
+        let ok = ExperimentConfig::parse("name = \"t\"\n[mitigations]\narms = [{ name = \"u\", rl = { ctrl_u = {} }, ensemble = 3 }]\n", &[]);
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -233,15 +233,13 @@ impl Default for CriticConfig {
     }
 }
 
-/// Estimators that need data this task does not have, and what they need.
-fn unsupported_estimator(a: &AdvantageConfig) -> Option<&'static str> {
-    match a {
-        AdvantageConfig::Gra(_) => Some("per-turn step rewards from a multi-turn environment"),
-        AdvantageConfig::A2tgpo(_) => Some("per-turn signals from a multi-turn environment"),
-        AdvantageConfig::Igpo(_) => {
-            Some("per-turn ground-truth answer probabilities from a multi-turn environment")
-        }
-        AdvantageConfig::Verpo(_) => Some("unit-test outcomes from a code environment"),
+/// For an estimator that needs data the language task does not have, what it needs.
+pub fn unsupported_estimator_name(name: &str) -> Option<&'static str> {
+    match name {
+        "gra" => Some("per-turn step rewards from a multi-turn environment"),
+        "a2tgpo" => Some("per-turn signals from a multi-turn environment"),
+        "igpo" => Some("per-turn ground-truth answer probabilities from a multi-turn environment"),
+        "verpo" => Some("unit-test outcomes from a code environment"),
         _ => None,
     }
 }
@@ -300,7 +298,7 @@ impl RlConfig {
                 .validate()
                 .map_err(|e| sub("critic.value_loss", e))?;
         }
-        if let Some(need) = unsupported_estimator(&self.advantage) {
+        if let Some(need) = unsupported_estimator_name(self.advantage.name()) {
             return Err(bad(
                 "advantage.kind",
                 format!(
@@ -456,6 +454,110 @@ impl RlConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The metric keys a run of an [`RlConfig`] logs on every step (see
+/// [`RlConfig::logged_keys`]).
+#[derive(Debug, Clone)]
+pub struct LoggedKeys {
+    keys: std::collections::BTreeSet<String>,
+    /// Regulariser names whose own metrics (`<name>/...`) are logged too.
+    prefixes: Vec<String>,
+}
+
+impl LoggedKeys {
+    /// Whether `key` is on every step line.
+    pub fn accepts(&self, key: &str) -> bool {
+        self.keys.contains(key)
+            || self.prefixes.iter().any(|p| {
+                key.strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+    }
+
+    /// The keys, for an error message.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.keys.iter().map(|k| format!("`{k}`")).collect();
+        parts.extend(self.prefixes.iter().map(|p| format!("`{p}/...`")));
+        parts.join(", ")
+    }
+}
+
+impl RlConfig {
+    /// The metric keys [`train`] logs on every step with this config: goodhart-metrics'
+    /// [`batch_metrics`] of the batch (rewards `proxy`, `gold`, `train`, and `shaped` when
+    /// the proxy is transformed), the loss's and the trainer's own, and each
+    /// regulariser's (`<name>/...`).
+    pub fn logged_keys(&self) -> LoggedKeys {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut sources = vec![PROXY, GOLD, "train"];
+        if self.reward_shaping.is_some() || self.length_penalty.is_some() || self.ctrl_u.is_some() {
+            sources.push("shaped");
+        }
+        for s in sources {
+            for stat in ["mean", "std", "min", "max"] {
+                keys.insert(format!("reward/{s}/{stat}"));
+            }
+        }
+        for stat in ["mean", "std", "min", "max"] {
+            keys.insert(format!("length/{stat}"));
+        }
+        for k in [
+            goodhart_metrics::step::KEY_GAP,
+            "corr/proxy_gold/pearson",
+            "corr/proxy_gold/spearman",
+            "groups/zero_std_frac",
+            goodhart_metrics::step::KEY_KL,
+            "kl/ref/token",
+            "kl/ref/k3",
+            "kl/ref/k3_token",
+            goodhart_metrics::step::KEY_KL_D,
+            goodhart_metrics::step::KEY_ENTROPY,
+            "advantage/mean",
+            "advantage/std",
+            goodhart_metrics::step::KEY_ADVANTAGE_SKEW,
+            "advantage/pos_frac",
+            goodhart_metrics::step::KEY_DISAGREEMENT,
+            "loss",
+            "loss/policy",
+            "clip/low",
+            "clip/high",
+            "clip/dual",
+            "clip/frac",
+            "ppo_kl",
+            "response/ill_formed",
+            "response/truncated",
+        ] {
+            keys.insert(k.to_string());
+        }
+        if self.max_grad_norm > 0.0 {
+            keys.insert("grad_norm".into());
+        }
+        if self.dynamic_sampling.is_some() {
+            keys.insert("sampling/rollouts".into());
+            keys.insert("sampling/spread_share".into());
+        }
+        if matches!(self.advantage, AdvantageConfig::Gae(_)) {
+            keys.insert("critic/value_loss".into());
+            keys.insert("critic/clip_frac".into());
+        }
+        for c in &self.components {
+            keys.insert(format!("reward/component/{}", c.name));
+        }
+        let mut prefixes = Vec::new();
+        for r in &self.regularizers {
+            prefixes.push(r.name().to_string());
+            let in_loss = match r {
+                RegularizerConfig::Kl(c) => c.placement == KlPlacement::Loss,
+                RegularizerConfig::Constrained(_) => false,
+                _ => true,
+            };
+            if in_loss {
+                keys.insert(format!("loss/{}", r.name()));
+            }
+        }
+        LoggedKeys { keys, prefixes }
     }
 }
 

@@ -3,22 +3,121 @@
 //! arm's aggregation) and each seed, one RL run from that seed's base policy. The table
 //! gives peak and final gold per arm, mean and standard deviation over seeds.
 //!
-//! Stages: `lm/sft/s{seed}` and `lm/proxy/p{pairs}/k{k}/s{seed}` (shared with
-//! [`super::overopt`]), then `mitigations/{arm}/s{seed}`.
+//! Stages: `lm/sft/s{seed}` and `lm/proxy/p{pairs}/k{k}/s{seed}` ([`super::lm`]), then
+//! `mitigations/{arm}/s{seed}`.
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use goodhart_reward::Aggregator;
+
 use super::{
-    mean_sd,
-    overopt::{base_policy, proxies, rl_stage, Trace},
-    table,
+    lm::{self, base_policy, proxies, rl_stage, Trace},
+    mean_sd, table, Experiment, Part,
 };
 use crate::{
-    config::{ExperimentConfig, MitigationsExperiment},
+    config::{from_toml, merge, positive, ConfigError, ExperimentConfig},
+    policy_gradient::RlConfig,
     runner::{Result, Runner},
 };
+
+/// Mitigations on the overoptimisation task: each arm is the `[rl]` algorithm with
+/// overrides and a proxy of one or more reward models, over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MitigationsExperiment {
+    /// Seeds per arm.
+    pub seeds: usize,
+    /// Preference pairs of each proxy reward model.
+    pub pairs: usize,
+    /// The methods compared.
+    pub arms: Vec<Arm>,
+}
+
+impl Default for MitigationsExperiment {
+    fn default() -> Self {
+        let arm = |name: &str, rl: &str, ensemble: usize, aggregation: Aggregator| Arm {
+            name: name.into(),
+            rl: rl.parse().expect("built-in arm overrides are valid TOML"),
+            ensemble,
+            aggregation,
+        };
+        Self {
+            seeds: 3,
+            pairs: 200,
+            arms: vec![
+                arm("none", "", 1, Aggregator::Mean),
+                arm(
+                    "kl",
+                    "regularizers = [{ kind = \"kl\", estimator = \"k1\", placement = \"reward\", \
+                     controller = { kind = \"fixed\", coef = 0.05 } }]",
+                    1,
+                    Aggregator::Mean,
+                ),
+                arm(
+                    "ensemble-uwo",
+                    "",
+                    3,
+                    Aggregator::Uwo {
+                        lambda: 0.1,
+                        unbiased: false,
+                    },
+                ),
+                arm(
+                    "par",
+                    "reward_shaping = { kind = \"par\" }",
+                    1,
+                    Aggregator::Mean,
+                ),
+                arm(
+                    "sequence-chi2",
+                    "regularizers = [{ kind = \"sequence_chi2\", coef = 0.1 }]",
+                    1,
+                    Aggregator::Mean,
+                ),
+            ],
+        }
+    }
+}
+
+/// One method of the mitigations experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Arm {
+    /// Its name in tables and charts.
+    pub name: String,
+    /// Keys of `[rl]` this arm overrides (merged key by key).
+    #[serde(default)]
+    pub rl: toml::Table,
+    /// Reward models in the proxy (different seeds); 1 is a single model.
+    #[serde(default = "one")]
+    pub ensemble: usize,
+    /// How the members' rewards are combined.
+    #[serde(default)]
+    pub aggregation: Aggregator,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Arm {
+    /// The `[rl]` algorithm with this arm's overrides.
+    pub fn rl_config(
+        &self,
+        base: &RlConfig,
+        index: usize,
+    ) -> std::result::Result<RlConfig, ConfigError> {
+        let path = format!("mitigations.arms[{index}].rl");
+        let mut table = toml::Table::try_from(base)
+            .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise [rl]: {e}")))?;
+        merge(&mut table, &self.rl);
+        let text = toml::to_string(&table)
+            .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise: {e}")))?;
+        from_toml(&text, &path)
+    }
+}
 
 /// One RL run of one arm.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +128,57 @@ pub struct ArmRun {
     pub seed: u64,
     /// The trace.
     pub trace: Trace,
+}
+
+impl Experiment for MitigationsExperiment {
+    const NAME: &'static str = "mitigations";
+    const SUMMARY: &'static str =
+        "each mitigation against the same proxy task, peak and final gold over seeds";
+    type Output = Vec<ArmRun>;
+
+    fn validate(&self, config: &ExperimentConfig) -> std::result::Result<(), ConfigError> {
+        positive("mitigations.seeds", self.seeds)?;
+        positive("mitigations.pairs", self.pairs)?;
+        if self.arms.is_empty() {
+            return Err(ConfigError::invalid("mitigations.arms", "is empty"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, arm) in self.arms.iter().enumerate() {
+            positive(&format!("mitigations.arms[{i}].ensemble"), arm.ensemble)?;
+            if !names.insert(arm.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("mitigations.arms[{i}].name"),
+                    format!("`{}` is used by two arms", arm.name),
+                ));
+            }
+            let rl = arm.rl_config(&config.rl, i)?;
+            lm::validate(
+                config,
+                &rl,
+                &format!("mitigations.arms[{i}].rl"),
+                arm.ensemble,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn run<B: AutodiffBackend>(
+        &self,
+        runner: &mut Runner,
+        config: &ExperimentConfig,
+        device: &B::Device,
+    ) -> Result<Vec<ArmRun>> {
+        run::<B>(runner, config, self, device)
+    }
+
+    fn summarize(&self, runs: &Vec<ArmRun>) -> Part {
+        let (figures, table) = summarize(self, runs);
+        Part {
+            figures,
+            tables: vec![table],
+            ..Part::default()
+        }
+    }
 }
 
 /// Runs every arm over every seed.

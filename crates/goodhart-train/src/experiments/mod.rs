@@ -1,11 +1,20 @@
 //! The experiments a config enables, run as checkpointed stages ([`crate::runner`]), and
 //! the `summary.json` they produce.
 //!
+//! Each experiment is one module holding its TOML section's schema and its code, and
+//! implements [`Experiment`] (validate, run, summarise); [`visit`] is the list of them.
+//!
 //! - [`tomato`]: ORPO's gridworld, hacking and the KL vs chi-squared comparison.
 //! - [`overopt`]: Gao et al.'s overoptimisation curves (RL and best-of-n, fitted laws,
 //!   detectors).
 //! - [`mitigations`]: peak and final gold of each mitigation, over seeds.
+//! - [`lm`]: the stages the language-model experiments share.
+//!
+//! A new experiment is a module here with its section struct implementing
+//! [`Experiment`], one line in [`visit`] and [`EXPERIMENTS`], and its field in
+//! [`ExperimentConfig`].
 
+pub mod lm;
 pub mod mitigations;
 pub mod overopt;
 pub mod tomato;
@@ -17,7 +26,135 @@ use serde_json::{json, Map, Value};
 
 use goodhart_core::GoodhartError;
 
-use crate::runner::{Result, RunError, Runner, StageLog};
+use crate::{
+    config::{ConfigError, ExperimentConfig},
+    runner::{Result, RunError, Runner, StageLog},
+};
+
+/// One experiment: the section of the config that enables it, its checks, its stages
+/// and its part of `summary.json`.
+pub trait Experiment {
+    /// Its section in the TOML file.
+    const NAME: &'static str;
+    /// One line on what it measures (progress output, `cargo xtask list`).
+    const SUMMARY: &'static str;
+    /// What its stages produce.
+    type Output;
+    /// Checks against the whole config (sections it reads included), before any work;
+    /// errors name the key path.
+    fn validate(&self, config: &ExperimentConfig) -> std::result::Result<(), ConfigError>;
+    /// Runs its stages on `device`.
+    fn run<B: AutodiffBackend>(
+        &self,
+        runner: &mut Runner,
+        config: &ExperimentConfig,
+        device: &B::Device,
+    ) -> Result<Self::Output>;
+    /// Its figures, tables, fits and detector firings.
+    fn summarize(&self, output: &Self::Output) -> Part;
+}
+
+/// What an experiment adds to `summary.json`.
+#[derive(Debug, Clone, Default)]
+pub struct Part {
+    /// Scalar figures, under the experiment's name.
+    pub figures: Value,
+    /// Tables (`report.html` draws them; [`text_tables`] prints them).
+    pub tables: Vec<Value>,
+    /// Fits, in the report's format.
+    pub fits: Vec<Value>,
+    /// Detector firings, in the report's format.
+    pub detections: Vec<Value>,
+}
+
+/// Something done to every enabled experiment ([`visit`]).
+pub trait Visitor {
+    /// Its error.
+    type Error;
+    /// Called once per enabled experiment, in [`EXPERIMENTS`] order.
+    fn visit<E: Experiment>(&mut self, experiment: &E) -> std::result::Result<(), Self::Error>;
+}
+
+/// Every experiment: its section name and summary.
+pub const EXPERIMENTS: [(&str, &str); 3] = [
+    (
+        tomato::TomatoExperiment::NAME,
+        tomato::TomatoExperiment::SUMMARY,
+    ),
+    (
+        overopt::OveroptExperiment::NAME,
+        overopt::OveroptExperiment::SUMMARY,
+    ),
+    (
+        mitigations::MitigationsExperiment::NAME,
+        mitigations::MitigationsExperiment::SUMMARY,
+    ),
+];
+
+/// Calls `v` on every experiment `config` enables, in [`EXPERIMENTS`] order; returns how
+/// many.
+pub fn visit<V: Visitor>(
+    config: &ExperimentConfig,
+    v: &mut V,
+) -> std::result::Result<usize, V::Error> {
+    let mut n = 0;
+    if let Some(e) = &config.tomato {
+        v.visit(e)?;
+        n += 1;
+    }
+    if let Some(e) = &config.overopt {
+        v.visit(e)?;
+        n += 1;
+    }
+    if let Some(e) = &config.mitigations {
+        v.visit(e)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Which experiments take the method `name` of `family` (a family of
+/// `cargo xtask list`), with the key that names it.
+pub fn accepting(family: &str, name: &str) -> Vec<String> {
+    let rl = |key: &str| {
+        vec![
+            format!("overopt (rl.{key})"),
+            format!("mitigations (arms.rl.{key})"),
+        ]
+    };
+    match family {
+        "advantage" => match crate::policy_gradient::unsupported_estimator_name(name) {
+            Some(_) => Vec::new(),
+            None => rl("advantage"),
+        },
+        "policy loss" => rl("loss"),
+        "sample filter" => rl("sample_filter"),
+        "aggregation" => rl("aggregation"),
+        "regularizer" => match name {
+            "action_kl" | "chi2_occupancy" => vec![format!("tomato (action_kl / chi2 sweeps)")],
+            _ => rl("regularizers"),
+        },
+        "reward" => match name {
+            "mean" | "median" | "worst_case" | "uwo" => {
+                vec!["mitigations (arms.aggregation)".into()]
+            }
+            "linear_length" | "dapo_overlong" | "fimi" => rl("length_penalty"),
+            "weighted_sum" => rl("components"),
+            "ctrl_u" => vec!["mitigations (arms.rl.ctrl_u, with ensemble >= 2)".into()],
+            "bradley_terry" => vec!["overopt, mitigations (the proxy reward models' loss)".into()],
+            "par" | "centred" | "meanstd" | "clip" | "minmax" | "ceil" | "lsc" | "tanh" => {
+                rl("reward_shaping")
+            }
+            _ => Vec::new(),
+        },
+        "metric" => match name {
+            "gold-aware" | "proxy-only" => vec!["overopt (overopt.detectors)".into()],
+            "rl-fit" | "bon-fit" | "bon-kl" => vec!["overopt (its summary)".into()],
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
 
 /// [`run`] on the device `spec` names: burn's runtime `Dispatch` backend, with autodiff.
 /// The experiments are instantiated here, in this library, so a binary that calls this
@@ -42,39 +179,47 @@ pub fn run_on(
 /// Runs every experiment of the runner's config on `device` and returns the summary
 /// (also written to `summary.json`, with `report.html`, by [`Runner::finish`]).
 pub fn run<B: AutodiffBackend>(runner: &mut Runner, device: &B::Device) -> Result<Value> {
+    struct Run<'a, B: AutodiffBackend> {
+        runner: &'a mut Runner,
+        config: ExperimentConfig,
+        device: &'a B::Device,
+        summary: Map<String, Value>,
+        part: Part,
+    }
+    impl<B: AutodiffBackend> Visitor for Run<'_, B> {
+        type Error = RunError;
+        fn visit<E: Experiment>(&mut self, e: &E) -> Result<()> {
+            self.runner.say(&format!("{}: {}", E::NAME, E::SUMMARY));
+            let out = e.run::<B>(self.runner, &self.config, self.device)?;
+            let part = e.summarize(&out);
+            self.summary.insert(E::NAME.into(), part.figures);
+            self.part.tables.extend(part.tables);
+            self.part.fits.extend(part.fits);
+            self.part.detections.extend(part.detections);
+            Ok(())
+        }
+    }
     let config = runner.config().clone();
     let mut summary = Map::new();
     summary.insert("name".into(), json!(config.name));
     summary.insert("seed".into(), json!(config.seed));
-    let mut tables = Vec::new();
-    let mut fits = Vec::new();
-    let mut detections = Vec::new();
-    if let Some(t) = &config.tomato {
-        runner.say("tomato: base policy, proxy PPO, action-KL and chi-squared sweeps");
-        let evals = tomato::run::<B>(runner, t, config.seed, device)?;
-        let (figures, table) = tomato::summarize(t, &evals);
-        summary.insert("tomato".into(), figures);
-        tables.push(table);
-    }
-    if let Some(o) = &config.overopt {
-        runner.say("overopt: base policy, proxies, RL and best-of-n against each proxy");
-        let out = overopt::run::<B>(runner, &config, o, device)?;
-        let s = overopt::summarize(o, &out);
-        summary.insert("overopt".into(), s.figures);
-        tables.extend(s.tables);
-        fits.extend(s.fits);
-        detections.extend(s.detections);
-    }
-    if let Some(m) = &config.mitigations {
-        runner.say("mitigations: each method against the same proxy task, over seeds");
-        let out = mitigations::run::<B>(runner, &config, m, device)?;
-        let (figures, table) = mitigations::summarize(m, &out);
-        summary.insert("mitigations".into(), figures);
-        tables.push(table);
-    }
-    summary.insert("tables".into(), Value::Array(tables));
-    summary.insert("fit".into(), Value::Array(fits));
-    summary.insert("detections".into(), Value::Array(detections));
+    let mut v = Run::<B> {
+        runner,
+        config: config.clone(),
+        device,
+        summary,
+        part: Part::default(),
+    };
+    visit(&config, &mut v)?;
+    let Run {
+        runner,
+        mut summary,
+        part,
+        ..
+    } = v;
+    summary.insert("tables".into(), Value::Array(part.tables));
+    summary.insert("fit".into(), Value::Array(part.fits));
+    summary.insert("detections".into(), Value::Array(part.detections));
     let summary = Value::Object(summary);
     runner.finish(&summary)?;
     Ok(summary)
@@ -256,6 +401,51 @@ mod tests {
         assert!((sd - (14.0f64 / 3.0).sqrt()).abs() < 1e-12);
         assert_eq!(mean_sd([5.0]), (5.0, 0.0));
         assert!(mean_sd([]).0.is_nan());
+    }
+
+    #[test]
+    fn every_listed_name_says_who_takes_it() {
+        // The [rl] families go to both language-model experiments.
+        let both = [
+            "overopt (rl.advantage)".to_string(),
+            "mitigations (arms.rl.advantage)".into(),
+        ];
+        for m in goodhart_advantage::REGISTRY {
+            let by = accepting("advantage", m.name);
+            match m.name {
+                "gra" | "a2tgpo" | "igpo" | "verpo" => assert!(by.is_empty(), "{}", m.name),
+                _ => assert_eq!(by, both, "{}", m.name),
+            }
+        }
+        for m in goodhart_regularize::REGISTRY {
+            let by = accepting("regularizer", m.name);
+            assert_eq!(
+                by.len(),
+                if matches!(m.name, "action_kl" | "chi2_occupancy") {
+                    1
+                } else {
+                    2
+                },
+                "{}",
+                m.name
+            );
+        }
+        // Every reward transform, aggregator and length method has a home, except the
+        // pairwise loss the proxies do not use.
+        for m in goodhart_reward::REGISTRY {
+            let by = accepting("reward", m.name);
+            assert_eq!(by.is_empty(), m.name == "log_exp", "{}: {by:?}", m.name);
+        }
+        for m in goodhart_objective::preference::REGISTRY {
+            assert!(
+                accepting("preference loss", m.name).is_empty(),
+                "no DPO lab yet"
+            );
+        }
+        assert_eq!(
+            accepting("metric", "gold-aware"),
+            ["overopt (overopt.detectors)"]
+        );
     }
 
     #[test]

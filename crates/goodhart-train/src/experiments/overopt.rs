@@ -2,9 +2,7 @@
 //! synthetic language.
 //!
 //! Stages:
-//! - `lm/sft/s{seed}`: the base (SFT) policy, saved; shared with [`super::mitigations`];
-//! - `lm/proxy/p{pairs}/k{members}/s{seed}`: proxy reward models trained on `pairs`
-//!   gold-labelled pairs, saved; shared likewise;
+//! - `lm/sft/s{seed}` and `lm/proxy/p{pairs}/k1/s{seed}` ([`super::lm`]);
 //! - `overopt/rl/p{pairs}`: RL against that proxy (the `[rl]` algorithm, as configured:
 //!   the preset has no KL), gold measured on every batch;
 //! - `overopt/bon/p{pairs}`: best-of-n against that proxy from the base policy.
@@ -14,80 +12,78 @@
 //! the base policy's gold, reports where gold peaked and how far it fell, and runs the
 //! gold-aware and proxy-only detectors over each RL trace (lead/lag to the gold peak).
 
-use std::collections::BTreeMap;
-
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use goodhart_core::seed;
-use goodhart_envs::language::Language;
 use goodhart_metrics::{
+    detect::{DetectorConfig, GoldAwareConfig, ProxyOnlyConfig},
     evaluate::{evaluate, GoldPeakRule, Run},
     overopt::{fit, OveroptLaw},
     step::{KEY_GOLD_MEAN, KEY_KL, KEY_KL_D, KEY_PROXY_MEAN},
 };
-use goodhart_policy::{
-    checkpoint::{load_module, save_module},
-    transformer::TransformerLm,
-};
 use goodhart_reward::Aggregator;
 
-use super::{checkpoint_error, stage_error, table, Logger};
+use super::{
+    lm::{self, base_policy, language, load_base, load_proxy, proxies, rl_stage, Trace},
+    stage_error, table, Experiment, Logger, Part,
+};
 use crate::{
     best_of_n::{best_of_n, BonPoint},
-    config::{ExperimentConfig, OveroptExperiment},
-    policy_gradient::{self, LanguageGold, Proxy, RlConfig},
-    reward_model::{train_proxy, train_proxy_ensemble, ProxyConfig, ProxyReport},
+    config::{positive, ConfigError, ExperimentConfig},
+    policy_gradient::LanguageGold,
+    reward_model::ProxyReport,
     runner::{Result, Runner},
-    sft::{train_base, SftReport},
+    sft::SftReport,
 };
 
-/// One point of an RL trace.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TracePoint {
-    /// RL step.
-    pub step: u64,
-    /// `sqrt(KL(pi || pi_base))`.
-    pub d: f64,
-    /// Mean proxy reward of the batch.
-    pub proxy: f64,
-    /// Mean gold reward of the same samples.
-    pub gold: f64,
-    /// Every other number logged at the step (entropy, length, ensemble disagreement,
-    /// ...): with the fields above, what the detectors read when replayed over the trace.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub metrics: BTreeMap<String, f64>,
+/// Gao et al.'s experiment: proxies from increasing numbers of pairs; RL and best-of-n
+/// against each; gold against `d = sqrt(KL)` with the fitted laws.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OveroptExperiment {
+    /// Preference pairs of each proxy, increasing.
+    pub pairs: Vec<usize>,
+    /// Best-of-n against each proxy.
+    pub best_of_n: BestOfNConfig,
+    /// Hacking detectors replayed over each RL trace, chosen by `kind` (default: the
+    /// gold-aware and the proxy-only detector with goodhart-metrics' defaults).
+    pub detectors: Vec<DetectorConfig>,
 }
 
-/// An RL run's trace.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Trace {
-    /// Its series name in `metrics.jsonl`.
-    pub series: String,
-    /// The points, in step order.
-    pub points: Vec<TracePoint>,
-}
-
-impl Trace {
-    /// The step with the highest gold, and that gold.
-    pub fn peak(&self) -> Option<&TracePoint> {
-        self.points
-            .iter()
-            .filter(|p| p.gold.is_finite())
-            .max_by(|a, b| a.gold.total_cmp(&b.gold))
+impl Default for OveroptExperiment {
+    fn default() -> Self {
+        Self {
+            pairs: vec![100, 1000],
+            best_of_n: BestOfNConfig::default(),
+            detectors: vec![
+                DetectorConfig::GoldAware(GoldAwareConfig::default()),
+                DetectorConfig::ProxyOnly(ProxyOnlyConfig::default()),
+            ],
+        }
     }
+}
 
-    /// `(peak - final) / (peak - initial)`: the fraction of the gold gained that was lost
-    /// again (0 when gold never rose).
-    pub fn drop_fraction(&self) -> Option<f64> {
-        let (first, last, peak) = (self.points.first()?, self.points.last()?, self.peak()?);
-        let gain = peak.gold - first.gold;
-        Some(if gain > 0.0 {
-            (peak.gold - last.gold) / gain
-        } else {
-            0.0
-        })
+/// Best-of-n sampling: the unbiased estimator over `samples_per_prompt` samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BestOfNConfig {
+    /// The values of n.
+    pub ns: Vec<usize>,
+    /// Samples per prompt (at least the largest n).
+    pub samples_per_prompt: usize,
+    /// Prompts.
+    pub prompts: usize,
+}
+
+impl Default for BestOfNConfig {
+    fn default() -> Self {
+        Self {
+            ns: vec![1, 2, 4, 8, 16, 32, 64],
+            samples_per_prompt: 128,
+            prompts: 16,
+        }
     }
 }
 
@@ -113,179 +109,72 @@ pub struct OveroptArm {
     pub bon: Vec<BonPoint>,
 }
 
-fn language(config: &ExperimentConfig, stage: &str) -> Result<Language> {
-    Language::new(config.language.clone()).map_err(stage_error(stage))
-}
+impl Experiment for OveroptExperiment {
+    const NAME: &'static str = "overopt";
+    const SUMMARY: &'static str =
+        "base policy, proxies from more and more pairs, RL and best-of-n against each (Gao et al.)";
+    type Output = OveroptOutput;
 
-/// Stage `lm/sft/s{seed}`: trains and saves the base policy.
-pub(crate) fn base_policy<B: AutodiffBackend>(
-    runner: &mut Runner,
-    config: &ExperimentConfig,
-    seed: u64,
-    device: &B::Device,
-) -> Result<SftReport> {
-    let name = format!("lm/sft/s{seed}");
-    let path = runner.artifact(&format!("lm/s{seed}/base"))?;
-    runner.stage(&name, |_| {
-        let lang = language(config, &name)?;
-        let (model, report) =
-            train_base::<B>(&lang, &config.sft, seed, device).map_err(stage_error(&name))?;
-        save_module(&model, &path).map_err(checkpoint_error(&name))?;
-        Ok(report)
-    })
-}
-
-/// Loads the base policy saved by [`base_policy`].
-pub(crate) fn load_base<B: Backend>(
-    runner: &Runner,
-    config: &ExperimentConfig,
-    seed: u64,
-    device: &B::Device,
-    stage: &str,
-) -> Result<TransformerLm<B>> {
-    let lang = language(config, stage)?;
-    let template = config
-        .sft
-        .model(&lang)
-        .init::<B>(device)
-        .map_err(stage_error(stage))?;
-    let path = runner.artifact(&format!("lm/s{seed}/base"))?;
-    load_module(template, &path, device).map_err(checkpoint_error(stage))
-}
-
-fn proxy_path(
-    runner: &Runner,
-    pairs: usize,
-    k: usize,
-    seed: u64,
-    member: usize,
-) -> Result<std::path::PathBuf> {
-    runner.artifact(&format!("lm/s{seed}/proxy-p{pairs}-k{k}-m{member}"))
-}
-
-/// Stage `lm/proxy/p{pairs}/k{k}/s{seed}`: trains and saves `k` proxy reward models on
-/// `pairs` pairs (one plain model when `k = 1`).
-pub(crate) fn proxies<B: AutodiffBackend>(
-    runner: &mut Runner,
-    config: &ExperimentConfig,
-    pairs: usize,
-    k: usize,
-    seed: u64,
-    device: &B::Device,
-) -> Result<Vec<ProxyReport>> {
-    let name = format!("lm/proxy/p{pairs}/k{k}/s{seed}");
-    let paths = (0..k)
-        .map(|m| proxy_path(runner, pairs, k, seed, m))
-        .collect::<Result<Vec<_>>>()?;
-    runner.stage(&name, |_| {
-        let lang = language(config, &name)?;
-        let cfg = ProxyConfig {
-            pairs,
-            ..config.proxy.clone()
-        };
-        let members = if k == 1 {
-            vec![train_proxy::<B>(&lang, &cfg, seed, device).map_err(stage_error(&name))?]
-        } else {
-            train_proxy_ensemble::<B>(&lang, &cfg, k, seed, device).map_err(stage_error(&name))?
-        };
-        let mut reports = Vec::with_capacity(k);
-        for ((model, report), path) in members.into_iter().zip(&paths) {
-            model.save(path).map_err(stage_error(&name))?;
-            reports.push(report);
+    fn validate(&self, config: &ExperimentConfig) -> std::result::Result<(), ConfigError> {
+        if self.pairs.is_empty() {
+            return Err(ConfigError::invalid("overopt.pairs", "is empty"));
         }
-        Ok(reports)
-    })
-}
+        for (i, &p) in self.pairs.iter().enumerate() {
+            positive(&format!("overopt.pairs[{i}]"), p)?;
+        }
+        let b = &self.best_of_n;
+        positive("overopt.best_of_n.prompts", b.prompts)?;
+        let max_n = b.ns.iter().copied().max().unwrap_or(0);
+        if b.ns.contains(&0) || b.ns.is_empty() {
+            return Err(ConfigError::invalid(
+                "overopt.best_of_n.ns",
+                "must be a non-empty list of positive integers",
+            ));
+        }
+        if b.samples_per_prompt < max_n {
+            return Err(ConfigError::invalid(
+                "overopt.best_of_n.samples_per_prompt",
+                format!("{} is below the largest n ({max_n})", b.samples_per_prompt),
+            ));
+        }
+        // Overopt trains against one reward model per pairs count.
+        lm::validate(config, &config.rl, "rl", 1)?;
+        let logged = config.rl.logged_keys();
+        for (i, d) in self.detectors.iter().enumerate() {
+            let path = format!("overopt.detectors[{i}]");
+            d.build().map_err(|e| match e {
+                goodhart_core::GoodhartError::InvalidArgument { name, reason } => {
+                    ConfigError::invalid(format!("{path}.{name}"), reason)
+                }
+                other => ConfigError::invalid(&path, other.to_string()),
+            })?;
+            for (key, at) in d.keys() {
+                if !logged.accepts(&key) {
+                    return Err(ConfigError::invalid(
+                        format!("{path}.{at}"),
+                        format!(
+                            "`{key}` is not a metric the RL trainer logs with this [rl]; it logs {}",
+                            logged.describe()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 
-/// Loads the proxies saved by [`proxies`] as one (aggregated) proxy.
-pub(crate) fn load_proxy<B: Backend>(
-    runner: &Runner,
-    config: &ExperimentConfig,
-    pairs: usize,
-    k: usize,
-    seed: u64,
-    aggregation: Aggregator,
-    device: &B::Device,
-    stage: &str,
-) -> Result<Proxy<B>> {
-    let lang = language(config, stage)?;
-    let members = (0..k)
-        .map(|m| {
-            let template = config
-                .proxy
-                .model(&lang)
-                .init::<B>(device)
-                .map_err(stage_error(stage))?;
-            let path = proxy_path(runner, pairs, k, seed, m)?.with_extension("mpk");
-            template.load(&path, device).map_err(stage_error(stage))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    policy_gradient::proxy(members, aggregation).map_err(stage_error(stage))
-}
+    fn run<B: AutodiffBackend>(
+        &self,
+        runner: &mut Runner,
+        config: &ExperimentConfig,
+        device: &B::Device,
+    ) -> Result<OveroptOutput> {
+        run::<B>(runner, config, self, device)
+    }
 
-/// A stage that runs RL from the base policy against a proxy and returns its trace.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rl_stage<B: AutodiffBackend>(
-    runner: &mut Runner,
-    config: &ExperimentConfig,
-    name: &str,
-    experiment: &str,
-    series: &str,
-    pg: &RlConfig,
-    seed: u64,
-    proxy: (usize, usize, Aggregator),
-    device: &B::Device,
-) -> Result<Trace> {
-    let (pairs, k, aggregation) = proxy;
-    let policy = load_base::<B>(runner, config, seed, device, name)?;
-    let reference = load_base::<B::InnerBackend>(runner, config, seed, device, name)?;
-    let proxy =
-        load_proxy::<B::InnerBackend>(runner, config, pairs, k, seed, aggregation, device, name)?;
-    runner.stage(name, |log| {
-        let lang = language(config, name)?;
-        let mut logger = Logger::new(log, experiment, series);
-        let mut points = Vec::new();
-        policy_gradient::train(
-            pg,
-            &lang,
-            policy,
-            &reference,
-            &proxy,
-            &LanguageGold::new(&lang),
-            seed::derive(seed, name),
-            device,
-            &mut |line: &policy_gradient::StepLine| {
-                let get = |k: &str| line.get(k);
-                points.push(TracePoint {
-                    step: line.step as u64,
-                    d: get(KEY_KL_D),
-                    proxy: get(KEY_PROXY_MEAN),
-                    gold: get(KEY_GOLD_MEAN),
-                    metrics: line
-                        .metrics
-                        .iter()
-                        .filter(|(k, _)| {
-                            ![KEY_KL_D, KEY_PROXY_MEAN, KEY_GOLD_MEAN].contains(&k.as_str())
-                        })
-                        .map(|(k, v)| (k.clone(), *v))
-                        .collect(),
-                });
-                logger.samples(&line.samples)?;
-                logger.log(
-                    line.step as u64,
-                    line.metrics
-                        .iter()
-                        .map(|(k, v)| (k.clone(), json!(v)))
-                        .collect(),
-                )
-            },
-        )
-        .map_err(stage_error(name))?;
-        Ok(Trace {
-            series: series.to_string(),
-            points,
-        })
-    })
+    fn summarize(&self, output: &OveroptOutput) -> Part {
+        summarize(self, output)
+    }
 }
 
 /// Runs the experiment.
@@ -361,18 +250,6 @@ pub fn run<B: AutodiffBackend>(
     Ok(OveroptOutput { base, arms })
 }
 
-/// What [`summarize`] gives to `summary.json`.
-pub struct OveroptSummary {
-    /// Scalar figures, per proxy.
-    pub figures: Value,
-    /// Tables.
-    pub tables: Vec<Value>,
-    /// Fits, in the report's format.
-    pub fits: Vec<Value>,
-    /// Detector firings, in the report's format.
-    pub detections: Vec<Value>,
-}
-
 fn fit_json(
     series: &str,
     law: OveroptLaw,
@@ -397,7 +274,7 @@ fn fit_json(
 
 /// Fits, peaks and detectors (`cfg.detectors`, replayed over each RL trace) of each
 /// proxy's curves.
-pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> OveroptSummary {
+pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> Part {
     let mut figures = serde_json::Map::new();
     figures.insert("base_heldout_nll".into(), json!(out.base.heldout_nll));
     figures.insert("entropy_rate".into(), json!(out.base.entropy_rate));
@@ -549,7 +426,7 @@ pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> OveroptSummary
             det_rows,
         ),
     ];
-    OveroptSummary {
+    Part {
         figures: Value::Object(figures),
         tables,
         fits,

@@ -1,0 +1,287 @@
+//! The stages the language-model experiments share ([`super::overopt`],
+//! [`super::mitigations`]): the base policy, proxy reward models, an RL run against them,
+//! and the checks of the sections they read (`[language]`, `[sft]`, `[proxy]`, `[rl]`).
+//!
+//! Stages:
+//! - `lm/sft/s{seed}`: the base (SFT) policy, saved;
+//! - `lm/proxy/p{pairs}/k{members}/s{seed}`: proxy reward models trained on `pairs`
+//!   gold-labelled pairs, saved;
+//! - an RL stage named by its experiment: RL from the base policy against a proxy, gold
+//!   measured on every sample; its step lines go to `metrics.jsonl`, its samples to
+//!   `samples.jsonl`.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use goodhart_core::seed;
+use goodhart_envs::language::Language;
+use goodhart_metrics::step::{KEY_GOLD_MEAN, KEY_KL_D, KEY_PROXY_MEAN};
+use goodhart_policy::{
+    checkpoint::{load_module, save_module},
+    transformer::TransformerLm,
+};
+use goodhart_reward::Aggregator;
+
+use super::{checkpoint_error, stage_error, Logger};
+use crate::{
+    config::{at, section, ConfigError, ExperimentConfig},
+    policy_gradient::{self, LanguageGold, Proxy, RlConfig},
+    reward_model::{train_proxy, train_proxy_ensemble, ProxyConfig, ProxyReport},
+    runner::{Result, Runner},
+    sft::{train_base, SftReport, PROMPT_LEN},
+};
+
+/// Checks the sections every language-model experiment reads, and `[rl]` against a proxy
+/// of `members` reward models.
+pub(crate) fn validate(
+    config: &ExperimentConfig,
+    rl: &RlConfig,
+    path: &str,
+    members: usize,
+) -> std::result::Result<(), ConfigError> {
+    let lang = Language::new(config.language.clone()).map_err(|e| at("language", e))?;
+    section("sft", config.sft.validate(&lang))?;
+    section("proxy", config.proxy.validate(&lang))?;
+    let need = PROMPT_LEN + rl.max_new_tokens;
+    for (what, len) in [
+        ("sft.max_seq_len", config.sft.max_seq_len),
+        ("proxy.max_seq_len", config.proxy.max_seq_len),
+    ] {
+        if len < need {
+            return Err(ConfigError::invalid(
+                format!("{path}.max_new_tokens"),
+                format!(
+                    "prompt {PROMPT_LEN} + {} tokens exceeds {what} = {len}",
+                    rl.max_new_tokens
+                ),
+            ));
+        }
+    }
+    section(path, rl.validate(members))
+}
+
+/// One point of an RL trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TracePoint {
+    /// RL step.
+    pub step: u64,
+    /// `sqrt(KL(pi || pi_base))`.
+    pub d: f64,
+    /// Mean proxy reward of the batch.
+    pub proxy: f64,
+    /// Mean gold reward of the same samples.
+    pub gold: f64,
+    /// Every other number logged at the step (entropy, length, ensemble disagreement,
+    /// ...): with the fields above, what the detectors read when replayed over the trace.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// An RL run's trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Trace {
+    /// Its series name in `metrics.jsonl`.
+    pub series: String,
+    /// The points, in step order.
+    pub points: Vec<TracePoint>,
+}
+
+impl Trace {
+    /// The step with the highest gold, and that gold.
+    pub fn peak(&self) -> Option<&TracePoint> {
+        self.points
+            .iter()
+            .filter(|p| p.gold.is_finite())
+            .max_by(|a, b| a.gold.total_cmp(&b.gold))
+    }
+
+    /// `(peak - final) / (peak - initial)`: the fraction of the gold gained that was lost
+    /// again (0 when gold never rose).
+    pub fn drop_fraction(&self) -> Option<f64> {
+        let (first, last, peak) = (self.points.first()?, self.points.last()?, self.peak()?);
+        let gain = peak.gold - first.gold;
+        Some(if gain > 0.0 {
+            (peak.gold - last.gold) / gain
+        } else {
+            0.0
+        })
+    }
+}
+
+pub(crate) fn language(config: &ExperimentConfig, stage: &str) -> Result<Language> {
+    Language::new(config.language.clone()).map_err(stage_error(stage))
+}
+
+/// Stage `lm/sft/s{seed}`: trains and saves the base policy.
+pub(crate) fn base_policy<B: AutodiffBackend>(
+    runner: &mut Runner,
+    config: &ExperimentConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<SftReport> {
+    let name = format!("lm/sft/s{seed}");
+    let path = runner.artifact(&format!("lm/s{seed}/base"))?;
+    runner.stage(&name, |_| {
+        let lang = language(config, &name)?;
+        let (model, report) =
+            train_base::<B>(&lang, &config.sft, seed, device).map_err(stage_error(&name))?;
+        save_module(&model, &path).map_err(checkpoint_error(&name))?;
+        Ok(report)
+    })
+}
+
+/// Loads the base policy saved by [`base_policy`].
+pub(crate) fn load_base<B: Backend>(
+    runner: &Runner,
+    config: &ExperimentConfig,
+    seed: u64,
+    device: &B::Device,
+    stage: &str,
+) -> Result<TransformerLm<B>> {
+    let lang = language(config, stage)?;
+    let template = config
+        .sft
+        .model(&lang)
+        .init::<B>(device)
+        .map_err(stage_error(stage))?;
+    let path = runner.artifact(&format!("lm/s{seed}/base"))?;
+    load_module(template, &path, device).map_err(checkpoint_error(stage))
+}
+
+fn proxy_path(
+    runner: &Runner,
+    pairs: usize,
+    k: usize,
+    seed: u64,
+    member: usize,
+) -> Result<std::path::PathBuf> {
+    runner.artifact(&format!("lm/s{seed}/proxy-p{pairs}-k{k}-m{member}"))
+}
+
+/// Stage `lm/proxy/p{pairs}/k{k}/s{seed}`: trains and saves `k` proxy reward models on
+/// `pairs` pairs (one plain model when `k = 1`).
+pub(crate) fn proxies<B: AutodiffBackend>(
+    runner: &mut Runner,
+    config: &ExperimentConfig,
+    pairs: usize,
+    k: usize,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Vec<ProxyReport>> {
+    let name = format!("lm/proxy/p{pairs}/k{k}/s{seed}");
+    let paths = (0..k)
+        .map(|m| proxy_path(runner, pairs, k, seed, m))
+        .collect::<Result<Vec<_>>>()?;
+    runner.stage(&name, |_| {
+        let lang = language(config, &name)?;
+        let cfg = ProxyConfig {
+            pairs,
+            ..config.proxy.clone()
+        };
+        let members = if k == 1 {
+            vec![train_proxy::<B>(&lang, &cfg, seed, device).map_err(stage_error(&name))?]
+        } else {
+            train_proxy_ensemble::<B>(&lang, &cfg, k, seed, device).map_err(stage_error(&name))?
+        };
+        let mut reports = Vec::with_capacity(k);
+        for ((model, report), path) in members.into_iter().zip(&paths) {
+            model.save(path).map_err(stage_error(&name))?;
+            reports.push(report);
+        }
+        Ok(reports)
+    })
+}
+
+/// Loads the proxies saved by [`proxies`] as one (aggregated) proxy.
+pub(crate) fn load_proxy<B: Backend>(
+    runner: &Runner,
+    config: &ExperimentConfig,
+    pairs: usize,
+    k: usize,
+    seed: u64,
+    aggregation: Aggregator,
+    device: &B::Device,
+    stage: &str,
+) -> Result<Proxy<B>> {
+    let lang = language(config, stage)?;
+    let members = (0..k)
+        .map(|m| {
+            let template = config
+                .proxy
+                .model(&lang)
+                .init::<B>(device)
+                .map_err(stage_error(stage))?;
+            let path = proxy_path(runner, pairs, k, seed, m)?.with_extension("mpk");
+            template.load(&path, device).map_err(stage_error(stage))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    policy_gradient::proxy(members, aggregation).map_err(stage_error(stage))
+}
+
+/// A stage that runs RL from the base policy against a proxy and returns its trace.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rl_stage<B: AutodiffBackend>(
+    runner: &mut Runner,
+    config: &ExperimentConfig,
+    name: &str,
+    experiment: &str,
+    series: &str,
+    pg: &RlConfig,
+    seed: u64,
+    proxy: (usize, usize, Aggregator),
+    device: &B::Device,
+) -> Result<Trace> {
+    let (pairs, k, aggregation) = proxy;
+    let policy = load_base::<B>(runner, config, seed, device, name)?;
+    let reference = load_base::<B::InnerBackend>(runner, config, seed, device, name)?;
+    let proxy =
+        load_proxy::<B::InnerBackend>(runner, config, pairs, k, seed, aggregation, device, name)?;
+    runner.stage(name, |log| {
+        let lang = language(config, name)?;
+        let mut logger = Logger::new(log, experiment, series);
+        let mut points = Vec::new();
+        policy_gradient::train(
+            pg,
+            &lang,
+            policy,
+            &reference,
+            &proxy,
+            &LanguageGold::new(&lang),
+            seed::derive(seed, name),
+            device,
+            &mut |line: &policy_gradient::StepLine| {
+                let get = |k: &str| line.get(k);
+                points.push(TracePoint {
+                    step: line.step as u64,
+                    d: get(KEY_KL_D),
+                    proxy: get(KEY_PROXY_MEAN),
+                    gold: get(KEY_GOLD_MEAN),
+                    metrics: line
+                        .metrics
+                        .iter()
+                        .filter(|(k, _)| {
+                            ![KEY_KL_D, KEY_PROXY_MEAN, KEY_GOLD_MEAN].contains(&k.as_str())
+                        })
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect(),
+                });
+                logger.samples(&line.samples)?;
+                logger.log(
+                    line.step as u64,
+                    line.metrics
+                        .iter()
+                        .map(|(k, v)| (k.clone(), json!(v)))
+                        .collect(),
+                )
+            },
+        )
+        .map_err(stage_error(name))?;
+        Ok(Trace {
+            series: series.to_string(),
+            points,
+        })
+    })
+}
