@@ -679,6 +679,8 @@ pub struct Scored<B: Backend> {
     pub gold: Vec<f64>,
     /// Whether each row is ill-formed.
     pub ill_formed: Vec<bool>,
+    /// Each row's tokens (prompt and response) on the host.
+    pub rows: Vec<Vec<u32>>,
 }
 
 /// Samples one response per entry of `topics` from `policy` and scores it by `proxy` and
@@ -722,7 +724,8 @@ pub fn sample_and_score<B: Backend>(
         .members
         .unwrap_or_else(|| scored.reward.clone().unsqueeze_dim(0));
     let gold = host(gold.score(&batch)?.reward)?;
-    let ill_formed = host_rows(&gen.tokens)?
+    let rows = host_rows(&gen.tokens)?;
+    let ill_formed = rows
         .iter()
         .map(|row| response_words(lang, &row[PROMPT_LEN..]).1)
         .collect();
@@ -733,6 +736,7 @@ pub fn sample_and_score<B: Backend>(
         proxy: scored.reward,
         gold,
         ill_formed,
+        rows,
     })
 }
 
@@ -920,8 +924,9 @@ fn pad_cols<B: Backend, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<
 
 impl<B: Backend> Rollout<B> {
     fn new(s: Scored<B>, scores: Scores<B>) -> Result<Self> {
-        let responses = host_rows(&s.generation.tokens)?
-            .into_iter()
+        let responses = s
+            .rows
+            .iter()
             .map(|row| {
                 let mut r = Vec::new();
                 for &t in &row[PROMPT_LEN..] {
@@ -1642,20 +1647,22 @@ pub fn train<B: AutodiffBackend>(
             metrics.extend(Regularizer::<B>::metrics(c));
         }
         // Samples.
-        let lp_seq = host(lp_old.clone().sum_dim(1).reshape([n]))?;
-        let kl_seq = host((lp_old - lr).sum_dim(1).reshape([n]))?;
-        let adv_h = host(
+        // Every per-sample number in one transfer: rows of an [R, N] tensor.
+        let mut rows = vec![
+            lp_old.clone().sum_dim(1).reshape([n]),
+            (lp_old - lr).sum_dim(1).reshape([n]),
             (adv.clone() * mask.clone()).sum_dim(1).reshape([n]) / lengths_of(&mask).clamp_min(1.0),
-        )?;
-        let proxy_h = host(batch.proxy.clone())?;
-        let reward_h = host(batch.scores.reward.clone())?;
-        let train_h = host(batch.scores.train.clone())?;
-        let comps_h = batch
-            .scores
-            .components
-            .iter()
-            .map(|c| host(c.clone()))
-            .collect::<Result<Vec<_>>>()?;
+            batch.proxy.clone(),
+            batch.scores.reward.clone(),
+            batch.scores.train.clone(),
+        ];
+        rows.extend(batch.scores.components.iter().cloned());
+        let flat = host(Tensor::cat(rows, 0))?;
+        let mut row = flat.chunks(n);
+        let mut next = || row.next().map(<[f64]>::to_vec).unwrap_or_default();
+        let (lp_seq, kl_seq, adv_h, proxy_h, reward_h, train_h) =
+            (next(), next(), next(), next(), next(), next());
+        let comps_h: Vec<Vec<f64>> = (0..batch.scores.components.len()).map(|_| next()).collect();
         let samples = (0..n)
             .map(|i| {
                 let mut r = BTreeMap::from([

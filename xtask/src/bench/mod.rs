@@ -12,6 +12,7 @@ mod advantage;
 mod core;
 mod policy;
 mod reward;
+mod train;
 
 /// One benchmark: a name for the command line, a line for `--list`, and its body.
 pub struct Bench {
@@ -26,6 +27,7 @@ const BENCHES: &[&[Bench]] = &[
     advantage::BENCHES,
     policy::BENCHES,
     reward::BENCHES,
+    train::BENCHES,
 ];
 
 /// Runs the benchmarks named in `args` (all when none).
