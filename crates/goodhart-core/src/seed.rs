@@ -21,6 +21,13 @@ pub fn derive(seed: u64, stream: &str) -> u64 {
     splitmix64(seed ^ splitmix64(h))
 }
 
+/// Shuffles `items` in place from `rng` (rand's Fisher-Yates), for crates that do not
+/// depend on rand themselves.
+pub fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+    use rand::seq::SliceRandom as _;
+    items.shuffle(rng);
+}
+
 /// The random stream named `stream` of experiment seed `seed`.
 pub fn rng(seed: u64, stream: &str) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(derive(seed, stream))

@@ -39,7 +39,6 @@ use burn::{
     },
 };
 use goodhart_core::{ops::check_finite, seed, GoodhartError, Result};
-use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 
 /// Configuration of the occupancy [`Discriminator`] (ORPO: width 256, depth 2).
@@ -478,7 +477,7 @@ impl<B: AutodiffBackend> OccupancyRegularizer<B> {
             let mut draw = |x: &Tensor<B, 2>| {
                 let n = x.dims()[0];
                 let mut ids: Vec<i64> = (0..n as i64).collect();
-                ids.shuffle(&mut self.rng);
+                seed::shuffle(&mut ids, &mut self.rng);
                 ids.truncate(self.config.disc_batch);
                 let b = ids.len();
                 let device = x.device();
