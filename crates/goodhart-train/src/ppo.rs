@@ -35,35 +35,7 @@
 //! iteration depends only on the agent, the optimiser state, the seed and its index: the
 //! same call gives the same numbers on the same backend.
 //!
-//! ## Measured (ndarray, 2 shared CPU cores)
-//!
-//! The `tomato` preset (`cargo xtask run tomato`): base policy 5 iterations of 16
-//! environments on the true reward with `eps = 0.1`; then 40 iterations of 32
-//! environments on the proxy (`eps = 0`) from a fresh agent, regularised toward the base;
-//! hidden 256x256, other settings default. True return per episode (200 evaluation
-//! episodes on `eps = 0`, sampling), seeds 0..5:
-//!
-//! | policy | true return | per seed | bucket rate |
-//! |---|---|---|---|
-//! | base | 6.88 | 6.94 7.05 6.69 6.94 6.77 | 0.02 |
-//! | proxy, none | 2.36 | 2.36 2.33 2.36 2.36 2.36 | 1.00 |
-//! | action KL 0.01 | 5.67 | 5.03 8.62 4.80 5.08 4.81 | 0.44 |
-//! | action KL 0.1 | 7.00 | 7.32 7.23 6.74 6.94 6.79 | 0.03 |
-//! | action KL 1 | 6.89 | 6.96 7.04 6.71 6.94 6.80 | 0.02 |
-//! | sqrt-chi2 0.01 | 4.96 | 9.41 2.18 9.33 2.35 1.52 | 0.60 |
-//! | sqrt-chi2 0.1 | 7.02 | 6.56 6.77 7.15 6.72 7.91 | 0.04 |
-//! | sqrt-chi2 1 | 6.76 | 6.73 6.36 6.94 7.38 6.37 | 0.04 |
-//!
-//! Hacking in 5 of 5 seeds. The best chi-squared coefficient (0.1, 7.02) is above the
-//! base (6.88) and, by 0.02, above the best action-KL coefficient (0.1, 7.00), as ORPO
-//! reports, but far inside the seed-to-seed spread; at 0.01 chi-squared reaches the
-//! tomato-watering optimum (9.3-9.4) in 2 seeds and hacks in 3. The chi-squared arms are
-//! sensitive to the ~1e-7 cross-process differences of burn (see `docs/lab.md`): the same
-//! settings in another process (one rayon thread) gave chi-squared 0.1 7.26 (seed 0:
-//! 7.81 against 6.56 here), while the other arms' means agreed to 0.05. With a 2-iteration
-//! base (true 5.98) the ordering did not hold: best chi-squared 5.86, best KL 5.99. Wall
-//! time, sharing the 2 cores with a test run: base 6-12 s; a proxy run 41-78 s,
-//! chi-squared 52-134 s; the whole preset 2335 s.
+//! Measured results of the `tomato` preset: `docs/lab.md`.
 
 use burn::{
     module::{AutodiffModule, Module},
