@@ -106,7 +106,9 @@ pub struct RlConfig {
     pub lr: f64,
     /// Epochs over each batch (full batch).
     pub epochs: usize,
-    /// The advantage estimator (`kind = "grpo"`, `"rloo"`, `"gae"`, ...).
+    /// The advantage estimator (`kind = "grpo"`, `"rloo"`, `"gae"`, ...). With `remax`,
+    /// each prompt's greedy response goes through the same reward pipeline as the
+    /// samples (running shaping statistics see it too).
     pub advantage: AdvantageConfig,
     /// The policy loss (`kind = "ppo_clip" | "gspo" | "cispo"` with its options).
     pub loss: PolicyLossConfig,
@@ -1548,9 +1550,14 @@ pub fn train<B: AutodiffBackend>(
                 add("grad_norm", norm);
             }
             policy = optim.step(cfg.lr, policy, grads);
-            if let (Some((model, opt)), Some(v_old), Some(ret)) =
-                (critic.take(), old_values.as_ref(), returns.as_ref())
-            {
+            if let Some((model, mut opt)) = critic.take() {
+                // GAE returns its value targets; the critic stays untouched otherwise.
+                let (Some(v_old), Some(ret)) = (old_values.as_ref(), returns.as_ref()) else {
+                    return Err(GoodhartError::invalid(
+                        "rl.advantage",
+                        "the value head needs the estimator's returns",
+                    ));
+                };
                 let v = model.forward(tokens.clone(), attention.clone())?;
                 let vl = cfg.critic.value_loss.loss(
                     v,
@@ -1569,7 +1576,6 @@ pub fn train<B: AutodiffBackend>(
                 }
                 add("critic/value_loss", values[0]);
                 add("critic/clip_frac", values[1]);
-                let mut opt = opt;
                 let grads = GradientsParams::from_grads(vl.loss.backward(), &model);
                 let (grads, _) = clip_grad_norm(&model, grads, cfg.max_grad_norm)?;
                 let model = opt.step(cfg.critic.lr, model, grads);
