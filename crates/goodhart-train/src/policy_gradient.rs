@@ -1962,10 +1962,6 @@ mod tests {
             add(&format!("reward_shaping = {{ kind = \"{s}\" }}"), 1);
         }
         add("reward_shaping = { kind = \"ceil\", value = 0.5 }", 1);
-        for a in ["mean", "median", "worst_case", "uwo"] {
-            // The aggregator is the proxy's; the key is the experiment's (one per arm).
-            let _ = a;
-        }
         add(
             "length_penalty = { kind = \"linear_length\", coef = 0.05 }",
             1,
