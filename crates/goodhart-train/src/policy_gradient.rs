@@ -13,8 +13,8 @@
 //!    (group = prompt), N = P G rows [BOS, topic, SEP];
 //! 2. rollout: y ~ pi_theta(. | x) at temperature tau (stream "pg/sample", KV cache);
 //! 3. rewards: proxy = aggregate(members)            (one RM, or an ensemble: mean, UWO, ...)
-//!             proxy' = ctrl_u(proxy, std(members))  (`ctrl_u`)
-//!             r = length(shaping(proxy'))           (`reward_shaping`, `length_penalty`)
+//!             proxy' = ctrl_u(fimi(proxy), std(members))  (`length_penalty = fimi`, `ctrl_u`)
+//!             r = penalty(shaping(proxy'))          (`reward_shaping`, `length_penalty`)
 //!             train = sum_i w_i c_i                 (`components`; default: r alone)
 //!    gold g(x, y) on every sample. With `dynamic_sampling` (DAPO), groups whose train
 //!    rewards have zero spread are dropped and more prompts drawn, up to `max_batches`
@@ -129,8 +129,9 @@ pub struct RlConfig {
     /// sampled once from the initial policy (stream `pg/references`). `None` = raw proxy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reward_shaping: Option<ShapingConfig>,
-    /// A length method after shaping (`kind = "linear_length" | "dapo_overlong" |
-    /// "fimi"`); `fimi` is fitted once on responses of the initial policy.
+    /// A length method (`kind = "linear_length" | "dapo_overlong" | "fimi"`): the two
+    /// penalties after shaping; `fimi`, fitted once on 256 responses of the initial
+    /// policy, is subtracted from the proxy before Ctrl-U and shaping.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub length_penalty: Option<LengthConfig>,
     /// Ctrl-U: the proxy times `exp(-beta U)`, `U` the ensemble members' standard
