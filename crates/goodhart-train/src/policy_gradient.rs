@@ -59,8 +59,12 @@ use burn::{
 };
 use goodhart_advantage::{common::outcome_at_last_token, AdvantageConfig, AdvantageInput};
 use goodhart_core::{
-    aggregate::LossAggregation, batch::RolloutBatch, groups::Groups, ops::zero_masked,
-    params::clip_grad_norm, seed, GoodhartError, Result,
+    aggregate::LossAggregation,
+    batch::RolloutBatch,
+    groups::Groups,
+    ops::{group_stats, zero_masked},
+    params::clip_grad_norm,
+    seed, GoodhartError, Result,
 };
 use goodhart_envs::language::{Language, EOS, PAD};
 use goodhart_metrics::step::{batch_metrics, StepInputs, GOLD, PROXY};
@@ -1063,12 +1067,11 @@ fn reference_rewards<B: Backend>(
 /// Responses per fit of FiMi's length model, sampled from the initial policy.
 const FIMI_SAMPLES: usize = 256;
 
-/// The group ids of `rows` that have a non-zero spread of `train` (DAPO keeps those).
-fn groups_with_spread(train: &[f64], g: usize) -> Vec<bool> {
-    train
-        .chunks(g)
-        .map(|c| c.iter().any(|&x| (x - c[0]).abs() > 1e-6))
-        .collect()
+/// DAPO's filter: whether each group's trained rewards spread, by the rule
+/// goodhart-metrics' `groups/zero_std_frac` counts (population std above 1e-6).
+fn groups_with_spread<B: Backend>(train: Tensor<B, 1>, groups: &Groups) -> Result<Vec<bool>> {
+    let std = host(group_stats(train, groups)?.std(false))?;
+    Ok(std.into_iter().map(|s| s > 1e-6).collect())
 }
 
 /// Steps 1-3: a batch of `P` groups of `G` responses, with dynamic sampling when set.
@@ -1089,6 +1092,7 @@ fn collect<B: Backend>(
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
     let topics_n = lang.config().topics;
     let rounds = cfg.dynamic_sampling.as_ref().map_or(1, |d| d.max_batches);
+    let groups = Groups::contiguous(p, g)?;
     let (mut kept, mut dropped) = (Vec::new(), Vec::new());
     let (mut kept_groups, mut drawn) = (0, 0);
     for round in 1..=rounds {
@@ -1103,7 +1107,7 @@ fn collect<B: Backend>(
         if cfg.dynamic_sampling.is_none() {
             return Ok((r, 1, f64::NAN));
         }
-        let spread = groups_with_spread(&host(r.scores.train.clone())?, g);
+        let spread = groups_with_spread(r.scores.train.clone(), &groups)?;
         drawn += p;
         let rows = |keep: bool| -> Vec<usize> {
             spread
@@ -2229,10 +2233,30 @@ mod tests {
         assert!(lines
             .iter()
             .all(|l| l.get("sampling/rollouts") == 1.0 && l.get("sampling/spread_share") == 1.0));
+        let train = Tensor::<Dispatch, 1>::from_floats([1.0, 1.0, 0.0, 1.0, 2.0, 2.0], &cpu());
         assert_eq!(
-            groups_with_spread(&[1.0, 1.0, 0.0, 1.0, 2.0, 2.0], 2),
+            groups_with_spread(train, &Groups::contiguous(3, 2).unwrap()).unwrap(),
             [false, true, false]
         );
+    }
+
+    #[test]
+    fn logged_keys_are_the_keys_a_run_logs() {
+        // What validation accepts for detectors is what the trainer writes, both ways.
+        let cfg = rl("advantage = { kind = \"gae\" }\nreward_shaping = { kind = \"meanstd\" }\ndynamic_sampling = {}\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = -0.1 }]\nregularizers = [{ kind = \"kl\", placement = \"loss\" }, { kind = \"entropy\", coef = 0.01 }]");
+        let lines = run_cpu(&cfg, 1).unwrap();
+        let logged = cfg.logged_keys();
+        for l in &lines {
+            for k in l.metrics.keys() {
+                assert!(logged.accepts(k), "{k} is logged but not in logged_keys");
+            }
+        }
+        for k in &logged.keys {
+            assert!(
+                lines.iter().any(|l| l.metrics.contains_key(k)),
+                "{k} is in logged_keys but never logged"
+            );
+        }
     }
 
     goodhart_core::backend_test! {
