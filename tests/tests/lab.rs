@@ -76,17 +76,7 @@ fn metric_lines(dir: &Path) -> Vec<serde_json::Map<String, Value>> {
 }
 
 fn jsonl(dir: &Path, file: &str) -> Vec<serde_json::Map<String, Value>> {
-    std::fs::read_to_string(dir.join(file))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l)
-                .unwrap()
-                .as_object()
-                .unwrap()
-                .clone()
-        })
-        .collect()
+    goodhart_metrics::sink::read_objects(dir.join(file)).unwrap()
 }
 
 fn assert_run_files(dir: &Path) {

@@ -12,13 +12,14 @@
 //!
 //! # Input
 //!
-//! `metrics.jsonl`: one JSON object per line (blank lines are skipped).
-//! - `step`: the x axis (a number; when absent, the line's index within its series).
-//! - `series` (or, when absent, `method`): a string naming the curve the line belongs to,
+//! `metrics.jsonl`: metrics lines as `goodhart_metrics::sink` writes and reads them (an
+//! unsigned integer `step`, string labels, numbers or `null`).
+//! - `step`: the x axis.
+//! - `series` (or, when absent, `method`): the label naming the curve the line belongs to,
 //!   so one file can hold several methods or seeds; lines without either form one
-//!   series, shown as `run`. Other strings (`run`, ...) are labels and are not drawn.
-//! - Every other number is a metric; `null` (what serde_json writes for NaN) is a
-//!   missing value, and missing points are skipped. Booleans count as 0 / 1.
+//!   series, shown as `run`. Other labels (`experiment`, ...) are not drawn.
+//! - Every number is a metric; `null` (what is written for NaN) is a missing value, and
+//!   missing points are skipped.
 //! - `detector/<name>/fired` = 1 marks a detector firing; a marker is drawn where it
 //!   turns on (its rising edge), not at every step it stays on.
 //! - `d` for the gold-vs-KL chart is `kl/d`, else `sqrt_kl`, else `sqrt(kl/ref)` (a
@@ -49,7 +50,10 @@ use std::{
 use serde::Deserialize;
 use serde_json::Value;
 
-use goodhart_metrics::overopt::{OveroptFit, OveroptLaw};
+use goodhart_metrics::{
+    overopt::{OveroptFit, OveroptLaw},
+    sink::{parse_lines, Line, SinkError},
+};
 
 use crate::run_dir::{RunDir, RunDirError};
 
@@ -69,38 +73,9 @@ pub enum ReportError {
         /// The metrics file.
         path: PathBuf,
     },
-    /// A line is not valid JSON.
-    #[error("`{path}` line {line}: not valid JSON: {source}")]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// The parser's error.
-        source: serde_json::Error,
-    },
-    /// A line is valid JSON but not an object.
-    #[error("`{path}` line {line}: expected a JSON object, found {found}")]
-    NotObject {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// The JSON type found.
-        found: &'static str,
-    },
-    /// A field of a metrics line has the wrong type.
-    #[error("`{path}` line {line}: field `{key}` {reason}")]
-    Field {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// The field.
-        key: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// A line of `metrics.jsonl` is not a metrics line.
+    #[error(transparent)]
+    Line(#[from] SinkError),
     /// `summary.json` is not valid JSON, or not an object.
     #[error("`{path}`: {reason}")]
     Summary {
@@ -134,7 +109,6 @@ pub enum ReportError {
 
 type Result<T> = std::result::Result<T, ReportError>;
 
-const KEY_STEP: &str = "step";
 const KEY_SERIES: &str = "series";
 const KEY_METHOD: &str = "method";
 const KEY_GROUP: &str = "experiment";
@@ -148,15 +122,6 @@ const DEFAULT_SERIES: &str = "run";
 // Metrics
 // ---------------------------------------------------------------------------------------
 
-/// One line of `metrics.jsonl`: its step and its numeric values (`NaN` where missing).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    /// The step (x axis).
-    pub step: f64,
-    /// Metric name to value; `NaN` for `null`.
-    pub values: BTreeMap<String, f64>,
-}
-
 /// The lines of one series (method, seed...), in file order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
@@ -166,7 +131,7 @@ pub struct Series {
     /// chart, as tomato returns and language-model rewards do not share a scale).
     pub group: Option<String>,
     /// Its lines.
-    pub rows: Vec<Row>,
+    pub rows: Vec<Line>,
 }
 
 impl Series {
@@ -174,7 +139,7 @@ impl Series {
     pub fn points(&self, key: &str) -> Vec<(f64, f64)> {
         self.rows
             .iter()
-            .filter_map(|r| r.values.get(key).map(|&v| (r.step, v)))
+            .filter_map(|r| r.metrics.get(key).map(|&v| (r.step as f64, v)))
             .filter(|(x, y)| x.is_finite() && y.is_finite())
             .collect()
     }
@@ -186,9 +151,9 @@ impl Series {
             .filter_map(|r| {
                 let d = KEY_D
                     .iter()
-                    .find_map(|k| r.values.get(*k).copied().filter(|v| v.is_finite()))
-                    .or_else(|| r.values.get(KEY_KL).map(|kl| kl.sqrt()))?;
-                Some((d, *r.values.get(KEY_GOLD)?))
+                    .find_map(|k| r.metrics.get(*k).copied().filter(|v| v.is_finite()))
+                    .or_else(|| r.metrics.get(KEY_KL).map(|kl| kl.sqrt()))?;
+                Some((d, *r.metrics.get(KEY_GOLD)?))
             })
             .filter(|(x, y)| x.is_finite() && y.is_finite())
             .collect()
@@ -200,14 +165,14 @@ impl Series {
         let mut on: BTreeMap<&str, bool> = BTreeMap::new();
         let mut out = Vec::new();
         for r in &self.rows {
-            for (k, &v) in &r.values {
+            for (k, &v) in &r.metrics {
                 let Some(name) = detector_name(k) else {
                     continue;
                 };
                 let now = v >= 0.5;
                 let was = on.insert(name, now).unwrap_or(false);
-                if now && !was && r.step.is_finite() {
-                    out.push((name.to_string(), r.step));
+                if now && !was {
+                    out.push((name.to_string(), r.step as f64));
                 }
             }
         }
@@ -229,99 +194,33 @@ pub struct Metrics {
     pub keys: Vec<String>,
 }
 
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 impl Metrics {
-    /// Parses JSON lines; `path` only names the file in errors.
+    /// Groups metrics lines into series ([`goodhart_metrics::sink::parse_lines`]); `path`
+    /// only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut m = Metrics::default();
         let mut index: BTreeMap<String, usize> = BTreeMap::new();
-        let mut known_keys: BTreeMap<String, ()> = BTreeMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let line_no = i + 1;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let value: Value = serde_json::from_str(line).map_err(|source| ReportError::Json {
-                path: path.into(),
-                line: line_no,
-                source,
-            })?;
-            let Value::Object(obj) = value else {
-                return Err(ReportError::NotObject {
-                    path: path.into(),
-                    line: line_no,
-                    found: json_type(&value),
-                });
-            };
-            let field = |key: &str, reason: String| ReportError::Field {
-                path: path.into(),
-                line: line_no,
-                key: key.into(),
-                reason,
-            };
-            let name = match obj.get(KEY_SERIES).or_else(|| obj.get(KEY_METHOD)) {
-                None | Some(Value::Null) => DEFAULT_SERIES.to_string(),
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                Some(other) => {
-                    let key = if obj.contains_key(KEY_SERIES) {
-                        KEY_SERIES
-                    } else {
-                        KEY_METHOD
-                    };
-                    return Err(field(
-                        key,
-                        format!("must be a string, found {}", json_type(other)),
-                    ));
-                }
-            };
+        for line in parse_lines(text, path)? {
+            let name = line
+                .labels
+                .get(KEY_SERIES)
+                .or_else(|| line.labels.get(KEY_METHOD))
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_SERIES.to_string());
             let s = *index.entry(name.clone()).or_insert_with(|| {
                 m.series.push(Series {
                     name,
-                    group: obj.get(KEY_GROUP).and_then(Value::as_str).map(String::from),
+                    group: line.labels.get(KEY_GROUP).cloned(),
                     rows: Vec::new(),
                 });
                 m.series.len() - 1
             });
-            let series = &mut m.series[s];
-            let step = match obj.get(KEY_STEP) {
-                None => series.rows.len() as f64,
-                Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
-                Some(other) => {
-                    return Err(field(
-                        KEY_STEP,
-                        format!("must be a number, found {}", json_type(other)),
-                    ))
-                }
-            };
-            let mut values = BTreeMap::new();
-            for (k, v) in &obj {
-                if [KEY_STEP, KEY_SERIES, KEY_METHOD].contains(&k.as_str()) {
-                    continue;
-                }
-                let x = match v {
-                    Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
-                    Value::Null => f64::NAN,
-                    Value::Bool(b) => f64::from(u8::from(*b)),
-                    // Labels and structured values are not drawn.
-                    _ => continue,
-                };
-                if known_keys.insert(k.clone(), ()).is_none() {
+            for k in line.metrics.keys() {
+                if !m.keys.contains(k) {
                     m.keys.push(k.clone());
                 }
-                values.insert(k.clone(), x);
             }
-            series.rows.push(Row { step, values });
+            m.series[s].rows.push(line);
         }
         if m.series.is_empty() {
             return Err(ReportError::EmptyMetrics { path: path.into() });
@@ -348,6 +247,17 @@ impl Metrics {
 // ---------------------------------------------------------------------------------------
 // Summary
 // ---------------------------------------------------------------------------------------
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
 
 /// Which Gao et al. (2022) law a fit uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1112,7 +1022,7 @@ pub fn render(title: &str, metrics: &Metrics, summary: Option<&Summary>) -> Stri
         metrics
             .series
             .iter()
-            .flat_map(|s| s.rows.iter().map(|r| r.step)),
+            .flat_map(|s| s.rows.iter().map(|r| r.step as f64)),
     );
 
     let mut html = String::new();
@@ -1160,7 +1070,7 @@ pub fn render(title: &str, metrics: &Metrics, summary: Option<&Summary>) -> Stri
         let x = extent(
             members
                 .iter()
-                .flat_map(|&i| metrics.series[i].rows.iter().map(|r| r.step)),
+                .flat_map(|&i| metrics.series[i].rows.iter().map(|r| r.step as f64)),
         );
         let (Some(y), Some(x)) = (y, x) else {
             continue;
@@ -1645,7 +1555,7 @@ mod tests {
     #[test]
     fn a_single_point_and_no_summary() {
         let m = Metrics::parse(
-            r#"{"step":3,"reward/proxy/mean":0.5,"reward/gold/mean":null,"entropy":null}"#,
+            "{\"step\":3,\"reward/proxy/mean\":0.5,\"reward/gold/mean\":null,\"entropy\":null}\n",
             Path::new("m.jsonl"),
         )
         .unwrap();
@@ -1663,34 +1573,17 @@ mod tests {
     fn bad_metrics_are_typed_errors() {
         let p = Path::new("runs/x/metrics.jsonl");
         let err = Metrics::parse("{\"step\":0}\n{\"step\":1}\n{oops\n", p).unwrap_err();
-        assert!(matches!(err, ReportError::Json { line: 3, .. }), "{err:?}");
+        assert!(
+            matches!(err, ReportError::Line(SinkError::Parse { line: 3, .. })),
+            "{err:?}"
+        );
         let msg = err.to_string();
         assert!(
-            msg.contains("line 3") && msg.contains("runs/x/metrics.jsonl"),
+            msg.contains(":3:") && msg.contains("runs/x/metrics.jsonl"),
             "{msg}"
         );
-        let err = Metrics::parse("{\"step\":0}\n[1, 2]\n", p).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ReportError::NotObject {
-                    line: 2,
-                    found: "an array",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        let err = Metrics::parse("\n{\"step\":\"one\"}\n", p).unwrap_err();
-        assert!(
-            matches!(&err, ReportError::Field { line: 2, key, .. } if key == "step"),
-            "{err:?}"
-        );
-        let err = Metrics::parse("{\"method\":[1]}\n", p).unwrap_err();
-        assert!(
-            matches!(&err, ReportError::Field { line: 1, key, .. } if key == "method"),
-            "{err:?}"
-        );
+        let err = Metrics::parse("{\"step\":0,\"method\":[1]}\n", p).unwrap_err();
+        assert!(err.to_string().contains("`method`"), "{err}");
         assert!(matches!(
             Metrics::parse("\n \n", p),
             Err(ReportError::EmptyMetrics { .. })

@@ -16,12 +16,13 @@
 
 use std::{
     collections::BTreeMap,
-    fs::{self, OpenOptions},
-    io::{IsTerminal as _, Write as _},
+    fs,
+    io::IsTerminal as _,
     path::{Path, PathBuf},
     time::Instant,
 };
 
+use goodhart_metrics::sink::{truncate_lines, JsonlFile, JsonlSink, Line, MetricSink as _, SinkError};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -63,7 +64,10 @@ pub enum RunError {
         /// Why.
         reason: String,
     },
-    /// Writing a metric line failed.
+    /// Writing a metrics or samples line failed.
+    #[error(transparent)]
+    Log(Box<SinkError>),
+    /// A run file could not be created.
     #[error("writing `{path}`: {source}")]
     Io {
         /// The file.
@@ -139,7 +143,7 @@ impl Runner {
     }
 
     /// Reopens an interrupted run: reads its `config.toml` and progress and cuts
-    /// `metrics.jsonl` back to the lines of its completed stages.
+    /// `metrics.jsonl` and `samples.jsonl` back to the lines of its completed stages.
     pub fn resume(path: &Path) -> Result<Self> {
         let dir = RunDir::open(path)?;
         let bad = |reason: String| RunError::Resume {
@@ -158,8 +162,8 @@ impl Runner {
         };
         let keep = progress.stages.last().map_or(0, |s| s.lines);
         let keep_samples = progress.stages.last().map_or(0, |s| s.samples);
-        cut_lines(&dir.metrics(), keep).map_err(|e| bad(format!("metrics.jsonl {e}")))?;
-        cut_lines(&dir.samples(), keep_samples).map_err(|e| bad(format!("samples.jsonl {e}")))?;
+        truncate_lines(dir.metrics(), keep).map_err(|e| bad(e.to_string()))?;
+        truncate_lines(dir.samples(), keep_samples).map_err(|e| bad(e.to_string()))?;
         let mut runner = Self::new(dir, config, progress);
         runner.lines = keep;
         runner.samples = keep_samples;
@@ -235,34 +239,21 @@ impl Runner {
             });
         }
         let t0 = Instant::now();
-        let metrics = self.dir.metrics();
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&metrics)
-            .map_err(io_err(&metrics))?;
-        let samples = self.dir.samples();
-        let samples_file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&samples)
-            .map_err(io_err(&samples))?;
+        let sink_err = |e: SinkError| RunError::Log(Box::new(e));
         let mut log = StageLog {
             stage: name,
-            file,
-            path: metrics,
+            metrics: JsonlSink::open(self.dir.metrics())
+                .map_err(sink_err)?
+                .sync_every_line(false),
             lines: 0,
-            samples_file,
-            samples_path: samples,
+            samples: JsonlFile::open(self.dir.samples()).map_err(sink_err)?,
             sample_lines: 0,
             status: !self.quiet && std::io::stderr().is_terminal(),
             last_status: None,
         };
         let out = f(&mut log)?;
-        log.file.sync_data().map_err(io_err(&log.path))?;
-        log.samples_file
-            .sync_data()
-            .map_err(io_err(&log.samples_path))?;
+        log.metrics.sync().map_err(sink_err)?;
+        log.samples.sync().map_err(sink_err)?;
         if log.last_status.is_some() && !self.quiet {
             eprint!("\r\x1b[K");
         }
@@ -309,15 +300,13 @@ impl Runner {
     }
 }
 
-/// What a running stage logs through: one JSON object per line of `metrics.jsonl`, and
-/// of `samples.jsonl`.
+/// What a running stage logs through: its metric lines go to `metrics.jsonl`, its samples
+/// to `samples.jsonl`.
 pub struct StageLog<'a> {
     stage: &'a str,
-    file: fs::File,
-    path: PathBuf,
+    metrics: JsonlSink,
     lines: usize,
-    samples_file: fs::File,
-    samples_path: PathBuf,
+    samples: JsonlFile,
     sample_lines: usize,
     /// Whether to refresh a status line on stderr (a terminal, not quiet).
     status: bool,
@@ -330,27 +319,11 @@ impl StageLog<'_> {
         self.stage
     }
 
-    /// Appends one line: `labels` (strings such as `experiment`, `series`), the step, and
-    /// the metrics (non-finite numbers become `null`). Also refreshes the status line.
-    pub fn log(
-        &mut self,
-        step: u64,
-        labels: &[(&str, &str)],
-        metrics: &Map<String, Value>,
-    ) -> Result<()> {
-        let mut obj = Map::new();
-        for (k, v) in labels {
-            obj.insert((*k).into(), Value::String((*v).into()));
-        }
-        obj.insert("step".into(), step.into());
-        for (k, v) in metrics {
-            obj.insert(k.clone(), v.clone());
-        }
-        let mut line = Value::Object(obj).to_string();
-        line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .map_err(io_err(&self.path))?;
+    /// Appends one metrics line. Also refreshes the status line.
+    pub fn log(&mut self, line: &Line) -> Result<()> {
+        self.metrics
+            .log_line(line)
+            .map_err(|e| RunError::Log(Box::new(e)))?;
         self.lines += 1;
         if self.status
             && self
@@ -359,73 +332,41 @@ impl StageLog<'_> {
         {
             self.last_status = Some(Instant::now());
             let show = |k: &str| {
-                metrics
+                line.metrics
                     .get(k)
-                    .and_then(Value::as_f64)
                     .map_or(String::from("-"), |v| format!("{v:.3}"))
             };
             eprint!(
-                "\r\x1b[K  ...   {}  step {step}  proxy {}  gold {}",
+                "\r\x1b[K  ...   {}  step {}  proxy {}  gold {}",
                 self.stage,
+                line.step,
                 show("reward/proxy/mean"),
                 show("reward/gold/mean")
             );
         }
         Ok(())
     }
-}
 
-impl StageLog<'_> {
     /// Appends one line per sample to `samples.jsonl`, each `labels` then the sample's
     /// own fields, in one write.
     pub fn samples<T: Serialize>(&mut self, labels: &[(&str, &str)], samples: &[T]) -> Result<()> {
-        let mut text = String::new();
-        for s in samples {
-            let mut obj = Map::new();
-            for (k, v) in labels {
-                obj.insert((*k).into(), Value::String((*v).into()));
-            }
-            obj.extend(to_map(s));
-            text.push_str(&Value::Object(obj).to_string());
-            text.push('\n');
-        }
-        self.samples_file
-            .write_all(text.as_bytes())
-            .map_err(io_err(&self.samples_path))?;
+        let objects: Vec<Map<String, Value>> = samples
+            .iter()
+            .map(|s| {
+                let mut obj = Map::new();
+                for (k, v) in labels {
+                    obj.insert((*k).into(), Value::String((*v).into()));
+                }
+                obj.extend(to_map(s));
+                obj
+            })
+            .collect();
+        self.samples
+            .append(&objects)
+            .map_err(|e| RunError::Log(Box::new(e)))?;
         self.sample_lines += samples.len();
         Ok(())
     }
-}
-
-/// Keeps the first `keep` complete lines of `path` (a missing file holds none). Errors
-/// when it has fewer.
-fn cut_lines(path: &Path, keep: usize) -> std::result::Result<(), String> {
-    let text = match fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && keep == 0 => return Ok(()),
-        Err(e) => return Err(e.to_string()),
-    };
-    let (mut cut, mut seen) = (0usize, 0usize);
-    for (i, &b) in text.iter().enumerate() {
-        if seen == keep {
-            break;
-        }
-        if b == b'\n' {
-            seen += 1;
-            cut = i + 1;
-        }
-    }
-    if seen < keep {
-        return Err(format!(
-            "has {seen} complete lines, but the completed stages wrote {keep}"
-        ));
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| e.to_string())?;
-    file.set_len(cut as u64).map_err(|e| e.to_string())?;
-    file.sync_all().map_err(|e| e.to_string())
 }
 
 /// Converts a serialisable metrics struct into a JSON object (for [`StageLog::log`]).

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use goodhart_core::seed;
 use goodhart_envs::language::Language;
@@ -269,13 +268,7 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
                         .collect(),
                 });
                 logger.samples(&line.samples)?;
-                logger.log(
-                    line.step as u64,
-                    line.metrics
-                        .iter()
-                        .map(|(k, v)| (k.clone(), json!(v)))
-                        .collect(),
-                )
+                logger.log(line.step as u64, line.metrics.clone())
             },
         )
         .map_err(stage_error(name))?;

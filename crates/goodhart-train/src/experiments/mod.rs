@@ -19,12 +19,13 @@ pub mod mitigations;
 pub mod overopt;
 pub mod tomato;
 
-use std::fmt::Write as _;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use burn::tensor::backend::AutodiffBackend;
 use serde_json::{json, Map, Value};
 
 use goodhart_core::GoodhartError;
+use goodhart_metrics::sink::Line;
 
 use crate::{
     config::{ConfigError, ExperimentConfig},
@@ -245,19 +246,19 @@ impl<'a, 'b> Logger<'a, 'b> {
         self.log.stage()
     }
 
-    /// Appends one line; a write failure becomes the algorithm's error type, so training
-    /// loops can log through their callbacks.
+    /// Appends one line, labelled with the experiment and the series; a write failure
+    /// becomes the algorithm's error type, so training loops can log through their
+    /// callbacks.
     pub(crate) fn log(
         &mut self,
         step: u64,
-        metrics: Map<String, Value>,
+        metrics: BTreeMap<String, f64>,
     ) -> goodhart_core::Result<()> {
+        let line = Line::new(step, metrics)
+            .with_label("experiment", self.experiment)
+            .with_label("series", self.series);
         self.log
-            .log(
-                step,
-                &[("experiment", self.experiment), ("series", self.series)],
-                &metrics,
-            )
+            .log(&line)
             .map_err(|e| GoodhartError::invalid("metrics.jsonl", e.to_string()))
     }
 }

@@ -12,6 +12,8 @@
 //! the base policy's gold, reports where gold peaked and how far it fell, and runs the
 //! gold-aware and proxy-only detectors over each RL trace (lead/lag to the gold peak).
 
+use std::collections::BTreeMap;
+
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -230,12 +232,13 @@ pub fn run<B: AutodiffBackend>(
             )
             .map_err(stage_error(&name))?;
             for p in &points {
-                let mut m = serde_json::Map::new();
-                m.insert("n".into(), json!(p.n));
-                m.insert("kl/ref".into(), json!(p.kl));
-                m.insert(KEY_KL_D.into(), json!(p.d));
-                m.insert(KEY_PROXY_MEAN.into(), json!(p.proxy));
-                m.insert(KEY_GOLD_MEAN.into(), json!(p.gold));
+                let m = BTreeMap::from([
+                    ("n".to_string(), p.n as f64),
+                    ("kl/ref".to_string(), p.kl),
+                    (KEY_KL_D.to_string(), p.d),
+                    (KEY_PROXY_MEAN.to_string(), p.proxy),
+                    (KEY_GOLD_MEAN.to_string(), p.gold),
+                ]);
                 logger.log(p.n as u64, m).map_err(stage_error(&name))?;
             }
             Ok(points)

@@ -15,6 +15,8 @@
 //! and standard deviation over seeds of the true return, the proxy return and how often
 //! episodes visit the bucket.
 
+use std::collections::BTreeMap;
+
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -176,18 +178,19 @@ pub struct Evaluated {
     pub bucket_rate: f64,
 }
 
-fn metrics(m: &IterationMetrics) -> serde_json::Map<String, Value> {
-    let mut out = serde_json::Map::new();
-    out.insert(KEY_GOLD_MEAN.into(), json!(m.true_return));
-    out.insert(KEY_PROXY_MEAN.into(), json!(m.proxy_return));
-    out.insert("loss/policy".into(), json!(m.policy_loss));
-    out.insert("loss/value".into(), json!(m.value_loss));
-    out.insert("entropy".into(), json!(m.entropy));
-    out.insert("kl/old".into(), json!(m.approx_kl));
-    out.insert("clip_frac".into(), json!(m.clip_frac));
-    out.insert("timesteps".into(), json!(m.timesteps));
+fn metrics(m: &IterationMetrics) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::from([
+        (KEY_GOLD_MEAN.to_string(), m.true_return),
+        (KEY_PROXY_MEAN.to_string(), m.proxy_return),
+        ("loss/policy".to_string(), m.policy_loss),
+        ("loss/value".to_string(), m.value_loss),
+        ("entropy".to_string(), m.entropy),
+        ("kl/old".to_string(), m.approx_kl),
+        ("clip_frac".to_string(), m.clip_frac),
+        ("timesteps".to_string(), m.timesteps as f64),
+    ]);
     if let Some(r) = m.reg_term {
-        out.insert("regularizer".into(), json!(r));
+        out.insert("regularizer".into(), r);
     }
     out
 }
