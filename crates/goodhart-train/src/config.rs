@@ -132,11 +132,17 @@ fn with_defaults<T: Serialize>(table: &mut toml::Table, key: &str, defaults: T) 
     Ok(())
 }
 
-/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces. A
+/// table whose `kind` differs from the one it overrides (another estimator, loss,
+/// controller...) replaces it whole: the old kind's options do not carry over.
 pub(crate) fn merge(base: &mut toml::Table, over: &toml::Table) {
     for (k, v) in over {
         match (base.get_mut(k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (Some(toml::Value::Table(b)), toml::Value::Table(o))
+                if o.get("kind").is_none_or(|kind| b.get("kind") == Some(kind)) =>
+            {
+                merge(b, o)
+            }
             _ => {
                 base.insert(k.clone(), v.clone());
             }
@@ -383,6 +389,26 @@ mod tests {
     fn err(text: &str, sets: &[&str]) -> ConfigError {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         ExperimentConfig::parse(text, &sets).unwrap_err()
+    }
+
+    #[test]
+    fn merge_keeps_options_of_the_same_kind_only() {
+        let mut base: toml::Table =
+            "a = { kind = \"grpo\", eps = 1e-6, norm = true }\nb = 1\nc = { x = 1, y = 2 }"
+                .parse()
+                .unwrap();
+        let over: toml::Table = "a = { kind = \"gae\", lambda = 0.9 }\nc = { y = 3 }"
+            .parse()
+            .unwrap();
+        merge(&mut base, &over);
+        let want: toml::Table = "a = { kind = \"gae\", lambda = 0.9 }\nb = 1\nc = { x = 1, y = 3 }"
+            .parse()
+            .unwrap();
+        assert_eq!(base, want);
+        let same: toml::Table = "a = { kind = \"gae\", gamma = 0.5 }".parse().unwrap();
+        merge(&mut base, &same);
+        assert_eq!(base["a"]["lambda"].as_float(), Some(0.9));
+        assert_eq!(base["a"]["gamma"].as_float(), Some(0.5));
     }
 
     fn path_of(e: ConfigError) -> String {
