@@ -372,3 +372,159 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     );
     let _ = std::fs::remove_dir_all(root);
 }
+
+/// `[rl]` settings that, together, use every method name `cargo xtask list` gives for
+/// `[rl]` (all but the four refused below), each with the ensemble size it needs.
+fn every_rl_method() -> Vec<(String, usize)> {
+    let mut cases: Vec<(String, usize)> = Vec::new();
+    let mut add = |toml: &str, k: usize| cases.push((toml.to_string(), k));
+    for a in goodhart_advantage::REGISTRY.iter().map(|m| m.name) {
+        match a {
+            "gra" | "a2tgpo" | "igpo" | "verpo" => continue, // refused: see below
+            "gdpo" => add("advantage = { kind = \"gdpo\" }\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = -0.1 }]", 1),
+            "bnpo" => add("advantage = { kind = \"bnpo\" }\nreward_shaping = { kind = \"par\", m = 2 }", 1),
+            a => add(&format!("advantage = {{ kind = \"{a}\" }}"), 1),
+        }
+    }
+    for l in goodhart_objective::policy::REGISTRY.iter().map(|m| m.name) {
+        add(&format!("loss = {{ kind = \"{l}\" }}"), 1);
+    }
+    add("loss = { kind = \"ppo_clip\", eps_low = 0.2, eps_high = 0.28, dual_clip = true, clip_ratio_c = 2.0 }", 1);
+    for (a, _) in goodhart_core::aggregate::LossAggregation::ALL {
+        add(&format!("aggregation = \"{a}\""), 1);
+    }
+    for f in goodhart_objective::nsr::REGISTRY.iter().map(|m| m.name) {
+        add(&format!("sample_filter = \"{f}\""), 1);
+    }
+    for (e, _) in goodhart_regularize::kl::KlEstimator::ALL {
+        for place in ["reward", "loss"] {
+            add(&format!("regularizers = [{{ kind = \"kl\", estimator = \"{e}\", placement = \"{place}\" }}]"), 1);
+        }
+    }
+    for c in [
+        "{ kind = \"fixed\", coef = 0.1 }",
+        "{ kind = \"adaptive\" }",
+        "{ kind = \"reward_adaptive\", beta_min = 0.01, beta_max = 0.1, reward_start = 0.0, reward_target = 1.0 }",
+        "{ kind = \"lagrangian\" }",
+    ] {
+        add(&format!("regularizers = [{{ kind = \"kl\", placement = \"reward\", controller = {c} }}]"), 1);
+    }
+    for r in [
+        "{ kind = \"entropy\", coef = 0.01 }",
+        "{ kind = \"entropy\", coef = 0.01, top_q = 0.2 }",
+        "{ kind = \"sequence_chi2\", coef = 0.1 }",
+        "{ kind = \"sft_anchor\", coef = 0.1 }",
+        "{ kind = \"lp_reg\" }",
+    ] {
+        add(&format!("regularizers = [{r}]"), 1);
+    }
+    add("regularizers = [{ kind = \"gardo\", coef = 1.0 }]\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = 0.0 }]", 1);
+    add("regularizers = [{ kind = \"constrained\", constraints = [{ threshold = 0.0 }, { threshold = 3.0, kind = \"equality\" }] }, { kind = \"kl\", placement = \"reward\", controller = { kind = \"fixed\", coef = 0.1 } }]\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = 0.0 }]", 1);
+    for s in ["par", "centred", "lsc"] {
+        add(&format!("reward_shaping = {{ kind = \"{s}\", m = 2 }}"), 1);
+    }
+    add(
+        "reward_shaping = { kind = \"tanh\", centred = true, m = 2 }",
+        1,
+    );
+    for s in ["meanstd", "clip", "minmax", "tanh"] {
+        add(&format!("reward_shaping = {{ kind = \"{s}\" }}"), 1);
+    }
+    add("reward_shaping = { kind = \"ceil\", value = 0.5 }", 1);
+    add(
+        "length_penalty = { kind = \"linear_length\", coef = 0.05 }",
+        1,
+    );
+    add(
+        "length_penalty = { kind = \"dapo_overlong\", max_len = 12, buffer = 4 }",
+        1,
+    );
+    add("length_penalty = { kind = \"fimi\", steps = 20 }", 1);
+    add("ctrl_u = { beta = 1.0 }", 3);
+    add(
+        "components = [{ name = \"member0\" }, { name = \"member2\", weight = 0.5 }]",
+        3,
+    );
+    add("dynamic_sampling = { max_batches = 3 }", 1);
+    add("overlong_filter = true", 1);
+    cases
+}
+
+/// Every `[rl]` method name runs 3 steps from a TOML file, as the arms of one tiny
+/// mitigations run on the overoptimisation task, with finite metrics in `metrics.jsonl`
+/// and 8 samples a step in `samples.jsonl`.
+#[test]
+fn every_rl_method_runs_from_toml() {
+    let cases = every_rl_method();
+    let mut text = String::from(
+        "name = \"every-method\"\n\
+         [sft]\nexamples = 64\nheldout = 16\nsteps = 4\nbatch = 8\n\
+         [proxy]\nepochs = 1\nheldout_pairs = 16\npearson_samples = 16\n\
+         [rl]\nsteps = 3\nprompts_per_step = 2\ngroup_size = 4\nmax_new_tokens = 12\n\
+         [mitigations]\nseeds = 1\npairs = 20\n",
+    );
+    for (i, (rl, k)) in cases.iter().enumerate() {
+        text.push_str(&format!(
+            "[[mitigations.arms]]\nname = \"m{i}\"\nensemble = {k}\n[mitigations.arms.rl]\n{rl}\n"
+        ));
+    }
+    let config = ExperimentConfig::parse(&text, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let root = scratch("every-method");
+    let (dir, _) = run(config, &root);
+    let lines = goodhart_metrics::sink::read_lines(dir.join("metrics.jsonl")).unwrap();
+    let samples = jsonl(&dir, "samples.jsonl");
+    let mut failures = Vec::new();
+    for (i, (rl, _)) in cases.iter().enumerate() {
+        let series = format!("m{i}/s0");
+        let mine: Vec<_> = lines
+            .iter()
+            .filter(|l| l.labels.get("series") == Some(&series))
+            .collect();
+        if mine.len() != 3 {
+            failures.push(format!("{rl}: {} lines", mine.len()));
+        }
+        for l in &mine {
+            for key in [
+                "loss",
+                "reward/proxy/mean",
+                "reward/gold/mean",
+                "kl/ref",
+                "entropy",
+                "length/mean",
+                "advantage/mean",
+            ] {
+                if !l.get(key).is_finite() {
+                    failures.push(format!("{rl}: {key} = {} at step {}", l.get(key), l.step));
+                }
+            }
+        }
+        let n = samples
+            .iter()
+            .filter(|s| s["series"] == series.as_str())
+            .count();
+        if n != 3 * 8 {
+            failures.push(format!("{rl}: {n} samples"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// The estimators that need turns or unit tests are refused when the file is parsed,
+/// naming the key, so no stage runs.
+#[test]
+fn turn_and_test_estimators_are_refused_before_any_stage() {
+    for name in ["gra", "a2tgpo", "igpo", "verpo"] {
+        let sets = [format!("rl.advantage={{ kind = \"{name}\" }}")];
+        let err = ExperimentConfig::parse(presets::preset("overopt").unwrap(), &sets)
+            .expect_err(name)
+            .to_string();
+        assert!(err.contains("rl.advantage.kind"), "{name}: {err}");
+    }
+}

@@ -69,7 +69,9 @@ impl Line {
     /// Errors when a key is `step` or is both a label and a metric.
     fn check(&self) -> Result<(), SinkError> {
         if self.labels.contains_key(KEY_STEP) || self.metrics.contains_key(KEY_STEP) {
-            return Err(GoodhartError::invalid("metrics", "a field may not be named `step`").into());
+            return Err(
+                GoodhartError::invalid("metrics", "a field may not be named `step`").into(),
+            );
         }
         if let Some(k) = self.labels.keys().find(|k| self.metrics.contains_key(*k)) {
             return Err(GoodhartError::invalid(
@@ -261,7 +263,10 @@ pub fn truncate_lines(path: impl AsRef<Path>, keep: usize) -> Result<(), SinkErr
             expected: keep,
         });
     }
-    let file = OpenOptions::new().write(true).open(path).map_err(io(path))?;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
     file.set_len(cut as u64).map_err(io(path))?;
     file.sync_all().map_err(io(path))
 }
@@ -537,12 +542,22 @@ mod tests {
         for (text, line_no, reason) in [
             ("{\"step\":0}\nnot json\n", 2, "not valid JSON"),
             ("\n[1, 2]\n", 2, "not a JSON object"),
-            ("{\"step\":\"one\"}\n", 1, "`step` must be an unsigned integer"),
-            ("{\"step\":0,\"method\":[1]}\n", 1, "`method` must be a number"),
+            (
+                "{\"step\":\"one\"}\n",
+                1,
+                "`step` must be an unsigned integer",
+            ),
+            (
+                "{\"step\":0,\"method\":[1]}\n",
+                1,
+                "`method` must be a number",
+            ),
         ] {
             fs::write(&path, text).unwrap();
             match read_lines(&path) {
-                Err(SinkError::Parse { line, reason: r, .. }) => {
+                Err(SinkError::Parse {
+                    line, reason: r, ..
+                }) => {
                     assert_eq!(line, line_no, "{text}");
                     assert!(r.contains(reason), "{text}: {r}");
                 }

@@ -47,7 +47,7 @@
 //! offending token (see [`gold_reward`]), and the fraction of such responses is logged
 //! (`response/ill_formed`).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Instant};
 
 use burn::{
     module::AutodiffModule,
@@ -82,8 +82,9 @@ use goodhart_reward::{
     ensemble::member_variance,
     length::{fit_length_bias, LengthBias},
     shaping::Shaper,
-    Aggregator, CtrlUConfig, LengthConfig, RewardEnsemble, RewardModel, RewardOutput, RewardSource,
-    Sequences, ShapingConfig,
+    source::FnReward,
+    Aggregator, Component, Composite, CtrlUConfig, LengthConfig, RewardEnsemble, RewardModel,
+    RewardOutput, RewardSource, Sequences, ShapingConfig,
 };
 use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
@@ -688,6 +689,10 @@ pub struct Scored<B: Backend> {
     pub ill_formed: Vec<bool>,
     /// Each row's tokens (prompt and response) on the host.
     pub rows: Vec<Vec<u32>>,
+    /// Seconds spent generating.
+    pub sample_seconds: f64,
+    /// Seconds spent in the proxy's forward pass.
+    pub score_seconds: f64,
 }
 
 /// Samples one response per entry of `topics` from `policy` and scores it by `proxy` and
@@ -714,6 +719,7 @@ pub fn sample_and_score<B: Backend>(
         ids.extend(lang.prompt(t).into_iter().map(i64::from));
     }
     let prompt = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, PROMPT_LEN]), device);
+    let t0 = clock::<B>(device)?;
     let gen = generate(
         policy,
         prompt,
@@ -721,12 +727,15 @@ pub fn sample_and_score<B: Backend>(
         generation,
         rng,
     )?;
+    let sample_seconds = since::<B>(t0, device)?;
     let batch = Sequences::new(
         gen.tokens.clone(),
         gen.attention_mask.clone(),
         gen.response_mask.clone(),
     )?;
+    let t0 = clock::<B>(device)?;
     let scored = proxy.score(&batch)?;
+    let score_seconds = since::<B>(t0, device)?;
     let members = scored
         .members
         .unwrap_or_else(|| scored.reward.clone().unsqueeze_dim(0));
@@ -744,6 +753,8 @@ pub fn sample_and_score<B: Backend>(
         gold,
         ill_formed,
         rows,
+        sample_seconds,
+        score_seconds,
     })
 }
 
@@ -755,9 +766,10 @@ pub(crate) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f6
         .map_err(|e| GoodhartError::invalid("tensor data", format!("{e:?}")))
 }
 
-/// One step's record: its flat metrics (one `metrics.jsonl` line) and its samples (one
-/// `samples.jsonl` line each).
-#[derive(Debug, Clone, PartialEq)]
+/// One step's record: its flat metrics (one `metrics.jsonl` line), its samples (one
+/// `samples.jsonl` line each) and where its time went (not logged: wall time differs
+/// between two runs of one seed, the logged numbers do not).
+#[derive(Debug, Clone)]
 pub struct StepLine {
     /// Step index (0-based).
     pub step: usize,
@@ -765,6 +777,42 @@ pub struct StepLine {
     pub metrics: BTreeMap<String, f64>,
     /// Every response of the step.
     pub samples: Vec<Sample>,
+    /// Wall time of the step's phases.
+    pub timings: StepTimings,
+}
+
+/// Wall-clock seconds of one step: the model's work (sampling, forward passes, backward
+/// passes and optimiser steps) and the whole step. Each phase ends with a device sync, so
+/// the seconds are the device's too on asynchronous backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimings {
+    /// Generating the responses (ReMax's greedy ones included).
+    pub sample: f64,
+    /// Forward passes without gradients: the proxy's members, the sampler's and the
+    /// reference's log-probs, the critic's values.
+    pub score: f64,
+    /// The policy's forward, backward and AdamW step in each epoch, and the critic's.
+    pub update: f64,
+    /// The whole step, from drawing its prompts to its [`StepLine`].
+    pub total: f64,
+}
+
+impl StepTimings {
+    /// What the trainer itself spends: `total` less the model's work.
+    pub fn overhead(&self) -> f64 {
+        self.total - self.sample - self.score - self.update
+    }
+}
+
+/// The time after the device finished its queued work.
+fn clock<B: Backend>(device: &B::Device) -> Result<Instant> {
+    B::sync(device).map_err(|e| GoodhartError::invalid("device", format!("sync failed: {e:?}")))?;
+    Ok(Instant::now())
+}
+
+/// Seconds from `t0` to when the device is done.
+fn since<B: Backend>(t0: Instant, device: &B::Device) -> Result<f64> {
+    Ok((clock::<B>(device)? - t0).as_secs_f64())
 }
 
 impl StepLine {
@@ -808,7 +856,66 @@ struct Rewards<B: Backend> {
     penalty: Option<LengthConfig>,
     bias: Option<LengthBias<B>>,
     ctrl_u: Option<CtrlUConfig>,
-    components: Vec<RewardComponent>,
+    /// The trained reward as goodhart-reward's weighted sum of the named components
+    /// (`None`: the reward alone), with the names in `[rl] components` order.
+    components: Option<Components<B>>,
+}
+
+/// The trained reward's [`Composite`] and its component names in `[rl]` order.
+type Components<B> = (Composite<B, Parts<B>>, Vec<String>);
+
+/// What a reward component can name, for one batch (each `[N]`; `members` `[K, N]`).
+struct Parts<B: Backend> {
+    proxy: Tensor<B, 1>,
+    length: Tensor<B, 1>,
+    gold: Tensor<B, 1>,
+    members: Tensor<B, 2>,
+}
+
+/// The source of component `name` ([`RewardComponent`]'s names).
+fn part<B: Backend>(name: &str) -> Result<Box<dyn RewardSource<B, Parts<B>>>> {
+    Ok(match name {
+        "proxy" => Box::new(FnReward::new(name, |p: &Parts<B>| Ok(p.proxy.clone()))),
+        "length" => Box::new(FnReward::new(name, |p: &Parts<B>| Ok(p.length.clone()))),
+        "gold" => Box::new(FnReward::new(name, |p: &Parts<B>| Ok(p.gold.clone()))),
+        member => {
+            let k: usize = member
+                .strip_prefix("member")
+                .and_then(|k| k.parse().ok())
+                .ok_or_else(|| GoodhartError::invalid("rl.components", member))?;
+            Box::new(FnReward::new(name, move |p: &Parts<B>| {
+                let [members, n] = p.members.dims();
+                if k >= members {
+                    return Err(GoodhartError::invalid(
+                        "rl.components",
+                        format!("member{k} of an ensemble of {members}"),
+                    ));
+                }
+                Ok(p.members.clone().narrow(0, k, 1).reshape([n]))
+            }))
+        }
+    })
+}
+
+/// The [`Composite`] of `[rl] components` (`None` when there are none).
+fn composite<B: Backend>(
+    components: &[RewardComponent],
+) -> Result<Option<Components<B>>> {
+    if components.is_empty() {
+        return Ok(None);
+    }
+    let parts = components
+        .iter()
+        .map(|c| {
+            Ok(Component {
+                name: c.name.clone(),
+                weight: c.weight as f32,
+                source: part::<B>(&c.name)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let names = components.iter().map(|c| c.name.clone()).collect();
+    Ok(Some((Composite::new("train", parts)?, names)))
 }
 
 /// A batch's rewards, each `[N]`.
@@ -861,41 +968,36 @@ impl<B: Backend> Rewards<B> {
         {
             r = p.penalise(r, lengths.clone())?;
         }
-        let components =
-            self.components
-                .iter()
-                .map(|c| {
-                    Ok(match c.name.as_str() {
-                        "proxy" => r.clone(),
-                        "length" => lengths.clone(),
-                        "gold" => Tensor::from_data(
-                            TensorData::new(s.gold.iter().map(|&g| g as f32).collect(), [n]),
-                            device,
-                        ),
-                        member => {
-                            let k: usize = member
-                                .strip_prefix("member")
-                                .and_then(|k| k.parse().ok())
-                                .ok_or_else(|| GoodhartError::invalid("rl.components", member))?;
-                            s.members.clone().narrow(0, k, 1).reshape([n])
-                        }
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-        let train = if components.is_empty() {
-            r.clone()
-        } else {
-            components
-                .iter()
-                .zip(&self.components)
-                .map(|(c, w)| c.clone() * w.weight)
-                .reduce(|a, b| a + b)
-                .expect("at least one component")
+        let Some((composite, names)) = &self.components else {
+            return Ok(Scores {
+                train: r.clone(),
+                reward: r,
+                components: Vec::new(),
+            });
         };
+        let parts = Parts {
+            proxy: r.clone(),
+            length: lengths,
+            gold: Tensor::from_data(
+                TensorData::new(s.gold.iter().map(|&g| g as f32).collect(), [n]),
+                device,
+            ),
+            members: s.members.clone(),
+        };
+        let mut out = composite.score_components(&parts)?;
+        let components = names
+            .iter()
+            .map(|name| {
+                out.components
+                    .remove(name)
+                    .map(|o| o.reward)
+                    .expect("one output per named component")
+            })
+            .collect();
         Ok(Scores {
             reward: r,
             components,
-            train,
+            train: out.total,
         })
     }
 }
@@ -1087,6 +1189,7 @@ fn collect<B: Backend>(
     generation: &GenerationConfig,
     prompt_rng: &mut seed::ChaCha8Rng,
     sample_rng: &mut seed::ChaCha8Rng,
+    timings: &mut StepTimings,
     device: &B::Device,
 ) -> Result<(Rollout<B>, usize, f64)> {
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
@@ -1102,6 +1205,8 @@ fn collect<B: Backend>(
         let s = sample_and_score(
             sampler, lang, proxy, gold, &topics, generation, sample_rng, device,
         )?;
+        timings.sample += s.sample_seconds;
+        timings.score += s.score_seconds;
         let scores = rewards.score(&s, device)?;
         let r = Rollout::new(s, scores)?;
         if cfg.dynamic_sampling.is_none() {
@@ -1207,7 +1312,7 @@ pub fn train<B: AutodiffBackend>(
         penalty: cfg.length_penalty.clone(),
         bias: None,
         ctrl_u: cfg.ctrl_u,
-        components: cfg.components.clone(),
+        components: composite(&cfg.components)?,
     };
     if let Some(LengthConfig::Fimi(f)) = &cfg.length_penalty {
         let topics = lang.config().topics;
@@ -1287,6 +1392,8 @@ pub fn train<B: AutodiffBackend>(
     let to_ad = |t: Tensor<B::InnerBackend, 2>| Tensor::<B, 2>::from_inner(t);
     let to_ad1 = |t: Tensor<B::InnerBackend, 1>| Tensor::<B, 1>::from_inner(t);
     for step in 0..cfg.steps {
+        let mut timings = StepTimings::default();
+        let t_step = clock::<B>(device)?;
         // 1-3. Prompts, rollout with the current policy (no autodiff), rewards.
         let sampler = policy.valid();
         let (batch, rollouts, spread_share) = collect(
@@ -1299,10 +1406,12 @@ pub fn train<B: AutodiffBackend>(
             &generation,
             &mut prompt_rng,
             &mut sample_rng,
+            &mut timings,
             device,
         )?;
         let mask = batch.response.clone();
         // 4. Log-probs of the sampling policy and the reference.
+        let t0 = clock::<B>(device)?;
         let old = score(
             &sampler,
             batch.tokens.clone(),
@@ -1320,6 +1429,7 @@ pub fn train<B: AutodiffBackend>(
             .logprobs,
             &mask,
         );
+        timings.score += since::<B>(t0, device)?;
         let (tokens, attention, mask_ad) = (
             Tensor::<B, 2, Int>::from_inner(batch.tokens.clone()),
             to_ad(batch.attention.clone()),
@@ -1353,6 +1463,7 @@ pub fn train<B: AutodiffBackend>(
         // 5. Advantages.
         let mut input =
             AdvantageInput::new(mask.clone(), &groups).with_token_rewards(token_rewards.clone());
+        let t0 = clock::<B>(device)?;
         let old_values = critic
             .as_ref()
             .map(|(c, _)| {
@@ -1361,6 +1472,7 @@ pub fn train<B: AutodiffBackend>(
             })
             .transpose()?
             .map(|v| zero_masked(v, &mask));
+        timings.score += since::<B>(t0, device)?;
         if let Some(v) = &old_values {
             input = input.with_values(v.clone());
         }
@@ -1379,6 +1491,8 @@ pub fn train<B: AutodiffBackend>(
                 &mut greedy_rng,
                 device,
             )?;
+            timings.sample += s.sample_seconds;
+            timings.score += s.score_seconds;
             let per_prompt = rewards.score(&s, device)?.train;
             let rows = Tensor::<B::InnerBackend, 1, Int>::from_data(
                 TensorData::new((0..n).map(|i| (i / g) as i64).collect(), [n]),
@@ -1468,7 +1582,9 @@ pub fn train<B: AutodiffBackend>(
         let mut add = |k: &str, v: f64| *sums.entry(k.to_string()).or_insert(0.0) += v;
         let width = batch.tokens.dims()[1];
         for _ in 0..cfg.epochs {
+            let t0 = clock::<B>(device)?;
             let logits = policy.forward(tokens.clone(), attention.clone())?;
+            timings.update += since::<B>(t0, device)?;
             let (lp, entropy) = logprobs_from_logits(
                 logits.clone().narrow(1, 0, width - 1),
                 tokens.clone().narrow(1, 1, width - 1),
@@ -1549,13 +1665,18 @@ pub fn train<B: AutodiffBackend>(
                 };
                 add(&key, *v);
             }
+            let t0 = clock::<B>(device)?;
             let grads = GradientsParams::from_grads(loss.backward(), &policy);
+            timings.update += since::<B>(t0, device)?;
             let (grads, norm) = clip_grad_norm(&policy, grads, cfg.max_grad_norm)?;
             if let Some(norm) = norm {
                 add("grad_norm", norm);
             }
+            let t0 = clock::<B>(device)?;
             policy = optim.step(cfg.lr, policy, grads);
+            timings.update += since::<B>(t0, device)?;
             if let Some((model, mut opt)) = critic.take() {
+                let t0 = clock::<B>(device)?;
                 // GAE returns its value targets; the critic stays untouched otherwise.
                 let (Some(v_old), Some(ret)) = (old_values.as_ref(), returns.as_ref()) else {
                     return Err(GoodhartError::invalid(
@@ -1584,6 +1705,7 @@ pub fn train<B: AutodiffBackend>(
                 let grads = GradientsParams::from_grads(vl.loss.backward(), &model);
                 let (grads, _) = clip_grad_norm(&model, grads, cfg.max_grad_norm)?;
                 let model = opt.step(cfg.critic.lr, model, grads);
+                timings.update += since::<B>(t0, device)?;
                 critic = Some((model, opt));
             }
         }
@@ -1706,10 +1828,12 @@ pub fn train<B: AutodiffBackend>(
                 }
             })
             .collect();
+        timings.total = since::<B>(t_step, device)?;
         log(&StepLine {
             step,
             metrics,
             samples,
+            timings,
         })?;
     }
     Ok(policy)
@@ -1907,121 +2031,6 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(proxy::<Dispatch>(vec![], Aggregator::Mean).is_err());
-    }
-
-    /// Every method name `[rl]` takes runs 3 steps with finite metrics (CPU).
-    #[test]
-    fn every_method_runs_from_toml() {
-        let mut cases: Vec<(String, usize)> = Vec::new();
-        let mut add = |toml: &str, k: usize| cases.push((toml.to_string(), k));
-        for a in goodhart_advantage::REGISTRY.iter().map(|m| m.name) {
-            match a {
-                "gra" | "a2tgpo" | "igpo" | "verpo" => continue, // refused: bad_configs_name_their_key
-                "gdpo" => add("advantage = { kind = \"gdpo\" }\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = -0.1 }]", 1),
-                "bnpo" => add("advantage = { kind = \"bnpo\" }\nreward_shaping = { kind = \"par\", m = 2 }", 1),
-                a => add(&format!("advantage = {{ kind = \"{a}\" }}"), 1),
-            }
-        }
-        for l in goodhart_objective::policy::REGISTRY.iter().map(|m| m.name) {
-            add(&format!("loss = {{ kind = \"{l}\" }}"), 1);
-        }
-        add("loss = { kind = \"ppo_clip\", eps_low = 0.2, eps_high = 0.28, dual_clip = true, clip_ratio_c = 2.0 }", 1);
-        for (a, _) in LossAggregation::ALL {
-            add(&format!("aggregation = \"{a}\""), 1);
-        }
-        for f in goodhart_objective::nsr::REGISTRY.iter().map(|m| m.name) {
-            add(&format!("sample_filter = \"{f}\""), 1);
-        }
-        for (e, _) in goodhart_regularize::kl::KlEstimator::ALL {
-            for place in ["reward", "loss"] {
-                add(&format!("regularizers = [{{ kind = \"kl\", estimator = \"{e}\", placement = \"{place}\" }}]"), 1);
-            }
-        }
-        for c in [
-            "{ kind = \"fixed\", coef = 0.1 }",
-            "{ kind = \"adaptive\" }",
-            "{ kind = \"reward_adaptive\", beta_min = 0.01, beta_max = 0.1, reward_start = 0.0, reward_target = 1.0 }",
-            "{ kind = \"lagrangian\" }",
-        ] {
-            add(&format!("regularizers = [{{ kind = \"kl\", placement = \"reward\", controller = {c} }}]"), 1);
-        }
-        for r in [
-            "{ kind = \"entropy\", coef = 0.01 }",
-            "{ kind = \"entropy\", coef = 0.01, top_q = 0.2 }",
-            "{ kind = \"sequence_chi2\", coef = 0.1 }",
-            "{ kind = \"sft_anchor\", coef = 0.1 }",
-            "{ kind = \"lp_reg\" }",
-        ] {
-            add(&format!("regularizers = [{r}]"), 1);
-        }
-        add("regularizers = [{ kind = \"gardo\", coef = 1.0 }]\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = 0.0 }]", 1);
-        add("regularizers = [{ kind = \"constrained\", constraints = [{ threshold = 0.0 }, { threshold = 3.0, kind = \"equality\" }] }, { kind = \"kl\", placement = \"reward\", controller = { kind = \"fixed\", coef = 0.1 } }]\ncomponents = [{ name = \"proxy\" }, { name = \"length\", weight = 0.0 }]", 1);
-        for s in ["par", "centred", "lsc"] {
-            add(&format!("reward_shaping = {{ kind = \"{s}\", m = 2 }}"), 1);
-        }
-        add(
-            "reward_shaping = { kind = \"tanh\", centred = true, m = 2 }",
-            1,
-        );
-        for s in ["meanstd", "clip", "minmax", "tanh"] {
-            add(&format!("reward_shaping = {{ kind = \"{s}\" }}"), 1);
-        }
-        add("reward_shaping = { kind = \"ceil\", value = 0.5 }", 1);
-        add(
-            "length_penalty = { kind = \"linear_length\", coef = 0.05 }",
-            1,
-        );
-        add(
-            "length_penalty = { kind = \"dapo_overlong\", max_len = 12, buffer = 4 }",
-            1,
-        );
-        add("length_penalty = { kind = \"fimi\", steps = 20 }", 1);
-        add("ctrl_u = { beta = 1.0 }", 3);
-        add(
-            "components = [{ name = \"member0\" }, { name = \"member2\", weight = 0.5 }]",
-            3,
-        );
-        add("dynamic_sampling = { max_batches = 3 }", 1);
-        add("overlong_filter = true", 1);
-        let mut failures = Vec::new();
-        for (toml, k) in &cases {
-            let cfg = RlConfig {
-                steps: 3,
-                ..rl(toml)
-            };
-            match run_cpu(&cfg, *k) {
-                Ok(lines) => {
-                    assert_eq!(lines.len(), 3, "{toml}");
-                    for l in &lines {
-                        for key in [
-                            "loss",
-                            "reward/proxy/mean",
-                            "reward/gold/mean",
-                            "kl/ref",
-                            "entropy",
-                            "length/mean",
-                            "advantage/mean",
-                        ] {
-                            if !l.get(key).is_finite() {
-                                failures.push(format!(
-                                    "{toml}: {key} = {} at step {}",
-                                    l.get(key),
-                                    l.step
-                                ));
-                            }
-                        }
-                    }
-                }
-                Err(e) => failures.push(format!("{toml}: {e}")),
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "{} of {} failed:\n{}",
-            failures.len(),
-            cases.len(),
-            failures.join("\n")
-        );
     }
 
     /// The aggregators of an ensemble proxy each run (the proxy is built by the
@@ -2276,7 +2285,9 @@ mod tests {
             let b = run(&small()).unwrap();
             assert_eq!(a.len(), 2);
             // Same seed, same numbers.
-            assert_eq!(a, b);
+            let numbers = |v: &[StepLine]| v.iter().map(|l| (l.metrics.clone(), l.samples.clone())).collect::<Vec<_>>();
+            assert_eq!(numbers(&a), numbers(&b));
+            assert!(a.iter().all(|l| l.timings.total > 0.0 && l.timings.sample > 0.0 && l.timings.overhead() < l.timings.total));
             assert!(a[0].get("length/mean") >= 1.0 && a[0].get("length/mean") <= 12.0);
             // Too long for the 32-token models.
             let long = RlConfig { max_new_tokens: 30, ..small() };

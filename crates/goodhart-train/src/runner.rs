@@ -22,7 +22,9 @@ use std::{
     time::Instant,
 };
 
-use goodhart_metrics::sink::{truncate_lines, JsonlFile, JsonlSink, Line, MetricSink as _, SinkError};
+use goodhart_metrics::sink::{
+    truncate_lines, JsonlFile, JsonlSink, Line, MetricSink as _, SinkError,
+};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{Map, Value};
 

@@ -17,7 +17,7 @@ use goodhart_envs::language::{Language, EOS, PAD};
 use goodhart_policy::{generate, score, GenerationConfig};
 use goodhart_reward::{Aggregator, RewardSource, Sequences};
 use goodhart_train::{
-    policy_gradient::{proxy, train, LanguageGold, RlConfig},
+    policy_gradient::{proxy, train, LanguageGold, RlConfig, StepTimings},
     reward_model::ProxyConfig,
     sft::{lab_language, SftConfig, PROMPT_LEN},
 };
@@ -50,7 +50,9 @@ fn overhead_bench(device: DeviceSpec) -> Result<()> {
             let cfg = RlConfig::default();
             let (n, reps) = (cfg.prompts_per_step * cfg.group_size, 7);
 
-            // The trainer's step: the wall time between its second and third step lines
+            // Two measures. The trainer's own: each step times its phases (sampling, forward
+            // passes, forward + backward + AdamW) and the rest is overhead. Independent of
+            // it: the trainer's step is the wall time between its second and third step lines
             // (the first includes the setup). The model work alone: sample the batch,
             // score it by the proxy, score it under the sampler and the reference, one
             // forward and backward of the policy, the global clip and an AdamW step.
@@ -72,7 +74,7 @@ fn overhead_bench(device: DeviceSpec) -> Result<()> {
             let mut rng = seed::rng(0, "bench/sample");
             let mut optim = AdamWConfig::new().init();
             let mut model = Some(policy.clone());
-            let (mut steps, mut works) = (Vec::new(), Vec::new());
+            let (mut steps, mut works, mut timed) = (Vec::new(), Vec::new(), Vec::new());
             for rep in 0..reps {
                 let mut stamps = Vec::new();
                 train::<A<B>>(
@@ -84,8 +86,11 @@ fn overhead_bench(device: DeviceSpec) -> Result<()> {
                     &gold,
                     rep as u64,
                     &device,
-                    &mut |_| {
+                    &mut |line| {
                         stamps.push(Instant::now());
+                        if line.step > 0 {
+                            timed.push(line.timings);
+                        }
                         Ok(())
                     },
                 )?;
@@ -131,6 +136,21 @@ fn overhead_bench(device: DeviceSpec) -> Result<()> {
                 v.sort_by(f64::total_cmp);
                 v
             };
+            // The trainer's own account: each step's phases, timed inside the step.
+            let share = sorted(timed.iter().map(|t| t.overhead() / t.total).collect());
+            let mean = |f: fn(&StepTimings) -> f64| {
+                timed.iter().map(f).sum::<f64>() / timed.len() as f64 * 1e3
+            };
+            println!(
+                "  timed inside {} steps: sample {:.1} ms, score {:.1} ms, update {:.1} ms, total {:.1} ms (means); trainer overhead median {:.1}%, max {:.1}%",
+                timed.len(),
+                mean(|t| t.sample),
+                mean(|t| t.score),
+                mean(|t| t.update),
+                mean(|t| t.total),
+                100.0 * share[share.len() / 2],
+                100.0 * share[share.len() - 1]
+            );
             let (steps, works) = (sorted(steps), sorted(works));
             // The fastest of each is the least disturbed by other work on the machine.
             let (step, model_work) = (steps[0], works[0]);
