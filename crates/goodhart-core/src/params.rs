@@ -1,11 +1,12 @@
 //! Parameter-level operations on any burn [`Module`] that more than one crate needs:
 //! forcing lazy initialisation, frozen snapshots, the EMA blend of two modules of the
-//! same architecture, and global gradient-norm clipping. Reference policies
+//! same architecture, global gradient-norm clipping, and stable parameter ids for
+//! checkpoints. Reference policies
 //! (goodhart-policy) and reference management (goodhart-regularize) are built on these;
 //! every trainer clips with [`clip_grad_norm`].
 
 use burn::{
-    module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param},
+    module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId},
     optim::GradientsParams,
     tensor::{
         backend::{AutodiffBackend, Backend},
@@ -47,6 +48,53 @@ pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
 pub fn materialized<B: Backend, M: Module<B>>(module: M) -> M {
     materialize(&module);
     module
+}
+
+/// `module` with parameter ids that depend only on `salt` and each parameter's place in
+/// visit order (FNV-1a of `salt`, mixed with the index by SplitMix64).
+///
+/// burn draws a parameter's id from the operating system's randomness and writes it into
+/// checkpoints, so two processes that compute the same weights would write files that
+/// differ in those bytes. Savers pass the module through this first, with the file's name
+/// as the salt (distinct files keep distinct ids); the weights are untouched.
+pub fn with_stable_ids<B: Backend, M: Module<B>>(module: M, salt: &str) -> M {
+    struct Ids {
+        base: u64,
+        next: u64,
+    }
+    impl Ids {
+        fn id(&mut self) -> ParamId {
+            let mut z = self.base ^ self.next.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            self.next += 1;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ParamId::from(z ^ (z >> 31))
+        }
+    }
+    impl<B: Backend> ModuleMapper<B> for Ids {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (_, tensor, mapper) = param.consume();
+            Param::from_mapped_value(self.id(), tensor, mapper)
+        }
+        fn map_int<const D: usize>(
+            &mut self,
+            param: Param<Tensor<B, D, Int>>,
+        ) -> Param<Tensor<B, D, Int>> {
+            let (_, tensor, mapper) = param.consume();
+            Param::from_mapped_value(self.id(), tensor, mapper)
+        }
+        fn map_bool<const D: usize>(
+            &mut self,
+            param: Param<Tensor<B, D, Bool>>,
+        ) -> Param<Tensor<B, D, Bool>> {
+            let (_, tensor, mapper) = param.consume();
+            Param::from_mapped_value(self.id(), tensor, mapper)
+        }
+    }
+    let base = salt.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    module.map(&mut Ids { base, next: 0 })
 }
 
 struct Collect<B: Backend> {
@@ -215,6 +263,24 @@ mod tests {
         l.weight = Param::from_tensor(Tensor::full([2, out], v, device));
         l.bias = Some(Param::from_tensor(Tensor::full([out], v, device)));
         l
+    }
+
+    crate::backend_test! {
+        fn stable_ids_depend_on_the_salt_and_the_order_only<B>(device) {
+            let ids = |l: &Linear<B>| (l.weight.id.val(), l.bias.as_ref().unwrap().id.val());
+            let (a, b) = (filled::<B>(1.0, 3, device), filled::<B>(1.0, 3, device));
+            assert_ne!(ids(&a), ids(&b), "burn draws fresh ids");
+            let (a, b) = (with_stable_ids(a, "m0"), with_stable_ids(b, "m0"));
+            assert_eq!(ids(&a), ids(&b));
+            assert_ne!(ids(&a).0, ids(&a).1);
+            // By hand (Python, 64-bit wrapping): FNV-1a("m0") = 624181789078886840; the
+            // weight (index 0) gets SplitMix64's finaliser of it, the bias (index 1) of it
+            // xor 0x9e3779b97f4a7c15.
+            assert_eq!(ids(&a), (2186832396483467707, 4814895373340713586));
+            let c = with_stable_ids(filled::<B>(1.0, 3, device), "m1");
+            assert_ne!(ids(&c).0, ids(&a).0);
+            assert_close(&values(a.weight.val()), &[1.0; 6], 0.0);
+        }
     }
 
     crate::backend_test! {

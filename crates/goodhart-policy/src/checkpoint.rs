@@ -120,8 +120,8 @@ pub fn save_module<B: Backend, M: Module<B>>(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let partial = path.with_file_name(format!("{stem}-partial.mpk"));
-    module
-        .clone()
+    // Parameter ids from the file's name: the same weights give the same bytes.
+    goodhart_core::params::with_stable_ids(module.clone(), &stem)
         .save_file(&partial, &Recorder::new())
         .map_err(|e| file_error(&final_path, e))?;
     std::fs::rename(&partial, &final_path).map_err(|e| file_error(&final_path, e))

@@ -180,7 +180,8 @@ impl<B: Backend> RewardModel<B> {
         let tmp_dir = parent.join(format!(".tmp-{}", stem.to_string_lossy()));
         std::fs::create_dir_all(&tmp_dir).map_err(|e| io(&e))?;
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-        self.clone()
+        // Parameter ids from the file's name: the same weights give the same bytes.
+        goodhart_core::params::with_stable_ids(self.clone(), &stem.to_string_lossy())
             .save_file(tmp_dir.join(stem), &recorder)
             .map_err(|e| io(&e))?;
         let mut file = std::path::PathBuf::from(stem);

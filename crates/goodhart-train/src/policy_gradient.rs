@@ -898,9 +898,7 @@ fn part<B: Backend>(name: &str) -> Result<Box<dyn RewardSource<B, Parts<B>>>> {
 }
 
 /// The [`Composite`] of `[rl] components` (`None` when there are none).
-fn composite<B: Backend>(
-    components: &[RewardComponent],
-) -> Result<Option<Components<B>>> {
+fn composite<B: Backend>(components: &[RewardComponent]) -> Result<Option<Components<B>>> {
     if components.is_empty() {
         return Ok(None);
     }
