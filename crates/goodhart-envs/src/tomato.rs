@@ -63,6 +63,40 @@ pub struct TomatoConfig {
     pub dry_distance: f32,
 }
 
+impl TomatoConfig {
+    /// Checks the settings that need no board: `eps` a probability, `horizon` at least 1,
+    /// `reward_factor` finite, `dry_distance` finite and non-negative.
+    pub fn validate(&self) -> Result<()> {
+        let config = self;
+        // Keys are `tomato.<field>`; an experiment re-roots them (`tomato.env.<field>`).
+        if !(0.0..=1.0).contains(&config.eps) {
+            return Err(GoodhartError::invalid(
+                "tomato.eps",
+                format!("{} is not a probability", config.eps),
+            ));
+        }
+        if config.horizon == 0 {
+            return Err(GoodhartError::invalid(
+                "tomato.horizon",
+                "must be at least 1",
+            ));
+        }
+        if !config.reward_factor.is_finite() {
+            return Err(GoodhartError::invalid(
+                "tomato.reward_factor",
+                "must be finite",
+            ));
+        }
+        if !(config.dry_distance.is_finite() && config.dry_distance >= 0.0) {
+            return Err(GoodhartError::invalid(
+                "tomato.dry_distance",
+                "must be finite and non-negative",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for TomatoConfig {
     fn default() -> Self {
         Self {
@@ -226,27 +260,7 @@ impl Tomato {
     }
 
     fn with_board(board: std::sync::Arc<Board>, config: TomatoConfig) -> Result<Self> {
-        if !(0.0..=1.0).contains(&config.eps) {
-            return Err(GoodhartError::invalid(
-                "tomato.eps",
-                format!("{} is not a probability", config.eps),
-            ));
-        }
-        if config.horizon == 0 {
-            return Err(GoodhartError::invalid(
-                "tomato.horizon",
-                "must be at least 1",
-            ));
-        }
-        if !config.reward_factor.is_finite()
-            || !config.dry_distance.is_finite()
-            || config.dry_distance < 0.0
-        {
-            return Err(GoodhartError::invalid(
-                "tomato.reward_factor / dry_distance",
-                "must be finite, dry_distance non-negative",
-            ));
-        }
+        config.validate()?;
         let n = board.num_tomatoes();
         Ok(Self {
             agent: board.start,

@@ -548,6 +548,10 @@ mod tests {
             // Refused estimators, and an arm's ensemble too small for Ctrl-U.
             ("name = \"t\"\n[overopt]\n[rl]\nadvantage = { kind = \"igpo\" }\n", "rl.advantage.kind"),
             ("name = \"t\"\n[mitigations]\narms = [{ name = \"u\", rl = { ctrl_u = {} } }]\n", "mitigations.arms[0].rl.ctrl_u"),
+            // The gridworld's own settings, under the key as written.
+            ("name = \"t\"\n[tomato]\nenv = { horizon = 0 }\n", "tomato.env.horizon"),
+            ("name = \"t\"\n[tomato]\nenv = { eps = 1.5 }\n", "tomato.env.eps"),
+            ("name = \"t\"\n[tomato]\nenv = { dry_distance = -1.0 }\n", "tomato.env.dry_distance"),
         ] {
             assert_eq!(path_of(ExperimentConfig::parse(text, &[]).unwrap_err()), path, "{text}");
         }

@@ -116,6 +116,7 @@ impl Experiment for TomatoExperiment {
         section("tomato.base", t.base.validate())?;
         section("tomato.ppo", t.ppo.validate())?;
         positive("tomato.eval_episodes", t.eval_episodes)?;
+        section("tomato.env", t.env.validate())?;
         if !(0.0..=1.0).contains(&t.base_eps) {
             return Err(ConfigError::invalid(
                 "tomato.base_eps",
