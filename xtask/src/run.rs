@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo xtask run [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N]
-//!                 [--out DIR] [--resume RUN_DIR]
+//!                 [--out DIR] [--resume RUN_DIR [--no-repair]]
 //! cargo xtask sweep [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N] [--out DIR]
 //! ```
 
@@ -26,7 +26,11 @@ struct Args {
     device: DeviceSpec,
     sets: Vec<String>,
     out: PathBuf,
+    /// Whether `--out` was given.
+    out_given: bool,
     resume: Option<PathBuf>,
+    /// `--no-repair`: a damaged checkpoint is an error instead of re-running its stage.
+    no_repair: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -37,12 +41,17 @@ fn parse_args(args: &[String]) -> Result<Args> {
         device,
         sets: Vec::new(),
         out: PathBuf::from("runs"),
+        out_given: false,
         resume: None,
+        no_repair: false,
     };
     let mut seed = None;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        let mut value = |flag: &str| it.next().with_context(|| format!("{flag} needs a value"));
+        let mut value = |flag: &str| match it.next() {
+            Some(v) if !v.starts_with("--") => Ok(v),
+            _ => Err(anyhow!("{flag} needs a value")),
+        };
         match a.as_str() {
             "--set" => parsed.sets.push(value("--set")?),
             "--seed" => {
@@ -52,8 +61,12 @@ fn parse_args(args: &[String]) -> Result<Args> {
                         .with_context(|| format!("--seed `{v}`: not an unsigned integer"))?,
                 );
             }
-            "--out" => parsed.out = PathBuf::from(value("--out")?),
+            "--out" => {
+                parsed.out = PathBuf::from(value("--out")?);
+                parsed.out_given = true;
+            }
             "--resume" => parsed.resume = Some(PathBuf::from(value("--resume")?)),
+            "--no-repair" => parsed.no_repair = true,
             flag if flag.starts_with("--") => bail!("unknown option `{flag}`"),
             _ if parsed.target.is_none() => parsed.target = Some(a),
             _ => bail!("unexpected argument `{a}`: give one preset or config file"),
@@ -115,10 +128,12 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let args = parse_args(args)?;
     check_device(args.device)?;
     let runner = if let Some(dir) = &args.resume {
-        if args.target.is_some() || !args.sets.is_empty() {
-            bail!("--resume continues a run with its own config.toml: drop the preset, file, --set and --seed");
+        if args.target.is_some() || !args.sets.is_empty() || args.out_given {
+            bail!("--resume continues a run in its own directory with its own config.toml: drop the preset, file, --set, --seed and --out");
         }
-        Runner::resume(dir).map_err(|e| anyhow!("{e}"))?
+        Runner::resume(dir)
+            .map_err(|e| anyhow!("{e}"))?
+            .repair(!args.no_repair)
     } else {
         let (text, origin) = config_text(args.target.as_deref())?;
         let config =
@@ -134,7 +149,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 pub fn sweep(args: &[String]) -> Result<ExitCode> {
     let args = parse_args(args)?;
     check_device(args.device)?;
-    if args.resume.is_some() {
+    if args.resume.is_some() || args.no_repair {
         bail!("resume one point of a sweep with `cargo xtask run --resume RUN_DIR`");
     }
     let (text, origin) = config_text(args.target.as_deref())?;

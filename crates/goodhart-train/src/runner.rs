@@ -66,6 +66,30 @@ pub enum RunError {
         /// Why.
         reason: String,
     },
+    /// Another process holds the run directory.
+    #[error("`{path}` is being written by another process (it holds `checkpoints/lock`)")]
+    Locked {
+        /// The run directory.
+        path: PathBuf,
+    },
+    /// `config.toml` was edited after the run started.
+    #[error("cannot resume `{path}`: config.toml differs from the configuration the run started with, at {}", keys.join(", "))]
+    ConfigChanged {
+        /// The run directory.
+        path: PathBuf,
+        /// The changed key paths.
+        keys: Vec<String>,
+    },
+    /// A file written by a completed stage no longer matches its checksum.
+    #[error("stage `{stage}`: `{file}` is damaged ({reason}); resume with repair on to re-run the stage")]
+    Damaged {
+        /// The stage that wrote it.
+        stage: String,
+        /// The file, under `checkpoints/`.
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Writing a metrics or samples line failed.
     #[error(transparent)]
     Log(Box<SinkError>),
@@ -84,8 +108,13 @@ pub type Result<T, E = RunError> = std::result::Result<T, E>;
 
 const PROGRESS: &str = "progress.json";
 
+const LOCK: &str = "lock";
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Progress {
+    /// The resolved configuration the stages ran with (`config.toml` as created).
+    #[serde(default)]
+    config: Option<String>,
     stages: Vec<StageRecord>,
 }
 
@@ -99,6 +128,37 @@ struct StageRecord {
     samples: usize,
     seconds: f64,
     output: Value,
+    /// CRC-32 of `output` as compact JSON.
+    #[serde(default)]
+    output_crc: Option<u32>,
+    /// The files the stage wrote under `checkpoints/`, with their CRC-32.
+    #[serde(default)]
+    files: BTreeMap<String, u32>,
+}
+
+fn crc(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+fn output_crc(output: &Value) -> u32 {
+    crc(output.to_string().as_bytes())
+}
+
+/// Every file under `dir` (recursively) by its path relative to `root`, `/`-separated.
+fn files_under(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files_under(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            let parts: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            out.push(parts.join("/"));
+        }
+    }
+    Ok(())
 }
 
 /// A run in progress: its directory, the completed stages and the metrics file.
@@ -112,8 +172,14 @@ pub struct Runner {
     /// Stages completed by an earlier process (the checkpoint resumed from).
     resumed: usize,
     skipped: usize,
+    /// Completed stages re-run because a file they wrote was damaged.
+    repaired: usize,
+    /// Whether a damaged file re-runs its stage (else it is an error).
+    repair: bool,
     quiet: bool,
     started: Instant,
+    /// Held for the runner's life: a second process writing the run is refused.
+    _lock: fs::File,
 }
 
 impl std::fmt::Debug for Runner {
@@ -138,10 +204,19 @@ impl Runner {
     pub fn create(root: &Path, config: ExperimentConfig) -> Result<Self> {
         config.validate()?;
         let dir = RunDir::create(root, &config.name, config.seed)?;
-        dir.write("config.toml", config.to_toml().as_bytes())?;
+        let lock = lock(&dir)?;
+        let text = config.to_toml();
+        dir.write("config.toml", text.as_bytes())?;
+        let progress = Progress {
+            config: Some(text),
+            stages: Vec::new(),
+        };
+        let runner = Self::new(dir, config, progress, lock);
+        runner.save_progress()?;
+        let dir = &runner.dir;
         fs::File::create(dir.metrics()).map_err(io_err(&dir.metrics()))?;
         fs::File::create(dir.samples()).map_err(io_err(&dir.samples()))?;
-        Ok(Self::new(dir, config, Progress::default()))
+        Ok(runner)
     }
 
     /// Reopens an interrupted run: reads its `config.toml` and progress and cuts
@@ -152,6 +227,7 @@ impl Runner {
             path: path.to_path_buf(),
             reason,
         };
+        let lock = lock(&dir)?;
         let text = fs::read_to_string(dir.config())
             .map_err(|e| bad(format!("reading config.toml: {e}")))?;
         let config = ExperimentConfig::parse(&text, &[])?;
@@ -159,20 +235,34 @@ impl Runner {
         let progress: Progress = match fs::read_to_string(&progress_path) {
             Ok(t) => serde_json::from_str(&t)
                 .map_err(|e| bad(format!("{}: {e}", progress_path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Progress::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(bad(format!(
+                    "{} is missing: the run's progress is unknown",
+                    progress_path.display()
+                )))
+            }
             Err(e) => return Err(bad(format!("{}: {e}", progress_path.display()))),
         };
+        if let Some(started) = &progress.config {
+            let keys = changed_keys(started, &config.to_toml());
+            if !keys.is_empty() {
+                return Err(RunError::ConfigChanged {
+                    path: path.to_path_buf(),
+                    keys,
+                });
+            }
+        }
         let keep = progress.stages.last().map_or(0, |s| s.lines);
         let keep_samples = progress.stages.last().map_or(0, |s| s.samples);
         truncate_lines(dir.metrics(), keep).map_err(|e| bad(e.to_string()))?;
         truncate_lines(dir.samples(), keep_samples).map_err(|e| bad(e.to_string()))?;
-        let mut runner = Self::new(dir, config, progress);
+        let mut runner = Self::new(dir, config, progress, lock);
         runner.lines = keep;
         runner.samples = keep_samples;
         Ok(runner)
     }
 
-    fn new(dir: RunDir, config: ExperimentConfig, progress: Progress) -> Self {
+    fn new(dir: RunDir, config: ExperimentConfig, progress: Progress, lock: fs::File) -> Self {
         let done = progress
             .stages
             .iter()
@@ -188,8 +278,11 @@ impl Runner {
             lines: 0,
             samples: 0,
             skipped: 0,
+            repaired: 0,
+            repair: true,
             quiet: false,
             started: Instant::now(),
+            _lock: lock,
         }
     }
 
@@ -214,6 +307,19 @@ impl Runner {
         self.skipped
     }
 
+    /// How many completed stages this process re-ran because a file they wrote (or their
+    /// recorded result) no longer matched its checksum.
+    pub fn repaired(&self) -> usize {
+        self.repaired
+    }
+
+    /// Whether a damaged file of a completed stage re-runs the stage (default) or is an
+    /// error ([`RunError::Damaged`]).
+    pub fn repair(mut self, repair: bool) -> Self {
+        self.repair = repair;
+        self
+    }
+
     /// The path of checkpoint `name` (under `checkpoints/`; sub-directories are created).
     pub fn artifact(&self, name: &str) -> Result<PathBuf> {
         let path = self.dir.checkpoints().join(name);
@@ -224,22 +330,47 @@ impl Runner {
     }
 
     /// Runs stage `name` unless it already completed (then returns its recorded result).
+    ///
+    /// A completed stage whose recorded result or one of whose files under `checkpoints/`
+    /// no longer matches its checksum is run again (unless [`Runner::repair`] is off):
+    /// its files and result are rewritten, and the lines it logs are discarded, as the
+    /// files keep the ones it logged the first time.
     pub fn stage<T, F>(&mut self, name: &str, f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce(&mut StageLog<'_>) -> Result<T>,
     {
-        if let Some(&i) = self.done.get(name) {
-            let rec = &self.progress.stages[i];
-            if i < self.resumed {
-                self.skipped += 1;
-                self.say(&format!("  done  {name} (from checkpoint)"));
-            }
-            return serde_json::from_value(rec.output.clone()).map_err(|e| RunError::Resume {
-                path: self.dir.path().to_path_buf(),
-                reason: format!("stage `{name}`: recorded result unreadable: {e}"),
-            });
-        }
+        let redo = match self.done.get(name).copied() {
+            None => None,
+            Some(i) => match self.damage(i) {
+                None => match serde_json::from_value(self.progress.stages[i].output.clone()) {
+                    Ok(out) => {
+                        if i < self.resumed {
+                            self.skipped += 1;
+                            self.say(&format!("  done  {name} (from checkpoint)"));
+                        }
+                        return Ok(out);
+                    }
+                    // JSON has no NaN: a result holding one reads back as `null`. The
+                    // stage is deterministic, so running it again gives it back exactly.
+                    Err(e) => {
+                        self.say(&format!("  redo  {name} (result not stored exactly: {e})"));
+                        Some(i)
+                    }
+                },
+                Some((file, reason)) if !self.repair => {
+                    return Err(RunError::Damaged {
+                        stage: name.into(),
+                        file,
+                        reason,
+                    })
+                }
+                Some((file, reason)) => {
+                    self.say(&format!("  redo  {name} ({file}: {reason})"));
+                    Some(i)
+                }
+            },
+        };
         let t0 = Instant::now();
         let sink_err = |e: SinkError| RunError::Log(Box::new(e));
         let mut log = StageLog {
@@ -250,6 +381,7 @@ impl Runner {
             lines: 0,
             samples: JsonlFile::open(self.dir.samples()).map_err(sink_err)?,
             sample_lines: 0,
+            discard: redo.is_some(),
             status: !self.quiet && std::io::stderr().is_terminal(),
             last_status: None,
         };
@@ -259,29 +391,99 @@ impl Runner {
         if log.last_status.is_some() && !self.quiet {
             eprint!("\r\x1b[K");
         }
-        self.lines += log.lines;
-        self.samples += log.sample_lines;
+        let output = serde_json::to_value(&out).map_err(|e| RunError::Checkpoint {
+            stage: name.into(),
+            reason: format!("result not serialisable: {e}"),
+        })?;
         let seconds = t0.elapsed().as_secs_f64();
-        self.progress.stages.push(StageRecord {
-            name: name.to_string(),
-            lines: self.lines,
-            samples: self.samples,
-            seconds,
-            output: serde_json::to_value(&out).map_err(|e| RunError::Checkpoint {
-                stage: name.into(),
-                reason: format!("result not serialisable: {e}"),
-            })?,
-        });
-        self.done
-            .insert(name.to_string(), self.progress.stages.len() - 1);
-        let bytes = serde_json::to_vec_pretty(&self.progress).expect("progress serialises");
-        write_atomic(&self.dir.checkpoints().join(PROGRESS), &bytes)?;
+        let mut files = self.unowned_files()?;
+        if let Some(i) = redo {
+            files.extend(self.progress.stages[i].files.keys().cloned());
+            let crcs = self.dir_crcs(&files)?;
+            let rec = &mut self.progress.stages[i];
+            rec.files = crcs;
+            rec.output_crc = Some(output_crc(&output));
+            rec.output = output;
+            self.repaired += 1;
+        } else {
+            self.lines += log.lines;
+            self.samples += log.sample_lines;
+            let files = self.dir_crcs(&files)?;
+            self.progress.stages.push(StageRecord {
+                name: name.to_string(),
+                lines: self.lines,
+                samples: self.samples,
+                seconds,
+                output_crc: Some(output_crc(&output)),
+                output,
+                files,
+            });
+            self.done
+                .insert(name.to_string(), self.progress.stages.len() - 1);
+        }
+        self.save_progress()?;
         self.say(&format!(
             "  {:>5.1}s {name}  [{:.0}s total]",
             seconds,
             self.started.elapsed().as_secs_f64()
         ));
         Ok(out)
+    }
+
+    /// The first file (or the result) of completed stage `i` that does not match its
+    /// checksum, and why.
+    fn damage(&self, i: usize) -> Option<(String, String)> {
+        let rec = &self.progress.stages[i];
+        if rec.output_crc.is_some_and(|c| c != output_crc(&rec.output)) {
+            return Some((
+                PROGRESS.into(),
+                "the recorded result's checksum differs".into(),
+            ));
+        }
+        for (file, want) in &rec.files {
+            match fs::read(self.dir.checkpoints().join(file)) {
+                Err(e) => return Some((file.clone(), format!("unreadable: {e}"))),
+                Ok(bytes) if crc(&bytes) != *want => {
+                    return Some((file.clone(), "checksum differs".into()))
+                }
+                Ok(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Files under `checkpoints/` that no stage record owns (the runner's own excepted).
+    fn unowned_files(&self) -> Result<Vec<String>> {
+        let root = self.dir.checkpoints();
+        let mut all = Vec::new();
+        files_under(&root, &root, &mut all).map_err(io_err(&root))?;
+        Ok(all
+            .into_iter()
+            .filter(|f| f != PROGRESS && f != LOCK && !f.starts_with(&format!(".{PROGRESS}")))
+            .filter(|f| !self.progress.stages.iter().any(|r| r.files.contains_key(f)))
+            .collect())
+    }
+
+    /// The CRC-32 of each file under `checkpoints/` (missing files are skipped).
+    fn dir_crcs(&self, files: &[String]) -> Result<BTreeMap<String, u32>> {
+        let mut out = BTreeMap::new();
+        for f in files {
+            let path = self.dir.checkpoints().join(f);
+            match fs::read(&path) {
+                Ok(bytes) => {
+                    out.insert(f.clone(), crc(&bytes));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn save_progress(&self) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.progress).expect("progress serialises");
+        write_atomic(&self.dir.checkpoints().join(PROGRESS), &bytes)?;
+        Ok(())
     }
 
     /// Prints a progress line on stderr (unless quiet).
@@ -310,6 +512,8 @@ pub struct StageLog<'a> {
     lines: usize,
     samples: JsonlFile,
     sample_lines: usize,
+    /// A completed stage run again to rebuild its files: its lines are already written.
+    discard: bool,
     /// Whether to refresh a status line on stderr (a terminal, not quiet).
     status: bool,
     last_status: Option<Instant>,
@@ -323,9 +527,11 @@ impl StageLog<'_> {
 
     /// Appends one metrics line. Also refreshes the status line.
     pub fn log(&mut self, line: &Line) -> Result<()> {
-        self.metrics
-            .log_line(line)
-            .map_err(|e| RunError::Log(Box::new(e)))?;
+        if !self.discard {
+            self.metrics
+                .log_line(line)
+                .map_err(|e| RunError::Log(Box::new(e)))?;
+        }
         self.lines += 1;
         if self.status
             && self
@@ -363,12 +569,73 @@ impl StageLog<'_> {
                 obj
             })
             .collect();
-        self.samples
-            .append(&objects)
-            .map_err(|e| RunError::Log(Box::new(e)))?;
+        if !self.discard {
+            self.samples
+                .append(&objects)
+                .map_err(|e| RunError::Log(Box::new(e)))?;
+        }
         self.sample_lines += samples.len();
         Ok(())
     }
+}
+
+/// Takes the run directory's lock (`checkpoints/lock`), or errors when another process
+/// holds it. The operating system releases it when the process ends, however it ends.
+fn lock(dir: &RunDir) -> Result<fs::File> {
+    let checkpoints = dir.checkpoints();
+    fs::create_dir_all(&checkpoints).map_err(io_err(&checkpoints))?;
+    let path = checkpoints.join(LOCK);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(RunError::Locked {
+            path: dir.path().to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    }
+}
+
+/// The dotted key paths whose values differ between two TOML documents (a key present in
+/// one only counts).
+fn changed_keys(a: &str, b: &str) -> Vec<String> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let flat = |text: &str| {
+        let mut out = BTreeMap::new();
+        match text.parse::<toml::Table>() {
+            Ok(t) => flatten("", &toml::Value::Table(t), &mut out),
+            Err(_) => {
+                out.insert("(the whole file)".into(), text.to_string());
+            }
+        }
+        out
+    };
+    let (a, b) = (flat(a), flat(b));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
 }
 
 /// Converts a serialisable metrics struct into a JSON object (for [`StageLog::log`]).
@@ -376,5 +643,145 @@ pub fn to_map<T: Serialize>(value: &T) -> Map<String, Value> {
     match serde_json::to_value(value) {
         Ok(Value::Object(m)) => m,
         _ => Map::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("goodhart-runner-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        p
+    }
+
+    fn config() -> ExperimentConfig {
+        ExperimentConfig::parse("name = \"runner\"\nseed = 3\n[overopt]\n", &[]).unwrap()
+    }
+
+    /// Two stages: `one` writes a file and logs a line; `two` reads the file. `calls`
+    /// counts the stage bodies that ran.
+    fn two_stages(runner: &mut Runner, calls: &Cell<usize>) -> Result<u64> {
+        let path = runner.artifact("a/weights.bin")?;
+        let one: u64 = runner.stage("one", |log| {
+            calls.set(calls.get() + 1);
+            log.log(&Line::new(0, BTreeMap::from([("x".to_string(), 1.5)])))?;
+            fs::write(&path, b"weights of one").map_err(io_err(&path))?;
+            Ok(7)
+        })?;
+        runner.stage("two", |_| {
+            calls.set(calls.get() + 1);
+            let bytes = fs::read(&path).map_err(io_err(&path))?;
+            Ok(one + bytes.len() as u64)
+        })
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_until_the_first_is_gone() {
+        let root = scratch("lock");
+        let calls = Cell::new(0);
+        let mut first = Runner::create(&root, config()).unwrap().quiet(true);
+        let dir = first.dir().path().to_path_buf();
+        assert!(matches!(Runner::resume(&dir), Err(RunError::Locked { .. })));
+        assert_eq!(two_stages(&mut first, &calls).unwrap(), 7 + 14);
+        drop(first);
+        let mut again = Runner::resume(&dir).unwrap().quiet(true);
+        assert_eq!(two_stages(&mut again, &calls).unwrap(), 21);
+        assert_eq!((calls.get(), again.skipped()), (2, 2));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_edited_config_is_refused_naming_the_keys() {
+        let root = scratch("config");
+        let dir = {
+            let r = Runner::create(&root, config()).unwrap();
+            r.dir().path().to_path_buf()
+        };
+        let path = dir.join("config.toml");
+        let text = fs::read_to_string(&path).unwrap();
+        let edited = text.replacen("seed = 3", "seed = 4", 1);
+        assert_ne!(text, edited);
+        fs::write(&path, edited).unwrap();
+        match Runner::resume(&dir) {
+            Err(RunError::ConfigChanged { keys, .. }) => assert_eq!(keys, ["seed"]),
+            other => panic!("{other:?}"),
+        }
+        // A missing progress.json is not a fresh start.
+        fs::write(&path, text).unwrap();
+        fs::remove_file(dir.join("checkpoints").join(PROGRESS)).unwrap();
+        assert!(matches!(Runner::resume(&dir), Err(RunError::Resume { .. })));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_nan_result_is_recomputed_on_resume() {
+        let root = scratch("nan");
+        let calls = Cell::new(0);
+        let nan = |r: &mut Runner| {
+            r.stage("nan", |_| {
+                calls.set(calls.get() + 1);
+                Ok(vec![1.0, f64::NAN])
+            })
+        };
+        let dir = {
+            let mut r = Runner::create(&root, config()).unwrap().quiet(true);
+            assert!(nan(&mut r).unwrap()[1].is_nan());
+            r.dir().path().to_path_buf()
+        };
+        let mut r = Runner::resume(&dir).unwrap().quiet(true);
+        let again = nan(&mut r).unwrap();
+        assert_eq!((again[0], again[1].is_nan(), calls.get()), (1.0, true, 2));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_file_reruns_its_stage_and_keeps_the_lines() {
+        let root = scratch("damage");
+        let calls = Cell::new(0);
+        let dir = {
+            let mut r = Runner::create(&root, config()).unwrap().quiet(true);
+            two_stages(&mut r, &calls).unwrap();
+            r.dir().path().to_path_buf()
+        };
+        let weights = dir.join("checkpoints/a/weights.bin");
+        let metrics = fs::read(dir.join("metrics.jsonl")).unwrap();
+        let progress = dir.join("checkpoints").join(PROGRESS);
+        let recorded: Value = serde_json::from_slice(&fs::read(&progress).unwrap()).unwrap();
+        assert_eq!(
+            recorded["stages"][0]["files"]["a/weights.bin"],
+            crc(b"weights of one")
+        );
+        // Same length, other bytes.
+        fs::write(&weights, b"weights of 0ne").unwrap();
+        let strict = Runner::resume(&dir).unwrap().quiet(true).repair(false);
+        let mut strict = strict;
+        match two_stages(&mut strict, &calls) {
+            Err(RunError::Damaged { stage, file, .. }) => {
+                assert_eq!((stage.as_str(), file.as_str()), ("one", "a/weights.bin"))
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(strict);
+        let mut r = Runner::resume(&dir).unwrap().quiet(true);
+        calls.set(0);
+        assert_eq!(two_stages(&mut r, &calls).unwrap(), 21);
+        assert_eq!((calls.get(), r.repaired(), r.skipped()), (1, 1, 1));
+        assert_eq!(fs::read(&weights).unwrap(), b"weights of one");
+        assert_eq!(fs::read(dir.join("metrics.jsonl")).unwrap(), metrics);
+        drop(r);
+        // A recorded result that does not match its checksum re-runs its stage too.
+        let text = fs::read_to_string(&progress).unwrap();
+        let edited = text.replacen("\"output\": 7", "\"output\": 8", 1);
+        assert_ne!(text, edited);
+        fs::write(&progress, edited).unwrap();
+        let mut r = Runner::resume(&dir).unwrap().quiet(true);
+        calls.set(0);
+        assert_eq!(two_stages(&mut r, &calls).unwrap(), 21);
+        assert_eq!((calls.get(), r.repaired()), (1, 1));
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -10,7 +10,7 @@
 //!   measured on every sample; its step lines go to `metrics.jsonl`, its samples to
 //!   `samples.jsonl`.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path};
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
@@ -132,9 +132,9 @@ pub(crate) fn base_policy<B: AutodiffBackend>(
     })
 }
 
-/// Loads the base policy saved by [`base_policy`].
+/// Loads the base policy saved by [`base_policy`] from the run's `checkpoints/`.
 pub(crate) fn load_base<B: Backend>(
-    runner: &Runner,
+    checkpoints: &Path,
     config: &ExperimentConfig,
     seed: u64,
     device: &B::Device,
@@ -146,18 +146,12 @@ pub(crate) fn load_base<B: Backend>(
         .model(&lang)
         .init::<B>(device)
         .map_err(stage_error(stage))?;
-    let path = runner.artifact(&format!("lm/s{seed}/base"))?;
+    let path = checkpoints.join(format!("lm/s{seed}/base"));
     load_module(template, &path, device).map_err(checkpoint_error(stage))
 }
 
-fn proxy_path(
-    runner: &Runner,
-    pairs: usize,
-    k: usize,
-    seed: u64,
-    member: usize,
-) -> Result<std::path::PathBuf> {
-    runner.artifact(&format!("lm/s{seed}/proxy-p{pairs}-k{k}-m{member}"))
+fn proxy_name(pairs: usize, k: usize, seed: u64, member: usize) -> String {
+    format!("lm/s{seed}/proxy-p{pairs}-k{k}-m{member}")
 }
 
 /// Stage `lm/proxy/p{pairs}/k{k}/s{seed}`: trains and saves `k` proxy reward models on
@@ -172,7 +166,7 @@ pub(crate) fn proxies<B: AutodiffBackend>(
 ) -> Result<Vec<ProxyReport>> {
     let name = format!("lm/proxy/p{pairs}/k{k}/s{seed}");
     let paths = (0..k)
-        .map(|m| proxy_path(runner, pairs, k, seed, m))
+        .map(|m| runner.artifact(&proxy_name(pairs, k, seed, m)))
         .collect::<Result<Vec<_>>>()?;
     runner.stage(&name, |_| {
         let lang = language(config, &name)?;
@@ -194,9 +188,10 @@ pub(crate) fn proxies<B: AutodiffBackend>(
     })
 }
 
-/// Loads the proxies saved by [`proxies`] as one (aggregated) proxy.
+/// Loads the proxies saved by [`proxies`] from the run's `checkpoints/` as one
+/// (aggregated) proxy.
 pub(crate) fn load_proxy<B: Backend>(
-    runner: &Runner,
+    checkpoints: &Path,
     config: &ExperimentConfig,
     pairs: usize,
     k: usize,
@@ -213,7 +208,9 @@ pub(crate) fn load_proxy<B: Backend>(
                 .model(&lang)
                 .init::<B>(device)
                 .map_err(stage_error(stage))?;
-            let path = proxy_path(runner, pairs, k, seed, m)?.with_extension("mpk");
+            let path = checkpoints
+                .join(proxy_name(pairs, k, seed, m))
+                .with_extension("mpk");
             template.load(&path, device).map_err(stage_error(stage))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -234,11 +231,21 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Trace> {
     let (pairs, k, aggregation) = proxy;
-    let policy = load_base::<B>(runner, config, seed, device, name)?;
-    let reference = load_base::<B::InnerBackend>(runner, config, seed, device, name)?;
-    let proxy =
-        load_proxy::<B::InnerBackend>(runner, config, pairs, k, seed, aggregation, device, name)?;
+    let checkpoints = runner.dir().checkpoints();
     runner.stage(name, |log| {
+        // Loaded only when the stage runs: a completed stage needs none of them.
+        let policy = load_base::<B>(&checkpoints, config, seed, device, name)?;
+        let reference = load_base::<B::InnerBackend>(&checkpoints, config, seed, device, name)?;
+        let proxy = load_proxy::<B::InnerBackend>(
+            &checkpoints,
+            config,
+            pairs,
+            k,
+            seed,
+            aggregation,
+            device,
+            name,
+        )?;
         let lang = language(config, name)?;
         let mut logger = Logger::new(log, experiment, series);
         let mut points = Vec::new();

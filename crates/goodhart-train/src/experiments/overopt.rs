@@ -203,19 +203,20 @@ pub fn run<B: AutodiffBackend>(
             device,
         )?;
         let name = format!("overopt/bon/p{pairs}");
-        let policy = load_base::<B::InnerBackend>(runner, config, seed, device, &name)?;
-        let proxy_model = load_proxy::<B::InnerBackend>(
-            runner,
-            config,
-            pairs,
-            1,
-            seed,
-            Aggregator::Mean,
-            device,
-            &name,
-        )?;
+        let checkpoints = runner.dir().checkpoints();
         let bon_cfg = &cfg.best_of_n;
         let bon = runner.stage(&name, |log| {
+            let policy = load_base::<B::InnerBackend>(&checkpoints, config, seed, device, &name)?;
+            let proxy_model = load_proxy::<B::InnerBackend>(
+                &checkpoints,
+                config,
+                pairs,
+                1,
+                seed,
+                Aggregator::Mean,
+                device,
+                &name,
+            )?;
             let lang = language(config, &name)?;
             let series = format!("bon p{pairs}");
             let mut logger = Logger::new(log, "overopt", &series);
