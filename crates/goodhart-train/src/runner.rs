@@ -127,10 +127,15 @@ struct StageRecord {
     #[serde(default)]
     samples: usize,
     seconds: f64,
+    /// The result as JSON, for reading (JSON has no NaN, and its floats may not read back
+    /// to the same bits: `result` is what a resumed run returns).
     output: Value,
-    /// CRC-32 of `output` as compact JSON.
+    /// The result exactly: MessagePack, as hex.
     #[serde(default)]
-    output_crc: Option<u32>,
+    result: Option<String>,
+    /// CRC-32 of `result`'s bytes.
+    #[serde(default)]
+    result_crc: Option<u32>,
     /// The files the stage wrote under `checkpoints/`, with their CRC-32.
     #[serde(default)]
     files: BTreeMap<String, u32>,
@@ -140,8 +145,18 @@ fn crc(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
 }
 
-fn output_crc(output: &Value) -> u32 {
-    crc(output.to_string().as_bytes())
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Every file under `dir` (recursively) by its path relative to `root`, `/`-separated.
@@ -343,7 +358,7 @@ impl Runner {
         let redo = match self.done.get(name).copied() {
             None => None,
             Some(i) => match self.damage(i) {
-                None => match serde_json::from_value(self.progress.stages[i].output.clone()) {
+                None => match self.recorded::<T>(i) {
                     Ok(out) => {
                         if i < self.resumed {
                             self.skipped += 1;
@@ -351,10 +366,11 @@ impl Runner {
                         }
                         return Ok(out);
                     }
-                    // JSON has no NaN: a result holding one reads back as `null`. The
-                    // stage is deterministic, so running it again gives it back exactly.
-                    Err(e) => {
-                        self.say(&format!("  redo  {name} (result not stored exactly: {e})"));
+                    // A run from before exact results whose JSON result does not read
+                    // back (a NaN stored as `null`): the stage is deterministic, so
+                    // running it again gives the result back.
+                    Err(reason) => {
+                        self.say(&format!("  redo  {name} ({reason})"));
                         Some(i)
                     }
                 },
@@ -391,10 +407,12 @@ impl Runner {
         if log.last_status.is_some() && !self.quiet {
             eprint!("\r\x1b[K");
         }
-        let output = serde_json::to_value(&out).map_err(|e| RunError::Checkpoint {
+        let unserialisable = |e: &dyn std::fmt::Display| RunError::Checkpoint {
             stage: name.into(),
             reason: format!("result not serialisable: {e}"),
-        })?;
+        };
+        let output = serde_json::to_value(&out).map_err(|e| unserialisable(&e))?;
+        let exact = rmp_serde::to_vec_named(&out).map_err(|e| unserialisable(&e))?;
         let seconds = t0.elapsed().as_secs_f64();
         let mut files = self.unowned_files()?;
         if let Some(i) = redo {
@@ -402,7 +420,8 @@ impl Runner {
             let crcs = self.dir_crcs(&files)?;
             let rec = &mut self.progress.stages[i];
             rec.files = crcs;
-            rec.output_crc = Some(output_crc(&output));
+            rec.result_crc = Some(crc(&exact));
+            rec.result = Some(to_hex(&exact));
             rec.output = output;
             self.repaired += 1;
         } else {
@@ -414,8 +433,9 @@ impl Runner {
                 lines: self.lines,
                 samples: self.samples,
                 seconds,
-                output_crc: Some(output_crc(&output)),
                 output,
+                result_crc: Some(crc(&exact)),
+                result: Some(to_hex(&exact)),
                 files,
             });
             self.done
@@ -430,15 +450,31 @@ impl Runner {
         Ok(out)
     }
 
+    /// The recorded result of completed stage `i` (checked by [`Runner::damage`]).
+    fn recorded<T: DeserializeOwned>(&self, i: usize) -> std::result::Result<T, String> {
+        let rec = &self.progress.stages[i];
+        match rec.result.as_deref().and_then(from_hex) {
+            Some(bytes) => rmp_serde::from_slice(&bytes)
+                .map_err(|e| format!("recorded result unreadable: {e}")),
+            None => serde_json::from_value(rec.output.clone())
+                .map_err(|e| format!("recorded result unreadable: {e}")),
+        }
+    }
+
     /// The first file (or the result) of completed stage `i` that does not match its
     /// checksum, and why.
     fn damage(&self, i: usize) -> Option<(String, String)> {
         let rec = &self.progress.stages[i];
-        if rec.output_crc.is_some_and(|c| c != output_crc(&rec.output)) {
-            return Some((
-                PROGRESS.into(),
-                "the recorded result's checksum differs".into(),
-            ));
+        if let Some(hex) = &rec.result {
+            match from_hex(hex) {
+                Some(bytes) if rec.result_crc == Some(crc(&bytes)) => {}
+                _ => {
+                    return Some((
+                        PROGRESS.into(),
+                        "the recorded result's checksum differs".into(),
+                    ))
+                }
+            }
         }
         for (file, want) in &rec.files {
             match fs::read(self.dir.checkpoints().join(file)) {
@@ -718,7 +754,7 @@ mod tests {
     }
 
     #[test]
-    fn a_nan_result_is_recomputed_on_resume() {
+    fn a_nan_result_reads_back_exactly() {
         let root = scratch("nan");
         let calls = Cell::new(0);
         let nan = |r: &mut Runner| {
@@ -734,7 +770,10 @@ mod tests {
         };
         let mut r = Runner::resume(&dir).unwrap().quiet(true);
         let again = nan(&mut r).unwrap();
-        assert_eq!((again[0], again[1].is_nan(), calls.get()), (1.0, true, 2));
+        assert_eq!((again[0], again[1].is_nan(), calls.get()), (1.0, true, 1));
+        // The JSON copy, for reading, holds `null`.
+        let text = fs::read_to_string(dir.join("checkpoints").join(PROGRESS)).unwrap();
+        assert!(text.contains("null"), "{text}");
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -773,9 +812,10 @@ mod tests {
         assert_eq!(fs::read(&weights).unwrap(), b"weights of one");
         assert_eq!(fs::read(dir.join("metrics.jsonl")).unwrap(), metrics);
         drop(r);
-        // A recorded result that does not match its checksum re-runs its stage too.
+        // A recorded result that does not match its checksum re-runs its stage too (7
+        // is MessagePack's positive fixint 0x07).
         let text = fs::read_to_string(&progress).unwrap();
-        let edited = text.replacen("\"output\": 7", "\"output\": 8", 1);
+        let edited = text.replacen("\"result\": \"07\"", "\"result\": \"08\"", 1);
         assert_ne!(text, edited);
         fs::write(&progress, edited).unwrap();
         let mut r = Runner::resume(&dir).unwrap().quiet(true);
