@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo xtask run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set k=v]... [--seed N]
-//!                 [--out DIR] [--resume RUN_DIR]                      run an experiment (default: lab)
+//!                 [--out DIR] [--resume RUN_DIR [--no-repair]]        run an experiment (default: lab)
 //! cargo xtask list                                                     presets and every registered method
 //! cargo xtask test [ARGS...]                                           all tests, on every available backend
 //! cargo xtask bench [NAME...] [--device D]                             benchmarks
@@ -28,7 +28,7 @@ use goodhart_core::device::DeviceSpec;
 const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report> [ARGS...]
 
   run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
-      [--out DIR] [--resume RUN_DIR]                     run an experiment (default preset: lab)
+      [--out DIR] [--resume RUN_DIR [--no-repair]]       run an experiment (default preset: lab)
   sweep [PRESET | FILE.toml] [--set key=value]...        one run per point of the [sweep] section
   list                                                   presets and every registered method
   test [ARGS...]                                         all tests on ndarray, then on wgpu if a
@@ -36,12 +36,38 @@ const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report> [ARGS
   bench [NAME...] [--device D]                           benchmarks (`bench --list` names them)
   report RUN_DIR                                         write RUN_DIR/report.html, print its path";
 
+/// The first panic's message and place since the last [`take_panic`], kept by [`main`]'s
+/// hook (a GPU runtime's worker thread often panics first, with the reason).
+static FIRST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The message of the first panic since the last call, if any.
+pub(crate) fn take_panic() -> Option<String> {
+    FIRST_PANIC.lock().ok().and_then(|mut p| p.take())
+}
+
+/// Runs the command; an error, or a panic in a dependency (burn, cubecl, a GPU runtime),
+/// ends it with one `error:` line. With `RUST_BACKTRACE` set, panics print as usual.
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(code) => code,
-        Err(e) => {
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        std::panic::set_hook(Box::new(|info| {
+            if let Ok(mut first) = FIRST_PANIC.lock() {
+                first.get_or_insert_with(|| info.to_string());
+            }
+        }));
+    }
+    match std::panic::catch_unwind(real_main) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+        Err(_) => {
+            let what = take_panic().unwrap_or_else(|| "no message".into());
+            eprintln!(
+                "error: internal panic ({what}); the run directory, if any, can be resumed \
+                 with --resume; set RUST_BACKTRACE=1 for a backtrace"
+            );
+            ExitCode::from(101)
         }
     }
 }

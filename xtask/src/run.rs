@@ -123,10 +123,25 @@ fn check_device(device: DeviceSpec) -> Result<()> {
     Ok(())
 }
 
+/// Opens the device once (a GPU runtime that finds no adapter errors here, before any
+/// run directory exists).
+fn probe_device(device: DeviceSpec) -> Result<()> {
+    struct Nothing;
+    impl goodhart_core::device::BackendJob for Nothing {
+        type Output = ();
+        fn run<B: burn::tensor::backend::Backend>(self, _: B::Device) {}
+    }
+    goodhart_core::device::dispatch(device, Nothing).map_err(|e| match crate::take_panic() {
+        Some(first) => anyhow!("{e} (first, in the runtime: {first})"),
+        None => anyhow!("{e}"),
+    })
+}
+
 /// `cargo xtask run`.
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let args = parse_args(args)?;
     check_device(args.device)?;
+    probe_device(args.device)?;
     let runner = if let Some(dir) = &args.resume {
         if args.target.is_some() || !args.sets.is_empty() || args.out_given {
             bail!("--resume continues a run in its own directory with its own config.toml: drop the preset, file, --set, --seed and --out");
@@ -152,6 +167,7 @@ pub fn sweep(args: &[String]) -> Result<ExitCode> {
     if args.resume.is_some() || args.no_repair {
         bail!("resume one point of a sweep with `cargo xtask run --resume RUN_DIR`");
     }
+    probe_device(args.device)?;
     let (text, origin) = config_text(args.target.as_deref())?;
     let config =
         ExperimentConfig::parse(&text, &args.sets).map_err(|e| anyhow!("{origin}: {e}"))?;

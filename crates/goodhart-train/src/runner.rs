@@ -81,7 +81,7 @@ pub enum RunError {
         keys: Vec<String>,
     },
     /// A file written by a completed stage no longer matches its checksum.
-    #[error("stage `{stage}`: `{file}` is damaged ({reason}); resume with repair on to re-run the stage")]
+    #[error("stage `{stage}`: `{file}` is damaged ({reason}); resuming with repair (the default; `cargo xtask run --resume` without `--no-repair`) re-runs the stage")]
     Damaged {
         /// The stage that wrote it.
         stage: String,
