@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo xtask run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set k=v]... [--seed N]
-//!                 [--out DIR] [--resume RUN_DIR [--no-repair]]        run an experiment (default: lab)
+//!                 [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
+//!                                                                      run an experiment (default: lab)
 //! cargo xtask list                                                     presets and every registered method
 //! cargo xtask test [ARGS...]                                           all tests, on every available backend
 //! cargo xtask bench [NAME...] [--device D]                             benchmarks
@@ -28,7 +29,8 @@ use goodhart_core::device::DeviceSpec;
 const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report> [ARGS...]
 
   run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
-      [--out DIR] [--resume RUN_DIR [--no-repair]]       run an experiment (default preset: lab)
+      [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
+                                                         run an experiment (default preset: lab)
   sweep [PRESET | FILE.toml] [--set key=value]...        one run per point of the [sweep] section
   list                                                   presets and every registered method
   test [ARGS...]                                         all tests on ndarray, then on wgpu if a

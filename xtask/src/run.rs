@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo xtask run [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N]
-//!                 [--out DIR] [--resume RUN_DIR [--no-repair]]
+//!                 [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
 //! cargo xtask sweep [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N] [--out DIR]
 //! ```
 
@@ -31,6 +31,8 @@ struct Args {
     resume: Option<PathBuf>,
     /// `--no-repair`: a damaged checkpoint is an error instead of re-running its stage.
     no_repair: bool,
+    /// `--max-memory GIB`: the estimate a config may need (default: 3/4 of the machine's).
+    max_memory: f64,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -44,6 +46,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         out_given: false,
         resume: None,
         no_repair: false,
+        max_memory: goodhart_train::memory::default_limit(),
     };
     let mut seed = None;
     let mut it = args.into_iter();
@@ -67,6 +70,15 @@ fn parse_args(args: &[String]) -> Result<Args> {
             }
             "--resume" => parsed.resume = Some(PathBuf::from(value("--resume")?)),
             "--no-repair" => parsed.no_repair = true,
+            "--max-memory" => {
+                let v = value("--max-memory")?;
+                let gib: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|g: &f64| g.is_finite() && *g > 0.0)
+                    .with_context(|| format!("--max-memory `{v}`: not a positive number of GiB"))?;
+                parsed.max_memory = gib * 1024.0 * 1024.0 * 1024.0;
+            }
             flag if flag.starts_with("--") => bail!("unknown option `{flag}`"),
             _ if parsed.target.is_none() => parsed.target = Some(a),
             _ => bail!("unexpected argument `{a}`: give one preset or config file"),
@@ -153,7 +165,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         let (text, origin) = config_text(args.target.as_deref())?;
         let config =
             ExperimentConfig::parse(&text, &args.sets).map_err(|e| anyhow!("{origin}: {e}"))?;
-        Runner::create(&args.out, config).map_err(|e| anyhow!("{e}"))?
+        Runner::create_limited(&args.out, config, args.max_memory).map_err(|e| anyhow!("{e}"))?
     };
     execute(runner, args.device)?;
     Ok(ExitCode::SUCCESS)
@@ -192,7 +204,8 @@ pub fn sweep(args: &[String]) -> Result<ExitCode> {
                 }
             })
             .collect();
-        let runner = Runner::create(&root, point).map_err(|e| anyhow!("{e}"))?;
+        let runner =
+            Runner::create_limited(&root, point, args.max_memory).map_err(|e| anyhow!("{e}"))?;
         execute(runner, args.device)?;
     }
     Ok(ExitCode::SUCCESS)

@@ -39,7 +39,8 @@ pub const BOS: u32 = 1;
 pub const EOS: u32 = 2;
 /// Prompt/response separator token id.
 pub const SEP: u32 = 3;
-const NUM_SPECIAL: u32 = 4;
+/// Number of special tokens (ids below it); topic tokens follow, then words.
+pub const NUM_SPECIAL: u32 = 4;
 
 /// Configuration of the synthetic language and its gold reward.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -290,6 +290,9 @@ impl ExperimentConfig {
                 e.validate(self.0)
             }
         }
+        // First, before a check builds anything of the config's size (the language):
+        // nothing larger than the machine's memory.
+        crate::memory::check(self, crate::memory::machine_memory())?;
         if crate::experiments::visit(self, &mut Validate(self))? == 0 {
             let names: Vec<String> = crate::experiments::EXPERIMENTS
                 .iter()

@@ -24,6 +24,7 @@
 pub mod best_of_n;
 pub mod config;
 pub mod experiments;
+pub mod memory;
 pub mod policy_gradient;
 pub mod ppo;
 pub mod presets;

@@ -215,9 +215,17 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
 
 impl Runner {
     /// Starts a new run of `config` under `root` (`<root>/<name>/<id>/`), writing the
-    /// resolved `config.toml`.
+    /// resolved `config.toml`. A config whose estimated memory exceeds
+    /// [`crate::memory::default_limit`] is refused ([`Runner::create_limited`]).
     pub fn create(root: &Path, config: ExperimentConfig) -> Result<Self> {
+        Self::create_limited(root, config, crate::memory::default_limit())
+    }
+
+    /// [`Runner::create`] refusing configs whose estimated memory exceeds `limit` bytes
+    /// ([`crate::memory::check`]).
+    pub fn create_limited(root: &Path, config: ExperimentConfig, limit: f64) -> Result<Self> {
         config.validate()?;
+        crate::memory::check(&config, limit)?;
         let dir = RunDir::create(root, &config.name, config.seed)?;
         let lock = lock(&dir)?;
         let text = config.to_toml();
