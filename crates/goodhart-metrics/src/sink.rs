@@ -201,12 +201,26 @@ impl JsonlFile {
             .create(true)
             .open(&path)
             .map_err(io(&path))?;
-        let mut bytes = Vec::new();
-        file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
-        file.read_to_end(&mut bytes).map_err(io(&path))?;
-        if bytes.last().is_some_and(|&b| b != b'\n') {
-            let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            file.set_len(keep as u64).map_err(io(&path))?;
+        // Only the tail is read: back from the end, a block at a time, to the last newline.
+        const BLOCK: u64 = 64 * 1024;
+        let len = file.metadata().map_err(io(&path))?.len();
+        let (mut end, mut keep) = (len, None);
+        let mut block = Vec::new();
+        while end > 0 && keep.is_none() {
+            let start = end.saturating_sub(BLOCK);
+            block.resize((end - start) as usize, 0);
+            file.seek(SeekFrom::Start(start)).map_err(io(&path))?;
+            file.read_exact(&mut block).map_err(io(&path))?;
+            if end == len && block.last() == Some(&b'\n') {
+                keep = Some(len);
+            } else if let Some(i) = block.iter().rposition(|&b| b == b'\n') {
+                keep = Some(start + i as u64 + 1);
+            }
+            end = start;
+        }
+        let keep = keep.unwrap_or(0);
+        if keep < len {
+            file.set_len(keep).map_err(io(&path))?;
             file.sync_all().map_err(io(&path))?;
         }
         Ok(Self { file, path })
