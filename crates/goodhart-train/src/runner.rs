@@ -191,6 +191,8 @@ pub struct Runner {
     repaired: usize,
     /// Whether a damaged file re-runs its stage (else it is an error).
     repair: bool,
+    /// Records whose checksums hold in this process: written by it, or checked once.
+    checked: std::collections::BTreeSet<usize>,
     quiet: bool,
     started: Instant,
     /// Held for the runner's life: a second process writing the run is refused.
@@ -303,6 +305,7 @@ impl Runner {
             skipped: 0,
             repaired: 0,
             repair: true,
+            checked: Default::default(),
             quiet: false,
             started: Instant::now(),
             _lock: lock,
@@ -365,9 +368,14 @@ impl Runner {
     {
         let redo = match self.done.get(name).copied() {
             None => None,
-            Some(i) => match self.damage(i) {
+            // Checked once per process: a shared stage is asked for again and again.
+            Some(i) => match (!self.checked.contains(&i))
+                .then(|| self.damage(i))
+                .flatten()
+            {
                 None => match self.recorded::<T>(i) {
                     Ok(out) => {
+                        self.checked.insert(i);
                         if i < self.resumed {
                             self.skipped += 1;
                             self.say(&format!("  done  {name} (from checkpoint)"));
@@ -432,6 +440,7 @@ impl Runner {
             rec.result = Some(to_hex(&exact));
             rec.output = output;
             self.repaired += 1;
+            self.checked.insert(i);
         } else {
             self.lines += log.lines;
             self.samples += log.sample_lines;
@@ -448,6 +457,7 @@ impl Runner {
             });
             self.done
                 .insert(name.to_string(), self.progress.stages.len() - 1);
+            self.checked.insert(self.progress.stages.len() - 1);
         }
         self.save_progress()?;
         self.say(&format!(
