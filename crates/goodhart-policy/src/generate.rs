@@ -6,7 +6,10 @@
 //! inverse CDF with one uniform number per row per step from the caller's stream
 //! (experiments use `goodhart_core::seed::rng(seed, "sample")`). The order
 //! temperature -> top-k -> top-p is Hugging Face `generate`'s and vLLM's. Greedy decoding
-//! takes the first most probable token and draws nothing.
+//! takes the most probable token and draws nothing. [`sample`] does this as tensor ops
+//! on the device (only the uniform numbers go up, nothing comes back); [`pick`] is the
+//! same rule for one row on the host, in f64. With an EOS id, one flag per step comes
+//! back to stop when every row has ended.
 //!
 //! **Log-probs.** The returned log-prob of a sampled token is
 //! `log softmax(logits / tau)[token]`: the temperature-`tau` policy distribution *before*
@@ -28,7 +31,7 @@
 
 use burn::{
     config::Config,
-    tensor::{backend::Backend, Int, Tensor, TensorData},
+    tensor::{activation::softmax, backend::Backend, cast::ToElement, Int, Tensor, TensorData},
 };
 use goodhart_core::{ops::zero_masked, seed::ChaCha8Rng, GoodhartError, Result};
 use rand::RngExt as _;
@@ -155,7 +158,7 @@ pub fn generate<B: Backend>(
         ));
     }
     let device = prompt.device();
-    let mut cache = KvCache::new(model.trunk.blocks.len());
+    let mut cache = KvCache::new(model.trunk.blocks.len(), p + config.max_new_tokens);
     let mut logits = if config.use_cache {
         model.forward_cached(prompt.clone(), prompt_mask.clone(), &mut cache)?
     } else {
@@ -165,39 +168,41 @@ pub fn generate<B: Backend>(
 
     let mut tokens = prompt.clone();
     let mut mask = prompt_mask.clone();
-    let mut finished = vec![false; b];
+    // 1 on rows that have emitted EOS.
+    let mut finished = Tensor::<B, 2>::zeros([b, 1], &device);
     let mut step_tokens: Vec<Tensor<B, 2, Int>> = Vec::new();
     let mut step_masks: Vec<Tensor<B, 2>> = Vec::new();
     let mut step_logprobs: Vec<Tensor<B, 2>> = Vec::new();
     for step in 0..config.max_new_tokens {
-        let probs: Vec<f32> = host(
-            burn::tensor::activation::softmax(logits.clone() / config.temperature, 2)
-                .reshape([b, vocab]),
-        );
-        let mut ids = Vec::with_capacity(b);
-        let mut live = Vec::with_capacity(b);
-        for (row, done) in finished.iter_mut().enumerate() {
-            let u: f64 = if config.greedy { 0.0 } else { rng.random() };
-            let id = pick(&probs[row * vocab..(row + 1) * vocab], u, config);
-            live.push(if *done { 0.0f32 } else { 1.0 });
-            if *done {
-                ids.push(config.pad_id as i64);
-            } else {
-                ids.push(id as i64);
-                *done = config.eos_id == Some(id);
-            }
-        }
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, 1]), &device);
-        let live = Tensor::<B, 2>::from_data(TensorData::new(live, [b, 1]), &device);
+        let u: Vec<f32> = if config.greedy {
+            vec![0.0; b]
+        } else {
+            (0..b).map(|_| rng.random::<f64>() as f32).collect()
+        };
+        let u = Tensor::<B, 2>::from_data(TensorData::new(u, [b, 1]), &device);
+        let done = finished.clone().greater_elem(0.5);
+        let ids = sample(logits.clone().reshape([b, vocab]), u, config)
+            .mask_fill(done.clone(), config.pad_id as i64);
+        let live = finished.clone().neg() + 1.0;
         let (lp, _) = logprobs_from_logits(logits, ids.clone(), config.temperature);
         step_tokens.push(ids.clone());
         step_masks.push(live.clone());
         step_logprobs.push(zero_masked(lp, &live));
-        if finished.iter().all(|&f| f) || step + 1 == config.max_new_tokens {
+        if step + 1 == config.max_new_tokens {
             break;
         }
+        if let Some(eos) = config.eos_id {
+            finished = finished.max_pair(ids.clone().equal_elem(eos as i64).float());
+            // One read-back per step, only when rows can end.
+            if finished.clone().min().into_scalar().to_f32() > 0.5 {
+                break;
+            }
+        }
         logits = if config.use_cache {
-            model.forward_cached(ids, live, &mut cache)?
+            model
+                .trunk
+                .forward_cached_unchecked(ids, live, &mut cache)
+                .map(|h| model.logits(h))?
         } else {
             tokens = Tensor::cat(vec![tokens, ids], 1);
             mask = Tensor::cat(vec![mask, live], 1);
@@ -237,6 +242,58 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         .convert::<f32>()
         .into_vec()
         .unwrap_or_default()
+}
+
+/// The tokens `[B, 1]` that uniform draws `u [B, 1]` select from next-token logits
+/// `[B, V]` under `config`, as tensor ops on the device: the same rule as [`pick`]
+/// (temperature, top-k, top-p, inverse CDF), in f32.
+pub fn sample<B: Backend>(
+    logits: Tensor<B, 2>,
+    u: Tensor<B, 2>,
+    config: &GenerationConfig,
+) -> Tensor<B, 2, Int> {
+    let [b, v] = logits.dims();
+    if config.greedy {
+        return logits.argmax(1);
+    }
+    let probs = softmax(logits / config.temperature, 1);
+    let truncate = config.top_k > 0 || config.top_p < 1.0;
+    // Candidates in the order the inverse CDF walks them: vocabulary order when nothing
+    // is truncated, most probable first otherwise.
+    let (weights, order) = if truncate {
+        let (sorted, order) = probs.sort_descending_with_indices(1);
+        let device = sorted.device();
+        let rank = Tensor::<B, 1, Int>::arange(0..v as i64, &device)
+            .reshape([1, v])
+            .expand([b, v]);
+        let mut keep = if config.top_k > 0 {
+            rank.lower_elem(config.top_k as i64).float()
+        } else {
+            Tensor::ones([b, v], &device)
+        };
+        if config.top_p < 1.0 {
+            // Keep rank j while the renormalised mass before it is below top_p (1e-6
+            // absorbs the f32 rounding of probabilities that sum to top_p exactly).
+            let kept = sorted.clone() * keep.clone();
+            let before = (kept.clone().cumsum(1) - kept.clone()) / kept.sum_dim(1).expand([b, v]);
+            keep = keep * before.lower_elem(config.top_p - 1e-6).float();
+        }
+        (sorted * keep, Some(order))
+    } else {
+        (probs, None)
+    };
+    let cdf = weights.clone().cumsum(1);
+    let target = u * cdf.clone().narrow(1, v - 1, 1);
+    // The first index whose cumulative mass exceeds the target, or, where rounding left
+    // the target past the last sum, the last index with mass.
+    let passed = cdf.lower_equal(target.expand([b, v])).int().sum_dim(1);
+    let index = Tensor::<B, 1, Int>::arange(0..v as i64, &weights.device()).reshape([1, v]);
+    let last = (weights.greater_elem(0.0).int() * index).max_dim(1);
+    let at = passed.min_pair(last);
+    match order {
+        Some(order) => order.gather(1, at),
+        None => at,
+    }
 }
 
 /// The token a row's probabilities `probs` and uniform draw `u in [0, 1)` select under
@@ -338,6 +395,88 @@ mod tests {
         assert_eq!(pick(&[0.5, 0.5], 0.0, &g), 0);
         // Zero-probability tokens are never drawn, even at u -> 1.
         assert_eq!(pick(&[0.5, 0.5, 0.0], 0.999_999_9, &cfg), 1);
+    }
+
+    /// Chi-squared statistic of `counts` against probabilities `expected` (the cells
+    /// with zero probability must be empty).
+    fn chi_squared(counts: &[usize], expected: &[f64]) -> f64 {
+        let n: usize = counts.iter().sum();
+        counts
+            .iter()
+            .zip(expected)
+            .map(|(&c, &p)| {
+                if p == 0.0 {
+                    assert_eq!(c, 0, "a token of probability 0 was drawn");
+                    0.0
+                } else {
+                    let e = p * n as f64;
+                    (c as f64 - e).powi(2) / e
+                }
+            })
+            .sum()
+    }
+
+    goodhart_core::backend_test! {
+        fn device_sampler_draws_the_truncated_distribution<B>(device) {
+            // p = softmax(logits) over 8 tokens = (1, 2, ..., 8) / 36; 20,000 draws each.
+            let p: Vec<f64> = (1..=8).map(|i| i as f64 / 36.0).collect();
+            let logits: Vec<f32> = p.iter().map(|&q| q.ln() as f32).collect();
+            let n = 20_000;
+            let rows = Tensor::<B, 1>::from_floats(logits.as_slice(), device)
+                .reshape([1, 8])
+                .expand([n, 8]);
+            let mut r = rng(3, "sample");
+            // (config, the distribution it must draw): plain; top-k 3 keeps {8, 7, 6}/21;
+            // top-p 0.5 keeps 8, 7, 6 (mass 21/36 >= 0.5 first at the third); greedy: 7.
+            let cases: Vec<(GenerationConfig, Vec<f64>)> = vec![
+                (GenerationConfig::new(1), p.clone()),
+                (GenerationConfig::new(1).with_top_k(3), [0.0, 0.0, 0.0, 0.0, 0.0, 6.0, 7.0, 8.0].map(|w| w / 21.0).to_vec()),
+                (GenerationConfig::new(1).with_top_p(0.5), [0.0, 0.0, 0.0, 0.0, 0.0, 6.0, 7.0, 8.0].map(|w| w / 21.0).to_vec()),
+            ];
+            for (cfg, expected) in &cases {
+                let u: Vec<f32> = (0..n).map(|_| r.random::<f64>() as f32).collect();
+                let u = Tensor::<B, 2>::from_data(TensorData::new(u, [n, 1]), device);
+                let ids = int_values(sample(rows.clone(), u, cfg));
+                let mut counts = [0usize; 8];
+                for id in ids {
+                    counts[id as usize] += 1;
+                }
+                let df = expected.iter().filter(|&&q| q > 0.0).count() - 1;
+                // Critical values of chi-squared at p = 0.001: df 7 -> 24.32, df 2 -> 13.82.
+                let critical = if df == 7 { 24.32 } else { 13.82 };
+                let stat = chi_squared(&counts, expected);
+                assert!(stat < critical, "{cfg:?}: chi-squared {stat:.2} >= {critical} (counts {counts:?})");
+            }
+            let u = Tensor::<B, 2>::zeros([2, 1], device);
+            let greedy = sample(rows.narrow(0, 0, 2), u, &GenerationConfig::new(1).with_greedy(true));
+            assert_eq!(int_values(greedy), vec![7, 7]);
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn device_sampler_agrees_with_the_host_rule<B>(device) {
+            // Random logits over 16 tokens at temperature 0.8, one draw per row: `sample`
+            // (f32, on the device) and `pick` (f64, on the host) choose the same token
+            // except where `u` falls within rounding of a cumulative boundary.
+            let (n, v) = (3000, 16);
+            let mut r = rng(9, "sample");
+            let logits: Vec<f32> = (0..n * v).map(|_| (r.random::<f64>() * 6.0 - 3.0) as f32).collect();
+            let logits = Tensor::<B, 2>::from_data(TensorData::new(logits, [n, v]), device);
+            for cfg in [
+                GenerationConfig::new(1).with_temperature(0.8),
+                GenerationConfig::new(1).with_temperature(0.8).with_top_k(5),
+                GenerationConfig::new(1).with_temperature(0.8).with_top_p(0.7),
+                GenerationConfig::new(1).with_temperature(0.8).with_top_k(6).with_top_p(0.9),
+            ] {
+                let u: Vec<f32> = (0..n).map(|_| r.random::<f64>() as f32).collect();
+                let probs = values(softmax(logits.clone() / cfg.temperature, 1));
+                let ids = int_values(sample(logits.clone(), Tensor::from_data(TensorData::new(u.clone(), [n, 1]), device), &cfg));
+                let differ = (0..n)
+                    .filter(|&row| pick(&probs[row * v..(row + 1) * v], f64::from(u[row]), &cfg) as i64 != ids[row])
+                    .count();
+                assert!(differ <= 3, "{cfg:?}: {differ} of {n} draws differ from the host rule");
+            }
+        }
     }
 
     goodhart_core::backend_test! {

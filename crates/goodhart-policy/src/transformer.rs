@@ -245,6 +245,15 @@ pub(crate) fn linear<B: Backend>(
     l
 }
 
+/// `linear` applied to `x [B, T, D_in]` as one `[B T, D_in] x [D_in, D_out]` product
+/// (burn's `Linear` on a 3-d input multiplies each of the `B` rows separately).
+pub fn linear_3d<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let y = linear.forward(x.reshape([b * t, d]));
+    let o = y.dims()[1];
+    y.reshape([b, t, o])
+}
+
 /// Causal multi-head self-attention with a fused QKV projection (GPT-2's `c_attn`).
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -317,8 +326,15 @@ impl<B: Backend> LmHead<B> {
     /// `hidden [B, T, D] -> logits [B, T, V]`; `embedding` is used when tied.
     pub fn forward(&self, hidden: Tensor<B, 3>, embedding: &Embedding<B>) -> Tensor<B, 3> {
         match &self.proj {
-            Some(proj) => proj.forward(hidden),
-            None => hidden.matmul(embedding.weight.val().transpose().unsqueeze()),
+            Some(proj) => linear_3d(proj, hidden),
+            None => {
+                let [b, t, d] = hidden.dims();
+                let logits = hidden
+                    .reshape([b * t, d])
+                    .matmul(embedding.weight.val().transpose());
+                let v = logits.dims()[1];
+                logits.reshape([b, t, v])
+            }
         }
     }
 }
@@ -377,14 +393,25 @@ impl<B: Backend> Trunk<B> {
         tokens: Tensor<B, 2, Int>,
         attention_mask: Tensor<B, 2>,
     ) -> Result<Tensor<B, 3>> {
-        let mut cache = KvCache::new(self.blocks.len());
         self.check_tokens(&tokens)?;
-        self.run(tokens, attention_mask, &mut cache, false)
+        self.run(tokens, attention_mask, None)
     }
 
-    /// Hidden states of `tokens [B, T_new]` that follow the cached prefix; appends their
-    /// keys, values and mask to `cache`.
+    /// Hidden states of `tokens [B, T_new]` that follow the cached prefix; writes their
+    /// keys, values and mask into `cache`.
     pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        attention_mask: Tensor<B, 2>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        self.check_tokens(&tokens)?;
+        self.forward_cached_unchecked(tokens, attention_mask, cache)
+    }
+
+    /// [`Trunk::forward_cached`] without the check of the token ids (one read-back from
+    /// the device): for ids the sampler drew from this model's vocabulary.
+    pub(crate) fn forward_cached_unchecked(
         &self,
         tokens: Tensor<B, 2, Int>,
         attention_mask: Tensor<B, 2>,
@@ -400,8 +427,9 @@ impl<B: Backend> Trunk<B> {
                 ),
             ));
         }
-        self.check_tokens(&tokens)?;
-        self.run(tokens, attention_mask, cache, true)
+        let [b, t] = tokens.dims();
+        cache.check_room(b, t)?;
+        self.run(tokens, attention_mask, Some(cache))
     }
 
     /// Width `D`.
@@ -440,8 +468,7 @@ impl<B: Backend> Trunk<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         attention_mask: Tensor<B, 2>,
-        cache: &mut KvCache<B>,
-        keep: bool,
+        mut cache: Option<&mut KvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
         let [b, t] = tokens.dims();
         if attention_mask.dims() != [b, t] {
@@ -451,14 +478,8 @@ impl<B: Backend> Trunk<B> {
                 &attention_mask.dims(),
             ));
         }
-        if cache.len() > 0 && cache.batch_size() != b {
-            return Err(GoodhartError::shape(
-                "tokens (batch of the cache)",
-                &[cache.batch_size(), t],
-                &[b, t],
-            ));
-        }
-        let total = cache.len() + t;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let total = offset + t;
         if total > self.max_seq_len {
             return Err(GoodhartError::invalid(
                 "tokens",
@@ -470,17 +491,16 @@ impl<B: Backend> Trunk<B> {
         }
         // Positions count real tokens: earlier real tokens in the cache plus this chunk's
         // running count, minus one, clamped at 0 for leading padding.
-        let before = cache.real_tokens();
         let pos = (attention_mask.clone().cumsum(1) - 1.0).clamp_min(0.0);
-        let pos = match before {
+        let pos = match cache.as_ref().and_then(|c| c.real_tokens()) {
             Some(n) => pos + n,
             None => pos,
         };
-        let key_mask = match cache.mask.take() {
-            Some(m) => Tensor::cat(vec![m, attention_mask.clone()], 1),
-            None => attention_mask.clone(),
+        let key_mask = match cache.as_mut() {
+            Some(c) => c.write_mask(attention_mask),
+            None => attention_mask,
         };
-        let bias = attention_bias(&key_mask, cache.len(), t);
+        let bias = attention_bias(&key_mask, offset, t);
         let rope = self.rope_theta.map(|theta| {
             let d_head = self.d_model() / self.blocks.first().map_or(1, |b| b.attn.n_heads);
             Rope::new(pos.clone(), d_head, theta)
@@ -491,22 +511,30 @@ impl<B: Backend> Trunk<B> {
             x = x + pe.forward(pos.int());
         }
         x = self.dropout.forward(x);
-        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(x, &bias, rope.as_ref(), layer, keep);
-        }
-        if keep {
-            cache.mask = Some(key_mask);
-            cache.advance(t);
+        match cache {
+            Some(cache) => {
+                let capacity = cache.capacity();
+                for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+                    x = block.forward(x, &bias, rope.as_ref(), Some((layer, offset, capacity)));
+                }
+                cache.advance(t);
+            }
+            None => {
+                for block in &self.blocks {
+                    x = block.forward(x, &bias, rope.as_ref(), None);
+                }
+            }
         }
         Ok(self.norm_f.forward(x))
     }
 }
 
-/// Additive attention bias `[B, 1, T, T_k]`: 0 where query `i` (at absolute index
+/// Additive attention bias, flattened to `[1, B T T_k]` (one row, repeated for every
+/// head), shared by every layer of one forward pass: 0 where query `i` (at absolute index
 /// `offset + i`) may attend key `j` (`j <= offset + i` and `key_mask[b, j] = 1`), `-1e9`
 /// elsewhere. A query that may attend nothing (leading padding) gets a uniform average,
 /// finite and ignored downstream.
-fn attention_bias<B: Backend>(key_mask: &Tensor<B, 2>, offset: usize, t: usize) -> Tensor<B, 4> {
+fn attention_bias<B: Backend>(key_mask: &Tensor<B, 2>, offset: usize, t: usize) -> Tensor<B, 2> {
     let [b, tk] = key_mask.dims();
     let device = key_mask.device();
     let q =
@@ -514,17 +542,18 @@ fn attention_bias<B: Backend>(key_mask: &Tensor<B, 2>, offset: usize, t: usize) 
     let k = Tensor::<B, 1, Int>::arange(0..tk as i64, &device).reshape([1, 1, tk]);
     let causal = (q - k).greater_equal_elem(0).float(); // [1, T, Tk]
     let allowed = causal * key_mask.clone().reshape([b, 1, tk]); // [B, T, Tk]
-    ((allowed - 1.0) * 1e9).unsqueeze_dim(1)
+    ((allowed - 1.0) * 1e9).reshape([1, b * t * tk])
 }
 
 /// Rotation angles for one forward pass, shared by every layer.
 struct Rope<B: Backend> {
-    cos: Tensor<B, 5>,
-    sin: Tensor<B, 5>,
+    cos: Tensor<B, 6>,
+    sin: Tensor<B, 6>,
 }
 
 impl<B: Backend> Rope<B> {
-    /// `angle[b, t, i] = pos[b, t] * theta^(-2i / d_head)`, shaped `[B, 1, T, d_head/2, 1]`.
+    /// `angle[b, t, i] = pos[b, t] * theta^(-2i / d_head)`, shaped
+    /// `[1, 1, B, T, d_head/2, 1]`.
     fn new(pos: Tensor<B, 2>, d_head: usize, theta: f64) -> Self {
         let [b, t] = pos.dims();
         let half = d_head / 2;
@@ -533,43 +562,45 @@ impl<B: Backend> Rope<B> {
             .collect();
         let inv = Tensor::<B, 1>::from_floats(inv.as_slice(), &pos.device()).reshape([1, 1, half]);
         let angle = pos.reshape([b, t, 1]) * inv;
-        let angle = angle.reshape([b, 1, t, half, 1]);
+        let angle = angle.reshape([1, 1, b, t, half, 1]);
         Self {
             cos: angle.clone().cos(),
             sin: angle.sin(),
         }
     }
 
-    /// Rotates pairs `(x_2i, x_2i+1)` of `x [B, H, T, d_head]`.
-    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, t, d] = x.dims();
-        let x = x.reshape([b, h, t, d / 2, 2]);
-        let x0 = x.clone().narrow(4, 0, 1);
-        let x1 = x.narrow(4, 1, 1);
+    /// Rotates pairs `(x_2i, x_2i+1)` of `x [1, H, B, T, d_head]`.
+    fn apply(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
+        let [one, h, b, t, d] = x.dims();
+        let x = x.reshape([one, h, b, t, d / 2, 2]);
+        let x0 = x.clone().narrow(5, 0, 1);
+        let x1 = x.narrow(5, 1, 1);
         let r0 = x0.clone() * self.cos.clone() - x1.clone() * self.sin.clone();
         let r1 = x0 * self.sin.clone() + x1 * self.cos.clone();
-        Tensor::cat(vec![r0, r1], 4).reshape([b, h, t, d])
+        Tensor::cat(vec![r0, r1], 5).reshape([one, h, b, t, d])
     }
 }
+
+/// A layer's cache, the position its new keys go to, and the cache's capacity.
+type CacheSlot<'a, B> = Option<(&'a mut LayerCache<B>, usize, usize)>;
 
 impl<B: Backend> Block<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        bias: &Tensor<B, 4>,
+        bias: &Tensor<B, 2>,
         rope: Option<&Rope<B>>,
-        cache: &mut LayerCache<B>,
-        keep: bool,
+        cache: CacheSlot<'_, B>,
     ) -> Tensor<B, 3> {
         if self.pre_norm {
             let a = self
                 .attn
-                .forward(self.norm_attn.forward(x.clone()), bias, rope, cache, keep);
+                .forward(self.norm_attn.forward(x.clone()), bias, rope, cache);
             let x = x + self.dropout.forward(a);
             let m = self.mlp.forward(self.norm_mlp.forward(x.clone()));
             x + self.dropout.forward(m)
         } else {
-            let a = self.attn.forward(x.clone(), bias, rope, cache, keep);
+            let a = self.attn.forward(x.clone(), bias, rope, cache);
             let x = self.norm_attn.forward(x + self.dropout.forward(a));
             let m = self.mlp.forward(x.clone());
             self.norm_mlp.forward(x + self.dropout.forward(m))
@@ -578,43 +609,62 @@ impl<B: Backend> Block<B> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// Heads are laid out `[1, H, B, T, d_head]`: queries, keys and values are views of
+    /// the fused projection (no copy), the scores `[1, H, B, T, T_k]` take the bias
+    /// `[B, T, T_k]` as one row repeated per head, and the output projection runs per head
+    /// and sums over heads, so no tensor is transposed into a new layout (a transposing
+    /// copy is an element-by-element walk on the CPU backend).
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        bias: &Tensor<B, 4>,
+        bias: &Tensor<B, 2>,
         rope: Option<&Rope<B>>,
-        cache: &mut LayerCache<B>,
-        keep: bool,
+        cache: CacheSlot<'_, B>,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let h = self.n_heads;
         let dh = d / h;
-        let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, dh]).swap_dims(1, 2);
-        let qkv = self.qkv.forward(x);
-        let mut q = heads(qkv.clone().narrow(2, 0, d));
-        let mut k = heads(qkv.clone().narrow(2, d, d));
-        let v = heads(qkv.narrow(2, 2 * d, d));
+        let qkv = linear_3d(&self.qkv, x)
+            .reshape([b, t, 3, h, dh])
+            .permute([2, 3, 0, 1, 4]);
+        let part = |i: usize| qkv.clone().narrow(0, i, 1);
+        let (mut q, mut k, v) = (part(0), part(1), part(2));
         if let Some(rope) = rope {
             q = rope.apply(q);
             k = rope.apply(k);
         }
-        let (k, v) = cache.extend(k, v, keep);
-        let scores = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt() + bias.clone();
-        let weights = self.dropout.forward(softmax(scores, 3));
-        let y = weights.matmul(v).swap_dims(1, 2).reshape([b, t, d]);
-        self.out.forward(y)
+        let (k, v) = match cache {
+            Some((layer, at, capacity)) => layer.write(k, v, at, capacity),
+            None => (k, v),
+        };
+        let tk = k.dims()[3];
+        let scores = q.matmul(k.swap_dims(3, 4)).reshape([h, b * t * tk]);
+        let scores = (scores / (dh as f64).sqrt() + bias.clone()).reshape([1, h, b, t, tk]);
+        let y = self.dropout.forward(softmax(scores, 4)).matmul(v); // [1, H, B, T, dh]
+        let w = self.out.weight.val().reshape([1, h, dh, d]);
+        let per_head = y.reshape([1, h, b * t, dh]).matmul(w); // [1, H, B T, D]
+                                                               // The sum over heads as a product with a row of ones: its gradient is a product
+                                                               // too, where `sum_dim`'s is a broadcast (an element-by-element walk on the CPU).
+        let ones = Tensor::<B, 2>::ones([1, h], &per_head.device());
+        let y = ones
+            .matmul(per_head.reshape([h, b * t * d]))
+            .reshape([b, t, d]);
+        match &self.out.bias {
+            Some(bias) => y + bias.val().reshape([1, 1, d]),
+            None => y,
+        }
     }
 }
 
 impl<B: Backend> FeedForward<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let hidden = self.fc.forward(x);
+        let hidden = linear_3d(&self.fc, x);
         let hidden = if self.gelu_tanh {
             gelu_approximate(hidden)
         } else {
             gelu(hidden)
         };
-        self.proj.forward(hidden)
+        linear_3d(&self.proj, hidden)
     }
 }
 
@@ -662,7 +712,7 @@ pub(crate) mod tests {
                 let tol = tolerance(1e-5);
                 assert_close(&values(padded), &values(plain.clone()), tol);
                 // One token at a time through the cache: the same logits.
-                let mut cache = KvCache::new(2);
+                let mut cache = KvCache::new(2, 5);
                 let steps: Vec<Tensor<B, 3>> = seq
                     .iter()
                     .map(|&id| {
