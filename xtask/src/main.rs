@@ -15,6 +15,9 @@
 //! test binaries, so the two share one build of burn. For CUDA:
 //! `cargo run -p xtask --features cuda -- run --device cuda`.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod list;
 mod report;
