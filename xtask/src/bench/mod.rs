@@ -34,6 +34,10 @@ const BENCHES: &[&[Bench]] = &[
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let mut args = args.to_vec();
     let device = crate::take_device(&mut args)?;
+    if args.first().map(String::as_str) == Some("policy") {
+        policy::command(device, &args[1..])?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.iter().any(|a| a == "--list") {
         for b in BENCHES.iter().copied().flatten() {
             println!("{:<16} {}", b.name, b.about);

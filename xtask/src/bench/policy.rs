@@ -1,6 +1,23 @@
-//! goodhart-policy: generation (with and without the KV cache) and training throughput.
+//! `cargo xtask bench policy`: generation, scoring and train-step throughput of the policy
+//! LM, the same three figures as the PyTorch-eager twin (`benches/torch_twin.py`), and
+//! `--vs-torch` to measure both alternately and print the ratios.
+//!
+//! The model is the twin's: decoder-only, pre-norm, LayerNorm, fused QKV with biases,
+//! exact GELU MLP of width 4D, untied LM head without bias. Figures, each after a warm-up:
+//! - `gen_tok_s`: new tokens per second of `reps` calls of [`generate`] (KV cache,
+//!   sampling at temperature 1) after random prompts;
+//! - `score_tok_s`: tokens per second of `reps` teacher-forced [`score`] calls on the
+//!   prompts and their sampled responses;
+//! - `train_tok_s`: tokens per second of `reps` SFT steps on those sequences (forward,
+//!   backward, AdamW at lr 1e-4).
 
-use anyhow::Result;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
 use burn::{
     optim::{AdamWConfig, GradientsParams, Optimizer},
     tensor::{backend::Backend, Distribution, Int, Tensor},
@@ -9,101 +26,448 @@ use goodhart_core::{
     device::{dispatch, Autodiff, BackendJob, DeviceSpec},
     seed,
 };
-use goodhart_policy::{generate, sft, GenerationConfig, Positions, TransformerConfig};
+use goodhart_policy::{
+    generate, score::score, sft, GenerationConfig, Positions, TransformerConfig,
+};
+use serde::Serialize;
 
-use super::{time_median, Bench};
+use super::Bench;
 
-pub const BENCHES: &[Bench] = &[
-    Bench {
-        name: "policy-generate",
-        about: "tokens/s sampling 64 and 256 tokens, KV cache vs recompute (small LM)",
-        run: generate_bench,
-    },
-    Bench {
-        name: "policy-train",
-        about: "tokens/s of one SFT step (forward + backward + AdamW), small LM, batch 64 x 64",
-        run: train_bench,
-    },
-];
+pub const BENCHES: &[Bench] = &[Bench {
+    name: "policy",
+    about: "generation, scoring and train-step tokens/s of the policy LM (flags: bench policy --help; --vs-torch for ratios to PyTorch eager)",
+    run: default_run,
+}];
 
-/// The named small config: 4 layers, width 128, 4 heads, vocabulary 64, rotary positions.
-fn small(max_seq_len: usize) -> TransformerConfig {
-    TransformerConfig::new(64, 128, 4, 4, max_seq_len).with_positions(Positions::Rotary)
+/// The model and batch shape (flags of the same names; defaults: config S).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Shape {
+    pub batch: usize,
+    pub prompt: usize,
+    pub response: usize,
+    pub layers: usize,
+    pub width: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    #[serde(serialize_with = "positions_name")]
+    pub positions: Positions,
+    pub reps: usize,
 }
 
-fn generate_bench(device: DeviceSpec) -> Result<()> {
-    struct Job;
+fn positions_name<S: serde::Serializer>(p: &Positions, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match p {
+        Positions::Learned => "learned",
+        Positions::Rotary => "rotary",
+    })
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Self {
+            batch: 64,
+            prompt: 16,
+            response: 64,
+            layers: 4,
+            width: 128,
+            heads: 4,
+            vocab: 64,
+            positions: Positions::Learned,
+            reps: 3,
+        }
+    }
+}
+
+impl Shape {
+    fn model(&self) -> TransformerConfig {
+        TransformerConfig::new(
+            self.vocab,
+            self.width,
+            self.layers,
+            self.heads,
+            self.prompt + self.response,
+        )
+        .with_positions(self.positions)
+        .with_tie_embeddings(false)
+    }
+
+    /// The twin's flags for this shape.
+    fn torch_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, v) in [
+            ("--batch", self.batch),
+            ("--prompt", self.prompt),
+            ("--response", self.response),
+            ("--layers", self.layers),
+            ("--width", self.width),
+            ("--heads", self.heads),
+            ("--vocab", self.vocab),
+            ("--reps", self.reps),
+        ] {
+            args.push(flag.to_string());
+            args.push(v.to_string());
+        }
+        args
+    }
+}
+
+/// The three figures of one measurement.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Figures {
+    pub gen_tok_s: f64,
+    pub score_tok_s: f64,
+    pub train_tok_s: f64,
+}
+
+impl Figures {
+    const NAMES: [&'static str; 3] = ["gen_tok_s", "score_tok_s", "train_tok_s"];
+
+    fn get(&self, i: usize) -> f64 {
+        [self.gen_tok_s, self.score_tok_s, self.train_tok_s][i]
+    }
+
+    fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let get = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .with_context(|| format!("the twin's output has no number `{k}`: {v}"))
+        };
+        Ok(Self {
+            gen_tok_s: get("gen_tok_s")?,
+            score_tok_s: get("score_tok_s")?,
+            train_tok_s: get("train_tok_s")?,
+        })
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask bench policy [--batch N] [--prompt N] [--response N]
+    [--layers N] [--width N] [--heads N] [--vocab N] [--positions learned|rotary] [--reps N]
+    [--device D] [--json] [--vs-torch [--runs N] [--python P] [--twin FILE]]
+
+Measures generation (KV cache), teacher-forced scoring and one SFT train step of the
+policy LM (defaults: config S, 4 layers, width 128, 4 heads, vocabulary 64, learned
+positions, batch 64, prompt 16, 64 new tokens, 3 reps). --vs-torch runs this and the
+PyTorch-eager twin (benches/torch_twin.py) alternately, --runs times each (default 3),
+and prints the medians and their ratios.";
+
+/// `cargo xtask bench policy ARGS`.
+pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
+    let mut shape = Shape::default();
+    let (mut json, mut vs_torch, mut runs) = (false, false, 3usize);
+    let mut python = String::from("python3");
+    let mut twin = default_twin();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .with_context(|| format!("{flag} needs a value\n\n{USAGE}"))
+        };
+        let mut number = |name: &str| -> Result<usize> {
+            let v = value()?;
+            match v.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => bail!("{name}: expected a positive integer, got `{v}`"),
+            }
+        };
+        match flag.as_str() {
+            "--batch" => shape.batch = number(flag)?,
+            "--prompt" => shape.prompt = number(flag)?,
+            "--response" => shape.response = number(flag)?,
+            "--layers" => shape.layers = number(flag)?,
+            "--width" => shape.width = number(flag)?,
+            "--heads" => shape.heads = number(flag)?,
+            "--vocab" => shape.vocab = number(flag)?,
+            "--reps" => shape.reps = number(flag)?,
+            "--runs" => runs = number(flag)?,
+            "--positions" => {
+                shape.positions = match value()?.as_str() {
+                    "learned" => Positions::Learned,
+                    "rotary" => Positions::Rotary,
+                    other => bail!("--positions: expected learned or rotary, got `{other}`"),
+                }
+            }
+            "--python" => python = value()?.clone(),
+            "--twin" => twin = PathBuf::from(value()?),
+            "--json" => json = true,
+            "--vs-torch" => vs_torch = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown flag `{other}`\n\n{USAGE}"),
+        }
+    }
+    shape.model().validate()?;
+    if !vs_torch {
+        let f = measure(device, shape)?;
+        if json {
+            println!("{}", serde_json::to_string(&Report::new(device, shape, f))?);
+        } else {
+            print_figures(&format!("goodhart on {device}"), &f);
+        }
+        return Ok(());
+    }
+    if positions_name(&shape.positions, serde_json::value::Serializer)? != "learned" {
+        bail!("--vs-torch: the twin has learned positions only");
+    }
+    if !twin.is_file() {
+        bail!(
+            "--vs-torch: the PyTorch twin {} is not there (--twin FILE)",
+            twin.display()
+        );
+    }
+    let torch_device = match device {
+        DeviceSpec::Cpu => "cpu".to_string(),
+        DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        DeviceSpec::Wgpu(_) => bail!("--vs-torch: PyTorch has no wgpu device; use cpu or cuda"),
+    };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let start = Instant::now();
+        let f = measure(device, shape)?;
+        eprintln!(
+            "run {run}/{runs} goodhart: {:.0} / {:.0} / {:.0} tokens/s ({:.1} s)",
+            f.gen_tok_s,
+            f.score_tok_s,
+            f.train_tok_s,
+            start.elapsed().as_secs_f64()
+        );
+        ours.push(f);
+        let start = Instant::now();
+        let f = run_twin(&python, &twin, &shape, &torch_device)?;
+        eprintln!(
+            "run {run}/{runs} torch:    {:.0} / {:.0} / {:.0} tokens/s ({:.1} s)",
+            f.gen_tok_s,
+            f.score_tok_s,
+            f.train_tok_s,
+            start.elapsed().as_secs_f64()
+        );
+        theirs.push(f);
+    }
+    let (ours, theirs) = (median(&ours), median(&theirs));
+    if json {
+        let ratio = |i: usize| ours.get(i) / theirs.get(i);
+        let out = serde_json::json!({
+            "shape": shape,
+            "device": device.to_string(),
+            "runs": runs,
+            "threads": threads(),
+            "goodhart": ours,
+            "torch": theirs,
+            "ratio": {
+                "gen": ratio(0),
+                "score": ratio(1),
+                "train": ratio(2),
+            },
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "medians of {runs} alternating runs, {} threads, {shape:?}",
+            threads()
+        );
+        println!(
+            "{:<12} {:>14} {:>14} {:>8}",
+            "figure", "goodhart", "torch eager", "ratio"
+        );
+        for (i, name) in Figures::NAMES.iter().enumerate() {
+            println!(
+                "{name:<12} {:>14.0} {:>14.0} {:>7.2}x",
+                ours.get(i),
+                theirs.get(i),
+                ours.get(i) / theirs.get(i)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The benchmark as part of `cargo xtask bench` (config S, plain output).
+pub fn default_run(device: DeviceSpec) -> Result<()> {
+    print_figures(
+        &format!("goodhart on {device}"),
+        &measure(device, Shape::default())?,
+    );
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Report {
+    #[serde(flatten)]
+    figures: Figures,
+    #[serde(flatten)]
+    shape: Shape,
+    device: String,
+    threads: usize,
+    peak_rss_mib: Option<f64>,
+}
+
+impl Report {
+    fn new(device: DeviceSpec, shape: Shape, figures: Figures) -> Self {
+        Self {
+            figures,
+            shape,
+            device: device.to_string(),
+            threads: threads(),
+            peak_rss_mib: peak_rss_mib(),
+        }
+    }
+}
+
+fn print_figures(who: &str, f: &Figures) {
+    println!(
+        "  {who}: generation {:.0}, scoring {:.0}, train step {:.0} tokens/s",
+        f.gen_tok_s, f.score_tok_s, f.train_tok_s
+    );
+}
+
+/// The per-figure median of several measurements.
+fn median(runs: &[Figures]) -> Figures {
+    let m = |i: usize| {
+        let mut v: Vec<f64> = runs.iter().map(|f| f.get(i)).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Figures {
+        gen_tok_s: m(0),
+        score_tok_s: m(1),
+        train_tok_s: m(2),
+    }
+}
+
+/// Threads the CPU backend uses (rayon's pool: `RAYON_NUM_THREADS` or every core).
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Peak resident memory of this process (`VmHWM`), where Linux reports it.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// `benches/torch_twin.py` of this workspace.
+fn default_twin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("benches")
+        .join("torch_twin.py")
+}
+
+/// One run of the PyTorch twin at `shape`, with as many threads as ours.
+fn run_twin(python: &str, twin: &Path, shape: &Shape, device: &str) -> Result<Figures> {
+    let out = Command::new(python)
+        .arg(twin)
+        .args(shape.torch_args())
+        .args(["--device", device, "--threads", &threads().to_string()])
+        .output()
+        .with_context(|| format!("could not start `{python}` for the PyTorch twin"))?;
+    if !out.status.success() {
+        bail!(
+            "the PyTorch twin failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("the PyTorch twin printed no JSON line")?;
+    Figures::from_json(&serde_json::from_str(line)?)
+}
+
+fn sync<B: Backend>(device: &B::Device) -> Result<()> {
+    B::sync(device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
+}
+
+/// Measures the three figures at `shape` on `device`.
+pub fn measure(device: DeviceSpec, shape: Shape) -> Result<Figures> {
+    struct Job(Shape);
     impl BackendJob for Job {
-        type Output = Result<()>;
-        fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-            let (batch, prompt_len) = (16, 8);
+        type Output = Result<Figures>;
+        fn run<B: Backend>(self, device: B::Device) -> Result<Figures> {
+            let s = self.0;
+            let cfg = s.model();
             B::seed(&device, 0);
-            let model = small(prompt_len + 256).init::<B>(&device)?;
+            let model = cfg.init::<B>(&device)?;
             let prompt = Tensor::<B, 2, Int>::random(
-                [batch, prompt_len],
-                Distribution::Uniform(0.0, 64.0),
+                [s.batch, s.prompt],
+                Distribution::Uniform(0.0, s.vocab as f64),
                 &device,
             );
-            let mask = Tensor::<B, 2>::ones([batch, prompt_len], &device);
-            for len in [64, 256] {
-                let mut rates = Vec::new();
-                for use_cache in [true, false] {
-                    let cfg = GenerationConfig::new(len).with_use_cache(use_cache);
-                    let mut rng = seed::rng(0, "sample");
-                    let reps = if use_cache { 3 } else { 1 };
-                    let secs = time_median(reps, || {
-                        let g = generate(&model, prompt.clone(), mask.clone(), &cfg, &mut rng)
-                            .expect("valid generation");
-                        let _ = g.logprobs.sum().into_scalar();
-                    });
-                    let rate = (batch * len) as f64 / secs;
-                    println!(
-                        "  batch {batch}, {len} new tokens, cache {use_cache:>5}: {:8.1} ms, {rate:9.0} tokens/s",
-                        secs * 1e3
-                    );
-                    rates.push(rate);
-                }
-                println!(
-                    "  speed-up of the KV cache at {len} tokens: {:.1}x",
-                    rates[0] / rates[1]
-                );
+            let mask = Tensor::<B, 2>::ones([s.batch, s.prompt], &device);
+            let mut rng = seed::rng(0, "sample");
+            let run = |n: usize, rng: &mut _| {
+                let g = generate(
+                    &model,
+                    prompt.clone(),
+                    mask.clone(),
+                    &GenerationConfig::new(n),
+                    rng,
+                )?;
+                sync::<B>(&device)?;
+                anyhow::Ok(g)
+            };
+            run(8.min(s.response), &mut rng)?;
+            let start = Instant::now();
+            let mut last = None;
+            for _ in 0..s.reps {
+                last = Some(run(s.response, &mut rng)?);
             }
-            Ok(())
-        }
-    }
-    dispatch(device, Job)?
-}
+            let secs = start.elapsed().as_secs_f64();
+            let gen_tok_s = (s.reps * s.batch * s.response) as f64 / secs;
+            let g = last.expect("reps >= 1");
 
-fn train_bench(device: DeviceSpec) -> Result<()> {
-    struct Job;
-    impl BackendJob for Job {
-        type Output = Result<()>;
-        fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-            type A<B> = Autodiff<B>;
-            let (batch, len) = (64, 64);
-            B::seed(&device, 0);
-            let mut model = Some(small(len).init::<A<B>>(&device)?);
+            let full = s.batch * (s.prompt + s.response);
+            let score_once = || {
+                let sc = score(&model, g.tokens.clone(), g.attention_mask.clone(), 1.0)?;
+                sync::<B>(&device)?;
+                anyhow::Ok(sc)
+            };
+            score_once()?;
+            let start = Instant::now();
+            for _ in 0..s.reps {
+                score_once()?;
+            }
+            let score_tok_s = (s.reps * full) as f64 / start.elapsed().as_secs_f64();
+
+            let mut model = Some(cfg.init::<Autodiff<B>>(&device)?);
             let mut optim = AdamWConfig::new().init();
-            let data: Vec<sft::SftExample> = (0..batch)
-                .map(|i| sft::SftExample::new((0..len).map(|t| (i * 7 + t * 3) % 64).collect()))
+            let ids: Vec<i64> = g.tokens.to_data().convert::<i64>().into_vec()?;
+            let width = s.prompt + g.response_len;
+            let examples: Vec<sft::SftExample> = ids
+                .chunks(width)
+                .map(|row| sft::SftExample::new(row.iter().map(|&t| t as usize).collect()))
                 .collect();
-            let refs: Vec<&sft::SftExample> = data.iter().collect();
-            let b = sft::collate::<A<B>>(&refs, 0, &device)?;
-            let secs = time_median(5, || {
+            let refs: Vec<&sft::SftExample> = examples.iter().collect();
+            let batch = sft::collate::<Autodiff<B>>(&refs, 0, &device)?;
+            let mut step = || {
                 let m = model.take().expect("model");
-                let loss = sft::nll(&m, &b).expect("valid batch");
+                let loss = sft::nll(&m, &batch)?;
                 let grads = GradientsParams::from_grads(loss.backward(), &m);
-                let m = optim.step(1e-3, m, grads);
-                let _ = m.trunk.norm_f.gamma.val().sum().into_scalar();
-                model = Some(m);
-            });
-            println!(
-                "  4 layers, width 128, 4 heads, vocab 64, batch {batch} x {len}: {:.1} ms/step, {:.0} tokens/s",
-                secs * 1e3,
-                (batch * len) as f64 / secs
-            );
-            Ok(())
+                model = Some(optim.step(1e-4, m, grads));
+                sync::<B>(&device)?;
+                anyhow::Ok(())
+            };
+            step()?;
+            let start = Instant::now();
+            for _ in 0..s.reps {
+                step()?;
+            }
+            let train_tok_s = (s.reps * full) as f64 / start.elapsed().as_secs_f64();
+            Ok(Figures {
+                gen_tok_s,
+                score_tok_s,
+                train_tok_s,
+            })
         }
     }
-    dispatch(device, Job)?
+    dispatch(device, Job(shape))?
 }
