@@ -49,7 +49,13 @@ pub fn logprobs_from_logits<B: Backend>(
     temperature: f64,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let [b, t, _] = logits.dims();
-    let lp = log_softmax(logits / temperature, 2);
+    // Dividing by 1 would be a pass over `[B, T, V]` for nothing.
+    let logits = if temperature == 1.0 {
+        logits
+    } else {
+        logits / temperature
+    };
+    let lp = log_softmax(logits, 2);
     let entropy = -(lp.clone().exp() * lp.clone()).sum_dim(2).reshape([b, t]);
     let chosen = lp.gather(2, targets.unsqueeze_dim(2)).reshape([b, t]);
     (chosen, entropy)
@@ -71,12 +77,12 @@ pub fn score<B: Backend>(
             "scoring needs at least two positions (a context and a token)",
         ));
     }
-    let logits = model.forward(tokens.clone(), attention_mask.clone())?;
-    let (lp, ent) = logprobs_from_logits(
-        logits.narrow(1, 0, t - 1),
-        tokens.narrow(1, 1, t - 1),
-        temperature,
-    );
+    // The last position predicts nothing here: its hidden state skips the LM head.
+    let hidden = model
+        .trunk
+        .forward(tokens.clone(), attention_mask.clone())?;
+    let logits = model.logits(hidden.narrow(1, 0, t - 1));
+    let (lp, ent) = logprobs_from_logits(logits, tokens.narrow(1, 1, t - 1), temperature);
     let zero = Tensor::<B, 2>::zeros([b, 1], &lp.device());
     let align =
         |x: Tensor<B, 2>| zero_masked(Tensor::cat(vec![zero.clone(), x], 1), &attention_mask);

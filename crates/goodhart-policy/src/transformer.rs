@@ -642,9 +642,9 @@ impl<B: Backend> Attention<B> {
         let scores = (scores / (dh as f64).sqrt() + bias.clone()).reshape([1, h, b, t, tk]);
         let y = self.dropout.forward(softmax(scores, 4)).matmul(v); // [1, H, B, T, dh]
         let w = self.out.weight.val().reshape([1, h, dh, d]);
-        let per_head = y.reshape([1, h, b * t, dh]).matmul(w); // [1, H, B T, D]
-                                                               // The sum over heads as a product with a row of ones: its gradient is a product
-                                                               // too, where `sum_dim`'s is a broadcast (an element-by-element walk on the CPU).
+        // [1, H, B T, D], summed over heads as a product with a row of ones: its gradient
+        // is a product too, where `sum_dim`'s is a broadcast (slow on the CPU backend).
+        let per_head = y.reshape([1, h, b * t, dh]).matmul(w);
         let ones = Tensor::<B, 2>::ones([1, h], &per_head.device());
         let y = ones
             .matmul(per_head.reshape([h, b * t * d]))
