@@ -182,7 +182,7 @@ pub fn generate<B: Backend>(
         let u = Tensor::<B, 2>::from_data(TensorData::new(u, [b, 1]), &device);
         let done = finished.clone().greater_elem(0.5);
         let ids = sample(logits.clone().reshape([b, vocab]), u, config)
-            .mask_fill(done.clone(), config.pad_id as i64);
+            .mask_fill(done, config.pad_id as i64);
         let live = finished.clone().neg() + 1.0;
         let (lp, _) = logprobs_from_logits(logits, ids.clone(), config.temperature);
         step_tokens.push(ids.clone());

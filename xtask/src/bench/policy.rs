@@ -29,7 +29,7 @@ use goodhart_core::{
 use goodhart_policy::{
     generate, score::score, sft, GenerationConfig, Positions, TransformerConfig,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Bench;
 
@@ -110,8 +110,8 @@ impl Shape {
     }
 }
 
-/// The three figures of one measurement.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// The three figures of one measurement (the twin's JSON keys).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Figures {
     pub gen_tok_s: f64,
     pub score_tok_s: f64,
@@ -123,19 +123,6 @@ impl Figures {
 
     fn get(&self, i: usize) -> f64 {
         [self.gen_tok_s, self.score_tok_s, self.train_tok_s][i]
-    }
-
-    fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let get = |k: &str| {
-            v.get(k)
-                .and_then(serde_json::Value::as_f64)
-                .with_context(|| format!("the twin's output has no number `{k}`: {v}"))
-        };
-        Ok(Self {
-            gen_tok_s: get("gen_tok_s")?,
-            score_tok_s: get("score_tok_s")?,
-            train_tok_s: get("train_tok_s")?,
-        })
     }
 }
 
@@ -206,7 +193,7 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
         }
         return Ok(());
     }
-    if positions_name(&shape.positions, serde_json::value::Serializer)? != "learned" {
+    if shape.positions != Positions::Learned {
         bail!("--vs-torch: the twin has learned positions only");
     }
     if !twin.is_file() {
@@ -222,26 +209,22 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
     };
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for run in 1..=runs {
-        let start = Instant::now();
-        let f = measure(device, shape)?;
-        eprintln!(
-            "run {run}/{runs} goodhart: {:.0} / {:.0} / {:.0} tokens/s ({:.1} s)",
-            f.gen_tok_s,
-            f.score_tok_s,
-            f.train_tok_s,
-            start.elapsed().as_secs_f64()
-        );
-        ours.push(f);
-        let start = Instant::now();
-        let f = run_twin(&python, &twin, &shape, &torch_device)?;
-        eprintln!(
-            "run {run}/{runs} torch:    {:.0} / {:.0} / {:.0} tokens/s ({:.1} s)",
-            f.gen_tok_s,
-            f.score_tok_s,
-            f.train_tok_s,
-            start.elapsed().as_secs_f64()
-        );
-        theirs.push(f);
+        let timed = |who: &str, f: &dyn Fn() -> Result<Figures>| {
+            let start = Instant::now();
+            let out = f()?;
+            eprintln!(
+                "run {run}/{runs} {who:<9} {:.0} / {:.0} / {:.0} tokens/s ({:.1} s)",
+                out.gen_tok_s,
+                out.score_tok_s,
+                out.train_tok_s,
+                start.elapsed().as_secs_f64()
+            );
+            anyhow::Ok(out)
+        };
+        ours.push(timed("goodhart:", &|| measure(device, shape))?);
+        theirs.push(timed("torch:", &|| {
+            run_twin(&python, &twin, &shape, &torch_device)
+        })?);
     }
     let (ours, theirs) = (median(&ours), median(&theirs));
     if json {
@@ -380,7 +363,7 @@ fn run_twin(python: &str, twin: &Path, shape: &Shape, device: &str) -> Result<Fi
         .rev()
         .find(|l| l.trim_start().starts_with('{'))
         .context("the PyTorch twin printed no JSON line")?;
-    Figures::from_json(&serde_json::from_str(line)?)
+    serde_json::from_str(line).with_context(|| format!("the twin's output: {line}"))
 }
 
 fn sync<B: Backend>(device: &B::Device) -> Result<()> {
