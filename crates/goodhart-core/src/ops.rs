@@ -74,6 +74,15 @@ pub fn zero_masked<B: Backend, const D: usize>(
     x.mask_fill(mask.clone().equal_elem(0.0), 0.0) * mask.clone()
 }
 
+/// A tensor's values on the host as `f32`, for the few decisions made there (a random or
+/// top-k choice of tokens).
+pub fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| GoodhartError::invalid("tensor data", format!("{e:?}")))
+}
+
 /// `sum(x * m)` as a one-element tensor.
 pub fn masked_sum<B: Backend, const D: usize>(
     x: Tensor<B, D>,
@@ -93,8 +102,9 @@ pub fn masked_mean<B: Backend, const D: usize>(
 
 /// Masked variance around the masked mean.
 ///
-/// `unbiased` applies Bessel's correction `n/(n-1)` with `n = sum(m)`; for `n = 1` the
-/// biased value (0) is returned, as verl's `masked_var` does.
+/// `unbiased` applies Bessel's correction `n/(n-1)` with `n = sum(m)`; for `n <= 1` the
+/// biased value (0) is returned. verl's `masked_var` raises a `ValueError` there
+/// (`sum(m)` of 0 or 1 with `unbiased=True`).
 pub fn masked_var<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     mask: &Tensor<B, D>,
