@@ -23,7 +23,9 @@ use crate::policy::{PolicyInputs, PolicyLoss, PolicyMetrics};
 ///
 /// Defaults: `eps_max = 5.0`, the cap TRL's docs recommend for `loss_type = "cispo"`
 /// (after ScaleRL's CISPO; *unverified* here). TRL clamps the weight at its `epsilon_high`
-/// used as the cap itself, as `eps_max` is here; Trinity-RFT's CISPO caps at `1 + 0.28`.
+/// used as the cap itself, as `eps_max` is here; Trinity-RFT's CISPO caps at `1 + 0.28`;
+/// verl 0.9.1 clamps the weight to `[1 - clip_ratio_low, 1 + clip_ratio_high]`, which
+/// `eps_min = 0.8, eps_max = 1.2` reproduce (checked against its outputs).
 /// `eps_min = None`: no lower bound, as MiniMax-M1 ("we did not impose a lower bound on
 /// the IS weight ... we only tuned eps_high"). Aggregation `token-mean` (MiniMax-M1's
 /// `1 / sum_i |o_i|`, TRL's CISPO normaliser).
@@ -86,7 +88,7 @@ impl CispoConfig {
         };
         let per_token = -weight * inputs.advantages.clone() * inputs.logp.clone();
         Ok(PolicyLoss {
-            loss: self.aggregation.aggregate(per_token, &inputs.mask)?,
+            loss: inputs.aggregate(self.aggregation, per_token)?,
             metrics: PolicyMetrics::new(inputs, low, high, None),
         })
     }

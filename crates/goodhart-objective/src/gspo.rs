@@ -32,7 +32,7 @@ pub const SEQ_LOG_RATIO_MAX: f32 = 10.0;
 /// Defaults: `eps_low = 3e-4`, `eps_high = 4e-4` (the GSPO paper's range, used by verl's
 /// GSPO recipe; sequence ratios stay much closer to 1 than token ratios, hence the small
 /// range); aggregation `seq-mean-token-mean` (the paper's `1/|y_i|` normalisation; verl
-/// forces this mode for GSPO, here it is configurable).
+/// 0.9.1 applies its configured `loss_agg_mode`, `token-mean` unless set).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GspoConfig {
@@ -86,7 +86,7 @@ impl GspoConfig {
         let low = ratio.clone().lower_elem(1.0 - self.eps_low).bool_and(neg);
         let high = ratio.greater_elem(1.0 + self.eps_high).bool_and(pos);
         Ok(PolicyLoss {
-            loss: self.aggregation.aggregate(per_token, &inputs.mask)?,
+            loss: inputs.aggregate(self.aggregation, per_token)?,
             metrics: PolicyMetrics::new(inputs, low, high, None),
         })
     }

@@ -5,8 +5,12 @@
 //!
 //! - policy-gradient surrogates over `[B, T]` log-probs ([`policy::PolicyInputs`]):
 //!   [`ppo_clip`] (asymmetric clip, dual-clip), [`gspo`] (sequence-level ratio),
-//!   [`cispo`] (truncated detached IS weight); one [`policy::PolicyLossConfig`] picks one
-//!   by `kind`, [`policy::REGISTRY`] lists them;
+//!   [`cispo`] (truncated detached IS weight), [`sapo`] (soft gate), [`clip_cov`] and
+//!   [`kl_cov`] (covariance-selected tokens), [`geo_mean`] (GMPO), [`dppo`] (divergence
+//!   trust region, `dppo_tv` / `dppo_kl`); one [`policy::PolicyLossConfig`] picks one by
+//!   `kind`, [`policy::REGISTRY`] lists them;
+//! - [`rollout_is`]: truncated importance weights between the rollout engine and the
+//!   trainer, which every policy loss applies per token;
 //! - [`nsr`]: negative / positive sample reinforcement as a mask transform usable with
 //!   any policy loss;
 //! - [`value`]: the critic loss with value clipping;
@@ -20,15 +24,25 @@
 //! each default follows: `docs/objective.md`.
 
 pub mod cispo;
+pub mod clip_cov;
+pub mod dppo;
+pub mod geo_mean;
 pub mod gspo;
+pub mod kl_cov;
 pub mod nsr;
 pub mod policy;
 pub mod ppo_clip;
 pub mod preference;
+pub mod rollout_is;
+pub mod sapo;
 pub mod value;
 
 pub use cispo::CispoConfig;
+pub use clip_cov::ClipCovConfig;
+pub use dppo::DppoConfig;
+pub use geo_mean::GeoMeanConfig;
 pub use gspo::GspoConfig;
+pub use kl_cov::KlCovConfig;
 pub use nsr::SampleFilter;
 pub use policy::{PolicyInputs, PolicyLoss, PolicyLossConfig, PolicyMetrics};
 pub use ppo_clip::PpoClipConfig;
@@ -36,7 +50,11 @@ pub use preference::{
     DpoConfig, IpoConfig, PreferenceInputs, PreferenceLoss, PreferenceLossConfig, RpoConfig,
     SlicConfig,
 };
+pub use rollout_is::{IsLevel, RolloutIsConfig, RolloutIsWeights};
+pub use sapo::SapoConfig;
 pub use value::{ValueLoss, ValueLossConfig};
 
 #[cfg(test)]
 mod testutil;
+#[cfg(test)]
+mod verl_parity;

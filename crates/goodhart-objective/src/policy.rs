@@ -1,6 +1,6 @@
 //! What every policy-gradient surrogate shares: validated inputs ([`PolicyInputs`]), the
 //! output with its metrics ([`PolicyLoss`], [`PolicyMetrics`]), the config enum a TOML file
-//! picks a loss with ([`PolicyLossConfig`], `kind = "ppo_clip" | "gspo" | "cispo"`) and the
+//! picks a loss with ([`PolicyLossConfig`], `kind = "ppo_clip" | "gspo" | ...`) and the
 //! family's [`REGISTRY`].
 //!
 //! Conventions (verl `core_algos.py`): every tensor is `[B, T]` (responses x padded
@@ -9,15 +9,25 @@
 //! caller. The per-token log-ratio is `d = lp - lp_old`, the ratio `exp(clamp(d, -20, 20))`
 //! (verl's clamp, so a stale `lp_old` cannot overflow `exp`).
 
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{backend::Backend, cast::ToElement, Bool, Tensor};
 use goodhart_core::{
+    aggregate::{GlobalBatch, LossAggregation},
     ops::{check_finite, check_finite_masked, check_same_shape, masked_mean},
     registry::MethodInfo,
     GoodhartError, Result,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{cispo::CispoConfig, gspo::GspoConfig, ppo_clip::PpoClipConfig};
+use crate::{
+    cispo::CispoConfig,
+    clip_cov::ClipCovConfig,
+    dppo::{Divergence, DppoConfig},
+    geo_mean::GeoMeanConfig,
+    gspo::GspoConfig,
+    kl_cov::KlCovConfig,
+    ppo_clip::PpoClipConfig,
+    sapo::SapoConfig,
+};
 
 /// Bound on the per-token log-ratio before `exp` (verl's `clamp(-20, 20)`).
 pub const LOG_RATIO_CLAMP: f32 = 20.0;
@@ -28,6 +38,12 @@ pub const LOG_RATIO_CLAMP: f32 = 20.0;
 /// Masked positions are replaced by 0 at construction (as a `mask_fill`, which passes a
 /// zero gradient), so padding may hold NaN or garbage: it changes neither the loss nor
 /// the gradient that reaches the model.
+///
+/// Optional parts, set with the `with_*` methods: per-token importance weights between
+/// the rollout engine and the trainer ([`with_rollout_is_weights`](Self::with_rollout_is_weights),
+/// from [`crate::rollout_is`]), the global batch's normalisers
+/// ([`with_global_batch`](Self::with_global_batch)) and the seed of a loss that draws at
+/// random ([`with_seed`](Self::with_seed), `clip_cov`).
 #[derive(Debug, Clone)]
 pub struct PolicyInputs<B: Backend> {
     /// `lp`: log-probabilities of the sampled tokens under the policy being trained
@@ -39,6 +55,13 @@ pub struct PolicyInputs<B: Backend> {
     pub advantages: Tensor<B, 2>,
     /// 0/1 response mask `m`.
     pub mask: Tensor<B, 2>,
+    /// verl's `rollout_is_weights`: a detached weight per token multiplying its loss
+    /// before aggregation (0 at masked positions); `None` = 1 everywhere.
+    pub rollout_is_weights: Option<Tensor<B, 2>>,
+    /// The normalisers of the aggregation and the empty-row convention.
+    pub global: GlobalBatch,
+    /// Seed of the random choices a loss makes (`clip_cov`'s tokens); default 0.
+    pub seed: u64,
 }
 
 impl<B: Backend> PolicyInputs<B> {
@@ -72,7 +95,62 @@ impl<B: Backend> PolicyInputs<B> {
             logp_old: logp_old.mask_fill(pad.clone(), 0.0).detach(),
             advantages: advantages.mask_fill(pad, 0.0).detach(),
             mask: mask.detach(),
+            rollout_is_weights: None,
+            global: GlobalBatch::default(),
+            seed: 0,
         })
+    }
+
+    /// Sets per-token importance weights `[B, T]` (detached; masked positions become 0).
+    ///
+    /// Errors: a shape other than `logp`'s, or a weight that is NaN, infinite or negative
+    /// at a counted position.
+    pub fn with_rollout_is_weights(mut self, weights: Tensor<B, 2>) -> Result<Self> {
+        check_same_shape(&self.logp, "logp", &weights, "rollout_is_weights")?;
+        check_finite_masked(&weights, &self.mask, "rollout_is_weights")?;
+        let pad = self.mask.clone().equal_elem(0.0);
+        let weights = weights.mask_fill(pad, 0.0).detach();
+        if weights
+            .clone()
+            .lower_elem(0.0)
+            .any()
+            .into_scalar()
+            .to_bool()
+        {
+            return Err(GoodhartError::invalid(
+                "rollout_is_weights",
+                "must be >= 0 at every counted token",
+            ));
+        }
+        self.rollout_is_weights = Some(weights);
+        Ok(self)
+    }
+
+    /// Sets the global batch's normalisers (errors if they are invalid).
+    pub fn with_global_batch(mut self, global: GlobalBatch) -> Result<Self> {
+        global.validate()?;
+        self.global = global;
+        Ok(self)
+    }
+
+    /// Sets the seed of the losses that draw at random.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Per-token losses `[B, T]` weighted by the rollout IS weights (as every verl policy
+    /// loss does before `agg_loss`) and aggregated under the mask and global batch.
+    pub fn aggregate(
+        &self,
+        mode: LossAggregation,
+        per_token: Tensor<B, 2>,
+    ) -> Result<Tensor<B, 1>> {
+        let per_token = match &self.rollout_is_weights {
+            Some(w) => per_token * w.clone(),
+            None => per_token,
+        };
+        mode.aggregate_global(per_token, &self.mask, &self.global)
     }
 
     /// Per-token log-ratio `d = clamp(lp - lp_old, -20, 20)`.
@@ -84,6 +162,11 @@ impl<B: Backend> PolicyInputs<B> {
     /// holds.
     pub(crate) fn fraction(&self, flag: Tensor<B, 2, Bool>) -> Tensor<B, 1> {
         masked_mean(flag.float(), &self.mask).detach()
+    }
+
+    /// A flag that holds nowhere (the clip fractions of a loss that clips nothing).
+    pub(crate) fn no_tokens(&self) -> Tensor<B, 2, Bool> {
+        self.mask.zeros_like().bool()
     }
 
     /// `A < 0` and `A > 0`, per token.
@@ -114,6 +197,9 @@ pub struct PolicyMetrics<B: Backend> {
     /// `k3` estimate of `KL(pi_old || pi)`: mean of `exp(d) - 1 - d`, `d = lp - lp_old`
     /// (non-negative, low variance; Schulman's estimator with `r = pi / pi_old`).
     pub approx_kl_k3: Tensor<B, 1>,
+    /// Fraction of counted tokens the covariance rule picked (`clip_cov`: gradient
+    /// removed; `kl_cov`: KL penalty added); `None` for the other losses.
+    pub cov_frac: Option<Tensor<B, 1>>,
 }
 
 impl<B: Backend> PolicyMetrics<B> {
@@ -133,6 +219,7 @@ impl<B: Backend> PolicyMetrics<B> {
             dual_clip_frac: dual.map_or_else(zero, |f| inputs.fraction(f)),
             approx_kl_k1: masked_mean(-d.clone(), mask),
             approx_kl_k3: masked_mean(d.clone().exp() - 1.0 - d, mask),
+            cov_frac: None,
         }
     }
 }
@@ -162,6 +249,18 @@ pub enum PolicyLossConfig {
     Gspo(GspoConfig),
     /// REINFORCE with a truncated, detached importance weight ([`crate::cispo`]).
     Cispo(CispoConfig),
+    /// A smooth sigmoid gate instead of the clip ([`crate::sapo`]).
+    Sapo(SapoConfig),
+    /// PPO-clip that detaches a few high-covariance tokens ([`crate::clip_cov`]).
+    ClipCov(ClipCovConfig),
+    /// The policy gradient with a KL penalty on high-covariance tokens ([`crate::kl_cov`]).
+    KlCov(KlCovConfig),
+    /// GMPO: the clipped geometric mean of the token ratios ([`crate::geo_mean`]).
+    GeoMean(GeoMeanConfig),
+    /// DPPO with a total-variation trust region ([`crate::dppo`]).
+    DppoTv(DppoConfig),
+    /// DPPO with a binary-KL trust region ([`crate::dppo`]).
+    DppoKl(DppoConfig),
 }
 
 impl Default for PolicyLossConfig {
@@ -172,12 +271,18 @@ impl Default for PolicyLossConfig {
 }
 
 impl PolicyLossConfig {
-    /// The registry name (`"ppo_clip"`, `"gspo"`, `"cispo"`).
+    /// The registry name (`"ppo_clip"`, `"gspo"`, ...).
     pub fn name(&self) -> &'static str {
         match self {
             Self::PpoClip(_) => "ppo_clip",
             Self::Gspo(_) => "gspo",
             Self::Cispo(_) => "cispo",
+            Self::Sapo(_) => "sapo",
+            Self::ClipCov(_) => "clip_cov",
+            Self::KlCov(_) => "kl_cov",
+            Self::GeoMean(_) => "geo_mean",
+            Self::DppoTv(_) => "dppo_tv",
+            Self::DppoKl(_) => "dppo_kl",
         }
     }
 
@@ -187,7 +292,33 @@ impl PolicyLossConfig {
             Self::PpoClip(c) => c.validate(),
             Self::Gspo(c) => c.validate(),
             Self::Cispo(c) => c.validate(),
+            Self::Sapo(c) => c.validate(),
+            Self::ClipCov(c) => c.validate(),
+            Self::KlCov(c) => c.validate(),
+            Self::GeoMean(c) => c.validate(),
+            Self::DppoTv(c) | Self::DppoKl(c) => c.validate(),
         }
+    }
+
+    /// The loss with its aggregation replaced by `aggregation`. Errors for `geo_mean`,
+    /// whose objective is a mean over sequences and takes no aggregation.
+    pub fn with_aggregation(mut self, aggregation: LossAggregation) -> Result<Self> {
+        match &mut self {
+            Self::PpoClip(c) => c.aggregation = aggregation,
+            Self::Gspo(c) => c.aggregation = aggregation,
+            Self::Cispo(c) => c.aggregation = aggregation,
+            Self::Sapo(c) => c.aggregation = aggregation,
+            Self::ClipCov(c) => c.aggregation = aggregation,
+            Self::KlCov(c) => c.aggregation = aggregation,
+            Self::DppoTv(c) | Self::DppoKl(c) => c.aggregation = aggregation,
+            Self::GeoMean(_) => {
+                return Err(GoodhartError::invalid(
+                    "aggregation",
+                    "geo_mean averages over sequences and takes no aggregation",
+                ))
+            }
+        }
+        Ok(self)
     }
 
     /// Computes the chosen loss.
@@ -196,6 +327,12 @@ impl PolicyLossConfig {
             Self::PpoClip(c) => c.loss(inputs),
             Self::Gspo(c) => c.loss(inputs),
             Self::Cispo(c) => c.loss(inputs),
+            Self::Sapo(c) => c.loss(inputs),
+            Self::ClipCov(c) => c.loss(inputs),
+            Self::KlCov(c) => c.loss(inputs),
+            Self::GeoMean(c) => c.loss(inputs),
+            Self::DppoTv(c) => c.loss(inputs, Divergence::Tv),
+            Self::DppoKl(c) => c.loss(inputs, Divergence::Kl),
         }
     }
 }
@@ -216,6 +353,36 @@ pub const REGISTRY: &[MethodInfo] = &[
         name: "cispo",
         summary: "-sg(clip(r, eps_min, eps_max)) A lp: REINFORCE with a truncated, detached importance weight",
         source: "MiniMax-M1 (arXiv:2506.13585); TRL loss_type = \"cispo\" (cap on the weight itself)",
+    },
+    MethodInfo {
+        name: "sapo",
+        summary: "-A f(r), f(r) = sigmoid(tau (r - 1)) 4 / tau, tau = tau_pos (A > 0) or tau_neg: a soft gate in place of the clip",
+        source: "Gao et al. 2025 (SAPO, arXiv:2511.20347); verl compute_policy_loss_sapo; defaults verl (1.0 / 1.05)",
+    },
+    MethodInfo {
+        name: "clip_cov",
+        summary: "PPO-clip; the gradient of a random ratio * n tokens with cov(A, lp) in (lb, ub) is removed",
+        source: "Cui et al. 2025 (Entropy Mechanism of RL, arXiv:2505.22617); verl compute_policy_loss_clip_cov; defaults verl (2e-4, 1, 5)",
+    },
+    MethodInfo {
+        name: "kl_cov",
+        summary: "-A r, plus coef |lp - lp_old| on the ratio * n tokens of largest cov(A, lp)",
+        source: "Cui et al. 2025 (Entropy Mechanism of RL, arXiv:2505.22617); verl compute_policy_loss_kl_cov; defaults verl (2e-4, 0.1)",
+    },
+    MethodInfo {
+        name: "geo_mean",
+        summary: "GMPO: -A_i exp(mean_t sgn(A) min(sgn(A) d, sgn(A) clip(d, -eps, eps))), a mean over sequences",
+        source: "Zhao et al. 2025 (GMPO, arXiv:2507.20673); verl compute_policy_loss_geo_mean; eps 0.4 from the paper",
+    },
+    MethodInfo {
+        name: "dppo_tv",
+        summary: "-A sg(min(r, c)) lp on tokens whose probability moved by at most eps (total variation) in the advantage's direction",
+        source: "DPPO (arXiv:2602.04879); verl compute_policy_loss_dppo_tv; defaults verl (0.2, c = 20)",
+    },
+    MethodInfo {
+        name: "dppo_kl",
+        summary: "-A sg(min(r, c)) lp on tokens whose binary KL to the old probability is at most eps, or that moved against A",
+        source: "DPPO (arXiv:2602.04879); verl compute_policy_loss_dppo_kl; defaults verl (0.2, c = 20)",
     },
 ];
 
@@ -248,7 +415,7 @@ mod tests {
             assert_eq!(cfg.name(), info.name);
             cfg.validate().unwrap();
         }
-        assert_eq!(REGISTRY.len(), 3);
+        assert_eq!(REGISTRY.len(), 9);
         let cfg: PolicyLossConfig =
             toml::from_str("kind = \"ppo_clip\"\neps_high = 0.28\ndual_clip = false\naggregation = \"seq-mean-token-sum-norm\"").unwrap();
         assert_eq!(

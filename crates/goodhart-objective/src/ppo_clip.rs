@@ -93,7 +93,7 @@ impl PpoClipConfig {
         let low = ratio.clone().lower_elem(1.0 - self.eps_low).bool_and(neg);
         let high = ratio.greater_elem(1.0 + self.eps_high).bool_and(pos);
         Ok(PolicyLoss {
-            loss: self.aggregation.aggregate(per_token, &inputs.mask)?,
+            loss: inputs.aggregate(self.aggregation, per_token)?,
             metrics: PolicyMetrics::new(inputs, low, high, dual),
         })
     }
