@@ -173,8 +173,9 @@ pub fn broadcast<B: Backend>(per_response: Tensor<B, 1>, mask: &Tensor<B, 2>) ->
     zero_masked(per_response.reshape([n, 1]).expand([n, t]), mask)
 }
 
-/// Per-response outcome from per-token rewards: `sum_t r_t m_t` (verl sums
-/// `token_level_rewards`); padding may hold anything.
+/// Per-response outcome from per-token rewards: `sum_t r_t m_t`, over counted positions
+/// only, so padding may hold anything. verl sums every position of
+/// `token_level_rewards`; a reward on a masked token counts there, not here.
 pub fn outcome_from_tokens<B: Backend>(
     token_rewards: Tensor<B, 2>,
     mask: &Tensor<B, 2>,

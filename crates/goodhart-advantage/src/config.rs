@@ -18,6 +18,7 @@ use crate::{
     grpo_passk::{grpo_passk, GrpoPasskConfig},
     igpo::{igpo, IgpoConfig},
     opo::{opo, OpoConfig},
+    optimal_token_baseline::{optimal_token_baseline, OptimalTokenBaselineConfig},
     reinforce::{reinforce, ReinforceConfig},
     reinforce_plus_plus::{reinforce_plus_plus, ReinforcePlusPlusConfig},
     reinforce_plus_plus_baseline::{reinforce_plus_plus_baseline, ReinforcePlusPlusBaselineConfig},
@@ -74,6 +75,8 @@ pub enum AdvantageConfig {
     Igpo(IgpoConfig),
     /// [`verpo`](crate::verpo::verpo).
     Verpo(VerpoConfig),
+    /// [`optimal_token_baseline`](crate::optimal_token_baseline::optimal_token_baseline).
+    OptimalTokenBaseline(OptimalTokenBaselineConfig),
 }
 
 impl Default for AdvantageConfig {
@@ -104,6 +107,7 @@ impl AdvantageConfig {
             Self::A2tgpo(_) => 14,
             Self::Igpo(_) => 15,
             Self::Verpo(_) => 16,
+            Self::OptimalTokenBaseline(_) => 17,
         };
         REGISTRY[i].name
     }
@@ -142,8 +146,11 @@ pub struct UnitTests<B: Backend> {
 /// methods; each estimator errors naming the field it needs but did not get.
 #[derive(Debug, Clone)]
 pub struct AdvantageInput<'a, B: Backend> {
-    /// One reward per response `[N]`. When absent, outcome estimators use the masked sum
-    /// of `token_rewards` (verl's `token_level_rewards.sum(-1)`).
+    /// One reward per response `[N]`. When absent, outcome estimators use the sum of
+    /// `token_rewards` over counted positions. verl's outcome estimators sum every
+    /// position (`token_level_rewards.sum(-1)`), masked ones included: the two differ when
+    /// a reward sits on a masked (tool-output) token, and passing that full sum here
+    /// reproduces verl.
     pub rewards: Option<Tensor<B, 1>>,
     /// Per-token rewards `[N, T]` (e.g. with a per-token KL penalty). When absent,
     /// token-level estimators put `rewards` on each response's last valid token.
@@ -162,6 +169,14 @@ pub struct AdvantageInput<'a, B: Backend> {
     pub turns: Option<Turns<B>>,
     /// Unit-test outcomes (verpo).
     pub unit_tests: Option<UnitTests<B>>,
+    /// Log-probs of the sampled tokens under the sampling policy `[N, T]`
+    /// (optimal_token_baseline).
+    pub logp_old: Option<Tensor<B, 2>>,
+    /// `sum_v pi(v)^2` of the sampling policy's next-token distribution at each token
+    /// `[N, T]` (optimal_token_baseline).
+    pub sum_pi_squared: Option<Tensor<B, 2>>,
+    /// Rollout importance weights `[N, T]` (optional for optimal_token_baseline).
+    pub rollout_is_weights: Option<Tensor<B, 2>>,
 }
 
 impl<'a, B: Backend> AdvantageInput<'a, B> {
@@ -177,6 +192,9 @@ impl<'a, B: Backend> AdvantageInput<'a, B> {
             reward_components: None,
             turns: None,
             unit_tests: None,
+            logp_old: None,
+            sum_pi_squared: None,
+            rollout_is_weights: None,
         }
     }
 
@@ -219,6 +237,23 @@ impl<'a, B: Backend> AdvantageInput<'a, B> {
     /// Sets the unit-test outcomes.
     pub fn with_unit_tests(mut self, tests: UnitTests<B>) -> Self {
         self.unit_tests = Some(tests);
+        self
+    }
+
+    /// Sets the sampling policy's token log-probs and `sum_v pi^2` `[N, T]` each.
+    pub fn with_policy_stats(
+        mut self,
+        logp_old: Tensor<B, 2>,
+        sum_pi_squared: Tensor<B, 2>,
+    ) -> Self {
+        self.logp_old = Some(logp_old);
+        self.sum_pi_squared = Some(sum_pi_squared);
+        self
+    }
+
+    /// Sets rollout importance weights `[N, T]`.
+    pub fn with_rollout_is_weights(mut self, weights: Tensor<B, 2>) -> Self {
+        self.rollout_is_weights = Some(weights);
         self
     }
 
@@ -347,5 +382,14 @@ pub fn compute<B: Backend>(
                 c,
             )
         }
+        AdvantageConfig::OptimalTokenBaseline(c) => optimal_token_baseline(
+            input.per_token()?,
+            need(&input.logp_old, "logp_old", name)?.clone(),
+            need(&input.sum_pi_squared, "sum_pi_squared", name)?.clone(),
+            input.rollout_is_weights.clone(),
+            mask,
+            groups,
+            c,
+        ),
     }
 }

@@ -28,6 +28,7 @@ pub mod grpo;
 pub mod grpo_passk;
 pub mod igpo;
 pub mod opo;
+pub mod optimal_token_baseline;
 pub mod reinforce;
 pub mod reinforce_plus_plus;
 pub mod reinforce_plus_plus_baseline;
@@ -86,6 +87,7 @@ pub const REGISTRY: &[MethodInfo] = &[
     info("a2tgpo", "per-turn signal normalised within (prompt, turn) groups, discounted sum / sqrt(terms)", "A2TGPO (METHODS.md; clip schedule unverified)"),
     info("igpo", "turn rewards = gain in ground-truth probability, outcome on the last turn; group z-score, discounted sum", "Wang et al. 2025 (arXiv:2510.14967)"),
     info("verpo", "outcome plus difficulty-weighted unit-test partial credit, group-normalised", "VeRPO (METHODS.md; combination unverified)"),
+    info("optimal_token_baseline", "reward-to-go minus a per-group, per-position baseline weighted by cumulative path variance 1 - 2 pi_t + sum pi^2", "verl 0.9.1 compute_optimal_token_baseline_advantage (OTB)"),
 ];
 
 #[cfg(test)]

@@ -25,9 +25,9 @@ impl Default for ReinforceConfig {
 
 /// Discounted returns `G_t = r_t + gamma G_{t+1}` over per-token rewards `[N, T]`.
 ///
-/// Masked positions inside a response carry `G` through unchanged (as GAE does in verl;
-/// verl's REINFORCE++ instead restarts the return at a masked token, which differs only
-/// for masks with holes, i.e. multi-turn rollouts). Returns are 0 at masked positions.
+/// Masked positions inside a response carry `G` through unchanged and add no reward of
+/// their own (verl 0.9.1's GAE and REINFORCE++ do the same), which matters only for masks
+/// with holes, i.e. multi-turn rollouts. Returns are 0 at masked positions.
 pub fn discounted_returns<B: Backend>(
     token_rewards: Tensor<B, 2>,
     mask: &Tensor<B, 2>,

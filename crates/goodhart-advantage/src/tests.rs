@@ -25,6 +25,7 @@ use crate::{
     grpo_passk::{grpo_passk, GrpoPasskConfig},
     igpo::{igpo, IgpoConfig},
     opo::{opo, OpoConfig},
+    optimal_token_baseline::{optimal_token_baseline, OptimalTokenBaselineConfig},
     reinforce::{reinforce, ReinforceConfig},
     reinforce_plus_plus::{reinforce_plus_plus, ReinforcePlusPlusConfig},
     reinforce_plus_plus_baseline::{reinforce_plus_plus_baseline, ReinforcePlusPlusBaselineConfig},
@@ -621,7 +622,7 @@ fn every_registry_name_deserialises_from_toml() {
         );
         assert!(!m.summary.is_empty() && !m.source.is_empty());
     }
-    assert_eq!(REGISTRY.len(), 17);
+    assert_eq!(REGISTRY.len(), 18);
 }
 
 #[test]
@@ -658,4 +659,92 @@ fn toml_picks_settings_and_rejects_unknown_kinds_and_keys() {
         "{err}"
     );
     assert_eq!(AdvantageConfig::default().name(), "grpo");
+}
+
+/// verl 0.9.1's outputs (`fixtures/verl_0_9_1.json`, written by
+/// `../goodhart-objective/fixtures/verl_0_9_1.py` from the verl wheel).
+fn verl_fixture() -> serde_json::Value {
+    serde_json::from_str(include_str!("../fixtures/verl_0_9_1.json")).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+goodhart_core::backend_test! {
+    fn optimal_token_baseline_matches_verl<B>(device) {
+        let f = verl_fixture();
+        let (n, t) = (f["n"].as_u64().unwrap() as usize, f["t"].as_u64().unwrap() as usize);
+        let ids: Vec<u64> = f["groups"].as_array().unwrap().iter().map(|g| g.as_str().unwrap().as_bytes()[0] as u64).collect();
+        let groups = Groups::new(ids).unwrap();
+        let m = |k: &str| t2::<B>(&floats(&f[k]), n, t, device);
+        for case in f["otb"].as_array().unwrap() {
+            let cfg = OptimalTokenBaselineConfig { handle_zero_tail: case["handle_zero_tail"].as_bool().unwrap(), ..Default::default() };
+            let w = case["weighted"].as_bool().unwrap().then(|| m("rollout_is_weights"));
+            let out = optimal_token_baseline(m("token_rewards"), m("logp_old"), m("sum_pi_squared"), w, &m("mask"), &groups, &cfg).unwrap();
+            assert_close(&values(out.advantages), &floats(&case["advantages"]), tolerance(2e-5));
+            assert_close(&values(out.returns.unwrap()), &floats(&case["returns"]), tolerance(2e-5));
+        }
+        // Through the registry: the estimator names what it misses.
+        let cfg: AdvantageConfig = toml::from_str("kind = \"optimal_token_baseline\"").unwrap();
+        let input = AdvantageInput::new(m("mask"), &groups).with_token_rewards(m("token_rewards"));
+        let err = cfg.compute(&input).unwrap_err().to_string();
+        assert!(err.contains("logp_old"), "{err}");
+        let out = cfg.compute(&input.with_policy_stats(m("logp_old"), m("sum_pi_squared"))).unwrap();
+        assert_close(&values(out.advantages), &floats(&f["otb"][0]["advantages"]), tolerance(2e-5));
+    }
+}
+
+goodhart_core::backend_test! {
+    fn optimal_token_baseline_by_hand<B>(device) {
+        // One group of two, lengths 2 and 1; outcome 1 and 0 on the last tokens; pi = 0.5
+        // and sum pi^2 = 0.5 everywhere, so w = 1 - 1 + 0.5 = 0.5 and W = 0.5, 1.0 | 0.5.
+        // G = 1, 1 | 0. B_0 = (1 * 0.5 + 0 * 0.5) / 1.0 = 0.5; B_1 = 1 * 1.0 / 1.0 = 1,
+        // but position 1 lies past the second-longest length (1): no baseline there.
+        let mask = t2::<B>(&[1.0, 1.0, 1.0, 0.0], 2, 2, device);
+        let rewards = t2::<B>(&[0.0, 1.0, 0.0, f32::NAN], 2, 2, device);
+        let lp = t2::<B>(&[0.5f32.ln(); 4], 2, 2, device);
+        let sp = t2::<B>(&[0.5; 4], 2, 2, device);
+        let groups = Groups::new(vec![7, 7]).unwrap();
+        let run = |tail: bool| {
+            let cfg = OptimalTokenBaselineConfig { handle_zero_tail: tail, ..Default::default() };
+            values(optimal_token_baseline(rewards.clone(), lp.clone(), sp.clone(), None, &mask, &groups, &cfg).unwrap().advantages)
+        };
+        assert_close(&run(true), &[0.5, 1.0, -0.5, 0.0], tolerance(1e-6));
+        assert_close(&run(false), &[0.5, 0.0, -0.5, 0.0], tolerance(1e-6));
+        // A group of one: no baseline, A = G.
+        let lone = Groups::new(vec![1, 2]).unwrap();
+        let out = optimal_token_baseline(rewards, lp, sp, None, &mask, &lone, &OptimalTokenBaselineConfig::default()).unwrap();
+        assert_close(&values(out.advantages), &[1.0, 1.0, 0.0, 0.0], tolerance(1e-6));
+    }
+}
+
+goodhart_core::backend_test! {
+    fn a_reward_on_a_masked_token_counts_as_in_verl_only_through_with_rewards<B>(device) {
+        // verl's GRPO scores each response by token_level_rewards.sum(-1), masked positions
+        // included; goodhart's token-reward route sums the counted tokens only. The two
+        // differ when a reward sits on a masked (tool-output) token; summing every position
+        // and passing it as `rewards` reproduces verl.
+        let f = verl_fixture();
+        let (n, t) = (f["n"].as_u64().unwrap() as usize, f["t"].as_u64().unwrap() as usize);
+        let ids: Vec<u64> = f["groups"].as_array().unwrap().iter().map(|g| g.as_str().unwrap().as_bytes()[0] as u64).collect();
+        let groups = Groups::new(ids).unwrap();
+        let g = &f["grpo"];
+        let mask = t2::<B>(&floats(&g["mask"]), n, t, device);
+        let rewards = t2::<B>(&floats(&g["token_rewards"]), n, t, device);
+        let cfg = AdvantageConfig::default();
+        let verl = floats(&g["advantages"]);
+        let all_positions = AdvantageInput::new(mask.clone(), &groups).with_rewards(rewards.clone().sum_dim(1).reshape([n]));
+        assert_close(&values(cfg.compute(&all_positions).unwrap().advantages), &verl, tolerance(1e-5));
+        let counted = AdvantageInput::new(mask.clone(), &groups).with_token_rewards(rewards);
+        let ours = values(cfg.compute(&counted).unwrap().advantages);
+        // Response 0 (the one with the masked reward) and its group differ.
+        assert!((ours[0] - verl[0]).abs() > 0.1, "{} vs {}", ours[0], verl[0]);
+        // The other groups agree.
+        assert_close(&ours[3 * t..], &verl[3 * t..], tolerance(1e-5));
+    }
 }
