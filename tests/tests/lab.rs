@@ -360,6 +360,16 @@ fn every_rl_method() -> Vec<(String, usize)> {
     for (a, _) in goodhart_core::aggregate::LossAggregation::ALL {
         add(&format!("aggregation = \"{a}\""), 1);
     }
+    add(
+        "aggregation = \"seq-mean-token-mean\"\nsample_filter = \"nsr\"\nempty_rows = \"skip\"",
+        1,
+    );
+    add(
+        "aggregation = \"seq-mean-token-sum-norm\"\nloss_scale_factor = 24.0",
+        1,
+    );
+    add("rollout_is = {}", 1);
+    add("rollout_is = { level = \"sequence\", threshold = 2.0, lower = 0.5, batch_normalize = true }\nloss = { kind = \"clip_cov\", ratio = 0.05 }", 1);
     for f in goodhart_objective::nsr::REGISTRY.iter().map(|m| m.name) {
         add(&format!("sample_filter = \"{f}\""), 1);
     }

@@ -92,6 +92,32 @@ pub fn score<B: Backend>(
     })
 }
 
+/// `sum_v pi(v | token_<t)^2` of the next-token distribution at temperature
+/// `temperature` that produced each token, `[B, T]` aligned as [`score`]'s log-probs (0 at
+/// position 0 and on padding): the collision probability, which the optimal token
+/// baseline reads. A forward of its own, so plain scoring does not pay for it.
+pub fn sum_pi_squared<B: Backend>(
+    model: &TransformerLm<B>,
+    tokens: Tensor<B, 2, Int>,
+    attention_mask: Tensor<B, 2>,
+    temperature: f64,
+) -> Result<Tensor<B, 2>> {
+    check_temperature(temperature)?;
+    let [b, t] = tokens.dims();
+    if t < 2 {
+        return Err(GoodhartError::invalid(
+            "tokens",
+            "scoring needs at least two positions (a context and a token)",
+        ));
+    }
+    let hidden = model.trunk.forward(tokens, attention_mask.clone())?;
+    let logits = model.logits(hidden.narrow(1, 0, t - 1)) / temperature;
+    let p = log_softmax(logits, 2).exp();
+    let sp = (p.clone() * p).sum_dim(2).reshape([b, t - 1]);
+    let zero = Tensor::<B, 2>::zeros([b, 1], &sp.device());
+    Ok(zero_masked(Tensor::cat(vec![zero, sp], 1), &attention_mask))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +174,27 @@ mod tests {
             // position 1 = log p(7 | 4) from logits row 0; position 2 = log p(1 | 4 7) from row 1.
             assert_close(&s, &[0.0, lp[7], lp[11 + 1]], tolerance(1e-6));
             assert!(score(&model, ints::<B>(&[&[4]], device), floats::<B>(&[&[1.0]], device), 1.0).is_err());
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn sum_pi_squared_of_the_forward_distribution<B>(device) {
+            B::seed(device, 3);
+            let model = tiny(Positions::Learned).init::<B>(device).unwrap();
+            let tokens = ints::<B>(&[&[4, 7, 1], &[0, 2, 5]], device);
+            let mask = floats::<B>(&[&[1.0; 3], &[0.0, 1.0, 1.0]], device);
+            for tau in [1.0, 0.5] {
+                let logits = model.forward(tokens.clone(), mask.clone()).unwrap() / tau;
+                let p = values(log_softmax(logits, 2).exp());
+                let sq = |row: usize, pos: usize| -> f32 {
+                    let o = (row * 3 + pos) * 11;
+                    p[o..o + 11].iter().map(|x| x * x).sum()
+                };
+                let got = values(sum_pi_squared(&model, tokens.clone(), mask.clone(), tau).unwrap());
+                // Position t holds the distribution that produced token t (logits row t - 1).
+                assert_close(&got, &[0.0, sq(0, 0), sq(0, 1), 0.0, sq(1, 0), sq(1, 1)], tolerance(1e-6));
+                assert!(got.iter().all(|&x| x == 0.0 || (1.0 / 11.0 - 1e-6..=1.0).contains(&x)));
+            }
         }
     }
 }

@@ -59,7 +59,7 @@ use burn::{
 };
 use goodhart_advantage::{common::outcome_at_last_token, AdvantageConfig, AdvantageInput};
 use goodhart_core::{
-    aggregate::LossAggregation,
+    aggregate::{EmptyRows, GlobalBatch, LossAggregation},
     batch::RolloutBatch,
     groups::Groups,
     ops::{group_stats, zero_masked},
@@ -68,10 +68,13 @@ use goodhart_core::{
 };
 use goodhart_envs::language::{Language, EOS, PAD};
 use goodhart_metrics::step::{batch_metrics, StepInputs, GOLD, PROXY};
-use goodhart_objective::{policy::PolicyInputs, PolicyLossConfig, SampleFilter, ValueLossConfig};
+use goodhart_objective::{
+    policy::PolicyInputs, PolicyLossConfig, RolloutIsConfig, SampleFilter, ValueLossConfig,
+};
 use goodhart_policy::{
-    generate, score, score::logprobs_from_logits, Generation, GenerationConfig, LmValueModel,
-    TransformerLm,
+    generate, score,
+    score::{logprobs_from_logits, sum_pi_squared},
+    Generation, GenerationConfig, LmValueModel, TransformerLm,
 };
 use goodhart_regularize::{
     constrained::ConstrainedRlhf, kl::KlPlacement, RegInputs, Regularizer, RegularizerConfig,
@@ -115,12 +118,25 @@ pub struct RlConfig {
     /// each prompt's greedy response goes through the same reward pipeline as the
     /// samples (running shaping statistics see it too).
     pub advantage: AdvantageConfig,
-    /// The policy loss (`kind = "ppo_clip" | "gspo" | "cispo"` with its options).
+    /// The policy loss (`kind = "ppo_clip" | "gspo" | "cispo" | "sapo" | "clip_cov" |
+    /// "kl_cov" | "geo_mean" | "dppo_tv" | "dppo_kl"` with its options).
     pub loss: PolicyLossConfig,
-    /// Overrides the loss's own aggregation (`"token-mean"`, `"seq-mean-token-sum"`,
-    /// `"seq-mean-token-mean"`, `"seq-mean-token-sum-norm"`).
+    /// Overrides the loss's own aggregation (`"token-mean"`, `"token-sum"`,
+    /// `"seq-mean-token-sum"`, `"seq-mean-token-mean"`, `"seq-mean-token-sum-norm"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aggregation: Option<LossAggregation>,
+    /// Whether responses left without a counted token (by `overlong_filter` or
+    /// `sample_filter`) count in the seq-mean modes' mean: `"count"` (verl's trainer) or
+    /// `"skip"` (verl's `agg_loss` without a global batch size).
+    pub empty_rows: EmptyRows,
+    /// `seq-mean-token-sum-norm`'s constant; `None`: the padded response width.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale_factor: Option<f64>,
+    /// Rollout importance weights between the sampler's log-probs (cached decoding) and
+    /// the teacher-forced `lp_old` (`{ level = "token", threshold = 2.0 }`, see
+    /// [`RolloutIsConfig`]); `None` = off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout_is: Option<RolloutIsConfig>,
     /// Which responses the loss trains on (`"all"`, `"nsr"`, `"psr"`).
     pub sample_filter: SampleFilter,
     /// Regularisers, each `{ kind = "kl" | "entropy" | "sequence_chi2" | "sft_anchor" |
@@ -172,6 +188,9 @@ impl Default for RlConfig {
             advantage: AdvantageConfig::default(),
             loss: PolicyLossConfig::default(),
             aggregation: None,
+            empty_rows: EmptyRows::Count,
+            loss_scale_factor: None,
+            rollout_is: None,
             sample_filter: SampleFilter::All,
             regularizers: Vec::new(),
             temperature: 1.0,
@@ -253,17 +272,26 @@ pub fn unsupported_estimator_name(name: &str) -> Option<&'static str> {
 }
 
 impl RlConfig {
-    /// The policy loss with `aggregation` applied.
-    pub fn policy_loss(&self) -> PolicyLossConfig {
-        let mut loss = self.loss;
-        if let Some(a) = self.aggregation {
-            match &mut loss {
-                PolicyLossConfig::PpoClip(c) => c.aggregation = a,
-                PolicyLossConfig::Gspo(c) => c.aggregation = a,
-                PolicyLossConfig::Cispo(c) => c.aggregation = a,
-            }
+    /// The policy loss with `aggregation` applied (an error names `rl.aggregation` when
+    /// the loss takes none).
+    pub fn policy_loss(&self) -> Result<PolicyLossConfig> {
+        match self.aggregation {
+            Some(a) => self
+                .loss
+                .with_aggregation(a)
+                .map_err(|e| GoodhartError::invalid("rl.aggregation", e.to_string())),
+            None => Ok(self.loss),
         }
-        loss
+    }
+
+    /// The aggregation's normalisers of one process: the empty-row convention and the
+    /// scale factor.
+    pub fn global_batch(&self) -> GlobalBatch {
+        GlobalBatch {
+            empty_rows: self.empty_rows,
+            loss_scale_factor: self.loss_scale_factor,
+            ..Default::default()
+        }
     }
 
     /// Errors on settings that cannot run against a proxy of `members` reward models,
@@ -299,7 +327,13 @@ impl RlConfig {
             }
             other => GoodhartError::invalid(format!("rl.{k}"), other.to_string()),
         };
-        self.policy_loss().validate().map_err(|e| sub("loss", e))?;
+        self.policy_loss()?.validate().map_err(|e| sub("loss", e))?;
+        self.global_batch()
+            .validate()
+            .map_err(|e| sub("loss_scale_factor", e))?;
+        if let Some(r) = &self.rollout_is {
+            r.validate().map_err(|e| sub("rollout_is", e))?;
+        }
         if self.advantage.name() == "gae" {
             self.critic
                 .value_loss
@@ -1007,6 +1041,8 @@ struct Rollout<B: Backend> {
     tokens: Tensor<B, 2, Int>,
     attention: Tensor<B, 2>,
     response: Tensor<B, 2>,
+    /// The sampler's log-prob of each response token (0 elsewhere).
+    logprobs: Tensor<B, 2>,
     members: Tensor<B, 2>,
     proxy: Tensor<B, 1>,
     scores: Scores<B>,
@@ -1050,6 +1086,7 @@ impl<B: Backend> Rollout<B> {
             tokens: s.generation.tokens,
             attention: s.generation.attention_mask,
             response: s.generation.response_mask,
+            logprobs: s.generation.logprobs,
             members: s.members,
             proxy: s.proxy,
             scores,
@@ -1072,6 +1109,7 @@ impl<B: Backend> Rollout<B> {
             tokens: self.tokens.clone().select(0, idx.clone()),
             attention: self.attention.clone().select(0, idx.clone()),
             response: self.response.clone().select(0, idx.clone()),
+            logprobs: self.logprobs.clone().select(0, idx.clone()),
             members: self.members.clone().select(1, idx.clone()),
             proxy: pick(&self.proxy),
             scores: Scores {
@@ -1114,6 +1152,13 @@ impl<B: Backend> Rollout<B> {
                 parts
                     .iter()
                     .map(|p| pad_cols(p.response.clone(), width))
+                    .collect(),
+                0,
+            ),
+            logprobs: Tensor::cat(
+                parts
+                    .iter()
+                    .map(|p| pad_cols(p.logprobs.clone(), width))
                     .collect(),
                 0,
             ),
@@ -1302,7 +1347,7 @@ pub fn train<B: AutodiffBackend>(
         .with_temperature(cfg.temperature)
         .with_eos_id(Some(EOS as usize))
         .with_pad_id(PAD as usize);
-    let objective = cfg.policy_loss();
+    let objective = cfg.policy_loss()?;
     // Rewards: FiMi's length model is fitted first (shaping's references read it).
     let mut rewards = Rewards::<B::InnerBackend> {
         shaper: cfg.reward_shaping.clone().map(Shaper::new),
@@ -1428,6 +1473,18 @@ pub fn train<B: AutodiffBackend>(
             &mask,
         );
         timings.score += since::<B>(t0, device)?;
+        // Rollout IS: the sampler's cached-decoding log-probs against the teacher-forced
+        // ones; the weights and their (mean, out-of-bounds fraction).
+        let rollout_is = cfg
+            .rollout_is
+            .as_ref()
+            .map(|r| -> Result<_> {
+                let w = r.weights(&lp_old, &batch.logprobs, &mask)?;
+                let stats = host(Tensor::cat(vec![w.mean, w.out_of_bounds], 0))?;
+                Ok((to_ad(w.weights), stats))
+            })
+            .transpose()?;
+        let is_weights = rollout_is.as_ref().map(|(w, _)| w);
         let (tokens, attention, mask_ad) = (
             Tensor::<B, 2, Int>::from_inner(batch.tokens.clone()),
             to_ad(batch.attention.clone()),
@@ -1473,6 +1530,21 @@ pub fn train<B: AutodiffBackend>(
         timings.score += since::<B>(t0, device)?;
         if let Some(v) = &old_values {
             input = input.with_values(v.clone());
+        }
+        if matches!(cfg.advantage, AdvantageConfig::OptimalTokenBaseline(_)) {
+            // OTB: the sampler's collision probability sum_v pi^2 at each token.
+            let t0 = clock::<B>(device)?;
+            let sp = sum_pi_squared(
+                &sampler,
+                batch.tokens.clone(),
+                batch.attention.clone(),
+                cfg.temperature,
+            )?;
+            timings.score += since::<B>(t0, device)?;
+            input = input.with_policy_stats(lp_old.clone(), zero_masked(sp, &mask));
+            if let Some(w) = is_weights {
+                input = input.with_rollout_is_weights(w.clone().inner());
+            }
         }
         let mut baseline = None;
         if matches!(cfg.advantage, AdvantageConfig::Remax(_)) {
@@ -1579,7 +1651,7 @@ pub fn train<B: AutodiffBackend>(
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut add = |k: &str, v: f64| *sums.entry(k.to_string()).or_insert(0.0) += v;
         let width = batch.tokens.dims()[1];
-        for _ in 0..cfg.epochs {
+        for epoch in 0..cfg.epochs {
             let t0 = clock::<B>(device)?;
             let logits = policy.forward(tokens.clone(), attention.clone())?;
             timings.update += since::<B>(t0, device)?;
@@ -1592,12 +1664,17 @@ pub fn train<B: AutodiffBackend>(
             let align =
                 |x: Tensor<B, 2>| zero_masked(Tensor::cat(vec![zero.clone(), x], 1), &attention);
             let (lp, entropy) = (align(lp), align(entropy));
-            let inputs = PolicyInputs::new(
+            let mut inputs = PolicyInputs::new(
                 lp.clone(),
                 lp_old_ad.clone(),
                 adv_ad.clone(),
                 loss_mask_ad.clone(),
-            )?;
+            )?
+            .with_global_batch(cfg.global_batch())?
+            .with_seed(seed::derive(seed, &format!("pg/loss/{step}/{epoch}")));
+            if let Some(w) = is_weights {
+                inputs = inputs.with_rollout_is_weights(w.clone())?;
+            }
             let out = objective.loss(&inputs)?;
             let current = RegInputs::<B> {
                 mask: Some(loss_mask_ad.clone()),
@@ -1639,6 +1716,10 @@ pub fn train<B: AutodiffBackend>(
                 "clip/dual",
                 "ppo_kl",
             ];
+            if let Some(c) = &out.metrics.cov_frac {
+                parts.push(c.clone().inner());
+                names.push("clip/cov");
+            }
             for r in regularizers.iter_mut() {
                 if let Some(term) = r.loss(&current)? {
                     parts.push(term.clone().inner());
@@ -1656,9 +1737,8 @@ pub fn train<B: AutodiffBackend>(
             }
             for (name, v) in names.iter().zip(&values) {
                 let key = match *name {
-                    "loss" | "loss/policy" | "clip/low" | "clip/high" | "clip/dual" | "ppo_kl" => {
-                        name.to_string()
-                    }
+                    "loss" | "loss/policy" | "clip/low" | "clip/high" | "clip/dual"
+                    | "clip/cov" | "ppo_kl" => name.to_string(),
                     reg => format!("loss/{reg}"),
                 };
                 add(&key, *v);
@@ -1736,6 +1816,10 @@ pub fn train<B: AutodiffBackend>(
             .or_insert(0.0);
         for (k, v) in sums {
             metrics.insert(k, v / cfg.epochs as f64);
+        }
+        if let Some((_, stats)) = &rollout_is {
+            metrics.insert("rollout_is/mean".into(), stats[0]);
+            metrics.insert("rollout_is/out_of_bounds".into(), stats[1]);
         }
         metrics.insert(
             "clip/frac".into(),
@@ -2022,12 +2106,33 @@ mod tests {
         let agg: RlConfig =
             toml::from_str("aggregation = \"seq-mean-token-sum\"\nloss = { kind = \"cispo\" }")
                 .unwrap();
-        match agg.policy_loss() {
+        match agg.policy_loss().unwrap() {
             PolicyLossConfig::Cispo(c) => {
                 assert_eq!(c.aggregation, LossAggregation::SeqMeanTokenSum)
             }
             other => panic!("{other:?}"),
         }
+        // GMPO is a mean over sequences: an aggregation for it is refused by key.
+        let geo: RlConfig =
+            toml::from_str("aggregation = \"token-mean\"\nloss = { kind = \"geo_mean\" }").unwrap();
+        let err = geo.validate(1).unwrap_err().to_string();
+        assert!(
+            err.contains("rl.aggregation") && err.contains("geo_mean"),
+            "{err}"
+        );
+        let bad: RlConfig = toml::from_str("loss_scale_factor = 0.0").unwrap();
+        assert!(bad
+            .validate(1)
+            .unwrap_err()
+            .to_string()
+            .contains("loss_scale_factor"));
+        let bad: RlConfig = toml::from_str("rollout_is = { threshold = -1.0 }").unwrap();
+        assert!(bad
+            .validate(1)
+            .unwrap_err()
+            .to_string()
+            .contains("rl.rollout_is.threshold"));
+        assert!(toml::from_str::<RlConfig>("empty_rows = \"drop\"").is_err());
         assert!(proxy::<Dispatch>(vec![], Aggregator::Mean).is_err());
     }
 
