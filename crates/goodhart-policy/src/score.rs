@@ -69,19 +69,8 @@ pub fn score<B: Backend>(
     attention_mask: Tensor<B, 2>,
     temperature: f64,
 ) -> Result<TokenScores<B>> {
-    check_temperature(temperature)?;
     let [b, t] = tokens.dims();
-    if t < 2 {
-        return Err(GoodhartError::invalid(
-            "tokens",
-            "scoring needs at least two positions (a context and a token)",
-        ));
-    }
-    // The last position predicts nothing here: its hidden state skips the LM head.
-    let hidden = model
-        .trunk
-        .forward(tokens.clone(), attention_mask.clone())?;
-    let logits = model.logits(hidden.narrow(1, 0, t - 1));
+    let logits = predicting_logits(model, tokens.clone(), &attention_mask, temperature)?;
     let (lp, ent) = logprobs_from_logits(logits, tokens.narrow(1, 1, t - 1), temperature);
     let zero = Tensor::<B, 2>::zeros([b, 1], &lp.device());
     let align =
@@ -90,6 +79,27 @@ pub fn score<B: Backend>(
         logprobs: align(lp),
         entropy: align(ent),
     })
+}
+
+/// The logits `[B, T - 1, V]` that predict tokens `1..T`, after checking the temperature
+/// and that there are two positions. The last position predicts nothing here: its hidden
+/// state skips the LM head.
+fn predicting_logits<B: Backend>(
+    model: &TransformerLm<B>,
+    tokens: Tensor<B, 2, Int>,
+    attention_mask: &Tensor<B, 2>,
+    temperature: f64,
+) -> Result<Tensor<B, 3>> {
+    check_temperature(temperature)?;
+    let [_, t] = tokens.dims();
+    if t < 2 {
+        return Err(GoodhartError::invalid(
+            "tokens",
+            "scoring needs at least two positions (a context and a token)",
+        ));
+    }
+    let hidden = model.trunk.forward(tokens, attention_mask.clone())?;
+    Ok(model.logits(hidden.narrow(1, 0, t - 1)))
 }
 
 /// `sum_v pi(v | token_<t)^2` of the next-token distribution at temperature
@@ -102,16 +112,8 @@ pub fn sum_pi_squared<B: Backend>(
     attention_mask: Tensor<B, 2>,
     temperature: f64,
 ) -> Result<Tensor<B, 2>> {
-    check_temperature(temperature)?;
     let [b, t] = tokens.dims();
-    if t < 2 {
-        return Err(GoodhartError::invalid(
-            "tokens",
-            "scoring needs at least two positions (a context and a token)",
-        ));
-    }
-    let hidden = model.trunk.forward(tokens, attention_mask.clone())?;
-    let logits = model.logits(hidden.narrow(1, 0, t - 1)) / temperature;
+    let logits = predicting_logits(model, tokens, &attention_mask, temperature)? / temperature;
     let p = log_softmax(logits, 2).exp();
     let sp = (p.clone() * p).sum_dim(2).reshape([b, t - 1]);
     let zero = Tensor::<B, 2>::zeros([b, 1], &sp.device());
