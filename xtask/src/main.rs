@@ -3,7 +3,7 @@
 //! ```text
 //! cargo xtask run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set k=v]... [--seed N]
 //!                 [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
-//!                                                                      run an experiment (default: lab)
+//!                 [--on-nan error|skip-batch]                          run an experiment (default: lab)
 //! cargo xtask list                                                     presets and every registered method
 //! cargo xtask test [ARGS...]                                           all tests, on every available backend
 //! cargo xtask bench [NAME...] [--device D]                             benchmarks
@@ -39,7 +39,7 @@ const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report> [ARGS
 
   run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
       [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
-                                                         run an experiment (default preset: lab)
+      [--on-nan error|skip-batch]                        run an experiment (default preset: lab)
   sweep [PRESET | FILE.toml] [--set key=value]...        one run per point of the [sweep] section
   list                                                   presets and every registered method
   test [ARGS...]                                         all tests on ndarray, then on wgpu if a

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo xtask run [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N]
 //!                 [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
+//!                 [--on-nan error|skip-batch]
 //! cargo xtask sweep [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N] [--out DIR]
 //! ```
 
@@ -15,7 +16,9 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use goodhart_core::device::DeviceSpec;
-use goodhart_train::{config::ExperimentConfig, experiments, presets, runner::Runner};
+use goodhart_train::{
+    config::ExperimentConfig, experiments, policy_gradient::OnNan, presets, runner::Runner,
+};
 use serde_json::Value;
 
 use crate::take_device;
@@ -33,6 +36,8 @@ struct Args {
     no_repair: bool,
     /// `--max-memory GIB`: the estimate a config may need (default: 3/4 of the machine's).
     max_memory: f64,
+    /// `--on-nan error|skip-batch`: what an RL step with a non-finite quantity does.
+    on_nan: OnNan,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -47,6 +52,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         resume: None,
         no_repair: false,
         max_memory: goodhart_train::memory::default_limit(),
+        on_nan: OnNan::Error,
     };
     let mut seed = None;
     let mut it = args.into_iter();
@@ -70,6 +76,14 @@ fn parse_args(args: &[String]) -> Result<Args> {
             }
             "--resume" => parsed.resume = Some(PathBuf::from(value("--resume")?)),
             "--no-repair" => parsed.no_repair = true,
+            "--on-nan" => {
+                let v = value("--on-nan")?;
+                parsed.on_nan = match v.as_str() {
+                    "error" => OnNan::Error,
+                    "skip-batch" => OnNan::SkipBatch,
+                    _ => bail!("--on-nan `{v}`: expected `error` or `skip-batch`"),
+                };
+            }
             "--max-memory" => {
                 let v = value("--max-memory")?;
                 let gib: f64 = v
@@ -161,11 +175,14 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Runner::resume(dir)
             .map_err(|e| anyhow!("{e}"))?
             .repair(!args.no_repair)
+            .on_nan(args.on_nan)
     } else {
         let (text, origin) = config_text(args.target.as_deref())?;
         let config =
             ExperimentConfig::parse(&text, &args.sets).map_err(|e| anyhow!("{origin}: {e}"))?;
-        Runner::create_limited(&args.out, config, args.max_memory).map_err(|e| anyhow!("{e}"))?
+        Runner::create_limited(&args.out, config, args.max_memory)
+            .map_err(|e| anyhow!("{e}"))?
+            .on_nan(args.on_nan)
     };
     execute(runner, args.device)?;
     Ok(ExitCode::SUCCESS)
@@ -204,8 +221,9 @@ pub fn sweep(args: &[String]) -> Result<ExitCode> {
                 }
             })
             .collect();
-        let runner =
-            Runner::create_limited(&root, point, args.max_memory).map_err(|e| anyhow!("{e}"))?;
+        let runner = Runner::create_limited(&root, point, args.max_memory)
+            .map_err(|e| anyhow!("{e}"))?
+            .on_nan(args.on_nan);
         execute(runner, args.device)?;
     }
     Ok(ExitCode::SUCCESS)

@@ -188,7 +188,7 @@ pub fn check_max_grad_norm(max_norm: f64) -> Result<()> {
 /// norm of all its parameters' gradients taken together: PyTorch's `clip_grad_norm_`,
 /// which verl, TRL and CleanRL call (burn's own `GradientClippingConfig::Norm` clips each
 /// parameter tensor on its own). Returns the gradients and `norm` before clipping, read
-/// back once; `max_norm = 0` turns clipping off and measures nothing (`None`).
+/// back once; `max_norm = 0` turns clipping off (`None`), but the norm is still checked.
 ///
 /// Errors: `max_norm` negative or NaN ([`GoodhartError::InvalidArgument`]); a non-finite
 /// norm ([`GoodhartError::NonFinite`]), so that no optimiser step is taken on it.
@@ -198,9 +198,6 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     max_norm: f64,
 ) -> Result<(GradientsParams, Option<f64>)> {
     check_max_grad_norm(max_norm)?;
-    if max_norm == 0.0 {
-        return Ok((grads, None));
-    }
     struct SquaredNorm<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
         sums: Vec<Tensor<B::InnerBackend, 1>>,
@@ -240,6 +237,9 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         return Err(GoodhartError::NonFinite {
             what: format!("gradient norm ({norm})"),
         });
+    }
+    if max_norm == 0.0 {
+        return Ok((grads, None));
     }
     let factor = (max_norm / (norm + 1e-6)).min(1.0);
     if factor < 1.0 {
@@ -345,6 +345,10 @@ mod tests {
             let y = lin.forward(Tensor::<A<B>, 2>::from_floats([[f32::NAN]], device));
             let nan = GradientsParams::from_grads(y.sum().backward(), &lin);
             assert!(matches!(clip_grad_norm(&lin, nan, 1.0), Err(GoodhartError::NonFinite { .. })));
+            // Also with clipping off.
+            let y = lin.forward(Tensor::<A<B>, 2>::from_floats([[f32::NAN]], device));
+            let nan = GradientsParams::from_grads(y.sum().backward(), &lin);
+            assert!(matches!(clip_grad_norm(&lin, nan, 0.0), Err(GoodhartError::NonFinite { .. })));
         }
     }
 }

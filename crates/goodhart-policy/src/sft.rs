@@ -204,7 +204,7 @@ pub fn train<B: AutodiffBackend>(
     let mut rng = seed::rng(config.seed, "sft-data");
     let mut order: Vec<usize> = Vec::new();
     let mut losses = Vec::with_capacity(config.steps);
-    for _ in 0..config.steps {
+    for step in 0..config.steps {
         if order.len() < config.batch_size {
             let mut epoch: Vec<usize> = (0..data.len()).collect();
             epoch.shuffle(&mut rng);
@@ -216,7 +216,14 @@ pub fn train<B: AutodiffBackend>(
             .collect();
         let batch = collate(&picked, config.pad_id, &device)?;
         let loss = nll(&model, &batch)?;
-        losses.push(loss.clone().into_scalar().to_f32());
+        let value = loss.clone().into_scalar().to_f32();
+        if !value.is_finite() {
+            // Before the update: the model stays at its last finite state.
+            return Err(GoodhartError::NonFinite {
+                what: format!("sft loss at step {step}"),
+            });
+        }
+        losses.push(value);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let (grads, _) = clip_grad_norm(&model, grads, f64::from(config.max_grad_norm))?;
         model = optim.step(config.lr, model, grads);
@@ -373,6 +380,19 @@ mod tests {
             assert!(after < 1.1 * h, "held-out NLL {after} vs entropy rate {h}");
             // No model beats the source on average; allow sampling noise of the held-out set.
             assert!(after > 0.95 * h);
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn a_diverging_run_stops_at_the_first_non_finite_loss<B>(device) {
+            // lr 1e30: the first AdamW step sends the weights to ~1e30, so the next
+            // forward overflows; training stops there, naming the step.
+            let data: Vec<SftExample> = (0..8).map(|i| SftExample::new(vec![1, 2 + i % 3, 3, 4])).collect();
+            B::seed(device, 1);
+            let model = TransformerConfig::new(8, 16, 1, 2, 8).init::<Autodiff<B>>(device).unwrap();
+            let sft = SftConfig::new().with_lr(1e30).with_steps(5).with_batch_size(4);
+            let err = train(model, &data, &sft).unwrap_err();
+            assert_eq!(err, GoodhartError::NonFinite { what: "sft loss at step 1".into() });
         }
     }
 }

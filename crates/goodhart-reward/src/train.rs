@@ -323,9 +323,13 @@ pub fn train_reward_model<B: AutodiffBackend>(
                 Some(margins),
                 &config.loss,
             )?;
-            losses.push(burn::tensor::cast::ToElement::to_f32(
-                &loss.clone().into_scalar(),
-            ));
+            let value = burn::tensor::cast::ToElement::to_f32(&loss.clone().into_scalar());
+            if !value.is_finite() {
+                return Err(GoodhartError::NonFinite {
+                    what: format!("reward-model loss at batch {}", losses.len()),
+                });
+            }
+            losses.push(value);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(config.lr, model, grads);
         }

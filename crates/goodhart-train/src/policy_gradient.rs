@@ -62,7 +62,7 @@ use goodhart_core::{
     aggregate::{EmptyRows, GlobalBatch, LossAggregation},
     batch::RolloutBatch,
     groups::Groups,
-    ops::{group_stats, zero_masked},
+    ops::{check_finite, check_finite_masked, group_stats, zero_masked},
     params::clip_grad_norm,
     seed, GoodhartError, Result,
 };
@@ -171,6 +171,10 @@ pub struct RlConfig {
     pub overlong_filter: bool,
     /// The value head of `advantage = { kind = "gae" }` (ignored otherwise).
     pub critic: CriticConfig,
+    /// What a non-finite reward, advantage, loss or gradient does: set by `cargo xtask run
+    /// --on-nan`, not by the config file (it changes nothing in a run without one).
+    #[serde(skip)]
+    pub on_nan: OnNan,
     /// Clip of the gradient norm over all parameters together
     /// ([`goodhart_core::params::clip_grad_norm`], as verl and TRL clip; 0 = off; default
     /// 1.0, their value).
@@ -202,6 +206,7 @@ impl Default for RlConfig {
             dynamic_sampling: None,
             overlong_filter: false,
             critic: CriticConfig::default(),
+            on_nan: OnNan::Error,
             max_grad_norm: 1.0,
         }
     }
@@ -257,6 +262,35 @@ impl Default for CriticConfig {
             lr: 1e-3,
             value_loss: ValueLossConfig::default(),
         }
+    }
+}
+
+/// What a non-finite reward, advantage, loss or gradient does to an RL step
+/// (`cargo xtask run --on-nan error|skip-batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNan {
+    /// Stop with [`GoodhartError::NonFinite`] naming the step and the quantity, before
+    /// any update from the batch (the default).
+    #[default]
+    Error,
+    /// Drop the batch: no update from it (an epoch already taken on it stays), no line for
+    /// its step, and every later line counts the dropped batches in `nan/skipped`. State
+    /// the batch already fed (running reward statistics of shaping) is not rolled back.
+    SkipBatch,
+}
+
+/// Under [`OnNan::Error`], the error for a non-finite `what` at `step`; under
+/// [`OnNan::SkipBatch`], `Ok` (the caller drops the batch).
+fn drop_batch(on_nan: OnNan, step: usize, what: &str) -> Result<()> {
+    match on_nan {
+        OnNan::Error => Err(GoodhartError::NonFinite {
+            what: format!(
+                "{what} at rl step {step} (no update was made from that batch; \
+                 `--on-nan skip-batch` drops such batches instead)"
+            ),
+        }),
+        OnNan::SkipBatch => Ok(()),
     }
 }
 
@@ -1434,7 +1468,9 @@ pub fn train<B: AutodiffBackend>(
     let n = p * g;
     let to_ad = |t: Tensor<B::InnerBackend, 2>| Tensor::<B, 2>::from_inner(t);
     let to_ad1 = |t: Tensor<B::InnerBackend, 1>| Tensor::<B, 1>::from_inner(t);
-    for step in 0..cfg.steps {
+    // Batches dropped for a non-finite quantity (`OnNan::SkipBatch`).
+    let mut skipped = 0usize;
+    'steps: for step in 0..cfg.steps {
         let mut timings = StepTimings::default();
         let t_step = clock::<B>(device)?;
         // 1-3. Prompts, rollout with the current policy (no autodiff), rewards.
@@ -1453,6 +1489,20 @@ pub fn train<B: AutodiffBackend>(
             device,
         )?;
         let mask = batch.response.clone();
+        for (what, finite) in [
+            ("proxy reward", check_finite(&batch.proxy, "").is_ok()),
+            (
+                "trained reward",
+                check_finite(&batch.scores.train, "").is_ok(),
+            ),
+            ("gold reward", batch.gold.iter().all(|g| g.is_finite())),
+        ] {
+            if !finite {
+                drop_batch(cfg.on_nan, step, what)?;
+                skipped += 1;
+                continue 'steps;
+            }
+        }
         // 4. Log-probs of the sampling policy and the reference.
         let t0 = clock::<B>(device)?;
         let old = score(
@@ -1612,6 +1662,11 @@ pub fn train<B: AutodiffBackend>(
                 .collect::<Result<Vec<_>>>()?;
             adv = c.mix_advantages(a_kl, &parts)?;
         }
+        if check_finite_masked(&adv, &mask, "").is_err() {
+            drop_batch(cfg.on_nan, step, "advantages")?;
+            skipped += 1;
+            continue 'steps;
+        }
         // The loss mask: overlong filtering, then the sample filter.
         let mut loss_mask = mask.clone();
         if cfg.overlong_filter {
@@ -1731,9 +1786,9 @@ pub fn train<B: AutodiffBackend>(
             names.insert(0, "loss");
             let values = host(Tensor::cat(parts, 0))?;
             if !values[0].is_finite() {
-                return Err(GoodhartError::NonFinite {
-                    what: format!("rl loss at step {step}"),
-                });
+                drop_batch(cfg.on_nan, step, "rl loss")?;
+                skipped += 1;
+                continue 'steps;
             }
             for (name, v) in names.iter().zip(&values) {
                 let key = match *name {
@@ -1746,7 +1801,14 @@ pub fn train<B: AutodiffBackend>(
             let t0 = clock::<B>(device)?;
             let grads = GradientsParams::from_grads(loss.backward(), &policy);
             timings.update += since::<B>(t0, device)?;
-            let (grads, norm) = clip_grad_norm(&policy, grads, cfg.max_grad_norm)?;
+            let (grads, norm) = match clip_grad_norm(&policy, grads, cfg.max_grad_norm) {
+                Err(GoodhartError::NonFinite { .. }) => {
+                    drop_batch(cfg.on_nan, step, "policy gradient")?;
+                    skipped += 1;
+                    continue 'steps;
+                }
+                other => other?,
+            };
             if let Some(norm) = norm {
                 add("grad_norm", norm);
             }
@@ -1773,15 +1835,19 @@ pub fn train<B: AutodiffBackend>(
                     vec![vl.loss.clone().inner(), vl.clip_frac.clone().inner()],
                     0,
                 ))?;
-                if !values[0].is_finite() {
-                    return Err(GoodhartError::NonFinite {
-                        what: format!("value loss at step {step}"),
-                    });
-                }
+                let grads = GradientsParams::from_grads(vl.loss.backward(), &model);
+                let grads = match clip_grad_norm(&model, grads, cfg.max_grad_norm) {
+                    Ok((grads, _)) if values[0].is_finite() => grads,
+                    Ok(_) | Err(GoodhartError::NonFinite { .. }) => {
+                        drop_batch(cfg.on_nan, step, "value loss or gradient")?;
+                        critic = Some((model, opt));
+                        skipped += 1;
+                        continue 'steps;
+                    }
+                    Err(e) => return Err(e),
+                };
                 add("critic/value_loss", values[0]);
                 add("critic/clip_frac", values[1]);
-                let grads = GradientsParams::from_grads(vl.loss.backward(), &model);
-                let (grads, _) = clip_grad_norm(&model, grads, cfg.max_grad_norm)?;
                 let model = opt.step(cfg.critic.lr, model, grads);
                 timings.update += since::<B>(t0, device)?;
                 critic = Some((model, opt));
@@ -1816,6 +1882,9 @@ pub fn train<B: AutodiffBackend>(
             .or_insert(0.0);
         for (k, v) in sums {
             metrics.insert(k, v / cfg.epochs as f64);
+        }
+        if cfg.on_nan == OnNan::SkipBatch {
+            metrics.insert("nan/skipped".into(), skipped as f64);
         }
         if let Some((_, stats)) = &rollout_is {
             metrics.insert("rollout_is/mean".into(), stats[0]);
@@ -2014,6 +2083,99 @@ mod tests {
             },
         )?;
         Ok(out)
+    }
+
+    /// The language's gold, but NaN for every response on call `nan_at` (a source that
+    /// breaks the finite-values contract).
+    struct FlakyGold<'a> {
+        inner: LanguageGold<'a>,
+        calls: std::cell::Cell<usize>,
+        nan_at: usize,
+    }
+
+    impl<B: Backend> RewardSource<B> for FlakyGold<'_> {
+        fn name(&self) -> &str {
+            GOLD
+        }
+
+        fn score(&self, input: &Sequences<B>) -> Result<RewardOutput<B>> {
+            let mut out = RewardSource::<B>::score(&self.inner, input)?;
+            let call = self.calls.replace(self.calls.get() + 1);
+            if call == self.nan_at {
+                out.reward = out.reward * f32::NAN;
+            }
+            Ok(out)
+        }
+    }
+
+    #[test]
+    fn a_non_finite_reward_stops_the_run_or_drops_its_batch() {
+        let device = cpu();
+        let l = lang();
+        let run = |on_nan: OnNan| {
+            let (policy, reference, proxy) = setup::<Cpu>(&l, 1, &device);
+            let gold = FlakyGold {
+                inner: LanguageGold::new(&l),
+                calls: Default::default(),
+                nan_at: 1,
+            };
+            let cfg = RlConfig {
+                steps: 3,
+                on_nan,
+                ..small()
+            };
+            let mut lines = Vec::new();
+            train::<Cpu>(
+                &cfg,
+                &l,
+                policy,
+                &reference,
+                &proxy,
+                &gold,
+                5,
+                &device,
+                &mut |m| {
+                    lines.push(m.clone());
+                    Ok(())
+                },
+            )
+            .map(|_| lines)
+        };
+        let err = run(OnNan::Error).unwrap_err().to_string();
+        assert!(
+            err.contains("gold reward at rl step 1") && err.contains("--on-nan skip-batch"),
+            "{err}"
+        );
+        // Skipping: step 1 has no line and no update; the next line counts it.
+        let lines = run(OnNan::SkipBatch).unwrap();
+        let steps: Vec<usize> = lines.iter().map(|l| l.step).collect();
+        assert_eq!(steps, [0, 2]);
+        assert_eq!(lines[0].get("nan/skipped"), 0.0);
+        assert_eq!(lines[1].get("nan/skipped"), 1.0);
+        assert!(lines[1].get("loss").is_finite());
+        // Without a fault, skip-batch changes nothing but the added count.
+        let clean = run_cpu(
+            &RlConfig {
+                steps: 3,
+                ..small()
+            },
+            1,
+        )
+        .unwrap();
+        let quiet = run_cpu(
+            &RlConfig {
+                steps: 3,
+                on_nan: OnNan::SkipBatch,
+                ..small()
+            },
+            1,
+        )
+        .unwrap();
+        for (a, b) in clean.iter().zip(&quiet) {
+            let mut b = b.metrics.clone();
+            assert_eq!(b.remove("nan/skipped"), Some(0.0));
+            assert_eq!(a.metrics, b);
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     config::ExperimentConfig,
+    policy_gradient::OnNan,
     run_dir::{write_atomic, RunDir, RunDirError},
 };
 
@@ -191,6 +192,8 @@ pub struct Runner {
     repaired: usize,
     /// Whether a damaged file re-runs its stage (else it is an error).
     repair: bool,
+    /// What the RL stages do with a non-finite reward, advantage, loss or gradient.
+    on_nan: OnNan,
     /// Records whose checksums hold in this process: written by it, or checked once.
     checked: std::collections::BTreeSet<usize>,
     quiet: bool,
@@ -305,6 +308,7 @@ impl Runner {
             skipped: 0,
             repaired: 0,
             repair: true,
+            on_nan: OnNan::Error,
             checked: Default::default(),
             quiet: false,
             started: Instant::now(),
@@ -344,6 +348,19 @@ impl Runner {
     pub fn repair(mut self, repair: bool) -> Self {
         self.repair = repair;
         self
+    }
+
+    /// What the RL stages do with a non-finite reward, advantage, loss or gradient
+    /// (default [`OnNan::Error`]: the stage fails, naming the step and the quantity, and
+    /// `--resume` runs it again).
+    pub fn on_nan(mut self, on_nan: OnNan) -> Self {
+        self.on_nan = on_nan;
+        self
+    }
+
+    /// The policy set by [`on_nan`](Self::on_nan).
+    pub fn nan_policy(&self) -> OnNan {
+        self.on_nan
     }
 
     /// The path of checkpoint `name` (under `checkpoints/`; sub-directories are created).

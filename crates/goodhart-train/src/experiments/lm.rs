@@ -232,6 +232,10 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
 ) -> Result<Trace> {
     let (pairs, k, aggregation) = proxy;
     let checkpoints = runner.dir().checkpoints();
+    let pg = &RlConfig {
+        on_nan: runner.nan_policy(),
+        ..pg.clone()
+    };
     runner.stage(name, |log| {
         // Loaded only when the stage runs: a completed stage needs none of them.
         let policy = load_base::<B>(&checkpoints, config, seed, device, name)?;
