@@ -228,7 +228,7 @@ fn fit_member<B: AutodiffBackend>(
     cfg: &ProxyConfig,
     train: &Preferences,
     held: &Preferences,
-    samples: &[(Vec<u32>, Vec<u32>)],
+    samples: &Samples,
     member_seed: u64,
     device: &B::Device,
 ) -> Result<(RewardModel<B>, ProxyReport)> {
@@ -242,28 +242,46 @@ fn fit_member<B: AutodiffBackend>(
         &cfg.train_config(seed::derive(member_seed, "proxy/order")),
     )?;
     let inner = model.valid();
-    let proxy = score_responses(&inner, samples, device)?;
-    let gold = samples
-        .iter()
-        .map(|(p, r)| lang.gold(p, r))
-        .collect::<Result<Vec<_>>>()?;
+    let proxy = score_responses(&inner, &samples.responses, device)?;
+    if proxy.iter().all(|&x| x == proxy[0]) {
+        return Err(GoodhartError::invalid(
+            "proxy",
+            format!(
+                "the trained proxy (seed {member_seed}) gives every one of the {} \
+                 correlation samples the same score {}: it learned no preference \
+                 (proxy.lr, proxy.epochs, proxy.pairs)",
+                proxy.len(),
+                proxy[0]
+            ),
+        ));
+    }
+    let gold = &samples.gold;
     Ok((
         model,
         ProxyReport {
             train_acc: report.train_accuracy as f64,
             heldout_acc: report.eval_accuracy.unwrap_or(f32::NAN) as f64,
-            gold_pearson: goodhart_metrics::stats::pearson(&proxy, &gold)?,
+            gold_pearson: goodhart_metrics::stats::pearson(&proxy, gold)?,
             pairs: train.len(),
         },
     ))
 }
 
+/// Responses of the language and their gold, on which a proxy's correlation with gold is
+/// measured.
+struct Samples {
+    responses: Vec<(Vec<u32>, Vec<u32>)>,
+    gold: Vec<f64>,
+}
+
 /// The data of a proxy run: training pairs, clean held-out pairs, correlation samples.
+/// Errors before any training when the samples' gold has no spread (the correlation
+/// would be undefined).
 fn proxy_data(
     lang: &Language,
     cfg: &ProxyConfig,
     seed: u64,
-) -> Result<(Preferences, Preferences, Vec<(Vec<u32>, Vec<u32>)>)> {
+) -> Result<(Preferences, Preferences, Samples)> {
     cfg.validate(lang)?;
     let train = to_preferences(lang.preference_pairs(
         cfg.pairs,
@@ -276,13 +294,28 @@ fn proxy_data(
         seed::derive(seed, "proxy/heldout"),
     )?)?;
     let mut rng = seed::rng(seed, "proxy/pearson");
-    let samples = (0..cfg.pearson_samples)
+    let responses: Vec<_> = (0..cfg.pearson_samples)
         .map(|_| {
             let t = rng.random_range(0..lang.config().topics);
             (lang.prompt(t), lang.sample_response(t, &mut rng))
         })
         .collect();
-    Ok((train, held, samples))
+    let gold = responses
+        .iter()
+        .map(|(p, r)| lang.gold(p, r))
+        .collect::<Result<Vec<_>>>()?;
+    if gold.iter().all(|&g| g == gold[0]) {
+        return Err(GoodhartError::invalid(
+            "language",
+            format!(
+                "every one of the {} correlation samples (proxy.pearson_samples) has gold {}: \
+                 this language's gold has no spread to learn or to measure against",
+                gold.len(),
+                gold[0]
+            ),
+        ));
+    }
+    Ok((train, held, Samples { responses, gold }))
 }
 
 /// Trains one proxy reward model on `cfg.pairs` noisy gold-labelled pairs (see the module
@@ -332,6 +365,32 @@ mod tests {
 
     fn lang() -> Language {
         Language::new(LanguageConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn a_gold_without_spread_is_refused_before_training() {
+        // No favoured words and no penalties: every response's gold is 0. pearson used to
+        // fail after training, naming its argument `y`.
+        let flat = Language::new(LanguageConfig {
+            favoured_per_topic: 0,
+            rep_penalty: 0.0,
+            len_penalty: 0.0,
+            ..Default::default()
+        })
+        .unwrap();
+        let device = goodhart_core::device::cpu();
+        let err = train_proxy::<Autodiff<goodhart_core::device::Dispatch>>(
+            &flat,
+            &ProxyConfig::default(),
+            0,
+            &device,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`language`") && err.contains("no spread"),
+            "{err}"
+        );
     }
 
     #[test]
