@@ -2,12 +2,13 @@
 //!
 //! ```text
 //! cargo xtask run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set k=v]... [--seed N]
-//!                 [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
-//!                 [--on-nan error|skip-batch]                          run an experiment (default: lab)
+//!                 [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
+//!                 [--max-memory GIB] [--on-nan error|skip-batch]       run an experiment (default: lab)
 //! cargo xtask list                                                     presets and every registered method
 //! cargo xtask test [ARGS...]                                           all tests, on every available backend
 //! cargo xtask bench [NAME...] [--device D]                             benchmarks
 //! cargo xtask report RUN_DIR                                           write RUN_DIR/report.html
+//! cargo xtask fuzz [TARGET...] [--runs N]                              the cargo-fuzz targets (nightly)
 //! cargo xtask sweep [PRESET | FILE.toml] [--set k=v]... [--device D]  one run per [sweep] point
 //! ```
 //!
@@ -25,6 +26,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 mod bench;
+mod fuzz;
 mod list;
 mod report;
 mod run;
@@ -35,17 +37,18 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use goodhart_core::device::DeviceSpec;
 
-const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report> [ARGS...]
+const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report|fuzz> [ARGS...]
 
   run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
-      [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
-      [--on-nan error|skip-batch]                        run an experiment (default preset: lab)
+      [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
+      [--max-memory GIB] [--on-nan error|skip-batch]     run an experiment (default preset: lab)
   sweep [PRESET | FILE.toml] [--set key=value]...        one run per point of the [sweep] section
   list                                                   presets and every registered method
   test [ARGS...]                                         all tests on ndarray, then on wgpu if a
                                                          Vulkan driver is present
   bench [NAME...] [--device D]                           benchmarks (`bench --list` names them)
-  report RUN_DIR                                         write RUN_DIR/report.html, print its path";
+  report RUN_DIR                                         write RUN_DIR/report.html, print its path
+  fuzz [TARGET...] [--runs N]                            the cargo-fuzz targets (nightly; not in CI)";
 
 /// The first panic's message and place since the last [`take_panic`], kept by [`main`]'s
 /// hook (a GPU runtime's worker thread often panics first, with the reason).
@@ -102,6 +105,7 @@ fn real_main() -> Result<ExitCode> {
         "bench" => bench::run(&rest),
         "report" => report::run(&rest),
         "sweep" => run::sweep(&rest),
+        "fuzz" => fuzz::run(&rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! cargo xtask run [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N]
-//!                 [--out DIR] [--resume RUN_DIR [--no-repair]] [--max-memory GIB]
-//!                 [--on-nan error|skip-batch]
+//!                 [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
+//!                 [--max-memory GIB] [--on-nan error|skip-batch]
 //! cargo xtask sweep [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N] [--out DIR]
 //! ```
 
@@ -34,6 +34,9 @@ struct Args {
     resume: Option<PathBuf>,
     /// `--no-repair`: a damaged checkpoint is an error instead of re-running its stage.
     no_repair: bool,
+    /// `--rerun-changed`: with `--resume`, an edited config re-runs the completed stages
+    /// that read what changed (and every later one) instead of being refused.
+    rerun_changed: bool,
     /// `--max-memory GIB`: the estimate a config may need (default: 3/4 of the machine's).
     max_memory: f64,
     /// `--on-nan error|skip-batch`: what an RL step with a non-finite quantity does.
@@ -51,6 +54,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         out_given: false,
         resume: None,
         no_repair: false,
+        rerun_changed: false,
         max_memory: goodhart_train::memory::default_limit(),
         on_nan: OnNan::Error,
     };
@@ -76,6 +80,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             }
             "--resume" => parsed.resume = Some(PathBuf::from(value("--resume")?)),
             "--no-repair" => parsed.no_repair = true,
+            "--rerun-changed" => parsed.rerun_changed = true,
             "--on-nan" => {
                 let v = value("--on-nan")?;
                 parsed.on_nan = match v.as_str() {
@@ -168,11 +173,19 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let args = parse_args(args)?;
     check_device(args.device)?;
     probe_device(args.device)?;
+    if args.rerun_changed && args.resume.is_none() {
+        bail!("--rerun-changed goes with --resume RUN_DIR");
+    }
     let runner = if let Some(dir) = &args.resume {
         if args.target.is_some() || !args.sets.is_empty() || args.out_given {
             bail!("--resume continues a run in its own directory with its own config.toml: drop the preset, file, --set, --seed and --out");
         }
-        Runner::resume(dir)
+        let reopen = if args.rerun_changed {
+            Runner::resume_rerunning_changed
+        } else {
+            Runner::resume
+        };
+        reopen(dir)
             .map_err(|e| anyhow!("{e}"))?
             .repair(!args.no_repair)
             .on_nan(args.on_nan)
@@ -193,7 +206,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 pub fn sweep(args: &[String]) -> Result<ExitCode> {
     let args = parse_args(args)?;
     check_device(args.device)?;
-    if args.resume.is_some() || args.no_repair {
+    if args.resume.is_some() || args.no_repair || args.rerun_changed {
         bail!("resume one point of a sweep with `cargo xtask run --resume RUN_DIR`");
     }
     probe_device(args.device)?;

@@ -73,13 +73,15 @@ pub enum RunError {
         /// The run directory.
         path: PathBuf,
     },
-    /// `config.toml` was edited after the run started.
-    #[error("cannot resume `{path}`: config.toml differs from the configuration the run started with, at {}", keys.join(", "))]
+    /// `config.toml` was edited after the run started, in sections completed stages read.
+    #[error("cannot resume `{path}`: config.toml differs from the configuration the run started with, at {}; completed stages that read it: {} (`--rerun-changed` runs them and every later stage again)", keys.join(", "), stages.join(", "))]
     ConfigChanged {
         /// The run directory.
         path: PathBuf,
         /// The changed key paths.
         keys: Vec<String>,
+        /// The completed stages whose config sections changed.
+        stages: Vec<String>,
     },
     /// A file written by a completed stage no longer matches its checksum.
     #[error("stage `{stage}`: `{file}` is damaged ({reason}); resuming with repair (the default; `cargo xtask run --resume` without `--no-repair`) re-runs the stage")]
@@ -140,6 +142,38 @@ struct StageRecord {
     /// The files the stage wrote under `checkpoints/`, with their CRC-32.
     #[serde(default)]
     files: BTreeMap<String, u32>,
+    /// CRC-32 of the config sections the stage reads ([`sections_crc`]); `None` in runs
+    /// from before it was recorded (then any edit counts as touching the stage).
+    #[serde(default)]
+    config_crc: Option<u32>,
+}
+
+/// The top-level config sections a stage reads, by its name's experiment prefix; `None`
+/// (every section) for a name no experiment writes.
+fn stage_sections(name: &str) -> Option<&'static [&'static str]> {
+    let mut parts = name.split('/');
+    Some(match (parts.next(), parts.next()) {
+        (Some("tomato"), _) => &["seed", "tomato"],
+        (Some("lm"), Some("sft")) => &["seed", "language", "sft"],
+        (Some("lm"), Some("proxy")) => &["seed", "language", "proxy"],
+        (Some("overopt"), Some("bon")) => &["seed", "language", "sft", "proxy", "overopt"],
+        (Some("overopt"), _) => &["seed", "language", "sft", "proxy", "rl", "overopt"],
+        (Some("mitigations"), _) => &["seed", "language", "sft", "proxy", "rl", "mitigations"],
+        _ => return None,
+    })
+}
+
+/// CRC-32 of the TOML of the sections of `config` that stage `name` reads.
+fn sections_crc(config: &str, name: &str) -> u32 {
+    let table: toml::Table = config.parse().unwrap_or_default();
+    let picked: toml::Table = match stage_sections(name) {
+        Some(keys) => keys
+            .iter()
+            .filter_map(|k| table.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect(),
+        None => table,
+    };
+    crc(toml::to_string(&picked).unwrap_or_default().as_bytes())
 }
 
 fn crc(bytes: &[u8]) -> u32 {
@@ -249,7 +283,22 @@ impl Runner {
 
     /// Reopens an interrupted run: reads its `config.toml` and progress and cuts
     /// `metrics.jsonl` and `samples.jsonl` back to the lines of its completed stages.
+    ///
+    /// An edited `config.toml` is taken when no completed stage reads the sections it
+    /// changed (the stages still to run use it); otherwise [`RunError::ConfigChanged`]
+    /// names the keys and those stages. See [`resume_rerunning_changed`](Self::resume_rerunning_changed).
     pub fn resume(path: &Path) -> Result<Self> {
+        Self::reopen(path, false)
+    }
+
+    /// [`resume`](Self::resume), but an edit that touches completed stages drops the first
+    /// of them and every later one (their lines too), which then run again with the new
+    /// config (`cargo xtask run --resume DIR --rerun-changed`).
+    pub fn resume_rerunning_changed(path: &Path) -> Result<Self> {
+        Self::reopen(path, true)
+    }
+
+    fn reopen(path: &Path, rerun_changed: bool) -> Result<Self> {
         let dir = RunDir::open(path)?;
         let bad = |reason: String| RunError::Resume {
             path: path.to_path_buf(),
@@ -260,7 +309,7 @@ impl Runner {
             .map_err(|e| bad(format!("reading config.toml: {e}")))?;
         let config = ExperimentConfig::parse(&text, &[])?;
         let progress_path = dir.checkpoints().join(PROGRESS);
-        let progress: Progress = match fs::read_to_string(&progress_path) {
+        let mut progress: Progress = match fs::read_to_string(&progress_path) {
             Ok(t) => serde_json::from_str(&t)
                 .map_err(|e| bad(format!("{}: {e}", progress_path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -271,13 +320,32 @@ impl Runner {
             }
             Err(e) => return Err(bad(format!("{}: {e}", progress_path.display()))),
         };
+        let now = config.to_toml();
         if let Some(started) = &progress.config {
-            let keys = changed_keys(started, &config.to_toml());
+            let keys = changed_keys(started, &now);
             if !keys.is_empty() {
-                return Err(RunError::ConfigChanged {
-                    path: path.to_path_buf(),
-                    keys,
-                });
+                let touched: Vec<usize> = (0..progress.stages.len())
+                    .filter(|&i| {
+                        let s = &progress.stages[i];
+                        s.config_crc != Some(sections_crc(&now, &s.name))
+                    })
+                    .collect();
+                if let Some(&first) = touched.first() {
+                    if !rerun_changed {
+                        return Err(RunError::ConfigChanged {
+                            path: path.to_path_buf(),
+                            keys,
+                            stages: touched
+                                .iter()
+                                .map(|&i| progress.stages[i].name.clone())
+                                .collect(),
+                        });
+                    }
+                    progress.stages.truncate(first);
+                }
+                progress.config = Some(now.clone());
+                let bytes = serde_json::to_vec_pretty(&progress).map_err(|e| bad(e.to_string()))?;
+                write_atomic(&progress_path, &bytes)?;
             }
         }
         let keep = progress.stages.last().map_or(0, |s| s.lines);
@@ -471,6 +539,7 @@ impl Runner {
                 result_crc: Some(crc(&exact)),
                 result: Some(to_hex(&exact)),
                 files,
+                config_crc: Some(sections_crc(&self.config.to_toml(), name)),
             });
             self.done
                 .insert(name.to_string(), self.progress.stages.len() - 1);
@@ -776,15 +845,86 @@ mod tests {
         let text = fs::read_to_string(&path).unwrap();
         let edited = text.replacen("seed = 3", "seed = 4", 1);
         assert_ne!(text, edited);
-        fs::write(&path, edited).unwrap();
+        fs::write(&path, &edited).unwrap();
+        // No stage has completed: nothing read the seed yet, the edit is taken.
+        drop(Runner::resume(&dir).unwrap());
+        fs::write(&path, &text).unwrap();
+        drop(Runner::resume(&dir).unwrap());
+        // A completed stage (unknown to the experiments: it reads every section).
+        let calls = Cell::new(0);
+        {
+            let mut r = Runner::resume(&dir).unwrap().quiet(true);
+            two_stages(&mut r, &calls).unwrap();
+        }
+        fs::write(&path, &edited).unwrap();
         match Runner::resume(&dir) {
-            Err(RunError::ConfigChanged { keys, .. }) => assert_eq!(keys, ["seed"]),
+            Err(RunError::ConfigChanged { keys, stages, .. }) => {
+                assert_eq!(keys, ["seed"]);
+                assert_eq!(stages, ["one", "two"]);
+            }
             other => panic!("{other:?}"),
         }
+        fs::write(&path, &text).unwrap();
         // A missing progress.json is not a fresh start.
         fs::write(&path, text).unwrap();
         fs::remove_file(dir.join("checkpoints").join(PROGRESS)).unwrap();
         assert!(matches!(Runner::resume(&dir), Err(RunError::Resume { .. })));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_edit_reruns_only_from_the_first_stage_that_reads_it() {
+        let root = scratch("sections");
+        let calls: BTreeMap<&str, Cell<usize>> =
+            ["lm/sft/s3", "lm/proxy/p1/k1/s3", "mitigations/a/s3"]
+                .into_iter()
+                .map(|n| (n, Cell::new(0)))
+                .collect();
+        let run = |r: &mut Runner| -> Result<Vec<f64>> {
+            let steps = r.config().sft.steps as f64;
+            calls
+                .iter()
+                .map(|(name, c)| {
+                    r.stage(name, |log| {
+                        c.set(c.get() + 1);
+                        log.log(&Line::new(0, BTreeMap::from([("v".to_string(), steps)])))?;
+                        Ok(steps)
+                    })
+                })
+                .collect()
+        };
+        let dir = {
+            let mut r = Runner::create(&root, config()).unwrap().quiet(true);
+            run(&mut r).unwrap();
+            r.dir().path().to_path_buf()
+        };
+        let path = dir.join("config.toml");
+        let text = fs::read_to_string(&path).unwrap();
+        let mut edited: toml::Table = text.parse().unwrap();
+        edited["sft"]["steps"] = toml::Value::Integer(7);
+        fs::write(&path, toml::to_string(&edited).unwrap()).unwrap();
+        // The stages are iterated by name: lm/proxy, lm/sft, mitigations. lm/sft and
+        // mitigations read [sft]; lm/proxy does not.
+        match Runner::resume(&dir) {
+            Err(RunError::ConfigChanged { keys, stages, .. }) => {
+                assert_eq!(keys, ["sft.steps"]);
+                assert_eq!(stages, ["lm/sft/s3", "mitigations/a/s3"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut r = Runner::resume_rerunning_changed(&dir).unwrap().quiet(true);
+        let first = config().sft.steps as f64;
+        assert_ne!(first, 7.0);
+        assert_eq!(run(&mut r).unwrap(), [first, 7.0, 7.0]);
+        drop(r);
+        let counts: Vec<usize> = calls.values().map(Cell::get).collect();
+        // lm/proxy kept its result (1 call); the two after it ran again.
+        assert_eq!(counts, [1, 2, 2]);
+        // The lines: lm/proxy's first line, then the re-run stages' lines with 7.
+        let lines = goodhart_metrics::sink::read_lines(dir.join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.len(), 3);
+        // The edited config is now the run's: resuming again changes nothing.
+        drop(Runner::resume(&dir).unwrap());
         fs::remove_dir_all(&root).unwrap();
     }
 
