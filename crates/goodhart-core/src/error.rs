@@ -99,3 +99,16 @@ impl GoodhartError {
 
 /// Result alias used across goodhart.
 pub type Result<T, E = GoodhartError> = std::result::Result<T, E>;
+
+/// Runs `f`, turning a panic inside it into `Err` with the panic's message: for
+/// dependencies that panic on bad input where a `Result` is due (burn's record decoding
+/// `expect`s a valid parameter id). The process's panic hook still sees the panic.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
+}

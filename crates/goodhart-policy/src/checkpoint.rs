@@ -136,9 +136,11 @@ pub fn load_module<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
 ) -> Result<M, CheckpointError> {
     let path = path.with_extension("mpk");
     let expected = shapes(&template);
-    let loaded = template
-        .load_file(&path, &Recorder::new(), device)
-        .map_err(|e| file_error(&path, e))?;
+    // burn panics on some corrupt records (an invalid parameter id): an error here.
+    let loaded =
+        goodhart_core::error::catch_panic(|| template.load_file(&path, &Recorder::new(), device))
+            .map_err(|why| file_error(&path, format!("corrupt record ({why})")))?
+            .map_err(|e| file_error(&path, e))?;
     let got = shapes(&loaded);
     for (key, shape) in expected {
         match got.get(&key) {
@@ -368,6 +370,24 @@ mod tests {
             let g: GoodhartError = err.into();
             assert!(g.to_string().contains("head.proj.weight"));
             assert!(matches!(load::<B>(&dir.join("nowhere"), device), Err(CheckpointError::File { .. })));
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn fuzz_findings_are_errors<B>(device) {
+            // Found by `cargo xtask fuzz checkpoint`: a record whose parameter id is not
+            // valid base32, on which burn's decoder panics ("Invalid id.").
+            let dir = temp_dir("fuzzfound");
+            std::fs::copy(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fuzz-invalid-param-id.mpk"),
+                dir.join("model.mpk"),
+            )
+            .unwrap();
+            let template = tiny(Positions::Learned).init::<B>(device).unwrap();
+            match load_module(template, &dir.join("model"), device) {
+                Err(CheckpointError::File { reason, .. }) => assert!(reason.contains("corrupt record"), "{reason}"),
+                other => panic!("{:?}", other.map(|_| ())),
+            }
         }
     }
 

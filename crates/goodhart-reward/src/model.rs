@@ -195,8 +195,13 @@ impl<B: Backend> RewardModel<B> {
     pub fn load(self, path: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
         let path = path.as_ref();
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-        self.load_file(path.to_path_buf(), &recorder, device)
-            .map_err(|e| GoodhartError::invalid("checkpoint", format!("{}: {e}", path.display())))
+        let bad = |why: String| {
+            GoodhartError::invalid("checkpoint", format!("{}: {why}", path.display()))
+        };
+        // burn panics on some corrupt records (an invalid parameter id): an error here.
+        goodhart_core::error::catch_panic(|| self.load_file(path.to_path_buf(), &recorder, device))
+            .map_err(|why| bad(format!("corrupt record ({why})")))?
+            .map_err(|e| bad(e.to_string()))
     }
 }
 
