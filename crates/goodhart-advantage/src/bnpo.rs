@@ -4,13 +4,13 @@
 use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{
     groups::Groups,
-    ops::{group_stats, per_response},
+    ops::{group_stats, per_response, to_host},
     GoodhartError, Result,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    common::{check_outcome, to_host, Lone, SingletonGroups},
+    common::{check_outcome, Lone, SingletonGroups},
     AdvantageOutput,
 };
 

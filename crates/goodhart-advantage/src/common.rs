@@ -5,7 +5,7 @@
 use burn::tensor::{backend::Backend, cast::ToElement, Bool, Int, Tensor, TensorData};
 use goodhart_core::{
     groups::Groups,
-    ops::{check_finite, check_finite_masked, check_same_shape, group_sum, zero_masked},
+    ops::{check_finite, check_finite_masked, check_same_shape, group_sum, to_host, zero_masked},
     GoodhartError, Result,
 };
 use serde::{Deserialize, Serialize};
@@ -330,14 +330,6 @@ pub(crate) fn keyed_zscore<B: Backend>(
         z = z.mask_fill(lone.int().select(0, key).bool(), 0.0);
     }
     Ok(zero_masked(z, &flat_w).reshape([n, k]))
-}
-
-/// Reads a small tensor back to the host as `f32`.
-pub(crate) fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .map_err(|e| GoodhartError::invalid("tensor data", format!("{e:?}")))
 }
 
 /// Keys `g * k + j` for a `[N, k]` table whose rows belong to the groups: one key per

@@ -4,13 +4,13 @@
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use goodhart_core::{
     groups::Groups,
-    ops::{group_stats, per_response},
+    ops::{group_stats, per_response, to_host},
     Result,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    common::{check_outcome, check_positive, to_host},
+    common::{check_outcome, check_positive},
     AdvantageOutput,
 };
 

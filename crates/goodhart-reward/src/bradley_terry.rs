@@ -190,7 +190,7 @@ pub fn flip_contradicted<B: Backend>(strength: Tensor<B, 1>, threshold: f32) -> 
         ));
     }
     check_finite(&strength, "preference strength")?;
-    let s = crate::host(strength)?;
+    let s = goodhart_core::ops::to_host(strength)?;
     Ok(s.iter()
         .enumerate()
         .filter(|(_, &v)| v < -threshold)

@@ -22,8 +22,7 @@
 
 #![warn(missing_docs)]
 
-use burn::tensor::{backend::Backend, Tensor};
-use goodhart_core::{registry::MethodInfo, GoodhartError, Result};
+use goodhart_core::registry::MethodInfo;
 
 pub mod bradley_terry;
 pub mod compose;
@@ -145,15 +144,6 @@ pub const REGISTRY: &[MethodInfo] = &[
         source: "goodhart",
     },
 ];
-
-/// A tensor's values on the host as `f32` (for the few host-side decisions: flipping
-/// pairs, running statistics).
-pub(crate) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| GoodhartError::invalid("tensor data", format!("{e:?}")))
-}
 
 #[cfg(test)]
 mod tests {

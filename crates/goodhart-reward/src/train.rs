@@ -509,13 +509,16 @@ pub fn relabel_noisy<B: Backend>(
     let mut out = pairs.clone();
     out.flip(&flipped)?;
     if config.margin_scale > 0.0 {
-        let mut s = crate::host(strength)?;
+        let mut s = goodhart_core::ops::to_host(strength)?;
         for &i in &flipped {
             s[i] = -s[i];
         }
         let device = members[0].head.weight.device();
         let s = Tensor::<B, 1>::from_data(TensorData::new(s, [pairs.len()]), &device);
-        out.set_margins(&crate::host(adaptive_margin(s, config.margin_scale)?)?)?;
+        out.set_margins(&goodhart_core::ops::to_host(adaptive_margin(
+            s,
+            config.margin_scale,
+        )?)?)?;
     }
     Ok((out, flipped))
 }
@@ -581,7 +584,7 @@ mod tests {
             assert_eq!(model.normalization(), (report.reward_mean, report.reward_std));
             let inner = model.valid();
             let (c, r) = raw_pair_scores(&inner, &train, 256).unwrap();
-            let all = crate::host(Tensor::cat(vec![c, r], 0)).unwrap();
+            let all = goodhart_core::ops::to_host(Tensor::cat(vec![c, r], 0)).unwrap();
             let z: Vec<f32> = all.iter().map(|x| (x - report.reward_mean) / report.reward_std).collect();
             let m = z.iter().sum::<f32>() / z.len() as f32;
             let v = z.iter().map(|x| (x - m).powi(2)).sum::<f32>() / z.len() as f32;
