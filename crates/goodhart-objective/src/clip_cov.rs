@@ -95,9 +95,7 @@ impl ClipCovConfig {
         let unclipped = -adv.clone() * ratio.clone();
         let clipped = -adv.clone() * ratio.clone().clamp(1.0 - self.eps_low, 1.0 + self.eps_high);
         let by_ppo = clipped.clone().greater(unclipped.clone()).float();
-        let lp = inputs.logp.clone().detach();
-        let cov = (adv.clone() - masked_mean(adv, mask).reshape([1, 1]))
-            * (lp.clone() - masked_mean(lp, mask).reshape([1, 1]));
+        let cov = inputs.advantage_logp_covariance();
         let host = to_host(Tensor::cat(vec![cov, by_ppo, mask.clone()], 0))?;
         let (cov, by_ppo, m) = (&host[..b * t], &host[b * t..2 * b * t], &host[2 * b * t..]);
         let counted = m.iter().filter(|&&x| x != 0.0).count();

@@ -64,7 +64,8 @@ impl GeoMeanConfig {
         let sign = inputs.advantages.clone().sign();
         let d_clip = d.clone().clamp(-self.eps_low, self.eps_high);
         let c = (sign.clone() * d.clone()).min_pair(sign.clone() * d_clip.clone()) * sign;
-        let tokens = inputs.mask.clone().sum_dim(1).clamp_min(1e-8);
+        let counts = inputs.mask.clone().sum_dim(1);
+        let tokens = counts.clone().clamp_min(1e-8);
         let seq_ratio = ((c * inputs.mask.clone()).sum_dim(1) / tokens.clone()).exp();
         let seq_adv = (inputs.advantages.clone() * inputs.mask.clone()).sum_dim(1) / tokens.clone();
         let mut per_seq = -seq_adv * seq_ratio;
@@ -73,7 +74,7 @@ impl GeoMeanConfig {
             per_seq = per_seq * (log_w.sum_dim(1) / tokens).exp();
         }
         // One "token" per row: the sequence mean is seq-mean-token-sum over [B, 1].
-        let has_token = inputs.mask.clone().sum_dim(1).greater_elem(0.0).float();
+        let has_token = counts.greater_elem(0.0).float();
         let loss = LossAggregation::SeqMeanTokenSum.aggregate_global(
             per_seq,
             &has_token,

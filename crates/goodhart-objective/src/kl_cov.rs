@@ -76,9 +76,7 @@ impl KlCovConfig {
         let [b, t] = mask.dims();
         let d = inputs.log_ratio();
         let adv = inputs.advantages.clone();
-        let lp = inputs.logp.clone().detach();
-        let cov = (adv.clone() - masked_mean(adv.clone(), mask).reshape([1, 1]))
-            * (lp.clone() - masked_mean(lp, mask).reshape([1, 1]));
+        let cov = inputs.advantage_logp_covariance();
         let host = to_host(Tensor::cat(vec![cov, mask.clone()], 0))?;
         let (cov, m) = (&host[..b * t], &host[b * t..]);
         let mut counted: Vec<usize> = (0..b * t).filter(|&i| m[i] != 0.0).collect();

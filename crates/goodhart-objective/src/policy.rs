@@ -164,6 +164,15 @@ impl<B: Backend> PolicyInputs<B> {
         masked_mean(flag.float(), &self.mask).detach()
     }
 
+    /// `(A - mean A)(lp - mean lp)` per token, the means over counted tokens, detached: the
+    /// covariance that `clip_cov` and `kl_cov` select tokens by.
+    pub(crate) fn advantage_logp_covariance(&self) -> Tensor<B, 2> {
+        let adv = self.advantages.clone();
+        let lp = self.logp.clone().detach();
+        (adv.clone() - masked_mean(adv, &self.mask).reshape([1, 1]))
+            * (lp.clone() - masked_mean(lp, &self.mask).reshape([1, 1]))
+    }
+
     /// A flag that holds nowhere (the clip fractions of a loss that clips nothing).
     pub(crate) fn no_tokens(&self) -> Tensor<B, 2, Bool> {
         self.mask.zeros_like().bool()
