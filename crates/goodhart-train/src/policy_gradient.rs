@@ -281,8 +281,8 @@ pub enum OnNan {
 }
 
 /// Under [`OnNan::Error`], the error for a non-finite `what` at `step`; under
-/// [`OnNan::SkipBatch`], `Ok` (the caller drops the batch).
-fn drop_batch(on_nan: OnNan, step: usize, what: &str) -> Result<()> {
+/// [`OnNan::SkipBatch`], `Ok` with the batch counted in `skipped` (the caller drops it).
+fn drop_batch(on_nan: OnNan, step: usize, what: &str, skipped: &mut usize) -> Result<()> {
     match on_nan {
         OnNan::Error => Err(GoodhartError::NonFinite {
             what: format!(
@@ -290,7 +290,10 @@ fn drop_batch(on_nan: OnNan, step: usize, what: &str) -> Result<()> {
                  `--on-nan skip-batch` drops such batches instead)"
             ),
         }),
-        OnNan::SkipBatch => Ok(()),
+        OnNan::SkipBatch => {
+            *skipped += 1;
+            Ok(())
+        }
     }
 }
 
@@ -1498,8 +1501,7 @@ pub fn train<B: AutodiffBackend>(
             ("gold reward", batch.gold.iter().all(|g| g.is_finite())),
         ] {
             if !finite {
-                drop_batch(cfg.on_nan, step, what)?;
-                skipped += 1;
+                drop_batch(cfg.on_nan, step, what, &mut skipped)?;
                 continue 'steps;
             }
         }
@@ -1663,8 +1665,7 @@ pub fn train<B: AutodiffBackend>(
             adv = c.mix_advantages(a_kl, &parts)?;
         }
         if check_finite_masked(&adv, &mask, "").is_err() {
-            drop_batch(cfg.on_nan, step, "advantages")?;
-            skipped += 1;
+            drop_batch(cfg.on_nan, step, "advantages", &mut skipped)?;
             continue 'steps;
         }
         // The loss mask: overlong filtering, then the sample filter.
@@ -1786,8 +1787,7 @@ pub fn train<B: AutodiffBackend>(
             names.insert(0, "loss");
             let values = host(Tensor::cat(parts, 0))?;
             if !values[0].is_finite() {
-                drop_batch(cfg.on_nan, step, "rl loss")?;
-                skipped += 1;
+                drop_batch(cfg.on_nan, step, "rl loss", &mut skipped)?;
                 continue 'steps;
             }
             for (name, v) in names.iter().zip(&values) {
@@ -1803,8 +1803,7 @@ pub fn train<B: AutodiffBackend>(
             timings.update += since::<B>(t0, device)?;
             let (grads, norm) = match clip_grad_norm(&policy, grads, cfg.max_grad_norm) {
                 Err(GoodhartError::NonFinite { .. }) => {
-                    drop_batch(cfg.on_nan, step, "policy gradient")?;
-                    skipped += 1;
+                    drop_batch(cfg.on_nan, step, "policy gradient", &mut skipped)?;
                     continue 'steps;
                 }
                 other => other?,
@@ -1839,9 +1838,8 @@ pub fn train<B: AutodiffBackend>(
                 let grads = match clip_grad_norm(&model, grads, cfg.max_grad_norm) {
                     Ok((grads, _)) if values[0].is_finite() => grads,
                     Ok(_) | Err(GoodhartError::NonFinite { .. }) => {
-                        drop_batch(cfg.on_nan, step, "value loss or gradient")?;
+                        drop_batch(cfg.on_nan, step, "value loss or gradient", &mut skipped)?;
                         critic = Some((model, opt));
-                        skipped += 1;
                         continue 'steps;
                     }
                     Err(e) => return Err(e),
