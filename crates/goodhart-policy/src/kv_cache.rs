@@ -4,7 +4,7 @@
 //! cache they are recomputed at every step (`O(T^2)` token-forwards for `T` tokens), with
 //! it each step runs one position and attends over the cached prefix (`O(T)`
 //! token-forwards). The cache is allocated once for `capacity` positions: each layer holds
-//! `K, V [1, H, B, capacity, d_head]` (the attention's layout) and a step writes its
+//! `K, V [1, H_kv, 1, B, capacity, d_head]` (the attention's layout) and a step writes its
 //! positions into them. The cache also holds the key padding mask `[B, capacity]`, 0 on
 //! padding and on positions not yet written, from which the next positions are counted;
 //! attention runs over all `capacity` keys with the unwritten ones masked out.
@@ -12,30 +12,30 @@
 use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{GoodhartError, Result};
 
-/// Cached keys and values of one layer, `[1, H, B, capacity, d_head]` once written.
+/// Cached keys and values of one layer, `[1, H_kv, 1, B, capacity, d_head]` once written.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache<B: Backend> {
-    k: Option<Tensor<B, 5>>,
-    v: Option<Tensor<B, 5>>,
+    k: Option<Tensor<B, 6>>,
+    v: Option<Tensor<B, 6>>,
 }
 
 impl<B: Backend> LayerCache<B> {
-    /// Writes `k, v [1, H, B, T, d_head]` at positions `at..at + T` (allocating
+    /// Writes `k, v [1, H_kv, 1, B, T, d_head]` at positions `at..at + T` (allocating
     /// `capacity` positions on the first write) and returns the whole buffers.
     pub(crate) fn write(
         &mut self,
-        k: Tensor<B, 5>,
-        v: Tensor<B, 5>,
+        k: Tensor<B, 6>,
+        v: Tensor<B, 6>,
         at: usize,
         capacity: usize,
-    ) -> (Tensor<B, 5>, Tensor<B, 5>) {
-        let [one, h, b, t, d] = k.dims();
+    ) -> (Tensor<B, 6>, Tensor<B, 6>) {
+        let [one, h, g, b, t, d] = k.dims();
         let device = k.device();
-        let put = |buf: Option<Tensor<B, 5>>, new: Tensor<B, 5>| {
-            let buf = buf.unwrap_or_else(|| Tensor::zeros([one, h, b, capacity, d], &device));
+        let put = |buf: Option<Tensor<B, 6>>, new: Tensor<B, 6>| {
+            let buf = buf.unwrap_or_else(|| Tensor::zeros([one, h, g, b, capacity, d], &device));
             // The buffer is held only here, so a backend that writes in place when it
             // can (wgpu, CUDA) copies only the new positions.
-            buf.slice_assign([0..one, 0..h, 0..b, at..at + t, 0..d], new)
+            buf.slice_assign([0..one, 0..h, 0..g, 0..b, at..at + t, 0..d], new)
         };
         let k = put(self.k.take(), k);
         let v = put(self.v.take(), v);
@@ -44,14 +44,14 @@ impl<B: Backend> LayerCache<B> {
         (k, v)
     }
 
-    /// Cached keys `[1, H, B, len, d_head]` of the first `len` positions, if any.
-    pub fn keys(&self, len: usize) -> Option<Tensor<B, 5>> {
-        self.k.as_ref().map(|k| k.clone().narrow(3, 0, len))
+    /// Cached keys `[1, H_kv, 1, B, len, d_head]` of the first `len` positions, if any.
+    pub fn keys(&self, len: usize) -> Option<Tensor<B, 6>> {
+        self.k.as_ref().map(|k| k.clone().narrow(4, 0, len))
     }
 
-    /// Cached values `[1, H, B, len, d_head]` of the first `len` positions, if any.
-    pub fn values(&self, len: usize) -> Option<Tensor<B, 5>> {
-        self.v.as_ref().map(|v| v.clone().narrow(3, 0, len))
+    /// Cached values `[1, H_kv, 1, B, len, d_head]` of the first `len` positions, if any.
+    pub fn values(&self, len: usize) -> Option<Tensor<B, 6>> {
+        self.v.as_ref().map(|v| v.clone().narrow(4, 0, len))
     }
 }
 

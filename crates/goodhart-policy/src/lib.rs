@@ -13,10 +13,12 @@
 //! - [`reference`]: frozen reference snapshots with EMA update and reset;
 //! - [`tokenizer`]: built-in character / word tokenizers and Hugging Face `tokenizer.json`;
 //! - [`checkpoint`]: save / load with burn's recorders and GPT-2 safetensors import;
+//! - [`hf`]: Hugging Face model directories (GPT-2, Llama, Mistral, Qwen2, Qwen3) in;
 //! - [`sft`]: supervised fine-tuning (next-token NLL) to make base and SFT policies.
 
 pub mod checkpoint;
 pub mod generate;
+pub mod hf;
 pub mod kv_cache;
 pub mod mlp;
 pub mod reference;
@@ -33,4 +35,6 @@ pub use reference::Reference;
 pub use score::{score, TokenScores};
 pub use sft::{SftConfig, SftExample};
 pub use tokenizer::{CharTokenizer, HfTokenizer, SpecialTokens, Tokenizer, WordTokenizer};
-pub use transformer::{Positions, TransformerConfig, TransformerLm, Trunk};
+pub use transformer::{
+    NormKind, Positions, RopeLayout, RopeScaling, TransformerConfig, TransformerLm, Trunk,
+};

@@ -51,11 +51,12 @@ impl MlpConfig {
         let gain = |g: f64| Initializer::Orthogonal { gain: g };
         let hidden = widths
             .windows(2)
-            .map(|w| linear(w[0], w[1], gain(2f64.sqrt()), device))
+            .map(|w| linear(w[0], w[1], true, gain(2f64.sqrt()), device))
             .collect();
         let head = linear(
             *widths.last().unwrap_or(&self.d_obs),
             d_out,
+            true,
             gain(head_gain),
             device,
         );
@@ -182,7 +183,7 @@ impl<B: Backend> ValueHead<B> {
     /// A head on width `d_model`, initialised to zero so every value starts at 0.
     pub fn new(d_model: usize, device: &B::Device) -> Self {
         Self {
-            proj: materialized(linear(d_model, 1, Initializer::Zeros, device)),
+            proj: materialized(linear(d_model, 1, true, Initializer::Zeros, device)),
         }
     }
 

@@ -1,22 +1,34 @@
-//! A decoder-only transformer language model (GPT-2 family), generic over the backend.
+//! A decoder-only transformer language model, generic over the backend: one configurable
+//! decoder for the families people post-train (GPT-2, Llama 2/3.x, Mistral, Qwen2/2.5,
+//! Qwen3, SmolLM2; [`crate::hf`] maps their `config.json` onto [`TransformerConfig`]).
 //!
 //! `tokens [B, T] -> Trunk (embeddings, N blocks, final norm) -> hidden [B, T, D] ->
 //! LmHead -> logits [B, T, V]`. Each block is
 //!
 //! ```text
-//! pre-norm  (GPT-2):        x = x + Attn(LN1(x));  x = x + MLP(LN2(x))
-//! post-norm (Vaswani 2017): x = LN1(x + Attn(x));  x = LN2(x + MLP(x))
+//! pre-norm  (GPT-2, Llama):  x = x + Attn(N1(x));  x = x + MLP(N2(x))
+//! post-norm (Vaswani 2017):  x = N1(x + Attn(x));  x = N2(x + MLP(x))
 //! ```
 //!
-//! with causal multi-head self-attention `softmax(Q K^T / sqrt(d_head) + bias) V`, where
-//! `bias` is 0 where key `j` may be seen from query `i` (`j <= i` and key `j` is not
-//! padding) and `-1e9` elsewhere, and an MLP `W2 GELU(W1 x)` of width `mlp_ratio * D`.
+//! - Norms `N` are LayerNorm (GPT-2) or RMSNorm `x / sqrt(mean(x^2) + eps) * g` (Llama,
+//!   Zhang and Sennrich 2019).
+//! - Attention is causal grouped-query attention (Ainslie et al. 2023):
+//!   `softmax(Q K^T / sqrt(d_head) + bias) V` with `H` query heads sharing `H_kv` key/value
+//!   heads (`H_kv = H` is multi-head attention), where `bias` is 0 where key `j` may be seen
+//!   from query `i` (`j <= i`, key `j` is not padding, and `i - j < window` under a sliding
+//!   window, Mistral) and `-1e9` elsewhere. Optional q/k/v and output biases (GPT-2: both;
+//!   Qwen2: q/k/v), optional RMSNorm of each query and key head before the rotation
+//!   (Qwen3), and a head width `d_head` that need not be `D / H` (Qwen3).
+//! - The MLP is `W2 GELU(W1 x)` (GPT-2) or SwiGLU `W_down (SiLU(W_gate x) * W_up x)`
+//!   (Shazeer 2020; Llama), of width `intermediate_size` (default `mlp_ratio * D`).
 //!
 //! Positions are counted over real tokens only: `pos_t = max(cumsum(mask)_t - 1, 0)`
 //! (Hugging Face's `position_ids` for left padding), so a left-padded prompt gives the
 //! same numbers as the unpadded one. Positions are either learned (GPT-2, Radford et al.
-//! 2019) or rotary (RoFormer, Su et al. 2021; interleaved pairs `(x_2i, x_2i+1)` rotated by
-//! `pos * theta^(-2i/d_head)`, burn's `RotaryEncoding` convention).
+//! 2019) or rotary (RoFormer, Su et al. 2021): pairs rotated by `pos * theta^(-2i/d_head)`,
+//! either interleaved `(x_2i, x_2i+1)` (burn's `RotaryEncoding`) or the two halves
+//! `(x_i, x_{i + d/2})` (Hugging Face's `rotate_half`), with the frequencies optionally
+//! rescaled (linear, or Llama 3's `rope_scaling`).
 //!
 //! The [`Trunk`] is reusable: goodhart-reward puts a scalar head on it for its reward
 //! model, [`crate::mlp::LmValueModel`] a value head for PPO.
@@ -26,16 +38,13 @@
 
 use burn::{
     config::Config,
-    module::Module,
-    nn::{
-        Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm,
-        LayerNormConfig, Linear, LinearConfig,
-    },
+    module::{Module, Param},
+    nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig},
     tensor::{
-        activation::{gelu, gelu_approximate, softmax},
+        activation::{gelu, gelu_approximate, silu, softmax},
         backend::Backend,
         cast::ToElement,
-        Int, Tensor,
+        Int, Tensor, TensorPrimitive,
     },
 };
 use goodhart_core::{params::materialized, GoodhartError, Result};
@@ -53,11 +62,113 @@ pub enum Positions {
     Learned,
 }
 
+/// The normalisation of the blocks and of the final norm.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// LayerNorm `(x - mean) / sqrt(var + eps) * g + b` (GPT-2).
+    Layer,
+    /// RMSNorm `x / sqrt(mean(x^2) + eps) * g`, no bias (Llama, Mistral, Qwen).
+    Rms,
+}
+
+/// Which coordinates a rotary position embedding rotates together.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Pairs `(x_2i, x_2i+1)` (RoFormer, burn's `RotaryEncoding`).
+    Interleaved,
+    /// Pairs `(x_i, x_{i + d/2})`: Hugging Face's `rotate_half` (Llama, Mistral, Qwen).
+    Half,
+}
+
+/// Rescaled rotary frequencies `inv_freq_i = theta^(-2i/d_head)` (Hugging Face's
+/// `rope_scaling` / `rope_parameters`).
+#[derive(Config, Debug, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (position interpolation, Chen et al. 2023).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1's scaling: wavelengths `2 pi / inv_freq` longer than
+    /// `original / low_freq_factor` are divided by `factor`, those shorter than
+    /// `original / high_freq_factor` are kept, and those between are interpolated with
+    /// `s = (original / wavelength - low) / (high - low)`:
+    /// `(1 - s) inv_freq / factor + s inv_freq` (transformers'
+    /// `_compute_llama3_parameters`).
+    Llama3 {
+        /// The divisor of the low frequencies.
+        factor: f64,
+        /// Sets the longest wavelength kept unscaled's bound.
+        low_freq_factor: f64,
+        /// Sets the shortest wavelength that is scaled.
+        high_freq_factor: f64,
+        /// The context length the model was trained at.
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// Applies the scaling to the frequencies `inv_freq`.
+    pub fn apply(&self, inv_freq: &mut [f64]) {
+        match *self {
+            Self::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            Self::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original,
+            } => {
+                let original = original as f64;
+                let (low_wavelen, high_wavelen) = (original / low, original / high);
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let s = (original / wavelen - low) / (high - low);
+                        *f = (1.0 - s) * *f / factor + s * *f;
+                    }
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok = match *self {
+            Self::Linear { factor } => factor > 0.0,
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                factor > 0.0
+                    && low_freq_factor > 0.0
+                    && high_freq_factor > low_freq_factor
+                    && original_max_position_embeddings > 0
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(GoodhartError::invalid(
+                "rope_scaling",
+                format!(
+                    "{self:?}: factors must be positive, high_freq_factor above \
+                     low_freq_factor, and the original length at least 1"
+                ),
+            ))
+        }
+    }
+}
+
 /// Configuration of a [`TransformerLm`] (and of its [`Trunk`]).
 ///
-/// Defaults follow GPT-2 (pre-norm, tied embeddings, LayerNorm eps 1e-5, MLP ratio 4,
-/// init N(0, 0.02)) except positions (rotary) and the GELU form (exact erf GELU; GPT-2
-/// uses the tanh approximation, which [`TransformerConfig::gpt2`] selects).
+/// Defaults follow GPT-2 (pre-norm, LayerNorm eps 1e-5, tied embeddings, biases on every
+/// projection, GELU MLP of ratio 4, multi-head attention, init N(0, 0.02)) except positions
+/// (rotary, interleaved) and the GELU form (exact erf GELU; GPT-2 uses the tanh
+/// approximation, which [`TransformerConfig::gpt2`] selects). [`crate::hf`] sets every
+/// field from a Hugging Face `config.json`.
 #[derive(Config, Debug)]
 pub struct TransformerConfig {
     /// Vocabulary size `V`.
@@ -66,7 +177,7 @@ pub struct TransformerConfig {
     pub d_model: usize,
     /// Number of transformer blocks.
     pub n_layers: usize,
-    /// Number of attention heads (`D` must divide by it).
+    /// Number of attention (query) heads `H`.
     pub n_heads: usize,
     /// Longest sequence (prompt + response) the model accepts.
     pub max_seq_len: usize,
@@ -82,18 +193,49 @@ pub struct TransformerConfig {
     /// Dropout probability on attention weights and residual branches.
     #[config(default = 0.0)]
     pub dropout: f64,
-    /// MLP hidden width as a multiple of `D`.
+    /// MLP hidden width as a multiple of `D` (when `intermediate_size` is not set).
     #[config(default = 4)]
     pub mlp_ratio: usize,
     /// Use the tanh approximation of GELU (GPT-2's `gelu_new`).
     #[config(default = false)]
     pub gelu_tanh: bool,
-    /// LayerNorm epsilon.
+    /// Norm epsilon (LayerNorm or RMSNorm).
     #[config(default = 1e-5)]
     pub layer_norm_eps: f64,
     /// Rotary base `theta`.
     #[config(default = 10000.0)]
     pub rope_theta: f64,
+    /// LayerNorm or RMSNorm.
+    #[config(default = "NormKind::Layer")]
+    pub norm: NormKind,
+    /// SwiGLU MLP (`W_down (SiLU(W_gate x) * W_up x)`) instead of `W2 GELU(W1 x)`.
+    #[config(default = false)]
+    pub gated_mlp: bool,
+    /// MLP hidden width; `mlp_ratio * D` when unset.
+    pub intermediate_size: Option<usize>,
+    /// Key/value heads `H_kv` (grouped-query attention; must divide `H`); `H` when unset.
+    pub n_kv_heads: Option<usize>,
+    /// Width of one head; `D / H` when unset.
+    pub head_dim: Option<usize>,
+    /// Biases on the query, key and value projections.
+    #[config(default = true)]
+    pub qkv_bias: bool,
+    /// A bias on the attention output projection.
+    #[config(default = true)]
+    pub out_bias: bool,
+    /// Biases on the MLP projections.
+    #[config(default = true)]
+    pub mlp_bias: bool,
+    /// RMSNorm of each query and key head (over `d_head`) before the rotation (Qwen3).
+    #[config(default = false)]
+    pub qk_norm: bool,
+    /// Which coordinates the rotary embedding pairs.
+    #[config(default = "RopeLayout::Interleaved")]
+    pub rope_layout: RopeLayout,
+    /// Rescaled rotary frequencies, if any.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Each query sees at most this many keys, its own included (Mistral); all when unset.
+    pub sliding_window: Option<usize>,
 }
 
 impl TransformerConfig {
@@ -112,9 +254,44 @@ impl TransformerConfig {
             .with_gelu_tanh(true)
     }
 
-    /// Width of one head, `D / n_heads`.
+    /// The Llama architecture with the given sizes: rotary positions (`rotate_half`
+    /// pairs), pre-norm RMSNorm (eps 1e-5), SwiGLU MLP of width `intermediate`, no biases,
+    /// untied embeddings, `n_kv_heads` key/value heads.
+    pub fn llama(
+        vocab_size: usize,
+        d_model: usize,
+        n_layers: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        intermediate: usize,
+        max_seq_len: usize,
+    ) -> Self {
+        Self::new(vocab_size, d_model, n_layers, n_heads, max_seq_len)
+            .with_norm(NormKind::Rms)
+            .with_gated_mlp(true)
+            .with_intermediate_size(Some(intermediate))
+            .with_n_kv_heads(Some(n_kv_heads))
+            .with_qkv_bias(false)
+            .with_out_bias(false)
+            .with_mlp_bias(false)
+            .with_rope_layout(RopeLayout::Half)
+            .with_tie_embeddings(false)
+    }
+
+    /// Width of one head: `head_dim`, or `D / n_heads`.
     pub fn d_head(&self) -> usize {
-        self.d_model / self.n_heads.max(1)
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+
+    /// Key/value heads: `n_kv_heads`, or `n_heads`.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// MLP hidden width: `intermediate_size`, or `mlp_ratio * D`.
+    pub fn mlp_width(&self) -> usize {
+        self.intermediate_size
+            .unwrap_or(self.mlp_ratio * self.d_model)
     }
 
     /// Checks that the sizes make a model.
@@ -126,25 +303,39 @@ impl TransformerConfig {
             ("n_heads", self.n_heads),
             ("max_seq_len", self.max_seq_len),
             ("mlp_ratio", self.mlp_ratio),
+            ("intermediate_size", self.mlp_width()),
+            ("n_kv_heads", self.kv_heads()),
+            ("head_dim", self.d_head()),
+            ("sliding_window", self.sliding_window.unwrap_or(1)),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(GoodhartError::invalid(name, "must be at least 1"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
             return Err(GoodhartError::invalid(
                 "d_model",
                 format!(
-                    "{} is not divisible by n_heads = {}",
+                    "{} is not divisible by n_heads = {} (set head_dim)",
                     self.d_model, self.n_heads
+                ),
+            ));
+        }
+        if self.n_heads % self.kv_heads() != 0 {
+            return Err(GoodhartError::invalid(
+                "n_kv_heads",
+                format!(
+                    "{} does not divide n_heads = {}",
+                    self.kv_heads(),
+                    self.n_heads
                 ),
             ));
         }
         if self.positions == Positions::Rotary && self.d_head() % 2 != 0 {
             return Err(GoodhartError::invalid(
                 "d_model",
-                "rotary positions need an even head width d_model / n_heads",
+                "rotary positions need an even head width",
             ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
@@ -156,38 +347,64 @@ impl TransformerConfig {
                 "must be positive",
             ));
         }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.validate()?;
+        }
         Ok(())
     }
 
+    /// The rotary frequencies `theta^(-2i/d_head)`, rescaled by `rope_scaling`.
+    pub fn rope_frequencies(&self) -> Vec<f64> {
+        let d = self.d_head();
+        let mut inv: Vec<f64> = (0..d / 2)
+            .map(|i| self.rope_theta.powf(-2.0 * i as f64 / d as f64))
+            .collect();
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.apply(&mut inv);
+        }
+        inv
+    }
+
     /// A [`Trunk`] with weights drawn as GPT-2 draws them (normal, std 0.02; biases 0;
-    /// LayerNorm weight 1).
+    /// norm weights 1).
     pub fn init_trunk<B: Backend>(&self, device: &B::Device) -> Result<Trunk<B>> {
         self.validate()?;
         let init = Initializer::Normal {
             mean: 0.0,
             std: 0.02,
         };
-        let linear = |i: usize, o: usize| linear(i, o, init.clone(), device);
-        let norm = || {
-            LayerNormConfig::new(self.d_model)
-                .with_epsilon(self.layer_norm_eps)
-                .init(device)
-        };
-        let d = self.d_model;
+        let linear = |i: usize, o: usize, bias: bool| linear(i, o, bias, init.clone(), device);
+        let norm = |d: usize| Norm::new(self.norm, d, self.layer_norm_eps, device);
+        let (d, h, kv, dh, m) = (
+            self.d_model,
+            self.n_heads,
+            self.kv_heads(),
+            self.d_head(),
+            self.mlp_width(),
+        );
+        let gates = if self.gated_mlp { 2 } else { 1 };
         let blocks = (0..self.n_layers)
             .map(|_| Block {
-                norm_attn: norm(),
+                norm_attn: norm(d),
                 attn: Attention {
-                    qkv: linear(d, 3 * d),
-                    out: linear(d, d),
+                    qkv: linear(d, (h + 2 * kv) * dh, self.qkv_bias),
+                    out: linear(h * dh, d, self.out_bias),
+                    q_norm: self
+                        .qk_norm
+                        .then(|| Norm::new(NormKind::Rms, dh, self.layer_norm_eps, device)),
+                    k_norm: self
+                        .qk_norm
+                        .then(|| Norm::new(NormKind::Rms, dh, self.layer_norm_eps, device)),
                     dropout: DropoutConfig::new(self.dropout).init(),
-                    n_heads: self.n_heads,
+                    n_heads: h,
+                    n_kv_heads: kv,
                 },
-                norm_mlp: norm(),
+                norm_mlp: norm(d),
                 mlp: FeedForward {
-                    fc: linear(d, self.mlp_ratio * d),
-                    proj: linear(self.mlp_ratio * d, d),
+                    fc: linear(d, gates * m, self.mlp_bias),
+                    proj: linear(m, d, self.mlp_bias),
                     gelu_tanh: self.gelu_tanh,
+                    gated: self.gated_mlp,
                 },
                 dropout: DropoutConfig::new(self.dropout).init(),
                 pre_norm: self.pre_norm,
@@ -198,13 +415,18 @@ impl TransformerConfig {
                 .with_initializer(init.clone())
                 .init(device)
         };
+        let rope = (self.positions == Positions::Rotary).then(|| RopeSpec {
+            inv_freq: self.rope_frequencies(),
+            half: self.rope_layout == RopeLayout::Half,
+        });
         Ok(materialized(Trunk {
             tok_emb: emb(self.vocab_size),
             pos_emb: (self.positions == Positions::Learned).then(|| emb(self.max_seq_len)),
             blocks,
-            norm_f: norm(),
+            norm_f: norm(d),
             dropout: DropoutConfig::new(self.dropout).init(),
-            rope_theta: (self.positions == Positions::Rotary).then_some(self.rope_theta),
+            rope,
+            sliding_window: self.sliding_window,
             max_seq_len: self.max_seq_len,
         }))
     }
@@ -228,20 +450,24 @@ impl TransformerConfig {
     }
 }
 
-/// A `Linear [i, o]` with weights from `init` and a zero bias (GPT-2's and CleanRL's
-/// bias initialisation).
+/// A `Linear [i, o]` with weights from `init` and, when `bias`, a zero bias (GPT-2's and
+/// CleanRL's bias initialisation).
 pub(crate) fn linear<B: Backend>(
     i: usize,
     o: usize,
+    bias: bool,
     init: Initializer,
     device: &B::Device,
 ) -> Linear<B> {
-    let mut l = LinearConfig::new(i, o).with_initializer(init).init(device);
+    let mut l = LinearConfig::new(i, o)
+        .with_bias(bias)
+        .with_initializer(init)
+        .init(device);
     // A fresh parameter: the dropped one is never drawn (an orthogonal initializer has
     // no meaning for a vector).
     l.bias = l
         .bias
-        .map(|_| burn::module::Param::from_tensor(Tensor::zeros([o], device)));
+        .map(|_| Param::from_tensor(Tensor::zeros([o], device)));
     l
 }
 
@@ -254,38 +480,111 @@ pub fn linear_3d<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3
     y.reshape([b, t, o])
 }
 
-/// Causal multi-head self-attention with a fused QKV projection (GPT-2's `c_attn`).
+/// LayerNorm or RMSNorm over the last dimension, with weight `gamma` and (LayerNorm only)
+/// bias `beta`; the parameter names are burn's `LayerNorm`'s.
+#[derive(Module, Debug)]
+pub struct Norm<B: Backend> {
+    /// Scale `[d]`.
+    pub gamma: Param<Tensor<B, 1>>,
+    /// Shift `[d]` (LayerNorm).
+    pub beta: Option<Param<Tensor<B, 1>>>,
+    #[module(skip)]
+    rms: bool,
+    #[module(skip)]
+    epsilon: f64,
+}
+
+impl<B: Backend> Norm<B> {
+    /// A norm of width `d` with weight 1 (and, for LayerNorm, bias 0).
+    pub fn new(kind: NormKind, d: usize, epsilon: f64, device: &B::Device) -> Self {
+        let beta = (kind == NormKind::Layer).then(|| Tensor::zeros([d], device));
+        Self::from_tensors(kind, Tensor::ones([d], device), beta, epsilon)
+    }
+
+    /// A norm with the given weight and bias.
+    pub fn from_tensors(
+        kind: NormKind,
+        gamma: Tensor<B, 1>,
+        beta: Option<Tensor<B, 1>>,
+        epsilon: f64,
+    ) -> Self {
+        Self {
+            gamma: Param::from_tensor(gamma),
+            beta: beta.map(Param::from_tensor),
+            rms: kind == NormKind::Rms,
+            epsilon,
+        }
+    }
+
+    /// Normalises `x [..., d]` over its last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if self.rms {
+            let rms = (x.clone().square().mean_dim(D - 1) + self.epsilon).sqrt();
+            let y = x / rms * self.gamma.val().unsqueeze();
+            match &self.beta {
+                Some(beta) => y + beta.val().unsqueeze(),
+                None => y,
+            }
+        } else {
+            // The backend's fused op, as burn's `LayerNorm` runs it.
+            Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(
+                x.into_primitive().tensor(),
+                self.gamma.val().into_primitive().tensor(),
+                self.beta
+                    .as_ref()
+                    .map(|b| b.val().into_primitive().tensor()),
+                self.epsilon,
+            )))
+        }
+    }
+}
+
+/// Causal grouped-query self-attention with a fused QKV projection.
+///
+/// The fused projection's columns are `Q | K | V` (GPT-2's `c_attn` when `H_kv = H`): the
+/// `H_kv` key heads, then the `H_kv` value heads, after `H` query heads ordered so that
+/// the query head of column block `j H_kv + k` is the `j`-th of the `H / H_kv` heads
+/// sharing key/value head `k` (Hugging Face head `k H / H_kv + j`, see [`crate::hf`]).
+/// Query heads are in Hugging Face's order in the output projection.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    /// `x -> [Q | K | V]`, weight `[D, 3D]`.
+    /// `x -> [Q | K | V]`, weight `[D, (H + 2 H_kv) d_head]`.
     pub qkv: Linear<B>,
-    /// Output projection, weight `[D, D]`.
+    /// Output projection, weight `[H d_head, D]`.
     pub out: Linear<B>,
+    /// RMSNorm of each query head (Qwen3), weight `[d_head]`.
+    pub q_norm: Option<Norm<B>>,
+    /// RMSNorm of each key head (Qwen3), weight `[d_head]`.
+    pub k_norm: Option<Norm<B>>,
     dropout: Dropout,
     #[module(skip)]
     n_heads: usize,
+    #[module(skip)]
+    n_kv_heads: usize,
 }
 
-/// The position-wise MLP `W2 GELU(W1 x)`.
+/// The position-wise MLP: `W2 GELU(W1 x)`, or SwiGLU with `W1 = [W_gate | W_up]`.
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
-    /// `W1`, `[D, mlp_ratio D]`.
+    /// `W1`, `[D, M]`; for SwiGLU `[W_gate | W_up]`, `[D, 2M]`.
     pub fc: Linear<B>,
-    /// `W2`, `[mlp_ratio D, D]`.
+    /// `W2` (`W_down`), `[M, D]`.
     pub proj: Linear<B>,
     #[module(skip)]
     gelu_tanh: bool,
+    #[module(skip)]
+    gated: bool,
 }
 
 /// One transformer block.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     /// Norm before (pre-norm) or after (post-norm) attention.
-    pub norm_attn: LayerNorm<B>,
+    pub norm_attn: Norm<B>,
     /// Self-attention.
     pub attn: Attention<B>,
     /// Norm before (pre-norm) or after (post-norm) the MLP.
-    pub norm_mlp: LayerNorm<B>,
+    pub norm_mlp: Norm<B>,
     /// MLP.
     pub mlp: FeedForward<B>,
     dropout: Dropout,
@@ -293,10 +592,17 @@ pub struct Block<B: Backend> {
     pre_norm: bool,
 }
 
+/// The rotary frequencies and pairing of a trunk.
+#[derive(Debug, Clone, PartialEq)]
+struct RopeSpec {
+    inv_freq: Vec<f64>,
+    half: bool,
+}
+
 /// Embeddings, blocks and final norm: `tokens [B, T] -> hidden [B, T, D]`.
 ///
 /// Shared by the LM ([`TransformerLm`]), the PPO value model and goodhart-reward's
-/// reward model. The final LayerNorm is applied in both norm placements.
+/// reward model. The final norm is applied in both norm placements.
 #[derive(Module, Debug)]
 pub struct Trunk<B: Backend> {
     /// Token embeddings `[V, D]` (GPT-2 `wte`).
@@ -305,11 +611,13 @@ pub struct Trunk<B: Backend> {
     pub pos_emb: Option<Embedding<B>>,
     /// The blocks (GPT-2 `h`).
     pub blocks: Vec<Block<B>>,
-    /// Final LayerNorm (GPT-2 `ln_f`).
-    pub norm_f: LayerNorm<B>,
+    /// Final norm (GPT-2 `ln_f`).
+    pub norm_f: Norm<B>,
     dropout: Dropout,
     #[module(skip)]
-    rope_theta: Option<f64>,
+    rope: Option<RopeSpec>,
+    #[module(skip)]
+    sliding_window: Option<usize>,
     #[module(skip)]
     max_seq_len: usize,
 }
@@ -500,11 +808,8 @@ impl<B: Backend> Trunk<B> {
             Some(c) => c.write_mask(attention_mask),
             None => attention_mask,
         };
-        let bias = attention_bias(&key_mask, offset, t);
-        let rope = self.rope_theta.map(|theta| {
-            let d_head = self.d_model() / self.blocks.first().map_or(1, |b| b.attn.n_heads);
-            Rope::new(pos.clone(), d_head, theta)
-        });
+        let bias = attention_bias(&key_mask, offset, t, self.sliding_window);
+        let rope = self.rope.as_ref().map(|spec| Rope::new(pos.clone(), spec));
 
         let mut x = self.tok_emb.forward(tokens);
         if let Some(pe) = &self.pos_emb {
@@ -531,53 +836,75 @@ impl<B: Backend> Trunk<B> {
 
 /// Additive attention bias, flattened to `[1, B T T_k]` (one row, repeated for every
 /// head), shared by every layer of one forward pass: 0 where query `i` (at absolute index
-/// `offset + i`) may attend key `j` (`j <= offset + i` and `key_mask[b, j] = 1`), `-1e9`
-/// elsewhere. A query that may attend nothing (leading padding) gets a uniform average,
-/// finite and ignored downstream.
-fn attention_bias<B: Backend>(key_mask: &Tensor<B, 2>, offset: usize, t: usize) -> Tensor<B, 2> {
+/// `offset + i`) may attend key `j` (`j <= offset + i`, `key_mask[b, j] = 1`, and
+/// `offset + i - j < window` under a sliding window), `-1e9` elsewhere. A query that may
+/// attend nothing (leading padding) gets a uniform average, finite and ignored downstream.
+fn attention_bias<B: Backend>(
+    key_mask: &Tensor<B, 2>,
+    offset: usize,
+    t: usize,
+    window: Option<usize>,
+) -> Tensor<B, 2> {
     let [b, tk] = key_mask.dims();
     let device = key_mask.device();
     let q =
         Tensor::<B, 1, Int>::arange(offset as i64..(offset + t) as i64, &device).reshape([1, t, 1]);
     let k = Tensor::<B, 1, Int>::arange(0..tk as i64, &device).reshape([1, 1, tk]);
-    let causal = (q - k).greater_equal_elem(0).float(); // [1, T, Tk]
+    let distance = q - k;
+    let mut causal = distance.clone().greater_equal_elem(0).float(); // [1, T, Tk]
+    if let Some(w) = window {
+        causal = causal * distance.lower_elem(w as i64).float();
+    }
     let allowed = causal * key_mask.clone().reshape([b, 1, tk]); // [B, T, Tk]
     ((allowed - 1.0) * 1e9).reshape([1, b * t * tk])
 }
 
 /// Rotation angles for one forward pass, shared by every layer.
 struct Rope<B: Backend> {
+    /// `[1, 1, 1, B, T, d_head/2]`.
     cos: Tensor<B, 6>,
     sin: Tensor<B, 6>,
+    half: bool,
 }
 
 impl<B: Backend> Rope<B> {
-    /// `angle[b, t, i] = pos[b, t] * theta^(-2i / d_head)`, shaped
-    /// `[1, 1, B, T, d_head/2, 1]`.
-    fn new(pos: Tensor<B, 2>, d_head: usize, theta: f64) -> Self {
+    /// `angle[b, t, i] = pos[b, t] * inv_freq_i`.
+    fn new(pos: Tensor<B, 2>, spec: &RopeSpec) -> Self {
         let [b, t] = pos.dims();
-        let half = d_head / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| theta.powf(-2.0 * i as f64 / d_head as f64) as f32)
-            .collect();
+        let half = spec.inv_freq.len();
+        let inv: Vec<f32> = spec.inv_freq.iter().map(|&f| f as f32).collect();
         let inv = Tensor::<B, 1>::from_floats(inv.as_slice(), &pos.device()).reshape([1, 1, half]);
-        let angle = pos.reshape([b, t, 1]) * inv;
-        let angle = angle.reshape([1, 1, b, t, half, 1]);
+        let angle = (pos.reshape([b, t, 1]) * inv).reshape([1, 1, 1, b, t, half]);
         Self {
             cos: angle.clone().cos(),
             sin: angle.sin(),
+            half: spec.half,
         }
     }
 
-    /// Rotates pairs `(x_2i, x_2i+1)` of `x [1, H, B, T, d_head]`.
-    fn apply(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
-        let [one, h, b, t, d] = x.dims();
-        let x = x.reshape([one, h, b, t, d / 2, 2]);
-        let x0 = x.clone().narrow(5, 0, 1);
-        let x1 = x.narrow(5, 1, 1);
-        let r0 = x0.clone() * self.cos.clone() - x1.clone() * self.sin.clone();
-        let r1 = x0 * self.sin.clone() + x1 * self.cos.clone();
-        Tensor::cat(vec![r0, r1], 5).reshape([one, h, b, t, d])
+    /// Rotates the pairs of `x [1, H_kv, G, B, T, d_head]`.
+    fn apply(&self, x: Tensor<B, 6>) -> Tensor<B, 6> {
+        let d = x.dims()[5];
+        if self.half {
+            // (x_i, x_{i + d/2}) -> (x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin)
+            let x0 = x.clone().narrow(5, 0, d / 2);
+            let x1 = x.narrow(5, d / 2, d / 2);
+            let r0 = x0.clone() * self.cos.clone() - x1.clone() * self.sin.clone();
+            let r1 = x1 * self.cos.clone() + x0 * self.sin.clone();
+            Tensor::cat(vec![r0, r1], 5)
+        } else {
+            let [one, h, g, b, t, d] = x.dims();
+            let x = x.reshape([one, h, g, b, t, d / 2, 2]);
+            let (cos, sin) = (
+                self.cos.clone().unsqueeze_dim::<7>(6),
+                self.sin.clone().unsqueeze_dim::<7>(6),
+            );
+            let x0 = x.clone().narrow(6, 0, 1);
+            let x1 = x.narrow(6, 1, 1);
+            let r0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
+            let r1 = x0 * sin + x1 * cos;
+            Tensor::cat(vec![r0, r1], 6).reshape([one, h, g, b, t, d])
+        }
     }
 }
 
@@ -609,8 +936,10 @@ impl<B: Backend> Block<B> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// Heads are laid out `[1, H, B, T, d_head]`: queries, keys and values are views of
-    /// the fused projection (no copy), the scores `[1, H, B, T, T_k]` take the bias
+    /// Heads are laid out `[1, H_kv, G, B, T, d_head]` with `G = H / H_kv` query heads
+    /// per key/value head (`G = 1` for keys and values): queries, keys and values are
+    /// views of the fused projection (no copy), the `G` query heads of a group share its
+    /// keys by a broadcast product, the scores `[1, H_kv, G, B, T, T_k]` take the bias
     /// `[B, T, T_k]` as one row repeated per head, and the output projection runs per head
     /// and sums over heads, so no tensor is transposed into a new layout (a transposing
     /// copy is an element-by-element walk on the CPU backend).
@@ -622,13 +951,22 @@ impl<B: Backend> Attention<B> {
         cache: CacheSlot<'_, B>,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let h = self.n_heads;
-        let dh = d / h;
+        let (h, kv) = (self.n_heads, self.n_kv_heads);
+        let g = h / kv;
+        let width = self.qkv.weight.dims()[1];
+        let dh = width / (h + 2 * kv);
         let qkv = linear_3d(&self.qkv, x)
-            .reshape([b, t, 3, h, dh])
-            .permute([2, 3, 0, 1, 4]);
-        let part = |i: usize| qkv.clone().narrow(0, i, 1);
-        let (mut q, mut k, v) = (part(0), part(1), part(2));
+            .reshape([b, t, 1, g + 2, kv, dh])
+            .permute([2, 4, 3, 0, 1, 5]); // [1, H_kv, G + 2, B, T, dh]
+        let mut q = qkv.clone().narrow(2, 0, g);
+        let mut k = qkv.clone().narrow(2, g, 1);
+        let v = qkv.narrow(2, g + 1, 1);
+        if let Some(norm) = &self.q_norm {
+            q = norm.forward(q);
+        }
+        if let Some(norm) = &self.k_norm {
+            k = norm.forward(k);
+        }
         if let Some(rope) = rope {
             q = rope.apply(q);
             k = rope.apply(k);
@@ -637,10 +975,10 @@ impl<B: Backend> Attention<B> {
             Some((layer, at, capacity)) => layer.write(k, v, at, capacity),
             None => (k, v),
         };
-        let tk = k.dims()[3];
-        let scores = q.matmul(k.swap_dims(3, 4)).reshape([h, b * t * tk]);
-        let scores = (scores / (dh as f64).sqrt() + bias.clone()).reshape([1, h, b, t, tk]);
-        let y = self.dropout.forward(softmax(scores, 4)).matmul(v); // [1, H, B, T, dh]
+        let tk = k.dims()[4];
+        let scores = q.matmul(k.swap_dims(4, 5)).reshape([h, b * t * tk]);
+        let scores = (scores / (dh as f64).sqrt() + bias.clone()).reshape([1, kv, g, b, t, tk]);
+        let y = self.dropout.forward(softmax(scores, 5)).matmul(v); // [1, H_kv, G, B, T, dh]
         let w = self.out.weight.val().reshape([1, h, dh, d]);
         // [1, H, B T, D], summed over heads as a product with a row of ones: its gradient
         // is a product too, where `sum_dim`'s is a broadcast (slow on the CPU backend).
@@ -659,7 +997,10 @@ impl<B: Backend> Attention<B> {
 impl<B: Backend> FeedForward<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let hidden = linear_3d(&self.fc, x);
-        let hidden = if self.gelu_tanh {
+        let hidden = if self.gated {
+            let m = hidden.dims()[2] / 2;
+            silu(hidden.clone().narrow(2, 0, m)) * hidden.narrow(2, m, m)
+        } else if self.gelu_tanh {
             gelu_approximate(hidden)
         } else {
             gelu(hidden)
