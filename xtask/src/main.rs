@@ -9,6 +9,7 @@
 //! cargo xtask bench [NAME...] [--device D]                             benchmarks
 //! cargo xtask report RUN_DIR                                           write RUN_DIR/report.html
 //! cargo xtask fuzz [TARGET...] [--runs N]                              the cargo-fuzz targets (nightly)
+//! cargo xtask generate MODEL_DIR --prompt TEXT [--chat] [--json] ...   what a model writes after a prompt
 //! cargo xtask sweep [PRESET | FILE.toml] [--set k=v]... [--device D]  one run per [sweep] point
 //! ```
 //!
@@ -27,6 +28,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 mod bench;
 mod fuzz;
+mod generate;
 mod list;
 mod report;
 mod run;
@@ -37,7 +39,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use goodhart_core::device::DeviceSpec;
 
-const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report|fuzz> [ARGS...]
+const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report|fuzz|generate> [ARGS...]
 
   run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
       [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
@@ -48,7 +50,10 @@ const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report|fuzz> 
                                                          Vulkan driver is present
   bench [NAME...] [--device D]                           benchmarks (`bench --list` names them)
   report RUN_DIR                                         write RUN_DIR/report.html, print its path
-  fuzz [TARGET...] [--runs N]                            the cargo-fuzz targets (nightly; not in CI)";
+  fuzz [TARGET...] [--runs N]                            the cargo-fuzz targets (nightly; not in CI)
+  generate MODEL_DIR --prompt TEXT [--chat] [--json]     what a Hugging Face model directory writes
+      [--max-new-tokens N] [--greedy | --temperature T   after a prompt (`generate --help`)
+      --top-p P --top-k K] [--seed N] [--device D]";
 
 /// The first panic's message and place since the last [`take_panic`], kept by [`main`]'s
 /// hook (a GPU runtime's worker thread often panics first, with the reason).
@@ -106,6 +111,7 @@ fn real_main() -> Result<ExitCode> {
         "report" => report::run(&rest),
         "sweep" => run::sweep(&rest),
         "fuzz" => fuzz::run(&rest),
+        "generate" => generate::run(&rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -20,8 +20,9 @@
 //!
 //! **Shapes and masks.** Prompts are left-padded `[B, P]` with a mask (every row needs at
 //! least one real token, and its last column must be real). Generation stops after
-//! `max_new_tokens` steps or when every row has emitted `eos_id`; a row that has emitted
-//! EOS (which is kept, mask 1) emits `pad_id` afterwards with mask 0 and log-prob 0. All
+//! `max_new_tokens` steps or when every row has emitted `eos_id` (or one of `stop_ids`); a
+//! row that has emitted one (which is kept, mask 1) emits `pad_id` afterwards with mask 0
+//! and log-prob 0. All
 //! outputs are aligned to the full sequence `[B, P + N]` (`N <= max_new_tokens`) as a
 //! [`goodhart_core::batch::RolloutBatch`] expects: the response mask is 0 on the prompt.
 //!
@@ -66,6 +67,10 @@ pub struct GenerationConfig {
     /// Token that ends a response.
     #[config(default = "None")]
     pub eos_id: Option<usize>,
+    /// Further tokens that end a response, as `eos_id` does (a model's other EOS ids:
+    /// Llama 3 stops at `<|end_of_text|>` and `<|eot_id|>`).
+    #[config(default = "Vec::new()")]
+    pub stop_ids: Vec<usize>,
     /// Token emitted after EOS.
     #[config(default = 0)]
     pub pad_id: usize,
@@ -87,7 +92,11 @@ impl GenerationConfig {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(GoodhartError::invalid("top_p", "must lie in (0, 1]"));
         }
-        for (name, id) in [("pad_id", Some(self.pad_id)), ("eos_id", self.eos_id)] {
+        let stops = self.stop_ids.iter().map(|&id| ("stop_ids", Some(id)));
+        for (name, id) in [("pad_id", Some(self.pad_id)), ("eos_id", self.eos_id)]
+            .into_iter()
+            .chain(stops)
+        {
             if id.is_some_and(|id| id >= vocab) {
                 return Err(GoodhartError::invalid(
                     name,
@@ -191,12 +200,13 @@ pub fn generate<B: Backend>(
         if step + 1 == config.max_new_tokens {
             break;
         }
-        if let Some(eos) = config.eos_id {
+        let stops = config.eos_id.iter().chain(&config.stop_ids);
+        for &eos in stops.clone() {
             finished = finished.max_pair(ids.clone().equal_elem(eos as i64).float());
-            // One read-back per step, only when rows can end.
-            if finished.clone().min().into_scalar().to_f32() > 0.5 {
-                break;
-            }
+        }
+        // One read-back per step, only when rows can end.
+        if stops.count() > 0 && finished.clone().min().into_scalar().to_f32() > 0.5 {
+            break;
         }
         logits = if config.use_cache {
             model

@@ -12,25 +12,32 @@
 //!   head on the LM trunk for PPO;
 //! - [`reference`]: frozen reference snapshots with EMA update and reset;
 //! - [`tokenizer`]: built-in character / word tokenizers and Hugging Face `tokenizer.json`;
+//! - [`chat_template`]: chat templates rendered as transformers' `apply_chat_template`;
 //! - [`checkpoint`]: save / load with burn's recorders and GPT-2 safetensors import;
-//! - [`hf`]: Hugging Face model directories (GPT-2, Llama, Mistral, Qwen2, Qwen3) in;
+//! - [`hf`]: Hugging Face model directories (GPT-2, Llama, Mistral, Qwen2, Qwen3) in and
+//!   out;
+//! - [`pipeline`]: a model directory's model and tokenizer together, text in and out;
 //! - [`sft`]: supervised fine-tuning (next-token NLL) to make base and SFT policies.
 
+pub mod chat_template;
 pub mod checkpoint;
 pub mod generate;
 pub mod hf;
 pub mod kv_cache;
 pub mod mlp;
+pub mod pipeline;
 pub mod reference;
 pub mod score;
 pub mod sft;
 pub mod tokenizer;
 pub mod transformer;
 
+pub use chat_template::{ChatMessage, ChatTemplate};
 pub use checkpoint::CheckpointError;
 pub use generate::{generate, Generation, GenerationConfig};
 pub use kv_cache::KvCache;
 pub use mlp::{LmValueModel, MlpConfig, MlpPolicy, MlpValue, ValueHead};
+pub use pipeline::{Completion, TextModel};
 pub use reference::Reference;
 pub use score::{score, TokenScores};
 pub use sft::{SftConfig, SftExample};

@@ -1,14 +1,20 @@
 //! Tokenizers: one trait, built-in character- and word-level tokenizers for synthetic
-//! tasks, and Hugging Face `tokenizer.json` files through the `tokenizers` crate.
+//! tasks, and Hugging Face tokenizers (`tokenizer.json` through the `tokenizers` crate;
+//! a model directory's special tokens and chat template with [`HfTokenizer::from_dir`]).
 //!
 //! The built-in tokenizers reserve ids 0, 1, 2 for `<pad>`, `<bos>`, `<eos>` and number
 //! their symbols from 3 in the order given. Encoding never adds special tokens (callers
 //! decide where BOS / EOS go); decoding skips them. An unknown symbol is an error, not a
 //! silent `<unk>`: synthetic tasks know their alphabet.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
 
 use goodhart_core::{GoodhartError, Result};
+
+use crate::chat_template::{ChatMessage, ChatTemplate};
 
 /// Ids of the special tokens a policy needs (any may be absent in a loaded tokenizer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -170,6 +176,7 @@ impl Tokenizer for WordTokenizer {
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     special: SpecialTokens,
+    chat_template: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for HfTokenizer {
@@ -209,7 +216,116 @@ impl HfTokenizer {
             bos: look("bos", bos)?,
             eos: look("eos", eos)?,
         };
-        Ok(Self { inner, special })
+        Ok(Self {
+            inner,
+            special,
+            chat_template: None,
+        })
+    }
+
+    /// Loads a Hugging Face model directory's tokenizer: `tokenizer.json`, the special
+    /// tokens of `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, ...; a
+    /// string or an `{"content": ...}` object), and the chat template from
+    /// `chat_template.jinja` or, failing that, `tokenizer_config.json`'s `chat_template`
+    /// (a string, or a list of named templates of which `default` is taken).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("tokenizer_config.json");
+        let named = |what: &str, e: &dyn std::fmt::Display| {
+            GoodhartError::invalid(config_path.display().to_string(), format!("{what}: {e}"))
+        };
+        let config: serde_json::Map<String, serde_json::Value> = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path).map_err(|e| named("reading", &e))?;
+            serde_json::from_str(&text).map_err(|e| named("not a JSON object", &e))?
+        } else {
+            Default::default()
+        };
+        let mut tokens = BTreeMap::new();
+        for key in [
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "sep_token",
+            "pad_token",
+            "cls_token",
+            "mask_token",
+        ] {
+            let text = match config.get(key) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Object(o)) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+                None | Some(serde_json::Value::Null) => None,
+                Some(other) => return Err(named(key, &format!("{other} is not a token"))),
+            };
+            if let Some(text) = text {
+                tokens.insert(key.to_string(), text);
+            }
+        }
+        let get = |key: &str| tokens.get(key).map(String::as_str);
+        let mut tokenizer = Self::from_file(
+            &dir.join("tokenizer.json"),
+            get("pad_token"),
+            get("bos_token"),
+            get("eos_token"),
+        )?;
+        let jinja = dir.join("chat_template.jinja");
+        let source =
+            if jinja.is_file() {
+                Some(std::fs::read_to_string(&jinja).map_err(|e| {
+                    GoodhartError::invalid(jinja.display().to_string(), e.to_string())
+                })?)
+            } else {
+                match config.get("chat_template") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(serde_json::Value::Array(list)) => list
+                        .iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                        .and_then(|t| t.get("template").and_then(|t| t.as_str()))
+                        .map(str::to_string),
+                    Some(other) => {
+                        return Err(named(
+                            "chat_template",
+                            &format!("{other} is not a template"),
+                        ))
+                    }
+                }
+            };
+        tokenizer.chat_template = source.map(|s| ChatTemplate::new(&s, tokens)).transpose()?;
+        Ok(tokenizer)
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// `messages` rendered with the chat template, and the text's token ids (encoded
+    /// without added special tokens: the template writes them, as transformers'
+    /// `apply_chat_template` does). Errors when the model has no chat template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(String, Vec<u32>)> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            GoodhartError::invalid("chat_template", "this tokenizer has no chat template")
+        })?;
+        let text = template.render(messages, add_generation_prompt, extra)?;
+        let ids = self.encode(&text)?;
+        Ok((text, ids))
+    }
+
+    /// Token ids of `text` with the special tokens the tokenizer's post-processor adds
+    /// (transformers' `tokenizer(text)`; e.g. Llama's BOS).
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| GoodhartError::invalid("text", e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// The wrapped `tokenizers::Tokenizer`.
