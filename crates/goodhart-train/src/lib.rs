@@ -23,6 +23,7 @@
 
 pub mod best_of_n;
 pub mod config;
+pub mod data;
 pub mod experiments;
 pub mod memory;
 pub mod policy_gradient;
