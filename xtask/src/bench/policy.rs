@@ -129,12 +129,15 @@ impl Figures {
 const USAGE: &str = "usage: cargo xtask bench policy [--batch N] [--prompt N] [--response N]
     [--layers N] [--width N] [--heads N] [--vocab N] [--positions learned|rotary] [--reps N]
     [--device D] [--json] [--vs-torch [--runs N] [--python P] [--twin FILE]]
+    [--hf MODEL_DIR]
 
 Measures generation (KV cache), teacher-forced scoring and one SFT train step of the
 policy LM (defaults: config S, 4 layers, width 128, 4 heads, vocabulary 64, learned
 positions, batch 64, prompt 16, 64 new tokens, 3 reps). --vs-torch runs this and the
 PyTorch-eager twin (benches/torch_twin.py) alternately, --runs times each (default 3),
-and prints the medians and their ratios.";
+and prints the medians and their ratios. --hf MODEL_DIR measures the architecture a
+Hugging Face config.json describes (random weights; --batch, --prompt, --response and
+--reps still apply), against transformers' own model of it (benches/hf_twin.py).";
 
 /// `cargo xtask bench policy ARGS`.
 pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
@@ -142,6 +145,7 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
     let (mut json, mut vs_torch, mut runs) = (false, false, 3usize);
     let mut python = String::from("python3");
     let mut twin = default_twin();
+    let mut hf: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -174,6 +178,7 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
             }
             "--python" => python = value()?.clone(),
             "--twin" => twin = PathBuf::from(value()?),
+            "--hf" => hf = Some(PathBuf::from(value()?)),
             "--json" => json = true,
             "--vs-torch" => vs_torch = true,
             "-h" | "--help" => {
@@ -182,6 +187,9 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
             }
             other => bail!("unknown flag `{other}`\n\n{USAGE}"),
         }
+    }
+    if let Some(dir) = hf {
+        return hf_command(device, shape, &dir, json, vs_torch, runs, &python);
     }
     shape.model().validate()?;
     if !vs_torch {
@@ -260,6 +268,112 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
                 ours.get(i) / theirs.get(i)
             );
         }
+    }
+    Ok(())
+}
+
+/// `bench policy --hf DIR`: the model of a Hugging Face `config.json`, alone or
+/// alternating with `benches/hf_twin.py`.
+fn hf_command(
+    device: DeviceSpec,
+    shape: Shape,
+    dir: &Path,
+    json: bool,
+    vs_torch: bool,
+    runs: usize,
+    python: &str,
+) -> Result<()> {
+    let cfg = goodhart_policy::hf::HfConfig::from_dir(dir)?.model;
+    if shape.prompt + shape.response > cfg.max_seq_len {
+        bail!(
+            "--prompt + --response exceed the model's {} positions",
+            cfg.max_seq_len
+        );
+    }
+    let ours = |runs: &mut Vec<Figures>| -> Result<()> {
+        let start = Instant::now();
+        let f = measure_model(device, shape, cfg.clone())?;
+        eprintln!(
+            "goodhart: {:.1} / {:.1} / {:.1} tokens/s ({:.1} s)",
+            f.gen_tok_s,
+            f.score_tok_s,
+            f.train_tok_s,
+            start.elapsed().as_secs_f64()
+        );
+        runs.push(f);
+        Ok(())
+    };
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    let twin = default_twin().with_file_name("hf_twin.py");
+    for _ in 0..if vs_torch { runs } else { 1 } {
+        ours(&mut mine)?;
+        if vs_torch {
+            if device != DeviceSpec::Cpu {
+                bail!("--hf --vs-torch measures on the CPU only");
+            }
+            let out = Command::new(python)
+                .arg(&twin)
+                .arg("--hf")
+                .arg(dir)
+                .args([
+                    "--batch",
+                    &shape.batch.to_string(),
+                    "--prompt",
+                    &shape.prompt.to_string(),
+                ])
+                .args([
+                    "--response",
+                    &shape.response.to_string(),
+                    "--reps",
+                    &shape.reps.to_string(),
+                ])
+                .args(["--threads", &threads().to_string()])
+                .output()
+                .with_context(|| format!("could not start `{python}` for {}", twin.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "{} failed: {}",
+                    twin.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let line = stdout
+                .lines()
+                .rev()
+                .find(|l| l.starts_with('{'))
+                .context("no JSON line")?;
+            let f: Figures = serde_json::from_str(line)?;
+            eprintln!(
+                "torch:    {:.1} / {:.1} / {:.1} tokens/s",
+                f.gen_tok_s, f.score_tok_s, f.train_tok_s
+            );
+            theirs.push(f);
+        }
+    }
+    let ours = median(&mine);
+    let shape = serde_json::json!({
+        "batch": shape.batch, "prompt": shape.prompt, "response": shape.response, "reps": shape.reps,
+    });
+    let out = if vs_torch {
+        let theirs = median(&theirs);
+        let ratio = |i: usize| ours.get(i) / theirs.get(i);
+        serde_json::json!({
+            "model": dir.display().to_string(), "shape": shape, "runs": runs,
+            "threads": threads(), "goodhart": ours, "torch": theirs,
+            "ratio": { "gen": ratio(0), "score": ratio(1), "train": ratio(2) },
+            "peak_rss_mib": peak_rss_mib(),
+        })
+    } else {
+        serde_json::json!({
+            "model": dir.display().to_string(), "shape": shape, "threads": threads(),
+            "goodhart": ours, "peak_rss_mib": peak_rss_mib(),
+        })
+    };
+    if json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
 }
@@ -372,17 +486,22 @@ fn sync<B: Backend>(device: &B::Device) -> Result<()> {
 
 /// Measures the three figures at `shape` on `device`.
 pub fn measure(device: DeviceSpec, shape: Shape) -> Result<Figures> {
-    struct Job(Shape);
+    measure_model(device, shape, shape.model())
+}
+
+/// Measures the three figures of a model of architecture `cfg` (random weights) with
+/// `shape`'s batch, prompt, response and reps.
+fn measure_model(device: DeviceSpec, shape: Shape, cfg: TransformerConfig) -> Result<Figures> {
+    struct Job(Shape, TransformerConfig);
     impl BackendJob for Job {
         type Output = Result<Figures>;
         fn run<B: Backend>(self, device: B::Device) -> Result<Figures> {
-            let s = self.0;
-            let cfg = s.model();
+            let (s, cfg) = (self.0, self.1);
             B::seed(&device, 0);
             let model = cfg.init::<B>(&device)?;
             let prompt = Tensor::<B, 2, Int>::random(
                 [s.batch, s.prompt],
-                Distribution::Uniform(0.0, s.vocab as f64),
+                Distribution::Uniform(0.0, cfg.vocab_size as f64),
                 &device,
             );
             let mask = Tensor::<B, 2>::ones([s.batch, s.prompt], &device);
@@ -452,5 +571,5 @@ pub fn measure(device: DeviceSpec, shape: Shape) -> Result<Figures> {
             })
         }
     }
-    dispatch(device, Job(shape))?
+    dispatch(device, Job(shape, cfg))?
 }
