@@ -180,28 +180,13 @@ impl HfConfig {
     /// Reads `dir/config.json` and, when present, `dir/generation_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, CheckpointError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::File {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let mut config = Self::parse(&text, &path)?;
+        let mut config = Self::parse(&read_text(&path)?, &path)?;
         config.dir = Some(dir.to_path_buf());
         let gen_path = dir.join("generation_config.json");
         if gen_path.exists() {
-            let text = std::fs::read_to_string(&gen_path).map_err(|e| CheckpointError::File {
-                path: gen_path.clone(),
-                reason: e.to_string(),
-            })?;
-            let value: Value = serde_json::from_str(&text).map_err(|e| CheckpointError::File {
-                path: gen_path.clone(),
-                reason: format!("not JSON: {e}"),
-            })?;
-            let map = value.as_object().ok_or_else(|| CheckpointError::File {
-                path: gen_path.clone(),
-                reason: "not a JSON object".into(),
-            })?;
+            let map = json_object(&read_text(&gen_path)?, &gen_path)?;
             let fields = Fields {
-                map,
+                map: &map,
                 file: &gen_path,
             };
             for id in fields.ids("eos_token_id")? {
@@ -215,15 +200,8 @@ impl HfConfig {
 
     /// Parses the text of a `config.json` (`file` names it in errors).
     pub fn parse(text: &str, file: &Path) -> Result<Self, CheckpointError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| CheckpointError::File {
-            path: file.to_path_buf(),
-            reason: format!("not JSON: {e}"),
-        })?;
-        let map = value.as_object().ok_or_else(|| CheckpointError::File {
-            path: file.to_path_buf(),
-            reason: "not a JSON object".into(),
-        })?;
-        let f = Fields { map, file };
+        let map = json_object(text, file)?;
+        let f = Fields { map: &map, file };
         let family = family(&f)?;
         let model = match family {
             Family::Gpt2 => gpt2_config(&f)?,
@@ -249,6 +227,27 @@ impl HfConfig {
             raw: map.clone(),
             dir: None,
         })
+    }
+}
+
+/// The text of `path`.
+fn read_text(path: &Path) -> Result<String, CheckpointError> {
+    std::fs::read_to_string(path).map_err(|e| CheckpointError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// `text` as a JSON object (`path` names it in errors).
+fn json_object(text: &str, path: &Path) -> Result<Map<String, Value>, CheckpointError> {
+    let error = |reason: String| CheckpointError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match serde_json::from_str(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(error("not a JSON object".into())),
+        Err(e) => Err(error(format!("not JSON: {e}"))),
     }
 }
 
@@ -450,10 +449,7 @@ impl Weights {
         };
         let (files, source, map): (Vec<PathBuf>, PathBuf, Option<BTreeMap<String, PathBuf>>) =
             if index.exists() {
-                let text = std::fs::read_to_string(&index)
-                    .map_err(|e| file_error(&index, e.to_string()))?;
-                let value: Value = serde_json::from_str(&text)
-                    .map_err(|e| file_error(&index, format!("not JSON: {e}")))?;
+                let value = json_object(&read_text(&index)?, &index)?;
                 let map = value
                     .get("weight_map")
                     .and_then(Value::as_object)

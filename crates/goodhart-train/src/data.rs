@@ -210,27 +210,16 @@ impl DataConfig {
         })
     }
 
-    /// Every row as a prompt (see the module docs).
-    pub fn read_prompts(&self) -> Result<Vec<PromptRow>, DataError> {
-        let c = &self.columns;
-        let prompt_column = c.messages.as_deref().unwrap_or(&c.prompt);
+    /// `read` of every record, where it is in the file; every bad row refused at once.
+    fn rows<T>(
+        &self,
+        read: impl Fn(&str, &Map<String, Value>) -> Result<T, String>,
+    ) -> Result<Vec<T>, DataError> {
         let mut rows = Vec::new();
         let mut bad = Vec::new();
         for (at, record) in self.records()? {
-            let row = record.and_then(|record| {
-                let prompt = text(&record, prompt_column)?;
-                let answer = match c.answer.as_deref() {
-                    None => None,
-                    Some(col) => Some(answer(&record, col)?),
-                };
-                Ok(PromptRow {
-                    at: at.clone(),
-                    prompt,
-                    answer,
-                })
-            });
-            match row {
-                Ok(r) => rows.push(r),
+            match record.and_then(|r| read(&at, &r)) {
+                Ok(row) => rows.push(row),
                 Err(why) => bad.push((at, why)),
             }
         }
@@ -238,39 +227,43 @@ impl DataConfig {
         Ok(rows)
     }
 
+    /// Every row as a prompt (see the module docs).
+    pub fn read_prompts(&self) -> Result<Vec<PromptRow>, DataError> {
+        let c = &self.columns;
+        let prompt_column = c.messages.as_deref().unwrap_or(&c.prompt);
+        self.rows(|at, record| {
+            Ok(PromptRow {
+                at: at.to_string(),
+                prompt: text(record, prompt_column)?,
+                answer: match c.answer.as_deref() {
+                    None => None,
+                    Some(col) => Some(answer(record, col)?),
+                },
+            })
+        })
+    }
+
     /// Every row as a preference pair (see the module docs).
     pub fn read_preferences(&self) -> Result<Vec<PreferenceRow>, DataError> {
         let c = &self.columns;
-        let mut rows = Vec::new();
-        let mut bad = Vec::new();
-        for (at, record) in self.records()? {
-            let row = (|| {
-                let record = record?;
-                let chosen = text(&record, &c.chosen)?;
-                let rejected = text(&record, &c.rejected)?;
-                let column = c.messages.as_deref().unwrap_or(&c.prompt);
-                // Parquet writes an absent column of a row as null.
-                let (prompt, chosen, rejected) = if record.get(column).is_some_and(|v| !v.is_null())
-                {
-                    (text(&record, column)?, chosen, rejected)
-                } else {
-                    implicit_prompt(chosen, rejected)
-                        .map_err(|why| format!("no `{column}` column, and {why}"))?
-                };
-                Ok(PreferenceRow {
-                    at: at.clone(),
-                    prompt,
-                    chosen,
-                    rejected,
-                })
-            })();
-            match row {
-                Ok(r) => rows.push(r),
-                Err(why) => bad.push((at, why)),
-            }
-        }
-        self.refuse(bad)?;
-        Ok(rows)
+        let column = c.messages.as_deref().unwrap_or(&c.prompt);
+        self.rows(|at, record| {
+            let chosen = text(record, &c.chosen)?;
+            let rejected = text(record, &c.rejected)?;
+            // Parquet writes an absent column of a row as null.
+            let (prompt, chosen, rejected) = if record.get(column).is_some_and(|v| !v.is_null()) {
+                (text(record, column)?, chosen, rejected)
+            } else {
+                implicit_prompt(chosen, rejected)
+                    .map_err(|why| format!("no `{column}` column, and {why}"))?
+            };
+            Ok(PreferenceRow {
+                at: at.to_string(),
+                prompt,
+                chosen,
+                rejected,
+            })
+        })
     }
 }
 
