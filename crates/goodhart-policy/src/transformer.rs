@@ -480,8 +480,9 @@ pub fn linear_3d<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3
     y.reshape([b, t, o])
 }
 
-/// LayerNorm or RMSNorm over the last dimension, with weight `gamma` and (LayerNorm only)
-/// bias `beta`; the parameter names are burn's `LayerNorm`'s.
+/// LayerNorm or RMSNorm over the last dimension, with weight `gamma` and, if set, bias
+/// `beta` (LayerNorm has one; the RMSNorms of Llama and Qwen have none); the parameter
+/// names are burn's `LayerNorm`'s.
 #[derive(Module, Debug)]
 pub struct Norm<B: Backend> {
     /// Scale `[d]`.
