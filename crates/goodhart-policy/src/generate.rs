@@ -182,6 +182,12 @@ pub fn generate<B: Backend>(
     let mut step_tokens: Vec<Tensor<B, 2, Int>> = Vec::new();
     let mut step_masks: Vec<Tensor<B, 2>> = Vec::new();
     let mut step_logprobs: Vec<Tensor<B, 2>> = Vec::new();
+    let stops: Vec<usize> = config
+        .eos_id
+        .iter()
+        .chain(&config.stop_ids)
+        .copied()
+        .collect();
     for step in 0..config.max_new_tokens {
         let u: Vec<f32> = if config.greedy {
             vec![0.0; b]
@@ -200,12 +206,11 @@ pub fn generate<B: Backend>(
         if step + 1 == config.max_new_tokens {
             break;
         }
-        let stops = config.eos_id.iter().chain(&config.stop_ids);
-        for &eos in stops.clone() {
+        for &eos in &stops {
             finished = finished.max_pair(ids.clone().equal_elem(eos as i64).float());
         }
         // One read-back per step, only when rows can end.
-        if stops.count() > 0 && finished.clone().min().into_scalar().to_f32() > 0.5 {
+        if !stops.is_empty() && finished.clone().min().into_scalar().to_f32() > 0.5 {
             break;
         }
         logits = if config.use_cache {

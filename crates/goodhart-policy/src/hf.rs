@@ -48,7 +48,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     checkpoint::CheckpointError,
-    transformer::{NormKind, RopeScaling, TransformerConfig, TransformerLm},
+    transformer::{Norm, RopeScaling, TransformerConfig, TransformerLm},
 };
 
 /// A decoder family goodhart loads.
@@ -623,6 +623,17 @@ fn set_linear<B: Backend>(
     linear.bias = bias.map(|b| tensor(b, [o], device));
 }
 
+fn set_norm<B: Backend>(
+    norm: &mut Norm<B>,
+    gamma: Vec<f32>,
+    beta: Option<Vec<f32>>,
+    device: &B::Device,
+) {
+    let [d] = norm.gamma.dims();
+    norm.gamma = tensor(gamma, [d], device);
+    norm.beta = beta.map(|b| tensor(b, [d], device));
+}
+
 /// Loads the model in `dir` (see the module docs) onto `device`.
 pub fn load<B: Backend>(
     dir: &Path,
@@ -630,7 +641,9 @@ pub fn load<B: Backend>(
 ) -> Result<(TransformerLm<B>, HfConfig), CheckpointError> {
     let config = HfConfig::from_dir(dir)?;
     let mut weights = Weights::read(dir)?;
-    let mut model = config.model.init::<B>(device)?;
+    let mut model = config
+        .model
+        .init_with::<B>(burn::nn::Initializer::Zeros, device)?;
     match config.family {
         Family::Gpt2 => load_gpt2(&mut model, &config.model, &mut weights, device)?,
         _ => load_llama(&mut model, &config.model, &mut weights, device)?,
@@ -663,24 +676,17 @@ fn load_gpt2<B: Backend>(
     if let Some(pe) = trunk.pos_emb.as_mut() {
         pe.weight = tensor(w.take(&format!("{p}wpe.weight"), &[n, d])?, [n, d], device);
     }
-    let norm = |w: &mut Weights, name: String| -> Result<_, CheckpointError> {
-        Ok(crate::transformer::Norm::from_tensors(
-            NormKind::Layer,
-            Tensor::from_data(
-                TensorData::new(w.take(&format!("{name}.weight"), &[d])?, [d]),
-                device,
-            ),
-            Some(Tensor::from_data(
-                TensorData::new(w.take(&format!("{name}.bias"), &[d])?, [d]),
-                device,
-            )),
-            cfg.layer_norm_eps,
-        ))
+    // LayerNorm `weight` and `bias` into the norm the config built.
+    let norm = |w: &mut Weights, norm: &mut Norm<B>, name: String| -> Result<(), CheckpointError> {
+        let gamma = w.take(&format!("{name}.weight"), &[d])?;
+        let beta = w.take(&format!("{name}.bias"), &[d])?;
+        set_norm(norm, gamma, Some(beta), device);
+        Ok(())
     };
     for (i, block) in trunk.blocks.iter_mut().enumerate() {
         let b = format!("{p}h.{i}.");
-        block.norm_attn = norm(w, format!("{b}ln_1"))?;
-        block.norm_mlp = norm(w, format!("{b}ln_2"))?;
+        norm(w, &mut block.norm_attn, format!("{b}ln_1"))?;
+        norm(w, &mut block.norm_mlp, format!("{b}ln_2"))?;
         let conv = |w: &mut Weights, linear: &mut Linear<B>, name: &str| {
             let [i, o] = linear.weight.dims();
             let weight = w.take(&format!("{b}{name}.weight"), &[i, o])?;
@@ -693,7 +699,7 @@ fn load_gpt2<B: Backend>(
         conv(w, &mut block.mlp.fc, "mlp.c_fc")?;
         conv(w, &mut block.mlp.proj, "mlp.c_proj")?;
     }
-    trunk.norm_f = norm(w, format!("{p}ln_f"))?;
+    norm(w, &mut trunk.norm_f, format!("{p}ln_f"))?;
     if let Some(proj) = model.head.proj.as_mut() {
         let weight = w.take("lm_head.weight", &[v, d])?;
         set_linear(proj, transpose(&weight, v, d), None, device);
@@ -709,14 +715,11 @@ fn load_llama<B: Backend>(
 ) -> Result<(), CheckpointError> {
     let (v, d, m) = (cfg.vocab_size, cfg.d_model, cfg.mlp_width());
     let (h, kv, dh) = (cfg.n_heads, cfg.kv_heads(), cfg.d_head());
-    let eps = cfg.layer_norm_eps;
-    let rms = |w: &mut Weights, name: &str, n: usize| -> Result<_, CheckpointError> {
-        Ok(crate::transformer::Norm::from_tensors(
-            NormKind::Rms,
-            Tensor::from_data(TensorData::new(w.take(name, &[n])?, [n]), device),
-            None,
-            eps,
-        ))
+    // RMSNorm `weight` into the norm the config built.
+    let rms = |w: &mut Weights, norm: &mut Norm<B>, name: &str| -> Result<(), CheckpointError> {
+        let [n] = norm.gamma.dims();
+        set_norm(norm, w.take(name, &[n])?, None, device);
+        Ok(())
     };
     let trunk = &mut model.trunk;
     trunk.tok_emb.weight = tensor(
@@ -726,8 +729,16 @@ fn load_llama<B: Backend>(
     );
     for (i, block) in trunk.blocks.iter_mut().enumerate() {
         let b = format!("model.layers.{i}.");
-        block.norm_attn = rms(w, &format!("{b}input_layernorm.weight"), d)?;
-        block.norm_mlp = rms(w, &format!("{b}post_attention_layernorm.weight"), d)?;
+        rms(
+            w,
+            &mut block.norm_attn,
+            &format!("{b}input_layernorm.weight"),
+        )?;
+        rms(
+            w,
+            &mut block.norm_mlp,
+            &format!("{b}post_attention_layernorm.weight"),
+        )?;
         let a = format!("{b}self_attn.");
         let q = w.take(&format!("{a}q_proj.weight"), &[h * dh, d])?;
         let k = w.take(&format!("{a}k_proj.weight"), &[kv * dh, d])?;
@@ -758,9 +769,11 @@ fn load_llama<B: Backend>(
             o_bias,
             device,
         );
-        if cfg.qk_norm {
-            block.attn.q_norm = Some(rms(w, &format!("{a}q_norm.weight"), dh)?);
-            block.attn.k_norm = Some(rms(w, &format!("{a}k_norm.weight"), dh)?);
+        if let Some(q_norm) = block.attn.q_norm.as_mut() {
+            rms(w, q_norm, &format!("{a}q_norm.weight"))?;
+        }
+        if let Some(k_norm) = block.attn.k_norm.as_mut() {
+            rms(w, k_norm, &format!("{a}k_norm.weight"))?;
         }
         let mp = format!("{b}mlp.");
         let gate = w.take(&format!("{mp}gate_proj.weight"), &[m, d])?;
@@ -786,7 +799,7 @@ fn load_llama<B: Backend>(
             device,
         );
     }
-    trunk.norm_f = rms(w, "model.norm.weight", d)?;
+    rms(w, &mut trunk.norm_f, "model.norm.weight")?;
     if let Some(proj) = model.head.proj.as_mut() {
         let weight = w.take("lm_head.weight", &[v, d])?;
         set_linear(proj, transpose(&weight, v, d), None, device);

@@ -7,8 +7,9 @@
 //! prompt is rendered with the chat template, generation prompt included, and encoded
 //! without added tokens (the template writes them). Generation stops at any of the
 //! model's EOS ids. The returned log-probs are those of the new tokens under the model at
-//! temperature 1, scored teacher-forced ([`crate::score::score`]), whatever temperature
-//! sampled them.
+//! temperature 1, whatever temperature sampled them: the sampler's own at temperature 1
+//! (untruncated, see [`crate::generate`]), otherwise scored teacher-forced
+//! ([`crate::score::score`]).
 
 use std::path::Path;
 
@@ -130,14 +131,21 @@ impl<B: Backend> TextModel<B> {
         let mut rng = seed::rng(seed, "generate");
         let out = generate(&self.model, prompt, mask, settings, &mut rng)?;
         let keep = to_host(out.response_mask.clone())?;
-        let scores = score(
-            &self.model,
-            out.tokens.clone(),
-            out.attention_mask.clone(),
-            1.0,
-        )?;
+        // The sampler's log-probs are at its temperature, before truncation: at 1 they are
+        // the model's own; otherwise the sequence is scored once more at 1.
+        let logprobs = if settings.temperature == 1.0 {
+            out.logprobs.clone()
+        } else {
+            score(
+                &self.model,
+                out.tokens.clone(),
+                out.attention_mask.clone(),
+                1.0,
+            )?
+            .logprobs
+        };
+        let logprobs = to_host(logprobs)?;
         let tokens = to_host(out.tokens.float())?;
-        let logprobs = to_host(scores.logprobs)?;
         let (mut ids, mut lps) = (Vec::new(), Vec::new());
         for t in p..tokens.len() {
             if keep[t] > 0.5 {

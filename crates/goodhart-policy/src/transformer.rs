@@ -368,11 +368,37 @@ impl TransformerConfig {
     /// A [`Trunk`] with weights drawn as GPT-2 draws them (normal, std 0.02; biases 0;
     /// norm weights 1).
     pub fn init_trunk<B: Backend>(&self, device: &B::Device) -> Result<Trunk<B>> {
+        self.trunk_with(GPT2_INIT, device)
+    }
+
+    /// A [`TransformerLm`] (trunk and LM head) with GPT-2's initialisation.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<TransformerLm<B>> {
+        self.init_with(GPT2_INIT, device)
+    }
+
+    /// A [`TransformerLm`] whose weight matrices come from `init` (biases 0, norm weights
+    /// 1): [`crate::hf::load`] starts from zeros, which it overwrites, rather than from
+    /// random draws.
+    pub(crate) fn init_with<B: Backend>(
+        &self,
+        init: Initializer,
+        device: &B::Device,
+    ) -> Result<TransformerLm<B>> {
+        let trunk = self.trunk_with(init.clone(), device)?;
+        let proj = (!self.tie_embeddings).then(|| {
+            LinearConfig::new(self.d_model, self.vocab_size)
+                .with_bias(false)
+                .with_initializer(init)
+                .init(device)
+        });
+        Ok(materialized(TransformerLm {
+            trunk,
+            head: LmHead { proj },
+        }))
+    }
+
+    fn trunk_with<B: Backend>(&self, init: Initializer, device: &B::Device) -> Result<Trunk<B>> {
         self.validate()?;
-        let init = Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
-        };
         let linear = |i: usize, o: usize, bias: bool| linear(i, o, bias, init.clone(), device);
         let norm = |d: usize| Norm::new(self.norm, d, self.layer_norm_eps, device);
         let (d, h, kv, dh, m) = (
@@ -382,6 +408,10 @@ impl TransformerConfig {
             self.d_head(),
             self.mlp_width(),
         );
+        let head_norm = || {
+            self.qk_norm
+                .then(|| Norm::new(NormKind::Rms, dh, self.layer_norm_eps, device))
+        };
         let gates = if self.gated_mlp { 2 } else { 1 };
         let blocks = (0..self.n_layers)
             .map(|_| Block {
@@ -389,12 +419,8 @@ impl TransformerConfig {
                 attn: Attention {
                     qkv: linear(d, (h + 2 * kv) * dh, self.qkv_bias),
                     out: linear(h * dh, d, self.out_bias),
-                    q_norm: self
-                        .qk_norm
-                        .then(|| Norm::new(NormKind::Rms, dh, self.layer_norm_eps, device)),
-                    k_norm: self
-                        .qk_norm
-                        .then(|| Norm::new(NormKind::Rms, dh, self.layer_norm_eps, device)),
+                    q_norm: head_norm(),
+                    k_norm: head_norm(),
                     dropout: DropoutConfig::new(self.dropout).init(),
                     n_heads: h,
                     n_kv_heads: kv,
@@ -430,25 +456,13 @@ impl TransformerConfig {
             max_seq_len: self.max_seq_len,
         }))
     }
-
-    /// A [`TransformerLm`] (trunk and LM head).
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<TransformerLm<B>> {
-        let trunk = self.init_trunk(device)?;
-        let proj = (!self.tie_embeddings).then(|| {
-            LinearConfig::new(self.d_model, self.vocab_size)
-                .with_bias(false)
-                .with_initializer(Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.02,
-                })
-                .init(device)
-        });
-        Ok(materialized(TransformerLm {
-            trunk,
-            head: LmHead { proj },
-        }))
-    }
 }
+
+/// GPT-2's initialisation of weight matrices and embeddings, N(0, 0.02).
+const GPT2_INIT: Initializer = Initializer::Normal {
+    mean: 0.0,
+    std: 0.02,
+};
 
 /// A `Linear [i, o]` with weights from `init` and, when `bias`, a zero bias (GPT-2's and
 /// CleanRL's bias initialisation).
@@ -498,20 +512,9 @@ pub struct Norm<B: Backend> {
 impl<B: Backend> Norm<B> {
     /// A norm of width `d` with weight 1 (and, for LayerNorm, bias 0).
     pub fn new(kind: NormKind, d: usize, epsilon: f64, device: &B::Device) -> Self {
-        let beta = (kind == NormKind::Layer).then(|| Tensor::zeros([d], device));
-        Self::from_tensors(kind, Tensor::ones([d], device), beta, epsilon)
-    }
-
-    /// A norm with the given weight and bias.
-    pub fn from_tensors(
-        kind: NormKind,
-        gamma: Tensor<B, 1>,
-        beta: Option<Tensor<B, 1>>,
-        epsilon: f64,
-    ) -> Self {
         Self {
-            gamma: Param::from_tensor(gamma),
-            beta: beta.map(Param::from_tensor),
+            gamma: Param::from_tensor(Tensor::ones([d], device)),
+            beta: (kind == NormKind::Layer).then(|| Param::from_tensor(Tensor::zeros([d], device))),
             rms: kind == NormKind::Rms,
             epsilon,
         }

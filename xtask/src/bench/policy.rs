@@ -188,20 +188,59 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
             other => bail!("unknown flag `{other}`\n\n{USAGE}"),
         }
     }
-    if let Some(dir) = hf {
-        return hf_command(device, shape, &dir, json, vs_torch, runs, &python);
-    }
-    shape.model().validate()?;
+    // The model, and the twin that builds the same one: goodhart's own shape against
+    // `torch_twin.py`, or a Hugging Face config against transformers (`hf_twin.py`).
+    let (model, twin_args) = match &hf {
+        None => {
+            let model = shape.model();
+            model.validate()?;
+            (model, shape.torch_args())
+        }
+        Some(dir) => {
+            let model = goodhart_policy::hf::HfConfig::from_dir(dir)?.model;
+            if shape.prompt + shape.response > model.max_seq_len {
+                bail!(
+                    "--prompt + --response exceed the model's {} positions",
+                    model.max_seq_len
+                );
+            }
+            if twin == default_twin() {
+                twin = twin.with_file_name("hf_twin.py");
+            }
+            let mut args = vec!["--hf".to_string(), dir.display().to_string()];
+            for (flag, v) in [
+                ("--batch", shape.batch),
+                ("--prompt", shape.prompt),
+                ("--response", shape.response),
+                ("--reps", shape.reps),
+            ] {
+                args.extend([flag.to_string(), v.to_string()]);
+            }
+            (model, args)
+        }
+    };
+    // With --hf the architecture is the config's: only the batch shape is reported.
+    let shape_json = match &hf {
+        None => serde_json::to_value(shape)?,
+        Some(dir) => serde_json::json!({
+            "model": dir.display().to_string(), "batch": shape.batch, "prompt": shape.prompt,
+            "response": shape.response, "reps": shape.reps,
+        }),
+    };
     if !vs_torch {
-        let f = measure(device, shape)?;
+        let f = measure_model(device, shape, model)?;
         if json {
-            println!("{}", serde_json::to_string(&Report::new(device, shape, f))?);
+            let mut out = serde_json::to_value(Report::new(device, shape, f))?;
+            if hf.is_some() {
+                out["shape"] = shape_json;
+            }
+            println!("{out}");
         } else {
             print_figures(&format!("goodhart on {device}"), &f);
         }
         return Ok(());
     }
-    if shape.positions != Positions::Learned {
+    if hf.is_none() && shape.positions != Positions::Learned {
         bail!("--vs-torch: the twin has learned positions only");
     }
     if !twin.is_file() {
@@ -221,7 +260,7 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
             let start = Instant::now();
             let out = f()?;
             eprintln!(
-                "run {run}/{runs} {who:<9} {:.0} / {:.0} / {:.0} tokens/s ({:.1} s)",
+                "run {run}/{runs} {who:<9} {:.1} / {:.1} / {:.1} tokens/s ({:.1} s)",
                 out.gen_tok_s,
                 out.score_tok_s,
                 out.train_tok_s,
@@ -229,16 +268,18 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
             );
             anyhow::Ok(out)
         };
-        ours.push(timed("goodhart:", &|| measure(device, shape))?);
+        ours.push(timed("goodhart:", &|| {
+            measure_model(device, shape, model.clone())
+        })?);
         theirs.push(timed("torch:", &|| {
-            run_twin(&python, &twin, &shape, &torch_device)
+            run_twin(&python, &twin, &twin_args, &torch_device)
         })?);
     }
     let (ours, theirs) = (median(&ours), median(&theirs));
     if json {
         let ratio = |i: usize| ours.get(i) / theirs.get(i);
         let out = serde_json::json!({
-            "shape": shape,
+            "shape": shape_json,
             "device": device.to_string(),
             "runs": runs,
             "threads": threads(),
@@ -249,11 +290,12 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
                 "score": ratio(1),
                 "train": ratio(2),
             },
+            "peak_rss_mib": peak_rss_mib(),
         });
         println!("{out}");
     } else {
         println!(
-            "medians of {runs} alternating runs, {} threads, {shape:?}",
+            "medians of {runs} alternating runs, {} threads, {shape_json}",
             threads()
         );
         println!(
@@ -262,118 +304,12 @@ pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
         );
         for (i, name) in Figures::NAMES.iter().enumerate() {
             println!(
-                "{name:<12} {:>14.0} {:>14.0} {:>7.2}x",
+                "{name:<12} {:>14.1} {:>14.1} {:>7.2}x",
                 ours.get(i),
                 theirs.get(i),
                 ours.get(i) / theirs.get(i)
             );
         }
-    }
-    Ok(())
-}
-
-/// `bench policy --hf DIR`: the model of a Hugging Face `config.json`, alone or
-/// alternating with `benches/hf_twin.py`.
-fn hf_command(
-    device: DeviceSpec,
-    shape: Shape,
-    dir: &Path,
-    json: bool,
-    vs_torch: bool,
-    runs: usize,
-    python: &str,
-) -> Result<()> {
-    let cfg = goodhart_policy::hf::HfConfig::from_dir(dir)?.model;
-    if shape.prompt + shape.response > cfg.max_seq_len {
-        bail!(
-            "--prompt + --response exceed the model's {} positions",
-            cfg.max_seq_len
-        );
-    }
-    let ours = |runs: &mut Vec<Figures>| -> Result<()> {
-        let start = Instant::now();
-        let f = measure_model(device, shape, cfg.clone())?;
-        eprintln!(
-            "goodhart: {:.1} / {:.1} / {:.1} tokens/s ({:.1} s)",
-            f.gen_tok_s,
-            f.score_tok_s,
-            f.train_tok_s,
-            start.elapsed().as_secs_f64()
-        );
-        runs.push(f);
-        Ok(())
-    };
-    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-    let twin = default_twin().with_file_name("hf_twin.py");
-    for _ in 0..if vs_torch { runs } else { 1 } {
-        ours(&mut mine)?;
-        if vs_torch {
-            if device != DeviceSpec::Cpu {
-                bail!("--hf --vs-torch measures on the CPU only");
-            }
-            let out = Command::new(python)
-                .arg(&twin)
-                .arg("--hf")
-                .arg(dir)
-                .args([
-                    "--batch",
-                    &shape.batch.to_string(),
-                    "--prompt",
-                    &shape.prompt.to_string(),
-                ])
-                .args([
-                    "--response",
-                    &shape.response.to_string(),
-                    "--reps",
-                    &shape.reps.to_string(),
-                ])
-                .args(["--threads", &threads().to_string()])
-                .output()
-                .with_context(|| format!("could not start `{python}` for {}", twin.display()))?;
-            if !out.status.success() {
-                bail!(
-                    "{} failed: {}",
-                    twin.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let line = stdout
-                .lines()
-                .rev()
-                .find(|l| l.starts_with('{'))
-                .context("no JSON line")?;
-            let f: Figures = serde_json::from_str(line)?;
-            eprintln!(
-                "torch:    {:.1} / {:.1} / {:.1} tokens/s",
-                f.gen_tok_s, f.score_tok_s, f.train_tok_s
-            );
-            theirs.push(f);
-        }
-    }
-    let ours = median(&mine);
-    let shape = serde_json::json!({
-        "batch": shape.batch, "prompt": shape.prompt, "response": shape.response, "reps": shape.reps,
-    });
-    let out = if vs_torch {
-        let theirs = median(&theirs);
-        let ratio = |i: usize| ours.get(i) / theirs.get(i);
-        serde_json::json!({
-            "model": dir.display().to_string(), "shape": shape, "runs": runs,
-            "threads": threads(), "goodhart": ours, "torch": theirs,
-            "ratio": { "gen": ratio(0), "score": ratio(1), "train": ratio(2) },
-            "peak_rss_mib": peak_rss_mib(),
-        })
-    } else {
-        serde_json::json!({
-            "model": dir.display().to_string(), "shape": shape, "threads": threads(),
-            "goodhart": ours, "peak_rss_mib": peak_rss_mib(),
-        })
-    };
-    if json {
-        println!("{out}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
 }
@@ -456,11 +392,11 @@ fn default_twin() -> PathBuf {
         .join("torch_twin.py")
 }
 
-/// One run of the PyTorch twin at `shape`, with as many threads as ours.
-fn run_twin(python: &str, twin: &Path, shape: &Shape, device: &str) -> Result<Figures> {
+/// One run of a PyTorch twin with `args`, on `device`, with as many threads as ours.
+fn run_twin(python: &str, twin: &Path, args: &[String], device: &str) -> Result<Figures> {
     let out = Command::new(python)
         .arg(twin)
-        .args(shape.torch_args())
+        .args(args)
         .args(["--device", device, "--threads", &threads().to_string()])
         .output()
         .with_context(|| format!("could not start `{python}` for the PyTorch twin"))?;
