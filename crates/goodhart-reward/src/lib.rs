@@ -15,7 +15,9 @@
 //! - [`shaping`]: PAR and the other shaping transforms, and potential-based shaping;
 //! - [`length`]: linear and DAPO overlong penalties, FiMi-style length debiasing;
 //! - [`uncertainty`]: Ctrl-U's `exp(-U)` weighting;
-//! - [`compose`]: weighted sums of named sources, every component kept.
+//! - [`compose`]: weighted sums of named sources, every component kept;
+//! - [`text`] and [`math_verify`]: rewards on decoded text, the `format` rule and the
+//!   final-answer checker.
 //!
 //! Each family's config picks a method by name (`kind = "uwo"`); [`REGISTRY`] lists them
 //! all for `cargo xtask list`.
@@ -28,9 +30,11 @@ pub mod bradley_terry;
 pub mod compose;
 pub mod ensemble;
 pub mod length;
+pub mod math_verify;
 pub mod model;
 pub mod shaping;
 pub mod source;
+pub mod text;
 pub mod train;
 pub mod uncertainty;
 
@@ -41,6 +45,7 @@ pub use length::LengthConfig;
 pub use model::{RewardModel, RewardModelConfig};
 pub use shaping::{Shaper, ShapingConfig};
 pub use source::{RewardOutput, RewardSource, Sequences, Trajectories};
+pub use text::{TextRewardConfig, Texts};
 pub use train::{train_ensemble, train_reward_model, Preferences, RewardTrainConfig};
 pub use uncertainty::{ctrl_u, CtrlUConfig};
 
@@ -143,6 +148,16 @@ pub const REGISTRY: &[MethodInfo] = &[
         summary: "composition: sum_i w_i r_i over named sources, every component kept",
         source: "goodhart",
     },
+    MethodInfo {
+        name: "math_verify",
+        summary: "text reward: 1 if the final answer (boxed, ####, 'the answer is', last number) equals the reference, numerically or as normalised text",
+        source: "HF Math-Verify; verl math_dapo / gsm8k scorers",
+    },
+    MethodInfo {
+        name: "format",
+        summary: "text reward: 1 if the response matches a regex or consists of the given <tag>...</tag> blocks",
+        source: "DeepSeek-R1 format reward; TRL/open-r1 format_reward",
+    },
 ];
 
 #[cfg(test)]
@@ -157,6 +172,7 @@ mod tests {
         Aggregator(Aggregator),
         Shaping(ShapingConfig),
         Length(LengthConfig),
+        Text(TextRewardConfig),
     }
 
     #[test]
@@ -199,6 +215,7 @@ mod tests {
                         AnyConfig::Aggregator(a) => a.name(),
                         AnyConfig::Shaping(s) => s.name(),
                         AnyConfig::Length(l) => l.name(),
+                        AnyConfig::Text(t) => t.name(),
                     };
                     assert_eq!(got, name);
                 }

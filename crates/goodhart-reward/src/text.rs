@@ -1,0 +1,266 @@
+//! Rewards on text: the input type [`Texts`] (decoded responses with their prompts and
+//! reference answers), the `format` rule, and [`TextRewardConfig`], the TOML choice of a
+//! text reward by `kind` (`math_verify`, `format`).
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use goodhart_core::{GoodhartError, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    math_verify::{MathVerify, MathVerifyConfig},
+    source::{RewardOutput, RewardSource},
+};
+
+/// A batch of `N` responses as text.
+#[derive(Debug, Clone)]
+pub struct Texts<B: Backend> {
+    /// Each response's prompt (as the policy saw it, chat template included).
+    pub prompts: Vec<String>,
+    /// The responses, special tokens removed.
+    pub responses: Vec<String>,
+    /// Each prompt's reference answer, when the dataset has one.
+    pub answers: Vec<Option<String>>,
+    /// Where the scores go.
+    pub device: B::Device,
+}
+
+impl<B: Backend> Texts<B> {
+    /// A batch; errors when the three lists differ in length or are empty.
+    pub fn new(
+        prompts: Vec<String>,
+        responses: Vec<String>,
+        answers: Vec<Option<String>>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        if responses.is_empty() {
+            return Err(GoodhartError::Empty {
+                what: "texts".into(),
+            });
+        }
+        if prompts.len() != responses.len() || answers.len() != responses.len() {
+            return Err(GoodhartError::shape(
+                "texts (prompts, answers)",
+                &[responses.len(), responses.len()],
+                &[prompts.len(), answers.len()],
+            ));
+        }
+        Ok(Self {
+            prompts,
+            responses,
+            answers,
+            device: device.clone(),
+        })
+    }
+}
+
+/// `kind = "format"`: 1 when the response has the required shape, else 0. Give a
+/// `pattern` (a regular expression, Rust `regex` syntax, searched anywhere unless
+/// anchored with `^...$`) or `tags`: the response is then each `<tag>...</tag>` in
+/// order and nothing else but whitespace (DeepSeek-R1's
+/// `<think>...</think><answer>...</answer>` is `tags = ["think", "answer"]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FormatConfig {
+    /// A regular expression the response must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// Tags the response must consist of, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+impl FormatConfig {
+    /// The regular expression the config describes; errors unless exactly one of
+    /// `pattern` and `tags` is given, on a tag that is not a plain name, or on a pattern
+    /// that does not compile.
+    pub fn regex(&self) -> Result<regex::Regex> {
+        let pattern = match (&self.pattern, self.tags.is_empty()) {
+            (Some(p), true) => p.clone(),
+            (None, false) => {
+                if let Some(bad) = self.tags.iter().find(|t| {
+                    t.is_empty()
+                        || !t
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                }) {
+                    return Err(GoodhartError::invalid(
+                        "tags",
+                        format!("`{bad}` is not a tag name (letters, digits, `_`, `-`)"),
+                    ));
+                }
+                let body: String = self
+                    .tags
+                    .iter()
+                    .map(|t| format!(r"\s*<{t}>.*?</{t}>"))
+                    .collect();
+                format!(r"(?s)\A{body}\s*\z")
+            }
+            _ => {
+                return Err(GoodhartError::invalid(
+                    "format",
+                    "give exactly one of `pattern` and `tags`",
+                ))
+            }
+        };
+        regex::Regex::new(&pattern).map_err(|e| GoodhartError::invalid("pattern", e.to_string()))
+    }
+}
+
+/// The `format` rule as a reward source.
+#[derive(Debug, Clone)]
+pub struct Format {
+    name: String,
+    regex: regex::Regex,
+}
+
+impl Format {
+    /// A source named `name`; errors on an invalid config ([`FormatConfig::regex`]).
+    pub fn new(name: impl Into<String>, config: &FormatConfig) -> Result<Self> {
+        Ok(Self {
+            name: name.into(),
+            regex: config.regex()?,
+        })
+    }
+
+    /// Whether `response` has the format.
+    pub fn matches(&self, response: &str) -> bool {
+        self.regex.is_match(response)
+    }
+}
+
+impl<B: Backend> RewardSource<B, Texts<B>> for Format {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn score(&self, input: &Texts<B>) -> Result<RewardOutput<B>> {
+        let scores: Vec<f32> = input
+            .responses
+            .iter()
+            .map(|r| if self.matches(r) { 1.0 } else { 0.0 })
+            .collect();
+        let n = scores.len();
+        RewardOutput::scalar(Tensor::from_data(
+            TensorData::new(scores, [n]),
+            &input.device,
+        ))
+    }
+}
+
+/// A text reward chosen by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TextRewardConfig {
+    /// The final answer checked against the reference ([`crate::math_verify`]).
+    MathVerify(MathVerifyConfig),
+    /// A regular expression or required tags ([`FormatConfig`]).
+    Format(FormatConfig),
+}
+
+impl TextRewardConfig {
+    /// Its registry name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::MathVerify(_) => "math_verify",
+            Self::Format(_) => "format",
+        }
+    }
+
+    /// Whether it reads the reference answers.
+    pub fn needs_answers(&self) -> bool {
+        matches!(self, Self::MathVerify(_))
+    }
+
+    /// The source, named `name`; errors on an invalid config.
+    pub fn build<B: Backend>(&self, name: &str) -> Result<Box<dyn RewardSource<B, Texts<B>>>> {
+        Ok(match self {
+            Self::MathVerify(c) => Box::new(MathVerify::new(name, c.clone())?),
+            Self::Format(c) => Box::new(Format::new(name, c)?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_by_tags_and_by_pattern() {
+        let tags = Format::new(
+            "format",
+            &FormatConfig {
+                tags: vec!["think".into(), "answer".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(tags.matches("<think>2+2 is 4</think><answer>4</answer>"));
+        assert!(tags.matches(" <think>a\nb</think>\n<answer>4</answer>\n"));
+        assert!(!tags.matches("<answer>4</answer><think>x</think>"), "order");
+        assert!(!tags.matches("<think>x</think>"), "a tag missing");
+        assert!(
+            !tags.matches("<think>x</think><answer>4</answer> and more"),
+            "text after"
+        );
+        assert!(!tags.matches("<think>x<answer>4</answer>"), "unclosed");
+        let pattern = Format::new(
+            "format",
+            &FormatConfig {
+                pattern: Some(r"^Final: \d+$".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(pattern.matches("Final: 12"));
+        assert!(!pattern.matches("Final: twelve"));
+        for bad in [
+            FormatConfig::default(),
+            FormatConfig {
+                pattern: Some("x".into()),
+                tags: vec!["a".into()],
+            },
+            FormatConfig {
+                pattern: Some("(unclosed".into()),
+                ..Default::default()
+            },
+            FormatConfig {
+                tags: vec!["a b".into()],
+                ..Default::default()
+            },
+        ] {
+            assert!(Format::new("f", &bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn text_rewards_are_chosen_by_kind() {
+        let c: TextRewardConfig = toml::from_str("kind = \"format\"\ntags = [\"answer\"]").unwrap();
+        assert_eq!(c.name(), "format");
+        assert!(!c.needs_answers());
+        let c: TextRewardConfig = toml::from_str("kind = \"math_verify\"").unwrap();
+        assert_eq!(c, TextRewardConfig::MathVerify(MathVerifyConfig::default()));
+        assert!(c.needs_answers());
+        assert!(toml::from_str::<TextRewardConfig>("kind = \"judge\"").is_err());
+        assert!(toml::from_str::<TextRewardConfig>("kind = \"format\"\ntag = [\"a\"]").is_err());
+    }
+
+    goodhart_core::backend_test! {
+        fn format_scores_a_batch<B>(device) {
+            let texts = Texts::<B>::new(
+                vec![String::new(); 2],
+                vec!["<answer>1</answer>".into(), "1".into()],
+                vec![None, None],
+                device,
+            )
+            .unwrap();
+            let f = TextRewardConfig::Format(FormatConfig { tags: vec!["answer".into()], ..Default::default() })
+                .build::<B>("proxy")
+                .unwrap();
+            assert_eq!(f.name(), "proxy");
+            let got: Vec<f32> = f.score(&texts).unwrap().reward.into_data().convert::<f32>().into_vec().unwrap();
+            assert_eq!(got, vec![1.0, 0.0]);
+            assert!(Texts::<B>::new(vec![], vec![], vec![], device).is_err());
+            assert!(Texts::<B>::new(vec![String::new()], vec![String::new(); 2], vec![None; 2], device).is_err());
+        }
+    }
+}
