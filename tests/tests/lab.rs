@@ -505,3 +505,163 @@ fn turn_and_test_estimators_are_refused_before_any_stage() {
         assert!(err.contains("rl.advantage.kind"), "{name}: {err}");
     }
 }
+
+/// The `grpo-hf` preset with its paths under the repository, shrunk by `sets`.
+fn grpo_hf(sets: &[&str]) -> ExperimentConfig {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    ExperimentConfig::parse_at(presets::preset("grpo-hf").unwrap(), &sets, &root)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn grpo_on_a_hf_model_and_jsonl_prompts_writes_a_model_directory() {
+    use goodhart_policy::hf;
+    let config = grpo_hf(&["rl.steps=3"]);
+    let (a, summary) = run(config.clone(), &scratch("grpo-hf-a"));
+    let (b, _) = run(config.clone(), &scratch("grpo-hf-b"));
+    assert_run_files(&a);
+    // Same seed, same numbers, same weights.
+    for f in ["metrics.jsonl", "samples.jsonl"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let saved = a.join("checkpoints/train/s0/policy");
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(
+        weights(&saved),
+        weights(&b.join("checkpoints/train/s0/policy"))
+    );
+    assert_eq!(
+        summary["train"]["policies"][0],
+        "checkpoints/train/s0/policy"
+    );
+    // A model directory goodhart (and transformers: the fixture script's --check) loads,
+    // with the tokenizer files beside it, and weights that training moved.
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(saved.join(f).is_file(), "{f}");
+    }
+    let device = goodhart_core::device::cpu();
+    let fixture = config.policy.as_ref().unwrap().path.clone();
+    let (trained, _) = hf::load::<goodhart_core::device::Dispatch>(&saved, &device).unwrap();
+    let (initial, _) = hf::load::<goodhart_core::device::Dispatch>(&fixture, &device).unwrap();
+    let w = |m: &goodhart_policy::TransformerLm<goodhart_core::device::Dispatch>| {
+        m.trunk
+            .tok_emb
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap()
+    };
+    let moved = w(&trained)
+        .iter()
+        .zip(w(&initial))
+        .filter(|(x, y)| x != &y)
+        .count();
+    assert!(moved > 0, "the embedding did not change");
+    // Every sample's rewards are the rules on its decoded text: the proxy whether it
+    // writes a digit, the gold math_verify against its prompt's answer.
+    let rows = config.data.as_ref().unwrap().read_prompts().unwrap();
+    let samples = jsonl(&a, "samples.jsonl");
+    assert_eq!(samples.len(), 3 * 4 * 4);
+    for s in &samples {
+        let text = s["text"].as_str().unwrap();
+        let rewards = &s["rewards"];
+        let digit = text.chars().any(|c| c.is_ascii_digit());
+        assert_eq!(rewards["proxy"], if digit { 1.0 } else { 0.0 }, "{text:?}");
+        let answer = rows[s["prompt"].as_u64().unwrap() as usize]
+            .answer
+            .clone()
+            .unwrap();
+        let v = goodhart_reward::math_verify::verify(text, &answer, &Default::default());
+        assert_eq!(
+            rewards["gold"],
+            if v.correct { 1.0 } else { 0.0 },
+            "{text:?}"
+        );
+    }
+    let steps = metric_lines(&a);
+    assert_eq!(steps.len(), 3);
+    assert!(steps
+        .iter()
+        .all(|m| m["reward/proxy/mean"].as_f64().unwrap() >= 0.0));
+}
+
+#[test]
+fn a_run_on_a_model_directory_rejects_bad_sections_before_any_work() {
+    let err = |sets: &[&str]| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        ExperimentConfig::parse_at(presets::preset("grpo-hf").unwrap(), &sets, &root)
+            .unwrap_err()
+            .to_string()
+    };
+    // Sections that go together, and only with [train].
+    let text = presets::preset("grpo-hf")
+        .unwrap()
+        .replace("[data]", "[unused]");
+    let e = ExperimentConfig::parse(&text, &[]).unwrap_err().to_string();
+    assert!(e.contains("unused"), "{e}");
+    let no_data: String = {
+        let mut t: toml::Table = presets::preset("grpo-hf").unwrap().parse().unwrap();
+        t.remove("data");
+        toml::to_string(&t).unwrap()
+    };
+    let e = ExperimentConfig::parse(&no_data, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing [data]"), "{e}");
+    let no_train: String = {
+        let mut t: toml::Table = presets::preset("grpo-hf").unwrap().parse().unwrap();
+        t.remove("train");
+        t.insert("tomato".into(), toml::Value::Table(Default::default()));
+        toml::to_string(&t).unwrap()
+    };
+    let e = ExperimentConfig::parse(&no_train, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("read only by [train]"), "{e}");
+    // Each key named with what is wrong.
+    for (set, want) in [
+        ("policy.path=\"nowhere\"", "`policy.path`"),
+        (
+            "policy.reference=\"crates/goodhart-policy/fixtures/hf/llama\"",
+            "`policy.reference`",
+        ),
+        ("data.columns.answer=\"nope\"", "`data`"),
+        (
+            "data.columns={prompt = \"question\"}",
+            "`data.columns.answer`",
+        ),
+        (
+            "rewards.proxy={kind = \"format\", pattern = \"(\"}",
+            "`rewards.proxy.pattern`",
+        ),
+        (
+            "rewards.gold={kind = \"math_verify\", tolerance = -1.0}",
+            "`rewards.gold.tolerance`",
+        ),
+        (
+            "rewards.gold={kind = \"judge\"}",
+            "`rewards.gold.kind`: unknown variant `judge`",
+        ),
+        ("rl.max_new_tokens=64", "`rl.max_new_tokens`"),
+        (
+            "rl.regularizers=[{kind = \"sft_anchor\", coef = 0.1}]",
+            "`rl.regularizers`",
+        ),
+    ] {
+        let e = err(&[set]);
+        assert!(e.contains(want), "{set}: {e}");
+    }
+}

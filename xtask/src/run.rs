@@ -109,17 +109,24 @@ fn parse_args(args: &[String]) -> Result<Args> {
     Ok(parsed)
 }
 
-/// The config text of a preset name or a TOML file, with where it came from.
-fn config_text(target: Option<&str>) -> Result<(String, String)> {
+/// The config text of a preset name or a TOML file, with where it came from and the
+/// directory its relative paths are under: the working directory for a file, the
+/// repository for a preset (its paths name the repository's fixtures).
+fn config_text(target: Option<&str>) -> Result<(String, String, PathBuf)> {
     let target = target.unwrap_or("lab");
     let path = Path::new(target);
     if target.ends_with(".toml") || path.is_file() {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file `{target}`"))?;
-        return Ok((text, target.to_string()));
+        let cwd = std::env::current_dir().context("reading the working directory")?;
+        return Ok((text, target.to_string(), cwd));
     }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the repository")
+        .to_path_buf();
     match presets::preset(target) {
-        Some(text) => Ok((text.to_string(), format!("preset `{target}`"))),
+        Some(text) => Ok((text.to_string(), format!("preset `{target}`"), repo)),
         None => bail!(
             "`{target}` is neither a preset ({}) nor a TOML file",
             presets::names().join(", ")
@@ -190,9 +197,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             .repair(!args.no_repair)
             .on_nan(args.on_nan)
     } else {
-        let (text, origin) = config_text(args.target.as_deref())?;
-        let config =
-            ExperimentConfig::parse(&text, &args.sets).map_err(|e| anyhow!("{origin}: {e}"))?;
+        let (text, origin, base) = config_text(args.target.as_deref())?;
+        let config = ExperimentConfig::parse_at(&text, &args.sets, &base)
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
         Runner::create_limited(&args.out, config, args.max_memory)
             .map_err(|e| anyhow!("{e}"))?
             .on_nan(args.on_nan)
@@ -210,9 +217,9 @@ pub fn sweep(args: &[String]) -> Result<ExitCode> {
         bail!("resume one point of a sweep with `cargo xtask run --resume RUN_DIR`");
     }
     probe_device(args.device)?;
-    let (text, origin) = config_text(args.target.as_deref())?;
-    let config =
-        ExperimentConfig::parse(&text, &args.sets).map_err(|e| anyhow!("{origin}: {e}"))?;
+    let (text, origin, base) = config_text(args.target.as_deref())?;
+    let config = ExperimentConfig::parse_at(&text, &args.sets, &base)
+        .map_err(|e| anyhow!("{origin}: {e}"))?;
     if config.sweep.is_empty() {
         bail!("{origin} has no [sweep] section: add e.g. `[sweep]\\n\"rl.lr\" = [1e-3, 3e-3]`, or use --set sweep.KEY=[...]");
     }

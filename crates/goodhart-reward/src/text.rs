@@ -171,6 +171,14 @@ impl TextRewardConfig {
         matches!(self, Self::MathVerify(_))
     }
 
+    /// Errors on an invalid config (a bad tolerance, a pattern that does not compile).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::MathVerify(c) => c.validate(),
+            Self::Format(c) => c.regex().map(|_| ()),
+        }
+    }
+
     /// The source, named `name`; errors on an invalid config.
     pub fn build<B: Backend>(&self, name: &str) -> Result<Box<dyn RewardSource<B, Texts<B>>>> {
         Ok(match self {

@@ -27,7 +27,10 @@ use serde::{Deserialize, Serialize};
 
 use goodhart_reward::RewardSource;
 
-use crate::policy_gradient::{host, sample_and_score, Proxy};
+use crate::{
+    policy_gradient::{host, sample_and_score, Proxy},
+    task::LanguageTask,
+};
 
 /// One point of the best-of-n curve.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,21 +117,13 @@ pub fn best_of_n<B: Backend>(
         .with_eos_id(Some(EOS as usize))
         .with_pad_id(PAD as usize);
     let mut rng = seed::rng(seed, "bon/sample");
+    let task = LanguageTask::new(lang, proxy, gold);
     let topics = lang.config().topics;
     let (mut proxy_rows, mut gold_rows) =
         (Vec::with_capacity(prompts), Vec::with_capacity(prompts));
     for i in 0..prompts {
         let rows = vec![i % topics; samples_per_prompt];
-        let s = sample_and_score(
-            policy,
-            lang,
-            proxy,
-            gold,
-            &rows,
-            &generation,
-            &mut rng,
-            device,
-        )?;
+        let s = sample_and_score(policy, &task, &rows, &generation, &mut rng, device)?;
         proxy_rows.push(host(s.proxy)?);
         gold_rows.push(s.gold);
     }

@@ -22,6 +22,11 @@
 //! name = "kl"
 //! rl = { regularizers = [{ kind = "kl", controller = { kind = "fixed", coef = 0.1 } }] }
 //!
+//! [train]             # one RL run per seed, the trained policy saved; on a HF model with:
+//! [policy]            #   path = "MODEL_DIR" (reference = "OTHER_DIR")
+//! [data]              #   path = "prompts.jsonl", columns = { prompt = "question", answer = "answer" }
+//! [rewards]           #   proxy = { kind = "format", ... }, gold = { kind = "math_verify" }
+//!
 //! [sweep]             # `cargo xtask sweep`: one run per point of the product
 //! "rl.lr" = [1e-3, 3e-3]
 //! ```
@@ -31,7 +36,7 @@
 //! bad file before any work starts with the key path and the reason
 //! ([`ConfigError::Invalid`]).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +46,7 @@ pub use crate::experiments::{
     mitigations::{Arm, MitigationsExperiment},
     overopt::{BestOfNConfig, OveroptExperiment},
     tomato::{ProxyInit, TomatoExperiment},
+    train::{PolicyConfig, RewardsConfig, TrainExperiment},
 };
 use crate::{
     experiments::{Experiment, Visitor},
@@ -116,6 +122,19 @@ pub struct ExperimentConfig {
     /// Mitigations compared on the overoptimisation task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mitigations: Option<MitigationsExperiment>,
+    /// A Hugging Face model directory to train instead of the synthetic language's policy
+    /// (`[train]` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyConfig>,
+    /// The prompt set of a run on a model directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::data::DataConfig>,
+    /// The text rewards (proxy and gold) of a run on a model directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<RewardsConfig>,
+    /// One RL run per seed, the trained policy saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainExperiment>,
     /// `cargo xtask sweep`: dotted key path -> values; one run per point of the product.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,
@@ -251,13 +270,36 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<()> {
 }
 
 impl ExperimentConfig {
-    /// Parses `text`, applies the `--set` overrides in order, and validates.
+    /// Parses `text`, applies the `--set` overrides in order, and validates. Relative
+    /// paths (`policy.path`, `policy.reference`, `data.path`) are the working directory's.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        Self::parse_at(text, overrides, Path::new(""))
+    }
+
+    /// [`ExperimentConfig::parse`] with relative paths taken under `base` (`cargo xtask
+    /// run` resolves a preset's under the repository and a file's under the working
+    /// directory, so the run's `config.toml` holds absolute paths).
+    pub fn parse_at(text: &str, overrides: &[String], base: &Path) -> Result<Self> {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?;
         for o in overrides {
             apply_override(&mut table, o)?;
+        }
+        for (section, key) in [
+            ("policy", "path"),
+            ("policy", "reference"),
+            ("data", "path"),
+        ] {
+            if let Some(toml::Value::String(p)) = table
+                .get_mut(section)
+                .and_then(|s| s.as_table_mut())
+                .and_then(|s| s.get_mut(key))
+            {
+                if Path::new(p.as_str()).is_relative() {
+                    *p = base.join(p.as_str()).to_string_lossy().into_owned();
+                }
+            }
         }
         Self::from_table(&table)
     }
@@ -302,6 +344,20 @@ impl ExperimentConfig {
                 "(top level)",
                 format!("no experiment: add at least one of {}", names.join(", ")),
             ));
+        }
+        if self.train.is_none() {
+            for (key, given) in [
+                ("policy", self.policy.is_some()),
+                ("data", self.data.is_some()),
+                ("rewards", self.rewards.is_some()),
+            ] {
+                if given {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("[{key}] is read only by [train]: add a [train] section"),
+                    ));
+                }
+            }
         }
         for (key, values) in &self.sweep {
             if values.is_empty() {

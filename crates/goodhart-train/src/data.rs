@@ -77,6 +77,10 @@ pub struct DataConfig {
     /// The column mapping.
     #[serde(default)]
     pub columns: Columns,
+    /// Render plain-text prompts as one user message through the tokenizer's chat
+    /// template (`messages` prompts always go through it).
+    #[serde(default)]
+    pub chat: bool,
 }
 
 /// What can be wrong with a dataset.

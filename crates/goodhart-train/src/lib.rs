@@ -10,6 +10,8 @@
 //! - [`policy_gradient`]: critic-free RL for language models with any goodhart-advantage
 //!   estimator (GRPO, RLOO, REINFORCE++, BNPO, ...) and any regulariser.
 //! - [`best_of_n`]: best-of-n sampling against a proxy, gold measured on the same samples.
+//! - [`task`]: what an RL run samples and scores: the synthetic language, or a prompt set
+//!   under a Hugging Face tokenizer with text rewards.
 //!
 //! Experiments:
 //! - [`config`]: the experiment TOML (`deny_unknown_fields`, `--set`, key-path errors, sweeps).
@@ -34,3 +36,4 @@ pub mod reward_model;
 pub mod run_dir;
 pub mod runner;
 pub mod sft;
+pub mod task;

@@ -9,8 +9,9 @@
 //! One step (DESIGN.md, "Data flow of one RL step"):
 //!
 //! ```text
-//! 1. prompts: P topics drawn uniformly (stream "pg/prompts"), each repeated G times
-//!    (group = prompt), N = P G rows [BOS, topic, SEP];
+//! 1. prompts: P of the task's prompts drawn uniformly (stream "pg/prompts"), each
+//!    repeated G times (group = prompt), N = P G rows, left-padded to the task's prompt
+//!    width ([`crate::task`]; the synthetic language's are [BOS, topic, SEP]);
 //! 2. rollout: y ~ pi_theta(. | x) at temperature tau (stream "pg/sample", KV cache);
 //! 3. rewards: proxy = aggregate(members)            (one RM, or an ensemble: mean, UWO, ...)
 //!             proxy' = ctrl_u(fimi(proxy), std(members))  (`length_penalty = fimi`, `ctrl_u`)
@@ -41,11 +42,12 @@
 //! or the loss); Li et al. 2024 (ReMax's greedy baseline); Gao, Schulman & Hilton 2022
 //! (`d = sqrt(KL(pi || pi_init))`, logged so gold can be fitted against it).
 //!
-//! A response is the generated tokens up to and including `EOS` (or `max_new_tokens`
-//! tokens). Gold is defined on words; a response that emits a non-word token (a special
-//! or topic token) before `EOS` is *ill-formed*: its gold is that of the words before the
-//! offending token (see [`gold_reward`]), and the fraction of such responses is logged
-//! (`response/ill_formed`).
+//! A response is the generated tokens up to and including the task's first end id
+//! (`EOS`; or `max_new_tokens` tokens). The task says which responses are ill-formed,
+//! and the fraction of them is logged (`response/ill_formed`). On the synthetic language
+//! gold is defined on words: a response that emits a non-word token (a special or topic
+//! token) before `EOS` is ill-formed, its gold that of the words before the offending
+//! token (see [`gold_reward`]).
 
 use std::{collections::BTreeMap, time::Instant};
 
@@ -66,7 +68,7 @@ use goodhart_core::{
     params::clip_grad_norm,
     seed, GoodhartError, Result,
 };
-use goodhart_envs::language::{Language, EOS, PAD};
+use goodhart_envs::language::{Language, EOS};
 use goodhart_metrics::step::{batch_metrics, StepInputs, GOLD, PROXY};
 use goodhart_objective::{
     policy::PolicyInputs, PolicyLossConfig, RolloutIsConfig, SampleFilter, ValueLossConfig,
@@ -92,7 +94,7 @@ use goodhart_reward::{
 use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
 
-use crate::sft::{generator_examples, PROMPT_LEN};
+use crate::{sft::PROMPT_LEN, task::Task};
 
 /// Settings of an RL run (TOML `[rl]`; every key optional).
 ///
@@ -667,7 +669,7 @@ pub fn proxy<B: Backend>(
 /// The words of a generated response (tokens after the prompt) and whether it was
 /// ill-formed: words are read up to the first `EOS`; a non-word token before it ends the
 /// response there (ill-formed).
-fn response_words(lang: &Language, response: &[u32]) -> (Vec<u32>, bool) {
+pub(crate) fn response_words(lang: &Language, response: &[u32]) -> (Vec<u32>, bool) {
     let mut words: Vec<u32> = Vec::with_capacity(response.len() + 1);
     for &tok in response {
         if tok == EOS {
@@ -746,8 +748,8 @@ impl<B: Backend> RewardSource<B> for LanguageGold<'_> {
 /// Samples of one batch of prompts, scored by proxy and gold (inner backend).
 #[derive(Debug, Clone)]
 pub struct Scored<B: Backend> {
-    /// Topic of each row.
-    pub topics: Vec<usize>,
+    /// The prompt index of each row.
+    pub prompts: Vec<usize>,
     /// The generation (tokens, masks, sampling log-probs).
     pub generation: Generation<B>,
     /// Member scores `[K, N]`.
@@ -758,72 +760,93 @@ pub struct Scored<B: Backend> {
     pub gold: Vec<f64>,
     /// Whether each row is ill-formed.
     pub ill_formed: Vec<bool>,
-    /// Each row's tokens (prompt and response) on the host.
-    pub rows: Vec<Vec<u32>>,
+    /// Each row's response tokens, up to and including its end id.
+    pub responses: Vec<Vec<u32>>,
     /// Seconds spent generating.
     pub sample_seconds: f64,
-    /// Seconds spent in the proxy's forward pass.
+    /// Seconds spent scoring (proxy and gold).
     pub score_seconds: f64,
 }
 
-/// Samples one response per entry of `topics` from `policy` and scores it by `proxy` and
-/// by `gold`.
-#[allow(clippy::too_many_arguments)]
+/// The prompts `prompts` of `task`, left-padded to its prompt width: ids and mask.
+fn prompt_batch<B: Backend>(
+    task: &dyn Task<B>,
+    prompts: &[usize],
+    device: &B::Device,
+) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2>)> {
+    let (n, w) = (prompts.len(), task.prompt_width());
+    let mut ids = vec![task.pad_id() as i64; n * w];
+    let mut mask = vec![0f32; n * w];
+    for (r, &p) in prompts.iter().enumerate() {
+        if p >= task.prompts() {
+            return Err(GoodhartError::invalid(
+                "prompt",
+                format!("index {p} of a task of {} prompts", task.prompts()),
+            ));
+        }
+        let prompt = task.prompt(p);
+        let start = (r + 1) * w - prompt.len();
+        for (j, &t) in prompt.iter().enumerate() {
+            ids[start + j] = t as i64;
+            mask[start + j] = 1.0;
+        }
+    }
+    Ok((
+        Tensor::from_data(TensorData::new(ids, [n, w]), device),
+        Tensor::from_data(TensorData::new(mask, [n, w]), device),
+    ))
+}
+
+/// Samples one response to each prompt index of `prompts` from `policy` and scores it
+/// by `task`.
 pub fn sample_and_score<B: Backend>(
     policy: &TransformerLm<B>,
-    lang: &Language,
-    proxy: &Proxy<B>,
-    gold: &dyn RewardSource<B>,
-    topics: &[usize],
+    task: &dyn Task<B>,
+    prompts: &[usize],
     generation: &GenerationConfig,
     rng: &mut seed::ChaCha8Rng,
     device: &B::Device,
 ) -> Result<Scored<B>> {
-    if topics.is_empty() {
+    if prompts.is_empty() {
         return Err(GoodhartError::Empty {
             what: "prompts".into(),
         });
     }
-    let n = topics.len();
-    let mut ids = Vec::with_capacity(n * PROMPT_LEN);
-    for &t in topics {
-        ids.extend(lang.prompt(t).into_iter().map(i64::from));
-    }
-    let prompt = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, PROMPT_LEN]), device);
+    let (prompt, mask) = prompt_batch(task, prompts, device)?;
     let t0 = clock::<B>(device)?;
-    let gen = generate(
-        policy,
-        prompt,
-        Tensor::ones([n, PROMPT_LEN], device),
-        generation,
-        rng,
-    )?;
+    let gen = generate(policy, prompt, mask, generation, rng)?;
     let sample_seconds = since::<B>(t0, device)?;
     let batch = Sequences::new(
         gen.tokens.clone(),
         gen.attention_mask.clone(),
         gen.response_mask.clone(),
     )?;
-    let t0 = clock::<B>(device)?;
-    let scored = proxy.score(&batch)?;
-    let score_seconds = since::<B>(t0, device)?;
-    let members = scored
-        .members
-        .unwrap_or_else(|| scored.reward.clone().unsqueeze_dim(0));
-    let gold = host(gold.score(&batch)?.reward)?;
-    let rows = host_rows(&gen.tokens)?;
-    let ill_formed = rows
+    let width = task.prompt_width();
+    let end = task.end_ids();
+    let responses: Vec<Vec<u32>> = host_rows(&gen.tokens)?
         .iter()
-        .map(|row| response_words(lang, &row[PROMPT_LEN..]).1)
+        .map(|row| {
+            let mut r = Vec::new();
+            for &t in &row[width..] {
+                r.push(t);
+                if end.contains(&t) {
+                    break;
+                }
+            }
+            r
+        })
         .collect();
+    let t0 = clock::<B>(device)?;
+    let scores = task.score(prompts, &batch, &responses)?;
+    let score_seconds = since::<B>(t0, device)?;
     Ok(Scored {
-        topics: topics.to_vec(),
+        prompts: prompts.to_vec(),
         generation: gen,
-        members,
-        proxy: scored.reward,
-        gold,
-        ill_formed,
-        rows,
+        members: scores.members,
+        proxy: scores.proxy,
+        gold: scores.gold,
+        ill_formed: scores.ill_formed,
+        responses,
         sample_seconds,
         score_seconds,
     })
@@ -922,7 +945,7 @@ pub struct Sample {
 /// a length penalty, and the weighted components (inner backend).
 struct Rewards<B: Backend> {
     shaper: Option<Shaper>,
-    /// Reference rewards `[topics][m]` for shaping.
+    /// Reference rewards `[prompts][m]` for shaping.
     references: Option<Vec<Vec<f32>>>,
     penalty: Option<LengthConfig>,
     bias: Option<LengthBias<B>>,
@@ -1015,13 +1038,13 @@ impl<B: Backend> Rewards<B> {
     }
 
     fn score(&mut self, s: &Scored<B>, device: &B::Device) -> Result<Scores<B>> {
-        let n = s.topics.len();
+        let n = s.prompts.len();
         let mut r = self.base(s)?;
         if let Some(shaper) = self.shaper.as_mut() {
             let refs = self.references.as_ref().map(|refs| {
                 let m = refs[0].len();
                 let flat: Vec<f32> = s
-                    .topics
+                    .prompts
                     .iter()
                     .flat_map(|&t| refs[t].iter().copied())
                     .collect();
@@ -1074,7 +1097,7 @@ impl<B: Backend> Rewards<B> {
 /// Samples of one or more rollouts with their rewards, `N` rows (inner backend).
 #[derive(Debug, Clone)]
 struct Rollout<B: Backend> {
-    topics: Vec<usize>,
+    prompts: Vec<usize>,
     tokens: Tensor<B, 2, Int>,
     attention: Tensor<B, 2>,
     response: Tensor<B, 2>,
@@ -1085,7 +1108,7 @@ struct Rollout<B: Backend> {
     scores: Scores<B>,
     gold: Vec<f64>,
     ill_formed: Vec<bool>,
-    /// Response tokens per row, up to and including `EOS`.
+    /// Response tokens per row, up to and including the end id.
     responses: Vec<Vec<u32>>,
 }
 
@@ -1103,23 +1126,9 @@ fn pad_cols<B: Backend, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<
 }
 
 impl<B: Backend> Rollout<B> {
-    fn new(s: Scored<B>, scores: Scores<B>) -> Result<Self> {
-        let responses = s
-            .rows
-            .iter()
-            .map(|row| {
-                let mut r = Vec::new();
-                for &t in &row[PROMPT_LEN..] {
-                    r.push(t);
-                    if t == EOS {
-                        break;
-                    }
-                }
-                r
-            })
-            .collect();
-        Ok(Self {
-            topics: s.topics,
+    fn new(s: Scored<B>, scores: Scores<B>) -> Self {
+        Self {
+            prompts: s.prompts,
             tokens: s.generation.tokens,
             attention: s.generation.attention_mask,
             response: s.generation.response_mask,
@@ -1129,8 +1138,8 @@ impl<B: Backend> Rollout<B> {
             scores,
             gold: s.gold,
             ill_formed: s.ill_formed,
-            responses,
-        })
+            responses: s.responses,
+        }
     }
 
     /// The rows `rows`, in order.
@@ -1142,7 +1151,7 @@ impl<B: Backend> Rollout<B> {
         );
         let pick = |t: &Tensor<B, 1>| t.clone().select(0, idx.clone());
         Self {
-            topics: rows.iter().map(|&r| self.topics[r]).collect(),
+            prompts: rows.iter().map(|&r| self.prompts[r]).collect(),
             tokens: self.tokens.clone().select(0, idx.clone()),
             attention: self.attention.clone().select(0, idx.clone()),
             response: self.response.clone().select(0, idx.clone()),
@@ -1170,7 +1179,7 @@ impl<B: Backend> Rollout<B> {
             |f: &dyn Fn(&Self) -> Tensor<B, 1>| Tensor::cat(parts.iter().map(f).collect(), 0);
         let k = parts[0].scores.components.len();
         Self {
-            topics: parts.iter().flat_map(|p| p.topics.clone()).collect(),
+            prompts: parts.iter().flat_map(|p| p.prompts.clone()).collect(),
             tokens: Tensor::cat(
                 parts
                     .iter()
@@ -1215,33 +1224,29 @@ impl<B: Backend> Rollout<B> {
     }
 }
 
-/// Reference rewards `[topics][m]`: [`Rewards::base`] of `m` responses per topic sampled
-/// from the initial policy (shaping's reference responses; stream `pg/references`).
-#[allow(clippy::too_many_arguments)]
+/// Reference rewards `[prompts][m]`: [`Rewards::base`] of `m` responses per prompt
+/// sampled from the initial policy (shaping's reference responses; stream
+/// `pg/references`).
 fn reference_rewards<B: Backend>(
     rewards: &Rewards<B>,
     reference: &TransformerLm<B>,
-    lang: &Language,
-    proxy: &Proxy<B>,
-    gold: &dyn RewardSource<B>,
+    task: &dyn Task<B>,
     m: usize,
     generation: &GenerationConfig,
     seed: u64,
     device: &B::Device,
 ) -> Result<Vec<Vec<f32>>> {
-    let topics = lang.config().topics;
-    let rows: Vec<usize> = (0..topics)
+    let prompts = task.prompts();
+    let rows: Vec<usize> = (0..prompts)
         .flat_map(|t| std::iter::repeat_n(t, m))
         .collect();
     let mut rng = seed::rng(seed, "pg/references");
-    let s = sample_and_score(
-        reference, lang, proxy, gold, &rows, generation, &mut rng, device,
-    )?;
+    let s = sample_and_score(reference, task, &rows, generation, &mut rng, device)?;
     let r: Vec<f32> = host(rewards.base(&s)?)?
         .into_iter()
         .map(|x| x as f32)
         .collect();
-    Ok((0..topics)
+    Ok((0..prompts)
         .map(|t| r[t * m..(t + 1) * m].to_vec())
         .collect())
 }
@@ -1262,9 +1267,7 @@ fn groups_with_spread<B: Backend>(train: Tensor<B, 1>, groups: &Groups) -> Resul
 fn collect<B: Backend>(
     cfg: &RlConfig,
     sampler: &TransformerLm<B>,
-    lang: &Language,
-    proxy: &Proxy<B>,
-    gold: &dyn RewardSource<B>,
+    task: &dyn Task<B>,
     rewards: &mut Rewards<B>,
     generation: &GenerationConfig,
     prompt_rng: &mut seed::ChaCha8Rng,
@@ -1273,22 +1276,20 @@ fn collect<B: Backend>(
     device: &B::Device,
 ) -> Result<(Rollout<B>, usize, f64)> {
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
-    let topics_n = lang.config().topics;
+    let prompts_n = task.prompts();
     let rounds = cfg.dynamic_sampling.as_ref().map_or(1, |d| d.max_batches);
     let groups = Groups::contiguous(p, g)?;
     let (mut kept, mut dropped) = (Vec::new(), Vec::new());
     let (mut kept_groups, mut drawn) = (0, 0);
     for round in 1..=rounds {
-        let topics: Vec<usize> = (0..p)
-            .flat_map(|_| std::iter::repeat_n(prompt_rng.random_range(0..topics_n), g))
+        let prompts: Vec<usize> = (0..p)
+            .flat_map(|_| std::iter::repeat_n(prompt_rng.random_range(0..prompts_n), g))
             .collect();
-        let s = sample_and_score(
-            sampler, lang, proxy, gold, &topics, generation, sample_rng, device,
-        )?;
+        let s = sample_and_score(sampler, task, &prompts, generation, sample_rng, device)?;
         timings.sample += s.sample_seconds;
         timings.score += s.score_seconds;
         let scores = rewards.score(&s, device)?;
-        let r = Rollout::new(s, scores)?;
+        let r = Rollout::new(s, scores);
         if cfg.dynamic_sampling.is_none() {
             return Ok((r, 1, f64::NAN));
         }
@@ -1325,65 +1326,59 @@ fn collect<B: Backend>(
     ))
 }
 
-/// Trains `policy` against `proxy` for `cfg.steps` steps (see the module docs), calling
-/// `log` with each step's [`StepLine`]; returns the trained policy.
+/// Trains `policy` on `task`'s prompts against its proxy for `cfg.steps` steps (see the
+/// module docs), calling `log` with each step's [`StepLine`]; returns the trained policy.
 ///
 /// `reference` is the initial policy (frozen, inner backend): KL terms, the chi-squared
 /// term, shaping's references and the reported `kl/ref` are measured against it.
 /// Deterministic in `seed` on a given backend (streams `pg/init`, `pg/prompts`,
 /// `pg/sample`, `pg/greedy`, `pg/references`, `pg/fimi`, `pg/anchor`).
 ///
-/// Errors on a bad config, a prompt plus `max_new_tokens` longer than the policy's or a
-/// proxy member's `max_seq_len`, non-finite rewards or losses, or an error from `log`
-/// (which stops the run).
-#[allow(clippy::too_many_arguments)]
+/// Errors on a bad config, a vocabulary other than the task's, a prompt plus
+/// `max_new_tokens` longer than the policy's or a proxy member's `max_seq_len`,
+/// non-finite rewards or losses, or an error from `log` (which stops the run).
 pub fn train<B: AutodiffBackend>(
     cfg: &RlConfig,
-    lang: &Language,
+    task: &dyn Task<B::InnerBackend>,
     mut policy: TransformerLm<B>,
     reference: &TransformerLm<B::InnerBackend>,
-    proxy: &Proxy<B::InnerBackend>,
-    gold: &dyn RewardSource<B::InnerBackend>,
     seed: u64,
     device: &B::Device,
     log: &mut dyn FnMut(&StepLine) -> Result<()>,
 ) -> Result<TransformerLm<B>> {
-    cfg.validate(proxy.members().len())?;
-    let need = PROMPT_LEN + cfg.max_new_tokens;
-    for (what, len) in std::iter::once(("policy", policy.trunk.max_seq_len()))
-        .chain(std::iter::once((
-            "reference",
-            reference.trunk.max_seq_len(),
-        )))
-        .chain(
-            proxy
-                .members()
-                .iter()
-                .map(|m| ("proxy", m.trunk.max_seq_len())),
-        )
-    {
-        if len < need {
+    cfg.validate(task.proxy_members())?;
+    let width = task.prompt_width();
+    let need = width + cfg.max_new_tokens;
+    for (what, len) in [
+        ("policy", Some(policy.trunk.max_seq_len())),
+        ("reference", Some(reference.trunk.max_seq_len())),
+        ("proxy", task.proxy_max_seq_len()),
+    ] {
+        if let Some(len) = len.filter(|&len| len < need) {
             return Err(GoodhartError::invalid(
                 "rl.max_new_tokens",
                 format!(
-                    "prompt {PROMPT_LEN} + {} tokens exceeds the {what}'s max_seq_len {len}",
+                    "prompt {width} + {} tokens exceeds the {what}'s max_seq_len {len}",
                     cfg.max_new_tokens
                 ),
             ));
         }
     }
-    if policy.vocab_size() != lang.vocab_size() || reference.vocab_size() != lang.vocab_size() {
+    if policy.vocab_size() != task.vocab_size() || reference.vocab_size() != task.vocab_size() {
         return Err(GoodhartError::shape(
             "policy / reference vocabulary",
-            &[lang.vocab_size()],
+            &[task.vocab_size()],
             &[policy.vocab_size()],
         ));
     }
     seed::seed_backend::<B>(device, seed, "pg/init");
+    let end = task.end_ids();
     let generation = GenerationConfig::new(cfg.max_new_tokens)
         .with_temperature(cfg.temperature)
-        .with_eos_id(Some(EOS as usize))
-        .with_pad_id(PAD as usize);
+        .with_eos_id(end.first().map(|&e| e as usize))
+        .with_stop_ids(end.iter().skip(1).map(|&e| e as usize).collect())
+        .with_pad_id(task.pad_id() as usize);
+    let ended = |r: &[u32]| r.last().is_some_and(|t| end.contains(t));
     let objective = cfg.policy_loss()?;
     // Rewards: FiMi's length model is fitted first (shaping's references read it).
     let mut rewards = Rewards::<B::InnerBackend> {
@@ -1395,19 +1390,10 @@ pub fn train<B: AutodiffBackend>(
         components: composite(&cfg.components)?,
     };
     if let Some(LengthConfig::Fimi(f)) = &cfg.length_penalty {
-        let topics = lang.config().topics;
-        let rows: Vec<usize> = (0..FIMI_SAMPLES).map(|i| i % topics).collect();
+        let prompts = task.prompts();
+        let rows: Vec<usize> = (0..FIMI_SAMPLES).map(|i| i % prompts).collect();
         let mut rng = seed::rng(seed, "pg/fimi");
-        let s = sample_and_score(
-            reference,
-            lang,
-            proxy,
-            gold,
-            &rows,
-            &generation,
-            &mut rng,
-            device,
-        )?;
+        let s = sample_and_score(reference, task, &rows, &generation, &mut rng, device)?;
         let lengths = lengths_of(&s.generation.response_mask);
         rewards.bias = Some(fit_length_bias::<B>(
             Tensor::from_inner(s.proxy),
@@ -1420,9 +1406,7 @@ pub fn train<B: AutodiffBackend>(
         rewards.references = Some(reference_rewards(
             &rewards,
             reference,
-            lang,
-            proxy,
-            gold,
+            task,
             m,
             &generation,
             seed,
@@ -1481,9 +1465,7 @@ pub fn train<B: AutodiffBackend>(
         let (batch, rollouts, spread_share) = collect(
             cfg,
             &sampler,
-            lang,
-            proxy,
-            gold,
+            task,
             &mut rewards,
             &generation,
             &mut prompt_rng,
@@ -1601,18 +1583,9 @@ pub fn train<B: AutodiffBackend>(
         let mut baseline = None;
         if matches!(cfg.advantage, AdvantageConfig::Remax(_)) {
             // ReMax: the reward of the greedy response to each prompt.
-            let prompts: Vec<usize> = batch.topics.iter().step_by(g).copied().collect();
+            let prompts: Vec<usize> = batch.prompts.iter().step_by(g).copied().collect();
             let greedy = generation.clone().with_greedy(true);
-            let s = sample_and_score(
-                &sampler,
-                lang,
-                proxy,
-                gold,
-                &prompts,
-                &greedy,
-                &mut greedy_rng,
-                device,
-            )?;
+            let s = sample_and_score(&sampler, task, &prompts, &greedy, &mut greedy_rng, device)?;
             timings.sample += s.sample_seconds;
             timings.score += s.score_seconds;
             let per_prompt = rewards.score(&s, device)?.train;
@@ -1674,7 +1647,7 @@ pub fn train<B: AutodiffBackend>(
             let keep: Vec<f32> = batch
                 .responses
                 .iter()
-                .map(|r| if r.last() == Some(&EOS) { 1.0 } else { 0.0 })
+                .map(|r| if ended(r) { 1.0 } else { 0.0 })
                 .collect();
             let keep = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(keep, [n]), device);
             loss_mask = loss_mask * keep.reshape([n, 1]);
@@ -1682,17 +1655,17 @@ pub fn train<B: AutodiffBackend>(
         let loss_mask = cfg.sample_filter.apply(&adv, &loss_mask)?;
         let loss_mask_ad = to_ad(loss_mask.clone());
         let adv_ad = to_ad(adv.clone());
-        // SFT anchoring: responses of the language itself (the SFT data), one per row.
+        // SFT anchoring: sequences of the base policy's SFT data, one per row.
         let baseline_batch = if anchor {
-            let ex = generator_examples(lang, n, &mut anchor_rng);
-            let w = ex.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
-            let mut ids = vec![PAD as i64; n * w];
+            let ex = task.anchor_examples(n, &mut anchor_rng)?;
+            let w = ex.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
+            let mut ids = vec![task.pad_id() as i64; n * w];
             let (mut attn, mut resp) = (vec![0f32; n * w], vec![0f32; n * w]);
-            for (i, e) in ex.iter().enumerate() {
-                for (j, &t) in e.tokens.iter().enumerate() {
+            for (i, (tokens, prompt_len)) in ex.iter().enumerate() {
+                for (j, &t) in tokens.iter().enumerate() {
                     ids[i * w + j] = t as i64;
                     attn[i * w + j] = 1.0;
-                    resp[i * w + j] = if j >= PROMPT_LEN { 1.0 } else { 0.0 };
+                    resp[i * w + j] = if j >= *prompt_len { 1.0 } else { 0.0 };
                 }
             }
             Some((
@@ -1895,11 +1868,7 @@ pub fn train<B: AutodiffBackend>(
         );
         let ill = batch.ill_formed.iter().filter(|&&x| x).count() as f64 / n as f64;
         metrics.insert("response/ill_formed".into(), ill);
-        let truncated = batch
-            .responses
-            .iter()
-            .filter(|r| r.last() != Some(&EOS))
-            .count();
+        let truncated = batch.responses.iter().filter(|r| !ended(r)).count();
         metrics.insert("response/truncated".into(), truncated as f64 / n as f64);
         if cfg.dynamic_sampling.is_some() {
             metrics.insert("sampling/rollouts".into(), rollouts as f64);
@@ -1962,12 +1931,8 @@ pub fn train<B: AutodiffBackend>(
                 let tokens = batch.responses[i].clone();
                 Sample {
                     step,
-                    prompt: batch.topics[i],
-                    text: tokens
-                        .iter()
-                        .map(|&t| lang.token_text(t))
-                        .collect::<Vec<_>>()
-                        .join(" "),
+                    prompt: batch.prompts[i],
+                    text: task.text(&tokens),
                     length: tokens.len(),
                     tokens,
                     rewards: r,
@@ -1991,9 +1956,11 @@ pub fn train<B: AutodiffBackend>(
 mod tests {
     use super::*;
     use crate::reward_model::ProxyConfig;
+    use crate::task::LanguageTask;
     use goodhart_core::device::{cpu, Autodiff, Dispatch};
     use goodhart_core::testing::test_device;
     use goodhart_envs::language::LanguageConfig;
+    use goodhart_envs::language::PAD;
     use goodhart_policy::TransformerConfig;
 
     fn lang() -> Language {
@@ -2068,11 +2035,9 @@ mod tests {
         let mut out = Vec::new();
         train::<Cpu>(
             cfg,
-            &l,
+            &LanguageTask::new(&l, &proxy, &LanguageGold::new(&l)),
             policy,
             &reference,
-            &proxy,
-            &LanguageGold::new(&l),
             5,
             &device,
             &mut |m| {
@@ -2125,11 +2090,9 @@ mod tests {
             let mut lines = Vec::new();
             train::<Cpu>(
                 &cfg,
-                &l,
+                &LanguageTask::new(&l, &proxy, &gold),
                 policy,
                 &reference,
-                &proxy,
-                &gold,
                 5,
                 &device,
                 &mut |m| {
@@ -2316,11 +2279,9 @@ mod tests {
                     steps: 3,
                     ..small()
                 },
-                &l,
+                &LanguageTask::new(&l, &p, &LanguageGold::new(&l)),
                 policy.clone(),
                 &reference,
-                &p,
-                &LanguageGold::new(&l),
                 5,
                 &device,
                 &mut |m| {
@@ -2392,11 +2353,9 @@ mod tests {
         let mut lines = Vec::new();
         train::<Cpu>(
             &cfg,
-            &l,
+            &LanguageTask::new(&l, &proxy, &LanguageGold::new(&l)),
             policy,
             &reference,
-            &proxy,
-            &LanguageGold::new(&l),
             5,
             &device,
             &mut |m| {
@@ -2415,9 +2374,7 @@ mod tests {
             .with_greedy(true);
         let s = sample_and_score(
             &reference,
-            &l,
-            &proxy,
-            &LanguageGold::new(&l),
+            &LanguageTask::new(&l, &proxy, &LanguageGold::new(&l)),
             &topics,
             &greedy,
             &mut seed::rng(0, "x"),
@@ -2538,7 +2495,7 @@ mod tests {
             let (policy, reference, proxy) = setup::<A<B>>(&l, 1, device);
             let run = |cfg: &RlConfig| {
                 let mut out = Vec::new();
-                train::<A<B>>(cfg, &l, policy.clone(), &reference, &proxy, &LanguageGold::new(&l), 5, device, &mut |m| {
+                train::<A<B>>(cfg, &LanguageTask::new(&l, &proxy, &LanguageGold::new(&l)), policy.clone(), &reference, 5, device, &mut |m| {
                     out.push(m.clone());
                     Ok(())
                 })
@@ -2557,7 +2514,7 @@ mod tests {
             assert!(matches!(run(&long), Err(GoodhartError::InvalidArgument { name, .. }) if name == "rl.max_new_tokens"));
             // An error from the log callback stops the run.
             let mut calls = 0;
-            let r = train::<A<B>>(&small(), &l, policy.clone(), &reference, &proxy, &LanguageGold::new(&l), 5, device, &mut |_| {
+            let r = train::<A<B>>(&small(), &LanguageTask::new(&l, &proxy, &LanguageGold::new(&l)), policy.clone(), &reference, 5, device, &mut |_| {
                 calls += 1;
                 Err(GoodhartError::invalid("log", "disk full"))
             });
@@ -2582,7 +2539,7 @@ mod tests {
             let (policy, reference, proxy) = setup::<A<B>>(&l, 1, device);
             let cfg = RlConfig { steps: 20, prompts_per_step: 8, group_size: 8, lr: 1e-2, max_new_tokens: 12, ..Default::default() };
             let mut m = Vec::new();
-            train::<A<B>>(&cfg, &l, policy, &reference, &proxy, &LanguageGold::new(&l), 1, device, &mut |s| {
+            train::<A<B>>(&cfg, &LanguageTask::new(&l, &proxy, &LanguageGold::new(&l)), policy, &reference, 1, device, &mut |s| {
                 m.push(s.clone());
                 Ok(())
             })

@@ -23,6 +23,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         "none, KL, ensemble UWO, PAR and sequence chi-squared on the overopt task, 3 seeds",
         include_str!("../../../docs/presets/mitigations.toml"),
     ),
+    (
+        "grpo-hf",
+        "GRPO on a Hugging Face model directory (the Qwen2 fixture) and a JSONL prompt set, saved as a model directory",
+        include_str!("../../../docs/presets/grpo-hf.toml"),
+    ),
 ];
 
 /// The TOML of preset `name`.
@@ -42,8 +47,10 @@ mod tests {
 
     #[test]
     fn every_preset_parses_and_validates() {
+        // Presets' paths are the repository's (as `cargo xtask run` resolves them).
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         for (name, _, text) in PRESETS {
-            let c = ExperimentConfig::parse(text, &[])
+            let c = ExperimentConfig::parse_at(text, &[], &root)
                 .unwrap_or_else(|e| panic!("preset `{name}`: {e}"));
             assert_eq!(&c.name, name);
         }

@@ -20,6 +20,7 @@ use goodhart_train::{
     policy_gradient::{proxy, train, LanguageGold, RlConfig, StepTimings},
     reward_model::ProxyConfig,
     sft::{lab_language, SftConfig, PROMPT_LEN},
+    task::LanguageTask,
 };
 
 use super::Bench;
@@ -79,11 +80,9 @@ fn overhead_bench(device: DeviceSpec) -> Result<()> {
                 let mut stamps = Vec::new();
                 train::<A<B>>(
                     &run,
-                    &lang,
+                    &LanguageTask::new(&lang, &proxy, &gold),
                     policy.clone(),
                     &reference,
-                    &proxy,
-                    &gold,
                     rep as u64,
                     &device,
                     &mut |line| {

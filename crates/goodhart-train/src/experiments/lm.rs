@@ -31,6 +31,7 @@ use crate::{
     reward_model::{train_proxy, train_proxy_ensemble, ProxyConfig, ProxyReport},
     runner::{Result, Runner},
     sft::{train_base, SftReport, PROMPT_LEN},
+    task::LanguageTask,
 };
 
 /// Checks the sections every language-model experiment reads, and `[rl]` against a proxy
@@ -217,7 +218,8 @@ pub(crate) fn load_proxy<B: Backend>(
     policy_gradient::proxy(members, aggregation).map_err(stage_error(stage))
 }
 
-/// A stage that runs RL from the base policy against a proxy and returns its trace.
+/// A stage that runs RL from the base policy against a proxy and returns its trace; the
+/// trained policy is saved to `save_to` when given.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rl_stage<B: AutodiffBackend>(
     runner: &mut Runner,
@@ -228,6 +230,7 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
     pg: &RlConfig,
     seed: u64,
     proxy: (usize, usize, Aggregator),
+    save_to: Option<std::path::PathBuf>,
     device: &B::Device,
 ) -> Result<Trace> {
     let (pairs, k, aggregation) = proxy;
@@ -253,39 +256,44 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
         let lang = language(config, name)?;
         let mut logger = Logger::new(log, experiment, series);
         let mut points = Vec::new();
-        policy_gradient::train(
+        let gold = LanguageGold::new(&lang);
+        let trained = policy_gradient::train(
             pg,
-            &lang,
+            &LanguageTask::new(&lang, &proxy, &gold),
             policy,
             &reference,
-            &proxy,
-            &LanguageGold::new(&lang),
             seed::derive(seed, name),
             device,
             &mut |line: &policy_gradient::StepLine| {
-                let get = |k: &str| line.get(k);
-                points.push(TracePoint {
-                    step: line.step as u64,
-                    d: get(KEY_KL_D),
-                    proxy: get(KEY_PROXY_MEAN),
-                    gold: get(KEY_GOLD_MEAN),
-                    metrics: line
-                        .metrics
-                        .iter()
-                        .filter(|(k, _)| {
-                            ![KEY_KL_D, KEY_PROXY_MEAN, KEY_GOLD_MEAN].contains(&k.as_str())
-                        })
-                        .map(|(k, v)| (k.clone(), *v))
-                        .collect(),
-                });
+                points.push(trace_point(line));
                 logger.samples(&line.samples)?;
                 logger.log(line.step as u64, line.metrics.clone())
             },
         )
         .map_err(stage_error(name))?;
+        if let Some(path) = &save_to {
+            save_module(&trained, path).map_err(checkpoint_error(name))?;
+        }
         Ok(Trace {
             series: series.to_string(),
             points,
         })
     })
+}
+
+/// The trace point of one step.
+pub(crate) fn trace_point(line: &policy_gradient::StepLine) -> TracePoint {
+    let get = |k: &str| line.get(k);
+    TracePoint {
+        step: line.step as u64,
+        d: get(KEY_KL_D),
+        proxy: get(KEY_PROXY_MEAN),
+        gold: get(KEY_GOLD_MEAN),
+        metrics: line
+            .metrics
+            .iter()
+            .filter(|(k, _)| ![KEY_KL_D, KEY_PROXY_MEAN, KEY_GOLD_MEAN].contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+    }
 }

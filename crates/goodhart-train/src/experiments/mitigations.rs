@@ -204,6 +204,7 @@ pub fn run<B: AutodiffBackend>(
                 &pg,
                 seed,
                 (cfg.pairs, arm.ensemble, arm.aggregation),
+                None,
                 device,
             )?;
             out.push(ArmRun {

@@ -8,6 +8,8 @@
 //! - [`overopt`]: Gao et al.'s overoptimisation curves (RL and best-of-n, fitted laws,
 //!   detectors).
 //! - [`mitigations`]: peak and final gold of each mitigation, over seeds.
+//! - [`train`]: one RL run per seed on a policy and prompt set (a Hugging Face model and
+//!   a dataset, or the synthetic language), the trained policy saved.
 //! - [`lm`]: the stages the language-model experiments share.
 //!
 //! A new experiment is a module here with its section struct implementing
@@ -18,6 +20,7 @@ pub mod lm;
 pub mod mitigations;
 pub mod overopt;
 pub mod tomato;
+pub mod train;
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
@@ -77,7 +80,7 @@ pub trait Visitor {
 }
 
 /// Every experiment: its section name and summary.
-pub const EXPERIMENTS: [(&str, &str); 3] = [
+pub const EXPERIMENTS: [(&str, &str); 4] = [
     (
         tomato::TomatoExperiment::NAME,
         tomato::TomatoExperiment::SUMMARY,
@@ -89,6 +92,10 @@ pub const EXPERIMENTS: [(&str, &str); 3] = [
     (
         mitigations::MitigationsExperiment::NAME,
         mitigations::MitigationsExperiment::SUMMARY,
+    ),
+    (
+        train::TrainExperiment::NAME,
+        train::TrainExperiment::SUMMARY,
     ),
 ];
 
@@ -111,6 +118,10 @@ pub fn visit<V: Visitor>(
         v.visit(e)?;
         n += 1;
     }
+    if let Some(e) = &config.train {
+        v.visit(e)?;
+        n += 1;
+    }
     Ok(n)
 }
 
@@ -121,6 +132,7 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
         vec![
             format!("overopt (rl.{key})"),
             format!("mitigations (arms.rl.{key})"),
+            format!("train (rl.{key})"),
         ]
     };
     match family {
@@ -141,6 +153,7 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
             }
             "linear_length" | "dapo_overlong" | "fimi" => rl("length_penalty"),
             "weighted_sum" => rl("components"),
+            "math_verify" | "format" => vec!["train (rewards.proxy, rewards.gold)".into()],
             "ctrl_u" => vec!["mitigations (arms.rl.ctrl_u, with ensemble >= 2)".into()],
             "bradley_terry" => vec!["overopt, mitigations (the proxy reward models' loss)".into()],
             "par" | "centred" | "meanstd" | "clip" | "minmax" | "ceil" | "lsc" | "tanh" => {
@@ -406,10 +419,11 @@ mod tests {
 
     #[test]
     fn every_listed_name_says_who_takes_it() {
-        // The [rl] families go to both language-model experiments.
+        // The [rl] families go to the three language-model experiments.
         let both = [
             "overopt (rl.advantage)".to_string(),
             "mitigations (arms.rl.advantage)".into(),
+            "train (rl.advantage)".into(),
         ];
         for m in goodhart_advantage::REGISTRY {
             let by = accepting("advantage", m.name);
@@ -425,7 +439,7 @@ mod tests {
                 if matches!(m.name, "action_kl" | "chi2_occupancy") {
                     1
                 } else {
-                    2
+                    3
                 },
                 "{}",
                 m.name

@@ -200,6 +200,7 @@ pub fn run<B: AutodiffBackend>(
             &config.rl,
             seed,
             (pairs, 1, Aggregator::Mean),
+            None,
             device,
         )?;
         let name = format!("overopt/bon/p{pairs}");

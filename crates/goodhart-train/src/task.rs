@@ -1,0 +1,519 @@
+//! What an RL run samples and scores ([`Task`]): its prompts, how a response ends, and
+//! the proxy and gold rewards of a batch. The trainer ([`crate::policy_gradient`]) and
+//! best-of-n sampling read a task and nothing else about the data.
+//!
+//! - [`LanguageTask`]: the synthetic language's topics, a proxy of learned reward models
+//!   and the language's gold (the lab's default);
+//! - [`TextTask`]: a prompt set ([`crate::data`]) encoded by a Hugging Face tokenizer
+//!   (chat prompts through its chat template), with text rewards
+//!   ([`goodhart_reward::TextRewardConfig`]) as proxy and gold on the decoded responses.
+//!
+//! Every prompt is left-padded to the task's [`Task::prompt_width`], so the responses of
+//! all batches start at the same column.
+
+use burn::tensor::{backend::Backend, Tensor};
+use goodhart_core::{seed, GoodhartError, Result};
+use goodhart_envs::language::{Language, EOS, PAD};
+use goodhart_policy::{chat_template::ChatMessage, tokenizer::Tokenizer, HfTokenizer};
+use goodhart_reward::{RewardSource, Sequences, Texts};
+
+use crate::{
+    data::{PromptRow, Text},
+    policy_gradient::{host, response_words, Proxy},
+    sft::{generator_examples, PROMPT_LEN},
+};
+
+/// The scores of one batch.
+#[derive(Debug, Clone)]
+pub struct TaskScores<B: Backend> {
+    /// Every proxy member's score `[K, N]` (`K = 1` for a single source).
+    pub members: Tensor<B, 2>,
+    /// The proxy `[N]`.
+    pub proxy: Tensor<B, 1>,
+    /// The gold of each row.
+    pub gold: Vec<f64>,
+    /// Whether each response is ill-formed (the task says what that means).
+    pub ill_formed: Vec<bool>,
+}
+
+/// Prompts, response ends and rewards of an RL run.
+pub trait Task<B: Backend> {
+    /// Number of prompts; the trainer draws prompt indices in `0..prompts()`.
+    fn prompts(&self) -> usize;
+    /// The token ids of prompt `i` (non-empty, at most [`Task::prompt_width`]).
+    fn prompt(&self, i: usize) -> &[u32];
+    /// The width prompts are left-padded to: the longest prompt's length.
+    fn prompt_width(&self) -> usize;
+    /// The vocabulary size the policy must have.
+    fn vocab_size(&self) -> usize;
+    /// The ids that end a response; the first is the generation's EOS.
+    fn end_ids(&self) -> &[u32];
+    /// The padding id.
+    fn pad_id(&self) -> u32;
+    /// Number of proxy members (1 for a single source).
+    fn proxy_members(&self) -> usize;
+    /// The longest sequence the proxy reads, when it is bounded.
+    fn proxy_max_seq_len(&self) -> Option<usize>;
+    /// Scores a batch: row `r` answers prompt `prompts[r]`; `batch` holds the prompts
+    /// (left-padded to [`Task::prompt_width`]) and responses; `responses[r]` is row `r`'s
+    /// response up to and including its end id.
+    fn score(
+        &self,
+        prompts: &[usize],
+        batch: &Sequences<B>,
+        responses: &[Vec<u32>],
+    ) -> Result<TaskScores<B>>;
+    /// A response as text (`samples.jsonl`).
+    fn text(&self, response: &[u32]) -> String;
+    /// `n` sequences of the data the base policy was fine-tuned on, each with its prompt
+    /// length (SFT anchoring); errors for a task without such data.
+    fn anchor_examples(
+        &self,
+        n: usize,
+        rng: &mut seed::ChaCha8Rng,
+    ) -> Result<Vec<(Vec<u32>, usize)>>;
+}
+
+/// The synthetic language: prompt `t` is topic `t`'s `[BOS, topic, SEP]`; the proxy an
+/// ensemble of reward models; gold [`crate::policy_gradient::gold_reward`] (any source of [`Sequences`] in
+/// tests). A response is ill-formed when a non-word token comes before `EOS`.
+pub struct LanguageTask<'a, B: Backend> {
+    lang: &'a Language,
+    proxy: &'a Proxy<B>,
+    gold: &'a dyn RewardSource<B>,
+    prompts: Vec<Vec<u32>>,
+}
+
+impl<'a, B: Backend> LanguageTask<'a, B> {
+    /// The task of `lang` against `proxy`, gold measured by `gold`.
+    pub fn new(lang: &'a Language, proxy: &'a Proxy<B>, gold: &'a dyn RewardSource<B>) -> Self {
+        let prompts = (0..lang.config().topics).map(|t| lang.prompt(t)).collect();
+        Self {
+            lang,
+            proxy,
+            gold,
+            prompts,
+        }
+    }
+}
+
+impl<B: Backend> Task<B> for LanguageTask<'_, B> {
+    fn prompts(&self) -> usize {
+        self.prompts.len()
+    }
+
+    fn prompt(&self, i: usize) -> &[u32] {
+        &self.prompts[i]
+    }
+
+    fn prompt_width(&self) -> usize {
+        PROMPT_LEN
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.lang.vocab_size()
+    }
+
+    fn end_ids(&self) -> &[u32] {
+        &[EOS]
+    }
+
+    fn pad_id(&self) -> u32 {
+        PAD
+    }
+
+    fn proxy_members(&self) -> usize {
+        self.proxy.members().len()
+    }
+
+    fn proxy_max_seq_len(&self) -> Option<usize> {
+        self.proxy
+            .members()
+            .iter()
+            .map(|m| m.trunk.max_seq_len())
+            .min()
+    }
+
+    fn score(
+        &self,
+        _prompts: &[usize],
+        batch: &Sequences<B>,
+        responses: &[Vec<u32>],
+    ) -> Result<TaskScores<B>> {
+        let scored = self.proxy.score(batch)?;
+        let members = scored
+            .members
+            .unwrap_or_else(|| scored.reward.clone().unsqueeze_dim(0));
+        let gold = host(self.gold.score(batch)?.reward)?;
+        let ill_formed = responses
+            .iter()
+            .map(|r| response_words(self.lang, r).1)
+            .collect();
+        Ok(TaskScores {
+            members,
+            proxy: scored.reward,
+            gold,
+            ill_formed,
+        })
+    }
+
+    fn text(&self, response: &[u32]) -> String {
+        response
+            .iter()
+            .map(|&t| self.lang.token_text(t))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn anchor_examples(
+        &self,
+        n: usize,
+        rng: &mut seed::ChaCha8Rng,
+    ) -> Result<Vec<(Vec<u32>, usize)>> {
+        Ok(generator_examples(self.lang, n, rng)
+            .into_iter()
+            .map(|e| (e.tokens.iter().map(|&t| t as u32).collect(), PROMPT_LEN))
+            .collect())
+    }
+}
+
+/// A prompt set encoded by a Hugging Face tokenizer, scored on the decoded responses.
+///
+/// A chat row (a `messages` list) is rendered with the tokenizer's chat template, the
+/// generation prompt added; a plain row is encoded as `tokenizer(text)` does, or as one
+/// user message through the chat template when `chat` is set. A response is decoded
+/// with special tokens skipped; it is ill-formed when its bytes are not valid UTF-8
+/// (the decoder then writes U+FFFD) or it holds an id past the tokenizer's vocabulary
+/// (a padded embedding row, decoded as nothing).
+pub struct TextTask<B: Backend> {
+    tokenizer: HfTokenizer,
+    prompts: Vec<Vec<u32>>,
+    prompt_texts: Vec<String>,
+    answers: Vec<Option<String>>,
+    width: usize,
+    vocab: usize,
+    end: Vec<u32>,
+    pad: u32,
+    proxy: Box<dyn RewardSource<B, Texts<B>>>,
+    gold: Box<dyn RewardSource<B, Texts<B>>>,
+}
+
+/// How a [`TextTask`] encodes and ends its prompts and responses.
+#[derive(Debug, Clone)]
+pub struct TextTaskSpec {
+    /// The policy's vocabulary size (at least the tokenizer's).
+    pub vocab_size: usize,
+    /// Ids that end a response (the model's EOS ids); at least one.
+    pub end_ids: Vec<u32>,
+    /// The padding id.
+    pub pad_id: u32,
+    /// Render plain prompts as a user message through the chat template.
+    pub chat: bool,
+    /// The longest prompt allowed, in tokens.
+    pub max_prompt_len: usize,
+}
+
+impl<B: Backend> TextTask<B> {
+    /// Encodes `rows` with `tokenizer`. Errors name the row: a prompt that encodes to no
+    /// tokens or to more than `spec.max_prompt_len`, a chat prompt without a chat
+    /// template; and an empty set or no end id.
+    pub fn new(
+        tokenizer: HfTokenizer,
+        rows: &[PromptRow],
+        spec: &TextTaskSpec,
+        proxy: Box<dyn RewardSource<B, Texts<B>>>,
+        gold: Box<dyn RewardSource<B, Texts<B>>>,
+    ) -> Result<Self> {
+        if rows.is_empty() {
+            return Err(GoodhartError::Empty {
+                what: "prompt set".into(),
+            });
+        }
+        if spec.end_ids.is_empty() {
+            return Err(GoodhartError::invalid(
+                "policy",
+                "the model names no EOS id (config.json / generation_config.json)",
+            ));
+        }
+        let mut prompts = Vec::with_capacity(rows.len());
+        let mut prompt_texts = Vec::with_capacity(rows.len());
+        for row in rows {
+            let at = |reason: String| GoodhartError::invalid(format!("data ({})", row.at), reason);
+            let chat = match &row.prompt {
+                Text::Chat(m) => Some(m.clone()),
+                Text::Plain(p) if spec.chat => Some(vec![ChatMessage::new("user", p.as_str())]),
+                Text::Plain(_) => None,
+            };
+            let (text, ids) = match (&chat, &row.prompt) {
+                (Some(messages), _) => tokenizer
+                    .apply_chat_template(messages, true, &Default::default())
+                    .map_err(|e| at(e.to_string()))?,
+                (None, Text::Plain(p)) => (
+                    p.clone(),
+                    tokenizer
+                        .encode_with_special_tokens(p)
+                        .map_err(|e| at(e.to_string()))?,
+                ),
+                (None, Text::Chat(_)) => unreachable!("a chat row always renders as a chat"),
+            };
+            if ids.is_empty() {
+                return Err(at("the prompt encodes to no tokens".into()));
+            }
+            if ids.len() > spec.max_prompt_len {
+                return Err(at(format!(
+                    "the prompt is {} tokens, over the {} that fit before max_new_tokens",
+                    ids.len(),
+                    spec.max_prompt_len
+                )));
+            }
+            prompts.push(ids);
+            prompt_texts.push(text);
+        }
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        Ok(Self {
+            tokenizer,
+            prompts,
+            prompt_texts,
+            answers: rows.iter().map(|r| r.answer.clone()).collect(),
+            width,
+            vocab: spec.vocab_size,
+            end: spec.end_ids.clone(),
+            pad: spec.pad_id,
+            proxy,
+            gold,
+        })
+    }
+
+    /// The decoded text of `ids` (special tokens skipped).
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        let ids: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|t| !self.end.contains(t))
+            .collect();
+        self.tokenizer.decode(&ids)
+    }
+}
+
+impl<B: Backend> Task<B> for TextTask<B> {
+    fn prompts(&self) -> usize {
+        self.prompts.len()
+    }
+
+    fn prompt(&self, i: usize) -> &[u32] {
+        &self.prompts[i]
+    }
+
+    fn prompt_width(&self) -> usize {
+        self.width
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn end_ids(&self) -> &[u32] {
+        &self.end
+    }
+
+    fn pad_id(&self) -> u32 {
+        self.pad
+    }
+
+    fn proxy_members(&self) -> usize {
+        1
+    }
+
+    fn proxy_max_seq_len(&self) -> Option<usize> {
+        None
+    }
+
+    fn score(
+        &self,
+        prompts: &[usize],
+        batch: &Sequences<B>,
+        responses: &[Vec<u32>],
+    ) -> Result<TaskScores<B>> {
+        let texts = responses
+            .iter()
+            .map(|r| self.decode(r))
+            .collect::<Result<Vec<_>>>()?;
+        let known = self.tokenizer.vocab_size() as u32;
+        let ill_formed = texts
+            .iter()
+            .zip(responses)
+            .map(|(t, r)| t.contains('\u{FFFD}') || r.iter().any(|&id| id >= known))
+            .collect();
+        let texts = Texts::new(
+            prompts
+                .iter()
+                .map(|&p| self.prompt_texts[p].clone())
+                .collect(),
+            texts,
+            prompts.iter().map(|&p| self.answers[p].clone()).collect(),
+            &batch.tokens.device(),
+        )?;
+        let proxy = self.proxy.score(&texts)?;
+        let gold = host(self.gold.score(&texts)?.reward)?;
+        Ok(TaskScores {
+            members: proxy
+                .members
+                .unwrap_or_else(|| proxy.reward.clone().unsqueeze_dim(0)),
+            proxy: proxy.reward,
+            gold,
+            ill_formed,
+        })
+    }
+
+    fn text(&self, response: &[u32]) -> String {
+        self.decode(response)
+            .unwrap_or_else(|e| format!("<undecodable: {e}>"))
+    }
+
+    fn anchor_examples(
+        &self,
+        _n: usize,
+        _rng: &mut seed::ChaCha8Rng,
+    ) -> Result<Vec<(Vec<u32>, usize)>> {
+        Err(GoodhartError::invalid(
+            "rl.regularizers",
+            "sft_anchor needs the base policy's SFT data, which only the synthetic language has",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy_gradient::sample_and_score;
+    use goodhart_policy::TextModel;
+    use goodhart_reward::{text::FormatConfig, TextRewardConfig};
+
+    fn fixture() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../goodhart-policy/fixtures/hf/qwen2")
+    }
+
+    fn row(i: usize, prompt: Text, answer: Option<&str>) -> PromptRow {
+        PromptRow {
+            at: format!("line {}", i + 1),
+            prompt,
+            answer: answer.map(str::to_string),
+        }
+    }
+
+    fn rows() -> Vec<PromptRow> {
+        vec![
+            row(0, Text::Plain("What is 2 + 3?".into()), Some("5")),
+            row(
+                1,
+                Text::Plain("Add seven and twelve, then halve it.".into()),
+                Some("9.5"),
+            ),
+            row(
+                2,
+                Text::Chat(vec![ChatMessage::new("user", "Hi")]),
+                Some("0"),
+            ),
+        ]
+    }
+
+    fn spec(max_prompt_len: usize) -> TextTaskSpec {
+        TextTaskSpec {
+            vocab_size: 320,
+            end_ids: vec![2],
+            pad_id: 2,
+            chat: false,
+            max_prompt_len,
+        }
+    }
+
+    fn task<B: Backend>(rows: &[PromptRow], spec: &TextTaskSpec) -> Result<TextTask<B>> {
+        let format = TextRewardConfig::Format(FormatConfig {
+            pattern: Some(r"\d".into()),
+            ..Default::default()
+        });
+        let gold: TextRewardConfig = toml::from_str("kind = \"math_verify\"").unwrap();
+        TextTask::new(
+            HfTokenizer::from_dir(&fixture())?,
+            rows,
+            spec,
+            format.build("proxy")?,
+            gold.build("gold")?,
+        )
+    }
+
+    goodhart_core::backend_test! {
+        fn text_task_encodes_pads_and_scores<B>(device) {
+            let tok = HfTokenizer::from_dir(&fixture()).unwrap();
+            let t = task::<B>(&rows(), &spec(56)).unwrap();
+            // Plain rows as `tokenizer(text)`, chat rows through the template.
+            assert_eq!(t.prompt(0), tok.encode_with_special_tokens("What is 2 + 3?").unwrap());
+            let (_, chat) = tok
+                .apply_chat_template(&[ChatMessage::new("user", "Hi")], true, &Default::default())
+                .unwrap();
+            assert_eq!(t.prompt(2), chat);
+            let width = (0..3).map(|i| t.prompt(i).len()).max().unwrap();
+            assert_eq!(t.prompt_width(), width);
+            assert!((0..3).any(|i| t.prompt(i).len() < width), "the prompts differ in length");
+            // Scores: the format rule and math_verify on the decoded responses (EOS kept
+            // in the ids, not in the text).
+            let five: Vec<u32> = tok.encode("the answer is 5").unwrap().into_iter().chain([2]).collect();
+            let nine: Vec<u32> = tok.encode("9.5").unwrap();
+            let word: Vec<u32> = tok.encode("no").unwrap().into_iter().chain([2]).collect();
+            let pairs: Vec<(&[u32], &[u32])> = vec![(t.prompt(0), &five), (t.prompt(1), &nine), (t.prompt(0), &word)];
+            let batch = Sequences::<B>::from_pairs(&pairs, 2, device).unwrap();
+            let s = t.score(&[0, 1, 0], &batch, &[five.clone(), nine, word]).unwrap();
+            let proxy: Vec<f64> = host(s.proxy).unwrap();
+            assert_eq!(proxy, vec![1.0, 1.0, 0.0]);
+            assert_eq!(s.gold, vec![1.0, 1.0, 0.0]);
+            assert_eq!(s.ill_formed, vec![false; 3]);
+            assert_eq!(t.text(&five), "the answer is 5");
+            // A token that is part of a UTF-8 sequence decodes to U+FFFD: ill-formed.
+            let broken = (0..320u32).find(|&id| tok.decode(&[id]).unwrap().contains('\u{FFFD}')).expect("a byte token");
+            let broken_ids = [broken];
+            let pairs: Vec<(&[u32], &[u32])> = vec![(t.prompt(0), &broken_ids)];
+            let batch = Sequences::<B>::from_pairs(&pairs, 2, device).unwrap();
+            assert_eq!(t.score(&[0], &batch, &[vec![broken]]).unwrap().ill_formed, vec![true]);
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn left_padded_batches_generate_what_each_prompt_does_alone<B>(device) {
+            // Greedy responses to three prompts of different lengths, sampled together
+            // (left-padded to the widest) and one at a time: the same tokens.
+            let model = TextModel::<B>::load(&fixture(), device).unwrap();
+            let t = task::<B>(&rows(), &spec(56)).unwrap();
+            let greedy = model.generation_config(8).with_greedy(true);
+            let mut rng = seed::rng(0, "test");
+            let s = sample_and_score(&model.model, &t, &[0, 1, 2], &greedy, &mut rng, device).unwrap();
+            for (r, p) in [0usize, 1, 2].iter().enumerate() {
+                let alone = model.complete(t.prompt(*p), &greedy, 0).unwrap();
+                assert_eq!(s.responses[r], alone.ids, "prompt {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn text_task_errors_name_the_row() {
+        type B = goodhart_core::device::Dispatch;
+        let long = task::<B>(&rows(), &spec(5)).err().unwrap().to_string();
+        assert!(
+            long.contains("line 1") && long.contains("over the 5"),
+            "{long}"
+        );
+        let empty = vec![row(0, Text::Plain(String::new()), None)];
+        let e = task::<B>(&empty, &spec(56)).err().unwrap().to_string();
+        assert!(e.contains("line 1") && e.contains("no tokens"), "{e}");
+        assert!(task::<B>(&[], &spec(56)).is_err());
+        let no_end = TextTaskSpec {
+            end_ids: vec![],
+            ..spec(56)
+        };
+        assert!(task::<B>(&rows(), &no_end)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("EOS"));
+    }
+}
