@@ -569,27 +569,50 @@ fn grpo_on_a_hf_model_and_jsonl_prompts_writes_a_model_directory() {
         .filter(|(x, y)| x != &y)
         .count();
     assert!(moved > 0, "the embedding did not change");
-    // Every sample's rewards are the rules on its decoded text: the proxy whether it
-    // writes a digit, the gold math_verify against its prompt's answer.
+    // Every sample's rewards are the sources on its decoded text: the proxy 0.5 (writes a
+    // digit) + the reward model's score of prompt + response, the gold math_verify
+    // against its prompt's answer.
     let rows = config.data.as_ref().unwrap().read_prompts().unwrap();
+    let rm = goodhart_reward::hf_reward::HfRewardModel::<goodhart_core::device::Dispatch>::load(
+        "rm",
+        &goodhart_reward::hf_reward::HfRewardModelConfig {
+            path: fixture.parent().unwrap().join("qwen2-rm"),
+            batch_size: 4,
+        },
+        &device,
+    )
+    .unwrap();
     let samples = jsonl(&a, "samples.jsonl");
     assert_eq!(samples.len(), 3 * 4 * 4);
+    let mut digits = 0;
     for s in &samples {
         let text = s["text"].as_str().unwrap();
         let rewards = &s["rewards"];
+        let row = &rows[s["prompt"].as_u64().unwrap() as usize];
+        let goodhart_train::data::Text::Plain(prompt) = &row.prompt else {
+            panic!("plain prompts")
+        };
         let digit = text.chars().any(|c| c.is_ascii_digit());
-        assert_eq!(rewards["proxy"], if digit { 1.0 } else { 0.0 }, "{text:?}");
-        let answer = rows[s["prompt"].as_u64().unwrap() as usize]
-            .answer
-            .clone()
+        digits += digit as usize;
+        let ids = rm
+            .tokenizer()
+            .encode_with_special_tokens(&format!("{prompt}{text}"))
             .unwrap();
-        let v = goodhart_reward::math_verify::verify(text, &answer, &Default::default());
+        let want = 0.5 * digit as u8 as f64 + rm.score_ids(&[ids], &device).unwrap()[0] as f64;
+        let got = rewards["proxy"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-4, "{text:?}: {got} vs {want}");
+        let answer = row.answer.as_deref().unwrap();
+        let v = goodhart_reward::math_verify::verify(text, answer, &Default::default());
         assert_eq!(
             rewards["gold"],
             if v.correct { 1.0 } else { 0.0 },
             "{text:?}"
         );
     }
+    assert!(
+        digits > 0 && digits < samples.len(),
+        "both kinds of response: {digits}"
+    );
     let steps = metric_lines(&a);
     assert_eq!(steps.len(), 3);
     assert!(steps
@@ -654,6 +677,17 @@ fn a_run_on_a_model_directory_rejects_bad_sections_before_any_work() {
         (
             "rewards.gold={kind = \"judge\"}",
             "`rewards.gold.kind`: unknown variant `judge`",
+        ),
+        (
+            "rewards.proxy={kind = \"weighted_sum\", components = [{name = \"rm\", reward = \
+             {kind = \"hf_reward_model\", path = \"crates/goodhart-policy/fixtures/hf/qwen2\"}}]}",
+            "`rewards.proxy.components[0].reward.path`: a causal LM",
+        ),
+        (
+            "rewards.proxy={kind = \"weighted_sum\", components = [{name = \"a\", reward = \
+             {kind = \"format\", pattern = \"x\"}}, {name = \"a\", reward = {kind = \"format\", \
+             pattern = \"y\"}}]}",
+            "`rewards.proxy.components[1].name`",
         ),
         ("rl.max_new_tokens=64", "`rl.max_new_tokens`"),
         (

@@ -28,6 +28,12 @@
 //! naming the file and the tensor. `generation_config.json`, when present, adds its EOS
 //! ids to `config.json`'s.
 //!
+//! Reward models: `LlamaForSequenceClassification`, `MistralForSequenceClassification`,
+//! `Qwen2ForSequenceClassification` and `Qwen3ForSequenceClassification` with one label
+//! are the same decoders with a `score` head `[1, D]` instead of `lm_head`;
+//! [`load_reward_model`] reads the trunk and that head ([`load`] refuses them, and
+//! [`load_reward_model`] a causal LM).
+//!
 //! [`save`] writes a model back as a directory transformers loads: the `config.json` it
 //! was read from (dtype float32), `generation_config.json` with its BOS and EOS ids,
 //! `model.safetensors` in f32 with Hugging Face's names and layouts (the inverse of the
@@ -75,6 +81,14 @@ impl Family {
         ("Qwen2ForCausalLM", Family::Qwen2),
         ("Qwen3ForCausalLM", Family::Qwen3),
     ];
+
+    /// The sequence-classification (reward model) architectures, with their family.
+    pub const REWARD_MODELS: [(&'static str, Family); 4] = [
+        ("LlamaForSequenceClassification", Family::Llama),
+        ("MistralForSequenceClassification", Family::Mistral),
+        ("Qwen2ForSequenceClassification", Family::Qwen2),
+        ("Qwen3ForSequenceClassification", Family::Qwen3),
+    ];
 }
 
 /// What a model directory's `config.json` (and `generation_config.json`) say.
@@ -92,6 +106,9 @@ pub struct HfConfig {
     pub eos_token_ids: Vec<u32>,
     /// Padding id, if given.
     pub pad_token_id: Option<u32>,
+    /// For a sequence-classification architecture, its number of labels (`num_labels`,
+    /// or the length of `id2label`; transformers' default 2); `None` for a causal LM.
+    pub num_labels: Option<usize>,
     /// `config.json` as read; [`save`] writes it back (with `dtype` float32).
     pub raw: Map<String, Value>,
     /// The directory it was read from, if any: [`save`] copies its tokenizer files.
@@ -202,7 +219,7 @@ impl HfConfig {
     pub fn parse(text: &str, file: &Path) -> Result<Self, CheckpointError> {
         let map = json_object(text, file)?;
         let f = Fields { map: &map, file };
-        let family = family(&f)?;
+        let (family, classifier) = family(&f)?;
         let model = match family {
             Family::Gpt2 => gpt2_config(&f)?,
             _ => llama_config(&f, family)?,
@@ -217,6 +234,17 @@ impl HfConfig {
         let id = |key: &str| -> Result<Option<u32>, CheckpointError> {
             Ok(f.ids(key)?.first().copied())
         };
+        let num_labels = if classifier {
+            Some(
+                match (f.usize_opt(&["num_labels"])?, f.find(&["id2label"])) {
+                    (Some(n), _) => n,
+                    (None, Some((_, Value::Object(labels)))) => labels.len(),
+                    (None, _) => 2,
+                },
+            )
+        } else {
+            None
+        };
         Ok(Self {
             family,
             model,
@@ -224,6 +252,7 @@ impl HfConfig {
             bos_token_id: id("bos_token_id")?,
             eos_token_ids: f.ids("eos_token_id")?,
             pad_token_id: id("pad_token_id")?,
+            num_labels,
             raw: map.clone(),
             dir: None,
         })
@@ -251,10 +280,12 @@ fn json_object(text: &str, path: &Path) -> Result<Map<String, Value>, Checkpoint
     }
 }
 
-fn family(f: &Fields) -> Result<Family, CheckpointError> {
+/// The family of `architectures`, and whether it is a sequence classifier.
+fn family(f: &Fields) -> Result<(Family, bool), CheckpointError> {
     let known = || {
         Family::ALL
             .iter()
+            .chain(&Family::REWARD_MODELS)
             .map(|(n, _)| *n)
             .collect::<Vec<_>>()
             .join(", ")
@@ -265,10 +296,10 @@ fn family(f: &Fields) -> Result<Family, CheckpointError> {
         None => None,
     };
     let arch = arch.ok_or_else(|| f.error("architectures", "is missing or empty"))?;
-    Family::ALL
-        .iter()
-        .find(|(n, _)| *n == arch)
-        .map(|(_, fam)| *fam)
+    let find = |list: &[(&str, Family)]| list.iter().find(|(n, _)| *n == arch).map(|(_, f)| *f);
+    find(&Family::ALL)
+        .map(|fam| (fam, false))
+        .or_else(|| find(&Family::REWARD_MODELS).map(|fam| (fam, true)))
         .ok_or_else(|| {
             f.error(
                 "architectures",
@@ -640,6 +671,14 @@ pub fn load<B: Backend>(
     device: &B::Device,
 ) -> Result<(TransformerLm<B>, HfConfig), CheckpointError> {
     let config = HfConfig::from_dir(dir)?;
+    if config.num_labels.is_some() {
+        return Err(CheckpointError::File {
+            path: dir.join("config.json"),
+            reason: "`architectures`: a sequence-classification (reward) model, not a causal \
+                     LM: load it as a reward model (`kind = \"hf_reward_model\"`)"
+                .into(),
+        });
+    }
     let mut weights = Weights::read(dir)?;
     let mut model = config
         .model
@@ -656,6 +695,44 @@ pub fn load<B: Backend>(
             || (tied && name == "lm_head.weight")
     })?;
     Ok((model, config))
+}
+
+/// Loads the one-label sequence-classification model in `dir` onto `device`: its decoder
+/// (the trunk; no LM head) and its `score.weight` `[1, D]`, as `D` values.
+pub fn load_reward_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(TransformerLm<B>, Vec<f32>, HfConfig), CheckpointError> {
+    let config = HfConfig::from_dir(dir)?;
+    let file_error = |reason: String| CheckpointError::File {
+        path: dir.join("config.json"),
+        reason,
+    };
+    match config.num_labels {
+        None => {
+            return Err(file_error(
+                "`architectures`: a causal LM, not a sequence-classification (reward) model".into(),
+            ))
+        }
+        Some(1) => {}
+        Some(n) => {
+            return Err(file_error(format!(
+                "`num_labels` is {n}: a reward model has one label"
+            )))
+        }
+    }
+    if config.family == Family::Gpt2 {
+        return Err(file_error("GPT-2 reward models are not supported".into()));
+    }
+    let mut weights = Weights::read(dir)?;
+    // The decoder without an LM head: the config's embeddings tied, so none is built.
+    let mut decoder = config.model.clone();
+    decoder.tie_embeddings = true;
+    let mut model = decoder.init_with::<B>(burn::nn::Initializer::Zeros, device)?;
+    load_llama(&mut model, &decoder, &mut weights, device)?;
+    let score = weights.take("score.weight", &[1, decoder.d_model])?;
+    weights.finish(|name| name.ends_with("rotary_emb.inv_freq"))?;
+    Ok((model, score, config))
 }
 
 fn load_gpt2<B: Backend>(

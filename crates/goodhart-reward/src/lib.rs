@@ -16,8 +16,9 @@
 //! - [`length`]: linear and DAPO overlong penalties, FiMi-style length debiasing;
 //! - [`uncertainty`]: Ctrl-U's `exp(-U)` weighting;
 //! - [`compose`]: weighted sums of named sources, every component kept;
-//! - [`text`] and [`math_verify`]: rewards on decoded text, the `format` rule and the
-//!   final-answer checker.
+//! - [`text`], [`math_verify`] and [`hf_reward`]: rewards on decoded text, the `format`
+//!   rule, the final-answer checker and Hugging Face sequence-classification reward
+//!   models.
 //!
 //! Each family's config picks a method by name (`kind = "uwo"`); [`REGISTRY`] lists them
 //! all for `cargo xtask list`.
@@ -29,6 +30,7 @@ use goodhart_core::registry::MethodInfo;
 pub mod bradley_terry;
 pub mod compose;
 pub mod ensemble;
+pub mod hf_reward;
 pub mod length;
 pub mod math_verify;
 pub mod model;
@@ -158,6 +160,11 @@ pub const REGISTRY: &[MethodInfo] = &[
         summary: "text reward: 1 if the response matches a regex or consists of the given <tag>...</tag> blocks",
         source: "DeepSeek-R1 format reward; TRL/open-r1 format_reward",
     },
+    MethodInfo {
+        name: "hf_reward_model",
+        summary: "text reward: a HF *ForSequenceClassification model's score at the last non-pad token of tokenizer(prompt + response)",
+        source: "transformers sequence classification; TRL RewardTrainer models",
+    },
 ];
 
 #[cfg(test)]
@@ -188,6 +195,7 @@ mod tests {
                 "bradley_terry" | "log_exp" => format!("variant = \"{}\"\nmargin = 0.0", m.name),
                 "ctrl_u" => "beta = 0.5".to_string(),
                 "weighted_sum" => continue,
+                "hf_reward_model" => continue,
                 n => format!("kind = \"{n}\""),
             };
             let doc: Wrap = toml::from_str(&format!("[method]\n{body}\n")).unwrap();

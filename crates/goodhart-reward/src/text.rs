@@ -1,12 +1,15 @@
 //! Rewards on text: the input type [`Texts`] (decoded responses with their prompts and
 //! reference answers), the `format` rule, and [`TextRewardConfig`], the TOML choice of a
-//! text reward by `kind` (`math_verify`, `format`).
+//! text reward by `kind`: `math_verify`, `format`, `hf_reward_model`, and
+//! `weighted_sum` of named text rewards.
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use goodhart_core::{GoodhartError, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    compose::{Component, Composite},
+    hf_reward::{HfRewardModel, HfRewardModelConfig},
     math_verify::{MathVerify, MathVerifyConfig},
     source::{RewardOutput, RewardSource},
 };
@@ -155,7 +158,41 @@ pub enum TextRewardConfig {
     MathVerify(MathVerifyConfig),
     /// A regular expression or required tags ([`FormatConfig`]).
     Format(FormatConfig),
+    /// A Hugging Face sequence-classification reward model ([`crate::hf_reward`]).
+    HfRewardModel(HfRewardModelConfig),
+    /// `sum_i w_i r_i` of named text rewards ([`Composite`]).
+    WeightedSum(WeightedSumConfig),
 }
+
+/// `kind = "weighted_sum"`: `components = [{ name = "format", weight = 0.5, reward = {
+/// kind = "format", ... } }, ...]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedSumConfig {
+    /// The components, each named (unique) and weighted.
+    pub components: Vec<TextComponent>,
+}
+
+/// One weighted component of a `weighted_sum`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextComponent {
+    /// Its name (unique in the sum).
+    pub name: String,
+    /// Its weight `w_i` (finite).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// The reward.
+    pub reward: TextRewardConfig,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The prefix of a `weighted_sum`'s error keys: a key path `a.b` is reported under its
+/// section as `b` (the convention of `GoodhartError::InvalidArgument` names).
+const SUM: &str = "weighted_sum.";
 
 impl TextRewardConfig {
     /// Its registry name.
@@ -163,27 +200,88 @@ impl TextRewardConfig {
         match self {
             Self::MathVerify(_) => "math_verify",
             Self::Format(_) => "format",
+            Self::HfRewardModel(_) => "hf_reward_model",
+            Self::WeightedSum(_) => "weighted_sum",
         }
     }
 
     /// Whether it reads the reference answers.
     pub fn needs_answers(&self) -> bool {
-        matches!(self, Self::MathVerify(_))
+        match self {
+            Self::MathVerify(_) => true,
+            Self::WeightedSum(c) => c.components.iter().any(|c| c.reward.needs_answers()),
+            Self::Format(_) | Self::HfRewardModel(_) => false,
+        }
     }
 
-    /// Errors on an invalid config (a bad tolerance, a pattern that does not compile).
+    /// Errors on an invalid config (a bad tolerance, a pattern that does not compile, a
+    /// directory that is not a reward model, a sum without components, with a repeated
+    /// name or a weight that is not finite), the key named.
     pub fn validate(&self) -> Result<()> {
         match self {
             Self::MathVerify(c) => c.validate(),
             Self::Format(c) => c.regex().map(|_| ()),
+            Self::HfRewardModel(c) => c.validate(),
+            Self::WeightedSum(c) => {
+                if c.components.is_empty() {
+                    return Err(GoodhartError::invalid("components", "is empty"));
+                }
+                let mut names = std::collections::BTreeSet::new();
+                for (i, comp) in c.components.iter().enumerate() {
+                    if comp.name.is_empty() || !names.insert(comp.name.as_str()) {
+                        return Err(GoodhartError::invalid(
+                            format!("{SUM}components[{i}].name"),
+                            format!("`{}` is empty or used twice", comp.name),
+                        ));
+                    }
+                    if !comp.weight.is_finite() {
+                        return Err(GoodhartError::invalid(
+                            format!("{SUM}components[{i}].weight"),
+                            format!("{} is not finite", comp.weight),
+                        ));
+                    }
+                    comp.reward.validate().map_err(|e| match e {
+                        GoodhartError::InvalidArgument { name, reason } => {
+                            let name = name.strip_prefix(SUM).unwrap_or(&name);
+                            GoodhartError::invalid(
+                                format!("{SUM}components[{i}].reward.{name}"),
+                                reason,
+                            )
+                        }
+                        other => other,
+                    })?;
+                }
+                Ok(())
+            }
         }
     }
 
-    /// The source, named `name`; errors on an invalid config.
-    pub fn build<B: Backend>(&self, name: &str) -> Result<Box<dyn RewardSource<B, Texts<B>>>> {
+    /// The source, named `name`, on `device` (where a reward model loads); errors on an
+    /// invalid config.
+    pub fn build<B: Backend>(
+        &self,
+        name: &str,
+        device: &B::Device,
+    ) -> Result<Box<dyn RewardSource<B, Texts<B>>>> {
         Ok(match self {
             Self::MathVerify(c) => Box::new(MathVerify::new(name, c.clone())?),
             Self::Format(c) => Box::new(Format::new(name, c)?),
+            Self::HfRewardModel(c) => Box::new(HfRewardModel::<B>::load(name, c, device)?),
+            Self::WeightedSum(c) => {
+                self.validate()?;
+                let parts = c
+                    .components
+                    .iter()
+                    .map(|comp| {
+                        Ok(Component {
+                            name: comp.name.clone(),
+                            weight: comp.weight as f32,
+                            source: comp.reward.build::<B>(&comp.name, device)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Box::new(Composite::new(name, parts)?)
+            }
         })
     }
 }
@@ -262,7 +360,7 @@ mod tests {
             )
             .unwrap();
             let f = TextRewardConfig::Format(FormatConfig { tags: vec!["answer".into()], ..Default::default() })
-                .build::<B>("proxy")
+                .build::<B>("proxy", device)
                 .unwrap();
             assert_eq!(f.name(), "proxy");
             let got: Vec<f32> = f.score(&texts).unwrap().reward.into_data().convert::<f32>().into_vec().unwrap();

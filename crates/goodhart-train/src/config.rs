@@ -229,6 +229,27 @@ fn key_path(text: &str, offset: usize) -> String {
     }
 }
 
+/// Joins every relative `path` / `reference` string under `value` to `base`.
+fn paths_under(value: &mut toml::Value, base: &Path) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                match v {
+                    toml::Value::String(p)
+                        if (k == "path" || k == "reference")
+                            && Path::new(p.as_str()).is_relative() =>
+                    {
+                        *p = base.join(p.as_str()).to_string_lossy().into_owned();
+                    }
+                    other => paths_under(other, base),
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(|v| paths_under(v, base)),
+        _ => {}
+    }
+}
+
 /// Parses a `--set path.to.key=value` argument and applies it to `table`.
 pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<()> {
     let bad = |reason: &str| ConfigError::Override {
@@ -271,13 +292,14 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<()> {
 
 impl ExperimentConfig {
     /// Parses `text`, applies the `--set` overrides in order, and validates. Relative
-    /// paths (`policy.path`, `policy.reference`, `data.path`) are the working directory's.
+    /// paths are the working directory's.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
         Self::parse_at(text, overrides, Path::new(""))
     }
 
-    /// [`ExperimentConfig::parse`] with relative paths taken under `base` (`cargo xtask
-    /// run` resolves a preset's under the repository and a file's under the working
+    /// [`ExperimentConfig::parse`] with relative paths (the `path` and `reference` keys of
+    /// `[policy]`, `[data]` and `[rewards]`, at any depth) taken under `base` (`cargo
+    /// xtask run` resolves a preset's under the repository and a file's under the working
     /// directory, so the run's `config.toml` holds absolute paths).
     pub fn parse_at(text: &str, overrides: &[String], base: &Path) -> Result<Self> {
         let mut table: toml::Table = text
@@ -286,19 +308,9 @@ impl ExperimentConfig {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        for (section, key) in [
-            ("policy", "path"),
-            ("policy", "reference"),
-            ("data", "path"),
-        ] {
-            if let Some(toml::Value::String(p)) = table
-                .get_mut(section)
-                .and_then(|s| s.as_table_mut())
-                .and_then(|s| s.get_mut(key))
-            {
-                if Path::new(p.as_str()).is_relative() {
-                    *p = base.join(p.as_str()).to_string_lossy().into_owned();
-                }
+        for section in ["policy", "data", "rewards"] {
+            if let Some(v) = table.get_mut(section) {
+                paths_under(v, base);
             }
         }
         Self::from_table(&table)

@@ -438,8 +438,8 @@ mod tests {
             HfTokenizer::from_dir(&fixture())?,
             rows,
             spec,
-            format.build("proxy")?,
-            gold.build("gold")?,
+            format.build("proxy", &Default::default())?,
+            gold.build("gold", &Default::default())?,
         )
     }
 

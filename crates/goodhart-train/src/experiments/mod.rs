@@ -152,8 +152,14 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
                 vec!["mitigations (arms.aggregation)".into()]
             }
             "linear_length" | "dapo_overlong" | "fimi" => rl("length_penalty"),
-            "weighted_sum" => rl("components"),
-            "math_verify" | "format" => vec!["train (rewards.proxy, rewards.gold)".into()],
+            "weighted_sum" => {
+                let mut by = rl("components");
+                by.push("train (rewards.proxy, rewards.gold)".into());
+                by
+            }
+            "math_verify" | "format" | "hf_reward_model" => {
+                vec!["train (rewards.proxy, rewards.gold)".into()]
+            }
             "ctrl_u" => vec!["mitigations (arms.rl.ctrl_u, with ensemble >= 2)".into()],
             "bradley_terry" => vec!["overopt, mitigations (the proxy reward models' loss)".into()],
             "par" | "centred" | "meanstd" | "clip" | "minmax" | "ceil" | "lsc" | "tanh" => {

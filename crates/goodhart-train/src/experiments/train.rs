@@ -326,11 +326,11 @@ fn hf_run<B: AutodiffBackend>(
             &spec,
             rewards
                 .proxy
-                .build(goodhart_metrics::step::PROXY)
+                .build(goodhart_metrics::step::PROXY, device)
                 .map_err(stage_error(name))?,
             rewards
                 .gold
-                .build(goodhart_metrics::step::GOLD)
+                .build(goodhart_metrics::step::GOLD, device)
                 .map_err(stage_error(name))?,
         )
         .map_err(stage_error(name))?;
