@@ -601,6 +601,10 @@ fn grpo_on_a_hf_model_and_jsonl_prompts_writes_a_model_directory() {
         let want = 0.5 * digit as u8 as f64 + rm.score_ids(&[ids], &device).unwrap()[0] as f64;
         let got = rewards["proxy"].as_f64().unwrap();
         assert!((got - want).abs() < 1e-4, "{text:?}: {got} vs {want}");
+        // Each component logged on its own.
+        assert_eq!(rewards["proxy/format"], if digit { 1.0 } else { 0.0 });
+        let rm_score = rewards["proxy/rm"].as_f64().unwrap();
+        assert!((0.5 * digit as u8 as f64 + rm_score - got).abs() < 1e-5);
         let answer = row.answer.as_deref().unwrap();
         let v = goodhart_reward::math_verify::verify(text, answer, &Default::default());
         assert_eq!(
@@ -615,6 +619,14 @@ fn grpo_on_a_hf_model_and_jsonl_prompts_writes_a_model_directory() {
     );
     let steps = metric_lines(&a);
     assert_eq!(steps.len(), 3);
+    for m in &steps {
+        let part = |k: &str| m[&format!("reward/proxy/{k}/mean")].as_f64().unwrap();
+        let total = m["reward/proxy/mean"].as_f64().unwrap();
+        assert!(
+            (0.5 * part("format") + part("rm") - total).abs() < 1e-5,
+            "{m:?}"
+        );
+    }
     assert!(steps
         .iter()
         .all(|m| m["reward/proxy/mean"].as_f64().unwrap() >= 0.0));

@@ -205,6 +205,14 @@ impl TextRewardConfig {
         }
     }
 
+    /// The names of a `weighted_sum`'s components, in order (empty for any other kind).
+    pub fn component_names(&self) -> Vec<String> {
+        match self {
+            Self::WeightedSum(c) => c.components.iter().map(|c| c.name.clone()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Whether it reads the reference answers.
     pub fn needs_answers(&self) -> bool {
         match self {
@@ -256,6 +264,35 @@ impl TextRewardConfig {
         }
     }
 
+    /// The reward as a [`Composite`] named `name`: a `weighted_sum`'s components, or this
+    /// reward alone (weight 1, named by its kind), so a caller can log every component.
+    pub fn composite<B: Backend>(
+        &self,
+        name: &str,
+        device: &B::Device,
+    ) -> Result<Composite<B, Texts<B>>> {
+        self.validate()?;
+        let parts = match self {
+            Self::WeightedSum(c) => c
+                .components
+                .iter()
+                .map(|comp| {
+                    Ok(Component {
+                        name: comp.name.clone(),
+                        weight: comp.weight as f32,
+                        source: comp.reward.build::<B>(&comp.name, device)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            other => vec![Component {
+                name: other.name().into(),
+                weight: 1.0,
+                source: other.build::<B>(other.name(), device)?,
+            }],
+        };
+        Composite::new(name, parts)
+    }
+
     /// The source, named `name`, on `device` (where a reward model loads); errors on an
     /// invalid config.
     pub fn build<B: Backend>(
@@ -267,21 +304,7 @@ impl TextRewardConfig {
             Self::MathVerify(c) => Box::new(MathVerify::new(name, c.clone())?),
             Self::Format(c) => Box::new(Format::new(name, c)?),
             Self::HfRewardModel(c) => Box::new(HfRewardModel::<B>::load(name, c, device)?),
-            Self::WeightedSum(c) => {
-                self.validate()?;
-                let parts = c
-                    .components
-                    .iter()
-                    .map(|comp| {
-                        Ok(Component {
-                            name: comp.name.clone(),
-                            weight: comp.weight as f32,
-                            source: comp.reward.build::<B>(&comp.name, device)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Box::new(Composite::new(name, parts)?)
-            }
+            Self::WeightedSum(_) => Box::new(self.composite::<B>(name, device)?),
         })
     }
 }

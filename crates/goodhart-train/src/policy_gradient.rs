@@ -762,6 +762,8 @@ pub struct Scored<B: Backend> {
     pub ill_formed: Vec<bool>,
     /// Each row's response tokens, up to and including its end id.
     pub responses: Vec<Vec<u32>>,
+    /// The proxy's named components `[P, N]` ([`Task::proxy_parts`]), if any.
+    pub parts: Option<Tensor<B, 2>>,
     /// Seconds spent generating.
     pub sample_seconds: f64,
     /// Seconds spent scoring (proxy and gold).
@@ -847,6 +849,7 @@ pub fn sample_and_score<B: Backend>(
         gold: scores.gold,
         ill_formed: scores.ill_formed,
         responses,
+        parts: scores.parts,
         sample_seconds,
         score_seconds,
     })
@@ -929,7 +932,8 @@ pub struct Sample {
     pub text: String,
     /// `proxy` (the aggregated proxy score), `gold`, `reward` (the proxy after Ctrl-U,
     /// shaping and the length method), `train` (the trained reward before in-reward
-    /// regularisers), `component/<name>` per component, `baseline` (ReMax's greedy reward).
+    /// regularisers), `component/<name>` per component, `baseline` (ReMax's greedy reward),
+    /// `proxy/<name>` per component of the task's proxy ([`Task::proxy_parts`]).
     pub rewards: BTreeMap<String, f64>,
     /// Its advantage: the mean over its tokens (an outcome estimator's one value).
     pub advantage: f64,
@@ -1110,6 +1114,8 @@ struct Rollout<B: Backend> {
     ill_formed: Vec<bool>,
     /// Response tokens per row, up to and including the end id.
     responses: Vec<Vec<u32>>,
+    /// The proxy's named components `[P, N]`, if any.
+    parts: Option<Tensor<B, 2>>,
 }
 
 fn pad_cols<B: Backend, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<B>>(
@@ -1139,6 +1145,7 @@ impl<B: Backend> Rollout<B> {
             gold: s.gold,
             ill_formed: s.ill_formed,
             responses: s.responses,
+            parts: s.parts,
         }
     }
 
@@ -1166,6 +1173,10 @@ impl<B: Backend> Rollout<B> {
             gold: rows.iter().map(|&r| self.gold[r]).collect(),
             ill_formed: rows.iter().map(|&r| self.ill_formed[r]).collect(),
             responses: rows.iter().map(|&r| self.responses[r].clone()).collect(),
+            parts: self
+                .parts
+                .as_ref()
+                .map(|p| p.clone().select(1, idx.clone())),
         }
     }
 
@@ -1220,6 +1231,19 @@ impl<B: Backend> Rollout<B> {
             gold: parts.iter().flat_map(|p| p.gold.clone()).collect(),
             ill_formed: parts.iter().flat_map(|p| p.ill_formed.clone()).collect(),
             responses: parts.iter().flat_map(|p| p.responses.clone()).collect(),
+            parts: parts[0].parts.as_ref().map(|_| {
+                Tensor::cat(
+                    parts
+                        .iter()
+                        .map(|p| {
+                            p.parts
+                                .clone()
+                                .expect("every rollout of a task has its parts")
+                        })
+                        .collect(),
+                    1,
+                )
+            }),
         }
     }
 }
@@ -1883,6 +1907,16 @@ pub fn train<B: AutodiffBackend>(
         for (c, v) in cfg.components.iter().zip(&component_returns) {
             metrics.insert(format!("reward/component/{}", c.name), *v);
         }
+        // The proxy's own components, one row each.
+        let proxy_parts = batch.parts.clone().map(host).transpose()?;
+        if let Some(values) = &proxy_parts {
+            for (name, row) in task.proxy_parts().iter().zip(values.chunks(n)) {
+                metrics.insert(
+                    format!("reward/proxy/{name}/mean"),
+                    row.iter().sum::<f64>() / n as f64,
+                );
+            }
+        }
         let stats = StepStats {
             kl: metrics.get("kl/ref/token").copied().unwrap_or(0.0),
             reward: metrics.get("reward/proxy/mean").copied().unwrap_or(0.0),
@@ -1927,6 +1961,11 @@ pub fn train<B: AutodiffBackend>(
                 }
                 if let Some(b) = &baseline {
                     r.insert("baseline".into(), b[i]);
+                }
+                if let Some(values) = &proxy_parts {
+                    for (name, row) in task.proxy_parts().iter().zip(values.chunks(n)) {
+                        r.insert(format!("proxy/{name}"), row[i]);
+                    }
                 }
                 let tokens = batch.responses[i].clone();
                 Sample {

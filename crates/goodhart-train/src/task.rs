@@ -15,7 +15,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{seed, GoodhartError, Result};
 use goodhart_envs::language::{Language, EOS, PAD};
 use goodhart_policy::{chat_template::ChatMessage, tokenizer::Tokenizer, HfTokenizer};
-use goodhart_reward::{RewardSource, Sequences, Texts};
+use goodhart_reward::{Composite, RewardSource, Sequences, Texts};
 
 use crate::{
     data::{PromptRow, Text},
@@ -34,6 +34,9 @@ pub struct TaskScores<B: Backend> {
     pub gold: Vec<f64>,
     /// Whether each response is ill-formed (the task says what that means).
     pub ill_formed: Vec<bool>,
+    /// The proxy's named components `[P, N]`, in [`Task::proxy_parts`] order (`None`
+    /// when it names none).
+    pub parts: Option<Tensor<B, 2>>,
 }
 
 /// Prompts, response ends and rewards of an RL run.
@@ -54,6 +57,11 @@ pub trait Task<B: Backend> {
     fn proxy_members(&self) -> usize;
     /// The longest sequence the proxy reads, when it is bounded.
     fn proxy_max_seq_len(&self) -> Option<usize>;
+    /// The names of the proxy's components, logged one by one (`reward/proxy/<name>`);
+    /// none by default.
+    fn proxy_parts(&self) -> &[String] {
+        &[]
+    }
     /// Scores a batch: row `r` answers prompt `prompts[r]`; `batch` holds the prompts
     /// (left-padded to [`Task::prompt_width`]) and responses; `responses[r]` is row `r`'s
     /// response up to and including its end id.
@@ -154,6 +162,7 @@ impl<B: Backend> Task<B> for LanguageTask<'_, B> {
             proxy: scored.reward,
             gold,
             ill_formed,
+            parts: None,
         })
     }
 
@@ -194,7 +203,8 @@ pub struct TextTask<B: Backend> {
     vocab: usize,
     end: Vec<u32>,
     pad: u32,
-    proxy: Box<dyn RewardSource<B, Texts<B>>>,
+    proxy: Composite<B, Texts<B>>,
+    parts: Vec<String>,
     gold: Box<dyn RewardSource<B, Texts<B>>>,
 }
 
@@ -214,14 +224,15 @@ pub struct TextTaskSpec {
 }
 
 impl<B: Backend> TextTask<B> {
-    /// Encodes `rows` with `tokenizer`. Errors name the row: a prompt that encodes to no
-    /// tokens or to more than `spec.max_prompt_len`, a chat prompt without a chat
-    /// template; and an empty set or no end id.
+    /// Encodes `rows` with `tokenizer`, against `proxy` (its components named `parts`
+    /// are logged one by one; give none for a single reward). Errors name the row: a
+    /// prompt that encodes to no tokens or to more than `spec.max_prompt_len`, a chat
+    /// prompt without a chat template; and an empty set or no end id.
     pub fn new(
         tokenizer: HfTokenizer,
         rows: &[PromptRow],
         spec: &TextTaskSpec,
-        proxy: Box<dyn RewardSource<B, Texts<B>>>,
+        proxy: (Composite<B, Texts<B>>, Vec<String>),
         gold: Box<dyn RewardSource<B, Texts<B>>>,
     ) -> Result<Self> {
         if rows.is_empty() {
@@ -279,7 +290,8 @@ impl<B: Backend> TextTask<B> {
             vocab: spec.vocab_size,
             end: spec.end_ids.clone(),
             pad: spec.pad_id,
-            proxy,
+            proxy: proxy.0,
+            parts: proxy.1,
             gold,
         })
     }
@@ -328,6 +340,10 @@ impl<B: Backend> Task<B> for TextTask<B> {
         None
     }
 
+    fn proxy_parts(&self) -> &[String] {
+        &self.parts
+    }
+
     fn score(
         &self,
         prompts: &[usize],
@@ -353,15 +369,35 @@ impl<B: Backend> Task<B> for TextTask<B> {
             prompts.iter().map(|&p| self.answers[p].clone()).collect(),
             &batch.tokens.device(),
         )?;
-        let proxy = self.proxy.score(&texts)?;
+        let mut proxy = self.proxy.score_components(&texts)?;
+        let parts = (!self.parts.is_empty())
+            .then(|| -> Result<Tensor<B, 2>> {
+                let rows = self
+                    .parts
+                    .iter()
+                    .map(|name| {
+                        proxy
+                            .components
+                            .remove(name)
+                            .map(|o| o.reward.unsqueeze_dim(0))
+                            .ok_or_else(|| {
+                                GoodhartError::invalid(
+                                    "rewards.proxy",
+                                    format!("no component `{name}`"),
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(rows, 0))
+            })
+            .transpose()?;
         let gold = host(self.gold.score(&texts)?.reward)?;
         Ok(TaskScores {
-            members: proxy
-                .members
-                .unwrap_or_else(|| proxy.reward.clone().unsqueeze_dim(0)),
-            proxy: proxy.reward,
+            members: proxy.total.clone().unsqueeze_dim(0),
+            proxy: proxy.total,
             gold,
             ill_formed,
+            parts,
         })
     }
 
@@ -438,7 +474,7 @@ mod tests {
             HfTokenizer::from_dir(&fixture())?,
             rows,
             spec,
-            format.build("proxy", &Default::default())?,
+            (format.composite("proxy", &Default::default())?, Vec::new()),
             gold.build("gold", &Default::default())?,
         )
     }

@@ -324,10 +324,13 @@ fn hf_run<B: AutodiffBackend>(
             tokenizer,
             &rows,
             &spec,
-            rewards
-                .proxy
-                .build(goodhart_metrics::step::PROXY, device)
-                .map_err(stage_error(name))?,
+            (
+                rewards
+                    .proxy
+                    .composite(goodhart_metrics::step::PROXY, device)
+                    .map_err(stage_error(name))?,
+                rewards.proxy.component_names(),
+            ),
             rewards
                 .gold
                 .build(goodhart_metrics::step::GOLD, device)
