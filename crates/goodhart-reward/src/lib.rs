@@ -18,7 +18,7 @@
 //! - [`compose`]: weighted sums of named sources, every component kept;
 //! - [`text`], [`math_verify`] and [`hf_reward`]: rewards on decoded text, the `format`
 //!   rule, the final-answer checker and Hugging Face sequence-classification reward
-//!   models.
+//!   models; [`unit_tests`]: Python programs against their tests in a sandbox.
 //!
 //! Each family's config picks a method by name (`kind = "uwo"`); [`REGISTRY`] lists them
 //! all for `cargo xtask list`.
@@ -39,6 +39,7 @@ pub mod source;
 pub mod text;
 pub mod train;
 pub mod uncertainty;
+pub mod unit_tests;
 
 pub use bradley_terry::{bt_loss, BtLossConfig, BtVariant};
 pub use compose::{Component, Composite};
@@ -165,6 +166,11 @@ pub const REGISTRY: &[MethodInfo] = &[
         summary: "text reward: a HF *ForSequenceClassification model's score at the last non-pad token of tokenizer(prompt + response)",
         source: "transformers sequence classification; TRL RewardTrainer models",
     },
+    MethodInfo {
+        name: "unit_tests",
+        summary: "text reward: fraction of the reference's unit tests the response's Python program passes, in a namespace sandbox with resource limits",
+        source: "RLVR code rewards (VeRPO, verl sandbox_fusion); goodhart's sandbox",
+    },
 ];
 
 #[cfg(test)]
@@ -196,6 +202,7 @@ mod tests {
                 "ctrl_u" => "beta = 0.5".to_string(),
                 "weighted_sum" => continue,
                 "hf_reward_model" => continue,
+                "unit_tests" => "kind = \"unit_tests\"".to_string(),
                 n => format!("kind = \"{n}\""),
             };
             let doc: Wrap = toml::from_str(&format!("[method]\n{body}\n")).unwrap();

@@ -1,6 +1,6 @@
 //! Rewards on text: the input type [`Texts`] (decoded responses with their prompts and
 //! reference answers), the `format` rule, and [`TextRewardConfig`], the TOML choice of a
-//! text reward by `kind`: `math_verify`, `format`, `hf_reward_model`, and
+//! text reward by `kind`: `math_verify`, `format`, `hf_reward_model`, `unit_tests`, and
 //! `weighted_sum` of named text rewards.
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -12,6 +12,7 @@ use crate::{
     hf_reward::{HfRewardModel, HfRewardModelConfig},
     math_verify::{MathVerify, MathVerifyConfig},
     source::{RewardOutput, RewardSource},
+    unit_tests::{UnitTests, UnitTestsConfig},
 };
 
 /// A batch of `N` responses as text.
@@ -160,6 +161,9 @@ pub enum TextRewardConfig {
     Format(FormatConfig),
     /// A Hugging Face sequence-classification reward model ([`crate::hf_reward`]).
     HfRewardModel(HfRewardModelConfig),
+    /// The fraction of the reference's unit tests a response's program passes, run in a
+    /// sandbox ([`crate::unit_tests`]).
+    UnitTests(UnitTestsConfig),
     /// `sum_i w_i r_i` of named text rewards ([`Composite`]).
     WeightedSum(WeightedSumConfig),
 }
@@ -201,6 +205,7 @@ impl TextRewardConfig {
             Self::MathVerify(_) => "math_verify",
             Self::Format(_) => "format",
             Self::HfRewardModel(_) => "hf_reward_model",
+            Self::UnitTests(_) => "unit_tests",
             Self::WeightedSum(_) => "weighted_sum",
         }
     }
@@ -216,7 +221,7 @@ impl TextRewardConfig {
     /// Whether it reads the reference answers.
     pub fn needs_answers(&self) -> bool {
         match self {
-            Self::MathVerify(_) => true,
+            Self::MathVerify(_) | Self::UnitTests(_) => true,
             Self::WeightedSum(c) => c.components.iter().any(|c| c.reward.needs_answers()),
             Self::Format(_) | Self::HfRewardModel(_) => false,
         }
@@ -230,6 +235,7 @@ impl TextRewardConfig {
             Self::MathVerify(c) => c.validate(),
             Self::Format(c) => c.regex().map(|_| ()),
             Self::HfRewardModel(c) => c.validate(),
+            Self::UnitTests(c) => c.validate(),
             Self::WeightedSum(c) => {
                 if c.components.is_empty() {
                     return Err(GoodhartError::invalid("components", "is empty"));
@@ -304,6 +310,7 @@ impl TextRewardConfig {
             Self::MathVerify(c) => Box::new(MathVerify::new(name, c.clone())?),
             Self::Format(c) => Box::new(Format::new(name, c)?),
             Self::HfRewardModel(c) => Box::new(HfRewardModel::<B>::load(name, c, device)?),
+            Self::UnitTests(c) => Box::new(UnitTests::new(name, c)?),
             Self::WeightedSum(_) => Box::new(self.composite::<B>(name, device)?),
         })
     }

@@ -24,7 +24,46 @@ pub const BENCHES: &[Bench] = &[
         about: "scoring 2048 responses of <=32 tokens with the same model, batch 256 (responses/s)",
         run: score_bench,
     },
+    Bench {
+        name: "unit-tests",
+        about: "64 trivial Python programs against 3 tests each in the unit_tests sandbox, 1 and 4 workers (programs/s)",
+        run: unit_tests_bench,
+    },
 ];
+
+/// Programs per second of the sandbox: startup, namespaces, harness and teardown.
+fn unit_tests_bench(_: DeviceSpec) -> Result<()> {
+    use goodhart_reward::unit_tests::{Sandbox, UnitTestsConfig};
+    let jobs: Vec<(String, Vec<String>)> = (0..64)
+        .map(|i| {
+            (
+                format!("def f(x):\n    return x + {i}\n"),
+                (0..3)
+                    .map(|t| format!("assert f({t}) == {}", t + i))
+                    .collect(),
+            )
+        })
+        .collect();
+    for workers in [1, 4] {
+        let sandbox = Sandbox::new(UnitTestsConfig {
+            workers,
+            ..Default::default()
+        })?;
+        let mut passed = 0.0;
+        let t = time_median(3, || {
+            let reports = sandbox.run_all(&jobs).expect("the sandbox runs");
+            passed = reports.iter().map(|r| r.score()).sum::<f64>();
+        });
+        println!(
+            "workers {workers}: {:.1} programs/s ({:.0} ms per batch of 64; sandboxed: {}, all passed: {})",
+            64.0 / t,
+            t * 1e3,
+            sandbox.sandboxed(),
+            passed == 64.0
+        );
+    }
+    Ok(())
+}
 
 fn model_config() -> RewardModelConfig {
     RewardModelConfig::new(TransformerConfig::new(64, 64, 2, 4, 32))
