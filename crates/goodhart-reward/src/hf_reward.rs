@@ -159,12 +159,7 @@ impl<B: Backend> RewardSource<B, Texts<B>> for HfRewardModel<B> {
                     .encode_with_special_tokens(&format!("{p}{r}"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let scores = self.score_ids(&rows, &input.device)?;
-        let n = scores.len();
-        RewardOutput::scalar(Tensor::from_data(
-            TensorData::new(scores, [n]),
-            &input.device,
-        ))
+        input.output(self.score_ids(&rows, &input.device)?)
     }
 }
 

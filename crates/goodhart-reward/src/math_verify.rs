@@ -19,7 +19,7 @@
 //!
 //! The reward is 1 for a match and 0 otherwise; [`verify`] also says why.
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::backend::Backend;
 use goodhart_core::{GoodhartError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -540,30 +540,14 @@ impl<B: Backend> RewardSource<B, Texts<B>> for MathVerify {
     }
 
     fn score(&self, input: &Texts<B>) -> Result<RewardOutput<B>> {
-        let scores = input
-            .responses
-            .iter()
-            .zip(&input.answers)
-            .enumerate()
-            .map(|(i, (r, a))| {
-                let a = a.as_deref().ok_or_else(|| {
-                    GoodhartError::invalid(
-                        "math_verify",
-                        format!("response {i} has no reference answer (map the dataset's `answer` column)"),
-                    )
-                })?;
-                Ok(if verify(r, a, &self.config).correct {
-                    1.0f32
-                } else {
-                    0.0
-                })
+        let scores = (0..input.responses.len())
+            .map(|i| {
+                let answer = input.answer(i, "math_verify")?;
+                let correct = verify(&input.responses[i], answer, &self.config).correct;
+                Ok(if correct { 1.0f32 } else { 0.0 })
             })
             .collect::<Result<Vec<f32>>>()?;
-        let n = scores.len();
-        RewardOutput::scalar(Tensor::from_data(
-            TensorData::new(scores, [n]),
-            &input.device,
-        ))
+        input.output(scores)
     }
 }
 

@@ -55,6 +55,28 @@ impl<B: Backend> Texts<B> {
             device: device.clone(),
         })
     }
+
+    /// Response `i`'s reference answer; errors naming `source` when it has none.
+    pub fn answer(&self, i: usize, source: &str) -> Result<&str> {
+        self.answers[i].as_deref().ok_or_else(|| {
+            GoodhartError::invalid(
+                source,
+                format!(
+                    "response {i} has no reference answer (map the dataset's column to \
+                     `[data] columns.answer`)"
+                ),
+            )
+        })
+    }
+
+    /// One score per response as a [`RewardOutput`] on the batch's device.
+    pub fn output(&self, scores: Vec<f32>) -> Result<RewardOutput<B>> {
+        let n = scores.len();
+        RewardOutput::scalar(Tensor::from_data(
+            TensorData::new(scores, [n]),
+            &self.device,
+        ))
+    }
 }
 
 /// `kind = "format"`: 1 when the response has the required shape, else 0. Give a
@@ -138,16 +160,13 @@ impl<B: Backend> RewardSource<B, Texts<B>> for Format {
     }
 
     fn score(&self, input: &Texts<B>) -> Result<RewardOutput<B>> {
-        let scores: Vec<f32> = input
-            .responses
-            .iter()
-            .map(|r| if self.matches(r) { 1.0 } else { 0.0 })
-            .collect();
-        let n = scores.len();
-        RewardOutput::scalar(Tensor::from_data(
-            TensorData::new(scores, [n]),
-            &input.device,
-        ))
+        input.output(
+            input
+                .responses
+                .iter()
+                .map(|r| if self.matches(r) { 1.0 } else { 0.0 })
+                .collect(),
+        )
     }
 }
 

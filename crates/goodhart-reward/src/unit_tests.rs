@@ -36,7 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::backend::Backend;
 use goodhart_core::{GoodhartError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -709,19 +709,10 @@ impl UnitTests {
 
     /// The reports of a batch (what VeRPO's per-test credit reads).
     pub fn reports<B: Backend>(&self, input: &Texts<B>) -> Result<Vec<Report>> {
-        let jobs = input
-            .responses
-            .iter()
-            .zip(&input.answers)
-            .enumerate()
-            .map(|(i, (r, a))| {
-                let a = a.as_deref().ok_or_else(|| {
-                    GoodhartError::invalid(
-                        "unit_tests",
-                        format!("response {i} has no tests (map the dataset's tests to `answer`)"),
-                    )
-                })?;
-                Ok((program_of(r), tests_of(a)))
+        let jobs = (0..input.responses.len())
+            .map(|i| {
+                let tests = input.answer(i, "unit_tests")?;
+                Ok((program_of(&input.responses[i]), tests_of(tests)))
             })
             .collect::<Result<Vec<_>>>()?;
         self.sandbox.run_all(&jobs)
@@ -734,16 +725,8 @@ impl<B: Backend> RewardSource<B, Texts<B>> for UnitTests {
     }
 
     fn score(&self, input: &Texts<B>) -> Result<RewardOutput<B>> {
-        let scores: Vec<f32> = self
-            .reports(input)?
-            .iter()
-            .map(|r| r.score() as f32)
-            .collect();
-        let n = scores.len();
-        RewardOutput::scalar(Tensor::from_data(
-            TensorData::new(scores, [n]),
-            &input.device,
-        ))
+        let reports = self.reports(input)?;
+        input.output(reports.iter().map(|r| r.score() as f32).collect())
     }
 }
 

@@ -264,11 +264,7 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
             &reference,
             seed::derive(seed, name),
             device,
-            &mut |line: &policy_gradient::StepLine| {
-                points.push(trace_point(line));
-                logger.samples(&line.samples)?;
-                logger.log(line.step as u64, line.metrics.clone())
-            },
+            &mut |line: &policy_gradient::StepLine| record(line, &mut points, &mut logger),
         )
         .map_err(stage_error(name))?;
         if let Some(path) = &save_to {
@@ -279,6 +275,17 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
             points,
         })
     })
+}
+
+/// Records one step: its trace point, its samples and its metrics line.
+pub(crate) fn record(
+    line: &policy_gradient::StepLine,
+    points: &mut Vec<TracePoint>,
+    logger: &mut Logger,
+) -> goodhart_core::Result<()> {
+    points.push(trace_point(line));
+    logger.samples(&line.samples)?;
+    logger.log(line.step as u64, line.metrics.clone())
 }
 
 /// The trace point of one step.

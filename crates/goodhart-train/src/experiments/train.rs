@@ -26,7 +26,7 @@ use goodhart_reward::{Aggregator, TextRewardConfig};
 
 use super::{
     checkpoint_error,
-    lm::{self, base_policy, proxies, rl_stage, trace_point, Trace},
+    lm::{self, base_policy, proxies, record, rl_stage, Trace},
     mean_sd, stage_error, table, Experiment, Logger, Part,
 };
 use crate::{
@@ -347,11 +347,7 @@ fn hf_run<B: AutodiffBackend>(
             &reference,
             seed::derive(seed, name),
             device,
-            &mut |line: &policy_gradient::StepLine| {
-                points.push(trace_point(line));
-                logger.samples(&line.samples)?;
-                logger.log(line.step as u64, line.metrics.clone())
-            },
+            &mut |line: &policy_gradient::StepLine| record(line, &mut points, &mut logger),
         )
         .map_err(stage_error(name))?;
         hf::save(&trained, &hf_config, &dir).map_err(|e| checkpoint_error(name)(e))?;
