@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("goodhart-policy", 1),
     ("goodhart-envs", 1),
     ("goodhart-reward", 2),
+    ("goodhart-serve", 2),
     ("goodhart-train", 3),
     ("goodhart-tests", 4),
     ("xtask", 4),

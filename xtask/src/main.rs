@@ -32,6 +32,7 @@ mod generate;
 mod list;
 mod report;
 mod run;
+mod serve;
 mod test;
 
 use std::process::ExitCode;
@@ -39,7 +40,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use goodhart_core::device::DeviceSpec;
 
-const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report|fuzz|generate> [ARGS...]
+const USAGE: &str =
+    "usage: cargo xtask <run|list|test|bench|sweep|report|fuzz|generate|serve> [ARGS...]
 
   run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
       [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
@@ -53,7 +55,9 @@ const USAGE: &str = "usage: cargo xtask <run|list|test|bench|sweep|report|fuzz|g
   fuzz [TARGET...] [--runs N]                            the cargo-fuzz targets (nightly; not in CI)
   generate MODEL_DIR --prompt TEXT [--chat] [--json]     what a Hugging Face model directory writes
       [--max-new-tokens N] [--greedy | --temperature T   after a prompt (`generate --help`)
-      --top-p P --top-k K] [--seed N] [--device D]";
+      --top-p P --top-k K] [--seed N] [--device D]
+  serve MODEL_DIR [--port P] [--host H] [--name NAME]    an OpenAI-compatible server over a model
+      [--device D]                                       directory (`serve --help`)";
 
 /// The first panic's message and place since the last [`take_panic`], kept by [`main`]'s
 /// hook (a GPU runtime's worker thread often panics first, with the reason).
@@ -112,6 +116,7 @@ fn real_main() -> Result<ExitCode> {
         "sweep" => run::sweep(&rest),
         "fuzz" => fuzz::run(&rest),
         "generate" => generate::run(&rest),
+        "serve" => serve::run(&rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
