@@ -268,20 +268,32 @@ impl Sandbox {
             sandboxed: true,
             root,
         };
+        // One empty program in the sandbox; where the namespaces cannot be made, the
+        // child fails before exec (an error) or the harness never runs.
+        let why = match sandbox.run("", &["assert True".into()]) {
+            Ok(probe) if probe.score() == 1.0 => return Ok(sandbox),
+            Ok(probe) => format!("{:?}: {}", probe.ending, probe.stderr.trim()),
+            Err(e) => e.to_string(),
+        };
+        if !sandbox.config.allow_unsandboxed {
+            return Err(GoodhartError::invalid(
+                "unit_tests",
+                format!(
+                    "the sandbox cannot be made here ({why}); set allow_unsandboxed = true to \
+                     run programs with resource limits alone"
+                ),
+            ));
+        }
+        sandbox.sandboxed = false;
         let probe = sandbox.run("", &["assert True".into()])?;
         if probe.score() != 1.0 {
-            if !sandbox.config.allow_unsandboxed {
-                return Err(GoodhartError::invalid(
-                    "unit_tests",
-                    format!(
-                        "the sandbox cannot be made here ({:?}: {}); set allow_unsandboxed = \
-                         true to run programs with resource limits alone",
-                        probe.ending,
-                        probe.stderr.trim()
-                    ),
-                ));
-            }
-            sandbox.sandboxed = false;
+            return Err(GoodhartError::invalid(
+                "unit_tests",
+                format!(
+                    "programs do not run even without the sandbox: {}",
+                    probe.stderr.trim()
+                ),
+            ));
         }
         Ok(sandbox)
     }

@@ -250,22 +250,20 @@ impl<B: Backend> TextTask<B> {
         let mut prompt_texts = Vec::with_capacity(rows.len());
         for row in rows {
             let at = |reason: String| GoodhartError::invalid(format!("data ({})", row.at), reason);
-            let chat = match &row.prompt {
-                Text::Chat(m) => Some(m.clone()),
-                Text::Plain(p) if spec.chat => Some(vec![ChatMessage::new("user", p.as_str())]),
-                Text::Plain(_) => None,
-            };
-            let (text, ids) = match (&chat, &row.prompt) {
-                (Some(messages), _) => tokenizer
+            let template = |messages: &[ChatMessage]| {
+                tokenizer
                     .apply_chat_template(messages, true, &Default::default())
-                    .map_err(|e| at(e.to_string()))?,
-                (None, Text::Plain(p)) => (
+                    .map_err(|e| at(e.to_string()))
+            };
+            let (text, ids) = match &row.prompt {
+                Text::Chat(messages) => template(messages)?,
+                Text::Plain(p) if spec.chat => template(&[ChatMessage::new("user", p.as_str())])?,
+                Text::Plain(p) => (
                     p.clone(),
                     tokenizer
                         .encode_with_special_tokens(p)
                         .map_err(|e| at(e.to_string()))?,
                 ),
-                (None, Text::Chat(_)) => unreachable!("a chat row always renders as a chat"),
             };
             if ids.is_empty() {
                 return Err(at("the prompt encodes to no tokens".into()));

@@ -315,10 +315,13 @@ fn hf_run<B: AutodiffBackend>(
         let end_ids = hf_config.eos_token_ids.clone();
         let spec = TextTaskSpec {
             vocab_size: policy.vocab_size(),
-            pad_id: hf_config.pad_token_id.unwrap_or(end_ids[0]),
+            pad_id: hf_config
+                .pad_token_id
+                .or(end_ids.first().copied())
+                .unwrap_or(0),
             end_ids,
             chat: data.chat,
-            max_prompt_len: policy.trunk.max_seq_len() - pg.max_new_tokens,
+            max_prompt_len: policy.trunk.max_seq_len().saturating_sub(pg.max_new_tokens),
         };
         let task = TextTask::<B::InnerBackend>::new(
             tokenizer,
