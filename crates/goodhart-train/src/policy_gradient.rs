@@ -787,6 +787,15 @@ fn prompt_batch<B: Backend>(
             ));
         }
         let prompt = task.prompt(p);
+        if prompt.is_empty() || prompt.len() > w {
+            return Err(GoodhartError::invalid(
+                "prompt",
+                format!(
+                    "prompt {p} is {} tokens; a task's prompts are 1 to its width {w}",
+                    prompt.len()
+                ),
+            ));
+        }
         let start = (r + 1) * w - prompt.len();
         for (j, &t) in prompt.iter().enumerate() {
             ids[start + j] = t as i64;
