@@ -194,6 +194,22 @@ impl Fields<'_> {
 }
 
 impl HfConfig {
+    /// The id to pad with: `pad_token_id`, else the first EOS id, else 0.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id
+            .or(self.eos_token_ids.first().copied())
+            .unwrap_or(0)
+    }
+
+    /// Why this is not a one-label sequence classifier (a reward model), if it is not.
+    pub fn reward_model_check(&self) -> Result<(), String> {
+        match self.num_labels {
+            Some(1) => Ok(()),
+            Some(n) => Err(format!("`num_labels` is {n}: a reward model has one label")),
+            None => Err("a causal LM, not a sequence-classification (reward) model".into()),
+        }
+    }
+
     /// Reads `dir/config.json` and, when present, `dir/generation_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, CheckpointError> {
         let path = dir.join("config.json");
@@ -708,22 +724,7 @@ pub fn load_reward_model<B: Backend>(
         path: dir.join("config.json"),
         reason,
     };
-    match config.num_labels {
-        None => {
-            return Err(file_error(
-                "`architectures`: a causal LM, not a sequence-classification (reward) model".into(),
-            ))
-        }
-        Some(1) => {}
-        Some(n) => {
-            return Err(file_error(format!(
-                "`num_labels` is {n}: a reward model has one label"
-            )))
-        }
-    }
-    if config.family == Family::Gpt2 {
-        return Err(file_error("GPT-2 reward models are not supported".into()));
-    }
+    config.reward_model_check().map_err(file_error)?;
     let mut weights = Weights::read(dir)?;
     // The decoder without an LM head: the config's embeddings tied, so none is built.
     let mut decoder = config.model.clone();

@@ -50,21 +50,24 @@ pub struct Completion {
     pub text: String,
 }
 
+/// Errors unless every id of `tokenizer` has a row in a vocabulary of `vocab_size`.
+pub fn check_vocab(tokenizer: &HfTokenizer, vocab_size: usize) -> Result<()> {
+    let vocab = tokenizer.vocab_size();
+    if vocab > vocab_size {
+        return Err(GoodhartError::invalid(
+            "tokenizer.json",
+            format!("holds {vocab} tokens, the model's vocabulary only {vocab_size}"),
+        ));
+    }
+    Ok(())
+}
+
 impl<B: Backend> TextModel<B> {
     /// Loads the model and tokenizer of directory `dir` onto `device`.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let (model, config) = hf::load::<B>(dir, device)?;
         let tokenizer = HfTokenizer::from_dir(dir)?;
-        let vocab = tokenizer.vocab_size();
-        if vocab > model.vocab_size() {
-            return Err(GoodhartError::invalid(
-                "tokenizer.json",
-                format!(
-                    "holds {vocab} tokens, the model's vocabulary only {}",
-                    model.vocab_size()
-                ),
-            ));
-        }
+        check_vocab(&tokenizer, model.vocab_size())?;
         Ok(Self {
             model,
             config,
@@ -102,12 +105,7 @@ impl<B: Backend> TextModel<B> {
             .iter()
             .map(|&id| id as usize)
             .collect();
-        let pad = self
-            .config
-            .pad_token_id
-            .map(|id| id as usize)
-            .or(eos.first().copied())
-            .unwrap_or(0);
+        let pad = self.config.pad_id() as usize;
         GenerationConfig::new(max_new_tokens)
             .with_eos_id(eos.first().copied())
             .with_stop_ids(eos.iter().skip(1).copied().collect())

@@ -15,7 +15,7 @@ use burn::{
     module::Param,
     tensor::{backend::Backend, Int, Tensor, TensorData},
 };
-use goodhart_core::{GoodhartError, Result};
+use goodhart_core::{ops::to_host, GoodhartError, Result};
 use goodhart_policy::{hf, HfTokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -47,19 +47,10 @@ impl HfRewardModelConfig {
         if self.batch_size == 0 {
             return Err(GoodhartError::invalid("batch_size", "must be at least 1"));
         }
-        let config = hf::HfConfig::from_dir(&self.path)
-            .map_err(|e| GoodhartError::invalid("path", e.to_string()))?;
-        match config.num_labels {
-            Some(1) => Ok(()),
-            Some(n) => Err(GoodhartError::invalid(
-                "path",
-                format!("`num_labels` is {n}: a reward model has one label"),
-            )),
-            None => Err(GoodhartError::invalid(
-                "path",
-                "a causal LM, not a sequence-classification (reward) model",
-            )),
-        }
+        hf::HfConfig::from_dir(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.reward_model_check())
+            .map_err(|reason| GoodhartError::invalid("path", reason))
     }
 }
 
@@ -132,13 +123,7 @@ impl<B: Backend> HfRewardModel<B> {
                 Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, t]), device),
                 Tensor::from_data(TensorData::new(mask, [n, t]), device),
             )?;
-            out.extend(
-                scores
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .map_err(|e| GoodhartError::invalid("scores", format!("{e:?}")))?,
-            );
+            out.extend(to_host(scores)?);
         }
         Ok(out)
     }

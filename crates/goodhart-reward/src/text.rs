@@ -296,7 +296,6 @@ impl TextRewardConfig {
         name: &str,
         device: &B::Device,
     ) -> Result<Composite<B, Texts<B>>> {
-        self.validate()?;
         let parts = match self {
             Self::WeightedSum(c) => c
                 .components

@@ -400,7 +400,7 @@ impl Sandbox {
         let spawned = cmd.spawn();
         // SAFETY: the parent's copy of the write end is closed once, here; the read end
         // is owned by the File below.
-        let reports = unsafe {
+        let report_pipe = unsafe {
             libc::close(report_write);
             <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(report_read)
         };
@@ -410,10 +410,10 @@ impl Sandbox {
         let pgid = child.id() as i32;
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let cap = c.max_output_bytes;
-        let (status, (_, out_over), (err, err_over), (out, _)) = std::thread::scope(|s| {
+        let (status, (_, out_over), (err, err_over), (reports, _)) = std::thread::scope(|s| {
             let out = s.spawn(move || stdout.map_or((Vec::new(), false), |r| capped(r, cap)));
             let err = s.spawn(move || stderr.map_or((Vec::new(), false), |r| capped(r, cap)));
-            let rep = s.spawn(move || capped(reports, REPORT_CAP));
+            let rep = s.spawn(move || capped(report_pipe, REPORT_CAP));
             let deadline = t0 + Duration::from_secs_f64(c.timeout_s);
             let status = loop {
                 match child.try_wait() {
@@ -451,7 +451,7 @@ impl Sandbox {
             }
         };
         let mut tests: Vec<Option<TestResult>> = vec![None; n_tests];
-        for line in String::from_utf8_lossy(&out).lines() {
+        for line in String::from_utf8_lossy(&reports).lines() {
             let Some(body) = line.strip_prefix(nonce).map(str::trim) else {
                 continue;
             };
@@ -463,10 +463,9 @@ impl Sandbox {
         }
         let missing = match &ending {
             Ending::Timeout => format!("killed after the wall-clock limit of {} s", c.timeout_s),
-            Ending::Signal(libc::SIGXCPU) | Ending::Signal(libc::SIGKILL) => {
+            Ending::Signal(sig @ (libc::SIGXCPU | libc::SIGKILL)) => {
                 format!(
-                    "killed (signal {}) at a resource limit (CPU {} s)",
-                    signal_of(&ending),
+                    "killed (signal {sig}) at a resource limit (CPU {} s)",
                     c.cpu_s
                 )
             }
@@ -576,13 +575,6 @@ fn seccomp_filter(no_processes: bool) -> Vec<libc::sock_filter> {
     }
     prog.push(op(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW));
     prog
-}
-
-fn signal_of(e: &Ending) -> i32 {
-    match e {
-        Ending::Signal(s) => *s,
-        _ => 0,
-    }
 }
 
 impl Drop for Sandbox {

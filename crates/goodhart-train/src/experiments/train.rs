@@ -20,13 +20,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use goodhart_core::seed;
-use goodhart_policy::{hf, HfTokenizer, TextModel, Tokenizer};
+use goodhart_policy::{hf, pipeline::check_vocab, HfTokenizer, TextModel};
 use goodhart_regularize::RegularizerConfig;
 use goodhart_reward::{Aggregator, TextRewardConfig};
 
 use super::{
     checkpoint_error,
-    lm::{self, base_policy, proxies, record, rl_stage, Trace},
+    lm::{self, base_policy, proxies, record, rl_stage, Trace, TracePoint},
     mean_sd, stage_error, table, Experiment, Logger, Part,
 };
 use crate::{
@@ -159,18 +159,9 @@ fn validate_hf(
             "the model names no eos_token_id: a response could never end",
         ));
     }
-    let tokenizer = HfTokenizer::from_dir(&policy.path)
+    HfTokenizer::from_dir(&policy.path)
+        .and_then(|t| check_vocab(&t, model.model.vocab_size))
         .map_err(|e| ConfigError::invalid("policy.path", e.to_string()))?;
-    if tokenizer.vocab_size() > model.model.vocab_size {
-        return Err(ConfigError::invalid(
-            "policy.path",
-            format!(
-                "tokenizer.json holds {} tokens, the model's vocabulary only {}",
-                tokenizer.vocab_size(),
-                model.model.vocab_size
-            ),
-        ));
-    }
     if let Some(dir) = &policy.reference {
         let reference = hf::HfConfig::from_dir(dir)
             .map_err(|e| ConfigError::invalid("policy.reference", e.to_string()))?;
@@ -312,14 +303,10 @@ fn hf_run<B: AutodiffBackend>(
             None => policy.valid(),
         };
         let rows = prompt_rows(data, rewards)?;
-        let end_ids = hf_config.eos_token_ids.clone();
         let spec = TextTaskSpec {
             vocab_size: policy.vocab_size(),
-            pad_id: hf_config
-                .pad_token_id
-                .or(end_ids.first().copied())
-                .unwrap_or(0),
-            end_ids,
+            pad_id: hf_config.pad_id(),
+            end_ids: hf_config.eos_token_ids.clone(),
             chat: data.chat,
             max_prompt_len: policy.trunk.max_seq_len().saturating_sub(pg.max_new_tokens),
         };
@@ -366,8 +353,12 @@ fn hf_run<B: AutodiffBackend>(
 /// Figures (means and standard deviations over seeds) and the table of proxy and gold
 /// per seed.
 pub fn summarize(runs: &[TrainRun]) -> (Value, Value) {
-    let first = |r: &TrainRun| r.trace.points.first().cloned();
-    let last = |r: &TrainRun| r.trace.points.last().cloned();
+    fn first(r: &TrainRun) -> Option<&TracePoint> {
+        r.trace.points.first()
+    }
+    fn last(r: &TrainRun) -> Option<&TracePoint> {
+        r.trace.points.last()
+    }
     let stat = |f: &dyn Fn(&TrainRun) -> Option<f64>| {
         let (m, sd) = mean_sd(runs.iter().filter_map(f));
         json!({"mean": m, "sd": sd})
@@ -388,11 +379,11 @@ pub fn summarize(runs: &[TrainRun]) -> (Value, Value) {
             json!([
                 r.seed,
                 r.trace.points.len(),
-                f.as_ref().map(|p| p.proxy),
-                l.as_ref().map(|p| p.proxy),
-                f.as_ref().map(|p| p.gold),
+                f.map(|p| p.proxy),
+                l.map(|p| p.proxy),
+                f.map(|p| p.gold),
                 r.trace.peak().map(|p| p.gold),
-                l.as_ref().map(|p| p.gold),
+                l.map(|p| p.gold),
                 r.policy,
             ])
         })
