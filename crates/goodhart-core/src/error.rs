@@ -76,6 +76,14 @@ pub enum GoodhartError {
         /// What went wrong while opening it.
         reason: String,
     },
+    /// A remote service (an LLM judge's endpoint) gave no usable answer.
+    #[error("`{service}`: {reason}")]
+    Remote {
+        /// The service (the reward's name and its endpoint).
+        service: String,
+        /// What went wrong, with what it answered.
+        reason: String,
+    },
 }
 
 impl GoodhartError {

@@ -117,6 +117,19 @@ impl<B: Backend, I> RewardSource<B, I> for Composite<B, I> {
     fn score(&self, input: &I) -> Result<RewardOutput<B>> {
         RewardOutput::scalar(self.score_components(input)?.total)
     }
+
+    /// Each component's usage, keyed `<component>/<name>`.
+    fn usage(&self) -> Vec<(String, f64)> {
+        self.components
+            .iter()
+            .flat_map(|c| {
+                c.source
+                    .usage()
+                    .into_iter()
+                    .map(|(k, v)| (format!("{}/{k}", c.name), v))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@
 //! - [`compose`]: weighted sums of named sources, every component kept;
 //! - [`text`], [`math_verify`] and [`hf_reward`]: rewards on decoded text, the `format`
 //!   rule, the final-answer checker and Hugging Face sequence-classification reward
-//!   models; [`unit_tests`]: Python programs against their tests in a sandbox.
+//!   models; [`unit_tests`]: Python programs against their tests in a sandbox;
+//!   [`llm_judge`] and [`rubric`]: LLM judges through [`chat_client`], a client for
+//!   OpenAI-compatible endpoints.
 //!
 //! Each family's config picks a method by name (`kind = "uwo"`); [`REGISTRY`] lists them
 //! all for `cargo xtask list`.
@@ -28,18 +30,22 @@
 use goodhart_core::registry::MethodInfo;
 
 pub mod bradley_terry;
+pub mod chat_client;
 pub mod compose;
 pub mod ensemble;
 pub mod hf_reward;
 pub mod length;
+pub mod llm_judge;
 pub mod math_verify;
 pub mod model;
+pub mod rubric;
 pub mod shaping;
 pub mod source;
 pub mod text;
 pub mod train;
 pub mod uncertainty;
 pub mod unit_tests;
+mod workers;
 
 pub use bradley_terry::{bt_loss, BtLossConfig, BtVariant};
 pub use compose::{Component, Composite};
@@ -170,6 +176,16 @@ pub const REGISTRY: &[MethodInfo] = &[
         name: "unit_tests",
         summary: "text reward: fraction of the reference's unit tests the response's Python program passes, in a namespace sandbox with resource limits",
         source: "RLVR code rewards (VeRPO, verl sandbox_fusion); goodhart's sandbox",
+    },
+    MethodInfo {
+        name: "llm_judge",
+        summary: "text reward: an LLM judge's score (last `Score: N`, rescaled to [0, 1]) through an OpenAI-compatible endpoint, with retries, a cache and token/cost accounting",
+        source: "LLM-as-a-judge (Zheng et al. 2023, MT-Bench); OpenAI chat-completions API",
+    },
+    MethodInfo {
+        name: "rubric",
+        summary: "text reward: (sum_{w>0} w g + sum_{w<0} |w| (1-g)) / sum |w| over a prompt's weighted criteria, one judge verdict {\"k\": {criteria_met}} per criterion",
+        source: "Reward Hacking in Rubric-Based RL (arXiv 2605.12474); HealthBench rubrics",
     },
 ];
 

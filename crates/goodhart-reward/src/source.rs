@@ -209,6 +209,13 @@ pub trait RewardSource<B: Backend, I = Sequences<B>> {
     /// Scores every response of `input`. Implementations return one finite value per
     /// response, and a typed error on bad input.
     fn score(&self, input: &I) -> Result<RewardOutput<B>>;
+
+    /// What scoring has cost so far, as named running totals (an LLM judge's
+    /// `requests`, `cache_hits`, `prompt_tokens`, `cost_usd`, ...); empty for a source
+    /// that costs nothing but compute. The trainer logs them every step.
+    fn usage(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 /// A rule-based reward from a closure over the input: a verifier, a format check, a

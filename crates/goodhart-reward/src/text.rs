@@ -1,7 +1,7 @@
 //! Rewards on text: the input type [`Texts`] (decoded responses with their prompts and
 //! reference answers), the `format` rule, and [`TextRewardConfig`], the TOML choice of a
-//! text reward by `kind`: `math_verify`, `format`, `hf_reward_model`, `unit_tests`, and
-//! `weighted_sum` of named text rewards.
+//! text reward by `kind`: `math_verify`, `format`, `hf_reward_model`, `unit_tests`,
+//! `llm_judge`, `rubric`, and `weighted_sum` of named text rewards.
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use goodhart_core::{GoodhartError, Result};
@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     compose::{Component, Composite},
     hf_reward::{HfRewardModel, HfRewardModelConfig},
+    llm_judge::{LlmJudge, LlmJudgeConfig},
     math_verify::{MathVerify, MathVerifyConfig},
+    rubric::{Rubric, RubricConfig, RubricJudge},
     source::{RewardOutput, RewardSource},
     unit_tests::{UnitTests, UnitTestsConfig},
 };
@@ -24,6 +26,11 @@ pub struct Texts<B: Backend> {
     pub responses: Vec<String>,
     /// Each prompt's reference answer, when the dataset has one.
     pub answers: Vec<Option<String>>,
+    /// Each prompt as its user wrote it, for a judge (a chat as `role: content` lines);
+    /// by default the prompts.
+    pub questions: Vec<String>,
+    /// Each prompt's rubric, when the dataset has one.
+    pub rubrics: Vec<Option<Rubric>>,
     /// Where the scores go.
     pub device: B::Device,
 }
@@ -49,10 +56,45 @@ impl<B: Backend> Texts<B> {
             ));
         }
         Ok(Self {
+            questions: prompts.clone(),
+            rubrics: vec![None; responses.len()],
             prompts,
             responses,
             answers,
             device: device.clone(),
+        })
+    }
+
+    /// The batch with each prompt's text for a judge and its rubric; errors unless there
+    /// is one of each per response.
+    pub fn with_context(
+        mut self,
+        questions: Vec<String>,
+        rubrics: Vec<Option<Rubric>>,
+    ) -> Result<Self> {
+        let n = self.responses.len();
+        if questions.len() != n || rubrics.len() != n {
+            return Err(GoodhartError::shape(
+                "texts (questions, rubrics)",
+                &[n, n],
+                &[questions.len(), rubrics.len()],
+            ));
+        }
+        self.questions = questions;
+        self.rubrics = rubrics;
+        Ok(self)
+    }
+
+    /// Response `i`'s rubric; errors naming `source` when it has none.
+    pub fn rubric(&self, i: usize, source: &str) -> Result<&Rubric> {
+        self.rubrics[i].as_ref().ok_or_else(|| {
+            GoodhartError::invalid(
+                source,
+                format!(
+                    "response {i} has no rubric (map the dataset's column to \
+                     `[data] columns.rubric`)"
+                ),
+            )
         })
     }
 
@@ -183,6 +225,11 @@ pub enum TextRewardConfig {
     /// The fraction of the reference's unit tests a response's program passes, run in a
     /// sandbox ([`crate::unit_tests`]).
     UnitTests(UnitTestsConfig),
+    /// An LLM's score through an OpenAI-compatible endpoint ([`crate::llm_judge`]).
+    LlmJudge(LlmJudgeConfig),
+    /// The weighted share of a prompt's rubric criteria an LLM judge finds met
+    /// ([`crate::rubric`]).
+    Rubric(RubricConfig),
     /// `sum_i w_i r_i` of named text rewards ([`Composite`]).
     WeightedSum(WeightedSumConfig),
 }
@@ -225,6 +272,8 @@ impl TextRewardConfig {
             Self::Format(_) => "format",
             Self::HfRewardModel(_) => "hf_reward_model",
             Self::UnitTests(_) => "unit_tests",
+            Self::LlmJudge(_) => "llm_judge",
+            Self::Rubric(_) => "rubric",
             Self::WeightedSum(_) => "weighted_sum",
         }
     }
@@ -241,8 +290,38 @@ impl TextRewardConfig {
     pub fn needs_answers(&self) -> bool {
         match self {
             Self::MathVerify(_) | Self::UnitTests(_) => true,
+            Self::LlmJudge(c) => c.needs_answers(),
             Self::WeightedSum(c) => c.components.iter().any(|c| c.reward.needs_answers()),
-            Self::Format(_) | Self::HfRewardModel(_) => false,
+            Self::Format(_) | Self::HfRewardModel(_) | Self::Rubric(_) => false,
+        }
+    }
+
+    /// Whether it reads the prompts' rubrics.
+    pub fn needs_rubrics(&self) -> bool {
+        match self {
+            Self::Rubric(_) => true,
+            Self::WeightedSum(c) => c.components.iter().any(|c| c.reward.needs_rubrics()),
+            _ => false,
+        }
+    }
+
+    /// Gives every judge without a `cache` file one in `dir`: `<name>.jsonl`, a
+    /// `weighted_sum`'s components as `<name>.<component>.jsonl`.
+    pub fn set_cache_dir(&mut self, dir: &std::path::Path, name: &str) {
+        match self {
+            Self::LlmJudge(LlmJudgeConfig { endpoint, .. })
+            | Self::Rubric(RubricConfig { endpoint, .. }) => {
+                endpoint
+                    .cache
+                    .get_or_insert_with(|| dir.join(format!("{name}.jsonl")));
+            }
+            Self::WeightedSum(c) => {
+                for comp in &mut c.components {
+                    comp.reward
+                        .set_cache_dir(dir, &format!("{name}.{}", comp.name));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -255,6 +334,8 @@ impl TextRewardConfig {
             Self::Format(c) => c.regex().map(|_| ()),
             Self::HfRewardModel(c) => c.validate(),
             Self::UnitTests(c) => c.validate(),
+            Self::LlmJudge(c) => c.validate(),
+            Self::Rubric(c) => c.validate(),
             Self::WeightedSum(c) => {
                 if c.components.is_empty() {
                     return Err(GoodhartError::invalid("components", "is empty"));
@@ -329,6 +410,8 @@ impl TextRewardConfig {
             Self::Format(c) => Box::new(Format::new(name, c)?),
             Self::HfRewardModel(c) => Box::new(HfRewardModel::<B>::load(name, c, device)?),
             Self::UnitTests(c) => Box::new(UnitTests::new(name, c)?),
+            Self::LlmJudge(c) => Box::new(LlmJudge::new(name, c)?),
+            Self::Rubric(c) => Box::new(RubricJudge::new(name, c)?),
             Self::WeightedSum(_) => Box::new(self.composite::<B>(name, device)?),
         })
     }

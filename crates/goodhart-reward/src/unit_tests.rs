@@ -26,13 +26,11 @@
 //! its results. Unit tests are a proxy too.
 
 use std::{
-    collections::VecDeque,
     ffi::CString,
     io::Read,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -492,26 +490,11 @@ impl Sandbox {
 
     /// Runs every `(program, tests)` on `workers` threads; reports in order.
     pub fn run_all(&self, jobs: &[(String, Vec<String>)]) -> Result<Vec<Report>> {
-        let queue = Mutex::new((0..jobs.len()).collect::<VecDeque<_>>());
-        let results: Mutex<Vec<Option<Result<Report>>>> =
-            Mutex::new((0..jobs.len()).map(|_| None).collect());
-        std::thread::scope(|s| {
-            for _ in 0..self.config.workers.min(jobs.len()) {
-                s.spawn(|| loop {
-                    let Some(i) = queue.lock().expect("queue").pop_front() else {
-                        break;
-                    };
-                    let r = self.run(&jobs[i].0, &jobs[i].1);
-                    results.lock().expect("results")[i] = Some(r);
-                });
-            }
-        });
-        results
-            .into_inner()
-            .expect("results")
-            .into_iter()
-            .map(|r| r.expect("every job ran"))
-            .collect()
+        crate::workers::map(self.config.workers, jobs.len(), |i| {
+            self.run(&jobs[i].0, &jobs[i].1)
+        })
+        .into_iter()
+        .collect()
     }
 }
 

@@ -5,12 +5,13 @@
 //! [data]
 //! path = "prompts.jsonl"          # or .parquet
 //! format = "jsonl"                # jsonl | parquet; from the extension when unset
-//! columns = { prompt = "question", answer = "answer" }
+//! columns = { prompt = "question", answer = "answer", rubric = "rubric" }
 //! ```
 //!
 //! A text field is a string, or a chat: a list of `{"role", "content"}` messages (TRL's
 //! conversational format; `messages` names such a column for the prompt). A prompt set
-//! reads `prompt` (or `messages`) and, when named, `answer` (a string or a number); a
+//! reads `prompt` (or `messages`) and, when named, `answer` (a string or a number) and
+//! `rubric` (weighted criteria, `goodhart_reward::rubric::Rubric::from_json`); a
 //! preference set reads `prompt`, `chosen` and `rejected` (a missing `prompt` column is
 //! allowed when `chosen` and `rejected` are chats: their last message is the response
 //! and the messages before it, which must agree, the prompt). Every bad row is reported
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use goodhart_core::GoodhartError;
 use goodhart_policy::ChatMessage;
+use goodhart_reward::rubric::Rubric;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -47,6 +49,8 @@ pub struct Columns {
     pub messages: Option<String>,
     /// The reference answer, if the set has one.
     pub answer: Option<String>,
+    /// The rubric (weighted criteria), if the set has one.
+    pub rubric: Option<String>,
     /// The preferred response.
     pub chosen: String,
     /// The other response.
@@ -59,6 +63,7 @@ impl Default for Columns {
             prompt: "prompt".into(),
             messages: None,
             answer: None,
+            rubric: None,
             chosen: "chosen".into(),
             rejected: "rejected".into(),
         }
@@ -122,7 +127,7 @@ pub enum Text {
 }
 
 /// One prompt of a prompt set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PromptRow {
     /// Where it is in the file (`line 3`, `row 2`).
     pub at: String,
@@ -130,6 +135,8 @@ pub struct PromptRow {
     pub prompt: Text,
     /// Its reference answer, when the set has one.
     pub answer: Option<String>,
+    /// Its rubric, when the set has one.
+    pub rubric: Option<Rubric>,
 }
 
 /// One pair of a preference set.
@@ -242,6 +249,17 @@ impl DataConfig {
                 answer: match c.answer.as_deref() {
                     None => None,
                     Some(col) => Some(answer(record, col)?),
+                },
+                rubric: match c.rubric.as_deref() {
+                    None => None,
+                    Some(col) => Some(
+                        Rubric::from_json(
+                            record
+                                .get(col)
+                                .ok_or_else(|| format!("no `{col}` column"))?,
+                        )
+                        .map_err(|why| format!("`{col}`: {why}"))?,
+                    ),
                 },
             })
         })

@@ -1926,6 +1926,10 @@ pub fn train<B: AutodiffBackend>(
                 );
             }
         }
+        // What the rewards have cost so far (an LLM judge's requests, tokens, dollars).
+        for (key, v) in task.reward_usage() {
+            metrics.insert(format!("reward/usage/{key}"), v);
+        }
         let stats = StepStats {
             kl: metrics.get("kl/ref/token").copied().unwrap_or(0.0),
             reward: metrics.get("reward/proxy/mean").copied().unwrap_or(0.0),

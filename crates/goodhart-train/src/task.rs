@@ -15,7 +15,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{seed, GoodhartError, Result};
 use goodhart_envs::language::{Language, EOS, PAD};
 use goodhart_policy::{chat_template::ChatMessage, tokenizer::Tokenizer, HfTokenizer};
-use goodhart_reward::{Composite, RewardSource, Sequences, Texts};
+use goodhart_reward::{rubric::Rubric, Composite, RewardSource, Sequences, Texts};
 
 use crate::{
     data::{PromptRow, Text},
@@ -73,6 +73,11 @@ pub trait Task<B: Backend> {
     ) -> Result<TaskScores<B>>;
     /// A response as text (`samples.jsonl`).
     fn text(&self, response: &[u32]) -> String;
+    /// What scoring has cost so far ([`RewardSource::usage`]), keyed `proxy/<...>` and
+    /// `gold/<...>`; none by default.
+    fn reward_usage(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
     /// `n` sequences of the data the base policy was fine-tuned on, each with its prompt
     /// length (SFT anchoring); errors for a task without such data.
     fn anchor_examples(
@@ -198,7 +203,9 @@ pub struct TextTask<B: Backend> {
     tokenizer: HfTokenizer,
     prompts: Vec<Vec<u32>>,
     prompt_texts: Vec<String>,
+    questions: Vec<String>,
     answers: Vec<Option<String>>,
+    rubrics: Vec<Option<Rubric>>,
     width: usize,
     vocab: usize,
     end: Vec<u32>,
@@ -248,6 +255,7 @@ impl<B: Backend> TextTask<B> {
         }
         let mut prompts = Vec::with_capacity(rows.len());
         let mut prompt_texts = Vec::with_capacity(rows.len());
+        let mut questions = Vec::with_capacity(rows.len());
         for row in rows {
             let at = |reason: String| GoodhartError::invalid(format!("data ({})", row.at), reason);
             let template = |messages: &[ChatMessage]| {
@@ -277,13 +285,23 @@ impl<B: Backend> TextTask<B> {
             }
             prompts.push(ids);
             prompt_texts.push(text);
+            questions.push(match &row.prompt {
+                Text::Plain(p) => p.clone(),
+                Text::Chat(messages) => messages
+                    .iter()
+                    .map(|m| format!("{}: {}", m.role, m.content))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            });
         }
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
         Ok(Self {
             tokenizer,
             prompts,
             prompt_texts,
+            questions,
             answers: rows.iter().map(|r| r.answer.clone()).collect(),
+            rubrics: rows.iter().map(|r| r.rubric.clone()).collect(),
             width,
             vocab: spec.vocab_size,
             end: spec.end_ids.clone(),
@@ -366,6 +384,10 @@ impl<B: Backend> Task<B> for TextTask<B> {
             texts,
             prompts.iter().map(|&p| self.answers[p].clone()).collect(),
             &batch.tokens.device(),
+        )?
+        .with_context(
+            prompts.iter().map(|&p| self.questions[p].clone()).collect(),
+            prompts.iter().map(|&p| self.rubrics[p].clone()).collect(),
         )?;
         let mut proxy = self.proxy.score_components(&texts)?;
         let parts = (!self.parts.is_empty())
@@ -404,6 +426,20 @@ impl<B: Backend> Task<B> for TextTask<B> {
             .unwrap_or_else(|e| format!("<undecodable: {e}>"))
     }
 
+    fn reward_usage(&self) -> Vec<(String, f64)> {
+        let proxy = self
+            .proxy
+            .usage()
+            .into_iter()
+            .map(|(k, v)| (format!("proxy/{k}"), v));
+        let gold = self
+            .gold
+            .usage()
+            .into_iter()
+            .map(|(k, v)| (format!("gold/{k}"), v));
+        proxy.chain(gold).collect()
+    }
+
     fn anchor_examples(
         &self,
         _n: usize,
@@ -433,6 +469,7 @@ mod tests {
             at: format!("line {}", i + 1),
             prompt,
             answer: answer.map(str::to_string),
+            rubric: None,
         }
     }
 

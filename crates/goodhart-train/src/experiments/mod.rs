@@ -157,7 +157,8 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
                 by.push("train (rewards.proxy, rewards.gold)".into());
                 by
             }
-            "math_verify" | "format" | "hf_reward_model" | "unit_tests" => {
+            "math_verify" | "format" | "hf_reward_model" | "unit_tests" | "llm_judge"
+            | "rubric" => {
                 vec!["train (rewards.proxy, rewards.gold)".into()]
             }
             "ctrl_u" => vec!["mitigations (arms.rl.ctrl_u, with ensemble >= 2)".into()],

@@ -120,7 +120,7 @@ fn hf_sections(
     }
 }
 
-/// The prompt set's rows, each with an answer where a reward needs one.
+/// The prompt set's rows, each with an answer and a rubric where a reward needs them.
 fn prompt_rows(
     data: &DataConfig,
     rewards: &RewardsConfig,
@@ -135,6 +135,18 @@ fn prompt_rows(
                     "data.columns.answer",
                     format!(
                         "{} has no answer, and rewards.{key} ({}) needs one for every prompt",
+                        row.at,
+                        reward.name()
+                    ),
+                ));
+            }
+        }
+        if reward.needs_rubrics() {
+            if let Some(row) = rows.iter().find(|r| r.rubric.is_none()) {
+                return Err(ConfigError::invalid(
+                    "data.columns.rubric",
+                    format!(
+                        "{} has no rubric, and rewards.{key} ({}) needs one for every prompt",
                         row.at,
                         reward.name()
                     ),
@@ -284,6 +296,7 @@ fn hf_run<B: AutodiffBackend>(
 ) -> Result<TrainRun> {
     let rel = format!("{name}/policy");
     let dir = runner.artifact(&rel)?;
+    let runner_dir = runner.dir().path().to_path_buf();
     let pg = RlConfig {
         on_nan: runner.nan_policy(),
         ..config.rl.clone()
@@ -303,6 +316,12 @@ fn hf_run<B: AutodiffBackend>(
             None => policy.valid(),
         };
         let rows = prompt_rows(data, rewards)?;
+        // LLM judges cache their answers in the run directory, so a resumed run does
+        // not pay for them twice.
+        let (mut proxy, mut gold) = (rewards.proxy.clone(), rewards.gold.clone());
+        let cache = runner_dir.join("judge_cache");
+        proxy.set_cache_dir(&cache, goodhart_metrics::step::PROXY);
+        gold.set_cache_dir(&cache, goodhart_metrics::step::GOLD);
         let spec = TextTaskSpec {
             vocab_size: policy.vocab_size(),
             pad_id: hf_config.pad_id(),
@@ -315,15 +334,12 @@ fn hf_run<B: AutodiffBackend>(
             &rows,
             &spec,
             (
-                rewards
-                    .proxy
+                proxy
                     .composite(goodhart_metrics::step::PROXY, device)
                     .map_err(stage_error(name))?,
-                rewards.proxy.component_names(),
+                proxy.component_names(),
             ),
-            rewards
-                .gold
-                .build(goodhart_metrics::step::GOLD, device)
+            gold.build(goodhart_metrics::step::GOLD, device)
                 .map_err(stage_error(name))?,
         )
         .map_err(stage_error(name))?;
