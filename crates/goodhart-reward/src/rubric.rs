@@ -121,11 +121,10 @@ impl Rubric {
         for (c, &g) in self.criteria.iter().zip(met) {
             let w = c.weight;
             total += w.abs();
-            got += if w > 0.0 {
-                w * f64::from(u8::from(g))
-            } else {
-                w.abs() * f64::from(u8::from(!g))
-            };
+            // A positive criterion counts when met, a negative one when absent.
+            if (w > 0.0) == g {
+                got += w.abs();
+            }
         }
         got / total
     }

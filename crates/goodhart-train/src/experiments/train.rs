@@ -129,24 +129,16 @@ fn prompt_rows(
         .read_prompts()
         .map_err(|e| ConfigError::invalid("data", e.to_string()))?;
     for (key, reward) in [("proxy", &rewards.proxy), ("gold", &rewards.gold)] {
-        if reward.needs_answers() {
-            if let Some(row) = rows.iter().find(|r| r.answer.is_none()) {
+        let needs: [(&str, bool, fn(&PromptRow) -> bool); 2] = [
+            ("answer", reward.needs_answers(), |r| r.answer.is_some()),
+            ("rubric", reward.needs_rubrics(), |r| r.rubric.is_some()),
+        ];
+        for (what, needed, has) in needs {
+            if let Some(row) = rows.iter().find(|r| needed && !has(r)) {
                 return Err(ConfigError::invalid(
-                    "data.columns.answer",
+                    format!("data.columns.{what}"),
                     format!(
-                        "{} has no answer, and rewards.{key} ({}) needs one for every prompt",
-                        row.at,
-                        reward.name()
-                    ),
-                ));
-            }
-        }
-        if reward.needs_rubrics() {
-            if let Some(row) = rows.iter().find(|r| r.rubric.is_none()) {
-                return Err(ConfigError::invalid(
-                    "data.columns.rubric",
-                    format!(
-                        "{} has no rubric, and rewards.{key} ({}) needs one for every prompt",
+                        "{} has no {what}, and rewards.{key} ({}) needs one for every prompt",
                         row.at,
                         reward.name()
                     ),
