@@ -1,5 +1,5 @@
 //! A client for OpenAI-compatible chat-completions endpoints (vLLM, SGLang, llama.cpp's
-//! server, `cargo xtask serve`, hosted APIs): what the LLM-judge rewards ([`crate::judge`],
+//! server, `cargo xtask serve`, hosted APIs): what the LLM-judge rewards ([`crate::llm_judge`],
 //! [`crate::rubric`]) send their prompts through.
 //!
 //! Each request is `POST {base_url}/chat/completions` with `model`, `messages`,
@@ -118,10 +118,10 @@ impl EndpointConfig {
             return Ok(None);
         };
         match std::env::var(var) {
-            Ok(key) if !var.is_empty() => Ok(Some(key)),
+            Ok(key) if !key.is_empty() => Ok(Some(key)),
             _ => Err(GoodhartError::invalid(
                 "endpoint.api_key_env",
-                format!("the environment variable `{var}` is not set"),
+                format!("the environment variable `{var}` is empty or not set"),
             )),
         }
     }
@@ -713,7 +713,7 @@ mod tests {
             (3, 2, 10, 5)
         );
         assert!((u.cost_usd - (10.0 * 1.0 + 5.0 * 4.0) / 1e6).abs() < 1e-15);
-        let body = &seen.lock().unwrap().bodies[0];
+        let body = seen.lock().unwrap().bodies[0].clone();
         assert_eq!(body["model"], "judge");
         assert_eq!(body["messages"][0]["content"], "question 0");
         assert_eq!(body["temperature"], 0.0);
@@ -907,6 +907,17 @@ mod tests {
             }
         }
         assert!(config("https://api.example.com/v1").validate().is_ok());
+        // A variable that is set but empty holds no key.
+        std::env::set_var("GOODHART_TEST_EMPTY_KEY", "");
+        let err = config("http://x/v1")
+            .tap(|c| c.api_key_env = Some("GOODHART_TEST_EMPTY_KEY".into()))
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`GOODHART_TEST_EMPTY_KEY` is empty or not set"),
+            "{err}"
+        );
     }
 
     trait Tap: Sized {
