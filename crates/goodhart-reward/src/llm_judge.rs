@@ -307,3 +307,250 @@ impl<B: Backend> RewardSource<B, Texts<B>> for LlmJudge {
         self.client.usage().entries()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat_client::scripted::{completion, start};
+    use goodhart_core::device::{cpu, Dispatch};
+
+    fn endpoint(url: &str) -> EndpointConfig {
+        EndpointConfig {
+            base_url: url.into(),
+            model: "judge".into(),
+            backoff_s: 0.01,
+            ..Default::default()
+        }
+    }
+
+    fn judge(config: LlmJudgeConfig) -> LlmJudge {
+        LlmJudge::new("judge", &config).unwrap()
+    }
+
+    #[test]
+    fn the_last_score_in_range_is_rescaled() {
+        let j = judge(LlmJudgeConfig {
+            endpoint: endpoint("http://127.0.0.1:1/v1"),
+            ..Default::default()
+        });
+        for (answer, want) in [
+            ("Clear and correct.\nScore: 7", 6.0 / 9.0),
+            ("**Score:** 10", 1.0),
+            ("score=1", 0.0),
+            ("SCORE : 7.5", 6.5 / 9.0),
+            // The last match counts: a judge that revises itself.
+            ("Score: 3. On reflection, Score: 9", 8.0 / 9.0),
+        ] {
+            let got = j.parse(answer).unwrap();
+            assert!((got - want).abs() < 1e-12, "{answer}: {got}");
+        }
+        for (answer, says) in [
+            ("Excellent answer.", "no match"),
+            ("Score: 11", "score 11 is outside [1, 10]"),
+            ("Score: 0", "score 0 is outside"),
+            ("Score: 2, then Score: -3", "score -3 is outside"),
+        ] {
+            let err = j.parse(answer).unwrap_err();
+            assert!(err.contains(says), "{answer}: {err}");
+        }
+        // Another scale and pattern: a grade out of 5 in a tag.
+        let j = judge(LlmJudgeConfig {
+            endpoint: endpoint("http://127.0.0.1:1/v1"),
+            pattern: r"<grade>(\d+)</grade>".into(),
+            min: 0.0,
+            max: 5.0,
+            ..Default::default()
+        });
+        assert_eq!(j.parse("<grade>4</grade>"), Ok(0.8));
+    }
+
+    #[test]
+    fn templates_are_filled_in_one_pass() {
+        let t = "Q: {{question}}\nA: {{ response }}\nRef: {{answer}}";
+        // A response that quotes a placeholder keeps it: nothing is filled twice.
+        assert_eq!(
+            fill(
+                t,
+                &[
+                    ("question", "2+2?"),
+                    ("response", "{{answer}}"),
+                    ("answer", "4")
+                ]
+            ),
+            "Q: 2+2?\nA: {{answer}}\nRef: 4"
+        );
+        // A placeholder without a value, and an unclosed `{{`, stay as written.
+        assert_eq!(fill("{{x}} and {{y", &[("y", "Y")]), "{{x}} and {{y");
+        assert_eq!(
+            placeholders(t).collect::<Vec<_>>(),
+            ["question", "response", "answer"]
+        );
+        assert!(check_template(t, &["question", "response", "answer"]).is_ok());
+        let err = check_template("{{question}}", &["question", "response"]).unwrap_err();
+        assert!(err.to_string().contains("no `{{response}}`"), "{err}");
+        let err = check_template("{{response}} {{criteria}}", &["response"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`{{criteria}}` is not a placeholder (known: {{response}})"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_configs_name_their_key() {
+        let ok = LlmJudgeConfig {
+            endpoint: endpoint("http://127.0.0.1:1/v1"),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+        assert!(!ok.needs_answers());
+        for (bad, key) in [
+            (
+                LlmJudgeConfig {
+                    pattern: r"score: \d+".into(),
+                    ..ok.clone()
+                },
+                "pattern",
+            ),
+            (
+                LlmJudgeConfig {
+                    pattern: "(unclosed".into(),
+                    ..ok.clone()
+                },
+                "pattern",
+            ),
+            (
+                LlmJudgeConfig {
+                    min: 5.0,
+                    max: 5.0,
+                    ..ok.clone()
+                },
+                "min",
+            ),
+            (
+                LlmJudgeConfig {
+                    max: f64::NAN,
+                    ..ok.clone()
+                },
+                "min",
+            ),
+            (
+                LlmJudgeConfig {
+                    template: "{{question}}".into(),
+                    ..ok.clone()
+                },
+                "template",
+            ),
+            (
+                LlmJudgeConfig {
+                    endpoint: EndpointConfig {
+                        model: String::new(),
+                        ..ok.endpoint.clone()
+                    },
+                    ..ok.clone()
+                },
+                "endpoint.model",
+            ),
+        ] {
+            match bad.validate() {
+                Err(GoodhartError::InvalidArgument { name, .. }) => assert_eq!(name, key),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_is_judged_through_the_endpoint() {
+        // The judge gives 10 to a response that states the reference answer, 1 otherwise,
+        // and never a score to "mumble".
+        let (url, seen) = start(|_, body| {
+            let prompt = body["messages"][1]["content"].as_str().unwrap();
+            let (response, reference) = prompt.split_once(" | ").unwrap();
+            completion(&match response {
+                "mumble" => "I cannot say.".to_string(),
+                r if r.contains(reference) => "Right.\nScore: 10".to_string(),
+                _ => "Wrong.\nScore: 1".to_string(),
+            })
+        });
+        let config = LlmJudgeConfig {
+            endpoint: endpoint(&url),
+            template: "{{response}} | {{answer}}".into(),
+            ..Default::default()
+        };
+        assert!(config.needs_answers());
+        let j = judge(config.clone());
+        let texts = |responses: &[&str], answers: Vec<Option<&str>>| {
+            Texts::<Dispatch>::new(
+                vec!["q".into(); responses.len()],
+                responses.iter().map(|r| r.to_string()).collect(),
+                answers.into_iter().map(|a| a.map(str::to_string)).collect(),
+                &cpu(),
+            )
+            .unwrap()
+        };
+        let score = |j: &LlmJudge, t: &Texts<Dispatch>| {
+            RewardSource::<Dispatch, _>::score(j, t).map(|o| {
+                o.reward
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .unwrap()
+            })
+        };
+        let input = texts(&["it is 4", "it is 5", "4!"], vec![Some("4"); 3]);
+        assert_eq!(score(&j, &input).unwrap(), vec![1.0, 0.0, 1.0]);
+        let body = seen.lock().unwrap().bodies[0].clone();
+        assert_eq!(body["messages"][0]["role"], "system");
+        assert_eq!(body["messages"][0]["content"], JUDGE_SYSTEM);
+
+        // Malformed: an error by default; with `neutral`, the batch's mean of the others.
+        let input = texts(&["it is 4", "it is 5", "mumble"], vec![Some("4"); 3]);
+        let err = score(&j, &input).unwrap_err().to_string();
+        assert!(
+            err.contains("response 2: no match") && err.contains("I cannot say."),
+            "{err}"
+        );
+        let neutral = judge(LlmJudgeConfig {
+            on_malformed: OnMalformed::Neutral,
+            ..config.clone()
+        });
+        assert_eq!(score(&neutral, &input).unwrap(), vec![1.0, 0.0, 0.5]);
+        // Every answer malformed: nothing to take the mean of, so an error even then.
+        let err = score(&neutral, &texts(&["mumble"], vec![Some("4")])).unwrap_err();
+        assert!(err.to_string().contains("1 of 1 answers"), "{err}");
+        // A missing reference answer is an error before any request.
+        let before = seen.lock().unwrap().bodies.len();
+        let err = score(&j, &texts(&["x"], vec![None])).unwrap_err();
+        assert!(err.to_string().contains("no reference answer"), "{err}");
+        assert_eq!(seen.lock().unwrap().bodies.len(), before);
+    }
+
+    #[test]
+    fn resolve_counts_what_stayed_malformed() {
+        let m = |r: &str| {
+            Err(Malformed {
+                reason: r.into(),
+                content: "x".repeat(400),
+            })
+        };
+        let answers = vec![Ok(0.2), m("bad"), Ok(0.6), m("worse")];
+        let err = resolve("j", answers.clone(), OnMalformed::Error, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("2 of 4 answers stayed malformed after 3 tries; response 1: bad"),
+            "{err}"
+        );
+        // The judge's text is cut to 300 characters.
+        assert!(
+            err.contains(&"x".repeat(300)) && !err.contains(&"x".repeat(301)),
+            "{err}"
+        );
+        let got = resolve("j", answers, OnMalformed::Neutral, 3).unwrap();
+        let want = [0.2f32, 0.4, 0.6, 0.4];
+        assert!(
+            got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6),
+            "{got:?}"
+        );
+    }
+}

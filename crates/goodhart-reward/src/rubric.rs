@@ -268,3 +268,283 @@ impl<B: Backend> RewardSource<B, Texts<B>> for RubricJudge {
         self.client.usage().entries()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat_client::scripted::{completion, start};
+    use goodhart_core::{
+        device::{cpu, Dispatch},
+        GoodhartError,
+    };
+    use serde_json::json;
+
+    fn rubric(criteria: &[(&str, f64)]) -> Rubric {
+        Rubric::new(
+            criteria
+                .iter()
+                .map(|(t, w)| Criterion {
+                    text: t.to_string(),
+                    weight: *w,
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_score_is_the_formula_by_hand() {
+        // Weights +3, +2, -1: sum |w| = 6.
+        let r = rubric(&[
+            ("Says hello", 3.0),
+            ("Names a colour", 2.0),
+            ("Is rude", -1.0),
+        ]);
+        for (met, want) in [
+            ([true, false, true], 3.0 / 6.0),   // hello; rude counts against
+            ([true, true, false], 6.0 / 6.0),   // everything good, nothing bad
+            ([false, false, true], 0.0),        // nothing good, the bad thing present
+            ([false, false, false], 1.0 / 6.0), // only the absent bad thing
+            ([false, true, false], 3.0 / 6.0),
+        ] {
+            assert!((r.score(&met) - want).abs() < 1e-12, "{met:?}");
+        }
+        // Only negative criteria: absent everywhere is 1, (w=-2 present, w=-1 absent) 1/3.
+        let r = rubric(&[("Rambles", -2.0), ("Is rude", -1.0)]);
+        assert_eq!(r.score(&[false, false]), 1.0);
+        assert!((r.score(&[true, false]) - 1.0 / 3.0).abs() < 1e-12);
+        // A zero weight counts for nothing either way.
+        let r = rubric(&[("a", 1.0), ("b", 0.0)]);
+        assert_eq!(
+            (r.score(&[true, true]), r.score(&[true, false])),
+            (1.0, 1.0)
+        );
+    }
+
+    #[test]
+    fn rubrics_from_the_data_in_every_spelling() {
+        let want = rubric(&[("Gives a number", 1.0), ("Rambles", -2.0)]);
+        for cell in [
+            json!([{"criterion": "Gives a number", "weight": 1}, {"criterion": "Rambles", "weight": -2}]),
+            json!([{"text": "Gives a number", "points": 1.0}, {"description": "Rambles", "points": -2}]),
+            json!("[{\"criterion\": \"Gives a number\", \"points\": 1}, {\"criterion\": \"Rambles\", \"weight\": -2}]"),
+        ] {
+            assert_eq!(Rubric::from_json(&cell).unwrap(), want, "{cell}");
+        }
+        assert_eq!(want.render(), "1. [+1] Gives a number\n2. [-2] Rambles");
+        for (cell, says) in [
+            (json!("[{"), "not JSON"),
+            (json!({"criterion": "x", "weight": 1}), "not a list"),
+            (json!([]), "no criterion"),
+            (json!([{"criterion": "x"}]), "criterion 1 has no `weight`"),
+            (
+                json!([{"criterion": "x", "weight": 1}, {"weight": 1}]),
+                "criterion 2 has no `criterion`",
+            ),
+            (json!([{"criterion": "x", "weight": "1"}]), "no `weight`"),
+            (
+                json!([{"criterion": " ", "weight": 1}]),
+                "criterion 1 has no text",
+            ),
+            (
+                json!([{"criterion": "x", "weight": 0}, {"criterion": "y", "weight": 0}]),
+                "every weight is 0",
+            ),
+        ] {
+            let err = Rubric::from_json(&cell).unwrap_err();
+            assert!(err.contains(says), "{cell}: {err}");
+        }
+        let err = Rubric::new(vec![Criterion {
+            text: "x".into(),
+            weight: f64::INFINITY,
+        }])
+        .unwrap_err();
+        assert!(err.contains("weight inf"), "{err}");
+    }
+
+    #[test]
+    fn verdicts_parse_or_say_why_not() {
+        let good = [
+            r#"{"1": {"criteria_met": true}, "2": {"criteria_met": false}}"#,
+            "Here is my grading:\n```json\n{\"2\": {\"explanation\": \"no {colour}\", \"criteria_met\": false},\n \"1\": {\"explanation\": \"says hi\", \"criteria_met\": true}}\n```",
+        ];
+        for answer in good {
+            assert_eq!(parse_verdict(answer, 2), Ok(vec![true, false]), "{answer}");
+        }
+        for (answer, says) in [
+            ("I think both are met.", "no JSON object"),
+            ("} backwards {", "no JSON object"),
+            (r#"{"1": {"criteria_met": true},}"#, "not JSON"),
+            (
+                r#"{"1": {"criteria_met": true}}"#,
+                "no verdict for criterion 2",
+            ),
+            (
+                r#"{"1": {"criteria_met": true}, "2": {"criteria_met": "yes"}}"#,
+                "criterion 2: `criteria_met` is \"yes\"",
+            ),
+            (
+                r#"{"1": {"criteria_met": true}, "2": true}"#,
+                "criterion 2: `criteria_met` is null",
+            ),
+            (
+                r#"{"1": {"criteria_met": true}, "2": {"criteria_met": false}, "3": {"criteria_met": true}}"#,
+                "`3` is not a criterion number 1 to 2",
+            ),
+            (
+                r#"{"0": {"criteria_met": true}, "1": {"criteria_met": true}, "2": {"criteria_met": true}}"#,
+                "`0` is not",
+            ),
+            (r#"{"a": {"criteria_met": true}}"#, "`a` is not"),
+        ] {
+            let err = parse_verdict(answer, 2).unwrap_err();
+            assert!(err.contains(says), "{answer}: {err}");
+        }
+    }
+
+    fn texts(responses: &[&str], rubrics: Vec<Option<Rubric>>) -> Texts<Dispatch> {
+        let n = responses.len();
+        Texts::new(
+            vec!["p".into(); n],
+            responses.iter().map(|r| r.to_string()).collect(),
+            vec![None; n],
+            &cpu(),
+        )
+        .unwrap()
+        .with_context((0..n).map(|i| format!("question {i}")).collect(), rubrics)
+        .unwrap()
+    }
+
+    fn scores(out: RewardOutput<Dispatch>) -> Vec<f32> {
+        out.reward.into_data().convert::<f32>().into_vec().unwrap()
+    }
+
+    #[test]
+    fn a_batch_is_graded_through_the_endpoint() {
+        // The judge meets criterion 1 of every rubric, and criterion 2 when the response
+        // mentions a colour; it garbles its answer for "garble".
+        let (url, seen) = start(|_, body| {
+            let prompt = body["messages"][0]["content"].as_str().unwrap();
+            if prompt.contains("garble") {
+                return completion("criteria: all good");
+            }
+            let colour = prompt.contains("blue");
+            completion(&format!(
+                "{{\"1\": {{\"criteria_met\": true}}, \"2\": {{\"criteria_met\": {colour}}}, \"3\": {{\"criteria_met\": false}}}}"
+            ))
+        });
+        let config = RubricConfig {
+            endpoint: EndpointConfig {
+                base_url: url,
+                model: "judge".into(),
+                backoff_s: 0.01,
+                ..Default::default()
+            },
+            template: "{{criteria}}\n---\n{{response}}\n---\n{{question}}".into(),
+            ..Default::default()
+        };
+        let r = rubric(&[
+            ("Says hello", 3.0),
+            ("Names a colour", 2.0),
+            ("Is rude", -1.0),
+        ]);
+        let judge = RubricJudge::new("rubric", &config).unwrap();
+        let input = texts(
+            &["hello", "hello, blue sky"],
+            vec![Some(r.clone()), Some(r.clone())],
+        );
+        // (3 + 0 + 1) / 6 and (3 + 2 + 1) / 6.
+        let got = scores(RewardSource::<Dispatch, _>::score(&judge, &input).unwrap());
+        assert!(
+            (got[0] - 4.0 / 6.0).abs() < 1e-6 && (got[1] - 1.0).abs() < 1e-6,
+            "{got:?}"
+        );
+        let prompts: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .bodies
+            .iter()
+            .map(|b| b["messages"][0]["content"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            prompts.contains(&format!("{}\n---\nhello\n---\nquestion 0", r.render())),
+            "{prompts:?}"
+        );
+        let usage: std::collections::HashMap<_, _> =
+            RewardSource::<Dispatch, Texts<Dispatch>>::usage(&judge)
+                .into_iter()
+                .collect();
+        assert_eq!((usage["requests"], usage["completion_tokens"]), (2.0, 10.0));
+
+        // A verdict that stays malformed: an error naming the response and the text
+        // (3 tries), or with `neutral` the mean of the others.
+        let input = texts(&["hello", "garble"], vec![Some(r.clone()), Some(r.clone())]);
+        let err = RewardSource::<Dispatch, _>::score(&judge, &input).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, GoodhartError::Remote { .. }), "{text}");
+        assert!(
+            text.contains("1 of 2 answers stayed malformed after 3 tries")
+                && text.contains("response 1: no JSON object")
+                && text.contains("criteria: all good"),
+            "{text}"
+        );
+        let neutral = RubricJudge::new(
+            "rubric",
+            &RubricConfig {
+                on_malformed: OnMalformed::Neutral,
+                ..config.clone()
+            },
+        )
+        .unwrap();
+        let got = scores(RewardSource::<Dispatch, _>::score(&neutral, &input).unwrap());
+        assert!(
+            (got[0] - 4.0 / 6.0).abs() < 1e-6 && (got[1] - got[0]).abs() < 1e-6,
+            "{got:?}"
+        );
+        let usage: std::collections::HashMap<_, _> =
+            RewardSource::<Dispatch, Texts<Dispatch>>::usage(&neutral)
+                .into_iter()
+                .collect();
+        assert_eq!((usage["malformed"], usage["malformed_retries"]), (1.0, 2.0));
+
+        // A response without a rubric is an error before any request.
+        let before = seen.lock().unwrap().bodies.len();
+        let err =
+            RewardSource::<Dispatch, _>::score(&judge, &texts(&["x"], vec![None])).unwrap_err();
+        assert!(err.to_string().contains("no rubric"), "{err}");
+        assert_eq!(seen.lock().unwrap().bodies.len(), before);
+    }
+
+    #[test]
+    fn templates_are_checked() {
+        let endpoint = EndpointConfig {
+            base_url: "http://127.0.0.1:1/v1".into(),
+            model: "judge".into(),
+            ..Default::default()
+        };
+        let ok = RubricConfig {
+            endpoint,
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+        for (template, says) in [
+            ("{{criteria}}", "has no `{{response}}`"),
+            (
+                "{{response}} {{answer}}",
+                "`{{answer}}` is not a placeholder",
+            ),
+        ] {
+            let bad = RubricConfig {
+                template: template.into(),
+                ..ok.clone()
+            };
+            match bad.validate() {
+                Err(GoodhartError::InvalidArgument { name, reason }) => {
+                    assert_eq!(name, "template");
+                    assert!(reason.contains(says), "{reason}");
+                }
+                other => panic!("{template}: {other:?}"),
+            }
+        }
+    }
+}
