@@ -31,24 +31,16 @@ impl BackendJob for Job {
     type Output = Result<()>;
     fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Result<()> {
         let model = TextModel::<B>::load(&self.dir, &device).map_err(|e| anyhow!("{e}"))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the server's runtime")?;
-        runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind(&self.addr)
-                .await
-                .with_context(|| format!("listening on {}", self.addr))?;
-            eprintln!(
-                "serving {} as `{}` on http://{}",
-                self.dir.display(),
-                self.name,
-                listener.local_addr()?
-            );
-            goodhart_serve::serve(listener, goodhart_serve::router(model, &self.name))
-                .await
-                .context("serving")
-        })
+        let listener = std::net::TcpListener::bind(&self.addr)
+            .with_context(|| format!("listening on {}", self.addr))?;
+        eprintln!(
+            "serving {} as `{}` on http://{}",
+            self.dir.display(),
+            self.name,
+            listener.local_addr()?
+        );
+        goodhart_serve::serve_blocking(listener, goodhart_serve::router(model, &self.name))
+            .context("serving")
     }
 }
 

@@ -114,6 +114,17 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io
     axum::serve(listener, router).await
 }
 
+/// Serves `router` on a bound standard-library `listener` until the process ends, on a
+/// multi-threaded tokio runtime of its own: for callers without one (`cargo xtask serve`,
+/// tests that start a server in a thread or a child process).
+pub fn serve_blocking(listener: std::net::TcpListener, router: Router) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    listener.set_nonblocking(true)?;
+    runtime.block_on(async { serve(tokio::net::TcpListener::from_std(listener)?, router).await })
+}
+
 async fn models<B: Backend>(State(s): State<Arc<Server<B>>>) -> Json<Value> {
     Json(
         json!({"object": "list", "data": [{"id": s.name, "object": "model", "owned_by": "goodhart"}]}),
@@ -445,19 +456,8 @@ mod tests {
         let model = TextModel::<Dispatch>::load(&fixture(), &cpu()).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        listener.set_nonblocking(true).unwrap();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                serve(listener, router(model, "qwen2-fixture"))
-                    .await
-                    .unwrap();
-            });
+            serve_blocking(listener, router(model, "qwen2-fixture")).unwrap();
         });
         url
     }
