@@ -444,6 +444,7 @@ impl TransformerConfig {
         let rope = (self.positions == Positions::Rotary).then(|| RopeSpec {
             inv_freq: self.rope_frequencies(),
             half: self.rope_layout == RopeLayout::Half,
+            heads: h + kv,
         });
         Ok(materialized(Trunk {
             tok_emb: emb(self.vocab_size),
@@ -601,6 +602,8 @@ pub struct Block<B: Backend> {
 struct RopeSpec {
     inv_freq: Vec<f64>,
     half: bool,
+    /// Query and key heads per token, `H + H_kv`: the rows a token's rotation covers.
+    heads: usize,
 }
 
 /// Embeddings, blocks and final norm: `tokens [B, T] -> hidden [B, T, D]`.
@@ -863,52 +866,67 @@ fn attention_bias<B: Backend>(
     ((allowed - 1.0) * 1e9).reshape([1, b * t * tk])
 }
 
-/// Rotation angles for one forward pass, shared by every layer.
+/// Rotation tables for one forward pass, shared by every layer, for the query and key
+/// heads laid out as rows `[B T (H + H_kv), d_head]` (the fused projection's order).
+///
+/// `rope(x) = x cos + rotate(x) sin`, with each coordinate's angle `pos * inv_freq_i` and
+/// `rotate(x) = x R` for the signed permutation `R` that maps each coordinate to its
+/// partner: `rotate_half(x) = [-x_2, x_1]` in the half layout (Llama's), `(-x_{2i+1},
+/// x_{2i})` in the interleaved one (GPT-J's). A product with `R` and three element-wise
+/// ops on contiguous rows replace slicing the halves out of a strided view (which the
+/// CPU backend walks element by element) and concatenating them back; the values are the
+/// same (`R`'s products with 0 add nothing).
 struct Rope<B: Backend> {
-    /// `[1, 1, 1, B, T, d_head/2]`.
-    cos: Tensor<B, 6>,
-    sin: Tensor<B, 6>,
-    half: bool,
+    /// `cos` of each row's angles, `[B T (H + H_kv), d_head]`.
+    cos: Tensor<B, 2>,
+    /// `sin` of each row's angles.
+    sin: Tensor<B, 2>,
+    /// `R`, `[d_head, d_head]`.
+    rotate: Tensor<B, 2>,
 }
 
 impl<B: Backend> Rope<B> {
-    /// `angle[b, t, i] = pos[b, t] * inv_freq_i`.
+    /// `angle[b t, head, i] = pos[b, t] * inv_freq_i`: one rank-1 product `pos [B T, 1] x
+    /// freq [1, (H + H_kv) d_head]`, so the tables are built without a broadcast copy.
     fn new(pos: Tensor<B, 2>, spec: &RopeSpec) -> Self {
         let [b, t] = pos.dims();
+        let device = pos.device();
         let half = spec.inv_freq.len();
-        let inv: Vec<f32> = spec.inv_freq.iter().map(|&f| f as f32).collect();
-        let inv = Tensor::<B, 1>::from_floats(inv.as_slice(), &pos.device()).reshape([1, 1, half]);
-        let angle = (pos.reshape([b, t, 1]) * inv).reshape([1, 1, 1, b, t, half]);
+        let d = 2 * half;
+        // Coordinate j's frequency, and its partner with the sign of its term.
+        let coordinate = |j: usize| {
+            if spec.half {
+                (j % half, (j + half) % d, if j < half { -1.0 } else { 1.0 })
+            } else {
+                (j / 2, j ^ 1, if j % 2 == 0 { -1.0 } else { 1.0 })
+            }
+        };
+        let freq: Vec<f32> = (0..spec.heads)
+            .flat_map(|_| (0..d).map(|j| spec.inv_freq[coordinate(j).0] as f32))
+            .collect();
+        let freq =
+            Tensor::<B, 1>::from_floats(freq.as_slice(), &device).reshape([1, spec.heads * d]);
+        let angle = pos
+            .reshape([b * t, 1])
+            .matmul(freq)
+            .reshape([b * t * spec.heads, d]);
+        // rotate(x)_j = sign_j x_partner(j): R[partner(j), j] = sign_j.
+        let mut r = vec![0f32; d * d];
+        for j in 0..d {
+            let (_, partner, sign) = coordinate(j);
+            r[partner * d + j] = sign;
+        }
         Self {
             cos: angle.clone().cos(),
             sin: angle.sin(),
-            half: spec.half,
+            rotate: Tensor::<B, 1>::from_floats(r.as_slice(), &device).reshape([d, d]),
         }
     }
 
-    /// Rotates the pairs of `x [1, H_kv, G, B, T, d_head]`.
-    fn apply(&self, x: Tensor<B, 6>) -> Tensor<B, 6> {
-        let d = x.dims()[5];
-        if self.half {
-            // (x_i, x_{i + d/2}) -> (x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin)
-            let x0 = x.clone().narrow(5, 0, d / 2);
-            let x1 = x.narrow(5, d / 2, d / 2);
-            let r0 = x0.clone() * self.cos.clone() - x1.clone() * self.sin.clone();
-            let r1 = x1 * self.cos.clone() + x0 * self.sin.clone();
-            Tensor::cat(vec![r0, r1], 5)
-        } else {
-            let [one, h, g, b, t, d] = x.dims();
-            let x = x.reshape([one, h, g, b, t, d / 2, 2]);
-            let (cos, sin) = (
-                self.cos.clone().unsqueeze_dim::<7>(6),
-                self.sin.clone().unsqueeze_dim::<7>(6),
-            );
-            let x0 = x.clone().narrow(6, 0, 1);
-            let x1 = x.narrow(6, 1, 1);
-            let r0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
-            let r1 = x0 * sin + x1 * cos;
-            Tensor::cat(vec![r0, r1], 6).reshape([one, h, g, b, t, d])
-        }
+    /// Rotates the rows `x [B T (H + H_kv), d_head]`.
+    fn apply(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let rotated = x.clone().matmul(self.rotate.clone());
+        x * self.cos.clone() + rotated * self.sin.clone()
     }
 }
 
@@ -942,7 +960,8 @@ impl<B: Backend> Block<B> {
 impl<B: Backend> Attention<B> {
     /// Heads are laid out `[1, H_kv, G, B, T, d_head]` with `G = H / H_kv` query heads
     /// per key/value head (`G = 1` for keys and values): queries, keys and values are
-    /// views of the fused projection (no copy), the `G` query heads of a group share its
+    /// views of the fused projection (queries and keys are copied once, as rows, when
+    /// they are normed or rotated; see [`Rope`]), the `G` query heads of a group share its
     /// keys by a broadcast product, the scores `[1, H_kv, G, B, T, T_k]` take the bias
     /// `[B, T, T_k]` as one row repeated per head, and the output projection runs per head
     /// and sums over heads, so no tensor is transposed into a new layout (a transposing
@@ -959,22 +978,42 @@ impl<B: Backend> Attention<B> {
         let g = h / kv;
         let width = self.qkv.weight.dims()[1];
         let dh = width / (h + 2 * kv);
-        let qkv = linear_3d(&self.qkv, x)
-            .reshape([b, t, 1, g + 2, kv, dh])
-            .permute([2, 4, 3, 0, 1, 5]); // [1, H_kv, G + 2, B, T, dh]
-        let mut q = qkv.clone().narrow(2, 0, g);
-        let mut k = qkv.clone().narrow(2, g, 1);
-        let v = qkv.narrow(2, g + 1, 1);
-        if let Some(norm) = &self.q_norm {
-            q = norm.forward(q);
-        }
-        if let Some(norm) = &self.k_norm {
-            k = norm.forward(k);
-        }
-        if let Some(rope) = rope {
-            q = rope.apply(q);
-            k = rope.apply(k);
-        }
+        let qkv = self.qkv.forward(x.reshape([b * t, d])); // [B T, (H + 2 H_kv) dh]
+                                                           // Head blocks of `n H_kv` columns as `[1, H_kv, n, B, T, dh]` views.
+        let heads =
+            |x: Tensor<B, 2>, n: usize| x.reshape([b, t, 1, n, kv, dh]).permute([2, 4, 3, 0, 1, 5]);
+        let (q, k, v) = if rope.is_none() && self.q_norm.is_none() && self.k_norm.is_none() {
+            let qkv = heads(qkv, g + 2);
+            (
+                qkv.clone().narrow(2, 0, g),
+                qkv.clone().narrow(2, g, 1),
+                qkv.narrow(2, g + 1, 1),
+            )
+        } else {
+            // The per-head norms and the rotation run on the query and key heads as
+            // contiguous rows `[B T, H + H_kv, dh]` (one copy out of the fused output).
+            let v = heads(qkv.clone().narrow(1, (h + kv) * dh, kv * dh), 1);
+            let mut qk = qkv.narrow(1, 0, (h + kv) * dh).reshape([b * t, h + kv, dh]);
+            if self.q_norm.is_some() || self.k_norm.is_some() {
+                let norm = |n: &Option<Norm<B>>, x: Tensor<B, 3>| match n {
+                    Some(n) => n.forward(x),
+                    None => x,
+                };
+                qk = Tensor::cat(
+                    vec![
+                        norm(&self.q_norm, qk.clone().narrow(1, 0, h)),
+                        norm(&self.k_norm, qk.narrow(1, h, kv)),
+                    ],
+                    1,
+                );
+            }
+            let mut qk = qk.reshape([b * t * (h + kv), dh]);
+            if let Some(rope) = rope {
+                qk = rope.apply(qk);
+            }
+            let qk = heads(qk.reshape([b * t, (h + kv) * dh]), g + 1);
+            (qk.clone().narrow(2, 0, g), qk.narrow(2, g, 1), v)
+        };
         let (k, v) = match cache {
             Some((layer, at, capacity)) => layer.write(k, v, at, capacity),
             None => (k, v),
@@ -1000,16 +1039,19 @@ impl<B: Backend> Attention<B> {
 
 impl<B: Backend> FeedForward<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let hidden = linear_3d(&self.fc, x);
+        let [b, t, d] = x.dims();
+        // On `[B T, M]`: SwiGLU's halves are then 2-d views, which the CPU backend walks
+        // row by row (a 3-d view it walks element by element).
+        let hidden = self.fc.forward(x.reshape([b * t, d]));
         let hidden = if self.gated {
-            let m = hidden.dims()[2] / 2;
-            silu(hidden.clone().narrow(2, 0, m)) * hidden.narrow(2, m, m)
+            let m = hidden.dims()[1] / 2;
+            silu(hidden.clone().narrow(1, 0, m)) * hidden.narrow(1, m, m)
         } else if self.gelu_tanh {
             gelu_approximate(hidden)
         } else {
             gelu(hidden)
         };
-        linear_3d(&self.proj, hidden)
+        self.proj.forward(hidden).reshape([b, t, d])
     }
 }
 
@@ -1034,6 +1076,40 @@ pub(crate) mod tests {
         let (b, t) = (rows.len(), rows[0].len());
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_data(TensorData::new(flat, [b, t]), device)
+    }
+
+    goodhart_core::backend_test! {
+        fn rope_rotates_each_layouts_pairs_by_hand<B>(device) {
+            // d_head 4, frequencies (1, 0.5), positions 0, 1, 2 of one sequence, two heads
+            // per token; row (t, head) is (1, 2, 3, 4) * (head + 1).
+            let x: Vec<[f64; 4]> = (0..3)
+                .flat_map(|_| (1..=2).map(|m| [1.0, 2.0, 3.0, 4.0].map(|v| v * m as f64)))
+                .collect();
+            let flat: Vec<f32> = x.iter().flatten().map(|&v| v as f32).collect();
+            for half in [true, false] {
+                let spec = RopeSpec { inv_freq: vec![1.0, 0.5], half, heads: 2 };
+                let rope = Rope::<B>::new(floats(&[&[0.0, 1.0, 2.0]], device), &spec);
+                let got = rope.apply(Tensor::<B, 1>::from_floats(flat.as_slice(), device).reshape([6, 4]));
+                // Half layout: pairs (0, 2) at frequency 1 and (1, 3) at 0.5; interleaved:
+                // (0, 1) at 1 and (2, 3) at 0.5. (a, b) -> (a cos - b sin, b cos + a sin).
+                let pairs = if half { [(0, 2, 1.0), (1, 3, 0.5)] } else { [(0, 1, 1.0), (2, 3, 0.5)] };
+                let want: Vec<f32> = x
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(row, r)| {
+                        let p = (row / 2) as f64;
+                        let mut out = [0.0; 4];
+                        for (i, j, f) in pairs {
+                            let (c, s) = ((p * f).cos(), (p * f).sin());
+                            out[i] = r[i] * c - r[j] * s;
+                            out[j] = r[j] * c + r[i] * s;
+                        }
+                        out.map(|v| v as f32)
+                    })
+                    .collect();
+                assert_close(&values(got.reshape([24])), &want, 1e-5);
+            }
+        }
     }
 
     goodhart_core::backend_test! {
