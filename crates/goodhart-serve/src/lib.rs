@@ -221,51 +221,81 @@ fn settings(body: &Value, default_max: usize, max_keys: &[&str]) -> Result<Setti
     })
 }
 
-/// Generates after `prompt_ids` on a blocking thread.
-async fn generate<B: Backend>(
+/// A request in flight, counted from the handler's start to its end (`/health`).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<B: Backend> Server<B> {
+    /// Counts a request in flight until the guard drops.
+    fn enter(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(&self.in_flight)
+    }
+}
+
+/// Runs `work` with the model and the request's number on a blocking thread: requests
+/// wait for the model there, never on one of the runtime's workers.
+async fn on_model<B: Backend, T: Send + 'static>(
     s: &Arc<Server<B>>,
-    prompt_ids: Vec<u32>,
-    settings: Settings,
-) -> Result<(Completion, bool), ApiError>
+    work: impl FnOnce(&TextModel<B>, u64) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError>
 where
     TextModel<B>: Send,
 {
     let id = s.requests.fetch_add(1, Ordering::Relaxed);
-    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    s.peak_in_flight.fetch_max(now, Ordering::SeqCst);
     let server = s.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        let model = server.model.lock().map_err(|_| ApiError::internal("the model lock is poisoned"))?;
-        let positions = model.model.trunk.max_seq_len();
-        if prompt_ids.len() + settings.max_tokens > positions {
-            return Err(ApiError::bad(
-                "max_tokens",
-                format!(
-                    "the prompt's {} tokens and max_tokens {} exceed the model's {positions} positions",
-                    prompt_ids.len(),
-                    settings.max_tokens
-                ),
-            ));
-        }
-        let mut config = model.generation_config(settings.max_tokens);
-        config = if settings.temperature == 0.0 {
-            config.with_greedy(true)
-        } else {
-            config.with_temperature(settings.temperature).with_top_p(settings.top_p)
-        };
-        let done = model
-            .complete(&prompt_ids, &config, settings.seed.unwrap_or(id))
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let stopped = done
-            .ids
-            .last()
-            .is_some_and(|t| model.config.eos_token_ids.contains(t));
-        Ok((done, stopped))
+    tokio::task::spawn_blocking(move || {
+        let model = server
+            .model
+            .lock()
+            .map_err(|_| ApiError::internal("the model lock is poisoned"))?;
+        work(&model, id)
     })
     .await
-    .map_err(|e| ApiError::internal(format!("generation failed: {e}")));
-    s.in_flight.fetch_sub(1, Ordering::SeqCst);
-    out?
+    .map_err(|e| ApiError::internal(format!("generation failed: {e}")))?
+}
+
+/// Generates after `prompt_ids` (a request without a seed takes its number): the
+/// completion, and whether it stopped at an EOS id.
+fn complete<B: Backend>(
+    model: &TextModel<B>,
+    prompt_ids: Vec<u32>,
+    settings: &Settings,
+    id: u64,
+) -> Result<(Completion, bool), ApiError> {
+    let positions = model.model.trunk.max_seq_len();
+    if prompt_ids.len() + settings.max_tokens > positions {
+        return Err(ApiError::bad(
+            "max_tokens",
+            format!(
+                "the prompt's {} tokens and max_tokens {} exceed the model's {positions} positions",
+                prompt_ids.len(),
+                settings.max_tokens
+            ),
+        ));
+    }
+    let mut config = model.generation_config(settings.max_tokens);
+    config = if settings.temperature == 0.0 {
+        config.with_greedy(true)
+    } else {
+        config
+            .with_temperature(settings.temperature)
+            .with_top_p(settings.top_p)
+    };
+    let done = model
+        .complete(&prompt_ids, &config, settings.seed.unwrap_or(id))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let stopped = done
+        .ids
+        .last()
+        .is_some_and(|t| model.config.eos_token_ids.contains(t));
+    Ok((done, stopped))
 }
 
 fn usage(c: &Completion) -> Value {
@@ -283,11 +313,7 @@ fn created() -> u64 {
 }
 
 /// Each new token's text, decoded alone.
-fn token_texts<B: Backend>(s: &Server<B>, ids: &[u32]) -> Result<Vec<String>, ApiError> {
-    let model = s
-        .model
-        .lock()
-        .map_err(|_| ApiError::internal("the model lock is poisoned"))?;
+fn token_texts<B: Backend>(model: &TextModel<B>, ids: &[u32]) -> Result<Vec<String>, ApiError> {
     ids.iter()
         .map(|&id| {
             model
@@ -302,6 +328,7 @@ async fn completions<B: Backend>(State(s): State<Arc<Server<B>>>, Json(body): Js
 where
     TextModel<B>: Send,
 {
+    let _in_flight = s.enter();
     let prompt = match body.get("prompt") {
         Some(Value::String(p)) => p.clone(),
         Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
@@ -322,19 +349,21 @@ where
         ));
     }
     let settings = settings(&body, 16, &["max_tokens"])?;
-    let ids = {
-        let model = s
-            .model
-            .lock()
-            .map_err(|_| ApiError::internal("the model lock is poisoned"))?;
-        model
-            .prompt_ids(&prompt, false)
-            .map_err(|e| ApiError::bad("prompt", e.to_string()))?
-    };
-    let (done, stopped) = generate(&s, ids, settings).await?;
+    let text = prompt.clone();
+    let (done, stopped, tokens) = on_model(&s, move |model, id| {
+        let ids = model
+            .prompt_ids(&text, false)
+            .map_err(|e| ApiError::bad("prompt", e.to_string()))?;
+        let (done, stopped) = complete(model, ids, &settings, id)?;
+        let tokens = match logprobs {
+            Some(_) => token_texts(model, &done.ids)?,
+            None => Vec::new(),
+        };
+        Ok((done, stopped, tokens))
+    })
+    .await?;
     let logprobs = match logprobs {
         Some(_) => {
-            let tokens = token_texts(&s, &done.ids)?;
             let mut offset = prompt.len();
             let offsets: Vec<usize> = tokens
                 .iter()
@@ -370,6 +399,7 @@ async fn chat_completions<B: Backend>(
 where
     TextModel<B>: Send,
 {
+    let _in_flight = s.enter();
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -403,20 +433,21 @@ where
         ));
     }
     let settings = settings(&body, 256, &["max_tokens", "max_completion_tokens"])?;
-    let ids = {
-        let model = s
-            .model
-            .lock()
-            .map_err(|_| ApiError::internal("the model lock is poisoned"))?;
+    let (done, stopped, tokens) = on_model(&s, move |model, id| {
         let (_, ids) = model
             .tokenizer
             .apply_chat_template(&messages, true, &Default::default())
             .map_err(|e| ApiError::bad("messages", e.to_string()))?;
-        ids
-    };
-    let (done, stopped) = generate(&s, ids, settings).await?;
+        let (done, stopped) = complete(model, ids, &settings, id)?;
+        let tokens = if logprobs {
+            token_texts(model, &done.ids)?
+        } else {
+            Vec::new()
+        };
+        Ok((done, stopped, tokens))
+    })
+    .await?;
     let logprobs = if logprobs {
-        let tokens = token_texts(&s, &done.ids)?;
         let content: Vec<Value> = tokens
             .iter()
             .zip(&done.logprobs)
