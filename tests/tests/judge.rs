@@ -378,3 +378,77 @@ fn a_killed_server_gives_retries_then_a_clear_error() {
     assert_eq!(lines(), 24);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// GRPO on the Qwen2 fixture with the rubric judge as the proxy, through `[train]` as
+/// `cargo xtask run` runs it: every sample's proxy is the verdict's score, the judge's
+/// usage is in each step's metrics, and its answers are cached in the run directory.
+#[test]
+fn a_grpo_run_with_a_rubric_judge_logs_its_usage_and_caches_in_the_run() {
+    use goodhart_core::device::Autodiff;
+    use goodhart_train::{config::ExperimentConfig, experiments, presets, runner::Runner};
+
+    let server = Server::start();
+    let dir = scratch("train");
+    // Four prompts, each with the rubric (+3, +2, -1): the judge's verdict scores 0.5.
+    let rubric = r#"[{"criterion": "Says hello", "weight": 3}, {"criterion": "Names a colour", "weight": 2}, {"criterion": "Is rude", "weight": -1}]"#;
+    let data = dir.join("prompts.jsonl");
+    std::fs::write(
+        &data,
+        (0..4)
+            .map(|i| format!("{{\"question\": \"Say hello {i}.\", \"answer\": \"{i}\", \"rubric\": {rubric}}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sets: Vec<String> = [
+        format!("data.path={:?}", data.display().to_string()),
+        "data.columns={prompt = \"question\", answer = \"answer\", rubric = \"rubric\"}".into(),
+        format!(
+            "rewards.proxy={{kind = \"rubric\", template = \"{{{{criteria}}}}\\n\\n{{{{response}}}}\", \
+             on_malformed = \"neutral\", endpoint = {{base_url = \"{}\", model = \"{MODEL}\", \
+             concurrency = 4, max_tokens = 256, max_retries = 2, backoff_s = 0.05}}}}",
+            server.url()
+        ),
+        "rl.steps=2".into(),
+    ]
+    .into();
+    let config = ExperimentConfig::parse_at(presets::preset("grpo-hf").unwrap(), &sets, &repo)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut runner = Runner::create(&dir.join("runs"), config)
+        .unwrap()
+        .quiet(true);
+    experiments::run::<Autodiff<Dispatch>>(&mut runner, &cpu()).unwrap();
+    let run = runner.dir().path().to_path_buf();
+
+    let read = |file: &str| goodhart_metrics::sink::read_objects(run.join(file)).unwrap();
+    let samples = read("samples.jsonl");
+    assert_eq!(samples.len(), 2 * 4 * 4);
+    for s in &samples {
+        assert_eq!(s["rewards"]["proxy"], 0.5, "{s:?}");
+    }
+    // Cumulative usage per step: each sample so far was a cache hit or asked once (its
+    // re-asks for a malformed answer and its retries are counted apart).
+    let steps = read("metrics.jsonl");
+    assert_eq!(steps.len(), 2);
+    let mut asked = 0.0;
+    for (k, m) in steps.iter().enumerate() {
+        let usage = |u: &str| {
+            m[&format!("reward/usage/proxy/rubric/{u}")]
+                .as_f64()
+                .unwrap()
+        };
+        assert_eq!(
+            usage("requests") - usage("retries") - usage("malformed_retries") + usage("cache_hits"),
+            16.0 * (k + 1) as f64,
+            "{m:?}"
+        );
+        assert!(usage("prompt_tokens") > 0.0 && usage("completion_tokens") > 0.0);
+        asked =
+            usage("requests") - usage("retries") - usage("malformed_retries") - usage("malformed");
+    }
+    // Every answer that parsed is in the run's cache, under the reward's name.
+    let cache = std::fs::read_to_string(run.join("judge_cache/proxy.jsonl")).unwrap();
+    assert_eq!(cache.lines().count() as f64, asked);
+    assert!(asked > 0.0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
