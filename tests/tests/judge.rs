@@ -22,7 +22,7 @@ use goodhart_policy::{HfTokenizer, TextModel, Tokenizer};
 use goodhart_reward::{
     chat_client::EndpointConfig,
     llm_judge::{LlmJudge, LlmJudgeConfig},
-    rubric::{parse_verdict, Criterion, Rubric, RubricConfig, RubricJudge},
+    rubric::{parse_verdict, Rubric, RubricConfig, RubricJudge},
     source::RewardSource,
     text::Texts,
 };
@@ -153,17 +153,13 @@ fn rubric_judge(endpoint: EndpointConfig) -> RubricJudge {
     .unwrap()
 }
 
+/// A rubric as a dataset holds it: `[{"criterion": ..., "weight": ...}, ...]`.
 fn rubric(criteria: &[(&str, f64)]) -> Rubric {
-    Rubric::new(
-        criteria
-            .iter()
-            .map(|(t, w)| Criterion {
-                text: t.to_string(),
-                weight: *w,
-            })
-            .collect(),
-    )
-    .unwrap()
+    let cell: Vec<Value> = criteria
+        .iter()
+        .map(|(text, weight)| serde_json::json!({"criterion": text, "weight": weight}))
+        .collect();
+    Rubric::from_json(&Value::Array(cell)).unwrap()
 }
 
 /// The rubrics and responses of the fixture's two `test_prompts`.
