@@ -978,8 +978,9 @@ impl<B: Backend> Attention<B> {
         let g = h / kv;
         let width = self.qkv.weight.dims()[1];
         let dh = width / (h + 2 * kv);
-        let qkv = self.qkv.forward(x.reshape([b * t, d])); // [B T, (H + 2 H_kv) dh]
-                                                           // Head blocks of `n H_kv` columns as `[1, H_kv, n, B, T, dh]` views.
+        // [B T, (H + 2 H_kv) dh], and its blocks of `n H_kv` head columns as
+        // `[1, H_kv, n, B, T, dh]` views.
+        let qkv = self.qkv.forward(x.reshape([b * t, d]));
         let heads =
             |x: Tensor<B, 2>, n: usize| x.reshape([b, t, 1, n, kv, dh]).permute([2, 4, 3, 0, 1, 5]);
         let (q, k, v) = if rope.is_none() && self.q_norm.is_none() && self.k_norm.is_none() {
