@@ -10,6 +10,8 @@
 //! - [`policy_gradient`]: critic-free RL for language models with any goodhart-advantage
 //!   estimator (GRPO, RLOO, REINFORCE++, BNPO, ...) and any regulariser.
 //! - [`best_of_n`]: best-of-n sampling against a proxy, gold measured on the same samples.
+//! - [`preference`]: the offline preference trainer (DPO, cDPO, IPO, SLiC, RPO) against a
+//!   frozen reference.
 //! - [`task`]: what an RL run samples and scores: the synthetic language, or a prompt set
 //!   under a Hugging Face tokenizer with text rewards.
 //!
@@ -30,6 +32,7 @@ pub mod experiments;
 pub mod memory;
 pub mod policy_gradient;
 pub mod ppo;
+pub mod preference;
 pub mod presets;
 pub mod report;
 pub mod reward_model;
