@@ -711,3 +711,66 @@ fn a_run_on_a_model_directory_rejects_bad_sections_before_any_work() {
         assert!(e.contains(want), "{set}: {e}");
     }
 }
+
+#[test]
+fn tiny_daa_preset() {
+    let config = tiny(
+        "daa",
+        &[
+            "daa.seeds=1",
+            "daa.pairs=64",
+            "daa.betas=[0.1, 1.0]",
+            "daa.methods=[{name = \"dpo\", loss = {kind = \"dpo\"}}, {name = \"slic\", loss = {kind = \"slic\"}}]",
+            "daa.train={epochs = 2, batch_size = 16, lr = 1e-3}",
+            "daa.eval_every=2",
+            "daa.eval_samples=16",
+        ],
+    );
+    let (dir, summary) = run(config.clone(), &scratch("daa-a"));
+    assert_run_files(&dir);
+    // DPO at each beta, SLiC once (it has no beta).
+    let rows = table(&summary, "DAA");
+    let names: Vec<(&str, Option<f64>)> = rows
+        .iter()
+        .map(|r| (r[0].as_str().unwrap(), r[1].as_f64()))
+        .collect();
+    assert_eq!(
+        names,
+        [("dpo", Some(0.1)), ("dpo", Some(1.0)), ("slic", None)]
+    );
+    // One seed's runs start from the same base policy and evaluation samples.
+    assert!(rows.iter().all(|r| r[2] == rows[0][2]), "{rows:?}");
+    for r in rows {
+        let (peak, fin) = (r[3].as_f64().unwrap(), r[5].as_f64().unwrap());
+        assert!(peak >= fin && peak >= r[2].as_f64().unwrap(), "{r:?}");
+        assert_eq!(r[9], 1, "seeds");
+    }
+    // 8 steps per run (64 pairs in batches of 16, 2 epochs), evaluated every 2.
+    let lines = metric_lines(&dir);
+    assert_eq!(lines.len(), 3 * 4);
+    for l in &lines {
+        for k in [
+            "reward/gold/mean",
+            "kl/d",
+            "kl/ref",
+            "loss",
+            "rewards/accuracies",
+        ] {
+            assert!(l[k].as_f64().unwrap().is_finite(), "{k}: {l:?}");
+        }
+        let (d, kl) = (l["kl/d"].as_f64().unwrap(), l["kl/ref"].as_f64().unwrap());
+        assert!((d - kl.max(0.0).sqrt()).abs() < 1e-12);
+    }
+    let steps: Vec<u64> = lines
+        .iter()
+        .take(4)
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4, 6, 8]);
+    // Same seed, same numbers.
+    let (again, _) = run(config, &scratch("daa-b"));
+    assert_eq!(
+        std::fs::read(dir.join("metrics.jsonl")).unwrap(),
+        std::fs::read(again.join("metrics.jsonl")).unwrap()
+    );
+}

@@ -417,6 +417,17 @@ impl PreferenceLossConfig {
         }
     }
 
+    /// The loss with its `beta` set (DPO, cDPO, IPO, RPO); `None` for SLiC, which has
+    /// none.
+    pub fn with_beta(self, beta: f32) -> Option<Self> {
+        match self {
+            Self::Dpo(c) => Some(Self::Dpo(DpoConfig { beta, ..c })),
+            Self::Ipo(c) => Some(Self::Ipo(IpoConfig { beta, ..c })),
+            Self::Rpo(c) => Some(Self::Rpo(RpoConfig { beta, ..c })),
+            Self::Slic(_) => None,
+        }
+    }
+
     /// Errors if a parameter is out of range.
     pub fn validate(&self) -> Result<()> {
         match self {

@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use goodhart_envs::language::LanguageConfig;
 
 pub use crate::experiments::{
+    daa::{DaaExperiment, DaaMethod},
     mitigations::{Arm, MitigationsExperiment},
     overopt::{BestOfNConfig, OveroptExperiment},
     tomato::{ProxyInit, TomatoExperiment},
@@ -135,6 +136,9 @@ pub struct ExperimentConfig {
     /// One RL run per seed, the trained policy saved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train: Option<TrainExperiment>,
+    /// Direct alignment over betas on the synthetic language.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daa: Option<DaaExperiment>,
     /// `cargo xtask sweep`: dotted key path -> values; one run per point of the product.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,

@@ -24,6 +24,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/mitigations.toml"),
     ),
     (
+        "daa",
+        "DPO, IPO, SLiC and RPO at five betas on the synthetic language: gold and KL without a reward model, 3 seeds",
+        include_str!("../../../docs/presets/daa.toml"),
+    ),
+    (
         "grpo-hf",
         "GRPO on a Hugging Face model directory (the Qwen2 fixture) and a JSONL prompt set, saved as a model directory",
         include_str!("../../../docs/presets/grpo-hf.toml"),

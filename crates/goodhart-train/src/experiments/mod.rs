@@ -10,12 +10,15 @@
 //! - [`mitigations`]: peak and final gold of each mitigation, over seeds.
 //! - [`train`]: one RL run per seed on a policy and prompt set (a Hugging Face model and
 //!   a dataset, or the synthetic language), the trained policy saved.
+//! - [`daa`]: direct alignment (DPO, IPO, SLiC, RPO) over betas on the synthetic
+//!   language's preference pairs, gold and KL of fresh samples.
 //! - [`lm`]: the stages the language-model experiments share.
 //!
 //! A new experiment is a module here with its section struct implementing
 //! [`Experiment`], one line in [`visit`] and [`EXPERIMENTS`], and its field in
 //! [`ExperimentConfig`].
 
+pub mod daa;
 pub mod lm;
 pub mod mitigations;
 pub mod overopt;
@@ -80,7 +83,7 @@ pub trait Visitor {
 }
 
 /// Every experiment: its section name and summary.
-pub const EXPERIMENTS: [(&str, &str); 4] = [
+pub const EXPERIMENTS: [(&str, &str); 5] = [
     (
         tomato::TomatoExperiment::NAME,
         tomato::TomatoExperiment::SUMMARY,
@@ -97,6 +100,7 @@ pub const EXPERIMENTS: [(&str, &str); 4] = [
         train::TrainExperiment::NAME,
         train::TrainExperiment::SUMMARY,
     ),
+    (daa::DaaExperiment::NAME, daa::DaaExperiment::SUMMARY),
 ];
 
 /// Calls `v` on every experiment `config` enables, in [`EXPERIMENTS`] order; returns how
@@ -119,6 +123,10 @@ pub fn visit<V: Visitor>(
         n += 1;
     }
     if let Some(e) = &config.train {
+        v.visit(e)?;
+        n += 1;
+    }
+    if let Some(e) = &config.daa {
         v.visit(e)?;
         n += 1;
     }
@@ -168,6 +176,7 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
             }
             _ => Vec::new(),
         },
+        "preference loss" => vec!["daa (methods.loss)".into()],
         "metric" => match name {
             "gold-aware" | "proxy-only" => vec!["overopt (overopt.detectors)".into()],
             "rl-fit" | "bon-fit" | "bon-kl" => vec!["overopt (its summary)".into()],
@@ -459,9 +468,11 @@ mod tests {
             assert_eq!(by.is_empty(), m.name == "log_exp", "{}: {by:?}", m.name);
         }
         for m in goodhart_objective::preference::REGISTRY {
-            assert!(
-                accepting("preference loss", m.name).is_empty(),
-                "no DPO lab yet"
+            assert_eq!(
+                accepting("preference loss", m.name),
+                ["daa (methods.loss)"],
+                "{}",
+                m.name
             );
         }
         assert_eq!(
