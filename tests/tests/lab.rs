@@ -761,6 +761,17 @@ fn tiny_daa_preset() {
         let (d, kl) = (l["kl/d"].as_f64().unwrap(), l["kl/ref"].as_f64().unwrap());
         assert!((d - kl.max(0.0).sqrt()).abs() < 1e-12);
     }
+    // Gao's laws per method over every evaluation (1 initial + 4 per run).
+    let fits = table(&summary, "DAA: Gao");
+    assert_eq!(fits.len(), 2);
+    assert_eq!(
+        (fits[0][0].as_str(), fits[0][1].as_u64()),
+        (Some("dpo"), Some(10))
+    );
+    assert_eq!(
+        (fits[1][0].as_str(), fits[1][1].as_u64()),
+        (Some("slic"), Some(5))
+    );
     let steps: Vec<u64> = lines
         .iter()
         .take(4)

@@ -33,12 +33,15 @@ use serde_json::{json, Value};
 
 use goodhart_core::{ops::zero_masked, seed, GoodhartError};
 use goodhart_envs::language::{Language, EOS, PAD};
+use goodhart_metrics::overopt::OveroptLaw;
 use goodhart_objective::preference::{DpoConfig, IpoConfig, PreferenceLossConfig, RpoConfig};
 use goodhart_policy::{generate, score::score, GenerationConfig, TransformerLm};
 
 use super::{
     lm::{self, base_policy, load_base, Trace, TracePoint},
-    mean_sd, stage_error, table, Experiment, Logger, Part,
+    mean_sd,
+    overopt::fit_json,
+    stage_error, table, Experiment, Logger, Part,
 };
 use crate::{
     config::{positive, section, ConfigError, ExperimentConfig},
@@ -367,7 +370,8 @@ fn evaluate<B: Backend>(
     Ok((gold / n as f64, kl))
 }
 
-/// Peak and final gold and the final KL per method and beta, over seeds; and the figures.
+/// Peak and final gold and the final KL per method and beta, over seeds; Gao's laws per
+/// method; and the figures.
 fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
     let mut figures = serde_json::Map::new();
     let mut rows = Vec::new();
@@ -410,8 +414,60 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
             mine.len()
         ]));
     }
+    // Gao's laws, fitted per method to every evaluation of every beta and seed: gold
+    // relative to the run's initial point, against d (the report draws them from the
+    // mean initial gold).
+    let mut fits = Vec::new();
+    let mut fit_rows = Vec::new();
+    for method in &cfg.methods {
+        let mine: Vec<&DaaRun> = runs.iter().filter(|r| r.method == method.name).collect();
+        let g0 = mean_sd(
+            mine.iter()
+                .filter_map(|r| r.trace.points.first())
+                .map(|p| p.gold),
+        )
+        .0;
+        let (mut d, mut gold) = (Vec::new(), Vec::new());
+        for r in &mine {
+            let start = r.trace.points.first().map_or(f64::NAN, |p| p.gold);
+            for p in &r.trace.points {
+                d.push(p.d);
+                gold.push(p.gold - start + g0);
+            }
+        }
+        let rl = fit_json(&method.name, OveroptLaw::Rl, &d, &gold, g0);
+        let bon = fit_json(
+            &format!("{} (bon form)", method.name),
+            OveroptLaw::BestOfN,
+            &d,
+            &gold,
+            g0,
+        );
+        let coef = |f: &Option<(Value, f64, Option<f64>)>, k: &str| {
+            f.as_ref().map_or(Value::Null, |f| f.0[k].clone())
+        };
+        fit_rows.push(json!([
+            method.name,
+            d.len(),
+            coef(&rl, "alpha"),
+            coef(&rl, "beta"),
+            coef(&rl, "r2"),
+            coef(&rl, "peak_d"),
+            coef(&bon, "alpha"),
+            coef(&bon, "beta"),
+            coef(&bon, "r2"),
+        ]));
+        figures.insert(
+            format!("{}/fit", method.name),
+            json!({"rl_r2": coef(&rl, "r2"), "rl_peak_d": coef(&rl, "peak_d"),
+                   "bon_r2": coef(&bon, "r2")}),
+        );
+        fits.extend(rl.map(|f| f.0));
+        fits.extend(bon.map(|f| f.0));
+    }
     Part {
         figures: Value::Object(figures),
+        fits,
         tables: vec![table(
             &format!(
                 "DAA: gold per method and beta ({} seeds, {} pairs, label noise {})",
@@ -430,6 +486,20 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
                 "seeds",
             ],
             rows,
+        ), table(
+            "DAA: Gao's laws fitted to gold vs d per method (every beta, seed and evaluation; gold relative to each run's start)",
+            &[
+                "method",
+                "points",
+                "rl alpha",
+                "rl beta",
+                "rl R^2",
+                "rl peak d",
+                "bon alpha",
+                "bon beta",
+                "bon R^2",
+            ],
+            fit_rows,
         )],
         ..Part::default()
     }

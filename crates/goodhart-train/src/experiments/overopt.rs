@@ -255,7 +255,9 @@ pub fn run<B: AutodiffBackend>(
     Ok(OveroptOutput { base, arms })
 }
 
-fn fit_json(
+/// The fit of `law` to `(d, gold - offset)`, in the report's format, with its R^2 and the
+/// `d` of its peak; `None` when it cannot be fitted.
+pub(crate) fn fit_json(
     series: &str,
     law: OveroptLaw,
     d: &[f64],
