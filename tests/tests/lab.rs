@@ -47,7 +47,7 @@ fn tiny(preset: &str, extra: &[&str]) -> ExperimentConfig {
         .chain(extra)
         .filter(|s| {
             let section = s.split(['.', '=']).next().unwrap();
-            table.contains_key(section) || ["sft", "proxy", "rl", "seed"].contains(&section)
+            table.contains_key(section) || ["sft", "proxy", "rl", "seed", "daa"].contains(&section)
         })
         .map(|s| s.to_string())
         .collect();
@@ -217,14 +217,16 @@ fn resume_config() -> ExperimentConfig {
             "tomato.proxy_init=\"base\"",
             "mitigations.seeds=1",
             "mitigations.arms=[{name = \"none\"}, {name = \"kl\", rl = {regularizers = [{kind = \"kl\", controller = {kind = \"fixed\", coef = 0.1}}]}}]",
+            // The DAA lab's stages are killed and resumed with the rest.
+            "daa={seeds = 1, pairs = 128, betas = [0.1, 1.0], methods = [{name = \"dpo\", loss = {kind = \"dpo\"}}], train = {epochs = 2, batch_size = 16}, eval_every = 2, eval_samples = 32}",
             "seed=7",
         ],
     )
 }
 
-/// The child process of `two_processes_and_three_kills_write_the_same_bytes`.
+/// The child process of `two_processes_and_four_kills_write_the_same_bytes`.
 #[test]
-#[ignore = "run by two_processes_and_three_kills_write_the_same_bytes in a child process"]
+#[ignore = "run by two_processes_and_four_kills_write_the_same_bytes in a child process"]
 fn resume_child() {
     let root = PathBuf::from(std::env::var(CHILD_ENV).expect("run by the resume test"));
     run(resume_config(), &root);
@@ -293,10 +295,10 @@ fn assert_same_bytes(a: &Path, b: &Path) {
 }
 
 /// Same config, same seed: two processes write the same bytes (metrics, samples,
-/// checkpoints, summary, report), and a run killed with SIGKILL at three points, then
-/// resumed, writes the bytes of the uninterrupted one.
+/// checkpoints, summary, report), and a run killed with SIGKILL at four points (the last
+/// in a DAA stage), then resumed, writes the bytes of the uninterrupted one.
 #[test]
-fn two_processes_and_three_kills_write_the_same_bytes() {
+fn two_processes_and_four_kills_write_the_same_bytes() {
     let root = scratch("bytes");
     let (ra, rb) = (root.join("a"), root.join("b"));
     let (mut a, mut b) = (child(&ra), child(&rb));
@@ -305,7 +307,11 @@ fn two_processes_and_three_kills_write_the_same_bytes() {
     assert_same_bytes(&reference, &run_dir(&rb));
     let total = stages_done(&reference);
     assert!(total >= 9, "{total} stages");
-    for (i, kill_at) in [0, total / 3, 2 * total / 3].into_iter().enumerate() {
+    // The last kill lands in the last stage, a DAA run.
+    for (i, kill_at) in [0, total / 3, 2 * total / 3, total - 1]
+        .into_iter()
+        .enumerate()
+    {
         let killed_root = root.join(format!("killed{i}"));
         let dir = run_dir(&killed_root);
         let mut c = child(&killed_root);
