@@ -349,10 +349,10 @@ where
         ));
     }
     let settings = settings(&body, 16, &["max_tokens"])?;
-    let text = prompt.clone();
+    let prompt_len = prompt.len();
     let (done, stopped, tokens) = on_model(&s, move |model, id| {
         let ids = model
-            .prompt_ids(&text, false)
+            .prompt_ids(&prompt, false)
             .map_err(|e| ApiError::bad("prompt", e.to_string()))?;
         let (done, stopped) = complete(model, ids, &settings, id)?;
         let tokens = match logprobs {
@@ -364,7 +364,7 @@ where
     .await?;
     let logprobs = match logprobs {
         Some(_) => {
-            let mut offset = prompt.len();
+            let mut offset = prompt_len;
             let offsets: Vec<usize> = tokens
                 .iter()
                 .map(|t| {
