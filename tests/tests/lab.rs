@@ -732,6 +732,12 @@ fn tiny_daa_preset() {
             "daa.eval_samples=16",
         ],
     );
+    // What each method and run sets is refused under `train`, not ignored.
+    let text = presets::preset("daa").unwrap();
+    let err = ExperimentConfig::parse(text, &["daa.train.loss={kind = \"ipo\"}".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("daa.train.loss"), "{err}");
     let (dir, summary) = run(config.clone(), &scratch("daa-a"));
     assert_run_files(&dir);
     // DPO at each beta, SLiC once (it has no beta).

@@ -707,7 +707,7 @@ impl<'a> LanguageGold<'a> {
 }
 
 /// The rows of an `[N, T]` id tensor on the host.
-fn host_rows<B: Backend>(t: &Tensor<B, 2, Int>) -> Result<Vec<Vec<u32>>> {
+pub(crate) fn host_rows<B: Backend>(t: &Tensor<B, 2, Int>) -> Result<Vec<Vec<u32>>> {
     let [n, w] = t.dims();
     let flat: Vec<i64> = t
         .clone()

@@ -21,7 +21,6 @@
 //! and KL every N steps.
 
 use burn::{
-    module::AutodiffModule,
     optim::{AdamWConfig, GradientsParams, Optimizer},
     tensor::{
         backend::{AutodiffBackend, Backend},
@@ -161,7 +160,7 @@ impl PreferenceStep {
 
 /// Sequences `prompt ++ response` of the chosen responses, then of the rejected ones,
 /// each learning only its response.
-fn sequences(pairs: &[&PreferencePair]) -> Result<Vec<SftExample>> {
+fn sequences(pairs: &[&PreferencePair]) -> Vec<SftExample> {
     let side = |pick: fn(&PreferencePair) -> &Vec<usize>| {
         pairs.iter().map(move |p| {
             let response = pick(p);
@@ -175,16 +174,7 @@ fn sequences(pairs: &[&PreferencePair]) -> Result<Vec<SftExample>> {
             }
         })
     };
-    if let Some(bad) = pairs
-        .iter()
-        .find(|p| p.prompt.is_empty() || p.chosen.is_empty() || p.rejected.is_empty())
-    {
-        return Err(GoodhartError::invalid(
-            "pairs",
-            format!("a pair needs a prompt and two non-empty responses: {bad:?}"),
-        ));
-    }
-    Ok(side(|p| &p.chosen).chain(side(|p| &p.rejected)).collect())
+    side(|p| &p.chosen).chain(side(|p| &p.rejected)).collect()
 }
 
 /// Each sequence's response log-probability (summed over its tokens) and token count.
@@ -219,6 +209,16 @@ pub fn train<B: AutodiffBackend>(
             what: "preference pairs".into(),
         });
     }
+    if let Some((i, bad)) = pairs
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.prompt.is_empty() || p.chosen.is_empty() || p.rejected.is_empty())
+    {
+        return Err(GoodhartError::invalid(
+            "pairs",
+            format!("pair {i} needs a prompt and two non-empty responses: {bad:?}"),
+        ));
+    }
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(config.weight_decay as f32)
@@ -230,7 +230,7 @@ pub fn train<B: AutodiffBackend>(
         order.shuffle(&mut rng);
         for chunk in order.chunks(config.batch_size) {
             let batch: Vec<&PreferencePair> = chunk.iter().map(|&i| &pairs[i]).collect();
-            let examples = sequences(&batch)?;
+            let examples = sequences(&batch);
             let n = batch.len();
             let (lp, len) = response_logprobs(&policy, &examples, config.pad_id)?;
             let (lp_ref, _) = response_logprobs(reference, &examples, config.pad_id)?;
@@ -269,14 +269,10 @@ pub fn train<B: AutodiffBackend>(
     Ok(policy)
 }
 
-/// The frozen reference of a policy: its inner-backend copy, without gradients.
-pub fn reference<B: AutodiffBackend>(policy: &TransformerLm<B>) -> TransformerLm<B::InnerBackend> {
-    policy.valid()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::AutodiffModule;
     use goodhart_core::device::{cpu, Autodiff, Dispatch};
     use goodhart_objective::preference::{DpoConfig, IpoConfig};
     use goodhart_policy::TransformerConfig;
@@ -300,7 +296,7 @@ mod tests {
 
     /// `Delta = log pi(3)/pi(4) - log pi_ref(3)/pi_ref(4)` after the prompt.
     fn delta<Bk: Backend>(policy: &TransformerLm<Bk>, reference: &TransformerLm<Bk>) -> f64 {
-        let examples = sequences(&[&pairs()[0]]).unwrap();
+        let examples = sequences(&[&pairs()[0]]);
         let lp = |m: &TransformerLm<Bk>| {
             let (s, _) = response_logprobs(m, &examples, 0).unwrap();
             let v: Vec<f32> = s.into_data().convert::<f32>().into_vec().unwrap();
@@ -315,7 +311,7 @@ mod tests {
         let policy = TransformerConfig::new(6, 16, 1, 2, 8)
             .init::<B>(&device)
             .unwrap();
-        let frozen = reference(&policy);
+        let frozen = policy.valid();
         let config = PreferenceTrainConfig {
             loss,
             epochs: 400,
@@ -331,7 +327,7 @@ mod tests {
         .unwrap();
         assert_eq!(losses.len(), config.steps(8));
         assert!(losses.last().unwrap() < &losses[0], "{losses:?}");
-        delta(&reference(&trained), &frozen)
+        delta(&trained.valid(), &frozen)
     }
 
     #[test]
@@ -377,7 +373,7 @@ mod tests {
             chosen: vec![3, 4, 5],
             rejected: vec![4],
         };
-        let (sums, lengths) = response_logprobs(&model, &sequences(&[&long]).unwrap(), 0).unwrap();
+        let (sums, lengths) = response_logprobs(&model, &sequences(&[&long]), 0).unwrap();
         let v = |t: Tensor<Dispatch, 1>| -> Vec<f32> {
             t.into_data().convert::<f32>().into_vec().unwrap()
         };
@@ -408,7 +404,7 @@ mod tests {
         let policy = TransformerConfig::new(6, 16, 1, 2, 8)
             .init::<B>(&device)
             .unwrap();
-        let frozen = reference(&policy);
+        let frozen = policy.valid();
         let ok = PreferenceTrainConfig::default();
         for (bad, key) in [
             (

@@ -31,7 +31,7 @@ use burn::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use goodhart_core::{ops::zero_masked, seed, GoodhartError};
+use goodhart_core::{ops::zero_masked, seed};
 use goodhart_envs::language::{Language, EOS, PAD};
 use goodhart_metrics::overopt::OveroptLaw;
 use goodhart_objective::preference::{DpoConfig, IpoConfig, PreferenceLossConfig, RpoConfig};
@@ -45,7 +45,7 @@ use super::{
 };
 use crate::{
     config::{positive, section, ConfigError, ExperimentConfig},
-    policy_gradient::gold_reward,
+    policy_gradient::{gold_reward, host_rows},
     preference::{self, PreferencePair, PreferenceTrainConfig},
     runner::{Result, Runner},
     sft::PROMPT_LEN,
@@ -131,12 +131,14 @@ impl DaaExperiment {
     fn runs(&self) -> Vec<(&DaaMethod, Option<f64>, PreferenceLossConfig)> {
         let mut out = Vec::new();
         for m in &self.methods {
-            match m.loss.with_beta(1.0) {
-                Some(_) => out.extend(self.betas.iter().map(|&b| {
-                    let loss = m.loss.with_beta(b as f32).expect("the method has a beta");
-                    (m, Some(b), loss)
-                })),
-                None => out.push((m, None, m.loss)),
+            if m.loss.with_beta(1.0).is_some() {
+                out.extend(
+                    self.betas
+                        .iter()
+                        .filter_map(|&b| m.loss.with_beta(b as f32).map(|loss| (m, Some(b), loss))),
+                );
+            } else {
+                out.push((m, None, m.loss));
             }
         }
         out
@@ -185,6 +187,21 @@ impl Experiment for DaaExperiment {
             section(&format!("daa.methods[{i}].loss"), m.loss.validate())?;
         }
         section("daa.train", self.train.validate())?;
+        // The loss, padding and data seed come from each method and run, not `train`.
+        let defaults = PreferenceTrainConfig::default();
+        for (key, set) in [
+            ("loss", self.train.loss != defaults.loss),
+            ("pad_id", self.train.pad_id != defaults.pad_id),
+            ("seed", self.train.seed != defaults.seed),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(
+                    format!("daa.train.{key}"),
+                    "is set by the lab (each method's `loss`, the language's padding, the \
+                     run's seed): remove it",
+                ));
+            }
+        }
         let lang = Language::new(config.language.clone())
             .map_err(|e| ConfigError::invalid("language", e.to_string()))?;
         section("sft", config.sft.validate(&lang))?;
@@ -301,7 +318,6 @@ fn daa_stage<B: AutodiffBackend>(
             let mut line = p.metrics.clone();
             line.insert(goodhart_metrics::step::KEY_GOLD_MEAN.into(), p.gold);
             line.insert(goodhart_metrics::step::KEY_KL_D.into(), p.d);
-            line.insert("kl/ref".into(), kl);
             logger.log(p.step, line)?;
             points.push(p);
             Ok(())
@@ -314,16 +330,16 @@ fn daa_stage<B: AutodiffBackend>(
     })
 }
 
+/// The metric holding an evaluation's `KL(pi || pi_ref)`.
+const KL: &str = "kl/ref";
+
 fn point(step: u64, gold: f64, kl: f64, margin: f64, metrics: BTreeMap<String, f64>) -> TracePoint {
     TracePoint {
         step,
         d: kl.max(0.0).sqrt(),
         proxy: margin,
         gold,
-        metrics: metrics
-            .into_iter()
-            .chain([("kl".to_string(), kl)])
-            .collect(),
+        metrics: metrics.into_iter().chain([(KL.to_string(), kl)]).collect(),
     }
 }
 
@@ -354,16 +370,8 @@ fn evaluate<B: Backend>(
         .into_scalar()
         .to_f64()
         / n as f64;
-    let width = g.tokens.dims()[1];
-    let ids: Vec<i64> = g
-        .tokens
-        .into_data()
-        .convert::<i64>()
-        .into_vec()
-        .map_err(|e| GoodhartError::invalid("tokens", format!("{e:?}")))?;
     let mut gold = 0.0;
-    for row in ids.chunks(width) {
-        let row: Vec<u32> = row.iter().map(|&t| t as u32).collect();
+    for row in host_rows(&g.tokens)? {
         let (p, r) = row.split_at(PROMPT_LEN);
         gold += gold_reward(lang, p, r)?.0;
     }
@@ -390,7 +398,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
         );
         let peak = mean_sd(mine.iter().filter_map(|r| r.trace.peak()).map(|p| p.gold));
         let fin = last(|p| p.gold);
-        let kl = last(|p| p.metrics.get("kl").copied().unwrap_or(f64::NAN));
+        let kl = last(|p| p.metrics.get(KL).copied().unwrap_or(f64::NAN));
         let key = match beta {
             Some(b) => format!("{}/b{b}", method.name),
             None => method.name.clone(),
