@@ -671,7 +671,7 @@ fn a_run_on_a_model_directory_rejects_bad_sections_before_any_work() {
     let e = ExperimentConfig::parse(&no_train, &[])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("read only by [train]"), "{e}");
+    assert!(e.contains("read only by [train] and [daa]"), "{e}");
     // Each key named with what is wrong.
     for (set, want) in [
         ("policy.path=\"nowhere\"", "`policy.path`"),
@@ -796,4 +796,133 @@ fn tiny_daa_preset() {
         std::fs::read(dir.join("metrics.jsonl")).unwrap(),
         std::fs::read(again.join("metrics.jsonl")).unwrap()
     );
+}
+
+/// The `daa-hf` preset with its paths under the repository, changed by `sets`.
+fn daa_hf(sets: &[&str]) -> Result<ExperimentConfig, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    ExperimentConfig::parse_at(presets::preset("daa-hf").unwrap(), &sets, &root)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn daa_on_a_hf_model_and_jsonl_pairs_writes_model_directories() {
+    use goodhart_core::device::{cpu, Dispatch};
+    use goodhart_policy::hf;
+    let config = daa_hf(&[]).unwrap();
+    let (a, summary) = run(config.clone(), &scratch("daa-hf-a"));
+    let (b, _) = run(config.clone(), &scratch("daa-hf-b"));
+    assert_run_files(&a);
+    // Same seed, same numbers, same weights.
+    assert_eq!(
+        std::fs::read(a.join("metrics.jsonl")).unwrap(),
+        std::fs::read(b.join("metrics.jsonl")).unwrap()
+    );
+    let rows = table(&summary, "DAA");
+    let runs: Vec<(&str, Option<f64>)> = rows
+        .iter()
+        .map(|r| (r[0].as_str().unwrap(), r[1].as_f64()))
+        .collect();
+    assert_eq!(runs, [("dpo", Some(0.1)), ("ipo", Some(0.1))]);
+    // Both runs start from the model's weights and the same evaluation samples.
+    assert_eq!(rows[0][2], rows[1][2]);
+    // 6 pairs in batches of 2 for 2 epochs: 6 steps, evaluated every 2, per run.
+    let lines = metric_lines(&a);
+    assert_eq!(lines.len(), 2 * 3);
+    for l in &lines {
+        for k in ["reward/gold/mean", "reward/proxy/mean", "kl/d", "loss"] {
+            assert!(l[k].as_f64().unwrap().is_finite(), "{k}: {l:?}");
+        }
+        // The proxy is a 0/1 format rule averaged over 8 samples.
+        let eight = 8.0 * l["reward/proxy/mean"].as_f64().unwrap();
+        assert!((eight - eight.round()).abs() < 1e-9, "{l:?}");
+    }
+    let steps: Vec<u64> = lines[..3]
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4, 6]);
+    // Each trained policy is a model directory that loads, with weights training moved.
+    let device = cpu();
+    let fixture = config.policy.as_ref().unwrap().path.clone();
+    let emb = |dir: &Path| -> Vec<f32> {
+        let (m, _) = hf::load::<Dispatch>(dir, &device).unwrap();
+        m.trunk
+            .tok_emb
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap()
+    };
+    let initial = emb(&fixture);
+    let policies = summary["daa"]["policies"].as_array().unwrap();
+    assert_eq!(policies.len(), 2);
+    for (p, want) in policies.iter().zip([
+        "checkpoints/daa/dpo/b0.1/s0/policy",
+        "checkpoints/daa/ipo/b0.1/s0/policy",
+    ]) {
+        assert_eq!(p, want);
+        let dir = a.join(want);
+        assert!(dir.join("tokenizer.json").is_file());
+        assert_ne!(emb(&dir), initial, "{want}");
+        assert_eq!(
+            std::fs::read(dir.join("model.safetensors")).unwrap(),
+            std::fs::read(b.join(want).join("model.safetensors")).unwrap()
+        );
+    }
+}
+
+#[test]
+fn daa_on_a_model_directory_rejects_bad_input_before_any_work() {
+    for (sets, want) in [
+        (vec!["daa.pairs=10"], "daa.pairs"),
+        (vec!["daa.label_noise=0.2"], "daa.label_noise"),
+        (vec!["daa.max_new_tokens=0"], "daa.max_new_tokens"),
+        (vec!["daa.max_new_tokens=100000"], "daa.max_new_tokens"),
+        (
+            vec!["rewards.gold={kind = \"math_verify\"}"],
+            "data.columns.answer",
+        ),
+        (
+            vec!["data.path=\"crates/goodhart-train/fixtures/data/prompts.jsonl\""],
+            "chosen",
+        ),
+        // Its conversational pairs do not fit the fixture's 64 positions.
+        (
+            vec!["data.path=\"crates/goodhart-train/fixtures/data/preferences.jsonl\""],
+            "line 3, rejected",
+        ),
+    ] {
+        let e = daa_hf(&sets).unwrap_err();
+        assert!(e.contains(want), "{sets:?}: {e}");
+    }
+    // A pair longer than the model's 64 positions, named by its line.
+    let dir = scratch("daa-hf-long");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("long.jsonl");
+    let long = "word ".repeat(100);
+    std::fs::write(
+        &file,
+        format!(
+            "{{\"prompt\": \"Hi\", \"chosen\": \"Hello.\", \"rejected\": \"No.\"}}\n\
+             {{\"prompt\": \"Hi\", \"chosen\": \"{long}\", \"rejected\": \"No.\"}}\n"
+        ),
+    )
+    .unwrap();
+    let e = daa_hf(&[&format!("data.path={:?}", file.display().to_string())]).unwrap_err();
+    assert!(
+        e.contains("line 2, chosen") && e.contains("64 positions"),
+        "{e}"
+    );
+    // Without [policy] and [data], the synthetic language bounds responses itself.
+    let e = ExperimentConfig::parse(
+        presets::preset("daa").unwrap(),
+        &["daa.max_new_tokens=8".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("daa.max_new_tokens"), "{e}");
 }

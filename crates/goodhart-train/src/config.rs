@@ -361,7 +361,7 @@ impl ExperimentConfig {
                 format!("no experiment: add at least one of {}", names.join(", ")),
             ));
         }
-        if self.train.is_none() {
+        if self.train.is_none() && self.daa.is_none() {
             for (key, given) in [
                 ("policy", self.policy.is_some()),
                 ("data", self.data.is_some()),
@@ -370,7 +370,7 @@ impl ExperimentConfig {
                 if given {
                     return Err(ConfigError::invalid(
                         key,
-                        format!("[{key}] is read only by [train]: add a [train] section"),
+                        format!("[{key}] is read only by [train] and [daa]: add one of them"),
                     ));
                 }
             }

@@ -29,6 +29,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/daa.toml"),
     ),
     (
+        "daa-hf",
+        "DPO and IPO on a Hugging Face model directory (the Qwen2 fixture) and a JSONL preference set, proxy and gold measured, saved as model directories",
+        include_str!("../../../docs/presets/daa-hf.toml"),
+    ),
+    (
         "grpo-hf",
         "GRPO on a Hugging Face model directory (the Qwen2 fixture) and a JSONL prompt set, saved as a model directory",
         include_str!("../../../docs/presets/grpo-hf.toml"),

@@ -18,8 +18,9 @@ use goodhart_policy::{chat_template::ChatMessage, tokenizer::Tokenizer, HfTokeni
 use goodhart_reward::{rubric::Rubric, Composite, RewardSource, Sequences, Texts};
 
 use crate::{
-    data::{PromptRow, Text},
+    data::{PreferenceRow, PromptRow, Text},
     policy_gradient::{host, response_words, Proxy},
+    preference::PreferencePair,
     sft::{generator_examples, PROMPT_LEN},
 };
 
@@ -258,24 +259,7 @@ impl<B: Backend> TextTask<B> {
         let mut questions = Vec::with_capacity(rows.len());
         for row in rows {
             let at = |reason: String| GoodhartError::invalid(format!("data ({})", row.at), reason);
-            let template = |messages: &[ChatMessage]| {
-                tokenizer
-                    .apply_chat_template(messages, true, &Default::default())
-                    .map_err(|e| at(e.to_string()))
-            };
-            let (text, ids) = match &row.prompt {
-                Text::Chat(messages) => template(messages)?,
-                Text::Plain(p) if spec.chat => template(&[ChatMessage::new("user", p.as_str())])?,
-                Text::Plain(p) => (
-                    p.clone(),
-                    tokenizer
-                        .encode_with_special_tokens(p)
-                        .map_err(|e| at(e.to_string()))?,
-                ),
-            };
-            if ids.is_empty() {
-                return Err(at("the prompt encodes to no tokens".into()));
-            }
+            let (text, ids) = encode_prompt(&tokenizer, &row.prompt, spec.chat).map_err(at)?;
             if ids.len() > spec.max_prompt_len {
                 return Err(at(format!(
                     "the prompt is {} tokens, over the {} that fit before max_new_tokens",
@@ -321,6 +305,133 @@ impl<B: Backend> TextTask<B> {
             .collect();
         self.tokenizer.decode(&ids)
     }
+}
+
+/// A prompt's text and token ids as [`TextTask`] encodes them: a chat through the chat
+/// template with the generation prompt added; plain text as `tokenizer(text)` does, or
+/// as one user message through the template when `chat`. Errors say why (no template,
+/// no tokens).
+fn encode_prompt(
+    tokenizer: &HfTokenizer,
+    prompt: &Text,
+    chat: bool,
+) -> std::result::Result<(String, Vec<u32>), String> {
+    let template = |messages: &[ChatMessage]| {
+        tokenizer
+            .apply_chat_template(messages, true, &Default::default())
+            .map_err(|e| e.to_string())
+    };
+    let (text, ids) = match prompt {
+        Text::Chat(messages) => template(messages)?,
+        Text::Plain(p) if chat => template(&[ChatMessage::new("user", p.as_str())])?,
+        Text::Plain(p) => (
+            p.clone(),
+            tokenizer
+                .encode_with_special_tokens(p)
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    if ids.is_empty() {
+        return Err("the prompt encodes to no tokens".into());
+    }
+    Ok((text, ids))
+}
+
+/// A response's token ids after its prompt, ending with an end id.
+///
+/// Plain text is encoded without added special tokens and the first of `end_ids`
+/// appended. A chat (the assistant's messages) is rendered after the prompt's messages
+/// through the chat template, and the part past the rendered prompt (with its generation
+/// prompt) is encoded, as TRL does for conversational pairs; it is cut after its first
+/// end id (the template's end-of-turn), or given one when it has none.
+fn encode_response(
+    tokenizer: &HfTokenizer,
+    prompt: &Text,
+    response: &Text,
+    chat: bool,
+    end_ids: &[u32],
+) -> std::result::Result<Vec<u32>, String> {
+    let mut ids = match response {
+        Text::Plain(r) => tokenizer.encode(r).map_err(|e| e.to_string())?,
+        Text::Chat(reply) => {
+            let mut messages = match prompt {
+                Text::Chat(m) => m.clone(),
+                Text::Plain(p) if chat => vec![ChatMessage::new("user", p.as_str())],
+                Text::Plain(_) => {
+                    return Err(
+                        "a chat response needs a chat prompt (or `data.chat = true`)".into(),
+                    )
+                }
+            };
+            let (head, _) = encode_prompt(tokenizer, prompt, chat)?;
+            messages.extend(reply.iter().cloned());
+            let template = tokenizer
+                .chat_template()
+                .ok_or("the tokenizer has no chat template")?;
+            let full = template
+                .render(&messages, false, &Default::default())
+                .map_err(|e| e.to_string())?;
+            let tail = full.strip_prefix(head.as_str()).ok_or(
+                "the chat template renders the prompt differently once the response follows it",
+            )?;
+            tokenizer.encode(tail).map_err(|e| e.to_string())?
+        }
+    };
+    match ids.iter().position(|t| end_ids.contains(t)) {
+        Some(i) => ids.truncate(i + 1),
+        None => ids.push(end_ids[0]),
+    }
+    if ids.len() < 2 {
+        return Err("the response encodes to no tokens".into());
+    }
+    Ok(ids)
+}
+
+/// The pairs of a preference set encoded for [`crate::preference::train`]: prompts as
+/// [`TextTask`] encodes them, responses by `encode_response` (ending with one of
+/// `end_ids`, the first appended where a response has none). Errors name the row: a
+/// prompt or response that encodes to nothing, a pair longer than `max_len` tokens, no
+/// chat template for a chat.
+pub fn encode_preferences(
+    tokenizer: &HfTokenizer,
+    rows: &[PreferenceRow],
+    chat: bool,
+    end_ids: &[u32],
+    max_len: usize,
+) -> Result<Vec<PreferencePair>> {
+    if end_ids.is_empty() {
+        return Err(GoodhartError::invalid(
+            "policy",
+            "the model names no EOS id (config.json / generation_config.json)",
+        ));
+    }
+    rows.iter()
+        .map(|row| {
+            let at = |what: &str, reason: String| {
+                GoodhartError::invalid(format!("data ({}, {what})", row.at), reason)
+            };
+            let (_, prompt) = encode_prompt(tokenizer, &row.prompt, chat).map_err(|e| at("prompt", e))?;
+            let side = |what: &str, r: &Text| {
+                let ids = encode_response(tokenizer, &row.prompt, r, chat, end_ids)
+                    .map_err(|e| at(what, e))?;
+                if prompt.len() + ids.len() > max_len {
+                    return Err(at(
+                        what,
+                        format!(
+                            "prompt and response are {} tokens, over the model's {max_len} positions",
+                            prompt.len() + ids.len()
+                        ),
+                    ));
+                }
+                Ok(ids.into_iter().map(|t| t as usize).collect())
+            };
+            Ok(PreferencePair {
+                chosen: side("chosen", &row.chosen)?,
+                rejected: side("rejected", &row.rejected)?,
+                prompt: prompt.into_iter().map(|t| t as usize).collect(),
+            })
+        })
+        .collect()
 }
 
 impl<B: Backend> Task<B> for TextTask<B> {
@@ -586,5 +697,95 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("EOS"));
+    }
+
+    fn pair(at: &str, prompt: Text, chosen: Text, rejected: Text) -> PreferenceRow {
+        PreferenceRow {
+            at: at.into(),
+            prompt,
+            chosen,
+            rejected,
+        }
+    }
+
+    #[test]
+    fn preference_pairs_encode_as_trl_does() {
+        let tok = HfTokenizer::from_dir(&fixture()).unwrap();
+        let user = |c: &str| vec![ChatMessage::new("user", c)];
+        let assistant = |c: &str| Text::Chat(vec![ChatMessage::new("assistant", c)]);
+        let rows = [
+            pair(
+                "line 1",
+                Text::Plain("Say hi.".into()),
+                Text::Plain("Hi!".into()),
+                Text::Plain("Go away.".into()),
+            ),
+            pair(
+                "line 2",
+                Text::Chat(user("What is 2 + 2?")),
+                assistant("4"),
+                assistant("5"),
+            ),
+        ];
+        // The fixture's EOS is <|im_end|> (2), its template's end of turn.
+        let pairs = encode_preferences(&tok, &rows, false, &[2], 64).unwrap();
+        let ids = |v: Vec<u32>| v.into_iter().map(|t| t as usize).collect::<Vec<_>>();
+        let with_end = |text: &str| {
+            let mut v = ids(tok.encode(text).unwrap());
+            v.push(2);
+            v
+        };
+        // Plain: the prompt as `tokenizer(text)`, each response encoded alone then EOS.
+        assert_eq!(
+            pairs[0].prompt,
+            ids(tok.encode_with_special_tokens("Say hi.").unwrap())
+        );
+        assert_eq!(pairs[0].chosen, with_end("Hi!"));
+        assert_eq!(pairs[0].rejected, with_end("Go away."));
+        // Chat: the prompt with its generation prompt; the response the rendered rest up
+        // to its end of turn, so prompt + chosen is the conversation's own tokens.
+        let (_, prompt) = tok
+            .apply_chat_template(&user("What is 2 + 2?"), true, &Default::default())
+            .unwrap();
+        assert_eq!(pairs[1].prompt, ids(prompt));
+        assert_eq!(pairs[1].chosen, with_end("4"));
+        assert_eq!(pairs[1].rejected, with_end("5"));
+        let mut messages = user("What is 2 + 2?");
+        messages.push(ChatMessage::new("assistant", "4"));
+        let (text, _) = tok
+            .apply_chat_template(&messages, false, &Default::default())
+            .unwrap();
+        let whole = ids(tok.encode(text.trim_end_matches('\n')).unwrap());
+        let mut joined = pairs[1].prompt.clone();
+        joined.extend(&pairs[1].chosen);
+        assert_eq!(joined, whole);
+        // `chat` renders a plain prompt as a user message.
+        let chat = encode_preferences(&tok, &rows[..1], true, &[2], 64).unwrap();
+        let (_, say) = tok
+            .apply_chat_template(&user("Say hi."), true, &Default::default())
+            .unwrap();
+        assert_eq!(chat[0].prompt, ids(say));
+        // Errors name the row and the side.
+        let long = encode_preferences(&tok, &rows, false, &[2], 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            long.contains("line 2, chosen") && long.contains("20 positions"),
+            "{long}"
+        );
+        let mixed = [pair(
+            "line 3",
+            Text::Plain("Hi".into()),
+            assistant("Hello"),
+            assistant("Bye"),
+        )];
+        let e = encode_preferences(&tok, &mixed, false, &[2], 64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3, chosen") && e.contains("chat prompt"),
+            "{e}"
+        );
+        assert!(encode_preferences(&tok, &rows, false, &[], 64).is_err());
     }
 }

@@ -1,22 +1,31 @@
 //! The DAA lab: direct alignment without a reward model ("Scaling Laws for Reward Model
 //! Overoptimization in Direct Alignment Algorithms"; RPO from "Provably Mitigating
 //! Overoptimization in RLHF"). For each method (a preference loss of
-//! [`crate::preference`]), each `beta` of the sweep and each seed, the base policy is
-//! trained on the synthetic language's gold-labelled, noisy preference pairs against
-//! itself as the frozen reference, and every `eval_every` steps the gold of fresh samples
-//! and the KL to the reference are measured: gold against `d = sqrt(KL)` per beta, and
-//! within an epoch.
+//! [`crate::preference`]), each `beta` of the sweep and each seed, a policy is trained on
+//! preference pairs against its initial weights as the frozen reference, and every
+//! `eval_every` steps the gold of fresh samples and the KL to the reference are measured:
+//! gold against `d = sqrt(KL)` per beta, and within an epoch. SLiC has no `beta`: it runs
+//! once per seed with its own settings.
 //!
-//! The pairs are those a proxy of `[proxy]` with the same `pairs` and `label_noise` is
-//! trained on (stream `proxy/pairs` of the seed): a DAA run and a reward model see the
-//! same data. SLiC has no `beta`: it runs once per seed with its own settings.
+//! Two sources of policy and pairs:
+//! - The synthetic language (the default): the seed's SFT base policy, and the
+//!   gold-labelled pairs a proxy of `[proxy]` with the same `pairs` and `label_noise` is
+//!   trained on (stream `proxy/pairs` of the seed), so a DAA run and a reward model see
+//!   the same data. The proxy column of a trace is the step's implicit reward margin.
+//! - A Hugging Face model directory (`[policy]`), a preference set (`[data]`, JSONL or
+//!   Parquet: [`crate::data::DataConfig::read_preferences`], encoded by
+//!   [`crate::task::encode_preferences`]) and `[rewards]`: the proxy and gold measured on
+//!   the fresh samples of each evaluation, whose prompts are the set's distinct prompts in
+//!   turn. Each trained policy is written as a model directory,
+//!   `checkpoints/daa/{series}/policy/`.
 //!
-//! Evaluation: `eval_samples` prompts (the topics in turn), one response each at
-//! temperature 1; the gold mean, and `KL(pi || pi_ref)` estimated by the mean over samples
-//! of `sum_t log pi - log pi_ref` over the response (k1, unbiased).
+//! Evaluation: `eval_samples` prompts (the topics, or the set's prompts, in turn), one
+//! response each at temperature 1 (at most `max_new_tokens` on a model directory); the
+//! gold mean, and `KL(pi || pi_ref)` estimated by the mean over samples of
+//! `sum_t log pi - log pi_ref` over the response (k1, unbiased).
 //!
-//! Stages: `lm/sft/s{seed}` ([`super::lm`]), then `daa/{method}/b{beta}/s{seed}` (SLiC:
-//! `daa/{method}/s{seed}`).
+//! Stages: `daa/{method}/b{beta}/s{seed}` (SLiC: `daa/{method}/s{seed}`), after
+//! `lm/sft/s{seed}` ([`super::lm`]) on the synthetic language.
 
 use std::collections::BTreeMap;
 
@@ -33,33 +42,43 @@ use serde_json::{json, Value};
 
 use goodhart_core::{ops::zero_masked, seed};
 use goodhart_envs::language::{Language, EOS, PAD};
-use goodhart_metrics::overopt::OveroptLaw;
+use goodhart_metrics::{overopt::OveroptLaw, step};
 use goodhart_objective::preference::{DpoConfig, IpoConfig, PreferenceLossConfig, RpoConfig};
-use goodhart_policy::{generate, score::score, GenerationConfig, TransformerLm};
+use goodhart_policy::{
+    generate, hf, score::score, Generation, GenerationConfig, HfTokenizer, TextModel, TransformerLm,
+};
 
 use super::{
+    checkpoint_error,
     lm::{self, base_policy, load_base, Trace, TracePoint},
     mean_sd,
     overopt::fit_json,
-    stage_error, table, Experiment, Logger, Part,
+    stage_error, table,
+    train::{
+        check_rows, hf_sections, load_reference, text_task, validate_policy, PolicyConfig,
+        RewardsConfig,
+    },
+    Experiment, Logger, Part,
 };
 use crate::{
     config::{positive, section, ConfigError, ExperimentConfig},
-    policy_gradient::{gold_reward, host_rows},
+    data::{DataConfig, PreferenceRow, PromptRow},
+    policy_gradient::{gold_reward, host, host_rows, sample_and_score},
     preference::{self, PreferencePair, PreferenceTrainConfig},
-    runner::{Result, Runner},
+    runner::{Result, Runner, StageLog},
     sft::PROMPT_LEN,
+    task::{encode_preferences, Task, TextTaskSpec},
 };
 
-/// Direct alignment on the synthetic language: methods x betas x seeds.
+/// Direct alignment: methods x betas x seeds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaaExperiment {
     /// Seeds per method and beta.
     pub seeds: usize,
-    /// Preference pairs, labelled by gold.
+    /// Preference pairs, labelled by gold (synthetic language).
     pub pairs: usize,
-    /// Probability that a pair's label is flipped.
+    /// Probability that a pair's label is flipped (synthetic language).
     pub label_noise: f64,
     /// The `beta` of each run (each method with a `beta`).
     pub betas: Vec<f64>,
@@ -72,6 +91,10 @@ pub struct DaaExperiment {
     pub eval_every: usize,
     /// Samples per evaluation.
     pub eval_samples: usize,
+    /// The longest response of an evaluation on a model directory (64 when unset; the
+    /// synthetic language's own bound otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
 }
 
 impl Default for DaaExperiment {
@@ -98,6 +121,7 @@ impl Default for DaaExperiment {
             },
             eval_every: 4,
             eval_samples: 128,
+            max_new_tokens: None,
         }
     }
 }
@@ -113,7 +137,8 @@ pub struct DaaMethod {
 }
 
 /// One run: a method at one beta and seed, its evaluations as a trace (`proxy` holds the
-/// mean implicit reward margin of the step's batch, 0 before training).
+/// proxy's mean on the samples on a model directory; on the synthetic language the mean
+/// implicit reward margin of the step's batch, 0 before training).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaaRun {
     /// The method's name.
@@ -124,6 +149,10 @@ pub struct DaaRun {
     pub seed: u64,
     /// Gold and `d` per evaluation, the step's training figures in `metrics`.
     pub trace: Trace,
+    /// The trained policy's model directory, relative to the run directory (runs on a
+    /// model directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 impl DaaExperiment {
@@ -197,10 +226,69 @@ impl Experiment for DaaExperiment {
             if set {
                 return Err(ConfigError::invalid(
                     format!("daa.train.{key}"),
-                    "is set by the lab (each method's `loss`, the language's padding, the \
-                     run's seed): remove it",
+                    "is set by the lab (each method's `loss`, the model's padding, the run's \
+                     seed): remove it",
                 ));
             }
+        }
+        match hf_sections(config)? {
+            Some((policy, data, rewards)) => self.validate_hf(policy, data, rewards).map(|_| ()),
+            None => self.validate_language(config),
+        }
+    }
+
+    fn run<B: AutodiffBackend>(
+        &self,
+        runner: &mut Runner,
+        config: &ExperimentConfig,
+        device: &B::Device,
+    ) -> Result<Vec<DaaRun>> {
+        let hf = hf_sections(config)?;
+        let mut out = Vec::new();
+        for i in 0..self.seeds {
+            let seed = config.seed + i as u64;
+            if hf.is_none() {
+                base_policy::<B>(runner, config, seed, device)?;
+            }
+            for (method, beta, loss) in self.runs() {
+                let series = match beta {
+                    Some(b) => format!("{}/b{b}/s{seed}", method.name),
+                    None => format!("{}/s{seed}", method.name),
+                };
+                let (trace, policy) = match hf {
+                    Some(sections) => {
+                        hf_stage::<B>(runner, self, sections, &series, loss, seed, device)?
+                    }
+                    None => (
+                        language_stage::<B>(runner, config, self, &series, loss, seed, device)?,
+                        None,
+                    ),
+                };
+                out.push(DaaRun {
+                    method: method.name.clone(),
+                    beta,
+                    seed,
+                    trace,
+                    policy,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn summarize(&self, runs: &Vec<DaaRun>) -> Part {
+        summarize(self, runs)
+    }
+}
+
+impl DaaExperiment {
+    fn validate_language(&self, config: &ExperimentConfig) -> std::result::Result<(), ConfigError> {
+        if self.max_new_tokens.is_some() {
+            return Err(ConfigError::invalid(
+                "daa.max_new_tokens",
+                "the synthetic language bounds its responses itself: remove it, or give \
+                 [policy], [data] and [rewards]",
+            ));
         }
         let lang = Language::new(config.language.clone())
             .map_err(|e| ConfigError::invalid("language", e.to_string()))?;
@@ -215,41 +303,144 @@ impl Experiment for DaaExperiment {
         Ok(())
     }
 
-    fn run<B: AutodiffBackend>(
+    /// Checks a run on a model directory before any work, down to encoding every pair;
+    /// returns the pairs and the evaluation's prompt rows.
+    fn validate_hf(
         &self,
-        runner: &mut Runner,
-        config: &ExperimentConfig,
-        device: &B::Device,
-    ) -> Result<Vec<DaaRun>> {
-        let mut out = Vec::new();
-        for i in 0..self.seeds {
-            let seed = config.seed + i as u64;
-            base_policy::<B>(runner, config, seed, device)?;
-            for (method, beta, loss) in self.runs() {
-                let series = match beta {
-                    Some(b) => format!("{}/b{b}/s{seed}", method.name),
-                    None => format!("{}/s{seed}", method.name),
-                };
-                let trace = daa_stage::<B>(runner, config, self, &series, loss, seed, device)?;
-                out.push(DaaRun {
-                    method: method.name.clone(),
-                    beta,
-                    seed,
-                    trace,
-                });
+        policy: &PolicyConfig,
+        data: &DataConfig,
+        rewards: &RewardsConfig,
+    ) -> std::result::Result<(Vec<PreferencePair>, Vec<PromptRow>), ConfigError> {
+        let defaults = Self::default();
+        for (key, set) in [
+            ("pairs", self.pairs != defaults.pairs),
+            ("label_noise", self.label_noise != defaults.label_noise),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(
+                    format!("daa.{key}"),
+                    "describes the synthetic language's pairs; a run on a model directory \
+                     reads [data]: remove it",
+                ));
             }
         }
-        Ok(out)
+        let model = validate_policy(policy)?;
+        let max_new = self.max_new_tokens();
+        positive("daa.max_new_tokens", max_new)?;
+        let positions = model.model.max_seq_len;
+        if max_new >= positions {
+            return Err(ConfigError::invalid(
+                "daa.max_new_tokens",
+                format!(
+                    "{max_new} leaves no room for a prompt in the model's {positions} positions"
+                ),
+            ));
+        }
+        section("rewards.proxy", rewards.proxy.validate())?;
+        section("rewards.gold", rewards.gold.validate())?;
+        let rows = data
+            .read_preferences()
+            .map_err(|e| ConfigError::invalid("data", e.to_string()))?;
+        let tokenizer = HfTokenizer::from_dir(&policy.path)
+            .map_err(|e| ConfigError::invalid("policy.path", e.to_string()))?;
+        let pairs = encode_preferences(
+            &tokenizer,
+            &rows,
+            data.chat,
+            &model.eos_token_ids,
+            positions,
+        )
+        .map_err(|e| ConfigError::invalid("data", e.to_string()))?;
+        let prompts = distinct_prompts(&rows);
+        check_rows(&prompts, rewards)?;
+        Ok((pairs, prompts))
     }
 
-    fn summarize(&self, runs: &Vec<DaaRun>) -> Part {
-        summarize(self, runs)
+    fn max_new_tokens(&self) -> usize {
+        self.max_new_tokens.unwrap_or(64)
     }
 }
 
-/// Stage `daa/{series}`: one preference run from the seed's base policy, evaluated every
-/// `eval_every` steps.
-fn daa_stage<B: AutodiffBackend>(
+/// The distinct prompts of a preference set, in order of first appearance, as a prompt
+/// set (no answers or rubrics).
+fn distinct_prompts(rows: &[PreferenceRow]) -> Vec<PromptRow> {
+    let mut out: Vec<PromptRow> = Vec::new();
+    for row in rows {
+        if !out.iter().any(|p| p.prompt == row.prompt) {
+            out.push(PromptRow {
+                at: row.at.clone(),
+                prompt: row.prompt.clone(),
+                answer: None,
+                rubric: None,
+            });
+        }
+    }
+    out
+}
+
+/// One evaluation: gold and KL on fresh samples, and the proxy's mean where the run has
+/// a proxy.
+struct Eval {
+    gold: f64,
+    kl: f64,
+    proxy: Option<f64>,
+}
+
+/// Trains `policy` on `pairs` with `train`, evaluating it by `evaluate` before the first
+/// step and every `eval_every` steps (and after the last), each evaluation logged as one
+/// line of `series`; returns the trace and the trained policy.
+#[allow(clippy::too_many_arguments)]
+fn train_and_evaluate<B: AutodiffBackend>(
+    log: &mut StageLog<'_>,
+    cfg: &DaaExperiment,
+    series: &str,
+    policy: TransformerLm<B>,
+    reference: &TransformerLm<B::InnerBackend>,
+    pairs: &[PreferencePair],
+    train: &PreferenceTrainConfig,
+    mut evaluate: impl FnMut(&TransformerLm<B::InnerBackend>) -> goodhart_core::Result<Eval>,
+) -> goodhart_core::Result<(Trace, TransformerLm<B>)> {
+    let last = train.steps(pairs.len()) - 1;
+    let mut logger = Logger::new(log, DaaExperiment::NAME, series);
+    let mut points = Vec::new();
+    // Before any step: the initial policy itself (KL 0).
+    let e = evaluate(&policy.valid())?;
+    points.push(point(0, e, 0.0, BTreeMap::new()));
+    let trained = preference::train(policy, reference, pairs, train, |policy, step| {
+        if (step.step + 1) % cfg.eval_every != 0 && step.step != last {
+            return Ok(());
+        }
+        let e = evaluate(&policy.valid())?;
+        let mut metrics: BTreeMap<String, f64> = step
+            .metrics()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        metrics.insert("epoch".into(), step.epoch as f64);
+        let has_proxy = e.proxy.is_some();
+        let p = point(step.step as u64 + 1, e, step.margin, metrics);
+        let mut line = p.metrics.clone();
+        line.insert(step::KEY_GOLD_MEAN.into(), p.gold);
+        line.insert(step::KEY_KL_D.into(), p.d);
+        if has_proxy {
+            line.insert(step::KEY_PROXY_MEAN.into(), p.proxy);
+        }
+        logger.log(p.step, line)?;
+        points.push(p);
+        Ok(())
+    })?;
+    Ok((
+        Trace {
+            series: series.to_string(),
+            points,
+        },
+        trained,
+    ))
+}
+
+/// Stage `daa/{series}` on the synthetic language: one preference run from the seed's
+/// base policy.
+fn language_stage<B: AutodiffBackend>(
     runner: &mut Runner,
     config: &ExperimentConfig,
     cfg: &DaaExperiment,
@@ -287,71 +478,122 @@ fn daa_stage<B: AutodiffBackend>(
             seed: seed::derive(seed, &name),
             ..cfg.train.clone()
         };
-        let last = train.steps(pairs.len()) - 1;
         // Every run of a seed samples its evaluations from one stream: the same base
         // policy gives every run the same initial point.
         let mut rng = seed::rng(seed, "daa/eval");
-        let mut logger = Logger::new(log, DaaExperiment::NAME, series);
-        let mut points = Vec::new();
-        // Before any step: the base policy itself (KL 0).
-        let (gold, kl) = evaluate(&lang, &reference, &reference, cfg.eval_samples, &mut rng)
-            .map_err(stage_error(&name))?;
-        points.push(point(0, gold, kl, 0.0, BTreeMap::new()));
-        preference::train(policy, &reference, &pairs, &train, |policy, step| {
-            if (step.step + 1) % cfg.eval_every != 0 && step.step != last {
-                return Ok(());
-            }
-            let (gold, kl) = evaluate(
-                &lang,
-                &policy.valid(),
-                &reference,
-                cfg.eval_samples,
-                &mut rng,
-            )?;
-            let mut metrics: BTreeMap<String, f64> = step
-                .metrics()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
-            metrics.insert("epoch".into(), step.epoch as f64);
-            let p = point(step.step as u64 + 1, gold, kl, step.margin, metrics);
-            let mut line = p.metrics.clone();
-            line.insert(goodhart_metrics::step::KEY_GOLD_MEAN.into(), p.gold);
-            line.insert(goodhart_metrics::step::KEY_KL_D.into(), p.d);
-            logger.log(p.step, line)?;
-            points.push(p);
-            Ok(())
-        })
+        let evaluate = |policy: &TransformerLm<B::InnerBackend>| {
+            evaluate_language(&lang, policy, &reference, cfg.eval_samples, &mut rng)
+        };
+        let (trace, _) = train_and_evaluate::<B>(
+            log, cfg, series, policy, &reference, &pairs, &train, evaluate,
+        )
         .map_err(stage_error(&name))?;
-        Ok(Trace {
-            series: series.to_string(),
-            points,
-        })
+        Ok(trace)
     })
+}
+
+/// Stage `daa/{series}` on a model directory: one preference run from its weights on
+/// the set's pairs, the trained policy saved as a model directory.
+fn hf_stage<B: AutodiffBackend>(
+    runner: &mut Runner,
+    cfg: &DaaExperiment,
+    (policy_cfg, data, rewards): (&PolicyConfig, &DataConfig, &RewardsConfig),
+    series: &str,
+    loss: PreferenceLossConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(Trace, Option<String>)> {
+    let name = format!("daa/{series}");
+    let rel = format!("{name}/policy");
+    let dir = runner.artifact(&rel)?;
+    let run_dir = runner.dir().path().to_path_buf();
+    let trace = runner.stage(&name, |log| {
+        let (pairs, prompts) = cfg.validate_hf(policy_cfg, data, rewards)?;
+        let model = TextModel::<B>::load(&policy_cfg.path, device).map_err(stage_error(&name))?;
+        let generation = model.generation_config(cfg.max_new_tokens());
+        let TextModel {
+            model: policy,
+            config: hf_config,
+            tokenizer,
+        } = model;
+        let reference = load_reference(policy_cfg, &policy, &name, device)?;
+        let spec = TextTaskSpec {
+            vocab_size: policy.vocab_size(),
+            pad_id: hf_config.pad_id(),
+            end_ids: hf_config.eos_token_ids.clone(),
+            chat: data.chat,
+            max_prompt_len: policy.trunk.max_seq_len() - cfg.max_new_tokens(),
+        };
+        let task = text_task::<B::InnerBackend>(
+            tokenizer, &prompts, &spec, rewards, &run_dir, &name, device,
+        )?;
+        let train = PreferenceTrainConfig {
+            loss,
+            pad_id: hf_config.pad_id() as usize,
+            seed: seed::derive(seed, &name),
+            ..cfg.train.clone()
+        };
+        let mut rng = seed::rng(seed, "daa/eval");
+        let evaluate = |policy: &TransformerLm<B::InnerBackend>| {
+            let idx: Vec<usize> = (0..cfg.eval_samples).map(|i| i % task.prompts()).collect();
+            let s = sample_and_score(policy, &task, &idx, &generation, &mut rng, device)?;
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            Ok(Eval {
+                gold: mean(&s.gold),
+                kl: kl_to(&reference, &s.generation)?,
+                proxy: Some(mean(&host(s.proxy)?)),
+            })
+        };
+        let (trace, trained) = train_and_evaluate::<B>(
+            log, cfg, series, policy, &reference, &pairs, &train, evaluate,
+        )
+        .map_err(stage_error(&name))?;
+        hf::save(&trained, &hf_config, &dir).map_err(|e| checkpoint_error(&name)(e))?;
+        Ok(trace)
+    })?;
+    Ok((trace, Some(format!("checkpoints/{rel}"))))
 }
 
 /// The metric holding an evaluation's `KL(pi || pi_ref)`.
 const KL: &str = "kl/ref";
 
-fn point(step: u64, gold: f64, kl: f64, margin: f64, metrics: BTreeMap<String, f64>) -> TracePoint {
+fn point(step: u64, e: Eval, margin: f64, metrics: BTreeMap<String, f64>) -> TracePoint {
     TracePoint {
         step,
-        d: kl.max(0.0).sqrt(),
-        proxy: margin,
-        gold,
-        metrics: metrics.into_iter().chain([(KL.to_string(), kl)]).collect(),
+        d: e.kl.max(0.0).sqrt(),
+        proxy: e.proxy.unwrap_or(margin),
+        gold: e.gold,
+        metrics: metrics
+            .into_iter()
+            .chain([(KL.to_string(), e.kl)])
+            .collect(),
     }
 }
 
-/// Gold mean and `KL(pi || pi_ref)` of `policy` on `n` fresh samples (see the module
-/// docs).
-fn evaluate<B: Backend>(
+/// `KL(pi || pi_ref)` of a generation: the mean over rows of `sum_t log pi - log pi_ref`
+/// over the response, the policy's log-probs those the sampler recorded (temperature 1).
+fn kl_to<B: Backend>(
+    reference: &TransformerLm<B>,
+    g: &Generation<B>,
+) -> goodhart_core::Result<f64> {
+    let n = g.tokens.dims()[0];
+    let ref_lp = score(reference, g.tokens.clone(), g.attention_mask.clone(), 1.0)?.logprobs;
+    Ok(zero_masked(g.logprobs.clone() - ref_lp, &g.response_mask)
+        .sum()
+        .into_scalar()
+        .to_f64()
+        / n as f64)
+}
+
+/// Gold mean and `KL(pi || pi_ref)` of `policy` on `n` fresh samples of the synthetic
+/// language (see the module docs).
+fn evaluate_language<B: Backend>(
     lang: &Language,
     policy: &TransformerLm<B>,
     reference: &TransformerLm<B>,
     n: usize,
     rng: &mut seed::ChaCha8Rng,
-) -> goodhart_core::Result<(f64, f64)> {
+) -> goodhart_core::Result<Eval> {
     let device = policy.trunk.tok_emb.weight.device();
     let topics = lang.config().topics;
     let prompts: Vec<i64> = (0..n)
@@ -364,18 +606,17 @@ fn evaluate<B: Backend>(
         .with_eos_id(Some(EOS as usize))
         .with_pad_id(PAD as usize);
     let g = generate(policy, prompt, mask, &config, rng)?;
-    let ref_lp = score(reference, g.tokens.clone(), g.attention_mask.clone(), 1.0)?.logprobs;
-    let kl: f64 = zero_masked(g.logprobs.clone() - ref_lp, &g.response_mask)
-        .sum()
-        .into_scalar()
-        .to_f64()
-        / n as f64;
+    let kl = kl_to(reference, &g)?;
     let mut gold = 0.0;
     for row in host_rows(&g.tokens)? {
         let (p, r) = row.split_at(PROMPT_LEN);
         gold += gold_reward(lang, p, r)?.0;
     }
-    Ok((gold / n as f64, kl))
+    Ok(Eval {
+        gold: gold / n as f64,
+        kl,
+        proxy: None,
+    })
 }
 
 /// Peak and final gold and the final KL per method and beta, over seeds; Gao's laws per
@@ -473,14 +714,22 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
         fits.extend(rl.map(|f| f.0));
         fits.extend(bon.map(|f| f.0));
     }
+    let policies: Vec<&str> = runs.iter().filter_map(|r| r.policy.as_deref()).collect();
+    if !policies.is_empty() {
+        figures.insert("policies".into(), json!(policies));
+    }
     Part {
         figures: Value::Object(figures),
         fits,
         tables: vec![table(
-            &format!(
-                "DAA: gold per method and beta ({} seeds, {} pairs, label noise {})",
-                cfg.seeds, cfg.pairs, cfg.label_noise
-            ),
+            &if runs.iter().any(|r| r.policy.is_some()) {
+                format!("DAA: gold per method and beta ({} seeds, the pairs of [data])", cfg.seeds)
+            } else {
+                format!(
+                    "DAA: gold per method and beta ({} seeds, {} pairs, label noise {})",
+                    cfg.seeds, cfg.pairs, cfg.label_noise
+                )
+            },
             &[
                 "method",
                 "beta",

@@ -92,7 +92,7 @@ pub struct TrainRun {
 
 /// The HF sections when all three are given; `None` when none is; an error naming the
 /// missing ones otherwise.
-fn hf_sections(
+pub(super) fn hf_sections(
     config: &ExperimentConfig,
 ) -> std::result::Result<Option<(&PolicyConfig, &DataConfig, &RewardsConfig)>, ConfigError> {
     match (&config.policy, &config.data, &config.rewards) {
@@ -128,6 +128,15 @@ fn prompt_rows(
     let rows = data
         .read_prompts()
         .map_err(|e| ConfigError::invalid("data", e.to_string()))?;
+    check_rows(&rows, rewards)?;
+    Ok(rows)
+}
+
+/// An error naming the first row without the answer or rubric a reward needs.
+pub(super) fn check_rows(
+    rows: &[PromptRow],
+    rewards: &RewardsConfig,
+) -> std::result::Result<(), ConfigError> {
     for (key, reward) in [("proxy", &rewards.proxy), ("gold", &rewards.gold)] {
         let needs: [(&str, bool, fn(&PromptRow) -> bool); 2] = [
             ("answer", reward.needs_answers(), |r| r.answer.is_some()),
@@ -146,15 +155,15 @@ fn prompt_rows(
             }
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
-fn validate_hf(
-    config: &ExperimentConfig,
+/// The checks of `[policy]` before any work: the model's config (with an EOS id), its
+/// tokenizer's vocabulary, and a reference of the same architecture; returns the
+/// model's config.
+pub(super) fn validate_policy(
     policy: &PolicyConfig,
-    data: &DataConfig,
-    rewards: &RewardsConfig,
-) -> std::result::Result<(), ConfigError> {
+) -> std::result::Result<hf::HfConfig, ConfigError> {
     let model = hf::HfConfig::from_dir(&policy.path)
         .map_err(|e| ConfigError::invalid("policy.path", e.to_string()))?;
     if model.eos_token_ids.is_empty() {
@@ -177,6 +186,34 @@ fn validate_hf(
             ));
         }
     }
+    Ok(model)
+}
+
+/// The frozen reference of a run on a model directory: `[policy] reference`, or the
+/// policy's own initial weights.
+pub(super) fn load_reference<B: AutodiffBackend>(
+    policy_cfg: &PolicyConfig,
+    policy: &goodhart_policy::TransformerLm<B>,
+    stage: &str,
+    device: &B::Device,
+) -> Result<goodhart_policy::TransformerLm<B::InnerBackend>> {
+    Ok(match &policy_cfg.reference {
+        Some(path) => {
+            hf::load::<B::InnerBackend>(path, device)
+                .map_err(|e| checkpoint_error(stage)(e))?
+                .0
+        }
+        None => policy.valid(),
+    })
+}
+
+fn validate_hf(
+    config: &ExperimentConfig,
+    policy: &PolicyConfig,
+    data: &DataConfig,
+    rewards: &RewardsConfig,
+) -> std::result::Result<(), ConfigError> {
+    let model = validate_policy(policy)?;
     section("rl", config.rl.validate(1))?;
     if config
         .rl
@@ -299,21 +336,8 @@ fn hf_run<B: AutodiffBackend>(
             config: hf_config,
             tokenizer,
         } = TextModel::<B>::load(&policy_cfg.path, device).map_err(stage_error(name))?;
-        let reference = match &policy_cfg.reference {
-            Some(path) => {
-                hf::load::<B::InnerBackend>(path, device)
-                    .map_err(|e| checkpoint_error(name)(e))?
-                    .0
-            }
-            None => policy.valid(),
-        };
+        let reference = load_reference(policy_cfg, &policy, name, device)?;
         let rows = prompt_rows(data, rewards)?;
-        // LLM judges cache their answers in the run directory, so a resumed run does
-        // not pay for them twice.
-        let (mut proxy, mut gold) = (rewards.proxy.clone(), rewards.gold.clone());
-        let cache = runner_dir.join("judge_cache");
-        proxy.set_cache_dir(&cache, goodhart_metrics::step::PROXY);
-        gold.set_cache_dir(&cache, goodhart_metrics::step::GOLD);
         let spec = TextTaskSpec {
             vocab_size: policy.vocab_size(),
             pad_id: hf_config.pad_id(),
@@ -321,20 +345,15 @@ fn hf_run<B: AutodiffBackend>(
             chat: data.chat,
             max_prompt_len: policy.trunk.max_seq_len().saturating_sub(pg.max_new_tokens),
         };
-        let task = TextTask::<B::InnerBackend>::new(
+        let task = text_task::<B::InnerBackend>(
             tokenizer,
             &rows,
             &spec,
-            (
-                proxy
-                    .composite(goodhart_metrics::step::PROXY, device)
-                    .map_err(stage_error(name))?,
-                proxy.component_names(),
-            ),
-            gold.build(goodhart_metrics::step::GOLD, device)
-                .map_err(stage_error(name))?,
-        )
-        .map_err(stage_error(name))?;
+            rewards,
+            &runner_dir,
+            name,
+            device,
+        )?;
         let series = format!("s{seed}");
         let mut logger = Logger::new(log, TrainExperiment::NAME, &series);
         let mut points = Vec::new();
@@ -356,6 +375,38 @@ fn hf_run<B: AutodiffBackend>(
         trace,
         policy: format!("checkpoints/{rel}"),
     })
+}
+
+/// The task of a run on a model directory: `rows` encoded by `tokenizer`, scored by
+/// `[rewards]`. LLM judges cache their answers in the run directory's `judge_cache/`, so
+/// a resumed run does not pay for them twice.
+pub(super) fn text_task<B: burn::tensor::backend::Backend>(
+    tokenizer: HfTokenizer,
+    rows: &[PromptRow],
+    spec: &TextTaskSpec,
+    rewards: &RewardsConfig,
+    run_dir: &std::path::Path,
+    stage: &str,
+    device: &B::Device,
+) -> Result<TextTask<B>> {
+    let (mut proxy, mut gold) = (rewards.proxy.clone(), rewards.gold.clone());
+    let cache = run_dir.join("judge_cache");
+    proxy.set_cache_dir(&cache, goodhart_metrics::step::PROXY);
+    gold.set_cache_dir(&cache, goodhart_metrics::step::GOLD);
+    Ok(TextTask::new(
+        tokenizer,
+        rows,
+        spec,
+        (
+            proxy
+                .composite(goodhart_metrics::step::PROXY, device)
+                .map_err(stage_error(stage))?,
+            proxy.component_names(),
+        ),
+        gold.build(goodhart_metrics::step::GOLD, device)
+            .map_err(stage_error(stage))?,
+    )
+    .map_err(stage_error(stage))?)
 }
 
 /// Figures (means and standard deviations over seeds) and the table of proxy and gold
