@@ -753,10 +753,24 @@ fn tiny_daa_preset() {
     // One seed's runs start from the same base policy and evaluation samples.
     assert!(rows.iter().all(|r| r[2] == rows[0][2]), "{rows:?}");
     for r in rows {
-        let (peak, fin) = (r[3].as_f64().unwrap(), r[5].as_f64().unwrap());
+        let (peak, fin) = (r[3].as_f64().unwrap(), r[6].as_f64().unwrap());
         assert!(peak >= fin && peak >= r[2].as_f64().unwrap(), "{r:?}");
-        assert_eq!(r[9], 1, "seeds");
+        assert_eq!(r[10], 1, "seeds");
+        // 4 steps an epoch: the peak at one of the evaluated steps 0, 2, ..., 8.
+        let at = r[5].as_f64().unwrap();
+        assert!([0.0, 0.5, 1.0, 1.5, 2.0].contains(&at), "{r:?}");
     }
+    // Two charts per method: the mean over seeds of each evaluation, per beta.
+    let charts = summary["charts"].as_array().unwrap();
+    assert_eq!(charts.len(), 4);
+    let dpo_by_step = &charts[1];
+    assert_eq!(dpo_by_step["marks"][0]["x"], 4);
+    let lines = dpo_by_step["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["label"], "β = 0.1");
+    let pts = lines[0]["points"].as_array().unwrap();
+    assert_eq!(pts.len(), 5);
+    assert_eq!(pts[0][1], rows[0][2], "the initial gold");
     // 8 steps per run (64 pairs in batches of 16, 2 epochs), evaluated every 2.
     let lines = metric_lines(&dir);
     assert_eq!(lines.len(), 3 * 4);

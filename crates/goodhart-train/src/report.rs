@@ -4,6 +4,7 @@
 //! One file, readable offline: inline CSS and hand-written inline SVG, no scripts, fonts,
 //! images or links. It shows
 //! - proxy (dashed) and gold (solid) reward against step, one colour per series;
+//! - the summary's own charts (`charts`);
 //! - every other numeric metric against step, as small multiples;
 //! - gold against `d = sqrt(KL)`, with the fitted Gao et al. (2022) law and its peak
 //!   when `summary.json` holds a fit;
@@ -36,6 +37,9 @@
 //! - `detections`: `[{"detector", "step", "series"?, "reason"?}]` (the fields of
 //!   `goodhart_metrics::detect::Firing`), merged with the firings in the metrics.
 //! - `tables`: `[{"title", "columns": [..], "rows": [[..], ..]}]`, drawn as HTML tables.
+//! - `charts`: `[{"title", "x_label", "lines": [{"label", "points": [[x, y], ..],
+//!   "dashed"?}], "marks"?: [{"x", "label"?}]}]`: curves an experiment computed (e.g.
+//!   means over seeds), each drawn as a line chart with its own legend and vertical marks.
 //! - Every other scalar (nested objects flattened to `a/b`) goes into the figures table.
 //!
 //! Every string from the files is HTML-escaped.
@@ -353,6 +357,45 @@ pub struct Table {
     pub rows: Vec<Vec<Value>>,
 }
 
+/// A line of a [`ChartSpec`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChartLine {
+    /// Its legend entry.
+    pub label: String,
+    /// `[x, y]` points, in drawing order (`null` coordinates are skipped).
+    pub points: Vec<[Option<f64>; 2]>,
+    /// Drawn dashed.
+    #[serde(default)]
+    pub dashed: bool,
+}
+
+/// A vertical mark of a [`ChartSpec`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChartMark {
+    /// Where.
+    pub x: f64,
+    /// Its label, if any.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// A chart from `summary.json`: curves an experiment computed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChartSpec {
+    /// Its title.
+    pub title: String,
+    /// What the x axis holds.
+    pub x_label: String,
+    /// The curves, one colour each.
+    pub lines: Vec<ChartLine>,
+    /// Vertical marks.
+    #[serde(default)]
+    pub marks: Vec<ChartMark>,
+}
+
 /// `summary.json`, split into what the report draws.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Summary {
@@ -364,6 +407,8 @@ pub struct Summary {
     pub detections: Vec<Detection>,
     /// Tables.
     pub tables: Vec<Table>,
+    /// Charts.
+    pub charts: Vec<ChartSpec>,
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
@@ -416,6 +461,7 @@ impl Summary {
                 },
                 "detections" => s.detections = field(path, "detections", v)?,
                 "tables" => s.tables = field(path, "tables", v)?,
+                "charts" => s.charts = field(path, "charts", v)?,
                 _ => flatten(k, v, &mut s.scalars),
             }
         }
@@ -1006,6 +1052,45 @@ impl Marker {
     }
 }
 
+/// A chart of `summary.json` with its legend (nothing when it has no finite point).
+fn spec_chart(spec: &ChartSpec) -> String {
+    let lines: Vec<Vec<(f64, f64)>> = spec
+        .lines
+        .iter()
+        .map(|l| {
+            l.points
+                .iter()
+                .filter_map(|p| Some((p[0]?, p[1]?)))
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect()
+        })
+        .collect();
+    let (Some(x), Some(y)) = (
+        extent(lines.iter().flatten().map(|p| p.0)),
+        extent(lines.iter().flatten().map(|p| p.1)),
+    ) else {
+        return String::new();
+    };
+    let color = |i: usize| PALETTE[i % PALETTE.len()];
+    let mut html = format!("<h2>{}</h2>\n", escape(&spec.title));
+    html.push_str(r#"<div class="legend">"#);
+    for (i, l) in spec.lines.iter().enumerate() {
+        let class = if l.dashed { " dashed" } else { "" };
+        html.push_str(&swatch(color(i), class, &l.label));
+    }
+    html.push_str("</div>\n");
+    let mut chart = Chart::new(&spec.title, &spec.x_label, WIDE, x, y);
+    for m in &spec.marks {
+        chart.vline(m.x, m.label.as_deref());
+    }
+    for (i, (l, pts)) in spec.lines.iter().zip(&lines).enumerate() {
+        chart.line(pts, color(i), l.dashed);
+        chart.dots(pts, color(i));
+    }
+    let _ = write!(html, r#"<div class="wide">{}</div>"#, chart.finish());
+    html
+}
+
 /// Renders the report of `metrics` and `summary` as one self-contained HTML page;
 /// `title` names the run (escaped here).
 pub fn render(title: &str, metrics: &Metrics, summary: Option<&Summary>) -> String {
@@ -1111,6 +1196,11 @@ pub fn render(title: &str, metrics: &Metrics, summary: Option<&Summary>) -> Stri
             chart.line(gold, color(*i), false);
         }
         let _ = write!(html, r#"<div class="wide">{}</div>"#, chart.finish());
+    }
+
+    // The summary's own charts.
+    for spec in summary.map(|s| s.charts.as_slice()).unwrap_or_default() {
+        html.push_str(&spec_chart(spec));
     }
 
     // Gold against sqrt(KL), with the fits.
@@ -1550,6 +1640,48 @@ mod tests {
         assert!(html.contains("proxy-only (&lt;evil&gt;&amp;)"));
         assert!(html.contains("<td>gold fell</td>"));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn summary_charts_are_drawn_with_their_legends_and_marks() {
+        let m =
+            Metrics::parse("{\"step\": 0, \"reward/gold/mean\": 1.0}\n", Path::new("m")).unwrap();
+        let summary = r#"{"charts": [{"title": "gold <per> beta", "x_label": "step",
+            "lines": [{"label": "b = 0.1", "points": [[0, 1.0], [5, null], [10, 3.0]]},
+                      {"label": "b = 1", "points": [[0, 1.0], [10, 2.0]], "dashed": true}],
+            "marks": [{"x": 5, "label": "epoch 2"}]},
+            {"title": "empty", "x_label": "x", "lines": [{"label": "none", "points": []}]}]}"#;
+        let s = Summary::parse(summary, Path::new("summary.json")).unwrap();
+        assert_eq!(s.charts.len(), 2);
+        assert!(s.scalars.is_empty(), "{:?}", s.scalars);
+        let html = render("t", &m, Some(&s));
+        assert!(html.contains("<h2>gold &lt;per&gt; beta</h2>"));
+        assert!(
+            !html.contains("<h2>empty</h2>"),
+            "a chart without points is left out"
+        );
+        assert!(html.contains(">b = 0.1</span>") && html.contains(">b = 1</span>"));
+        // Two lines (the null point skipped), the second dashed; steps [0, 10] on pixels
+        // [56, 656]: the mark at 5 is at 356.
+        let chart = &html[html.find("gold &lt;per&gt; beta</text>").unwrap()..];
+        let chart = &chart[..chart.find("</svg>").unwrap()];
+        assert_eq!(chart.matches(r#"<path class="series""#).count(), 2);
+        assert_eq!(chart.matches("stroke-dasharray").count(), 1);
+        assert_eq!(chart.matches(r#"<circle class="dot""#).count(), 4);
+        assert!(chart.contains(r#"<g class="detection"><line x1="356.0""#));
+        assert!(chart.contains(">epoch 2</text>"));
+        // A chart of the wrong shape is an error naming the field.
+        let bad = Summary::parse(r#"{"charts": [{"title": "t"}]}"#, Path::new("summary.json"));
+        assert!(
+            matches!(
+                bad,
+                Err(ReportError::SummaryField {
+                    field: "charts",
+                    ..
+                })
+            ),
+            "{bad:?}"
+        );
     }
 
     #[test]

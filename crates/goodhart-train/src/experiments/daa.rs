@@ -149,6 +149,8 @@ pub struct DaaRun {
     pub seed: u64,
     /// Gold and `d` per evaluation, the step's training figures in `metrics`.
     pub trace: Trace,
+    /// Optimiser steps per epoch.
+    pub steps_per_epoch: usize,
     /// The trained policy's model directory, relative to the run directory (runs on a
     /// model directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -244,6 +246,11 @@ impl Experiment for DaaExperiment {
         device: &B::Device,
     ) -> Result<Vec<DaaRun>> {
         let hf = hf_sections(config)?;
+        let pairs = match hf {
+            Some((policy, data, rewards)) => self.validate_hf(policy, data, rewards)?.0.len(),
+            None => self.pairs,
+        };
+        let steps_per_epoch = pairs.div_ceil(self.train.batch_size);
         let mut out = Vec::new();
         for i in 0..self.seeds {
             let seed = config.seed + i as u64;
@@ -269,6 +276,7 @@ impl Experiment for DaaExperiment {
                     beta,
                     seed,
                     trace,
+                    steps_per_epoch,
                     policy,
                 });
             }
@@ -638,6 +646,11 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
                 .map(|p| p.gold),
         );
         let peak = mean_sd(mine.iter().filter_map(|r| r.trace.peak()).map(|p| p.gold));
+        // Where gold peaked, in epochs: within the first epoch below 1.
+        let peak_epochs = mean_sd(mine.iter().filter_map(|r| {
+            let p = r.trace.peak()?;
+            Some(p.step as f64 / r.steps_per_epoch as f64)
+        }));
         let fin = last(|p| p.gold);
         let kl = last(|p| p.metrics.get(KL).copied().unwrap_or(f64::NAN));
         let key = match beta {
@@ -647,7 +660,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
         figures.insert(
             key,
             json!({"gold_initial": initial.0, "gold_peak": peak.0, "gold_peak_sd": peak.1,
-                   "gold_final": fin.0, "gold_final_sd": fin.1, "kl_final": kl.0,
+                   "gold_peak_epochs": peak_epochs.0, "gold_final": fin.0, "gold_final_sd": fin.1, "kl_final": kl.0,
                    "kl_final_sd": kl.1}),
         );
         rows.push(json!([
@@ -656,6 +669,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
             initial.0,
             peak.0,
             peak.1,
+            peak_epochs.0,
             fin.0,
             fin.1,
             kl.0,
@@ -714,6 +728,11 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
         fits.extend(rl.map(|f| f.0));
         fits.extend(bon.map(|f| f.0));
     }
+    let charts = cfg
+        .methods
+        .iter()
+        .flat_map(|m| charts(cfg, m, runs))
+        .collect();
     let policies: Vec<&str> = runs.iter().filter_map(|r| r.policy.as_deref()).collect();
     if !policies.is_empty() {
         figures.insert("policies".into(), json!(policies));
@@ -721,6 +740,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
     Part {
         figures: Value::Object(figures),
         fits,
+        charts,
         tables: vec![table(
             &if runs.iter().any(|r| r.policy.is_some()) {
                 format!("DAA: gold per method and beta ({} seeds, the pairs of [data])", cfg.seeds)
@@ -736,6 +756,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
                 "gold initial",
                 "gold peak",
                 "sd",
+                "peak at (epochs)",
                 "gold final",
                 "sd",
                 "KL final",
@@ -760,4 +781,64 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
         )],
         ..Part::default()
     }
+}
+
+/// The mean over `runs` (one method and beta, one run per seed) of `f` at each
+/// evaluation: every seed evaluates at the same steps.
+fn mean_curve(runs: &[&DaaRun], f: impl Fn(&TracePoint) -> (f64, f64)) -> Vec<[f64; 2]> {
+    let n = runs.iter().map(|r| r.trace.points.len()).min().unwrap_or(0);
+    (0..n)
+        .map(|i| {
+            let (x, y): (Vec<f64>, Vec<f64>) = runs.iter().map(|r| f(&r.trace.points[i])).unzip();
+            [mean_sd(x).0, mean_sd(y).0]
+        })
+        .collect()
+}
+
+/// A method's two charts: gold against `d` and gold against step, one line per beta
+/// (means over seeds), epochs marked on the second.
+fn charts(cfg: &DaaExperiment, method: &DaaMethod, runs: &[DaaRun]) -> Vec<Value> {
+    let mut by_d = Vec::new();
+    let mut by_step = Vec::new();
+    let mut steps_per_epoch = 0;
+    for (m, beta, _) in cfg.runs() {
+        if m.name != method.name {
+            continue;
+        }
+        let mine: Vec<&DaaRun> = runs
+            .iter()
+            .filter(|r| r.method == m.name && r.beta == beta)
+            .collect();
+        if let Some(r) = mine.first() {
+            steps_per_epoch = r.steps_per_epoch;
+        }
+        let label = match beta {
+            Some(b) => format!("β = {b}"),
+            None => m.name.clone(),
+        };
+        by_d.push(json!({"label": label, "points": mean_curve(&mine, |p| (p.d, p.gold))}));
+        by_step.push(
+            json!({"label": label, "points": mean_curve(&mine, |p| (p.step as f64, p.gold))}),
+        );
+    }
+    if by_d.is_empty() {
+        return Vec::new();
+    }
+    let marks: Vec<Value> = (1..cfg.train.epochs)
+        .map(|k| json!({"x": k * steps_per_epoch, "label": format!("epoch {}", k + 1)}))
+        .collect();
+    let seeds = format!("mean of {} seeds", cfg.seeds);
+    vec![
+        json!({
+            "title": format!("DAA {}: gold against d = √KL per β ({seeds})", method.name),
+            "x_label": "d = √KL(π ‖ π_ref)",
+            "lines": by_d,
+        }),
+        json!({
+            "title": format!("DAA {}: gold against step per β ({seeds}; {steps_per_epoch} steps an epoch)", method.name),
+            "x_label": "step",
+            "lines": by_step,
+            "marks": marks,
+        }),
+    ]
 }

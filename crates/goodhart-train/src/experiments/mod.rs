@@ -72,6 +72,8 @@ pub struct Part {
     pub fits: Vec<Value>,
     /// Detector firings, in the report's format.
     pub detections: Vec<Value>,
+    /// Charts, in the report's format ([`crate::report::ChartSpec`]).
+    pub charts: Vec<Value>,
 }
 
 /// Something done to every enabled experiment ([`visit`]).
@@ -226,6 +228,7 @@ pub fn run<B: AutodiffBackend>(runner: &mut Runner, device: &B::Device) -> Resul
             self.part.tables.extend(part.tables);
             self.part.fits.extend(part.fits);
             self.part.detections.extend(part.detections);
+            self.part.charts.extend(part.charts);
             Ok(())
         }
     }
@@ -250,6 +253,9 @@ pub fn run<B: AutodiffBackend>(runner: &mut Runner, device: &B::Device) -> Resul
     summary.insert("tables".into(), Value::Array(part.tables));
     summary.insert("fit".into(), Value::Array(part.fits));
     summary.insert("detections".into(), Value::Array(part.detections));
+    if !part.charts.is_empty() {
+        summary.insert("charts".into(), Value::Array(part.charts));
+    }
     let summary = Value::Object(summary);
     runner.finish(&summary)?;
     Ok(summary)

@@ -438,5 +438,6 @@ pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> Part {
         tables,
         fits,
         detections,
+        ..Part::default()
     }
 }
