@@ -29,6 +29,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/daa.toml"),
     ),
     (
+        "daa-full",
+        "the daa lab at a larger budget: 4,000 pairs, 3 epochs, seven betas, cDPO too, 5 seeds",
+        include_str!("../../../docs/presets/daa-full.toml"),
+    ),
+    (
         "daa-hf",
         "DPO and IPO on a Hugging Face model directory (the Qwen2 fixture) and a JSONL preference set, proxy and gold measured, saved as model directories",
         include_str!("../../../docs/presets/daa-hf.toml"),
