@@ -940,3 +940,100 @@ fn daa_on_a_model_directory_rejects_bad_input_before_any_work() {
     .to_string();
     assert!(e.contains("daa.max_new_tokens"), "{e}");
 }
+
+#[test]
+fn a_trl_named_csv_of_a_run_fires_where_the_lab_detector_did() {
+    use goodhart_metrics::{
+        detect::DetectorConfig,
+        evaluate::{detect_run, GoldPeakRule},
+        training_log::{columns_for, proxy_only_for, read_log, LogSpec},
+    };
+    // A sensitive proxy-only detector, as `cargo xtask detect --config` reads it.
+    let fields = [
+        "kind = \"proxy-only\"",
+        "warmup = 3",
+        "threshold = 1.0",
+        "patience = 1",
+        "signals = [{ key = \"kl/ref\", transform = \"level\", direction = \"up\" }, \
+         { key = \"entropy\", transform = \"level\", direction = \"down\" }]",
+    ];
+    let config: DetectorConfig = toml::from_str(&fields.join("\n")).unwrap();
+    let detectors = format!("overopt.detectors=[{{ {} }}]", fields.join(", "));
+    let root = scratch("detect-csv");
+    let (dir, summary) = run(
+        tiny(
+            "overopt",
+            &["overopt.pairs=[20]", "rl.steps=12", &detectors],
+        ),
+        &root,
+    );
+    let fired = summary["detections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["series"] == "rl p20")
+        .map(|d| d["step"].as_u64().unwrap())
+        .expect("the lab's detector fired on the RL run");
+    // The run's RL series as a trainer's CSV, in TRL's column names.
+    let mut csv = String::from("step,kl,entropy,completions/mean_length,eval_gold\n");
+    for l in metric_lines(&dir)
+        .iter()
+        .filter(|l| l["series"] == "rl p20")
+    {
+        let v = |k: &str| l[k].as_f64().unwrap();
+        csv.push_str(&format!(
+            "{},{},{},{},{}\n",
+            l["step"],
+            v("kl/ref"),
+            v("entropy"),
+            v("length/mean"),
+            v("reward/gold/mean")
+        ));
+    }
+    let file = root.join("trl_log.csv");
+    std::fs::write(&file, csv).unwrap();
+    let maps: Vec<(String, String)> = [("kl/ref", "kl"), ("entropy", "entropy")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let rule = GoldPeakRule::default();
+    let mut columns = columns_for(&config, &maps).unwrap();
+    columns.push((rule.gold_key.clone(), "eval_gold".into()));
+    let spec = LogSpec {
+        format: None,
+        step_key: "step".into(),
+        columns,
+        filter: None,
+    };
+    let log = read_log(&file, &spec).unwrap();
+    let out = detect_run(&log, config.build().unwrap(), &rule).unwrap();
+    assert_eq!(out.firing.as_ref().map(|f| f.step), Some(fired));
+    let peak = out.gold_peak.unwrap().step;
+    assert_eq!(out.lead, Some(peak as i64 - fired as i64));
+    assert!(out.stopping_regret.is_some_and(|r| r.is_finite()));
+    // goodhart's own metrics.jsonl, one series of it, gives the same.
+    let own = LogSpec {
+        columns: columns_for(&config, &[]).unwrap(),
+        filter: Some(("series".into(), "rl p20".into())),
+        ..spec.clone()
+    };
+    let own = read_log(&dir.join("metrics.jsonl"), &own).unwrap();
+    let again = detect_run(&own, config.build().unwrap(), &rule).unwrap();
+    assert_eq!(again.firing.map(|f| f.step), Some(fired));
+    // A misspelt signal or column is an error naming it, never a silent non-firing.
+    let e = columns_for(&config, &[("entropyy".into(), "entropy".into())]).unwrap_err();
+    assert!(e.contains("no signal `entropyy`"), "{e}");
+    let e = proxy_only_for(&[("klref".into(), "kl".into())]).unwrap_err();
+    assert!(
+        e.contains("no signal `klref`") && e.contains("kl/ref"),
+        "{e}"
+    );
+    assert!(proxy_only_for(&[]).is_err());
+    let bad = LogSpec {
+        columns: columns_for(&config, &[("kl/ref".into(), "KL".into())]).unwrap(),
+        ..spec
+    };
+    let e = read_log(&file, &bad).unwrap_err().to_string();
+    assert!(e.contains("no column `KL` (for `kl/ref`)"), "{e}");
+    let _ = std::fs::remove_dir_all(root);
+}

@@ -11,6 +11,7 @@
 //! cargo xtask fuzz [TARGET...] [--runs N]                              the cargo-fuzz targets (nightly)
 //! cargo xtask generate MODEL_DIR --prompt TEXT [--chat] [--json] ...   what a model writes after a prompt
 //! cargo xtask sweep [PRESET | FILE.toml] [--set k=v]... [--device D]  one run per [sweep] point
+//! cargo xtask detect LOG --map SIGNAL=COLUMN... [--gold COLUMN] [--json] a detector on any trainer's log
 //! ```
 //!
 //! `cargo xtask` builds with the ndarray and wgpu backends, the same feature set as the
@@ -27,6 +28,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 mod bench;
+mod detect;
 mod fuzz;
 mod generate;
 mod list;
@@ -41,7 +43,7 @@ use anyhow::{Context, Result};
 use goodhart_core::device::DeviceSpec;
 
 const USAGE: &str =
-    "usage: cargo xtask <run|list|test|bench|sweep|report|fuzz|generate|serve> [ARGS...]
+    "usage: cargo xtask <run|list|test|bench|sweep|report|detect|fuzz|generate|serve> [ARGS...]
 
   run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
       [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
@@ -52,6 +54,8 @@ const USAGE: &str =
                                                          Vulkan driver is present
   bench [NAME...] [--device D]                           benchmarks (`bench --list` names them)
   report RUN_DIR                                         write RUN_DIR/report.html, print its path
+  detect LOG --map SIGNAL[=COLUMN]... [--gold COLUMN]    a hacking detector on a training log
+      [--format jsonl|csv] [--step-key KEY] [--json]     (JSONL or CSV, any trainer's: `detect --help`)
   fuzz [TARGET...] [--runs N]                            the cargo-fuzz targets (nightly; not in CI)
   generate MODEL_DIR --prompt TEXT [--chat] [--json]     what a Hugging Face model directory writes
       [--max-new-tokens N] [--greedy | --temperature T   after a prompt (`generate --help`)
@@ -113,6 +117,7 @@ fn real_main() -> Result<ExitCode> {
         "test" => test::run(&rest),
         "bench" => bench::run(&rest),
         "report" => report::run(&rest),
+        "detect" => detect::run(&rest),
         "sweep" => run::sweep(&rest),
         "fuzz" => fuzz::run(&rest),
         "generate" => generate::run(&rest),

@@ -40,6 +40,11 @@ pub struct Firing {
     pub score: f64,
     /// Human-readable reason (which quantities crossed which thresholds).
     pub reason: String,
+    /// Each signal's part at that step: proxy-only, every signal's oriented z-score
+    /// (`max(z, 0)` in its warning direction); gold-aware, the gold drop over its
+    /// threshold.
+    #[serde(default)]
+    pub signals: BTreeMap<String, f64>,
 }
 
 /// An online hacking detector. It fires at most once: the first step its condition holds
@@ -332,6 +337,7 @@ impl Detector for GoldAware {
             detector: self.name().into(),
             step,
             score: self.score.unwrap_or(0.0).min(f64::MAX),
+            signals: [(self.cfg.gold_key.clone(), self.score.unwrap_or(0.0).min(f64::MAX))].into(),
             reason: format!(
                 "smoothed gold {s:.4} is {drop:.4} below its peak {:.4} (threshold {threshold:.4} = max(abs {:.4}, rel {rel:.4}, noise {noise:.4})) while the proxy rises (slope {slope:.4}/step)",
                 self.peak, self.cfg.abs_drop
@@ -587,6 +593,10 @@ impl Detector for ProxyOnly {
         if self.fired.is_some() || self.streak < self.cfg.patience {
             return Ok(None);
         }
+        let signals = contributions
+            .iter()
+            .map(|(k, _, z)| (k.to_string(), *z))
+            .collect();
         contributions.sort_by(|a, b| b.2.total_cmp(&a.2));
         let parts: Vec<String> = contributions
             .iter()
@@ -597,6 +607,7 @@ impl Detector for ProxyOnly {
             detector: self.name().into(),
             step,
             score,
+            signals,
             reason: format!(
                 "score {score:.2} >= {} for {} steps ({})",
                 self.cfg.threshold,

@@ -78,9 +78,9 @@ pub struct GoldPeak {
     pub hacked: bool,
 }
 
-/// Finds the gold peak of `run` and labels it. Errors when the run has no gold values,
-/// a non-finite gold value, non-increasing steps or a bad rule.
-pub fn gold_peak(run: &Run, rule: &GoldPeakRule) -> Result<GoldPeak> {
+/// The gold of `run` smoothed by the rule's centred moving average (truncated at the
+/// ends), one `(step, value)` per step with gold. Errors as [`gold_peak`].
+pub fn smoothed_gold(run: &Run, rule: &GoldPeakRule) -> Result<Vec<(u64, f64)>> {
     if rule.window == 0
         || !(rule.rel_drop >= 0.0 && rule.abs_drop >= 0.0)
         || !rule.rel_drop.is_finite()
@@ -108,26 +108,117 @@ pub fn gold_peak(run: &Run, rule: &GoldPeakRule) -> Result<GoldPeak> {
         &format!("gold `{}` of run `{}`", rule.gold_key, run.name),
     )?;
     let half = rule.window / 2;
-    let smoothed: Vec<f64> = (0..values.len())
+    Ok((0..values.len())
         .map(|i| {
             let (lo, hi) = (i.saturating_sub(half), (i + half + 1).min(values.len()));
-            values[lo..hi].iter().sum::<f64>() / (hi - lo) as f64
+            (
+                gold[i].0,
+                values[lo..hi].iter().sum::<f64>() / (hi - lo) as f64,
+            )
         })
-        .collect();
-    let (mut at, mut peak) = (0, smoothed[0]);
-    for (i, &v) in smoothed.iter().enumerate() {
+        .collect())
+}
+
+/// Finds the gold peak of `run` (the first maximum of [`smoothed_gold`]) and labels it.
+/// Errors when the run has no gold values, a non-finite gold value, non-increasing
+/// steps or a bad rule.
+pub fn gold_peak(run: &Run, rule: &GoldPeakRule) -> Result<GoldPeak> {
+    let smoothed = smoothed_gold(run, rule)?;
+    let (mut at, mut peak) = smoothed[0];
+    for &(step, v) in &smoothed {
         if v > peak {
-            (at, peak) = (i, v);
+            (at, peak) = (step, v);
         }
     }
-    let final_value = *smoothed.last().unwrap_or(&peak);
-    let threshold = rule.abs_drop.max(rule.rel_drop * (peak - smoothed[0]));
+    let final_value = smoothed.last().map_or(peak, |p| p.1);
+    let threshold = rule.abs_drop.max(rule.rel_drop * (peak - smoothed[0].1));
     let drop = peak - final_value;
     Ok(GoldPeak {
-        step: gold[at].0,
+        step: at,
         value: peak,
         final_value,
         hacked: drop > 0.0 && drop >= threshold,
+    })
+}
+
+/// Stopping regret of stopping `run` at `stop` (`None`: training to the end): the
+/// smoothed gold given up, `(peak - g(stop)) / (peak - g(first))`, a fraction of the
+/// gold gain, where `g(stop)` is the smoothed gold at the last step with gold at or
+/// before `stop` (the first gold value when none is). `None` when gold never rose above
+/// its first value (no gain to give up). Errors as [`gold_peak`].
+pub fn stopping_regret(run: &Run, stop: Option<u64>, rule: &GoldPeakRule) -> Result<Option<f64>> {
+    let smoothed = smoothed_gold(run, rule)?;
+    let first = smoothed[0].1;
+    let peak = smoothed
+        .iter()
+        .map(|p| p.1)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let at = match stop {
+        None => smoothed.last().map_or(first, |p| p.1),
+        Some(step) => smoothed
+            .iter()
+            .take_while(|p| p.0 <= step)
+            .last()
+            .map_or(first, |p| p.1),
+    };
+    Ok((peak > first).then(|| (peak - at) / (peak - first)))
+}
+
+/// What a detector did on one logged run, and against its gold where the run has gold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunDetection {
+    /// The detector's name.
+    pub detector: String,
+    /// Steps the run logged.
+    pub steps: usize,
+    /// Its firing, if it fired.
+    pub firing: Option<crate::detect::Firing>,
+    /// The gold peak, where the run has gold ([`gold_peak`]).
+    pub gold_peak: Option<GoldPeak>,
+    /// `peak step - fired step`: positive when the warning comes before the peak.
+    pub lead: Option<i64>,
+    /// [`stopping_regret`] of stopping at the firing (or of training to the end when it
+    /// did not fire).
+    pub stopping_regret: Option<f64>,
+}
+
+/// Replays `run` through `det` (fresh); with gold under `rule.gold_key` in the run, also
+/// its gold peak, the lead and the stopping regret. Errors on a detector error (a
+/// non-finite value, a non-increasing step) and as [`gold_peak`].
+pub fn detect_run(
+    run: &Run,
+    mut det: Box<dyn Detector>,
+    rule: &GoldPeakRule,
+) -> Result<RunDetection> {
+    let mut firing = None;
+    for (step, m) in &run.steps {
+        if let Some(f) = det.update(*step, m)? {
+            firing = Some(f);
+            break;
+        }
+    }
+    let has_gold = run
+        .steps
+        .iter()
+        .any(|(_, m)| m.contains_key(&rule.gold_key));
+    let (gold_peak, lead, stopping_regret) = if has_gold {
+        let peak = gold_peak(run, rule)?;
+        let fired = firing.as_ref().map(|f: &crate::detect::Firing| f.step);
+        (
+            Some(peak),
+            fired.map(|f| peak.step as i64 - f as i64),
+            stopping_regret(run, fired, rule)?,
+        )
+    } else {
+        (None, None, None)
+    };
+    Ok(RunDetection {
+        detector: det.name().into(),
+        steps: run.steps.len(),
+        firing,
+        gold_peak,
+        lead,
+        stopping_regret,
     })
 }
 
@@ -269,6 +360,7 @@ mod tests {
                     step,
                     score: 1.0,
                     reason: String::new(),
+                    signals: BTreeMap::new(),
                 });
                 return Ok(self.1.clone());
             }
@@ -344,6 +436,61 @@ mod tests {
             gold_peak(&no_gold, &rule),
             Err(GoodhartError::Empty { .. })
         ));
+    }
+
+    fn gold_run(gold: &[Option<f64>]) -> Run {
+        Run::from_rows(
+            "r",
+            gold.iter()
+                .map(|g| {
+                    g.map(|g| (KEY_GOLD_MEAN.to_string(), g))
+                        .into_iter()
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn stopping_regret_and_detection_by_hand() {
+        let raw = GoldPeakRule {
+            window: 1,
+            ..Default::default()
+        };
+        let run = gold_run(&[0.0, 1.0, 2.0, 3.0, 2.0, 1.0].map(Some));
+        // Peak 3 at step 3, gain 3 over the first value.
+        let r = |stop| stopping_regret(&run, stop, &raw).unwrap().unwrap();
+        assert!((r(Some(2)) - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(r(Some(3)), 0.0);
+        assert!((r(Some(4)) - 1.0 / 3.0).abs() < 1e-12);
+        assert!((r(None) - 2.0 / 3.0).abs() < 1e-12);
+        // A centred mean of 3: [0.5, 1, 2, 7/3, 2, 1.5]; stopping at 1 gives up
+        // (7/3 - 1) / (7/3 - 1/2).
+        let three = GoldPeakRule {
+            window: 3,
+            ..Default::default()
+        };
+        let got = stopping_regret(&run, Some(1), &three).unwrap().unwrap();
+        assert!((got - (4.0 / 3.0) / (11.0 / 6.0)).abs() < 1e-12, "{got}");
+        // Without gold at the stop step, the last gold before it.
+        let gappy = gold_run(&[Some(0.0), None, Some(2.0), Some(1.0)]);
+        assert_eq!(stopping_regret(&gappy, Some(1), &raw).unwrap(), Some(1.0));
+        // No gain, no regret.
+        let flat = gold_run(&[Some(1.0), Some(0.5)]);
+        assert_eq!(stopping_regret(&flat, None, &raw).unwrap(), None);
+        // A detector firing at step 2: a lead of 1 step before the peak at 3.
+        let d = detect_run(&run, Box::new(At(2, None)), &raw).unwrap();
+        assert_eq!(d.firing.as_ref().map(|f| f.step), Some(2));
+        assert_eq!((d.lead, d.steps), (Some(1), 6));
+        assert!((d.stopping_regret.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(d.gold_peak.unwrap().step, 3);
+        // Without gold: only the firing.
+        let no_gold = Run::from_rows("n", vec![BTreeMap::new(); 4]);
+        let d = detect_run(&no_gold, Box::new(At(9, None)), &raw).unwrap();
+        assert_eq!(
+            (d.firing, d.gold_peak, d.lead, d.stopping_regret),
+            (None, None, None, None)
+        );
     }
 
     #[test]

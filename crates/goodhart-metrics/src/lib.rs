@@ -10,7 +10,8 @@
 //! - [`hacking`]: the ORPO definition of reward hacking.
 //! - [`overopt`]: Gao et al.'s best-of-n and RL laws, best-of-n KL, unbiased best-of-n.
 //! - [`detect`]: online hacking detectors (gold-aware, proxy-only); [`evaluate`]: their
-//!   lead / lag against the gold peak and false alarms over logged runs.
+//!   lead / lag against the gold peak, false alarms and stopping regret over logged runs;
+//!   [`training_log`]: any trainer's JSONL or CSV log as such a run.
 //! - [`effective_rank`]: effective rank of hidden states, ERV and ERA.
 //! - [`pass_at_k`], [`win_rate`], [`ope`]: unbiased pass@k, bootstrap win rate,
 //!   off-policy estimators (IPS, SNIPS, doubly robust).
@@ -28,6 +29,7 @@ pub mod pass_at_k;
 pub mod sink;
 pub mod stats;
 pub mod step;
+pub mod training_log;
 pub mod win_rate;
 
 #[cfg(test)]

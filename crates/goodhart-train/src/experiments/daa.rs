@@ -42,7 +42,10 @@ use serde_json::{json, Value};
 
 use goodhart_core::{ops::zero_masked, seed};
 use goodhart_envs::language::{Language, EOS, PAD};
-use goodhart_metrics::{overopt::OveroptLaw, step};
+use goodhart_metrics::{
+    overopt::{OveroptFit, OveroptLaw},
+    step,
+};
 use goodhart_objective::preference::{DpoConfig, IpoConfig, PreferenceLossConfig, RpoConfig};
 use goodhart_policy::{
     generate, hf, score::score, Generation, GenerationConfig, HfTokenizer, TextModel, TransformerLm,
@@ -682,6 +685,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
     // mean initial gold).
     let mut fits = Vec::new();
     let mut fit_rows = Vec::new();
+    let mut charts = Vec::new();
     for method in &cfg.methods {
         let mine: Vec<&DaaRun> = runs.iter().filter(|r| r.method == method.name).collect();
         let g0 = mean_sd(
@@ -725,14 +729,10 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
             json!({"rl_r2": coef(&rl, "r2"), "rl_peak_d": coef(&rl, "peak_d"),
                    "bon_r2": coef(&bon, "r2")}),
         );
+        charts.extend(method_charts(cfg, method, runs, rl.as_ref().map(|f| &f.0)));
         fits.extend(rl.map(|f| f.0));
         fits.extend(bon.map(|f| f.0));
     }
-    let charts = cfg
-        .methods
-        .iter()
-        .flat_map(|m| charts(cfg, m, runs))
-        .collect();
     let policies: Vec<&str> = runs.iter().filter_map(|r| r.policy.as_deref()).collect();
     if !policies.is_empty() {
         figures.insert("policies".into(), json!(policies));
@@ -795,9 +795,14 @@ fn mean_curve(runs: &[&DaaRun], f: impl Fn(&TracePoint) -> (f64, f64)) -> Vec<[f
         .collect()
 }
 
-/// A method's two charts: gold against `d` and gold against step, one line per beta
-/// (means over seeds), epochs marked on the second.
-fn charts(cfg: &DaaExperiment, method: &DaaMethod, runs: &[DaaRun]) -> Vec<Value> {
+/// A method's two charts: gold against `d` (with the method's fitted RL law, dashed) and
+/// gold against step, one line per beta (means over seeds), epochs marked on the second.
+fn method_charts(
+    cfg: &DaaExperiment,
+    method: &DaaMethod,
+    runs: &[DaaRun],
+    rl_fit: Option<&Value>,
+) -> Vec<Value> {
     let mut by_d = Vec::new();
     let mut by_step = Vec::new();
     let mut steps_per_epoch = 0;
@@ -823,6 +828,31 @@ fn charts(cfg: &DaaExperiment, method: &DaaMethod, runs: &[DaaRun]) -> Vec<Value
     }
     if by_d.is_empty() {
         return Vec::new();
+    }
+    if let Some(f) = rl_fit {
+        let get = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+        let law = OveroptFit {
+            law: OveroptLaw::Rl,
+            alpha: get("alpha"),
+            beta: get("beta"),
+            offset: get("offset"),
+            r_squared: get("r2"),
+            points: 0,
+        };
+        let d_max = runs
+            .iter()
+            .filter(|r| r.method == method.name)
+            .flat_map(|r| r.trace.points.iter().map(|p| p.d))
+            .fold(0.0, f64::max);
+        let points: Vec<[f64; 2]> = (0..=60)
+            .map(|i| d_max * i as f64 / 60.0)
+            .map(|d| [d, law.predict(d)])
+            .collect();
+        by_d.push(json!({
+            "label": format!("Gao RL law, every run (R² {:.2})", law.r_squared),
+            "points": points,
+            "dashed": true,
+        }));
     }
     let marks: Vec<Value> = (1..cfg.train.epochs)
         .map(|k| json!({"x": k * steps_per_epoch, "label": format!("epoch {}", k + 1)}))
