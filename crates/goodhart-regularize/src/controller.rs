@@ -186,6 +186,14 @@ impl Controller {
         self.value
     }
 
+    /// Multiplies the current coefficient by `factor` (finite, >= 0; otherwise unchanged);
+    /// later updates go on from the new value.
+    pub fn scale(&mut self, factor: f64) {
+        if factor.is_finite() && factor >= 0.0 {
+            self.value *= factor;
+        }
+    }
+
     /// The config it was built from.
     pub fn config(&self) -> &ControllerConfig {
         &self.config

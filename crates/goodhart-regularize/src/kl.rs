@@ -324,6 +324,11 @@ impl<B: Backend> crate::Regularizer<B> for KlRegularizer {
             .map(|_| ())
     }
 
+    /// `beta <- factor * beta` (an adaptive controller goes on from there).
+    fn raise_coefficient(&mut self, factor: f64) {
+        self.controller.scale(factor);
+    }
+
     fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
         let mut m = std::collections::BTreeMap::from([("kl/coef".to_string(), self.coef())]);
         if let Some(kl) = self.last_kl {

@@ -145,6 +145,12 @@ pub trait Regularizer<B: Backend> {
         Ok(())
     }
 
+    /// Multiplies its KL-to-the-reference coefficient by `factor` (an RL run's
+    /// `on_alarm = "raise_kl"`); does nothing for a regulariser without one (the default).
+    fn raise_coefficient(&mut self, factor: f64) {
+        let _ = factor;
+    }
+
     /// Metrics of the last step, keys `<name>/<metric>`.
     fn metrics(&self) -> BTreeMap<String, f64>;
 }

@@ -69,7 +69,10 @@ use goodhart_core::{
     seed, GoodhartError, Result,
 };
 use goodhart_envs::language::{Language, EOS};
-use goodhart_metrics::step::{batch_metrics, StepInputs, GOLD, PROXY};
+use goodhart_metrics::{
+    detect::{Detector, DetectorConfig},
+    step::{batch_metrics, StepInputs, GOLD, PROXY},
+};
 use goodhart_objective::{
     policy::PolicyInputs, PolicyLossConfig, RolloutIsConfig, SampleFilter, ValueLossConfig,
 };
@@ -181,6 +184,39 @@ pub struct RlConfig {
     /// ([`goodhart_core::params::clip_grad_norm`], as verl and TRL clip; 0 = off; default
     /// 1.0, their value).
     pub max_grad_norm: f64,
+    /// Hacking detectors run online on every step's metrics line (`kind = "proxy-only" |
+    /// "gold-aware"` with their settings, as under `[overopt] detectors`; one of each
+    /// kind). Each logs `detector/<kind>/score` (once it can score) and
+    /// `detector/<kind>/fired` (0 before its firing, 1 from it on); a non-finite metric
+    /// is a missing one to them.
+    pub detectors: Vec<DetectorConfig>,
+    /// What a detector's firing does ([`OnAlarm`]).
+    pub on_alarm: OnAlarm,
+    /// `rollback`: how many steps before the firing step the returned policy is from
+    /// (default 5; the trainer keeps that many recent policies).
+    pub rollback_steps: usize,
+    /// `raise_kl`: the factor on the `kl` regulariser's coefficient at each firing
+    /// (default 10).
+    pub kl_raise: f64,
+}
+
+/// What a detector's firing does to an RL run (`[rl] on_alarm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAlarm {
+    /// Nothing beyond the logged firing (the default).
+    #[default]
+    Log,
+    /// Training ends at the firing step: the policy returned (and saved) is the one its
+    /// update produced.
+    Stop,
+    /// Training ends at the firing step, and the policy returned is the one that began
+    /// step `firing - rollback_steps` (or the first kept one): the policy before the
+    /// signals turned.
+    Rollback,
+    /// The `kl` regulariser's coefficient is multiplied by `kl_raise` and training goes
+    /// on (once per firing detector).
+    RaiseKl,
 }
 
 impl Default for RlConfig {
@@ -210,6 +246,10 @@ impl Default for RlConfig {
             critic: CriticConfig::default(),
             on_nan: OnNan::Error,
             max_grad_norm: 1.0,
+            detectors: Vec::new(),
+            on_alarm: OnAlarm::Log,
+            rollback_steps: 5,
+            kl_raise: 10.0,
         }
     }
 }
@@ -534,8 +574,76 @@ impl RlConfig {
                 ));
             }
         }
+        // The alarm.
+        check_detectors("rl.detectors", &self.detectors, &self.logged_keys())?;
+        let mut kinds = std::collections::BTreeSet::new();
+        for (i, d) in self.detectors.iter().enumerate() {
+            if !kinds.insert(d.build()?.name()) {
+                return Err(bad(
+                    &format!("detectors[{i}].kind"),
+                    "one detector of each kind: this kind is already listed".into(),
+                ));
+            }
+        }
+        if self.on_alarm != OnAlarm::Log && self.detectors.is_empty() {
+            return Err(bad(
+                "on_alarm",
+                "acts on a detector's firing: list one under rl.detectors".into(),
+            ));
+        }
+        if self.on_alarm == OnAlarm::Rollback && self.rollback_steps == 0 {
+            return Err(bad("rollback_steps", "must be at least 1".into()));
+        }
+        if self.on_alarm == OnAlarm::RaiseKl {
+            if !self
+                .regularizers
+                .iter()
+                .any(|r| matches!(r, RegularizerConfig::Kl(_)))
+            {
+                return Err(bad(
+                    "on_alarm",
+                    "raise_kl raises the `kl` regulariser's coefficient: add one to \
+                     rl.regularizers"
+                        .into(),
+                ));
+            }
+            if !(self.kl_raise.is_finite() && self.kl_raise >= 1.0) {
+                return Err(bad("kl_raise", "must be finite and >= 1".into()));
+            }
+        }
         Ok(())
     }
+}
+
+/// Checks `detectors` (at config path `path`) before a run: each builds, and every
+/// metric it reads is one the trainer logs (`logged`); errors name the key
+/// (`<path>[i].signals[1].key`).
+pub fn check_detectors(
+    path: &str,
+    detectors: &[DetectorConfig],
+    logged: &LoggedKeys,
+) -> Result<()> {
+    for (i, d) in detectors.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        d.build().map_err(|e| match e {
+            GoodhartError::InvalidArgument { name, reason } => {
+                GoodhartError::invalid(format!("{at}.{name}"), reason)
+            }
+            other => GoodhartError::invalid(&at, other.to_string()),
+        })?;
+        for (key, field) in d.keys() {
+            if !logged.accepts(&key) {
+                return Err(GoodhartError::invalid(
+                    format!("{at}.{field}"),
+                    format!(
+                        "`{key}` is not a metric the RL trainer logs with this [rl]; it logs {}",
+                        logged.describe()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The metric keys a run of an [`RlConfig`] logs on every step (see
@@ -636,6 +744,13 @@ impl RlConfig {
             };
             if in_loss {
                 keys.insert(format!("loss/{}", r.name()));
+            }
+        }
+        for d in &self.detectors {
+            if let Ok(det) = d.build() {
+                for k in ["score", "fired"] {
+                    keys.insert(format!("detector/{}/{k}", det.name()));
+                }
             }
         }
         LoggedKeys { keys, prefixes }
@@ -1490,9 +1605,23 @@ pub fn train<B: AutodiffBackend>(
     let to_ad1 = |t: Tensor<B::InnerBackend, 1>| Tensor::<B, 1>::from_inner(t);
     // Batches dropped for a non-finite quantity (`OnNan::SkipBatch`).
     let mut skipped = 0usize;
+    // The alarm: the detectors, and for `rollback` the policies that began recent steps.
+    let mut detectors: Vec<Box<dyn Detector>> = cfg
+        .detectors
+        .iter()
+        .map(DetectorConfig::build)
+        .collect::<Result<_>>()?;
+    let mut recent: std::collections::VecDeque<(usize, TransformerLm<B>)> =
+        std::collections::VecDeque::new();
     'steps: for step in 0..cfg.steps {
         let mut timings = StepTimings::default();
         let t_step = clock::<B>(device)?;
+        if cfg.on_alarm == OnAlarm::Rollback {
+            recent.push_back((step, policy.clone()));
+            if recent.len() > cfg.rollback_steps + 1 {
+                recent.pop_front();
+            }
+        }
         // 1-3. Prompts, rollout with the current policy (no autodiff), rewards.
         let sampler = policy.valid();
         let (batch, rollouts, spread_share) = collect(
@@ -1994,6 +2123,24 @@ pub fn train<B: AutodiffBackend>(
                 }
             })
             .collect();
+        // The detectors read the step's line (a non-finite value as a missing one).
+        let finite: BTreeMap<String, f64> = metrics
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let mut fired = Vec::new();
+        for det in detectors.iter_mut() {
+            if let Some(f) = det.update(step as u64, &finite)? {
+                fired.push(f);
+            }
+            let name = det.name();
+            if let Some(score) = det.score() {
+                metrics.insert(format!("detector/{name}/score"), score);
+            }
+            let on = det.fired().is_some();
+            metrics.insert(format!("detector/{name}/fired"), f64::from(u8::from(on)));
+        }
         timings.total = since::<B>(t_step, device)?;
         log(&StepLine {
             step,
@@ -2001,6 +2148,27 @@ pub fn train<B: AutodiffBackend>(
             samples,
             timings,
         })?;
+        if fired.is_empty() {
+            continue;
+        }
+        match cfg.on_alarm {
+            OnAlarm::Log => {}
+            OnAlarm::Stop => break,
+            OnAlarm::Rollback => {
+                let back = step.saturating_sub(cfg.rollback_steps);
+                if let Some((_, p)) = recent.iter().find(|(s, _)| *s >= back) {
+                    policy = p.clone();
+                }
+                break;
+            }
+            OnAlarm::RaiseKl => {
+                for r in regularizers.iter_mut() {
+                    for _ in &fired {
+                        r.raise_coefficient(cfg.kl_raise);
+                    }
+                }
+            }
+        }
     }
     Ok(policy)
 }
@@ -2098,6 +2266,108 @@ mod tests {
             },
         )?;
         Ok(out)
+    }
+
+    /// [`run_cpu`] with one member, also returning the trained policy's embedding.
+    fn run_cpu_policy(cfg: &RlConfig) -> (Vec<StepLine>, Vec<f32>) {
+        let device = cpu();
+        let l = lang();
+        let (policy, reference, proxy) = setup::<Cpu>(&l, 1, &device);
+        let mut out = Vec::new();
+        let trained = train::<Cpu>(
+            cfg,
+            &LanguageTask::new(&l, &proxy, &LanguageGold::new(&l)),
+            policy,
+            &reference,
+            5,
+            &device,
+            &mut |m| {
+                out.push(m.clone());
+                Ok(())
+            },
+        )
+        .unwrap();
+        let emb = trained
+            .trunk
+            .tok_emb
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>();
+        (out, emb.into_vec().unwrap())
+    }
+
+    /// A detector that fires at step 2: any change of the proxy mean after a 2-step
+    /// warm-up is past its threshold.
+    const AT_STEP_2: &str = "detectors = [{ kind = \"proxy-only\", warmup = 2, threshold = 1e-9, \
+        patience = 1, signals = [{ key = \"reward/proxy/mean\", transform = \"level\", \
+        direction = \"both\" }] }]";
+
+    #[test]
+    fn on_alarm_logs_stops_rolls_back_or_raises_the_kl() {
+        let fired = |lines: &[StepLine]| -> Vec<f64> {
+            lines
+                .iter()
+                .map(|l| l.get("detector/proxy-only/fired"))
+                .collect()
+        };
+        // log: every step runs; the firing is logged from step 2 on, the score once the
+        // warm-up is done.
+        let (log, _) = run_cpu_policy(&rl(&format!("steps = 5\n{AT_STEP_2}")));
+        assert_eq!(fired(&log), [0.0, 0.0, 1.0, 1.0, 1.0]);
+        assert!(!log[1].metrics.contains_key("detector/proxy-only/score"));
+        assert!(log[2].get("detector/proxy-only/score") >= 1e-9);
+        // stop: training ends at the firing step, with the numbers of the run that logs.
+        let (stop, stopped) =
+            run_cpu_policy(&rl(&format!("steps = 5\non_alarm = \"stop\"\n{AT_STEP_2}")));
+        assert_eq!(stop.len(), 3);
+        for (a, b) in stop.iter().zip(&log) {
+            assert_eq!(a.metrics, b.metrics);
+        }
+        let (_, three) = run_cpu_policy(&rl(&format!("steps = 3\n{AT_STEP_2}")));
+        assert_eq!(stopped, three, "the policy after the firing step's update");
+        // rollback: ends there too, returning the policy that began step 2 - 1 = 1 (the
+        // one step 0's update made).
+        let (back, rolled) = run_cpu_policy(&rl(&format!(
+            "steps = 5\non_alarm = \"rollback\"\nrollback_steps = 1\n{AT_STEP_2}"
+        )));
+        assert_eq!(back.len(), 3);
+        let (_, one) = run_cpu_policy(&rl(&format!("steps = 1\n{AT_STEP_2}")));
+        assert_eq!(rolled, one);
+        assert_ne!(rolled, stopped);
+        // raise_kl: the coefficient is 10x from the step after the firing.
+        let (raised, _) = run_cpu_policy(&rl(&format!(
+            "steps = 4\non_alarm = \"raise_kl\"\nregularizers = [{{ kind = \"kl\", placement = \"loss\", controller = {{ kind = \"fixed\", coef = 0.01 }} }}]\n{AT_STEP_2}"
+        )));
+        let coef: Vec<f64> = raised.iter().map(|l| l.get("kl/coef")).collect();
+        assert_eq!(&coef[..3], [0.01; 3]);
+        assert!((coef[3] - 0.1).abs() < 1e-15, "{coef:?}");
+    }
+
+    #[test]
+    fn alarm_settings_are_checked_before_a_run() {
+        let err = |toml: &str| rl(toml).validate(1).unwrap_err().to_string();
+        let e = err("on_alarm = \"stop\"");
+        assert!(
+            e.contains("rl.on_alarm") && e.contains("rl.detectors"),
+            "{e}"
+        );
+        let e = err(&format!("on_alarm = \"raise_kl\"\n{AT_STEP_2}"));
+        assert!(e.contains("rl.on_alarm") && e.contains("`kl`"), "{e}");
+        let e = err(&AT_STEP_2.replace("reward/proxy/mean", "reward/proxy/mena"));
+        assert!(
+            e.contains("rl.detectors[0].signals[0].key") && e.contains("reward/proxy/mena"),
+            "{e}"
+        );
+        let e = err(&AT_STEP_2.replace("threshold = 1e-9", "threshold = -1"));
+        assert!(e.contains("rl.detectors[0].threshold"), "{e}");
+        let twice = AT_STEP_2.replace("}] }]", "}] }, { kind = \"proxy-only\" }]");
+        let e = err(&twice);
+        assert!(e.contains("rl.detectors[1].kind"), "{e}");
+        let e = err(&format!(
+            "on_alarm = \"rollback\"\nrollback_steps = 0\n{AT_STEP_2}"
+        ));
+        assert!(e.contains("rl.rollback_steps"), "{e}");
     }
 
     /// The language's gold, but NaN for every response on call `nan_at` (a source that

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     best_of_n::{best_of_n, BonPoint},
-    config::{positive, ConfigError, ExperimentConfig},
+    config::{positive, section, ConfigError, ExperimentConfig},
     policy_gradient::LanguageGold,
     reward_model::ProxyReport,
     runner::{Result, Runner},
@@ -141,27 +141,14 @@ impl Experiment for OveroptExperiment {
         }
         // Overopt trains against one reward model per pairs count.
         lm::validate(config, &config.rl, "rl", 1)?;
-        let logged = config.rl.logged_keys();
-        for (i, d) in self.detectors.iter().enumerate() {
-            let path = format!("overopt.detectors[{i}]");
-            d.build().map_err(|e| match e {
-                goodhart_core::GoodhartError::InvalidArgument { name, reason } => {
-                    ConfigError::invalid(format!("{path}.{name}"), reason)
-                }
-                other => ConfigError::invalid(&path, other.to_string()),
-            })?;
-            for (key, at) in d.keys() {
-                if !logged.accepts(&key) {
-                    return Err(ConfigError::invalid(
-                        format!("{path}.{at}"),
-                        format!(
-                            "`{key}` is not a metric the RL trainer logs with this [rl]; it logs {}",
-                            logged.describe()
-                        ),
-                    ));
-                }
-            }
-        }
+        section(
+            "overopt",
+            crate::policy_gradient::check_detectors(
+                "overopt.detectors",
+                &self.detectors,
+                &config.rl.logged_keys(),
+            ),
+        )?;
         Ok(())
     }
 
