@@ -1037,3 +1037,79 @@ fn a_trl_named_csv_of_a_run_fires_where_the_lab_detector_did() {
     assert!(e.contains("no column `KL` (for `kl/ref`)"), "{e}");
     let _ = std::fs::remove_dir_all(root);
 }
+
+#[test]
+fn tiny_detector_corpus_preset() {
+    let config = tiny(
+        "detector-corpus",
+        &[
+            "rl.steps=8",
+            "detector_corpus.calibration_seeds=1",
+            "detector_corpus.test_seeds=1",
+            "detector_corpus.settings=[{ name = \"p20\", pairs = 20 }, { name = \"gold\", pairs = 20, control = true, rl = { components = [{ name = \"gold\" }] } }]",
+            "detector_corpus.resamples=50",
+            "detector_corpus.plateau_window=2",
+        ],
+    );
+    // A corpus without a control cannot count false alarms.
+    let err = ExperimentConfig::parse(
+        presets::preset("detector-corpus").unwrap(),
+        &["detector_corpus.settings=[{ name = \"a\", pairs = 20 }]".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("detector_corpus.settings") && err.contains("control"),
+        "{err}"
+    );
+    let root = scratch("corpus");
+    let (dir, summary) = run(config, &root);
+    assert_run_files(&dir);
+    // Two settings x two splits, one trace each.
+    let traces = table(&summary, "Detector corpus: traces");
+    let rows: Vec<(&str, &str, u64)> = traces
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap(),
+                r[2].as_str().unwrap(),
+                r[3].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("p20", "calibration", 1),
+            ("p20", "test", 1),
+            ("gold", "calibration", 1),
+            ("gold", "test", 1)
+        ]
+    );
+    // The detectors, then the three baselines; training to the end never stops early.
+    let rules = table(&summary, "Detector corpus: rules");
+    let names: Vec<&str> = rules.iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "proxy-only",
+            "gold-aware",
+            "end",
+            "proxy-plateau",
+            "kl-budget"
+        ]
+    );
+    let end = &rules[2];
+    assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
+    assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
+    // Each trace is an RL series of 8 steps.
+    let lines = metric_lines(&dir);
+    for series in ["p20/s0", "p20/s1", "gold/s0", "gold/s1"] {
+        assert_eq!(
+            lines.iter().filter(|l| l["series"] == series).count(),
+            8,
+            "{series}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(root);
+}

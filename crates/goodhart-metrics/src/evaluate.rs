@@ -222,6 +222,80 @@ pub fn detect_run(
     })
 }
 
+/// The step `det` (fresh) first fires at when `run` is replayed through it.
+pub fn first_firing(run: &Run, mut det: Box<dyn Detector>) -> Result<Option<u64>> {
+    for (step, m) in &run.steps {
+        if let Some(f) = det.update(*step, m)? {
+            return Ok(Some(f.step));
+        }
+    }
+    Ok(None)
+}
+
+/// A baseline stopping rule without gold: the first step at which the proxy has
+/// plateaued. With `s` the EMA (weight 0.3) of `proxy_key`, it stops at the first step
+/// `t` (at least `window` proxy values in) where `s_t - s_{t - window} < fraction * (max_{u
+/// <= t} s_u - s_0)`: the last `window` steps added less than `fraction` of the rise so
+/// far. `None` when it never plateaus (or the proxy never rose).
+pub fn proxy_plateau_stop(run: &Run, proxy_key: &str, window: usize, fraction: f64) -> Option<u64> {
+    let mut smoothed: Vec<(u64, f64)> = Vec::new();
+    let mut high = f64::NEG_INFINITY;
+    for (step, m) in &run.steps {
+        let Some(p) = m.get(proxy_key).filter(|p| p.is_finite()) else {
+            continue;
+        };
+        let s = smoothed.last().map_or(*p, |l| 0.3 * p + 0.7 * l.1);
+        smoothed.push((*step, s));
+        high = high.max(s);
+        let n = smoothed.len();
+        if window > 0 && n > window {
+            let rise = high - smoothed[0].1;
+            if rise > 0.0 && s - smoothed[n - 1 - window].1 < fraction * rise {
+                return Some(*step);
+            }
+        }
+    }
+    None
+}
+
+/// A baseline stopping rule: the first step whose `kl_key` reaches `budget` (a fixed KL
+/// budget); `None` when it never does.
+pub fn kl_budget_stop(run: &Run, kl_key: &str, budget: f64) -> Option<u64> {
+    run.steps
+        .iter()
+        .find(|(_, m)| m.get(kl_key).is_some_and(|k| *k >= budget))
+        .map(|(s, _)| *s)
+}
+
+/// The smallest of `thresholds` at which detectors from `make(threshold)` fire on at most
+/// `rate` of the `clean` runs (runs that must not raise an alarm); `None` when none of
+/// them does. Errors on no clean run, unsorted thresholds or a detector error.
+pub fn calibrate_threshold(
+    clean: &[Run],
+    thresholds: &[f64],
+    rate: f64,
+    make: &dyn Fn(f64) -> Result<Box<dyn Detector>>,
+) -> Result<Option<f64>> {
+    if clean.is_empty() {
+        return Err(GoodhartError::Empty {
+            what: "clean runs to calibrate on".into(),
+        });
+    }
+    if thresholds.windows(2).any(|w| w[1] <= w[0]) {
+        return Err(GoodhartError::invalid("thresholds", "must increase"));
+    }
+    for &t in thresholds {
+        let mut alarms = 0;
+        for run in clean {
+            alarms += usize::from(first_firing(run, make(t)?)?.is_some());
+        }
+        if alarms as f64 <= rate * clean.len() as f64 {
+            return Ok(Some(t));
+        }
+    }
+    Ok(None)
+}
+
 /// One run's outcome for one detector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunOutcome {
@@ -491,6 +565,60 @@ mod tests {
             (d.firing, d.gold_peak, d.lead, d.stopping_regret),
             (None, None, None, None)
         );
+    }
+
+    #[test]
+    fn baseline_stops_and_calibration_by_hand() {
+        let run = |values: &[f64], key: &str| {
+            Run::from_rows(
+                "r",
+                values
+                    .iter()
+                    .map(|v| BTreeMap::from([(key.to_string(), *v)]))
+                    .collect(),
+            )
+        };
+        // A proxy that rises 1/step to 10, then stays: EMA 0.3 of it rises less than 10%
+        // of its total rise over 3 steps first at step 15 (s_15 - s_12 = 0.73 < 0.1 * 9.62).
+        let mut p: Vec<f64> = (0..=10).map(f64::from).collect();
+        p.extend([10.0; 10]);
+        let r = run(&p, "proxy");
+        let mut s = vec![p[0]];
+        for v in &p[1..] {
+            s.push(0.3 * v + 0.7 * s.last().unwrap());
+        }
+        let want = (3..s.len())
+            .find(|&t| s[t] - s[t - 3] < 0.1 * (s[t] - s[0]))
+            .unwrap() as u64;
+        assert_eq!(proxy_plateau_stop(&r, "proxy", 3, 0.1), Some(want));
+        assert_eq!(want, 15);
+        assert_eq!(
+            proxy_plateau_stop(&run(&p[..11], "proxy"), "proxy", 3, 0.1),
+            None
+        );
+        assert_eq!(proxy_plateau_stop(&r, "other", 3, 0.1), None);
+        // KL budget: the first step at or over it.
+        let kl = run(&[0.0, 0.5, 1.0, 1.5], "kl");
+        assert_eq!(kl_budget_stop(&kl, "kl", 1.0), Some(2));
+        assert_eq!(kl_budget_stop(&kl, "kl", 2.0), None);
+        // Calibration: `At(t)` fires at step t, on runs of 5 steps (0..=4), so threshold
+        // t fires on every run when t <= 4 and on none above.
+        let clean = vec![Run::from_rows("c", vec![BTreeMap::new(); 5]); 3];
+        let make = |t: f64| -> Result<Box<dyn Detector>> { Ok(Box::new(At(t as u64, None))) };
+        assert_eq!(
+            calibrate_threshold(&clean, &[2.0, 4.0, 6.0], 0.1, &make).unwrap(),
+            Some(6.0)
+        );
+        assert_eq!(
+            calibrate_threshold(&clean, &[2.0, 4.0], 0.1, &make).unwrap(),
+            None
+        );
+        assert_eq!(
+            calibrate_threshold(&clean, &[2.0], 1.0, &make).unwrap(),
+            Some(2.0)
+        );
+        assert!(calibrate_threshold(&[], &[2.0], 0.1, &make).is_err());
+        assert!(calibrate_threshold(&clean, &[4.0, 2.0], 0.1, &make).is_err());
     }
 
     #[test]

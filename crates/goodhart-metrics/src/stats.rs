@@ -1,5 +1,6 @@
-//! Statistics on plain series (`&[f64]`): validation, summaries, Pearson and Spearman
-//! correlation, and the small least-squares solver the overoptimisation fits use.
+//! Statistics on plain series (`&[f64]`): validation, summaries, the median with a
+//! bootstrap interval, Pearson and Spearman correlation, and the small least-squares
+//! solver the overoptimisation fits use.
 //!
 //! Everything here works on host memory: the series are per-step or per-response values
 //! that are already scalars (a run's gold curve, a batch's rewards read back once).
@@ -36,6 +37,60 @@ pub fn check_pair(a: &[f64], a_name: &str, b: &[f64], b_name: &str) -> Result<()
 pub fn mean(x: &[f64]) -> Result<f64> {
     check_series(x, "series")?;
     Ok(x.iter().sum::<f64>() / x.len() as f64)
+}
+
+/// Median of a valid series (the mean of the two middle values for an even count).
+pub fn median(x: &[f64]) -> Result<f64> {
+    check_series(x, "series")?;
+    let mut v = x.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Ok(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+/// A statistic with its percentile-bootstrap interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    /// The statistic on the sample.
+    pub value: f64,
+    /// Lower end of the interval.
+    pub lo: f64,
+    /// Upper end.
+    pub hi: f64,
+}
+
+/// The median of `x` with its percentile-bootstrap interval: `resamples` resamples with
+/// replacement, nearest-rank quantiles at `(1 - level)/2` and `(1 + level)/2`, drawn from
+/// the stream `"metrics/median"` of `seed` (same seed, same interval). Errors on an
+/// empty or non-finite series, `resamples = 0` or a level outside (0, 1).
+pub fn median_interval(x: &[f64], resamples: usize, level: f64, seed: u64) -> Result<Interval> {
+    use rand::RngExt as _;
+    let value = median(x)?;
+    if resamples == 0 {
+        return Err(GoodhartError::invalid("resamples", "must be at least 1"));
+    }
+    if !(level > 0.0 && level < 1.0) {
+        return Err(GoodhartError::invalid("level", "must be in (0, 1)"));
+    }
+    let n = x.len();
+    let mut rng = goodhart_core::seed::rng(seed, "metrics/median");
+    let mut boot: Vec<f64> = (0..resamples)
+        .map(|_| {
+            let draw: Vec<f64> = (0..n).map(|_| x[rng.random_range(0..n)]).collect();
+            median(&draw).unwrap_or(f64::NAN)
+        })
+        .collect();
+    boot.sort_by(f64::total_cmp);
+    let q = |p: f64| boot[((p * resamples as f64).ceil() as usize).clamp(1, resamples) - 1];
+    Ok(Interval {
+        value,
+        lo: q((1.0 - level) / 2.0),
+        hi: q((1.0 + level) / 2.0),
+    })
 }
 
 /// Count, mean, standard deviation, minimum and maximum of a series.
@@ -273,5 +328,25 @@ mod tests {
                 prop_assert!((r - 1.0).abs() < 1e-9);
             }
         }
+    }
+
+    #[test]
+    fn median_and_its_bootstrap_interval() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]).unwrap(), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]).unwrap(), 2.5);
+        assert!(median(&[]).is_err() && median(&[f64::NAN]).is_err());
+        // A constant sample: a degenerate interval.
+        let c = median_interval(&[5.0; 7], 100, 0.95, 0).unwrap();
+        assert_eq!((c.value, c.lo, c.hi), (5.0, 5.0, 5.0));
+        // 0..=100: the median 50; its 95% interval from the order statistics' binomial
+        // spread, about 50 +- 1.96 * sqrt(101) / 2 = 50 +- 10.
+        let x: Vec<f64> = (0..=100).map(f64::from).collect();
+        let i = median_interval(&x, 2000, 0.95, 3).unwrap();
+        assert_eq!(i.value, 50.0);
+        assert!(i.lo < 50.0 && i.hi > 50.0, "{i:?}");
+        assert!((i.hi - i.lo - 20.0).abs() < 6.0, "{i:?}");
+        assert_eq!(i, median_interval(&x, 2000, 0.95, 3).unwrap());
+        assert!(median_interval(&x, 0, 0.95, 3).is_err());
+        assert!(median_interval(&x, 10, 1.0, 3).is_err());
     }
 }

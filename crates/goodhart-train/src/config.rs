@@ -27,6 +27,10 @@
 //! [data]              #   path = "prompts.jsonl", columns = { prompt = "question", answer = "answer" }
 //! [rewards]           #   proxy = { kind = "format", ... }, gold = { kind = "math_verify" }
 //!
+//! [daa]               # DPO-family training over betas (synthetic language, or a HF model with
+//!                     #   [policy], [data] = a preference set, [rewards])
+//! [detector_corpus]   # RL traces split by seed: detectors calibrated, then tested
+//!
 //! [sweep]             # `cargo xtask sweep`: one run per point of the product
 //! "rl.lr" = [1e-3, 3e-3]
 //! ```
@@ -44,6 +48,7 @@ use goodhart_envs::language::LanguageConfig;
 
 pub use crate::experiments::{
     daa::{DaaExperiment, DaaMethod},
+    detector_corpus::DetectorCorpusExperiment,
     mitigations::{Arm, MitigationsExperiment},
     overopt::{BestOfNConfig, OveroptExperiment},
     tomato::{ProxyInit, TomatoExperiment},
@@ -139,6 +144,9 @@ pub struct ExperimentConfig {
     /// Direct alignment over betas on the synthetic language.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daa: Option<DaaExperiment>,
+    /// RL traces with known gold: detectors calibrated and tested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector_corpus: Option<DetectorCorpusExperiment>,
     /// `cargo xtask sweep`: dotted key path -> values; one run per point of the product.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,

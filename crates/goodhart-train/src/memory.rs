@@ -48,7 +48,9 @@ pub fn estimate(config: &ExperimentConfig) -> Vec<Term> {
             bytes,
         })
     };
-    let lm = config.overopt.is_some() || config.mitigations.is_some();
+    let lm = config.overopt.is_some()
+        || config.mitigations.is_some()
+        || config.detector_corpus.is_some();
     if lm {
         let l = &config.language;
         let (topics, words) = (l.topics as f64, l.words as f64);
@@ -94,6 +96,12 @@ pub fn estimate(config: &ExperimentConfig) -> Vec<Term> {
             .iter()
             .flat_map(|o| o.pairs.iter().copied())
             .chain(config.mitigations.iter().map(|m| m.pairs))
+            .chain(
+                config
+                    .detector_corpus
+                    .iter()
+                    .flat_map(|c| c.settings.iter().map(|s| s.pairs)),
+            )
             .max()
             .unwrap_or(0);
         let key = if config
@@ -102,8 +110,14 @@ pub fn estimate(config: &ExperimentConfig) -> Vec<Term> {
             .is_some_and(|o| o.pairs.contains(&pairs))
         {
             "overopt.pairs"
-        } else {
+        } else if config
+            .mitigations
+            .as_ref()
+            .is_some_and(|m| m.pairs == pairs)
+        {
             "mitigations.pairs"
+        } else {
+            "detector_corpus.settings.pairs"
         };
         let p = &config.proxy;
         add(

@@ -29,6 +29,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/daa.toml"),
     ),
     (
+        "detector-corpus",
+        "RL traces with gold known (8 settings, 3 of them controls, 4 seeds): detectors calibrated on 2 seeds, lead, false alarms and stopping regret on the other 2",
+        include_str!("../../../docs/presets/detector-corpus.toml"),
+    ),
+    (
         "daa-full",
         "the daa lab at a larger budget: 4,000 pairs, 3 epochs, seven betas, cDPO too, 5 seeds",
         include_str!("../../../docs/presets/daa-full.toml"),

@@ -159,6 +159,7 @@ fn stage_sections(name: &str) -> Option<&'static [&'static str]> {
         (Some("overopt"), Some("bon")) => &["seed", "language", "sft", "proxy", "overopt"],
         (Some("overopt"), _) => &["seed", "language", "sft", "proxy", "rl", "overopt"],
         (Some("mitigations"), _) => &["seed", "language", "sft", "proxy", "rl", "mitigations"],
+        (Some("corpus"), _) => &["seed", "language", "sft", "proxy", "rl", "detector_corpus"],
         _ => return None,
     })
 }

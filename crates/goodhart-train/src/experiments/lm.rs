@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use goodhart_core::seed;
 use goodhart_envs::language::Language;
-use goodhart_metrics::step::{KEY_GOLD_MEAN, KEY_KL_D, KEY_PROXY_MEAN};
+use goodhart_metrics::{
+    evaluate::Run,
+    step::{KEY_GOLD_MEAN, KEY_KL, KEY_KL_D, KEY_PROXY_MEAN},
+};
 use goodhart_policy::{
     checkpoint::{load_module, save_module},
     transformer::TransformerLm,
@@ -96,6 +99,27 @@ impl Trace {
             .iter()
             .filter(|p| p.gold.is_finite())
             .max_by(|a, b| a.gold.total_cmp(&b.gold))
+    }
+
+    /// The trace as goodhart-metrics' [`Run`] (named by its series): each step's metrics
+    /// with the proxy, gold, `kl/d` and (when absent) `kl/ref = d^2`: what a detector
+    /// read online.
+    pub fn to_run(&self) -> Run {
+        Run {
+            name: self.series.clone(),
+            steps: self
+                .points
+                .iter()
+                .map(|p| {
+                    let mut m = p.metrics.clone();
+                    m.insert(KEY_PROXY_MEAN.into(), p.proxy);
+                    m.insert(KEY_GOLD_MEAN.into(), p.gold);
+                    m.insert(KEY_KL_D.into(), p.d);
+                    m.entry(KEY_KL.into()).or_insert(p.d * p.d);
+                    (p.step, m)
+                })
+                .collect(),
+        }
     }
 
     /// `(peak - final) / (peak - initial)`: the fraction of the gold gained that was lost

@@ -109,14 +109,23 @@ impl Arm {
         base: &RlConfig,
         index: usize,
     ) -> std::result::Result<RlConfig, ConfigError> {
-        let path = format!("mitigations.arms[{index}].rl");
-        let mut table = toml::Table::try_from(base)
-            .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise [rl]: {e}")))?;
-        merge(&mut table, &self.rl);
-        let text = toml::to_string(&table)
-            .map_err(|e| ConfigError::invalid(&path, format!("cannot serialise: {e}")))?;
-        from_toml(&text, &path)
+        rl_with(base, &self.rl, &format!("mitigations.arms[{index}].rl"))
     }
+}
+
+/// `base` with the keys of `over` merged in (key by key; see [`merge`]); errors name
+/// `path`.
+pub(crate) fn rl_with(
+    base: &RlConfig,
+    over: &toml::Table,
+    path: &str,
+) -> std::result::Result<RlConfig, ConfigError> {
+    let mut table = toml::Table::try_from(base)
+        .map_err(|e| ConfigError::invalid(path, format!("cannot serialise [rl]: {e}")))?;
+    merge(&mut table, over);
+    let text = toml::to_string(&table)
+        .map_err(|e| ConfigError::invalid(path, format!("cannot serialise: {e}")))?;
+    from_toml(&text, path)
 }
 
 /// One RL run of one arm.

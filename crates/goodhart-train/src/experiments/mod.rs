@@ -19,6 +19,7 @@
 //! [`ExperimentConfig`].
 
 pub mod daa;
+pub mod detector_corpus;
 pub mod lm;
 pub mod mitigations;
 pub mod overopt;
@@ -85,7 +86,7 @@ pub trait Visitor {
 }
 
 /// Every experiment: its section name and summary.
-pub const EXPERIMENTS: [(&str, &str); 5] = [
+pub const EXPERIMENTS: [(&str, &str); 6] = [
     (
         tomato::TomatoExperiment::NAME,
         tomato::TomatoExperiment::SUMMARY,
@@ -103,6 +104,10 @@ pub const EXPERIMENTS: [(&str, &str); 5] = [
         train::TrainExperiment::SUMMARY,
     ),
     (daa::DaaExperiment::NAME, daa::DaaExperiment::SUMMARY),
+    (
+        detector_corpus::DetectorCorpusExperiment::NAME,
+        detector_corpus::DetectorCorpusExperiment::SUMMARY,
+    ),
 ];
 
 /// Calls `v` on every experiment `config` enables, in [`EXPERIMENTS`] order; returns how
@@ -129,6 +134,10 @@ pub fn visit<V: Visitor>(
         n += 1;
     }
     if let Some(e) = &config.daa {
+        v.visit(e)?;
+        n += 1;
+    }
+    if let Some(e) = &config.detector_corpus {
         v.visit(e)?;
         n += 1;
     }
@@ -180,7 +189,12 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
         },
         "preference loss" => vec!["daa (methods.loss)".into()],
         "metric" => match name {
-            "gold-aware" | "proxy-only" => vec!["overopt (overopt.detectors)".into()],
+            "gold-aware" | "proxy-only" => {
+                let mut by = vec!["overopt (overopt.detectors)".to_string()];
+                by.extend(rl("detectors"));
+                by.push("detector_corpus (detector_corpus.detectors)".into());
+                by
+            }
             "rl-fit" | "bon-fit" | "bon-kl" => vec!["overopt (its summary)".into()],
             _ => Vec::new(),
         },
@@ -483,7 +497,13 @@ mod tests {
         }
         assert_eq!(
             accepting("metric", "gold-aware"),
-            ["overopt (overopt.detectors)"]
+            [
+                "overopt (overopt.detectors)",
+                "overopt (rl.detectors)",
+                "mitigations (arms.rl.detectors)",
+                "train (rl.detectors)",
+                "detector_corpus (detector_corpus.detectors)"
+            ]
         );
     }
 

@@ -21,9 +21,9 @@ use serde_json::{json, Value};
 use goodhart_core::seed;
 use goodhart_metrics::{
     detect::{DetectorConfig, GoldAwareConfig, ProxyOnlyConfig},
-    evaluate::{evaluate, GoldPeakRule, Run},
+    evaluate::{evaluate, GoldPeakRule},
     overopt::{fit, OveroptLaw},
-    step::{KEY_GOLD_MEAN, KEY_KL, KEY_KL_D, KEY_PROXY_MEAN},
+    step::{KEY_GOLD_MEAN, KEY_KL_D, KEY_PROXY_MEAN},
 };
 use goodhart_reward::Aggregator;
 
@@ -329,21 +329,7 @@ pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> Part {
         fits.extend(rl_fit.map(|f| f.0));
         fits.extend(bon_fit.map(|f| f.0));
         // Detectors, replayed over the trace as they would run online.
-        let run = Run {
-            name: t.series.clone(),
-            steps: t
-                .points
-                .iter()
-                .map(|p| {
-                    let mut m = p.metrics.clone();
-                    m.insert(KEY_PROXY_MEAN.into(), p.proxy);
-                    m.insert(KEY_GOLD_MEAN.into(), p.gold);
-                    m.insert(KEY_KL_D.into(), p.d);
-                    m.entry(KEY_KL.into()).or_insert(p.d * p.d);
-                    (p.step, m)
-                })
-                .collect(),
-        };
+        let run = t.to_run();
         for det in &cfg.detectors {
             let make = || det.build();
             let ev = match evaluate(std::slice::from_ref(&run), &make, &GoldPeakRule::default()) {

@@ -1,0 +1,544 @@
+//! The detector corpus: many RL runs on the overoptimisation task with gold known, split
+//! by seed into calibration and held-out test traces, and the hacking detectors
+//! calibrated on the first and measured on the second against baselines that need no
+//! detector.
+//!
+//! Each setting is a proxy (`pairs` gold-labelled pairs, `ensemble` members) and the
+//! `[rl]` algorithm with the setting's overrides; `control = true` marks a setting built
+//! not to hack (a strong KL, training on gold itself, a tiny learning rate). Every
+//! setting runs on every seed: the first `calibration_seeds` seeds give the calibration
+//! traces, the next `test_seeds` the test traces.
+//!
+//! Labels come from the whole gold curve ([`gold_peak`]: the peak of the centred moving
+//! average of gold, hacked when the final smoothed gold is below it by the rule's drop).
+//! A false alarm is a firing on a control trace that did not hack.
+//!
+//! Calibration: a proxy-only detector's `threshold` is the smallest of `thresholds` at
+//! which it fires on at most `false_alarm_rate` of the calibration controls that did not
+//! hack ([`calibrate_threshold`]); a gold-aware detector runs as configured.
+//!
+//! Each rule stops a trace at a step: a detector at its firing; `end` never (training to
+//! the end); `proxy-plateau` when the proxy's EMA gained less than `plateau_fraction` of
+//! its rise over the last `plateau_window` steps ([`proxy_plateau_stop`]); `kl-budget`
+//! when `kl/ref` reaches the median over the calibration traces that hacked of `kl/ref`
+//! at their gold peak ([`kl_budget_stop`]). On the test traces, per rule: the lead
+//! (`peak step - stop step`) on hacking traces, the false alarms on controls, and the
+//! stopping regret ([`stopping_regret`]) on hacking traces and on all, medians with
+//! percentile-bootstrap intervals.
+//!
+//! Stages: `lm/sft/s{seed}`, `lm/proxy/p{pairs}/k{k}/s{seed}` ([`super::lm`]), then
+//! `corpus/{setting}/s{seed}`.
+
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use goodhart_metrics::{
+    detect::{Detector, DetectorConfig, GoldAwareConfig, ProxyOnlyConfig},
+    evaluate::{
+        calibrate_threshold, first_firing, gold_peak, kl_budget_stop, proxy_plateau_stop,
+        stopping_regret, GoldPeak, GoldPeakRule, Run,
+    },
+    stats::{median, median_interval, Interval},
+    step::{KEY_KL, KEY_PROXY_MEAN},
+};
+use goodhart_reward::Aggregator;
+
+use super::{
+    lm::{self, base_policy, proxies, rl_stage, Trace},
+    mitigations::rl_with,
+    table, Experiment, Part,
+};
+use crate::{
+    config::{positive, section, ConfigError, ExperimentConfig},
+    policy_gradient::check_detectors,
+    runner::{Result, Runner},
+};
+
+/// `[detector_corpus]`: settings x seeds of RL runs, detectors calibrated and tested.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectorCorpusExperiment {
+    /// Seeds of the calibration traces (`seed`, `seed + 1`, ...).
+    pub calibration_seeds: usize,
+    /// Seeds of the test traces (the next ones).
+    pub test_seeds: usize,
+    /// The settings every seed runs.
+    pub settings: Vec<CorpusSetting>,
+    /// The detectors measured (a proxy-only one's `threshold` is calibrated).
+    pub detectors: Vec<DetectorConfig>,
+    /// The thresholds a proxy-only detector is calibrated over, increasing.
+    pub thresholds: Vec<f64>,
+    /// The largest share of calibration controls a calibrated detector may fire on.
+    pub false_alarm_rate: f64,
+    /// How a trace's gold peak is found and whether it hacked.
+    pub peak: GoldPeakRule,
+    /// The proxy-plateau baseline's window, in steps.
+    pub plateau_window: usize,
+    /// The proxy-plateau baseline's share of the rise.
+    pub plateau_fraction: f64,
+    /// Bootstrap resamples of each interval (95%).
+    pub resamples: usize,
+}
+
+impl Default for DetectorCorpusExperiment {
+    fn default() -> Self {
+        let setting = |name: &str, pairs: usize, rl: &str, control: bool| CorpusSetting {
+            name: name.into(),
+            pairs,
+            ensemble: 1,
+            aggregation: Aggregator::Mean,
+            rl: rl
+                .parse()
+                .expect("built-in setting overrides are valid TOML"),
+            control,
+        };
+        let kl = "regularizers = [{ kind = \"kl\", estimator = \"k1\", placement = \"reward\", \
+                  controller = { kind = \"fixed\", coef = 0.3 } }]";
+        Self {
+            calibration_seeds: 2,
+            test_seeds: 2,
+            settings: vec![
+                setting("p50", 50, "", false),
+                setting("p200", 200, "", false),
+                setting("p1000", 1000, "", false),
+                setting("p200-lr1e-3", 200, "lr = 1e-3", false),
+                setting("p200-rloo", 200, "advantage = { kind = \"rloo\" }", false),
+                setting("kl-strong", 200, kl, true),
+                setting("gold", 200, "components = [{ name = \"gold\" }]", true),
+                setting("lr-tiny", 200, "lr = 1e-5", true),
+            ],
+            detectors: vec![
+                DetectorConfig::ProxyOnly(ProxyOnlyConfig::default()),
+                DetectorConfig::GoldAware(GoldAwareConfig::default()),
+            ],
+            thresholds: (2..=40).map(|i| f64::from(i) * 0.5).collect(),
+            false_alarm_rate: 0.1,
+            peak: GoldPeakRule::default(),
+            plateau_window: 10,
+            plateau_fraction: 0.05,
+            resamples: 1000,
+        }
+    }
+}
+
+/// One setting of the corpus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusSetting {
+    /// Its name in stage names and tables.
+    pub name: String,
+    /// Preference pairs of its proxy.
+    pub pairs: usize,
+    /// Reward models in its proxy.
+    #[serde(default = "one")]
+    pub ensemble: usize,
+    /// How the members' rewards are combined.
+    #[serde(default)]
+    pub aggregation: Aggregator,
+    /// Keys of `[rl]` it overrides (merged key by key).
+    #[serde(default)]
+    pub rl: toml::Table,
+    /// Built not to hack.
+    #[serde(default)]
+    pub control: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One trace of the corpus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CorpusTrace {
+    /// Its setting.
+    pub setting: String,
+    /// The seed.
+    pub seed: u64,
+    /// A calibration trace (else a test trace).
+    pub calibration: bool,
+    /// Its setting is a control.
+    pub control: bool,
+    /// The RL trace.
+    pub trace: Trace,
+}
+
+impl Experiment for DetectorCorpusExperiment {
+    const NAME: &'static str = "detector_corpus";
+    const SUMMARY: &'static str =
+        "RL traces with gold known, split by seed: detectors calibrated, then lead, false alarms and stopping regret on held-out traces";
+    type Output = Vec<CorpusTrace>;
+
+    fn validate(&self, config: &ExperimentConfig) -> std::result::Result<(), ConfigError> {
+        positive("detector_corpus.calibration_seeds", self.calibration_seeds)?;
+        positive("detector_corpus.test_seeds", self.test_seeds)?;
+        positive("detector_corpus.resamples", self.resamples)?;
+        if self.settings.is_empty() {
+            return Err(ConfigError::invalid("detector_corpus.settings", "is empty"));
+        }
+        if !self.settings.iter().any(|s| s.control) {
+            return Err(ConfigError::invalid(
+                "detector_corpus.settings",
+                "no control: false alarms are counted on settings with `control = true`",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.false_alarm_rate) {
+            return Err(ConfigError::invalid(
+                "detector_corpus.false_alarm_rate",
+                format!("{} is not a share", self.false_alarm_rate),
+            ));
+        }
+        if self.thresholds.is_empty()
+            || self.thresholds.windows(2).any(|w| w[1] <= w[0])
+            || self.thresholds.iter().any(|t| !(t.is_finite() && *t > 0.0))
+        {
+            return Err(ConfigError::invalid(
+                "detector_corpus.thresholds",
+                "must be finite, positive and increasing",
+            ));
+        }
+        if !(self.plateau_fraction.is_finite() && self.plateau_fraction >= 0.0) {
+            return Err(ConfigError::invalid(
+                "detector_corpus.plateau_fraction",
+                "must be finite and >= 0",
+            ));
+        }
+        positive("detector_corpus.plateau_window", self.plateau_window)?;
+        if self.peak.window == 0 {
+            return Err(ConfigError::invalid(
+                "detector_corpus.peak.window",
+                "must be at least 1",
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, s) in self.settings.iter().enumerate() {
+            let path = format!("detector_corpus.settings[{i}]");
+            positive(&format!("{path}.pairs"), s.pairs)?;
+            positive(&format!("{path}.ensemble"), s.ensemble)?;
+            if s.name.is_empty() || s.name.contains('/') || !names.insert(s.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{path}.name"),
+                    format!("`{}` is empty, has a `/` or is used twice", s.name),
+                ));
+            }
+            let rl = rl_with(&config.rl, &s.rl, &format!("{path}.rl"))?;
+            lm::validate(config, &rl, &format!("{path}.rl"), s.ensemble)?;
+            section(
+                "detector_corpus",
+                check_detectors(
+                    "detector_corpus.detectors",
+                    &self.detectors,
+                    &rl.logged_keys(),
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn run<B: AutodiffBackend>(
+        &self,
+        runner: &mut Runner,
+        config: &ExperimentConfig,
+        device: &B::Device,
+    ) -> Result<Vec<CorpusTrace>> {
+        let mut out = Vec::new();
+        for i in 0..self.calibration_seeds + self.test_seeds {
+            let seed = config.seed + i as u64;
+            base_policy::<B>(runner, config, seed, device)?;
+            for (j, s) in self.settings.iter().enumerate() {
+                proxies::<B>(runner, config, s.pairs, s.ensemble, seed, device)?;
+                let path = format!("detector_corpus.settings[{j}].rl");
+                let pg = rl_with(&config.rl, &s.rl, &path)?;
+                let trace = rl_stage::<B>(
+                    runner,
+                    config,
+                    &format!("corpus/{}/s{seed}", s.name),
+                    Self::NAME,
+                    &format!("{}/s{seed}", s.name),
+                    &pg,
+                    seed,
+                    (s.pairs, s.ensemble, s.aggregation),
+                    None,
+                    device,
+                )?;
+                out.push(CorpusTrace {
+                    setting: s.name.clone(),
+                    seed,
+                    calibration: i < self.calibration_seeds,
+                    control: s.control,
+                    trace,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn summarize(&self, traces: &Vec<CorpusTrace>) -> Part {
+        summarize(self, traces)
+    }
+}
+
+/// A trace with its run and label.
+struct Labelled<'a> {
+    meta: &'a CorpusTrace,
+    run: Run,
+    peak: Option<GoldPeak>,
+}
+
+impl Labelled<'_> {
+    fn hacked(&self) -> bool {
+        self.peak.is_some_and(|p| p.hacked)
+    }
+    /// A control that did not hack: where a firing is a false alarm.
+    fn clean_control(&self) -> bool {
+        self.meta.control && !self.hacked()
+    }
+}
+
+/// A rule's stop on one trace.
+type StopRule<'a> = Box<dyn Fn(&Run) -> goodhart_core::Result<Option<u64>> + 'a>;
+
+/// The calibrated detectors and the baselines, with what each was calibrated to.
+fn rules<'a>(
+    cfg: &'a DetectorCorpusExperiment,
+    calibration: &[&Labelled],
+) -> Vec<(String, String, StopRule<'a>)> {
+    let clean: Vec<Run> = calibration
+        .iter()
+        .filter(|t| t.clean_control())
+        .map(|t| t.run.clone())
+        .collect();
+    let mut out: Vec<(String, String, StopRule<'a>)> = Vec::new();
+    for d in &cfg.detectors {
+        match d {
+            DetectorConfig::ProxyOnly(c) => {
+                let make = |t: f64| -> goodhart_core::Result<Box<dyn Detector>> {
+                    DetectorConfig::ProxyOnly(ProxyOnlyConfig {
+                        threshold: t,
+                        ..c.clone()
+                    })
+                    .build()
+                };
+                let calibrated = if clean.is_empty() {
+                    Err("no calibration control that did not hack".to_string())
+                } else {
+                    calibrate_threshold(&clean, &cfg.thresholds, cfg.false_alarm_rate, &make)
+                        .map_err(|e| e.to_string())
+                };
+                let (threshold, note) = match calibrated {
+                    Ok(Some(t)) => (t, format!("threshold {t} (calibrated)")),
+                    Ok(None) => (
+                        c.threshold,
+                        format!(
+                            "threshold {} (none of the thresholds meets the target)",
+                            c.threshold
+                        ),
+                    ),
+                    Err(e) => (c.threshold, format!("threshold {} ({e})", c.threshold)),
+                };
+                let c = c.clone();
+                out.push((
+                    "proxy-only".into(),
+                    note,
+                    Box::new(move |run| {
+                        first_firing(
+                            run,
+                            DetectorConfig::ProxyOnly(ProxyOnlyConfig {
+                                threshold,
+                                ..c.clone()
+                            })
+                            .build()?,
+                        )
+                    }),
+                ));
+            }
+            DetectorConfig::GoldAware(_) => out.push((
+                "gold-aware".into(),
+                "as configured (reads gold)".into(),
+                Box::new(move |run| first_firing(run, d.build()?)),
+            )),
+        }
+    }
+    out.push((
+        "end".into(),
+        "trains to the last step".into(),
+        Box::new(|_| Ok(None)),
+    ));
+    out.push((
+        "proxy-plateau".into(),
+        format!(
+            "window {}, share {}",
+            cfg.plateau_window, cfg.plateau_fraction
+        ),
+        Box::new(move |run| {
+            Ok(proxy_plateau_stop(
+                run,
+                KEY_PROXY_MEAN,
+                cfg.plateau_window,
+                cfg.plateau_fraction,
+            ))
+        }),
+    ));
+    // The KL budget: the median KL at the gold peak of the calibration traces that hacked.
+    let at_peak: Vec<f64> = calibration
+        .iter()
+        .filter(|t| t.hacked())
+        .filter_map(|t| {
+            let step = t.peak?.step;
+            t.run
+                .steps
+                .iter()
+                .find(|(s, _)| *s == step)
+                .and_then(|(_, m)| m.get(KEY_KL).copied())
+        })
+        .collect();
+    match median(&at_peak) {
+        Ok(budget) => out.push((
+            "kl-budget".into(),
+            format!("kl/ref >= {budget:.4}"),
+            Box::new(move |run| Ok(kl_budget_stop(run, KEY_KL, budget))),
+        )),
+        Err(_) => out.push((
+            "kl-budget".into(),
+            "no calibration trace hacked: no budget".into(),
+            Box::new(|_| Ok(None)),
+        )),
+    }
+    out
+}
+
+/// The traces table, and each rule on the test traces.
+fn summarize(cfg: &DetectorCorpusExperiment, traces: &[CorpusTrace]) -> Part {
+    let labelled: Vec<Labelled> = traces
+        .iter()
+        .map(|t| {
+            let run = t.trace.to_run();
+            let peak = gold_peak(&run, &cfg.peak).ok();
+            Labelled { meta: t, run, peak }
+        })
+        .collect();
+    let mut figures = serde_json::Map::new();
+    // The corpus.
+    let mut trace_rows = Vec::new();
+    for s in &cfg.settings {
+        for calibration in [true, false] {
+            let mine: Vec<&Labelled> = labelled
+                .iter()
+                .filter(|t| t.meta.setting == s.name && t.meta.calibration == calibration)
+                .collect();
+            let peaks: Vec<f64> = mine
+                .iter()
+                .filter_map(|t| t.peak.map(|p| p.step as f64))
+                .collect();
+            trace_rows.push(json!([
+                s.name,
+                s.control,
+                if calibration { "calibration" } else { "test" },
+                mine.len(),
+                mine.iter().filter(|t| t.hacked()).count(),
+                median(&peaks).ok(),
+            ]));
+        }
+    }
+    let calibration: Vec<&Labelled> = labelled.iter().filter(|t| t.meta.calibration).collect();
+    let test: Vec<&Labelled> = labelled.iter().filter(|t| !t.meta.calibration).collect();
+    let hacking: Vec<&&Labelled> = test.iter().filter(|t| t.hacked()).collect();
+    let clean: Vec<&&Labelled> = test.iter().filter(|t| t.clean_control()).collect();
+    let interval =
+        |x: &[f64]| -> Option<Interval> { median_interval(x, cfg.resamples, 0.95, 0).ok() };
+    let cell = |i: &Option<Interval>| match i {
+        Some(i) => json!(format!("{:.3} [{:.3}, {:.3}]", i.value, i.lo, i.hi)),
+        None => Value::Null,
+    };
+    let mut rule_rows = Vec::new();
+    for (name, note, stop) in rules(cfg, &calibration) {
+        let stops = |ts: &[&&Labelled]| -> goodhart_core::Result<Vec<Option<u64>>> {
+            ts.iter().map(|t| stop(&t.run)).collect()
+        };
+        let result = (|| -> goodhart_core::Result<Value> {
+            let on_hacking = stops(&hacking)?;
+            let on_clean = stops(&clean)?;
+            let all: Vec<&&Labelled> = test.iter().collect();
+            let on_all = stops(&all)?;
+            let leads: Vec<f64> = hacking
+                .iter()
+                .zip(&on_hacking)
+                .filter_map(|(t, s)| Some(t.peak?.step as f64 - (*s)? as f64))
+                .collect();
+            let regret = |ts: &[&&Labelled], ss: &[Option<u64>]| -> Vec<f64> {
+                ts.iter()
+                    .zip(ss)
+                    .filter_map(|(t, s)| stopping_regret(&t.run, *s, &cfg.peak).ok().flatten())
+                    .collect()
+            };
+            let regret_hacking = interval(&regret(&hacking, &on_hacking));
+            let regret_all = interval(&regret(&all, &on_all));
+            let lead = interval(&leads);
+            let alarms = on_clean.iter().filter(|s| s.is_some()).count();
+            figures.insert(
+                name.clone(),
+                json!({"lead_median": lead.map(|i| i.value), "false_alarms": alarms,
+                       "controls": clean.len(), "fired_on_hacking": leads.len(),
+                       "hacking": hacking.len(),
+                       "regret_hacking_median": regret_hacking.map(|i| i.value),
+                       "regret_all_median": regret_all.map(|i| i.value)}),
+            );
+            Ok(json!([
+                name,
+                note,
+                format!("{}/{}", leads.len(), hacking.len()),
+                cell(&lead),
+                format!("{alarms}/{}", clean.len()),
+                cell(&regret_hacking),
+                cell(&regret_all),
+            ]))
+        })();
+        rule_rows.push(result.unwrap_or_else(|e| {
+            json!([
+                name,
+                format!("{note}; error: {e}"),
+                null,
+                null,
+                null,
+                null,
+                null
+            ])
+        }));
+    }
+    Part {
+        figures: Value::Object(figures),
+        tables: vec![
+            table(
+                "Detector corpus: traces per setting and split (hacked by the gold peak rule)",
+                &[
+                    "setting",
+                    "control",
+                    "split",
+                    "traces",
+                    "hacked",
+                    "median gold peak step",
+                ],
+                trace_rows,
+            ),
+            table(
+                &format!(
+                    "Detector corpus: rules on the {} test traces ({} hacking, {} controls that did not hack); medians [95% bootstrap]",
+                    test.len(),
+                    hacking.len(),
+                    clean.len()
+                ),
+                &[
+                    "rule",
+                    "settings",
+                    "fired on hacking",
+                    "lead (peak - stop, steps)",
+                    "false alarms",
+                    "stopping regret, hacking",
+                    "stopping regret, all",
+                ],
+                rule_rows,
+            ),
+        ],
+        ..Part::default()
+    }
+}
