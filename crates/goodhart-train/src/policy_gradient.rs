@@ -2249,30 +2249,14 @@ mod tests {
 
     /// Runs `cfg` on the CPU against a proxy of `k` members; every step's line.
     fn run_cpu(cfg: &RlConfig, k: usize) -> Result<Vec<StepLine>> {
+        run_cpu_trained(cfg, k).map(|(lines, _)| lines)
+    }
+
+    /// [`run_cpu`], also returning the trained policy.
+    fn run_cpu_trained(cfg: &RlConfig, k: usize) -> Result<(Vec<StepLine>, TransformerLm<Cpu>)> {
         let device = cpu();
         let l = lang();
         let (policy, reference, proxy) = setup::<Cpu>(&l, k, &device);
-        let mut out = Vec::new();
-        train::<Cpu>(
-            cfg,
-            &LanguageTask::new(&l, &proxy, &LanguageGold::new(&l)),
-            policy,
-            &reference,
-            5,
-            &device,
-            &mut |m| {
-                out.push(m.clone());
-                Ok(())
-            },
-        )?;
-        Ok(out)
-    }
-
-    /// [`run_cpu`] with one member, also returning the trained policy's embedding.
-    fn run_cpu_policy(cfg: &RlConfig) -> (Vec<StepLine>, Vec<f32>) {
-        let device = cpu();
-        let l = lang();
-        let (policy, reference, proxy) = setup::<Cpu>(&l, 1, &device);
         let mut out = Vec::new();
         let trained = train::<Cpu>(
             cfg,
@@ -2285,8 +2269,13 @@ mod tests {
                 out.push(m.clone());
                 Ok(())
             },
-        )
-        .unwrap();
+        )?;
+        Ok((out, trained))
+    }
+
+    /// [`run_cpu`] with one member, also returning the trained policy's embedding.
+    fn run_cpu_policy(cfg: &RlConfig) -> (Vec<StepLine>, Vec<f32>) {
+        let (lines, trained) = run_cpu_trained(cfg, 1).unwrap();
         let emb = trained
             .trunk
             .tok_emb
@@ -2294,7 +2283,7 @@ mod tests {
             .val()
             .into_data()
             .convert::<f32>();
-        (out, emb.into_vec().unwrap())
+        (lines, emb.into_vec().unwrap())
     }
 
     /// A detector that fires at step 2: any change of the proxy mean after a 2-step
