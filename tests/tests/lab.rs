@@ -1086,20 +1086,22 @@ fn tiny_detector_corpus_preset() {
             ("gold", "test", 1)
         ]
     );
-    // The detectors, then the three baselines; training to the end never stops early.
+    // The detectors (a kind listed twice named by its place), then the three baselines;
+    // training to the end never stops early.
     let rules = table(&summary, "Detector corpus: rules");
     let names: Vec<&str> = rules.iter().map(|r| r[0].as_str().unwrap()).collect();
     assert_eq!(
         names,
         [
-            "proxy-only",
+            "proxy-only #0",
+            "proxy-only #1",
             "gold-aware",
             "end",
             "proxy-plateau",
             "kl-budget"
         ]
     );
-    let end = &rules[2];
+    let end = &rules[3];
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
     // Each trace is an RL series of 8 steps.

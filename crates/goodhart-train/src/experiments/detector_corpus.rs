@@ -309,7 +309,20 @@ fn rules<'a>(
         .map(|t| t.run.clone())
         .collect();
     let mut out: Vec<(String, String, StopRule<'a>)> = Vec::new();
-    for d in &cfg.detectors {
+    for (i, d) in cfg.detectors.iter().enumerate() {
+        // A kind listed twice is named by its place in the list.
+        let kind = d.build().map_or("?", |det| det.name());
+        let twice = cfg
+            .detectors
+            .iter()
+            .filter(|o| o.build().is_ok_and(|det| det.name() == kind))
+            .count()
+            > 1;
+        let name = if twice {
+            format!("{kind} #{i}")
+        } else {
+            kind.to_string()
+        };
         match d {
             DetectorConfig::ProxyOnly(c) => {
                 let make = |t: f64| -> goodhart_core::Result<Box<dyn Detector>> {
@@ -326,7 +339,10 @@ fn rules<'a>(
                         .map_err(|e| e.to_string())
                 };
                 let (threshold, note) = match calibrated {
-                    Ok(Some(t)) => (t, format!("threshold {t} (calibrated)")),
+                    Ok(Some(t)) => (
+                        t,
+                        format!("threshold {t} (calibrated), warmup {}", c.warmup),
+                    ),
                     Ok(None) => (
                         c.threshold,
                         format!(
@@ -338,7 +354,7 @@ fn rules<'a>(
                 };
                 let c = c.clone();
                 out.push((
-                    "proxy-only".into(),
+                    name,
                     note,
                     Box::new(move |run| {
                         first_firing(
@@ -353,7 +369,7 @@ fn rules<'a>(
                 ));
             }
             DetectorConfig::GoldAware(_) => out.push((
-                "gold-aware".into(),
+                name,
                 "as configured (reads gold)".into(),
                 Box::new(move |run| first_firing(run, d.build()?)),
             )),
