@@ -1095,23 +1095,39 @@ fn tiny_detector_corpus_preset() {
         [
             "proxy-only #0",
             "proxy-only #1",
+            "proxy-only on gap/heldout",
+            "gold-aware on reward/heldout/mean",
             "gold-aware",
             "end",
             "proxy-plateau",
             "kl-budget"
         ]
     );
-    let end = &rules[3];
+    let end = &rules[5];
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
-    // Each trace is an RL series of 8 steps.
+    // Each trace is an RL series of 8 steps, with the held-out proxy's mean and the
+    // proxy's mean minus it; the samples carry its score, whose mean is the line's.
     let lines = metric_lines(&dir);
+    let samples = jsonl(&dir, "samples.jsonl");
     for series in ["p20/s0", "p20/s1", "gold/s0", "gold/s1"] {
-        assert_eq!(
-            lines.iter().filter(|l| l["series"] == series).count(),
-            8,
-            "{series}"
-        );
+        let mine: Vec<_> = lines.iter().filter(|l| l["series"] == series).collect();
+        assert_eq!(mine.len(), 8, "{series}");
+        for l in mine {
+            let of = |k: &str| {
+                let v: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s["series"] == series && s["step"] == l["step"])
+                    .map(|s| s["rewards"][k].as_f64().unwrap())
+                    .collect();
+                v.iter().sum::<f64>() / v.len() as f64
+            };
+            let (heldout, proxy) = (of("heldout"), of("proxy"));
+            let logged = l["reward/heldout/mean"].as_f64().unwrap();
+            assert!((logged - heldout).abs() < 1e-6, "{logged} vs {heldout}");
+            let gap = l["gap/heldout"].as_f64().unwrap();
+            assert!((gap - (proxy - heldout)).abs() < 1e-6, "{gap}");
+        }
     }
     let _ = std::fs::remove_dir_all(root);
 }

@@ -665,6 +665,16 @@ impl LoggedKeys {
             })
     }
 
+    /// These keys with those of the monitors `names` ([`Task::monitors`]):
+    /// `reward/<name>/mean` and `gap/<name>`.
+    pub fn with_monitors(mut self, names: &[&str]) -> Self {
+        for name in names {
+            self.keys.insert(format!("reward/{name}/mean"));
+            self.keys.insert(format!("gap/{name}"));
+        }
+        self
+    }
+
     /// The keys, for an error message.
     pub fn describe(&self) -> String {
         let mut parts: Vec<String> = self.keys.iter().map(|k| format!("`{k}`")).collect();
@@ -879,6 +889,8 @@ pub struct Scored<B: Backend> {
     pub responses: Vec<Vec<u32>>,
     /// The proxy's named components `[P, N]` ([`Task::proxy_parts`]), if any.
     pub parts: Option<Tensor<B, 2>>,
+    /// Each monitor's score of each row ([`Task::monitors`]).
+    pub monitors: Vec<Vec<f64>>,
     /// Seconds spent generating.
     pub sample_seconds: f64,
     /// Seconds spent scoring (proxy and gold).
@@ -974,6 +986,7 @@ pub fn sample_and_score<B: Backend>(
         ill_formed: scores.ill_formed,
         responses,
         parts: scores.parts,
+        monitors: scores.monitors,
         sample_seconds,
         score_seconds,
     })
@@ -1057,7 +1070,8 @@ pub struct Sample {
     /// `proxy` (the aggregated proxy score), `gold`, `reward` (the proxy after Ctrl-U,
     /// shaping and the length method), `train` (the trained reward before in-reward
     /// regularisers), `component/<name>` per component, `baseline` (ReMax's greedy reward),
-    /// `proxy/<name>` per component of the task's proxy ([`Task::proxy_parts`]).
+    /// `proxy/<name>` per component of the task's proxy ([`Task::proxy_parts`]), and each
+    /// monitor's score under its name ([`Task::monitors`]).
     pub rewards: BTreeMap<String, f64>,
     /// Its advantage: the mean over its tokens (an outcome estimator's one value).
     pub advantage: f64,
@@ -1240,6 +1254,8 @@ struct Rollout<B: Backend> {
     responses: Vec<Vec<u32>>,
     /// The proxy's named components `[P, N]`, if any.
     parts: Option<Tensor<B, 2>>,
+    /// Each monitor's score of each row.
+    monitors: Vec<Vec<f64>>,
 }
 
 fn pad_cols<B: Backend, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<B>>(
@@ -1270,6 +1286,7 @@ impl<B: Backend> Rollout<B> {
             ill_formed: s.ill_formed,
             responses: s.responses,
             parts: s.parts,
+            monitors: s.monitors,
         }
     }
 
@@ -1297,6 +1314,11 @@ impl<B: Backend> Rollout<B> {
             gold: rows.iter().map(|&r| self.gold[r]).collect(),
             ill_formed: rows.iter().map(|&r| self.ill_formed[r]).collect(),
             responses: rows.iter().map(|&r| self.responses[r].clone()).collect(),
+            monitors: self
+                .monitors
+                .iter()
+                .map(|m| rows.iter().map(|&r| m[r]).collect())
+                .collect(),
             parts: self
                 .parts
                 .as_ref()
@@ -1355,6 +1377,9 @@ impl<B: Backend> Rollout<B> {
             gold: parts.iter().flat_map(|p| p.gold.clone()).collect(),
             ill_formed: parts.iter().flat_map(|p| p.ill_formed.clone()).collect(),
             responses: parts.iter().flat_map(|p| p.responses.clone()).collect(),
+            monitors: (0..parts[0].monitors.len())
+                .map(|m| parts.iter().flat_map(|p| p.monitors[m].clone()).collect())
+                .collect(),
             parts: parts[0].parts.as_ref().map(|_| {
                 Tensor::cat(
                     parts
@@ -1643,6 +1668,10 @@ pub fn train<B: AutodiffBackend>(
                 check_finite(&batch.scores.train, "").is_ok(),
             ),
             ("gold reward", batch.gold.iter().all(|g| g.is_finite())),
+            (
+                "monitor reward",
+                batch.monitors.iter().flatten().all(|g| g.is_finite()),
+            ),
         ] {
             if !finite {
                 drop_batch(cfg.on_nan, step, what, &mut skipped)?;
@@ -2045,6 +2074,16 @@ pub fn train<B: AutodiffBackend>(
         for (c, v) in cfg.components.iter().zip(&component_returns) {
             metrics.insert(format!("reward/component/{}", c.name), *v);
         }
+        // The monitors: their mean, and the mean of the proxy minus each.
+        if !batch.monitors.is_empty() {
+            let proxy_rows = host(batch.proxy.clone())?;
+            for (name, values) in task.monitors().iter().zip(&batch.monitors) {
+                let mean = values.iter().sum::<f64>() / n as f64;
+                let proxy = proxy_rows.iter().sum::<f64>() / n as f64;
+                metrics.insert(format!("reward/{name}/mean"), mean);
+                metrics.insert(format!("gap/{name}"), proxy - mean);
+            }
+        }
         // The proxy's own components, one row each.
         let proxy_parts = batch.parts.clone().map(host).transpose()?;
         if let Some(values) = &proxy_parts {
@@ -2103,6 +2142,9 @@ pub fn train<B: AutodiffBackend>(
                 }
                 if let Some(b) = &baseline {
                     r.insert("baseline".into(), b[i]);
+                }
+                for (name, values) in task.monitors().iter().zip(&batch.monitors) {
+                    r.insert(name.clone(), values[i]);
                 }
                 if let Some(values) = &proxy_parts {
                     for (name, row) in task.proxy_parts().iter().zip(values.chunks(n)) {

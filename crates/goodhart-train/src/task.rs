@@ -38,6 +38,8 @@ pub struct TaskScores<B: Backend> {
     /// The proxy's named components `[P, N]`, in [`Task::proxy_parts`] order (`None`
     /// when it names none).
     pub parts: Option<Tensor<B, 2>>,
+    /// Each monitor's score of each row, in [`Task::monitors`] order (none by default).
+    pub monitors: Vec<Vec<f64>>,
 }
 
 /// Prompts, response ends and rewards of an RL run.
@@ -72,6 +74,12 @@ pub trait Task<B: Backend> {
         batch: &Sequences<B>,
         responses: &[Vec<u32>],
     ) -> Result<TaskScores<B>>;
+    /// The names of rewards measured on every sample but never trained on (a held-out
+    /// proxy: a gold-free view of how far the training proxy can be trusted), logged as
+    /// `reward/<name>/mean` and `gap/<name>`; none by default.
+    fn monitors(&self) -> &[String] {
+        &[]
+    }
     /// A response as text (`samples.jsonl`).
     fn text(&self, response: &[u32]) -> String;
     /// What scoring has cost so far ([`RewardSource::usage`]), keyed `proxy/<...>` and
@@ -96,6 +104,8 @@ pub struct LanguageTask<'a, B: Backend> {
     proxy: &'a Proxy<B>,
     gold: &'a dyn RewardSource<B>,
     prompts: Vec<Vec<u32>>,
+    monitor_names: Vec<String>,
+    monitors: Vec<&'a Proxy<B>>,
 }
 
 impl<'a, B: Backend> LanguageTask<'a, B> {
@@ -107,7 +117,17 @@ impl<'a, B: Backend> LanguageTask<'a, B> {
             proxy,
             gold,
             prompts,
+            monitor_names: Vec::new(),
+            monitors: Vec::new(),
         }
+    }
+
+    /// The task with `monitor` (e.g. a proxy trained on other pairs) scoring every
+    /// sample as [`Task::monitors`]' `name`.
+    pub fn with_monitor(mut self, name: &str, monitor: &'a Proxy<B>) -> Self {
+        self.monitor_names.push(name.into());
+        self.monitors.push(monitor);
+        self
     }
 }
 
@@ -163,13 +183,23 @@ impl<B: Backend> Task<B> for LanguageTask<'_, B> {
             .iter()
             .map(|r| response_words(self.lang, r).1)
             .collect();
+        let monitors = self
+            .monitors
+            .iter()
+            .map(|m| host(m.score(batch)?.reward))
+            .collect::<Result<_>>()?;
         Ok(TaskScores {
             members,
             proxy: scored.reward,
             gold,
             ill_formed,
             parts: None,
+            monitors,
         })
+    }
+
+    fn monitors(&self) -> &[String] {
+        &self.monitor_names
     }
 
     fn text(&self, response: &[u32]) -> String {
@@ -529,6 +559,7 @@ impl<B: Backend> Task<B> for TextTask<B> {
             gold,
             ill_formed,
             parts,
+            monitors: Vec::new(),
         })
     }
 

@@ -26,8 +26,13 @@
 //! stopping regret ([`stopping_regret`]) on hacking traces and on all, medians with
 //! percentile-bootstrap intervals.
 //!
-//! Stages: `lm/sft/s{seed}`, `lm/proxy/p{pairs}/k{k}/s{seed}` ([`super::lm`]), then
-//! `corpus/{setting}/s{seed}`.
+//! With `heldout` (the default), a held-out proxy per pairs count and seed (a reward model
+//! on other pairs) scores every sample, logged as `reward/heldout/mean` and `gap/heldout`:
+//! a gold-free signal the detectors can read (a gold-aware detector with `gold_key =
+//! "reward/heldout/mean"` uses it in place of gold).
+//!
+//! Stages: `lm/sft/s{seed}`, `lm/proxy/p{pairs}/k{k}/s{seed}`, `lm/heldout/p{pairs}/s{seed}`
+//! ([`super::lm`]), then `corpus/{setting}/s{seed}`.
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -40,12 +45,12 @@ use goodhart_metrics::{
         stopping_regret, GoldPeak, GoldPeakRule, Run,
     },
     stats::{median, median_interval, Interval},
-    step::{KEY_KL, KEY_PROXY_MEAN},
+    step::{KEY_GOLD_MEAN, KEY_KL, KEY_PROXY_MEAN},
 };
 use goodhart_reward::Aggregator;
 
 use super::{
-    lm::{self, base_policy, proxies, rl_stage, Trace},
+    lm::{self, base_policy, heldout_proxy, proxies, rl_stage, Trace, HELDOUT},
     mitigations::rl_with,
     table, Experiment, Part,
 };
@@ -79,6 +84,10 @@ pub struct DetectorCorpusExperiment {
     pub plateau_fraction: f64,
     /// Bootstrap resamples of each interval (95%).
     pub resamples: usize,
+    /// A held-out proxy (a reward model on other pairs of the same count) scores every
+    /// sample: `reward/heldout/mean` and `gap/heldout` (the proxy's mean minus it) are
+    /// logged for the detectors to read.
+    pub heldout: bool,
 }
 
 impl Default for DetectorCorpusExperiment {
@@ -118,6 +127,7 @@ impl Default for DetectorCorpusExperiment {
             plateau_window: 10,
             plateau_fraction: 0.05,
             resamples: 1000,
+            heldout: true,
         }
     }
 }
@@ -223,13 +233,13 @@ impl Experiment for DetectorCorpusExperiment {
             }
             let rl = rl_with(&config.rl, &s.rl, &format!("{path}.rl"))?;
             lm::validate(config, &rl, &format!("{path}.rl"), s.ensemble)?;
+            let mut logged = rl.logged_keys();
+            if self.heldout {
+                logged = logged.with_monitors(&[HELDOUT]);
+            }
             section(
                 "detector_corpus",
-                check_detectors(
-                    "detector_corpus.detectors",
-                    &self.detectors,
-                    &rl.logged_keys(),
-                ),
+                check_detectors("detector_corpus.detectors", &self.detectors, &logged),
             )?;
         }
         Ok(())
@@ -247,6 +257,9 @@ impl Experiment for DetectorCorpusExperiment {
             base_policy::<B>(runner, config, seed, device)?;
             for (j, s) in self.settings.iter().enumerate() {
                 proxies::<B>(runner, config, s.pairs, s.ensemble, seed, device)?;
+                if self.heldout {
+                    heldout_proxy::<B>(runner, config, s.pairs, seed, device)?;
+                }
                 let path = format!("detector_corpus.settings[{j}].rl");
                 let pg = rl_with(&config.rl, &s.rl, &path)?;
                 let trace = rl_stage::<B>(
@@ -259,6 +272,7 @@ impl Experiment for DetectorCorpusExperiment {
                     seed,
                     (s.pairs, s.ensemble, s.aggregation),
                     None,
+                    self.heldout,
                     device,
                 )?;
                 out.push(CorpusTrace {
@@ -309,20 +323,22 @@ fn rules<'a>(
         .map(|t| t.run.clone())
         .collect();
     let mut out: Vec<(String, String, StopRule<'a>)> = Vec::new();
+    let label = |d: &DetectorConfig| match d {
+        DetectorConfig::ProxyOnly(c) if c.signals != ProxyOnlyConfig::default().signals => {
+            let keys: Vec<&str> = c.signals.iter().map(|s| s.key.as_str()).collect();
+            format!("proxy-only on {}", keys.join(", "))
+        }
+        DetectorConfig::ProxyOnly(_) => "proxy-only".to_string(),
+        DetectorConfig::GoldAware(c) if c.gold_key != GoldAwareConfig::default().gold_key => {
+            format!("gold-aware on {}", c.gold_key)
+        }
+        DetectorConfig::GoldAware(_) => "gold-aware".to_string(),
+    };
     for (i, d) in cfg.detectors.iter().enumerate() {
-        // A kind listed twice is named by its place in the list.
-        let kind = d.build().map_or("?", |det| det.name());
-        let twice = cfg
-            .detectors
-            .iter()
-            .filter(|o| o.build().is_ok_and(|det| det.name() == kind))
-            .count()
-            > 1;
-        let name = if twice {
-            format!("{kind} #{i}")
-        } else {
-            kind.to_string()
-        };
+        // Two detectors of one label are told apart by their place in the list.
+        let base = label(d);
+        let twice = cfg.detectors.iter().filter(|o| label(o) == base).count() > 1;
+        let name = if twice { format!("{base} #{i}") } else { base };
         match d {
             DetectorConfig::ProxyOnly(c) => {
                 let make = |t: f64| -> goodhart_core::Result<Box<dyn Detector>> {
@@ -370,7 +386,12 @@ fn rules<'a>(
             }
             DetectorConfig::GoldAware(_) => out.push((
                 name,
-                "as configured (reads gold)".into(),
+                match d {
+                    DetectorConfig::GoldAware(c) if c.gold_key == KEY_GOLD_MEAN => {
+                        "as configured (reads gold)".to_string()
+                    }
+                    _ => "as configured".to_string(),
+                },
                 Box::new(move |run| first_firing(run, d.build()?)),
             )),
         }

@@ -6,6 +6,7 @@
 //! - `lm/sft/s{seed}`: the base (SFT) policy, saved;
 //! - `lm/proxy/p{pairs}/k{members}/s{seed}`: proxy reward models trained on `pairs`
 //!   gold-labelled pairs, saved;
+//! - `lm/heldout/p{pairs}/s{seed}`: a held-out proxy on other pairs, to monitor with;
 //! - an RL stage named by its experiment: RL from the base policy against a proxy, gold
 //!   measured on every sample; its step lines go to `metrics.jsonl`, its samples to
 //!   `samples.jsonl`.
@@ -213,6 +214,38 @@ pub(crate) fn proxies<B: AutodiffBackend>(
     })
 }
 
+/// The name of the monitor a held-out proxy is logged under ([`crate::task::Task::monitors`]).
+pub(crate) const HELDOUT: &str = "heldout";
+
+fn heldout_name(pairs: usize, seed: u64) -> String {
+    format!("lm/s{seed}/heldout-p{pairs}")
+}
+
+/// Stage `lm/heldout/p{pairs}/s{seed}`: a held-out proxy, one reward model trained like
+/// the proxies of [`proxies`] on `pairs` other pairs (the seed `seed::derive(seed,
+/// "heldout")`'s pairs and initialisation), saved. Never trained on: it monitors.
+pub(crate) fn heldout_proxy<B: AutodiffBackend>(
+    runner: &mut Runner,
+    config: &ExperimentConfig,
+    pairs: usize,
+    seed: u64,
+    device: &B::Device,
+) -> Result<ProxyReport> {
+    let name = format!("lm/heldout/p{pairs}/s{seed}");
+    let path = runner.artifact(&heldout_name(pairs, seed))?;
+    runner.stage(&name, |_| {
+        let lang = language(config, &name)?;
+        let cfg = ProxyConfig {
+            pairs,
+            ..config.proxy.clone()
+        };
+        let (model, report) = train_proxy::<B>(&lang, &cfg, seed::derive(seed, HELDOUT), device)
+            .map_err(stage_error(&name))?;
+        model.save(&path).map_err(stage_error(&name))?;
+        Ok(report)
+    })
+}
+
 /// Loads the proxies saved by [`proxies`] from the run's `checkpoints/` as one
 /// (aggregated) proxy.
 pub(crate) fn load_proxy<B: Backend>(
@@ -242,8 +275,32 @@ pub(crate) fn load_proxy<B: Backend>(
     policy_gradient::proxy(members, aggregation).map_err(stage_error(stage))
 }
 
+/// Loads the held-out proxy saved by [`heldout_proxy`].
+fn load_heldout<B: Backend>(
+    checkpoints: &Path,
+    config: &ExperimentConfig,
+    pairs: usize,
+    seed: u64,
+    device: &B::Device,
+    stage: &str,
+) -> Result<Proxy<B>> {
+    let lang = language(config, stage)?;
+    let template = config
+        .proxy
+        .model(&lang)
+        .init::<B>(device)
+        .map_err(stage_error(stage))?;
+    let path = checkpoints
+        .join(heldout_name(pairs, seed))
+        .with_extension("mpk");
+    let model = template.load(&path, device).map_err(stage_error(stage))?;
+    policy_gradient::proxy(vec![model], Aggregator::Mean).map_err(stage_error(stage))
+}
+
 /// A stage that runs RL from the base policy against a proxy and returns its trace; the
-/// trained policy is saved to `save_to` when given.
+/// trained policy is saved to `save_to` when given. With `heldout`, the held-out proxy
+/// of [`heldout_proxy`] (same pairs count and seed) scores every sample as the monitor
+/// [`HELDOUT`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rl_stage<B: AutodiffBackend>(
     runner: &mut Runner,
@@ -255,6 +312,7 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
     seed: u64,
     proxy: (usize, usize, Aggregator),
     save_to: Option<std::path::PathBuf>,
+    heldout: bool,
     device: &B::Device,
 ) -> Result<Trace> {
     let (pairs, k, aggregation) = proxy;
@@ -277,13 +335,22 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
             device,
             name,
         )?;
+        let monitor = heldout
+            .then(|| {
+                load_heldout::<B::InnerBackend>(&checkpoints, config, pairs, seed, device, name)
+            })
+            .transpose()?;
         let lang = language(config, name)?;
         let mut logger = Logger::new(log, experiment, series);
         let mut points = Vec::new();
         let gold = LanguageGold::new(&lang);
+        let mut task = LanguageTask::new(&lang, &proxy, &gold);
+        if let Some(m) = &monitor {
+            task = task.with_monitor(HELDOUT, m);
+        }
         let trained = policy_gradient::train(
             pg,
-            &LanguageTask::new(&lang, &proxy, &gold),
+            &task,
             policy,
             &reference,
             seed::derive(seed, name),

@@ -214,6 +214,7 @@ pub fn run<B: AutodiffBackend>(
                 seed,
                 (cfg.pairs, arm.ensemble, arm.aggregation),
                 None,
+                false,
                 device,
             )?;
             out.push(ArmRun {

@@ -188,6 +188,7 @@ pub fn run<B: AutodiffBackend>(
             seed,
             (pairs, 1, Aggregator::Mean),
             None,
+            false,
             device,
         )?;
         let name = format!("overopt/bon/p{pairs}");

@@ -287,6 +287,7 @@ impl Experiment for TrainExperiment {
                         seed,
                         (self.pairs, 1, Aggregator::Mean),
                         Some(path),
+                        false,
                         device,
                     )?;
                     TrainRun {
