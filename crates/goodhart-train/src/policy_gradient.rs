@@ -193,7 +193,7 @@ pub struct RlConfig {
     /// What a detector's firing does ([`OnAlarm`]).
     pub on_alarm: OnAlarm,
     /// `rollback`: how many steps before the firing step the returned policy is from
-    /// (default 5; the trainer keeps that many recent policies).
+    /// (default 5; the trainer keeps that many recent policies, plus one, in memory).
     pub rollback_steps: usize,
     /// `raise_kl`: the factor on the `kl` regulariser's coefficient at each firing
     /// (default 10).
@@ -217,6 +217,18 @@ pub enum OnAlarm {
     /// The `kl` regulariser's coefficient is multiplied by `kl_raise` and training goes
     /// on (once per firing detector).
     RaiseKl,
+}
+
+impl OnAlarm {
+    /// Its name in TOML.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Log => "log",
+            Self::Stop => "stop",
+            Self::Rollback => "rollback",
+            Self::RaiseKl => "raise_kl",
+        }
+    }
 }
 
 impl Default for RlConfig {
@@ -593,6 +605,31 @@ impl RlConfig {
         }
         if self.on_alarm == OnAlarm::Rollback && self.rollback_steps == 0 {
             return Err(bad("rollback_steps", "must be at least 1".into()));
+        }
+        // Settings of an action the run does not take are refused, not ignored.
+        let defaults = Self::default();
+        for (key, set, action) in [
+            (
+                "rollback_steps",
+                self.rollback_steps != defaults.rollback_steps,
+                OnAlarm::Rollback,
+            ),
+            (
+                "kl_raise",
+                self.kl_raise != defaults.kl_raise,
+                OnAlarm::RaiseKl,
+            ),
+        ] {
+            if set && self.on_alarm != action {
+                return Err(bad(
+                    key,
+                    format!(
+                        "is read only with on_alarm = \"{}\", and on_alarm is \"{}\"",
+                        action.name(),
+                        self.on_alarm.name()
+                    ),
+                ));
+            }
         }
         if self.on_alarm == OnAlarm::RaiseKl {
             if !self
@@ -2399,6 +2436,18 @@ mod tests {
             "on_alarm = \"rollback\"\nrollback_steps = 0\n{AT_STEP_2}"
         ));
         assert!(e.contains("rl.rollback_steps"), "{e}");
+        let e = err(&format!(
+            "on_alarm = \"stop\"\nrollback_steps = 3\n{AT_STEP_2}"
+        ));
+        assert!(
+            e.contains("rl.rollback_steps") && e.contains("\"rollback\""),
+            "{e}"
+        );
+        let e = err(&format!("kl_raise = 2.0\n{AT_STEP_2}"));
+        assert!(
+            e.contains("rl.kl_raise") && e.contains("\"raise_kl\""),
+            "{e}"
+        );
     }
 
     /// The language's gold, but NaN for every response on call `nan_at` (a source that

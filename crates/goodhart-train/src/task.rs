@@ -9,7 +9,10 @@
 //!   ([`goodhart_reward::TextRewardConfig`]) as proxy and gold on the decoded responses.
 //!
 //! Every prompt is left-padded to the task's [`Task::prompt_width`], so the responses of
-//! all batches start at the same column.
+//! all batches start at the same column. A task may also name monitors
+//! ([`Task::monitors`]: rewards scored on every sample, never trained on; a held-out
+//! proxy on the language task). [`encode_preferences`] encodes a preference set for the
+//! offline preference trainer the way [`TextTask`] encodes prompts.
 
 use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{seed, GoodhartError, Result};

@@ -384,13 +384,12 @@ fn rules<'a>(
                     }),
                 ));
             }
-            DetectorConfig::GoldAware(_) => out.push((
+            DetectorConfig::GoldAware(c) => out.push((
                 name,
-                match d {
-                    DetectorConfig::GoldAware(c) if c.gold_key == KEY_GOLD_MEAN => {
-                        "as configured (reads gold)".to_string()
-                    }
-                    _ => "as configured".to_string(),
+                if c.gold_key == KEY_GOLD_MEAN {
+                    "as configured (reads gold)".into()
+                } else {
+                    "as configured".into()
                 },
                 Box::new(move |run| first_firing(run, d.build()?)),
             )),
