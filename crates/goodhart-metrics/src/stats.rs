@@ -63,13 +63,20 @@ pub struct Interval {
     pub hi: f64,
 }
 
-/// The median of `x` with its percentile-bootstrap interval: `resamples` resamples with
-/// replacement, nearest-rank quantiles at `(1 - level)/2` and `(1 + level)/2`, drawn from
-/// the stream `"metrics/median"` of `seed` (same seed, same interval). Errors on an
-/// empty or non-finite series, `resamples = 0` or a level outside (0, 1).
-pub fn median_interval(x: &[f64], resamples: usize, level: f64, seed: u64) -> Result<Interval> {
+/// The percentile-bootstrap interval of `statistic` on `x`: `resamples` resamples of `x`
+/// with replacement drawn from the stream `stream` of `seed`, nearest-rank quantiles of
+/// the resampled statistic at `(1 - level)/2` and `(1 + level)/2`. Errors on an empty or
+/// non-finite series, `resamples = 0` or a level outside (0, 1).
+pub fn bootstrap(
+    x: &[f64],
+    statistic: impl Fn(&[f64]) -> f64,
+    resamples: usize,
+    level: f64,
+    seed: u64,
+    stream: &str,
+) -> Result<(f64, f64)> {
     use rand::RngExt as _;
-    let value = median(x)?;
+    check_series(x, "series")?;
     if resamples == 0 {
         return Err(GoodhartError::invalid("resamples", "must be at least 1"));
     }
@@ -77,20 +84,34 @@ pub fn median_interval(x: &[f64], resamples: usize, level: f64, seed: u64) -> Re
         return Err(GoodhartError::invalid("level", "must be in (0, 1)"));
     }
     let n = x.len();
-    let mut rng = goodhart_core::seed::rng(seed, "metrics/median");
+    let mut rng = goodhart_core::seed::rng(seed, stream);
+    let mut draw = vec![0.0; n];
     let mut boot: Vec<f64> = (0..resamples)
         .map(|_| {
-            let draw: Vec<f64> = (0..n).map(|_| x[rng.random_range(0..n)]).collect();
-            median(&draw).unwrap_or(f64::NAN)
+            for d in draw.iter_mut() {
+                *d = x[rng.random_range(0..n)];
+            }
+            statistic(&draw)
         })
         .collect();
     boot.sort_by(f64::total_cmp);
     let q = |p: f64| boot[((p * resamples as f64).ceil() as usize).clamp(1, resamples) - 1];
-    Ok(Interval {
-        value,
-        lo: q((1.0 - level) / 2.0),
-        hi: q((1.0 + level) / 2.0),
-    })
+    Ok((q((1.0 - level) / 2.0), q((1.0 + level) / 2.0)))
+}
+
+/// The median of `x` with its percentile-bootstrap interval ([`bootstrap`], stream
+/// `"metrics/median"` of `seed`: same seed, same interval).
+pub fn median_interval(x: &[f64], resamples: usize, level: f64, seed: u64) -> Result<Interval> {
+    let value = median(x)?;
+    let (lo, hi) = bootstrap(
+        x,
+        |d| median(d).unwrap_or(f64::NAN),
+        resamples,
+        level,
+        seed,
+        "metrics/median",
+    )?;
+    Ok(Interval { value, lo, hi })
 }
 
 /// Count, mean, standard deviation, minimum and maximum of a series.

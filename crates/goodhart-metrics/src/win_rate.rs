@@ -1,10 +1,9 @@
 //! Paired win rate with a percentile-bootstrap confidence interval.
 
-use goodhart_core::{seed, GoodhartError, Result};
-use rand::RngExt as _;
+use goodhart_core::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::stats::check_pair;
+use crate::stats::{bootstrap, check_pair};
 
 /// A win rate and its bootstrap interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -28,12 +27,6 @@ pub struct WinRate {
 /// outside (0, 1).
 pub fn win_rate(a: &[f64], b: &[f64], resamples: usize, level: f64, seed: u64) -> Result<WinRate> {
     check_pair(a, "a", b, "b")?;
-    if resamples == 0 {
-        return Err(GoodhartError::invalid("resamples", "must be at least 1"));
-    }
-    if !(level > 0.0 && level < 1.0) {
-        return Err(GoodhartError::invalid("level", "must be in (0, 1)"));
-    }
     let scores: Vec<f64> = a
         .iter()
         .zip(b)
@@ -47,18 +40,12 @@ pub fn win_rate(a: &[f64], b: &[f64], resamples: usize, level: f64, seed: u64) -
             }
         })
         .collect();
-    let n = scores.len();
-    let rate = scores.iter().sum::<f64>() / n as f64;
-    let mut rng = seed::rng(seed, "metrics/win-rate");
-    let mut boot: Vec<f64> = (0..resamples)
-        .map(|_| (0..n).map(|_| scores[rng.random_range(0..n)]).sum::<f64>() / n as f64)
-        .collect();
-    boot.sort_by(f64::total_cmp);
-    let q = |p: f64| boot[((p * resamples as f64).ceil() as usize).clamp(1, resamples) - 1];
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (lo, hi) = bootstrap(&scores, mean, resamples, level, seed, "metrics/win-rate")?;
     Ok(WinRate {
-        rate,
-        lo: q((1.0 - level) / 2.0),
-        hi: q((1.0 + level) / 2.0),
+        rate: mean(&scores),
+        lo,
+        hi,
         level,
     })
 }

@@ -246,8 +246,27 @@ pub(crate) fn heldout_proxy<B: AutodiffBackend>(
     })
 }
 
+/// Loads the reward model saved as `name` (under the run's `checkpoints/`).
+fn load_reward_model<B: Backend>(
+    checkpoints: &Path,
+    config: &ExperimentConfig,
+    name: &str,
+    device: &B::Device,
+    stage: &str,
+) -> Result<goodhart_reward::RewardModel<B>> {
+    let lang = language(config, stage)?;
+    let template = config
+        .proxy
+        .model(&lang)
+        .init::<B>(device)
+        .map_err(stage_error(stage))?;
+    let path = checkpoints.join(name).with_extension("mpk");
+    template.load(&path, device).map_err(stage_error(stage))
+}
+
 /// Loads the proxies saved by [`proxies`] from the run's `checkpoints/` as one
 /// (aggregated) proxy.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn load_proxy<B: Backend>(
     checkpoints: &Path,
     config: &ExperimentConfig,
@@ -258,18 +277,10 @@ pub(crate) fn load_proxy<B: Backend>(
     device: &B::Device,
     stage: &str,
 ) -> Result<Proxy<B>> {
-    let lang = language(config, stage)?;
     let members = (0..k)
         .map(|m| {
-            let template = config
-                .proxy
-                .model(&lang)
-                .init::<B>(device)
-                .map_err(stage_error(stage))?;
-            let path = checkpoints
-                .join(proxy_name(pairs, k, seed, m))
-                .with_extension("mpk");
-            template.load(&path, device).map_err(stage_error(stage))
+            let name = proxy_name(pairs, k, seed, m);
+            load_reward_model(checkpoints, config, &name, device, stage)
         })
         .collect::<Result<Vec<_>>>()?;
     policy_gradient::proxy(members, aggregation).map_err(stage_error(stage))
@@ -284,16 +295,8 @@ fn load_heldout<B: Backend>(
     device: &B::Device,
     stage: &str,
 ) -> Result<Proxy<B>> {
-    let lang = language(config, stage)?;
-    let template = config
-        .proxy
-        .model(&lang)
-        .init::<B>(device)
-        .map_err(stage_error(stage))?;
-    let path = checkpoints
-        .join(heldout_name(pairs, seed))
-        .with_extension("mpk");
-    let model = template.load(&path, device).map_err(stage_error(stage))?;
+    let name = heldout_name(pairs, seed);
+    let model = load_reward_model(checkpoints, config, &name, device, stage)?;
     policy_gradient::proxy(vec![model], Aggregator::Mean).map_err(stage_error(stage))
 }
 
