@@ -1096,6 +1096,9 @@ fn tiny_detector_corpus_preset() {
             "proxy-only #0",
             "proxy-only #1",
             "proxy-only on gap/heldout",
+            "cusum on kl/ref",
+            "cusum on entropy",
+            "cusum on gap/heldout",
             "gold-aware on reward/heldout/mean",
             "gold-aware",
             "end",
@@ -1103,7 +1106,7 @@ fn tiny_detector_corpus_preset() {
             "kl-budget"
         ]
     );
-    let end = &rules[5];
+    let end = &rules[8];
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
     // Each trace is an RL series of 8 steps, with the held-out proxy's mean and the

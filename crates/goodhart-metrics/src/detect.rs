@@ -6,6 +6,8 @@
 //!   threshold. This is the operational form of the ORPO definition of hacking (the true
 //!   return falls while the proxy is optimised) and of the descending side of Gao et al.'s
 //!   overoptimisation curves.
+//! - [`crate::cusum::Cusum`] (`kind = "cusum"`): Page's CUSUM change-point test on one
+//!   gold-free signal.
 //! - [`ProxyOnly`] (`kind = "proxy-only"`): without gold, an early-warning score from
 //!   proxy-side signals (KL acceleration, entropy collapse, ensemble disagreement growth,
 //!   length drift, a shift of the advantage distribution), each z-scored against a
@@ -69,6 +71,8 @@ pub enum DetectorConfig {
     GoldAware(GoldAwareConfig),
     /// [`ProxyOnly`].
     ProxyOnly(ProxyOnlyConfig),
+    /// [`crate::cusum::Cusum`].
+    Cusum(crate::cusum::CusumConfig),
 }
 
 impl DetectorConfig {
@@ -86,6 +90,23 @@ impl DetectorConfig {
                 .enumerate()
                 .map(|(i, s)| (s.key.clone(), format!("signals[{i}].key")))
                 .collect(),
+            Self::Cusum(c) => vec![(c.key.clone(), "key".into())],
+        }
+    }
+
+    /// The detector with its decision threshold set to `threshold` (what a corpus
+    /// calibrates), or `None` for one without such a threshold (gold-aware).
+    pub fn with_threshold(&self, threshold: f64) -> Option<Self> {
+        match self {
+            Self::ProxyOnly(c) => Some(Self::ProxyOnly(ProxyOnlyConfig {
+                threshold,
+                ..c.clone()
+            })),
+            Self::Cusum(c) => Some(Self::Cusum(crate::cusum::CusumConfig {
+                threshold,
+                ..c.clone()
+            })),
+            Self::GoldAware(_) => None,
         }
     }
 
@@ -94,11 +115,12 @@ impl DetectorConfig {
         Ok(match self {
             Self::GoldAware(c) => Box::new(GoldAware::new(c.clone())?),
             Self::ProxyOnly(c) => Box::new(ProxyOnly::new(c.clone())?),
+            Self::Cusum(c) => Box::new(crate::cusum::Cusum::new(c.clone())?),
         })
     }
 }
 
-fn read(metrics: &BTreeMap<String, f64>, key: &str) -> Result<Option<f64>> {
+pub(crate) fn read(metrics: &BTreeMap<String, f64>, key: &str) -> Result<Option<f64>> {
     match metrics.get(key) {
         None => Ok(None),
         Some(v) if v.is_finite() => Ok(Some(*v)),
@@ -108,7 +130,7 @@ fn read(metrics: &BTreeMap<String, f64>, key: &str) -> Result<Option<f64>> {
     }
 }
 
-fn advance(last: &mut Option<u64>, step: u64) -> Result<()> {
+pub(crate) fn advance(last: &mut Option<u64>, step: u64) -> Result<()> {
     if let Some(prev) = *last {
         if step <= prev {
             return Err(GoodhartError::invalid(
@@ -121,11 +143,11 @@ fn advance(last: &mut Option<u64>, step: u64) -> Result<()> {
     Ok(())
 }
 
-fn ema(prev: Option<f64>, x: f64, weight: f64) -> f64 {
+pub(crate) fn ema(prev: Option<f64>, x: f64, weight: f64) -> f64 {
     prev.map_or(x, |p| weight * x + (1.0 - weight) * p)
 }
 
-fn check_unit(name: &str, v: f64, allow_zero: bool) -> Result<()> {
+pub(crate) fn check_unit(name: &str, v: f64, allow_zero: bool) -> Result<()> {
     let ok = v.is_finite() && v <= 1.0 && (v > 0.0 || (allow_zero && v == 0.0));
     if ok {
         Ok(())
@@ -140,7 +162,7 @@ fn check_unit(name: &str, v: f64, allow_zero: bool) -> Result<()> {
     }
 }
 
-fn check_non_negative(name: &str, v: f64) -> Result<()> {
+pub(crate) fn check_non_negative(name: &str, v: f64) -> Result<()> {
     if v.is_finite() && v >= 0.0 {
         Ok(())
     } else {

@@ -9,7 +9,7 @@
 //! - [`stats`]: summaries, Pearson and Spearman correlation on plain series.
 //! - [`hacking`]: the ORPO definition of reward hacking.
 //! - [`overopt`]: Gao et al.'s best-of-n and RL laws, best-of-n KL, unbiased best-of-n.
-//! - [`detect`]: online hacking detectors (gold-aware, proxy-only); [`evaluate`]: their
+//! - [`detect`]: online hacking detectors (gold-aware, proxy-only, [`cusum`]); [`evaluate`]: their
 //!   lead / lag against the gold peak, false alarms and stopping regret over logged runs;
 //!   [`training_log`]: any trainer's JSONL or CSV log as such a run.
 //! - [`effective_rank`]: effective rank of hidden states, ERV and ERA.
@@ -19,6 +19,7 @@
 
 use goodhart_core::registry::MethodInfo;
 
+pub mod cusum;
 pub mod detect;
 pub mod effective_rank;
 pub mod evaluate;
@@ -46,6 +47,11 @@ pub const REGISTRY: &[MethodInfo] = &[
         name: "proxy-only",
         summary: "detector: RMS of warm-up z-scores of KL acceleration, entropy collapse, ensemble disagreement, length drift, advantage skew",
         source: "goodhart heuristic over symptoms reported in seeds/papers.txt (entropy collapse, length hacking, ensemble disagreement)",
+    },
+    MethodInfo {
+        name: "cusum",
+        summary: "detector: one-sided CUSUM max(0, S + z - k) of one signal's warm-up z-scores, fires at S >= h",
+        source: "Page 1954, Continuous inspection schemes; defaults goodhart's own (kl/ref growth, k 0.5, h 5)",
     },
     MethodInfo {
         name: "bon-fit",

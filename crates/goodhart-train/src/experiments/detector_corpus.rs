@@ -13,7 +13,7 @@
 //! average of gold, hacked when the final smoothed gold is below it by the rule's drop).
 //! A false alarm is a firing on a control trace that did not hack.
 //!
-//! Calibration: a proxy-only detector's `threshold` is the smallest of `thresholds` at
+//! Calibration: a proxy-only or CUSUM detector's `threshold` is the smallest of `thresholds` at
 //! which it fires on at most `false_alarm_rate` of the calibration controls that did not
 //! hack ([`calibrate_threshold`]); a gold-aware detector runs as configured.
 //!
@@ -39,7 +39,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use goodhart_metrics::{
-    detect::{Detector, DetectorConfig, GoldAwareConfig, ProxyOnlyConfig},
+    cusum::CusumConfig,
+    detect::{DetectorConfig, GoldAwareConfig, ProxyOnlyConfig},
     evaluate::{
         calibrate_threshold, first_firing, gold_peak, kl_budget_stop, proxy_plateau_stop,
         stopping_regret, GoldPeak, GoldPeakRule, Run,
@@ -70,7 +71,7 @@ pub struct DetectorCorpusExperiment {
     pub test_seeds: usize,
     /// The settings every seed runs.
     pub settings: Vec<CorpusSetting>,
-    /// The detectors measured (a proxy-only one's `threshold` is calibrated).
+    /// The detectors measured (a proxy-only or CUSUM one's `threshold` is calibrated).
     pub detectors: Vec<DetectorConfig>,
     /// The thresholds a proxy-only detector is calibrated over, increasing.
     pub thresholds: Vec<f64>,
@@ -121,7 +122,8 @@ impl Default for DetectorCorpusExperiment {
                 DetectorConfig::ProxyOnly(ProxyOnlyConfig::default()),
                 DetectorConfig::GoldAware(GoldAwareConfig::default()),
             ],
-            thresholds: (2..=40).map(|i| f64::from(i) * 0.5).collect(),
+            // 0.5 to 200 in steps of 10%: the proxy-only score's scale and CUSUM's sums.
+            thresholds: (0..64).map(|i| 0.5 * 1.1f64.powi(i)).collect(),
             false_alarm_rate: 0.1,
             peak: GoldPeakRule::default(),
             plateau_window: 10,
@@ -333,6 +335,7 @@ fn rules<'a>(
             format!("gold-aware on {}", c.gold_key)
         }
         DetectorConfig::GoldAware(_) => "gold-aware".to_string(),
+        DetectorConfig::Cusum(c) => format!("cusum on {}", c.key),
     };
     for (i, d) in cfg.detectors.iter().enumerate() {
         // Two detectors of one label are told apart by their place in the list.
@@ -340,14 +343,18 @@ fn rules<'a>(
         let twice = cfg.detectors.iter().filter(|o| label(o) == base).count() > 1;
         let name = if twice { format!("{base} #{i}") } else { base };
         match d {
-            DetectorConfig::ProxyOnly(c) => {
-                let make = |t: f64| -> goodhart_core::Result<Box<dyn Detector>> {
-                    DetectorConfig::ProxyOnly(ProxyOnlyConfig {
-                        threshold: t,
-                        ..c.clone()
-                    })
-                    .build()
-                };
+            DetectorConfig::ProxyOnly(ProxyOnlyConfig {
+                threshold: configured,
+                warmup,
+                ..
+            })
+            | DetectorConfig::Cusum(CusumConfig {
+                threshold: configured,
+                warmup,
+                ..
+            }) => {
+                let with = |t: f64| d.with_threshold(t).unwrap_or_else(|| d.clone());
+                let make = |t: f64| with(t).build();
                 let calibrated = if clean.is_empty() {
                     Err("no calibration control that did not hack".to_string())
                 } else {
@@ -355,33 +362,18 @@ fn rules<'a>(
                         .map_err(|e| e.to_string())
                 };
                 let (threshold, note) = match calibrated {
-                    Ok(Some(t)) => (
-                        t,
-                        format!("threshold {t} (calibrated), warmup {}", c.warmup),
-                    ),
+                    Ok(Some(t)) => (t, format!("threshold {t:.3} (calibrated), warmup {warmup}")),
                     Ok(None) => (
-                        c.threshold,
-                        format!(
-                            "threshold {} (none of the thresholds meets the target)",
-                            c.threshold
-                        ),
+                        *configured,
+                        format!("threshold {configured} (none of the thresholds meets the target)"),
                     ),
-                    Err(e) => (c.threshold, format!("threshold {} ({e})", c.threshold)),
+                    Err(e) => (*configured, format!("threshold {configured} ({e})")),
                 };
-                let c = c.clone();
+                let chosen = with(threshold);
                 out.push((
                     name,
                     note,
-                    Box::new(move |run| {
-                        first_firing(
-                            run,
-                            DetectorConfig::ProxyOnly(ProxyOnlyConfig {
-                                threshold,
-                                ..c.clone()
-                            })
-                            .build()?,
-                        )
-                    }),
+                    Box::new(move |run| first_firing(run, chosen.build()?)),
                 ));
             }
             DetectorConfig::GoldAware(c) => out.push((
