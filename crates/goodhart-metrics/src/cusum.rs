@@ -15,14 +15,15 @@
 //! sum reaches the decision threshold `h`. Page's classical choice is `k` half the shift
 //! to detect and `h` about 4 to 5; here `h` is what a corpus calibrates.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use goodhart_core::{GoodhartError, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     detect::{
-        advance, check_non_negative, check_unit, ema, read, Detector, Direction, Firing, Transform,
+        advance, check_non_negative, check_unit, read, Detector, Direction, Firing, Standardised,
+        Transform,
     },
     step::KEY_KL,
 };
@@ -70,10 +71,7 @@ impl Default for CusumConfig {
 pub struct Cusum {
     cfg: CusumConfig,
     last_step: Option<u64>,
-    smoothed: Option<f64>,
-    prev: VecDeque<f64>,
-    baseline: Vec<f64>,
-    frozen: Option<(f64, f64)>,
+    signal: Standardised,
     up: f64,
     down: f64,
     score: Option<f64>,
@@ -102,10 +100,7 @@ impl Cusum {
         Ok(Self {
             cfg,
             last_step: None,
-            smoothed: None,
-            prev: VecDeque::new(),
-            baseline: Vec::new(),
-            frozen: None,
+            signal: Standardised::default(),
             up: 0.0,
             down: 0.0,
             score: None,
@@ -124,32 +119,13 @@ impl Detector for Cusum {
         let Some(x) = read(metrics, &self.cfg.key)? else {
             return Ok(None);
         };
-        let s = ema(self.smoothed, x, self.cfg.smoothing);
-        self.smoothed = Some(s);
-        let n = self.prev.len();
-        let t = match self.cfg.transform {
-            Transform::Level => Some(s),
-            Transform::Diff if n >= 1 => Some(s - self.prev[n - 1]),
-            Transform::Diff2 if n >= 2 => Some(s - 2.0 * self.prev[n - 1] + self.prev[n - 2]),
-            _ => None,
-        };
-        self.prev.push_back(s);
-        if self.prev.len() > 2 {
-            self.prev.pop_front();
-        }
-        let Some(t) = t else { return Ok(None) };
-        let Some((mean, sd)) = self.frozen else {
-            self.baseline.push(t);
-            if self.baseline.len() == self.cfg.warmup {
-                let k = self.baseline.len() as f64;
-                let m = self.baseline.iter().sum::<f64>() / k;
-                let var = self.baseline.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (k - 1.0);
-                self.frozen = Some((m, var.sqrt().max(self.cfg.min_std)));
-                self.baseline = Vec::new();
-            }
+        let c = &self.cfg;
+        let Some(z) = self
+            .signal
+            .push(x, c.smoothing, c.transform, c.warmup, c.min_std)
+        else {
             return Ok(None);
         };
-        let z = (t - mean) / sd.max(f64::MIN_POSITIVE);
         let k = self.cfg.drift;
         if self.cfg.direction != Direction::Down {
             self.up = (self.up + z - k).max(0.0);

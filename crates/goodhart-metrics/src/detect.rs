@@ -480,12 +480,58 @@ impl Default for ProxyOnlyConfig {
     }
 }
 
+/// One signal as the proxy-only and CUSUM detectors read it: smoothed by an EMA,
+/// transformed, and z-scored against the mean and std (floored) of its first `warmup`
+/// transformed values, frozen afterwards.
 #[derive(Debug, Clone, Default)]
-struct SignalState {
+pub(crate) struct Standardised {
     smoothed: Option<f64>,
     prev: VecDeque<f64>,
     baseline: Vec<f64>,
     frozen: Option<(f64, f64)>,
+}
+
+impl Standardised {
+    /// Feeds one raw value; its z-score once the baseline is frozen, `None` before (and
+    /// while a difference has too few values).
+    pub(crate) fn push(
+        &mut self,
+        x: f64,
+        smoothing: f64,
+        transform: Transform,
+        warmup: usize,
+        min_std: f64,
+    ) -> Option<f64> {
+        let s = ema(self.smoothed, x, smoothing);
+        self.smoothed = Some(s);
+        let t = match (transform, self.prev.len()) {
+            (Transform::Level, _) => Some(s),
+            (Transform::Diff, n) if n >= 1 => Some(s - self.prev[n - 1]),
+            (Transform::Diff2, n) if n >= 2 => Some(s - 2.0 * self.prev[n - 1] + self.prev[n - 2]),
+            _ => None,
+        };
+        self.prev.push_back(s);
+        if self.prev.len() > 2 {
+            self.prev.pop_front();
+        }
+        let t = t?;
+        match self.frozen {
+            None => {
+                self.baseline.push(t);
+                if self.baseline.len() == warmup {
+                    let n = self.baseline.len() as f64;
+                    let m = self.baseline.iter().sum::<f64>() / n;
+                    let sd = (self.baseline.iter().map(|v| (v - m).powi(2)).sum::<f64>()
+                        / (n - 1.0))
+                        .sqrt();
+                    self.frozen = Some((m, sd.max(min_std)));
+                    self.baseline = Vec::new();
+                }
+                None
+            }
+            Some((m, sd)) => Some((t - m) / sd.max(f64::MIN_POSITIVE)),
+        }
+    }
 }
 
 /// Proxy-only early-warning detector. For each signal: smooth the metric by an EMA, take
@@ -500,7 +546,7 @@ struct SignalState {
 pub struct ProxyOnly {
     cfg: ProxyOnlyConfig,
     last_step: Option<u64>,
-    states: Vec<SignalState>,
+    states: Vec<Standardised>,
     streak: usize,
     score: Option<f64>,
     fired: Option<Firing>,
@@ -540,7 +586,7 @@ impl ProxyOnly {
                 "must be finite and > 0",
             ));
         }
-        let states = vec![SignalState::default(); cfg.signals.len()];
+        let states = vec![Standardised::default(); cfg.signals.len()];
         Ok(Self {
             cfg,
             last_step: None,
@@ -564,42 +610,16 @@ impl Detector for ProxyOnly {
             let Some(x) = read(metrics, &sig.key)? else {
                 continue;
             };
-            let s = ema(st.smoothed, x, self.cfg.smoothing);
-            st.smoothed = Some(s);
-            let t = match (sig.transform, st.prev.len()) {
-                (Transform::Level, _) => Some(s),
-                (Transform::Diff, n) if n >= 1 => Some(s - st.prev[n - 1]),
-                (Transform::Diff2, n) if n >= 2 => Some(s - 2.0 * st.prev[n - 1] + st.prev[n - 2]),
-                _ => None,
+            let c = &self.cfg;
+            let Some(z) = st.push(x, c.smoothing, sig.transform, c.warmup, c.min_std) else {
+                continue;
             };
-            st.prev.push_back(s);
-            if st.prev.len() > 2 {
-                st.prev.pop_front();
-            }
-            let Some(t) = t else { continue };
-            match st.frozen {
-                None => {
-                    st.baseline.push(t);
-                    if st.baseline.len() == self.cfg.warmup {
-                        let n = st.baseline.len() as f64;
-                        let m = st.baseline.iter().sum::<f64>() / n;
-                        let sd = (st.baseline.iter().map(|v| (v - m).powi(2)).sum::<f64>()
-                            / (n - 1.0))
-                            .sqrt();
-                        st.frozen = Some((m, sd.max(self.cfg.min_std)));
-                        st.baseline = Vec::new();
-                    }
-                }
-                Some((m, sd)) => {
-                    let z = (t - m) / sd.max(f64::MIN_POSITIVE);
-                    let oriented = match sig.direction {
-                        Direction::Up => z,
-                        Direction::Down => -z,
-                        Direction::Both => z.abs(),
-                    };
-                    contributions.push((&sig.key, sig.weight, oriented.max(0.0)));
-                }
-            }
+            let oriented = match sig.direction {
+                Direction::Up => z,
+                Direction::Down => -z,
+                Direction::Both => z.abs(),
+            };
+            contributions.push((&sig.key, sig.weight, oriented.max(0.0)));
         }
         if contributions.is_empty() {
             return Ok(None);
