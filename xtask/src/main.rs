@@ -133,6 +133,34 @@ fn real_main() -> Result<ExitCode> {
     }
 }
 
+/// A `cargo` command (the `cargo` running xtask, when known) in the environment a `cargo`
+/// typed in the shell gets: without the variables `cargo run` sets for xtask itself
+/// (`CARGO_PKG_*`, `CARGO_MANIFEST_DIR`, ...). Build scripts that watch them (ring's)
+/// would otherwise see them change and rebuild their crate and every crate above it, once
+/// for `cargo xtask test` and again for the next plain `cargo test`.
+pub(crate) fn cargo_command() -> std::process::Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_by_cargo_run = key.starts_with("CARGO_PKG_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "OUT_DIR"
+            );
+        if set_by_cargo_run {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// Takes `--device VALUE` / `--device=VALUE` out of `args`.
 pub(crate) fn take_device(args: &mut Vec<String>) -> Result<DeviceSpec> {
     let mut spec = DeviceSpec::Cpu;

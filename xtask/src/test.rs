@@ -1,9 +1,6 @@
 //! `cargo xtask test`: every test on ndarray, then the backend-matrix tests on wgpu.
 
-use std::{
-    path::Path,
-    process::{Command, ExitCode},
-};
+use std::{path::Path, process::ExitCode};
 
 use anyhow::{Context, Result};
 use goodhart_core::testing::{BACKEND_TEST_FILTER, TEST_DEVICE_ENV};
@@ -53,12 +50,11 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 fn cargo_test(args: &[String], device: &str, filter: Option<&str>) -> Result<bool> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let (cargo_args, test_args) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &[][..]),
     };
-    let mut cmd = Command::new(cargo);
+    let mut cmd = crate::cargo_command();
     // Library, binary and integration tests; doc tests are skipped (each would link
     // burn again for a few lines of example).
     cmd.args([
