@@ -11,7 +11,7 @@ use goodhart_core::{GoodhartError, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    detect::{Detector, DetectorConfig},
+    detect::{Detector, DetectorConfig, Firing},
     step::KEY_GOLD_MEAN,
 };
 
@@ -190,20 +190,14 @@ pub fn detect_run(
     mut det: Box<dyn Detector>,
     rule: &GoldPeakRule,
 ) -> Result<RunDetection> {
-    let mut firing = None;
-    for (step, m) in &run.steps {
-        if let Some(f) = det.update(*step, m)? {
-            firing = Some(f);
-            break;
-        }
-    }
+    let firing = replay(run, det.as_mut())?;
     let has_gold = run
         .steps
         .iter()
         .any(|(_, m)| m.contains_key(&rule.gold_key));
     let (gold_peak, lead, stopping_regret) = if has_gold {
         let peak = gold_peak(run, rule)?;
-        let fired = firing.as_ref().map(|f: &crate::detect::Firing| f.step);
+        let fired = firing.as_ref().map(|f| f.step);
         (
             Some(peak),
             fired.map(|f| peak.step as i64 - f as i64),
@@ -222,14 +216,19 @@ pub fn detect_run(
     })
 }
 
-/// The step `det` (fresh) first fires at when `run` is replayed through it.
-pub fn first_firing(run: &Run, mut det: Box<dyn Detector>) -> Result<Option<u64>> {
+/// The first firing of `det` (fresh) when `run` is replayed through it, step by step.
+pub fn replay(run: &Run, det: &mut dyn Detector) -> Result<Option<Firing>> {
     for (step, m) in &run.steps {
         if let Some(f) = det.update(*step, m)? {
-            return Ok(Some(f.step));
+            return Ok(Some(f));
         }
     }
     Ok(None)
+}
+
+/// The step `det` (fresh) first fires at when `run` is replayed through it ([`replay`]).
+pub fn first_firing(run: &Run, mut det: Box<dyn Detector>) -> Result<Option<u64>> {
+    Ok(replay(run, det.as_mut())?.map(|f| f.step))
 }
 
 /// A baseline stopping rule without gold: the first step at which the proxy has
@@ -353,13 +352,7 @@ pub fn evaluate(
         let peak = gold_peak(run, rule)?;
         let mut det = make()?;
         name = det.name().into();
-        let mut fired_step = None;
-        for (step, m) in &run.steps {
-            if let Some(f) = det.update(*step, m)? {
-                fired_step = Some(f.step);
-                break;
-            }
-        }
+        let fired_step = replay(run, det.as_mut())?.map(|f| f.step);
         let lead_lag = match (peak.hacked, fired_step) {
             (true, Some(f)) => Some(f as i64 - peak.step as i64),
             _ => None,
@@ -419,7 +412,7 @@ pub fn evaluate_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::{tests::trace, Firing, GoldAwareConfig};
+    use crate::detect::{tests::trace, GoldAwareConfig};
 
     /// Fires at a fixed step, whatever it sees.
     struct At(u64, Option<Firing>);

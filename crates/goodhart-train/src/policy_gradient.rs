@@ -703,10 +703,12 @@ impl LoggedKeys {
     }
 
     /// These keys with those of the monitors `names` ([`Task::monitors`]):
-    /// `reward/<name>/mean` and `gap/<name>`.
+    /// `reward/<name>/{mean,std,min,max}` and `gap/<name>`.
     pub fn with_monitors(mut self, names: &[&str]) -> Self {
         for name in names {
-            self.keys.insert(format!("reward/{name}/mean"));
+            for stat in ["mean", "std", "min", "max"] {
+                self.keys.insert(format!("reward/{name}/{stat}"));
+            }
             self.keys.insert(format!("gap/{name}"));
         }
         self
@@ -2067,6 +2069,13 @@ pub fn train<B: AutodiffBackend>(
         if cfg.reward_shaping.is_some() || cfg.length_penalty.is_some() || cfg.ctrl_u.is_some() {
             rollout = rollout.with_reward("shaped", batch.scores.reward.clone())?;
         }
+        for (name, values) in task.monitors().iter().zip(&batch.monitors) {
+            let values = values.iter().map(|&x| x as f32).collect();
+            rollout = rollout.with_reward(
+                name,
+                Tensor::from_data(TensorData::new(values, [n]), device),
+            )?;
+        }
         let mut metrics = batch_metrics(
             &rollout,
             &StepInputs {
@@ -2111,15 +2120,12 @@ pub fn train<B: AutodiffBackend>(
         for (c, v) in cfg.components.iter().zip(&component_returns) {
             metrics.insert(format!("reward/component/{}", c.name), *v);
         }
-        // The monitors: their mean, and the mean of the proxy minus each.
-        if !batch.monitors.is_empty() {
-            let proxy_rows = host(batch.proxy.clone())?;
-            for (name, values) in task.monitors().iter().zip(&batch.monitors) {
-                let mean = values.iter().sum::<f64>() / n as f64;
-                let proxy = proxy_rows.iter().sum::<f64>() / n as f64;
-                metrics.insert(format!("reward/{name}/mean"), mean);
-                metrics.insert(format!("gap/{name}"), proxy - mean);
-            }
+        // The mean of the proxy minus each monitor's (their means are the rollout's).
+        for name in task.monitors() {
+            let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
+            let gap =
+                get(goodhart_metrics::step::KEY_PROXY_MEAN) - get(&format!("reward/{name}/mean"));
+            metrics.insert(format!("gap/{name}"), gap);
         }
         // The proxy's own components, one row each.
         let proxy_parts = batch.parts.clone().map(host).transpose()?;

@@ -79,7 +79,7 @@ pub trait Task<B: Backend> {
     ) -> Result<TaskScores<B>>;
     /// The names of rewards measured on every sample but never trained on (a held-out
     /// proxy: a gold-free view of how far the training proxy can be trusted), logged as
-    /// `reward/<name>/mean` and `gap/<name>`; none by default.
+    /// `reward/<name>/{mean,std,min,max}` and `gap/<name>`; none by default.
     fn monitors(&self) -> &[String] {
         &[]
     }
@@ -374,12 +374,14 @@ fn encode_prompt(
 ///
 /// Plain text is encoded without added special tokens and the first of `end_ids`
 /// appended. A chat (the assistant's messages) is rendered after the prompt's messages
-/// through the chat template, and the part past the rendered prompt (with its generation
-/// prompt) is encoded, as TRL does for conversational pairs; it is cut after its first
+/// through the chat template, and the part past `head` (the prompt as [`encode_prompt`]
+/// rendered it, generation prompt included) is encoded, as TRL does for conversational
+/// pairs; it is cut after its first
 /// end id (the template's end-of-turn), or given one when it has none.
 fn encode_response(
     tokenizer: &HfTokenizer,
     prompt: &Text,
+    head: &str,
     response: &Text,
     chat: bool,
     end_ids: &[u32],
@@ -396,7 +398,6 @@ fn encode_response(
                     )
                 }
             };
-            let (head, _) = encode_prompt(tokenizer, prompt, chat)?;
             messages.extend(reply.iter().cloned());
             let template = tokenizer
                 .chat_template()
@@ -404,7 +405,7 @@ fn encode_response(
             let full = template
                 .render(&messages, false, &Default::default())
                 .map_err(|e| e.to_string())?;
-            let tail = full.strip_prefix(head.as_str()).ok_or(
+            let tail = full.strip_prefix(head).ok_or(
                 "the chat template renders the prompt differently once the response follows it",
             )?;
             tokenizer.encode(tail).map_err(|e| e.to_string())?
@@ -443,9 +444,10 @@ pub fn encode_preferences(
             let at = |what: &str, reason: String| {
                 GoodhartError::invalid(format!("data ({}, {what})", row.at), reason)
             };
-            let (_, prompt) = encode_prompt(tokenizer, &row.prompt, chat).map_err(|e| at("prompt", e))?;
+            let (head, prompt) =
+                encode_prompt(tokenizer, &row.prompt, chat).map_err(|e| at("prompt", e))?;
             let side = |what: &str, r: &Text| {
-                let ids = encode_response(tokenizer, &row.prompt, r, chat, end_ids)
+                let ids = encode_response(tokenizer, &row.prompt, &head, r, chat, end_ids)
                     .map_err(|e| at(what, e))?;
                 if prompt.len() + ids.len() > max_len {
                     return Err(at(

@@ -249,10 +249,12 @@ impl Experiment for DaaExperiment {
         device: &B::Device,
     ) -> Result<Vec<DaaRun>> {
         let hf = hf_sections(config)?;
-        let pairs = match hf {
-            Some((policy, data, rewards)) => self.validate_hf(policy, data, rewards)?.0.len(),
-            None => self.pairs,
+        // A model directory's pairs, encoded once for every run.
+        let encoded = match hf {
+            Some((policy, data, rewards)) => Some(self.validate_hf(policy, data, rewards)?),
+            None => None,
         };
+        let pairs = encoded.as_ref().map_or(self.pairs, |(p, _)| p.len());
         let steps_per_epoch = pairs.div_ceil(self.train.batch_size);
         let mut out = Vec::new();
         for i in 0..self.seeds {
@@ -265,11 +267,11 @@ impl Experiment for DaaExperiment {
                     Some(b) => format!("{}/b{b}/s{seed}", method.name),
                     None => format!("{}/s{seed}", method.name),
                 };
-                let (trace, policy) = match hf {
-                    Some(sections) => {
-                        hf_stage::<B>(runner, self, sections, &series, loss, seed, device)?
+                let (trace, policy) = match (hf, &encoded) {
+                    (Some(sections), Some(data)) => {
+                        hf_stage::<B>(runner, self, sections, data, &series, loss, seed, device)?
                     }
-                    None => (
+                    _ => (
                         language_stage::<B>(runner, config, self, &series, loss, seed, device)?,
                         None,
                     ),
@@ -505,10 +507,12 @@ fn language_stage<B: AutodiffBackend>(
 
 /// Stage `daa/{series}` on a model directory: one preference run from its weights on
 /// the set's pairs, the trained policy saved as a model directory.
+#[allow(clippy::too_many_arguments)]
 fn hf_stage<B: AutodiffBackend>(
     runner: &mut Runner,
     cfg: &DaaExperiment,
     (policy_cfg, data, rewards): (&PolicyConfig, &DataConfig, &RewardsConfig),
+    (pairs, prompts): &(Vec<PreferencePair>, Vec<PromptRow>),
     series: &str,
     loss: PreferenceLossConfig,
     seed: u64,
@@ -519,7 +523,6 @@ fn hf_stage<B: AutodiffBackend>(
     let dir = runner.artifact(&rel)?;
     let run_dir = runner.dir().path().to_path_buf();
     let trace = runner.stage(&name, |log| {
-        let (pairs, prompts) = cfg.validate_hf(policy_cfg, data, rewards)?;
         let model = TextModel::<B>::load(&policy_cfg.path, device).map_err(stage_error(&name))?;
         let generation = model.generation_config(cfg.max_new_tokens());
         let TextModel {
@@ -536,7 +539,7 @@ fn hf_stage<B: AutodiffBackend>(
             max_prompt_len: policy.trunk.max_seq_len() - cfg.max_new_tokens(),
         };
         let task = text_task::<B::InnerBackend>(
-            tokenizer, &prompts, &spec, rewards, &run_dir, &name, device,
+            tokenizer, prompts, &spec, rewards, &run_dir, &name, device,
         )?;
         let train = PreferenceTrainConfig {
             loss,
@@ -556,7 +559,7 @@ fn hf_stage<B: AutodiffBackend>(
             })
         };
         let (trace, trained) = train_and_evaluate::<B>(
-            log, cfg, series, policy, &reference, &pairs, &train, evaluate,
+            log, cfg, series, policy, &reference, pairs, &train, evaluate,
         )
         .map_err(stage_error(&name))?;
         hf::save(&trained, &hf_config, &dir).map_err(|e| checkpoint_error(&name)(e))?;
