@@ -30,14 +30,16 @@
 //!
 //! An unmet criterion with no failure mode is never credited; a met one always is. A
 //! verifier ([`VerifierRates`]) credits an unmet criterion with mode `m` with probability
-//! `rate(m)`; the reference (the paper's unanimous panel) credits exactly the truth.
+//! `rate(m)`, its errors either fixed by the evidence (the said concepts that make the
+//! mode: a judge's blind spots) or drawn afresh ([`VerifierErrors`]); the reference (the
+//! paper's unanimous panel) credits exactly the truth.
 //!
 //! **Contexts.** The prompt-only context (the RL context) is `[BOS, p_i, SEP]`; the
 //! rubric-conditioned one lists the criteria first, `[BOS, RUBRIC, criteria..., p_i,
 //! SEP]` (`has c` as `[HAS, c]`, `a and b` as `[AND, a, b]`, `n of g` as `[ENUM, g]`), and
 //! is the prompt-only context itself when the rubric is empty.
 //!
-//! **Generator** (the base policy's SFT data): a response of `1..=max_len` concepts
+//! **Generator** (the base policy's SFT data): a response of `min_len..=max_len` concepts
 //! (uniform), each one *helpful* with probability `follow` in the prompt-only context and
 //! `follow_with_rubric` in the conditioned one (a concept that advances an unmet criterion,
 //! the criterion drawn by weight) and otherwise uniform over all concepts.
@@ -66,6 +68,11 @@ pub const ENUM: u32 = 7;
 pub const NUM_SPECIAL: u32 = 8;
 
 /// Configuration of the rubric world (TOML `[rubric.world]`).
+///
+/// Defaults: 16 prompts of 5 criteria over 24 concepts in 4 topics, enumerations of 3,
+/// weights 1 to 3; generator responses of 3 to 6 concepts, 70% of them helpful in the
+/// prompt-only context and 95% with the rubric in it (a base policy that satisfies
+/// criteria more often than it merely gets them credited).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RubricWorldConfig {
@@ -81,6 +88,8 @@ pub struct RubricWorldConfig {
     pub enum_items: usize,
     /// Largest criterion weight (weights are `1..=max_weight`).
     pub max_weight: u32,
+    /// Shortest generator response, in concepts.
+    pub min_len: usize,
     /// Longest generator response, in concepts.
     pub max_len: usize,
     /// Share of helpful concepts in prompt-only generator responses.
@@ -94,15 +103,16 @@ pub struct RubricWorldConfig {
 impl Default for RubricWorldConfig {
     fn default() -> Self {
         Self {
-            prompts: 32,
+            prompts: 16,
             concepts: 24,
             topics: 4,
             criteria: 5,
             enum_items: 3,
             max_weight: 3,
+            min_len: 3,
             max_len: 6,
-            follow: 0.3,
-            follow_with_rubric: 0.8,
+            follow: 0.7,
+            follow_with_rubric: 0.95,
             seed: 0,
         }
     }
@@ -246,6 +256,19 @@ impl VerifierRates {
     }
 }
 
+/// Whether a verifier's errors are fixed or drawn afresh (TOML `"systematic"` or
+/// `"random"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifierErrors {
+    /// The same evidence always fools it or never does ([`systematic_uniform`]): a share
+    /// `rate` of the distinct pieces of partial content.
+    #[default]
+    Systematic,
+    /// Each grading draws afresh: an unmet criterion is credited with probability `rate`.
+    Random,
+}
+
 /// A verifier's judgement of one criterion of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
@@ -255,6 +278,41 @@ pub struct Verdict {
     pub credited: bool,
     /// The failure mode through which an unmet criterion could be credited.
     pub mode: Option<FailureMode>,
+}
+
+/// What a verifier sees when it could credit an unmet criterion: the criterion (prompt
+/// and index), its failure mode and the said concepts that make it (sorted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evidence<'a> {
+    /// The prompt.
+    pub prompt: usize,
+    /// The criterion's index in the prompt's rubric.
+    pub criterion: usize,
+    /// The failure mode.
+    pub mode: FailureMode,
+    /// The concepts that make it.
+    pub said: &'a [usize],
+}
+
+/// A uniform in `[0, 1)` fixed by `seed` and the evidence (SplitMix64 over its fields):
+/// a verifier drawing from it is fooled by the same partial content every time (its
+/// blind spots are fixed, as a judge's at temperature 0), and by a share `rate` of the
+/// distinct pieces of content.
+pub fn systematic_uniform(seed: u64, e: &Evidence) -> f64 {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let mut h = mix(seed);
+    for x in [e.prompt, e.criterion, e.mode as usize, e.said.len()]
+        .into_iter()
+        .chain(e.said.iter().copied())
+    {
+        h = mix(h ^ x as u64);
+    }
+    (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The world: its topics, relations and rubrics.
@@ -273,8 +331,14 @@ impl RubricWorld {
     pub fn new(config: RubricWorldConfig) -> Result<Self> {
         let bad = |k: &str, why: String| GoodhartError::invalid(format!("rubric.world.{k}"), why);
         let c = &config;
-        if c.prompts == 0 {
-            return Err(bad("prompts", "must be at least 1".into()));
+        if c.prompts == 0 || c.prompts > 1_000_000 {
+            return Err(bad(
+                "prompts",
+                format!("{} is not 1 to 1,000,000", c.prompts),
+            ));
+        }
+        if c.concepts > 100_000 {
+            return Err(bad("concepts", format!("{} is over 100,000", c.concepts)));
         }
         if c.topics < 2 {
             return Err(bad("topics", "must be at least 2".into()));
@@ -301,8 +365,14 @@ impl RubricWorld {
         if c.max_weight == 0 {
             return Err(bad("max_weight", "must be at least 1".into()));
         }
-        if c.max_len == 0 {
-            return Err(bad("max_len", "must be at least 1".into()));
+        if c.min_len == 0 || c.max_len < c.min_len {
+            return Err(bad(
+                "max_len",
+                format!(
+                    "min_len {} to max_len {} is not a range of lengths from 1",
+                    c.min_len, c.max_len
+                ),
+            ));
         }
         for (k, v) in [
             ("follow", c.follow),
@@ -514,59 +584,80 @@ impl RubricWorld {
         }
     }
 
-    /// The failure mode of an unmet `criterion` (see the module docs).
-    fn failure(&self, criterion: Criterion, said: &[bool]) -> Option<FailureMode> {
+    /// The failure mode of an unmet `criterion` (see the module docs) and its evidence:
+    /// the said concepts that make it (sorted).
+    fn failure(&self, criterion: Criterion, said: &[bool]) -> Option<(FailureMode, Vec<usize>)> {
+        let present = |from: &mut dyn Iterator<Item = usize>| -> Vec<usize> {
+            let mut v: Vec<usize> = from.filter(|&m| said[m]).collect();
+            v.sort_unstable();
+            v
+        };
         match criterion {
-            Criterion::And(a, b) => (said[a] != said[b]).then_some(FailureMode::MissingConjunct),
-            Criterion::Enum { topic, .. } => self.members[topic]
-                .iter()
-                .any(|&m| said[m])
-                .then_some(FailureMode::IncompleteEnumeration),
+            Criterion::And(a, b) => (said[a] != said[b]).then(|| {
+                (
+                    FailureMode::MissingConjunct,
+                    vec![if said[a] { a } else { b }],
+                )
+            }),
+            Criterion::Enum { topic, .. } => {
+                let items = present(&mut self.members[topic].iter().copied());
+                (!items.is_empty()).then_some((FailureMode::IncompleteEnumeration, items))
+            }
             Criterion::Has(c) => {
                 if said[self.implier[c]] {
-                    Some(FailureMode::InferredContent)
-                } else if said[self.near[c]] {
-                    Some(FailureMode::ConceptSubstitution)
-                } else if self.members[self.topic_of[c]]
-                    .iter()
-                    .any(|&m| m != c && said[m])
-                {
-                    Some(FailureMode::TopicalAlignment)
-                } else {
-                    None
+                    return Some((FailureMode::InferredContent, vec![self.implier[c]]));
                 }
+                if said[self.near[c]] {
+                    return Some((FailureMode::ConceptSubstitution, vec![self.near[c]]));
+                }
+                let topical = present(
+                    &mut self.members[self.topic_of[c]]
+                        .iter()
+                        .copied()
+                        .filter(|&m| m != c),
+                );
+                (!topical.is_empty()).then_some((FailureMode::TopicalAlignment, topical))
             }
         }
     }
 
     /// The verdicts on every criterion of prompt `i`'s rubric for a response saying
-    /// `concepts`: the truth, the failure mode of each unmet one, and the credit of a
-    /// verifier with `rates` (one uniform drawn from `rng` per criterion), or of the
-    /// reference (the truth) when `rates` is `None`.
+    /// `concepts`: the truth, the failure mode of each unmet one, and whether it is
+    /// credited. The reference (`rates` `None`) credits the truth; a verifier credits an
+    /// unmet criterion with a mode when `draw(evidence) < rate(mode)`, `draw` giving a
+    /// uniform in `[0, 1)` ([`systematic_uniform`] for a verifier whose errors are fixed,
+    /// a fresh draw for one whose errors are not).
     pub fn judge(
         &self,
         i: usize,
         concepts: &[usize],
         rates: Option<&VerifierRates>,
-        rng: &mut seed::ChaCha8Rng,
+        draw: &mut dyn FnMut(&Evidence) -> f64,
     ) -> Vec<Verdict> {
         let said = self.said(concepts);
         self.rubrics[i]
             .iter()
-            .map(|w| {
+            .enumerate()
+            .map(|(k, w)| {
                 let truth = self.holds(w.criterion, &said);
-                let mode = (!truth).then(|| self.failure(w.criterion, &said)).flatten();
-                let credited = match rates {
-                    Some(r) => {
-                        let u: f64 = rng.random();
-                        truth || mode.is_some_and(|m| u < r.rate(m))
-                    }
-                    None => truth,
-                };
+                let failure = (!truth).then(|| self.failure(w.criterion, &said)).flatten();
+                let credited = truth
+                    || match (rates, &failure) {
+                        (Some(r), Some((mode, items))) => {
+                            let e = Evidence {
+                                prompt: i,
+                                criterion: k,
+                                mode: *mode,
+                                said: items,
+                            };
+                            draw(&e) < r.rate(*mode)
+                        }
+                        _ => false,
+                    };
                 Verdict {
                     truth,
                     credited,
-                    mode,
+                    mode: failure.map(|f| f.0),
                 }
             })
             .collect()
@@ -586,7 +677,7 @@ impl RubricWorld {
         } else {
             c.follow
         };
-        let len = rng.random_range(1..=c.max_len);
+        let len = rng.random_range(c.min_len..=c.max_len);
         let mut said = vec![false; c.concepts];
         let mut out = Vec::with_capacity(len + 1);
         for _ in 0..len {
@@ -667,6 +758,17 @@ mod tests {
         RubricWorld::new(RubricWorldConfig::default()).unwrap()
     }
 
+    /// A world whose generator says more at random: more distinct evidence.
+    fn varied() -> RubricWorld {
+        RubricWorld::new(RubricWorldConfig {
+            prompts: 32,
+            follow: 0.3,
+            follow_with_rubric: 0.9,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
     #[test]
     fn topics_relations_and_contexts() {
         let w = world();
@@ -737,42 +839,63 @@ mod tests {
                 weight: 3.0,
             },
         ]);
-        let mut rng = seed::rng(0, "t");
-        let judge = |said: &[usize], rng: &mut seed::ChaCha8Rng| {
-            w.judge(0, said, None, rng)
+        // What the reference sees; and the evidence a verifier is shown, recorded.
+        let judge = |said: &[usize]| {
+            w.judge(0, said, None, &mut |_| 0.0)
                 .iter()
                 .map(|v| (v.truth, v.mode))
                 .collect::<Vec<_>>()
         };
+        let evidence = |said: &[usize]| {
+            let mut seen = Vec::new();
+            w.judge(0, said, Some(&VerifierRates::weak()), &mut |e| {
+                seen.push((e.criterion, e.mode, e.said.to_vec()));
+                0.0
+            });
+            seen
+        };
         use FailureMode::*;
-        // Nothing said: nothing holds, no mode.
-        assert_eq!(judge(&[], &mut rng), vec![(false, None); 3]);
+        // Nothing said: nothing holds, no mode, nothing shown to the verifier.
+        assert_eq!(judge(&[]), vec![(false, None); 3]);
+        assert!(evidence(&[]).is_empty());
         // x alone: has x holds; the compound misses a conjunct; the enumeration has 1 of 3.
         assert_eq!(
-            judge(&[x], &mut rng),
+            judge(&[x]),
             vec![
                 (true, None),
                 (false, Some(MissingConjunct)),
                 (false, Some(IncompleteEnumeration))
             ]
         );
+        assert_eq!(
+            evidence(&[x]),
+            vec![
+                (1, MissingConjunct, vec![x]),
+                (2, IncompleteEnumeration, vec![x])
+            ]
+        );
         // x, y and three of g (x, near, topical): all hold.
-        assert_eq!(
-            judge(&[x, y, near, topical], &mut rng),
-            vec![(true, None); 3]
-        );
+        assert_eq!(judge(&[x, y, near, topical]), vec![(true, None); 3]);
         // has x by its implier, its near miss, its topic; precedence in that order.
-        let has = |said: &[usize], rng: &mut seed::ChaCha8Rng| judge(said, rng)[0];
+        let has = |said: &[usize]| judge(said)[0];
+        assert_eq!(has(&[implier, near]), (false, Some(InferredContent)));
+        assert_eq!(has(&[near, topical]), (false, Some(ConceptSubstitution)));
+        assert_eq!(has(&[topical]), (false, Some(TopicalAlignment)));
+        assert_eq!(has(&[unrelated]), (false, None));
+        let both = vec![near.min(topical), near.max(topical)];
         assert_eq!(
-            has(&[implier, near], &mut rng),
-            (false, Some(InferredContent))
+            evidence(&[topical, near])[0],
+            (0, ConceptSubstitution, vec![near])
         );
         assert_eq!(
-            has(&[near, topical], &mut rng),
-            (false, Some(ConceptSubstitution))
+            evidence(&[topical])[0],
+            (0, TopicalAlignment, vec![topical])
         );
-        assert_eq!(has(&[topical], &mut rng), (false, Some(TopicalAlignment)));
-        assert_eq!(has(&[unrelated], &mut rng), (false, None));
+        // The enumeration's evidence is every said item, sorted.
+        assert_eq!(
+            evidence(&[topical, near])[1],
+            (2, IncompleteEnumeration, both)
+        );
         // Parsing: concepts up to EOS; a non-concept token ends it, ill-formed.
         let t = |c: usize| w.concept_token(c);
         assert_eq!(w.parse(&[t(3), t(5), EOS, t(1)]), (vec![3, 5], false));
@@ -780,22 +903,22 @@ mod tests {
         assert_eq!(w.parse(&[t(3)]), (vec![3], false));
     }
 
-    #[test]
-    fn verifier_credits_each_mode_at_its_rate() {
-        // Generator responses in both contexts, judged by the weak verifier: among unmet
-        // criteria of each mode, the credited share is the mode's rate within 4 standard
-        // errors; met criteria are always credited, unmet ones without a mode never.
-        let w = world();
-        let rates = VerifierRates::weak();
+    /// Per mode, the number of unmet criteria with it and how many were credited, over
+    /// 20,000 generator responses (both contexts) judged with `draw`; met criteria are
+    /// always credited, unmet ones without a mode never.
+    fn credit_by_mode(
+        w: &RubricWorld,
+        rates: &VerifierRates,
+        draw: &mut dyn FnMut(&Evidence) -> f64,
+    ) -> std::collections::BTreeMap<FailureMode, (f64, f64)> {
         let mut gen = seed::rng(1, "responses");
-        let mut judge = seed::rng(2, "verifier");
         let mut by_mode = std::collections::BTreeMap::<FailureMode, (f64, f64)>::new();
         for k in 0..20_000 {
             let i = k % w.config().prompts;
             let r = w.sample_response(i, k % 2 == 0, &mut gen);
             let (said, ill) = w.parse(&r);
             assert!(!ill && r.last() == Some(&EOS));
-            for v in w.judge(i, &said, Some(&rates), &mut judge) {
+            for v in w.judge(i, &said, Some(rates), draw) {
                 match (v.truth, v.mode) {
                     (true, _) => assert!(v.credited),
                     (false, None) => assert!(!v.credited),
@@ -807,6 +930,13 @@ mod tests {
                 }
             }
         }
+        by_mode
+    }
+
+    fn assert_rates(
+        by_mode: std::collections::BTreeMap<FailureMode, (f64, f64)>,
+        rates: &VerifierRates,
+    ) {
         assert_eq!(by_mode.len(), 5, "every mode occurs: {by_mode:?}");
         for (m, (n, credited)) in by_mode {
             let p = rates.rate(m);
@@ -821,8 +951,60 @@ mod tests {
     }
 
     #[test]
+    fn a_random_verifier_credits_each_mode_at_its_rate() {
+        // A fresh draw per grading: among unmet criteria of each mode, the credited share
+        // is the mode's rate within 4 standard errors.
+        let w = varied();
+        let rates = VerifierRates::weak();
+        let mut rng = seed::rng(2, "verifier");
+        assert_rates(credit_by_mode(&w, &rates, &mut |_| rng.random()), &rates);
+    }
+
+    #[test]
+    fn a_systematic_verifier_is_fooled_by_a_share_of_the_distinct_evidence() {
+        // Fixed blind spots: over the distinct pieces of evidence the generator's
+        // responses show, the fooled share is the mode's rate within 4 standard errors;
+        // the same response always gets the same verdicts.
+        let w = varied();
+        let rates = VerifierRates::strong();
+        let mut distinct = std::collections::BTreeMap::new();
+        credit_by_mode(&w, &rates, &mut |e| {
+            let u = systematic_uniform(9, e);
+            distinct.insert((e.prompt, e.criterion, e.mode, e.said.to_vec()), u);
+            u
+        });
+        let mut by_mode = std::collections::BTreeMap::<FailureMode, (f64, f64)>::new();
+        for ((_, _, m, _), u) in &distinct {
+            let e = by_mode.entry(*m).or_default();
+            e.0 += 1.0;
+            e.1 += f64::from(u8::from(*u < rates.rate(*m)));
+        }
+        assert!(distinct.len() > 1000, "{}", distinct.len());
+        assert_rates(by_mode, &rates);
+        let mut gen = seed::rng(4, "again");
+        for k in 0..200 {
+            let i = k % w.config().prompts;
+            let (said, _) = w.parse(&w.sample_response(i, false, &mut gen));
+            let mut draw = |e: &Evidence| systematic_uniform(9, e);
+            let first = w.judge(i, &said, Some(&rates), &mut draw);
+            let mut reversed = said.clone();
+            reversed.reverse();
+            assert_eq!(w.judge(i, &reversed, Some(&rates), &mut draw), first);
+        }
+        // Another seed: other blind spots.
+        let e = Evidence {
+            prompt: 1,
+            criterion: 2,
+            mode: FailureMode::MissingConjunct,
+            said: &[4],
+        };
+        assert_ne!(systematic_uniform(9, &e), systematic_uniform(10, &e));
+        assert!((0.0..1.0).contains(&systematic_uniform(9, &e)));
+    }
+
+    #[test]
     fn the_conditioned_generator_follows_the_rubric_more() {
-        let w = world();
+        let w = varied();
         let mut rng = seed::rng(3, "g");
         let mut met = [0.0; 2];
         for k in 0..4000 {
@@ -830,7 +1012,7 @@ mod tests {
             for (j, cond) in [false, true].into_iter().enumerate() {
                 let (said, _) = w.parse(&w.sample_response(i, cond, &mut rng));
                 met[j] += w
-                    .judge(i, &said, None, &mut rng)
+                    .judge(i, &said, None, &mut |_| 0.0)
                     .iter()
                     .filter(|v| v.truth)
                     .count() as f64;
@@ -844,6 +1026,20 @@ mod tests {
         let d = RubricWorldConfig::default;
         for (cfg, key) in [
             (RubricWorldConfig { prompts: 0, ..d() }, "prompts"),
+            (
+                RubricWorldConfig {
+                    prompts: usize::MAX,
+                    ..d()
+                },
+                "prompts",
+            ),
+            (
+                RubricWorldConfig {
+                    concepts: 1 << 40,
+                    ..d()
+                },
+                "concepts",
+            ),
             (RubricWorldConfig { topics: 1, ..d() }, "topics"),
             (RubricWorldConfig { concepts: 7, ..d() }, "concepts"),
             (

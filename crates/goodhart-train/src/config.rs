@@ -30,6 +30,8 @@
 //! [daa]               # DPO-family training over betas (synthetic language, or a HF model with
 //!                     #   [policy], [data] = a preference set, [rewards])
 //! [detector_corpus]   # RL traces split by seed: detectors calibrated, then tested
+//! [rubric]            # RL against weak and strong rubric verifiers: exploitation, the
+//!                     #   self-internalisation gap (reads [sft] and [rl])
 //!
 //! [sweep]             # `cargo xtask sweep`: one run per point of the product
 //! "rl.lr" = [1e-3, 3e-3]
@@ -51,6 +53,7 @@ pub use crate::experiments::{
     detector_corpus::DetectorCorpusExperiment,
     mitigations::{Arm, MitigationsExperiment},
     overopt::{BestOfNConfig, OveroptExperiment},
+    rubric::{RubricExperiment, VerifierArm},
     tomato::{ProxyInit, TomatoExperiment},
     train::{PolicyConfig, RewardsConfig, TrainExperiment},
 };
@@ -147,6 +150,10 @@ pub struct ExperimentConfig {
     /// RL traces with known gold: detectors calibrated and tested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detector_corpus: Option<DetectorCorpusExperiment>,
+    /// RL against rubric verifiers of graded strength: exploitation and the
+    /// self-internalisation gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rubric: Option<RubricExperiment>,
     /// `cargo xtask sweep`: dotted key path -> values; one run per point of the product.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,

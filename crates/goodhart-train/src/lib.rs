@@ -14,6 +14,8 @@
 //!   frozen reference.
 //! - [`task`]: what an RL run samples and scores: the synthetic language, or a prompt set
 //!   under a Hugging Face tokenizer with text rewards.
+//! - [`rubric`]: rubric verifiers with failure modes, the rubric task, the exploitation
+//!   rate and the self-internalisation gap on goodhart-envs' rubric world.
 //!
 //! Experiments:
 //! - [`config`]: the experiment TOML (`deny_unknown_fields`, `--set`, key-path errors, sweeps).
@@ -36,6 +38,7 @@ pub mod preference;
 pub mod presets;
 pub mod report;
 pub mod reward_model;
+pub mod rubric;
 pub mod run_dir;
 pub mod runner;
 pub mod sft;

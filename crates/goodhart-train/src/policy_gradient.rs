@@ -1552,12 +1552,43 @@ fn collect<B: Backend>(
 pub fn train<B: AutodiffBackend>(
     cfg: &RlConfig,
     task: &dyn Task<B::InnerBackend>,
-    mut policy: TransformerLm<B>,
+    policy: TransformerLm<B>,
     reference: &TransformerLm<B::InnerBackend>,
     seed: u64,
     device: &B::Device,
     log: &mut dyn FnMut(&StepLine) -> Result<()>,
 ) -> Result<TransformerLm<B>> {
+    train_with_checkpoints(
+        cfg,
+        task,
+        policy,
+        reference,
+        seed,
+        device,
+        log,
+        0,
+        &mut |_, _| Ok(()),
+    )
+}
+
+/// [`train`], also calling `checkpoint(s, policy)` with the policy after `s` steps for
+/// every `s` that is a multiple of `every` (`s = 0` the initial policy, `s = steps` the
+/// final one when the run goes to its end; never when `every` is 0). The callback draws
+/// nothing from the run's streams: a run gives the same steps with or without it. An
+/// error from it stops the run.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with_checkpoints<B: AutodiffBackend>(
+    cfg: &RlConfig,
+    task: &dyn Task<B::InnerBackend>,
+    mut policy: TransformerLm<B>,
+    reference: &TransformerLm<B::InnerBackend>,
+    seed: u64,
+    device: &B::Device,
+    log: &mut dyn FnMut(&StepLine) -> Result<()>,
+    every: usize,
+    checkpoint: &mut dyn FnMut(usize, &TransformerLm<B::InnerBackend>) -> Result<()>,
+) -> Result<TransformerLm<B>> {
+    let due = |s: usize| every > 0 && s.is_multiple_of(every);
     cfg.validate(task.proxy_members())?;
     let width = task.prompt_width();
     let need = width + cfg.max_new_tokens;
@@ -1677,6 +1708,8 @@ pub fn train<B: AutodiffBackend>(
         .collect::<Result<_>>()?;
     let mut recent: std::collections::VecDeque<(usize, TransformerLm<B>)> =
         std::collections::VecDeque::new();
+    // Whether an alarm ended the run before its last step.
+    let mut stopped = false;
     'steps: for step in 0..cfg.steps {
         let mut timings = StepTimings::default();
         let t_step = clock::<B>(device)?;
@@ -1688,6 +1721,9 @@ pub fn train<B: AutodiffBackend>(
         }
         // 1-3. Prompts, rollout with the current policy (no autodiff), rewards.
         let sampler = policy.valid();
+        if due(step) {
+            checkpoint(step, &sampler)?;
+        }
         let (batch, rollouts, spread_share) = collect(
             cfg,
             &sampler,
@@ -2238,8 +2274,12 @@ pub fn train<B: AutodiffBackend>(
         }
         match cfg.on_alarm {
             OnAlarm::Log => {}
-            OnAlarm::Stop => break,
+            OnAlarm::Stop => {
+                stopped = true;
+                break;
+            }
             OnAlarm::Rollback => {
+                stopped = true;
                 let back = step.saturating_sub(cfg.rollback_steps);
                 if let Some((_, p)) = recent.iter().find(|(s, _)| *s >= back) {
                     policy = p.clone();
@@ -2254,6 +2294,9 @@ pub fn train<B: AutodiffBackend>(
                 }
             }
         }
+    }
+    if !stopped && due(cfg.steps) {
+        checkpoint(cfg.steps, &policy.valid())?;
     }
     Ok(policy)
 }
@@ -2875,6 +2918,97 @@ mod tests {
             groups_with_spread(train, &Groups::contiguous(3, 2).unwrap()).unwrap(),
             [false, true, false]
         );
+    }
+
+    #[test]
+    fn checkpoints_are_seen_at_their_steps_and_change_nothing() {
+        // 5 steps, a checkpoint every 2: the policies after 0, 2 and 4 steps (not 5), and
+        // the same step lines as a run without the callback. The policy at checkpoint s
+        // samples step s: its greedy response to a prompt is the one the trainer's own
+        // copy gives, and it differs from the initial policy's after training.
+        let cfg = RlConfig {
+            steps: 5,
+            ..small()
+        };
+        let device = cpu();
+        let l = lang();
+        let (policy, reference, proxy) = setup::<Cpu>(&l, 1, &device);
+        let gold = LanguageGold::new(&l);
+        let task = LanguageTask::new(&l, &proxy, &gold);
+        let mut lines = Vec::new();
+        let mut seen = Vec::new();
+        train_with_checkpoints::<Cpu>(
+            &cfg,
+            &task,
+            policy,
+            &reference,
+            5,
+            &device,
+            &mut |m| {
+                lines.push(m.clone());
+                Ok(())
+            },
+            2,
+            &mut |s, p| {
+                seen.push((s, p.trunk.tok_emb.weight.val().into_data().convert::<f32>()));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 2, 4]);
+        let plain = run_cpu(&cfg, 1).unwrap();
+        let numbers = |v: &[StepLine]| {
+            v.iter()
+                .map(|l| (l.metrics.clone(), l.samples.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(numbers(&lines), numbers(&plain));
+        let initial = reference
+            .trunk
+            .tok_emb
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>();
+        assert_eq!(seen[0].1, initial);
+        assert_ne!(seen[2].1, initial);
+        // Every 5: the initial and the final policy.
+        let mut at = Vec::new();
+        let fin = train_with_checkpoints::<Cpu>(
+            &cfg,
+            &task,
+            setup::<Cpu>(&l, 1, &device).0,
+            &reference,
+            5,
+            &device,
+            &mut |_| Ok(()),
+            5,
+            &mut |s, p| {
+                at.push((s, p.trunk.tok_emb.weight.val().into_data().convert::<f32>()));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(at.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 5]);
+        let last = fin.trunk.tok_emb.weight.val().into_data().convert::<f32>();
+        assert_eq!(at[1].1, last);
+        // An error from the callback stops the run.
+        assert!(train_with_checkpoints::<Cpu>(
+            &cfg,
+            &task,
+            setup::<Cpu>(&l, 1, &device).0,
+            &reference,
+            5,
+            &device,
+            &mut |_| Ok(()),
+            1,
+            &mut |s, _| if s == 1 {
+                Err(GoodhartError::invalid("eval", "disk full"))
+            } else {
+                Ok(())
+            },
+        )
+        .is_err());
     }
 
     #[test]

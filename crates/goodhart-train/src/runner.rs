@@ -161,6 +161,8 @@ fn stage_sections(name: &str) -> Option<&'static [&'static str]> {
         (Some("overopt"), _) => &["seed", "language", "sft", "proxy", "rl", "overopt"],
         (Some("mitigations"), _) => &["seed", "language", "sft", "proxy", "rl", "mitigations"],
         (Some("corpus"), _) => &["seed", "language", "sft", "proxy", "rl", "detector_corpus"],
+        (Some("rubric"), Some("sft")) => &["seed", "sft", "rubric"],
+        (Some("rubric"), _) => &["seed", "sft", "rl", "rubric"],
         _ => return None,
     })
 }

@@ -96,8 +96,13 @@ impl Default for SftConfig {
 impl SftConfig {
     /// The transformer for `lang`'s vocabulary with these sizes.
     pub fn model(&self, lang: &Language) -> TransformerConfig {
+        self.transformer(lang.vocab_size())
+    }
+
+    /// The transformer for a vocabulary of `vocab` tokens with these sizes.
+    pub fn transformer(&self, vocab: usize) -> TransformerConfig {
         TransformerConfig::new(
-            lang.vocab_size(),
+            vocab,
             self.d_model,
             self.layers,
             self.heads,
@@ -107,6 +112,12 @@ impl SftConfig {
 
     /// Errors on sizes that cannot make a model or a run for `lang`.
     pub fn validate(&self, lang: &Language) -> Result<()> {
+        self.validate_for(lang.vocab_size(), PROMPT_LEN + lang.config().max_len + 1)
+    }
+
+    /// Errors on sizes that cannot make a model of `vocab` tokens or a run on sequences
+    /// of up to `need` tokens (a prompt and a full response).
+    pub fn validate_for(&self, vocab: usize, need: usize) -> Result<()> {
         let bad = |k: &str, why: String| GoodhartError::invalid(format!("sft.{k}"), why);
         for (k, v) in [
             ("examples", self.examples),
@@ -124,7 +135,6 @@ impl SftConfig {
                 format!("must be finite and positive, got {}", self.lr),
             ));
         }
-        let need = PROMPT_LEN + lang.config().max_len + 1;
         if self.max_seq_len < need {
             return Err(bad(
                 "max_seq_len",
@@ -134,7 +144,7 @@ impl SftConfig {
                 ),
             ));
         }
-        self.model(lang).validate()
+        self.transformer(vocab).validate()
     }
 }
 

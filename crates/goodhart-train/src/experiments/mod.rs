@@ -12,6 +12,8 @@
 //!   a dataset, or the synthetic language), the trained policy saved.
 //! - [`daa`]: direct alignment (DPO, IPO, SLiC, RPO) over betas on the synthetic
 //!   language's preference pairs, gold and KL of fresh samples.
+//! - [`rubric`]: RL against weak and strong rubric verifiers on the rubric world,
+//!   exploitation rate by failure mode and the self-internalisation gap.
 //! - [`lm`]: the stages the language-model experiments share.
 //!
 //! A new experiment is a module here with its section struct implementing
@@ -23,6 +25,7 @@ pub mod detector_corpus;
 pub mod lm;
 pub mod mitigations;
 pub mod overopt;
+pub mod rubric;
 pub mod tomato;
 pub mod train;
 
@@ -86,7 +89,7 @@ pub trait Visitor {
 }
 
 /// Every experiment: its section name and summary.
-pub const EXPERIMENTS: [(&str, &str); 6] = [
+pub const EXPERIMENTS: [(&str, &str); 7] = [
     (
         tomato::TomatoExperiment::NAME,
         tomato::TomatoExperiment::SUMMARY,
@@ -107,6 +110,10 @@ pub const EXPERIMENTS: [(&str, &str); 6] = [
     (
         detector_corpus::DetectorCorpusExperiment::NAME,
         detector_corpus::DetectorCorpusExperiment::SUMMARY,
+    ),
+    (
+        rubric::RubricExperiment::NAME,
+        rubric::RubricExperiment::SUMMARY,
     ),
 ];
 
@@ -138,6 +145,10 @@ pub fn visit<V: Visitor>(
         n += 1;
     }
     if let Some(e) = &config.detector_corpus {
+        v.visit(e)?;
+        n += 1;
+    }
+    if let Some(e) = &config.rubric {
         v.visit(e)?;
         n += 1;
     }
@@ -303,9 +314,20 @@ impl<'a, 'b> Logger<'a, 'b> {
         step: u64,
         metrics: BTreeMap<String, f64>,
     ) -> goodhart_core::Result<()> {
+        let series = self.series;
+        self.log_as(series, step, metrics)
+    }
+
+    /// [`Logger::log`] under another series of the same experiment.
+    pub(crate) fn log_as(
+        &mut self,
+        series: &str,
+        step: u64,
+        metrics: BTreeMap<String, f64>,
+    ) -> goodhart_core::Result<()> {
         let line = Line::new(step, metrics)
             .with_label("experiment", self.experiment)
-            .with_label("series", self.series);
+            .with_label("series", series);
         self.log
             .log(&line)
             .map_err(|e| GoodhartError::invalid("metrics.jsonl", e.to_string()))
