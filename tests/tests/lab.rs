@@ -204,6 +204,97 @@ fn tiny_mitigations_preset() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+#[test]
+fn tiny_rubric_preset() {
+    let config = tiny(
+        "rubric",
+        &[
+            "rl.max_new_tokens=7",
+            "rubric.seeds=1",
+            "rubric.eval_every=2",
+            "rubric.eval_samples=4",
+            "rubric.gap_samples=2",
+            "rubric.verifiers=[{name = \"weak\"}, {name = \"strong\", rates = {missing_conjunct = 0.1, incomplete_enumeration = 0.1, inferred_content = 0.1, concept_substitution = 0.1, topical_alignment = 0.1}}]",
+        ],
+    );
+    let root = scratch("rubric-a");
+    let (dir, summary) = run(config.clone(), &root);
+    assert_run_files(&dir);
+    for title in [
+        "Rubric lab: verifier",
+        "Rubric lab: exploitation",
+        "Rubric lab: exploited weight",
+        "Rubric lab: self-internalisation",
+    ] {
+        let rows = table(&summary, title);
+        let names: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
+        assert_eq!(names, ["weak", "strong"], "{title}");
+    }
+    // Two charts per verifier.
+    assert_eq!(summary["charts"].as_array().unwrap().len(), 4);
+    let lines = metric_lines(&dir);
+    for verifier in ["weak", "strong"] {
+        // The trainer's 4 steps; the evaluations at steps 0, 2 and 4.
+        let train: Vec<_> = lines
+            .iter()
+            .filter(|l| l["series"] == format!("{verifier}/s0"))
+            .collect();
+        assert_eq!(train.len(), 4);
+        let eval: Vec<_> = lines
+            .iter()
+            .filter(|l| l["series"] == format!("{verifier}/s0/eval"))
+            .collect();
+        let steps: Vec<u64> = eval.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [0, 2, 4]);
+        // A verifier credits every criterion that holds: its reward is never below
+        // the reference's, on the evaluations and on every training batch.
+        for l in &eval {
+            let (p, r) = (
+                l["eval/proxy"].as_f64().unwrap(),
+                l["eval/reference"].as_f64().unwrap(),
+            );
+            assert!(
+                p >= r && (0.0..=1.0).contains(&p) && (0.0..=1.0).contains(&r),
+                "{l:?}"
+            );
+            assert!(l["eval/gap"].as_f64().unwrap().is_finite());
+            let fc = l["eval/false_credit"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&fc));
+        }
+        assert!(eval[1..]
+            .iter()
+            .any(|l| l.contains_key("eval/exploitation")));
+        for l in &train {
+            let (p, g) = (
+                l["reward/proxy/mean"].as_f64().unwrap(),
+                l["reward/gold/mean"].as_f64().unwrap(),
+            );
+            assert!(p >= g - 1e-6, "{l:?}");
+        }
+    }
+    // Both verifiers train from the one base policy and evaluate on one sampling stream:
+    // the same reference reward and gap at step 0.
+    let at0 = |v: &str, k: &str| {
+        lines
+            .iter()
+            .find(|l| l["series"] == format!("{v}/s0/eval") && l["step"] == 0)
+            .unwrap()[k]
+            .clone()
+    };
+    for k in ["eval/gap", "eval/reference", "eval/reference_with_rubric"] {
+        assert_eq!(at0("weak", k), at0("strong", k), "{k}");
+    }
+    // Same seed, same numbers.
+    let again = scratch("rubric-b");
+    let (b, _) = run(config, &again);
+    assert_eq!(
+        std::fs::read(dir.join("metrics.jsonl")).unwrap(),
+        std::fs::read(b.join("metrics.jsonl")).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(root);
+    let _ = std::fs::remove_dir_all(again);
+}
+
 const CHILD_ENV: &str = "GOODHART_LAB_CHILD_ROOT";
 
 fn resume_config() -> ExperimentConfig {

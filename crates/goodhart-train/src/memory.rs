@@ -6,8 +6,8 @@
 //! language's transition tables (`topics x words x (words + 1)` f64), an RL step's logits
 //! and activations (rows x length x vocabulary, rows x length x width x layers, rows x heads
 //! x length^2 x layers, f32, times the copies the forward and backward passes keep), an SFT
-//! batch and the SFT corpus, the preference pairs, and a tomato rollout (environments x
-//! horizon x observation). The copy factors are upper-end guesses (a logits tensor lives as
+//! batch and the SFT corpus, the preference pairs, a tomato rollout (environments x
+//! horizon x observation), and the rubric lab's rubrics and evaluation samples. The copy factors are upper-end guesses (a logits tensor lives as
 //! logits, log-softmax, entropy terms and their gradients): the estimate is for refusing
 //! what cannot fit, not for planning to the byte.
 
@@ -60,37 +60,7 @@ pub fn estimate(config: &ExperimentConfig) -> Vec<Term> {
             topics * (words + 1.0) * (words + 1.0) * F64,
         );
         let vocab = goodhart_envs::language::NUM_SPECIAL as f64 + topics + words;
-        let rl = &config.rl;
-        let rounds = rl.dynamic_sampling.as_ref().map_or(1, |d| d.max_batches) as f64;
-        let rows = (rl.prompts_per_step as f64) * (rl.group_size as f64) * rounds;
-        let len = (PROMPT_LEN + rl.max_new_tokens) as f64;
-        let key = if rl.group_size >= rl.prompts_per_step {
-            "rl.group_size"
-        } else {
-            "rl.prompts_per_step"
-        };
-        let s = &config.sft;
-        let (d, layers, heads) = (s.d_model as f64, s.layers as f64, s.heads as f64);
-        add(
-            key,
-            "an RL step's logits, activations and attention scores",
-            rows * len * vocab * F32 * LOGIT_COPIES
-                + rows * len * d * layers * F32 * ACTIVATIONS_PER_LAYER
-                + rows * heads * len * len * layers * F32 * ATTENTION_COPIES,
-        );
-        let sft_len = s.max_seq_len as f64;
-        add(
-            "sft.batch",
-            "an SFT step's logits and activations",
-            s.batch as f64
-                * sft_len
-                * (vocab * F32 * LOGIT_COPIES + d * layers * F32 * ACTIVATIONS_PER_LAYER),
-        );
-        add(
-            "sft.examples",
-            "the SFT corpus (tokens and masks)",
-            (s.examples + s.heldout) as f64 * sft_len * (I64 + 2.0 * F32),
-        );
+        model_terms(config, vocab, PROMPT_LEN as f64, &mut add);
         let pairs = config
             .overopt
             .iter()
@@ -126,6 +96,34 @@ pub fn estimate(config: &ExperimentConfig) -> Vec<Term> {
             pairs as f64 * 2.0 * p.max_seq_len as f64 * (I64 + 2.0 * F32),
         );
     }
+    if let Some(r) = &config.rubric {
+        let w = &r.world;
+        let (prompts, criteria) = (w.prompts as f64, w.criteria as f64);
+        add(
+            "rubric.world.prompts",
+            "the rubrics and the rubric-conditioned contexts",
+            prompts * criteria * (32.0 + 3.0 * I64),
+        );
+        let vocab = goodhart_envs::rubric::NUM_SPECIAL as f64
+            + prompts
+            + w.topics as f64
+            + w.concepts as f64;
+        let prompt_len = 4.0 + 3.0 * criteria;
+        model_terms(config, vocab, prompt_len, &mut add);
+        // An evaluation samples and scores without autodiff: logits and their
+        // log-softmax.
+        let len = prompt_len + config.rl.max_new_tokens as f64;
+        for (key, per_prompt) in [
+            ("rubric.eval_samples", r.eval_samples),
+            ("rubric.gap_samples", r.gap_samples),
+        ] {
+            add(
+                key,
+                "an evaluation's samples and their logits",
+                prompts * per_prompt as f64 * len * (vocab * 2.0 + 16.0) * F32,
+            );
+        }
+    }
     if let Some(t) = &config.tomato {
         let obs = goodhart_envs::tomato::Board::parse(&t.env.board)
             .map(|b| b.obs_dim())
@@ -141,6 +139,47 @@ pub fn estimate(config: &ExperimentConfig) -> Vec<Term> {
         }
     }
     terms
+}
+
+/// The terms of the policy's training: an RL step's logits, activations and attention
+/// scores (prompts of `prompt_len` tokens), an SFT step and the SFT corpus.
+fn model_terms(
+    config: &ExperimentConfig,
+    vocab: f64,
+    prompt_len: f64,
+    add: &mut dyn FnMut(&str, &'static str, f64),
+) {
+    let rl = &config.rl;
+    let rounds = rl.dynamic_sampling.as_ref().map_or(1, |d| d.max_batches) as f64;
+    let rows = (rl.prompts_per_step as f64) * (rl.group_size as f64) * rounds;
+    let len = prompt_len + rl.max_new_tokens as f64;
+    let key = if rl.group_size >= rl.prompts_per_step {
+        "rl.group_size"
+    } else {
+        "rl.prompts_per_step"
+    };
+    let s = &config.sft;
+    let (d, layers, heads) = (s.d_model as f64, s.layers as f64, s.heads as f64);
+    add(
+        key,
+        "an RL step's logits, activations and attention scores",
+        rows * len * vocab * F32 * LOGIT_COPIES
+            + rows * len * d * layers * F32 * ACTIVATIONS_PER_LAYER
+            + rows * heads * len * len * layers * F32 * ATTENTION_COPIES,
+    );
+    let sft_len = s.max_seq_len as f64;
+    add(
+        "sft.batch",
+        "an SFT step's logits and activations",
+        s.batch as f64
+            * sft_len
+            * (vocab * F32 * LOGIT_COPIES + d * layers * F32 * ACTIVATIONS_PER_LAYER),
+    );
+    add(
+        "sft.examples",
+        "the SFT corpus (tokens and masks)",
+        (s.examples + s.heldout) as f64 * sft_len * (I64 + 2.0 * F32),
+    );
 }
 
 /// Errors when a term exceeds `limit` bytes, at the key of the largest one.
@@ -227,6 +266,23 @@ mod tests {
             "tomato.base.envs"
         );
         assert_eq!(refused(&["language.words=1000000"]), "language.words");
+        let rubric = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            match ExperimentConfig::parse(crate::presets::preset("rubric").unwrap(), &sets)
+                .and_then(|c| check(&c, 8.0 * GIB))
+            {
+                Err(ConfigError::Invalid { path, .. }) => path,
+                other => panic!("{sets:?}: {other:?}"),
+            }
+        };
+        assert_eq!(
+            rubric(&["rubric.eval_samples=1000000000"]),
+            "rubric.eval_samples"
+        );
+        assert_eq!(rubric(&["rl.group_size=1000000000"]), "rl.group_size");
+        let preset =
+            ExperimentConfig::parse(crate::presets::preset("rubric").unwrap(), &[]).unwrap();
+        check(&preset, 1.0 * GIB).unwrap();
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/detector-corpus.toml"),
     ),
     (
+        "rubric",
+        "the rubric-hacking lab: GRPO against weak and strong rubric verifiers, exploitation rate by failure mode, self-internalisation gap, 3 seeds",
+        include_str!("../../../docs/presets/rubric.toml"),
+    ),
+    (
         "daa-full",
         "the daa lab at a larger budget: 4,000 pairs, 3 epochs, seven betas, cDPO too, 5 seeds",
         include_str!("../../../docs/presets/daa-full.toml"),

@@ -15,9 +15,11 @@
 //! - the self-internalisation gap on `gap_samples` samples per prompt drawn in the
 //!   rubric-conditioned context.
 //!
-//! Over the checkpoints of a run: the Pearson correlation of the gap with the reference
-//! reward, and the stopping regret (the reference's peak less its value at the stop) of
-//! stopping at the gap's argmax and at the training reward's (the verifier's) argmax.
+//! Over the checkpoints of a run: the peak of the reference smoothed by a centred moving
+//! average of 3 checkpoints; the Pearson correlation of the gap with the reference
+//! reward and with `sqrt(KL)` to the base policy; and the stopping regret (the smoothed
+//! reference's peak less its value at the stop) of stopping at the gap's argmax and at
+//! the training reward's (the verifier's) argmax.
 //!
 //! Stages: `rubric/sft/s{seed}` (the base policy, saved) and `rubric/{verifier}/s{seed}`
 //! (RL and its checkpoints' evaluations; metric lines in series `{verifier}/s{seed}`,
@@ -33,7 +35,11 @@ use goodhart_core::seed;
 use goodhart_envs::rubric::{
     FailureMode, RubricWorld, RubricWorldConfig, Verdict, VerifierErrors, VerifierRates, EOS, PAD,
 };
-use goodhart_metrics::stats::pearson;
+use goodhart_metrics::{
+    evaluate::{smoothed_gold, GoldPeakRule, Run},
+    stats::pearson,
+    step::KEY_GOLD_MEAN,
+};
 use goodhart_policy::{
     checkpoint::{load_module, save_module},
     GenerationConfig, TransformerLm,
@@ -256,11 +262,11 @@ fn base_stage<B: AutodiffBackend>(
     })
 }
 
+/// The base policy saved at `path` by [`base_stage`].
 fn load_base<B: burn::tensor::backend::Backend>(
-    runner: &Runner,
+    path: &std::path::Path,
     config: &ExperimentConfig,
     world: &RubricWorld,
-    seed: u64,
     device: &B::Device,
     stage: &str,
 ) -> Result<TransformerLm<B>> {
@@ -269,8 +275,7 @@ fn load_base<B: burn::tensor::backend::Backend>(
         .transformer(world.vocab_size())
         .init::<B>(device)
         .map_err(stage_error(stage))?;
-    let path = runner.dir().checkpoints().join(base_path(seed));
-    load_module(template, &path, device).map_err(checkpoint_error(stage))
+    load_module(template, path, device).map_err(checkpoint_error(stage))
 }
 
 /// Stage `rubric/{verifier}/s{seed}`: RL against the verifier, checkpoints evaluated.
@@ -291,12 +296,14 @@ fn rl_stage<B: AutodiffBackend>(
         })?
     };
     let world = world(cfg, &name)?;
-    let policy = load_base::<B>(runner, config, &world, seed, device, &name)?;
-    let reference = load_base::<B::InnerBackend>(runner, config, &world, seed, device, &name)?;
+    let base = runner.dir().checkpoints().join(base_path(seed));
     let series = format!("{}/s{seed}", arm.name);
     let eval_series = format!("{series}/eval");
     runner.stage(&name, |log| {
         let err = stage_error(&name);
+        // Loaded only when the stage runs: a completed stage needs neither.
+        let policy = load_base::<B>(&base, config, &world, device, &name)?;
+        let reference = load_base::<B::InnerBackend>(&base, config, &world, device, &name)?;
         // The verifier's blind spots (or its random stream) come from the seed and its
         // name, so training and evaluation see the same verifier.
         let verifier_seed = seed::derive(seed, &format!("rubric/verifier/{}", arm.name));
@@ -330,7 +337,9 @@ fn rl_stage<B: AutodiffBackend>(
         let gap_rows: Vec<usize> = (0..prompts)
             .flat_map(|i| std::iter::repeat_n(i, cfg.gap_samples))
             .collect();
-        let mut eval_rng = seed::rng(seed, &format!("{name}/eval"));
+        // One sampling stream per seed, whatever the verifier: every run's step-0
+        // evaluation draws the same samples from the same base policy.
+        let mut eval_rng = seed::rng(seed, "rubric/eval");
         let logger = RefCell::new(Logger::new(log, RubricExperiment::NAME, &series));
         let mut checkpoints = Vec::new();
         let mut before: Option<Vec<Vec<Verdict>>> = None;
@@ -457,11 +466,15 @@ fn argmax(points: &[RubricCheckpoint], key: impl Fn(&RubricCheckpoint) -> f64) -
 struct RunFigures {
     proxy: (f64, f64),
     reference: (f64, f64),
+    /// The peak of the smoothed reference: step and value.
     reference_peak: (u64, f64),
+    /// The smoothed reference at the end, less its peak.
+    reference_drop: f64,
     exploitation_first: Option<f64>,
-    exploitation_last: Option<f64>,
-    exploitation_slope: Option<f64>,
-    false_credit: (f64, f64),
+    /// Mean exploitation rate over the first and the second half of the intervals.
+    exploitation_halves: (Option<f64>, Option<f64>),
+    /// False credit at step 0, after the first interval, at the end.
+    false_credit: (f64, f64, f64),
     by_mode: BTreeMap<String, f64>,
     pearson: Option<f64>,
     pearson_kl: Option<f64>,
@@ -471,24 +484,51 @@ struct RunFigures {
     train_stop: (u64, f64),
 }
 
+/// Checkpoints in a row a moving average of the reference is centred on (the peak
+/// and the regrets read it, not single noisy evaluations).
+const SMOOTHING: usize = 3;
+
 fn run_figures(run: &RubricRun) -> Option<RunFigures> {
     let c = &run.checkpoints;
     let (first, last) = (c.first()?, c.last()?);
-    let peak = &c[argmax(c, |p| p.reference)?];
-    let at_gap = &c[argmax(c, |p| p.gap)?];
-    let at_train = &c[argmax(c, |p| p.proxy)?];
-    let rates: Vec<(f64, f64)> = c
-        .iter()
-        .filter_map(|p| Some((p.step as f64, p.exploitation.as_ref()?.rate()?)))
+    // The reference smoothed by goodhart-metrics' centred moving average.
+    let as_run = Run {
+        name: run.verifier.clone(),
+        steps: c
+            .iter()
+            .map(|p| {
+                (
+                    p.step,
+                    BTreeMap::from([(KEY_GOLD_MEAN.to_string(), p.reference)]),
+                )
+            })
+            .collect(),
+    };
+    let rule = GoldPeakRule {
+        window: SMOOTHING,
+        ..GoldPeakRule::default()
+    };
+    let smooth: Vec<f64> = smoothed_gold(&as_run, &rule)
+        .ok()?
+        .into_iter()
+        .map(|(_, v)| v)
         .collect();
-    let slope = (rates.len() >= 2).then(|| {
-        let n = rates.len() as f64;
-        let mx = rates.iter().map(|r| r.0).sum::<f64>() / n;
-        let my = rates.iter().map(|r| r.1).sum::<f64>() / n;
-        let sxy: f64 = rates.iter().map(|r| (r.0 - mx) * (r.1 - my)).sum();
-        let sxx: f64 = rates.iter().map(|r| (r.0 - mx).powi(2)).sum();
-        100.0 * sxy / sxx
-    });
+    let peak = (0..c.len()).reduce(|b, i| if smooth[i] > smooth[b] { i } else { b })?;
+    let stop = |i: usize| (c[i].step, smooth[peak] - smooth[i]);
+    let rates: Vec<f64> = c
+        .iter()
+        .skip(1)
+        .map(|p| {
+            p.exploitation
+                .as_ref()
+                .and_then(Exploitation::rate)
+                .unwrap_or(f64::NAN)
+        })
+        .collect();
+    let half = |v: &[f64]| {
+        let v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
     let mut by_mode = BTreeMap::new();
     let mut exploited = 0.0;
     for e in c.iter().filter_map(|p| p.exploitation.as_ref()) {
@@ -500,25 +540,29 @@ fn run_figures(run: &RubricRun) -> Option<RunFigures> {
     by_mode.values_mut().for_each(|w| *w /= exploited);
     let gaps: Vec<f64> = c.iter().map(|p| p.gap).collect();
     let refs: Vec<f64> = c.iter().map(|p| p.reference).collect();
+    let (g, d): (Vec<f64>, Vec<f64>) = c.iter().filter_map(|p| Some((p.gap, p.kl_d?))).unzip();
     Some(RunFigures {
         proxy: (first.proxy, last.proxy),
         reference: (first.reference, last.reference),
-        reference_peak: (peak.step, peak.reference),
-        exploitation_first: rates.first().map(|r| r.1),
-        exploitation_last: rates.last().map(|r| r.1),
-        exploitation_slope: slope,
-        false_credit: (first.false_credit, last.false_credit),
+        reference_peak: (c[peak].step, smooth[peak]),
+        reference_drop: smooth[c.len() - 1] - smooth[peak],
+        exploitation_first: rates.first().copied().filter(|r| r.is_finite()),
+        exploitation_halves: (
+            half(&rates[..rates.len() / 2]),
+            half(&rates[rates.len() / 2..]),
+        ),
+        false_credit: (
+            first.false_credit,
+            c.get(1).map_or(f64::NAN, |p| p.false_credit),
+            last.false_credit,
+        ),
         by_mode,
         pearson: pearson(&gaps, &refs).ok(),
-        pearson_kl: {
-            let (g, d): (Vec<f64>, Vec<f64>) =
-                c.iter().filter_map(|p| Some((p.gap, p.kl_d?))).unzip();
-            pearson(&g, &d).ok()
-        },
+        pearson_kl: pearson(&g, &d).ok(),
         with_rubric: (first.reference_with_rubric, last.reference_with_rubric),
         gap: (first.gap, last.gap),
-        gap_stop: (at_gap.step, peak.reference - at_gap.reference),
-        train_stop: (at_train.step, peak.reference - at_train.reference),
+        gap_stop: stop(argmax(c, |p| p.gap)?),
+        train_stop: stop(argmax(c, |p| p.proxy)?),
     })
 }
 
@@ -555,15 +599,17 @@ fn summarize(cfg: &RubricExperiment, output: &RubricOutput) -> Part {
             col(&|r| r.reference_peak.1),
             col(&|r| r.reference_peak.0 as f64),
             col(&|r| r.reference.1),
+            col(&|r| r.reference_drop),
             col(&|r| (r.proxy.1 - r.proxy.0) - (r.reference.1 - r.reference.0)),
         ]));
         exploit.push(json!([
             arm.name,
             opt(&|r| r.exploitation_first),
-            opt(&|r| r.exploitation_last),
-            opt(&|r| r.exploitation_slope),
+            opt(&|r| r.exploitation_halves.0),
+            opt(&|r| r.exploitation_halves.1),
             col(&|r| r.false_credit.0),
             col(&|r| r.false_credit.1),
+            col(&|r| r.false_credit.2),
         ]));
         let mut row = vec![json!(arm.name)];
         for m in FailureMode::ALL {
@@ -593,9 +639,11 @@ fn summarize(cfg: &RubricExperiment, output: &RubricOutput) -> Part {
             json!({
                 "proxy_gain": mean(&|r| Some(r.proxy.1 - r.proxy.0)),
                 "reference_gain": mean(&|r| Some(r.reference.1 - r.reference.0)),
-                "exploitation_first": mean(&|r| r.exploitation_first),
-                "exploitation_last": mean(&|r| r.exploitation_last),
-                "exploitation_slope_per_100_steps": mean(&|r| r.exploitation_slope),
+                "reference_drop_from_peak": mean(&|r| Some(r.reference_drop)),
+                "exploitation_first_interval": mean(&|r| r.exploitation_first),
+                "exploitation_first_half": mean(&|r| r.exploitation_halves.0),
+                "exploitation_second_half": mean(&|r| r.exploitation_halves.1),
+                "false_credit_final": mean(&|r| Some(r.false_credit.2)),
                 "gap_reference_pearson": mean(&|r| r.pearson),
                 "gap_sqrt_kl_pearson": mean(&|r| r.pearson_kl),
                 "regret_gap_stop": mean(&|r| Some(r.gap_stop.1)),
@@ -644,16 +692,17 @@ fn summarize(cfg: &RubricExperiment, output: &RubricOutput) -> Part {
         figures: Value::Object(figures),
         tables: vec![
             table(
-                "Rubric lab: verifier (proxy) and reference reward on fresh samples, mean ± sd over seeds",
+                "Rubric lab: verifier (proxy) and reference reward on fresh samples, mean ± sd over seeds (the reference smoothed over 3 checkpoints for its peak)",
                 &[
                     "verifier",
                     "seeds",
                     "proxy, step 0",
                     "proxy, final",
                     "reference, step 0",
-                    "reference, peak",
+                    "reference, smoothed peak",
                     "peak step",
                     "reference, final",
+                    "smoothed final - peak",
                     "proxy gain - reference gain",
                 ],
                 rewards,
@@ -663,9 +712,10 @@ fn summarize(cfg: &RubricExperiment, output: &RubricOutput) -> Part {
                 &[
                     "verifier",
                     "exploitation, first interval",
-                    "exploitation, last interval",
-                    "exploitation slope per 100 steps",
+                    "exploitation, first half (mean)",
+                    "exploitation, second half (mean)",
                     "false credit, step 0",
+                    "false credit, first interval",
                     "false credit, final",
                 ],
                 exploit,
@@ -676,7 +726,7 @@ fn summarize(cfg: &RubricExperiment, output: &RubricOutput) -> Part {
                 modes,
             ),
             table(
-                "Rubric lab: self-internalisation gap as a stopping rule (regret = reference peak - reference at the stop)",
+                "Rubric lab: self-internalisation gap as a stopping rule (regret = smoothed reference peak - smoothed reference at the stop)",
                 &[
                     "verifier",
                     "gap, step 0",
