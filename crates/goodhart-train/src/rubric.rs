@@ -29,11 +29,7 @@ use goodhart_core::{seed, GoodhartError, Result};
 use goodhart_envs::rubric::{
     systematic_uniform, FailureMode, RubricWorld, Verdict, VerifierErrors, VerifierRates, EOS, PAD,
 };
-use goodhart_policy::{
-    score::score,
-    sft::{evaluate, inference, train, SftExample},
-    TransformerLm,
-};
+use goodhart_policy::{score::score, sft::SftExample, TransformerLm};
 use goodhart_reward::{
     rubric::{Criterion, Rubric},
     RewardOutput, RewardSource, Sequences,
@@ -43,8 +39,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     policy_gradient::{host, host_rows},
-    sft::SftConfig,
-    task::{Task, TaskScores},
+    sft::{fine_tune, SftConfig},
+    task::{token_texts, Task, TaskScores},
 };
 
 /// A verifier of the rubric world's criteria (see the module docs).
@@ -276,11 +272,7 @@ impl<B: Backend> Task<B> for RubricTask<'_> {
     }
 
     fn text(&self, response: &[u32]) -> String {
-        response
-            .iter()
-            .map(|&t| self.world.token_text(t))
-            .collect::<Vec<_>>()
-            .join(" ")
+        token_texts(response, |t| self.world.token_text(t))
     }
 
     fn anchor_examples(
@@ -466,21 +458,13 @@ pub fn train_base<B: AutodiffBackend>(
     };
     let data = examples(cfg.examples, "rubric/sft/examples");
     let held = examples(cfg.heldout, "rubric/sft/heldout");
-    let pad = PAD as usize;
-    let initial_nll = evaluate(&inference(&model), &held, 256, pad)?;
-    let policy_cfg = goodhart_policy::SftConfig::new()
-        .with_lr(cfg.lr)
-        .with_steps(cfg.steps)
-        .with_batch_size(cfg.batch)
-        .with_pad_id(pad)
-        .with_seed(seed::derive(seed, "rubric/sft/order"));
-    let (model, _) = train(model, &data, &policy_cfg)?;
-    let heldout_nll = evaluate(&inference(&model), &held, 256, pad)?;
+    let order = seed::derive(seed, "rubric/sft/order");
+    let fit = fine_tune(model, &data, &held, cfg, PAD as usize, order)?;
     Ok((
-        model,
+        fit.model,
         BaseReport {
-            initial_nll,
-            heldout_nll,
+            initial_nll: fit.initial_nll,
+            heldout_nll: fit.heldout_nll,
         },
     ))
 }

@@ -205,24 +205,58 @@ pub fn train_base<B: AutodiffBackend>(
     let data = generator_examples(lang, cfg.examples, &mut seed::rng(seed, "sft/examples"));
     let held = generator_examples(lang, cfg.heldout, &mut seed::rng(seed, "sft/heldout"));
     let pad = goodhart_envs::language::PAD as usize;
-    let initial_nll = evaluate(&inference(&model), &held, 256, pad)?;
+    let fit = fine_tune(
+        model,
+        &data,
+        &held,
+        cfg,
+        pad,
+        seed::derive(seed, "sft/order"),
+    )?;
+    Ok((
+        fit.model,
+        SftReport {
+            heldout_nll: fit.heldout_nll,
+            entropy_rate: lang.entropy_per_token(),
+            initial_nll: fit.initial_nll,
+            final_loss: fit.final_loss,
+        },
+    ))
+}
+
+/// A fine-tuned model and its held-out NLL per learned token before and after.
+pub(crate) struct Fit<B: AutodiffBackend> {
+    pub(crate) model: TransformerLm<B>,
+    pub(crate) initial_nll: f64,
+    pub(crate) heldout_nll: f64,
+    pub(crate) final_loss: f64,
+}
+
+/// SFT of `model` on `data` with `cfg`'s steps, batch and learning rate (padding `pad`,
+/// data order from `order_seed`), `held` evaluated before and after.
+pub(crate) fn fine_tune<B: AutodiffBackend>(
+    model: TransformerLm<B>,
+    data: &[SftExample],
+    held: &[SftExample],
+    cfg: &SftConfig,
+    pad: usize,
+    order_seed: u64,
+) -> Result<Fit<B>> {
+    let initial_nll = evaluate(&inference(&model), held, 256, pad)?;
     let policy_cfg = goodhart_policy::SftConfig::new()
         .with_lr(cfg.lr)
         .with_steps(cfg.steps)
         .with_batch_size(cfg.batch)
         .with_pad_id(pad)
-        .with_seed(seed::derive(seed, "sft/order"));
-    let (model, losses) = train(model, &data, &policy_cfg)?;
-    let heldout_nll = evaluate(&inference(&model), &held, 256, pad)?;
-    Ok((
+        .with_seed(order_seed);
+    let (model, losses) = train(model, data, &policy_cfg)?;
+    let heldout_nll = evaluate(&inference(&model), held, 256, pad)?;
+    Ok(Fit {
         model,
-        SftReport {
-            heldout_nll,
-            entropy_rate: lang.entropy_per_token(),
-            initial_nll,
-            final_loss: losses.last().copied().unwrap_or(f32::NAN) as f64,
-        },
-    ))
+        initial_nll,
+        heldout_nll,
+        final_loss: losses.last().copied().unwrap_or(f32::NAN) as f64,
+    })
 }
 
 #[cfg(test)]

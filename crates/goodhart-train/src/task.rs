@@ -206,11 +206,7 @@ impl<B: Backend> Task<B> for LanguageTask<'_, B> {
     }
 
     fn text(&self, response: &[u32]) -> String {
-        response
-            .iter()
-            .map(|&t| self.lang.token_text(t))
-            .collect::<Vec<_>>()
-            .join(" ")
+        token_texts(response, |t| self.lang.token_text(t))
     }
 
     fn anchor_examples(
@@ -223,6 +219,15 @@ impl<B: Backend> Task<B> for LanguageTask<'_, B> {
             .map(|e| (e.tokens.iter().map(|&t| t as u32).collect(), PROMPT_LEN))
             .collect())
     }
+}
+
+/// A synthetic task's response as text: each token's name, space-separated.
+pub(crate) fn token_texts(response: &[u32], name: impl Fn(u32) -> String) -> String {
+    response
+        .iter()
+        .map(|&t| name(t))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A prompt set encoded by a Hugging Face tokenizer, scored on the decoded responses.
