@@ -6,8 +6,9 @@
 //! default), GRPO (`[rl]`, with the verifier's overrides) trains it in the prompt-only
 //! context against that verifier's rubric score, the reference's score (the truth) logged
 //! as gold. Every `eval_every` steps (step 0 included) the checkpoint is evaluated on
-//! fresh samples, `eval_samples` per prompt in the prompt-only context, graded by the
-//! verifier (its own stream) and the reference:
+//! fresh samples, `eval_samples` per prompt in the prompt-only context (one sampling
+//! stream per seed, shared by the verifiers' runs), graded by the verifier (the same
+//! blind spots; with random errors, a stream of its own) and the reference:
 //! - the verifier's mean reward (the proxy) and the reference's;
 //! - the exploitation rate against the previous checkpoint's verdicts on the same items
 //!   (prompt, sample index), `sum w N J / sum w N`, and its weight by failure mode;
