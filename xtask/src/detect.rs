@@ -4,87 +4,85 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use goodhart_metrics::{
     detect::DetectorConfig,
     evaluate::{detect_run, GoldPeakRule},
     training_log::{columns_for, proxy_only_for, read_log, LogFormat, LogSpec},
 };
 
-pub const USAGE: &str = "usage: cargo xtask detect LOG [--format jsonl|csv] [--step-key KEY]
-    --map SIGNAL[=COLUMN]... [--gold COLUMN] [--where COLUMN=VALUE] [--config FILE.toml]
-    [--json]
+/// `cargo xtask detect`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Without --config the proxy-only detector reads the mapped signals of its \
+defaults: kl/ref, entropy, reward/ensemble/disagreement, length/mean, advantage/skew.
 
-  LOG            a training log as JSON lines or CSV (TRL's `log_history`, a W&B or
-                 TensorBoard export, goodhart's metrics.jsonl)
-  --map          the log's COLUMN holds the detector's SIGNAL (COLUMN defaults to SIGNAL);
-                 without --config the proxy-only detector reads the mapped signals of
-                 its defaults: kl/ref, entropy, reward/ensemble/disagreement, length/mean,
-                 advantage/skew
-  --config       a detector as TOML (`kind = \"proxy-only\"` or `\"gold-aware\"` and its
-                 settings, as under [overopt] detectors); the signals it reads and no
-                 --map are read from columns of their own names
-  --gold         the log's gold column: the smoothed gold peak, the lead (peak step minus
-                 firing step) and the stopping regret (the share of the gold gain given up
-                 by stopping at the firing)
-  --step-key     the step column (default `step`)
-  --where        read only the rows whose COLUMN holds VALUE (one series of a log)
-  --json         one JSON object: `fired_step` (null if none), `signals` (each signal's
-                 part at the firing), `score`, `reason`, `steps`, and with --gold
-                 `gold_peak_step`, `lead`, `stopping_regret`
+Example:
+  cargo xtask detect trainer_log.csv --map kl/ref=kl --map entropy \\
+      --map length/mean=completions/mean_length --gold eval_reward --json"
+)]
+pub struct DetectArgs {
+    /// A training log as JSON lines or CSV (TRL's `log_history`, a W&B or TensorBoard
+    /// export, goodhart's metrics.jsonl)
+    #[arg(value_name = "LOG")]
+    log: PathBuf,
+    /// The log's format [default: from the file name]
+    #[arg(long, value_parser = parse_format)]
+    format: Option<LogFormat>,
+    /// The step column
+    #[arg(long, default_value = "step", value_name = "KEY")]
+    step_key: String,
+    /// The log's COLUMN holds the detector's SIGNAL (COLUMN defaults to SIGNAL; repeatable)
+    #[arg(long = "map", value_name = "SIGNAL[=COLUMN]", value_parser = parse_map)]
+    maps: Vec<(String, String)>,
+    /// The log's gold column: the smoothed gold peak, the lead (peak step minus firing
+    /// step) and the stopping regret (the share of the gold gain given up)
+    #[arg(long, value_name = "COLUMN")]
+    gold: Option<String>,
+    /// Read only the rows whose COLUMN holds VALUE (one series of a log)
+    #[arg(long = "where", value_name = "COLUMN=VALUE", value_parser = parse_where)]
+    filter: Option<(String, String)>,
+    /// A detector as TOML (`kind = "proxy-only"`, `"gold-aware"` or `"cusum"` and its
+    /// settings, as under [overopt] detectors); its signals are read from columns of their
+    /// own names unless mapped
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// One JSON object: `fired_step` (null if none), `signals`, `score`, `reason`, `steps`,
+    /// and with --gold `gold_peak_step`, `lead`, `stopping_regret`
+    #[arg(long)]
+    json: bool,
+}
 
-example: cargo xtask detect trainer_log.csv --map kl/ref=kl --map entropy \\
-    --map length/mean=completions/mean_length --gold eval_reward --json";
+fn parse_format(s: &str) -> std::result::Result<LogFormat, String> {
+    s.parse::<LogFormat>().map_err(|e| e.to_string())
+}
+
+fn parse_map(v: &str) -> std::result::Result<(String, String), String> {
+    let (signal, column) = v.split_once('=').unwrap_or((v, v));
+    if signal.is_empty() || column.is_empty() {
+        return Err(format!("`{v}`: give SIGNAL=COLUMN or SIGNAL"));
+    }
+    Ok((signal.into(), column.into()))
+}
+
+fn parse_where(v: &str) -> std::result::Result<(String, String), String> {
+    v.split_once('=')
+        .map(|(c, x)| (c.to_string(), x.to_string()))
+        .ok_or_else(|| format!("`{v}`: give COLUMN=VALUE"))
+}
 
 /// Runs the command.
-pub fn run(args: &[String]) -> Result<ExitCode> {
-    let mut log = None;
-    let mut format = None;
-    let mut step_key = "step".to_string();
-    let mut maps: Vec<(String, String)> = Vec::new();
-    let mut gold = None;
-    let mut filter = None;
-    let mut config_path = None;
-    let mut json = false;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |flag: &str| {
-            it.next()
-                .filter(|v| !v.starts_with("--"))
-                .cloned()
-                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-        };
-        match a.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(ExitCode::SUCCESS);
-            }
-            "--format" => format = Some(value(a)?.parse::<LogFormat>().map_err(|e| anyhow!(e))?),
-            "--step-key" => step_key = value(a)?,
-            "--map" => {
-                let v = value(a)?;
-                let (signal, column) = v.split_once('=').unwrap_or((&v, &v));
-                if signal.is_empty() || column.is_empty() {
-                    bail!("--map `{v}`: give SIGNAL=COLUMN or SIGNAL");
-                }
-                maps.push((signal.into(), column.into()));
-            }
-            "--gold" => gold = Some(value(a)?),
-            "--where" => {
-                let v = value(a)?;
-                let (c, x) = v
-                    .split_once('=')
-                    .with_context(|| format!("--where `{v}`: give COLUMN=VALUE"))?;
-                filter = Some((c.to_string(), x.to_string()));
-            }
-            "--config" => config_path = Some(PathBuf::from(value(a)?)),
-            "--json" => json = true,
-            flag if flag.starts_with("--") => bail!("unknown flag `{flag}`\n{USAGE}"),
-            path if log.is_none() => log = Some(PathBuf::from(path)),
-            extra => bail!("one log at a time: `{extra}` is a second\n{USAGE}"),
-        }
-    }
-    let log = log.with_context(|| format!("no log given\n{USAGE}"))?;
+pub fn run(args: DetectArgs) -> Result<ExitCode> {
+    let DetectArgs {
+        log,
+        format,
+        step_key,
+        maps,
+        gold,
+        filter,
+        config: config_path,
+        json,
+    } = args;
     let config = match &config_path {
         Some(path) => {
             let text = std::fs::read_to_string(path)

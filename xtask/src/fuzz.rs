@@ -12,27 +12,21 @@ use anyhow::{bail, Context, Result};
 /// The targets, in `fuzz/Cargo.toml`.
 pub const TARGETS: [&str; 3] = ["config", "jsonl", "checkpoint"];
 
-pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
-    let mut targets = Vec::new();
-    let mut runs: u64 = 1_000_000;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--runs" => {
-                let v = it.next().context("--runs needs a value")?;
-                runs = v
-                    .parse()
-                    .ok()
-                    .filter(|&r| r > 0)
-                    .with_context(|| format!("--runs `{v}`: not a positive integer"))?;
-            }
-            t if TARGETS.contains(&t) => targets.push(t.to_string()),
-            other => bail!(
-                "unknown fuzz target or option `{other}`: targets are {}",
-                TARGETS.join(", ")
-            ),
-        }
-    }
+/// `cargo xtask fuzz`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  cargo xtask fuzz config --runs 100000")]
+pub struct FuzzArgs {
+    /// The targets [default: all]
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
+    targets: Vec<String>,
+    /// Inputs per target
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+}
+
+pub fn run(args: FuzzArgs) -> Result<std::process::ExitCode> {
+    let runs = args.runs;
+    let mut targets = args.targets;
     if targets.is_empty() {
         targets = TARGETS.iter().map(|t| t.to_string()).collect();
     }

@@ -3,114 +3,52 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{anyhow, bail, Context, Result};
-use goodhart_core::device::{dispatch, BackendJob, DeviceSpec};
+use anyhow::{anyhow, Result};
+use goodhart_core::device::{dispatch, BackendJob};
 use goodhart_policy::{Completion, TextModel};
 
-pub const USAGE: &str = "usage: cargo xtask generate MODEL_DIR --prompt TEXT [--chat]
-    [--max-new-tokens N] [--greedy | --temperature T --top-p P --top-k K] [--seed N]
-    [--device D] [--json]
-
-  --chat             send TEXT as a user message through the model's chat template
-  --max-new-tokens   most tokens to write (default 64); it stops earlier at an EOS id
-  --greedy           the most probable token at every step (default: sampling)
-  --temperature, --top-p, --top-k   sampling settings (defaults 1, 1, 0 = off)
-  --seed             the sampling stream (default 0)
-  --json             one JSON object: `ids` (the new token ids), `logprobs` (one per new
-                     token, under the model at temperature 1), `text`, `prompt_ids`
-
-example: cargo xtask generate crates/goodhart-policy/fixtures/hf/qwen2 --prompt hello --greedy \
-    --max-new-tokens 16 --json";
-
-struct Args {
+/// `cargo xtask generate`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:
+  cargo xtask generate crates/goodhart-policy/fixtures/hf/qwen2 --prompt hello --greedy \\
+      --max-new-tokens 16 --json")]
+pub struct GenerateArgs {
+    /// A Hugging Face model directory (or a policy goodhart saved as one)
+    #[arg(value_name = "MODEL_DIR")]
     dir: PathBuf,
+    /// The prompt
+    #[arg(long)]
     prompt: String,
+    /// Send the prompt as a user message through the model's chat template
+    #[arg(long)]
     chat: bool,
+    /// Most tokens to write; it stops earlier at an EOS id
+    #[arg(long, default_value_t = 64, value_parser = crate::positive)]
     max_new_tokens: usize,
+    /// The most probable token at every step (default: sampling)
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
     greedy: bool,
+    /// Sampling temperature
+    #[arg(long, default_value_t = 1.0, value_parser = crate::finite)]
     temperature: f64,
+    /// Nucleus sampling's probability mass (1 = off)
+    #[arg(long, default_value_t = 1.0, value_parser = crate::finite)]
     top_p: f64,
+    /// Sample among the K most probable tokens (0 = off)
+    #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// The sampling stream
+    #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// One JSON object: `ids` (the new token ids), `logprobs` (one per new token, under the
+    /// model at temperature 1), `text`, `prompt_ids`
+    #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: crate::DeviceArg,
 }
 
-fn parse(args: &[String]) -> Result<(Args, DeviceSpec)> {
-    let mut args = args.to_vec();
-    let device = crate::take_device(&mut args)?;
-    let mut dir = None;
-    let mut prompt = None;
-    let mut parsed = Args {
-        dir: PathBuf::new(),
-        prompt: String::new(),
-        chat: false,
-        max_new_tokens: 64,
-        greedy: false,
-        temperature: 1.0,
-        top_p: 1.0,
-        top_k: 0,
-        seed: 0,
-        json: false,
-    };
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        let mut value = |flag: &str| {
-            it.next()
-                .filter(|v| !v.starts_with("--"))
-                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-        };
-        match a.as_str() {
-            "--prompt" => prompt = Some(value("--prompt")?),
-            "--chat" => parsed.chat = true,
-            "--greedy" => parsed.greedy = true,
-            "--json" => parsed.json = true,
-            "--max-new-tokens" => {
-                let v = value("--max-new-tokens")?;
-                parsed.max_new_tokens =
-                    v.parse().ok().filter(|&n: &usize| n > 0).with_context(|| {
-                        format!("--max-new-tokens `{v}`: not a positive integer")
-                    })?;
-            }
-            "--temperature" | "--top-p" => {
-                let v = value(&a)?;
-                let x: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|x: &f64| x.is_finite())
-                    .with_context(|| format!("{a} `{v}`: not a number"))?;
-                if a == "--temperature" {
-                    parsed.temperature = x;
-                } else {
-                    parsed.top_p = x;
-                }
-            }
-            "--top-k" => {
-                let v = value("--top-k")?;
-                parsed.top_k = v
-                    .parse()
-                    .with_context(|| format!("--top-k `{v}`: not an integer"))?;
-            }
-            "--seed" => {
-                let v = value("--seed")?;
-                parsed.seed = v
-                    .parse()
-                    .with_context(|| format!("--seed `{v}`: not an integer"))?;
-            }
-            "-h" | "--help" => bail!("{USAGE}"),
-            flag if flag.starts_with("--") => bail!("unknown flag `{flag}`\n{USAGE}"),
-            _ if dir.is_none() => dir = Some(PathBuf::from(a)),
-            other => bail!("unexpected argument `{other}`\n{USAGE}"),
-        }
-    }
-    parsed.dir = dir.with_context(|| format!("MODEL_DIR is missing\n{USAGE}"))?;
-    parsed.prompt = prompt.with_context(|| format!("--prompt is missing\n{USAGE}"))?;
-    if parsed.greedy && (parsed.temperature != 1.0 || parsed.top_p != 1.0 || parsed.top_k != 0) {
-        bail!("--greedy takes the most probable token: it has no temperature, top-p or top-k");
-    }
-    Ok((parsed, device))
-}
-
-struct Job(Args);
+struct Job(GenerateArgs);
 
 impl BackendJob for Job {
     type Output = goodhart_core::Result<Completion>;
@@ -129,8 +67,8 @@ impl BackendJob for Job {
 }
 
 /// Runs the command.
-pub fn run(args: &[String]) -> Result<ExitCode> {
-    let (args, device) = parse(args)?;
+pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    let device = args.device.device;
     let json = args.json;
     let completion = dispatch(device, Job(args))?.map_err(|e| anyhow!("{e}"))?;
     if json {

@@ -1,18 +1,8 @@
 //! `cargo xtask`: the goodhart command line.
 //!
-//! ```text
-//! cargo xtask run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set k=v]... [--seed N]
-//!                 [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
-//!                 [--max-memory GIB] [--on-nan error|skip-batch]       run an experiment (default: lab)
-//! cargo xtask list                                                     presets and every registered method
-//! cargo xtask test [ARGS...]                                           all tests, on every available backend
-//! cargo xtask bench [NAME...] [--device D]                             benchmarks
-//! cargo xtask report RUN_DIR                                           write RUN_DIR/report.html
-//! cargo xtask fuzz [TARGET...] [--runs N]                              the cargo-fuzz targets (nightly)
-//! cargo xtask generate MODEL_DIR --prompt TEXT [--chat] [--json] ...   what a model writes after a prompt
-//! cargo xtask sweep [PRESET | FILE.toml] [--set k=v]... [--device D]  one run per [sweep] point
-//! cargo xtask detect LOG --map SIGNAL=COLUMN... [--gold COLUMN] [--json] a detector on any trainer's log
-//! ```
+//! Subcommands (`cargo xtask --help`, `cargo xtask <command> --help` for each one's flags
+//! and an example): `run`, `sweep`, `list`, `test`, `bench`, `report`, `detect`, `fuzz`,
+//! `generate`, `serve`, `completions`. The arguments are parsed by clap (derive).
 //!
 //! `cargo xtask` builds with the ndarray and wgpu backends, the same feature set as the
 //! test binaries, so the two share one build of burn. For CUDA:
@@ -39,29 +29,83 @@ mod test;
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use clap::{CommandFactory, Parser, Subcommand};
 use goodhart_core::device::DeviceSpec;
 
-const USAGE: &str =
-    "usage: cargo xtask <run|list|test|bench|sweep|report|detect|fuzz|generate|serve> [ARGS...]
+/// The goodhart command line: experiments, benchmarks, tests, detectors and models.
+#[derive(Parser, Debug)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    version,
+    after_help = "Examples:
+  cargo xtask run                        the default preset (lab)
+  cargo xtask run rubric --seed 1        a preset with another seed
+  cargo xtask run my.toml --set rl.lr=1e-3 --device wgpu
+  cargo xtask list                       presets and every method name
+  cargo xtask completions bash > ~/.local/share/bash-completion/completions/cargo-xtask"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-  run [PRESET | FILE.toml] [--device cpu|wgpu|cuda[:N]] [--set key=value]... [--seed N]
-      [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
-      [--max-memory GIB] [--on-nan error|skip-batch]     run an experiment (default preset: lab)
-  sweep [PRESET | FILE.toml] [--set key=value]...        one run per point of the [sweep] section
-  list                                                   presets and every registered method
-  test [ARGS...]                                         all tests on ndarray, then on wgpu if a
-                                                         Vulkan driver is present
-  bench [NAME...] [--device D]                           benchmarks (`bench --list` names them)
-  report RUN_DIR                                         write RUN_DIR/report.html, print its path
-  detect LOG --map SIGNAL[=COLUMN]... [--gold COLUMN]    a hacking detector on a training log
-      [--format jsonl|csv] [--step-key KEY] [--json]     (JSONL or CSV, any trainer's: `detect --help`)
-  fuzz [TARGET...] [--runs N]                            the cargo-fuzz targets (nightly; not in CI)
-  generate MODEL_DIR --prompt TEXT [--chat] [--json]     what a Hugging Face model directory writes
-      [--max-new-tokens N] [--greedy | --temperature T   after a prompt (`generate --help`)
-      --top-p P --top-k K] [--seed N] [--device D]
-  serve MODEL_DIR [--port P] [--host H] [--name NAME]    an OpenAI-compatible server over a model
-      [--device D]                                       directory (`serve --help`)";
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run an experiment: a preset or a TOML file (default preset: lab)
+    Run(run::RunArgs),
+    /// One run per point of the config's [sweep] section
+    Sweep(run::SweepArgs),
+    /// The presets and every registered method
+    List,
+    /// All tests on ndarray, then the backend tests on wgpu when a Vulkan driver is present
+    Test(test::TestArgs),
+    /// Throughput benchmarks (`bench --list` names them; `bench policy` against PyTorch)
+    Bench(bench::BenchArgs),
+    /// Write RUN_DIR/report.html and print its path
+    Report(report::ReportArgs),
+    /// A hacking detector on a training log (JSONL or CSV, any trainer's)
+    Detect(detect::DetectArgs),
+    /// The cargo-fuzz targets (nightly; not in CI)
+    Fuzz(fuzz::FuzzArgs),
+    /// What a Hugging Face model directory writes after a prompt
+    Generate(generate::GenerateArgs),
+    /// An OpenAI-compatible server over a model directory
+    Serve(serve::ServeArgs),
+    /// Shell completions for `cargo xtask` (bash, zsh, fish, elvish, powershell)
+    #[command(
+        after_help = "Example:\n  cargo xtask completions bash > ~/.local/share/bash-completion/completions/cargo-xtask"
+    )]
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The device flag every command that computes takes.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub(crate) struct DeviceArg {
+    /// The backend: cpu, wgpu[:N] or cuda[:N]
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: DeviceSpec,
+}
+
+/// A positive integer (a clap value parser).
+pub(crate) fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{s}` is not a positive integer")),
+    }
+}
+
+/// A finite number (a clap value parser).
+pub(crate) fn finite(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        _ => Err(format!("`{s}` is not a finite number")),
+    }
+}
 
 /// The first panic's message and place since the last [`take_panic`], kept by [`main`]'s
 /// hook (a GPU runtime's worker thread often panics first, with the reason).
@@ -102,33 +146,39 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> Result<ExitCode> {
-    let mut args = std::env::args().skip(1);
-    let Some(cmd) = args.next() else {
-        eprintln!("{USAGE}");
-        return Ok(ExitCode::from(2));
-    };
-    let rest: Vec<String> = args.collect();
-    match cmd.as_str() {
-        "run" => run::run(&rest),
-        "list" => {
+    // Errors and `--help` print in clap's style and exit (2 for a usage error).
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Sweep(args) => run::sweep(args),
+        Command::List => {
             list::print();
             Ok(ExitCode::SUCCESS)
         }
-        "test" => test::run(&rest),
-        "bench" => bench::run(&rest),
-        "report" => report::run(&rest),
-        "detect" => detect::run(&rest),
-        "sweep" => run::sweep(&rest),
-        "fuzz" => fuzz::run(&rest),
-        "generate" => generate::run(&rest),
-        "serve" => serve::run(&rest),
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            Ok(ExitCode::SUCCESS)
+        Command::Test(_) => {
+            // clap drops a leading `--`; `cargo test` needs it (what follows goes to the
+            // test binaries), so the words after `test` are passed on as typed.
+            let raw: Vec<String> = std::env::args()
+                .skip(1)
+                .skip_while(|a| a != "test")
+                .skip(1)
+                .collect();
+            test::run(&raw)
         }
-        other => {
-            eprintln!("unknown subcommand `{other}`\n{USAGE}");
-            Ok(ExitCode::from(2))
+        Command::Bench(args) => bench::run(args),
+        Command::Report(args) => report::run(args),
+        Command::Detect(args) => detect::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "cargo-xtask",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -159,25 +209,4 @@ pub(crate) fn cargo_command() -> std::process::Command {
         }
     }
     cmd
-}
-
-/// Takes `--device VALUE` / `--device=VALUE` out of `args`.
-pub(crate) fn take_device(args: &mut Vec<String>) -> Result<DeviceSpec> {
-    let mut spec = DeviceSpec::Cpu;
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == "--device" {
-            let v = args
-                .get(i + 1)
-                .context("--device needs a value: cpu, wgpu[:N] or cuda[:N]")?;
-            spec = v.parse()?;
-            args.drain(i..i + 2);
-        } else if let Some(v) = args[i].strip_prefix("--device=") {
-            spec = v.parse()?;
-            args.remove(i);
-        } else {
-            i += 1;
-        }
-    }
-    Ok(spec)
 }

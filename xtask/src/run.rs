@@ -1,12 +1,7 @@
 //! `cargo xtask run` and `cargo xtask sweep`: resolve the config, then run the experiments
 //! through `goodhart_train::experiments` on the chosen backend.
 //!
-//! ```text
-//! cargo xtask run [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N]
-//!                 [--out DIR] [--resume RUN_DIR [--no-repair] [--rerun-changed]]
-//!                 [--max-memory GIB] [--on-nan error|skip-batch]
-//! cargo xtask sweep [PRESET | FILE.toml] [--device D] [--set key=value]... [--seed N] [--out DIR]
-//! ```
+//! Flags: `cargo xtask run --help`, `cargo xtask sweep --help`.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,92 +16,103 @@ use goodhart_train::{
 };
 use serde_json::Value;
 
-use crate::take_device;
+use crate::DeviceArg;
 
-/// The parsed command line of `run` / `sweep`.
-struct Args {
+/// What `run` and `sweep` read: the config and where its runs go.
+#[derive(clap::Args, Debug)]
+pub struct ConfigArgs {
+    /// A preset (`cargo xtask list` names them) or a TOML file [default: lab]
+    #[arg(value_name = "PRESET | FILE.toml")]
     target: Option<String>,
-    device: DeviceSpec,
+    /// Set a config key: KEY=VALUE, the value read as TOML, else as a string (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// The base seed (the same as --set seed=N)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where run directories go
+    #[arg(long, value_name = "DIR", default_value = "runs")]
     out: PathBuf,
-    /// Whether `--out` was given.
-    out_given: bool,
-    resume: Option<PathBuf>,
-    /// `--no-repair`: a damaged checkpoint is an error instead of re-running its stage.
-    no_repair: bool,
-    /// `--rerun-changed`: with `--resume`, an edited config re-runs the completed stages
-    /// that read what changed (and every later one) instead of being refused.
-    rerun_changed: bool,
-    /// `--max-memory GIB`: the estimate a config may need (default: 3/4 of the machine's).
-    max_memory: f64,
-    /// `--on-nan error|skip-batch`: what an RL step with a non-finite quantity does.
-    on_nan: OnNan,
+    /// The most memory the config's estimate may need, in GiB [default: 3/4 of this machine's]
+    #[arg(long, value_name = "GIB", value_parser = gib)]
+    max_memory: Option<f64>,
+    /// What an RL step with a non-finite reward, advantage, loss or gradient does
+    #[arg(long, value_enum, default_value = "error")]
+    on_nan: NanArg,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
-fn parse_args(args: &[String]) -> Result<Args> {
-    let mut args = args.to_vec();
-    let device = take_device(&mut args)?;
-    let mut parsed = Args {
-        target: None,
-        device,
-        sets: Vec::new(),
-        out: PathBuf::from("runs"),
-        out_given: false,
-        resume: None,
-        no_repair: false,
-        rerun_changed: false,
-        max_memory: goodhart_train::memory::default_limit(),
-        on_nan: OnNan::Error,
-    };
-    let mut seed = None;
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        let mut value = |flag: &str| match it.next() {
-            Some(v) if !v.starts_with("--") => Ok(v),
-            _ => Err(anyhow!("{flag} needs a value")),
-        };
-        match a.as_str() {
-            "--set" => parsed.sets.push(value("--set")?),
-            "--seed" => {
-                let v = value("--seed")?;
-                seed = Some(
-                    v.parse::<u64>()
-                        .with_context(|| format!("--seed `{v}`: not an unsigned integer"))?,
-                );
-            }
-            "--out" => {
-                parsed.out = PathBuf::from(value("--out")?);
-                parsed.out_given = true;
-            }
-            "--resume" => parsed.resume = Some(PathBuf::from(value("--resume")?)),
-            "--no-repair" => parsed.no_repair = true,
-            "--rerun-changed" => parsed.rerun_changed = true,
-            "--on-nan" => {
-                let v = value("--on-nan")?;
-                parsed.on_nan = match v.as_str() {
-                    "error" => OnNan::Error,
-                    "skip-batch" => OnNan::SkipBatch,
-                    _ => bail!("--on-nan `{v}`: expected `error` or `skip-batch`"),
-                };
-            }
-            "--max-memory" => {
-                let v = value("--max-memory")?;
-                let gib: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|g: &f64| g.is_finite() && *g > 0.0)
-                    .with_context(|| format!("--max-memory `{v}`: not a positive number of GiB"))?;
-                parsed.max_memory = gib * 1024.0 * 1024.0 * 1024.0;
-            }
-            flag if flag.starts_with("--") => bail!("unknown option `{flag}`"),
-            _ if parsed.target.is_none() => parsed.target = Some(a),
-            _ => bail!("unexpected argument `{a}`: give one preset or config file"),
+/// `--on-nan`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum NanArg {
+    /// Stop the run with an error naming the quantity
+    Error,
+    /// Drop the batch and go on (counted in the metrics)
+    SkipBatch,
+}
+
+/// `cargo xtask run`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  cargo xtask run                              the default preset (lab), on the CPU
+  cargo xtask run rubric --seed 3              a preset with another base seed
+  cargo xtask run my.toml --set rl.lr=1e-3 --set rl.steps=200 --device wgpu
+  cargo xtask run --resume runs/lab/s0         continue a run where it stopped")]
+pub struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Continue the run in RUN_DIR with its own config.toml
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["target", "sets", "seed", "out"])]
+    resume: Option<PathBuf>,
+    /// With --resume: a damaged checkpoint is an error instead of re-running its stage
+    #[arg(long, requires = "resume")]
+    no_repair: bool,
+    /// With --resume: an edited config re-runs the completed stages that read what
+    /// changed (and every later one) instead of being refused
+    #[arg(long, requires = "resume")]
+    rerun_changed: bool,
+}
+
+/// `cargo xtask sweep`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  cargo xtask sweep my.toml                    one run per point of its [sweep] section
+  cargo xtask sweep lab --set 'sweep.\"rl.lr\"=[1e-3, 3e-3]'")]
+pub struct SweepArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+/// A positive number of GiB, in bytes (a clap value parser).
+fn gib(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(g) if g.is_finite() && g > 0.0 => Ok(g * 1024.0 * 1024.0 * 1024.0),
+        _ => Err(format!("`{s}` is not a positive number of GiB")),
+    }
+}
+
+impl ConfigArgs {
+    /// The `--set` overrides, `--seed` last.
+    fn sets(&self) -> Vec<String> {
+        let mut sets = self.sets.clone();
+        if let Some(s) = self.seed {
+            sets.push(format!("seed={s}"));
+        }
+        sets
+    }
+
+    fn max_memory(&self) -> f64 {
+        self.max_memory
+            .unwrap_or_else(goodhart_train::memory::default_limit)
+    }
+
+    fn on_nan(&self) -> OnNan {
+        match self.on_nan {
+            NanArg::Error => OnNan::Error,
+            NanArg::SkipBatch => OnNan::SkipBatch,
         }
     }
-    if let Some(s) = seed {
-        parsed.sets.push(format!("seed={s}"));
-    }
-    Ok(parsed)
 }
 
 /// The config text of a preset name or a TOML file, with where it came from and the
@@ -176,17 +182,12 @@ fn probe_device(device: DeviceSpec) -> Result<()> {
 }
 
 /// `cargo xtask run`.
-pub fn run(args: &[String]) -> Result<ExitCode> {
-    let args = parse_args(args)?;
-    check_device(args.device)?;
-    probe_device(args.device)?;
-    if args.rerun_changed && args.resume.is_none() {
-        bail!("--rerun-changed goes with --resume RUN_DIR");
-    }
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let c = &args.config;
+    let device = c.device.device;
+    check_device(device)?;
+    probe_device(device)?;
     let runner = if let Some(dir) = &args.resume {
-        if args.target.is_some() || !args.sets.is_empty() || args.out_given {
-            bail!("--resume continues a run in its own directory with its own config.toml: drop the preset, file, --set, --seed and --out");
-        }
         let reopen = if args.rerun_changed {
             Runner::resume_rerunning_changed
         } else {
@@ -195,30 +196,28 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         reopen(dir)
             .map_err(|e| anyhow!("{e}"))?
             .repair(!args.no_repair)
-            .on_nan(args.on_nan)
+            .on_nan(c.on_nan())
     } else {
-        let (text, origin, base) = config_text(args.target.as_deref())?;
-        let config = ExperimentConfig::parse_at(&text, &args.sets, &base)
+        let (text, origin, base) = config_text(c.target.as_deref())?;
+        let config = ExperimentConfig::parse_at(&text, &c.sets(), &base)
             .map_err(|e| anyhow!("{origin}: {e}"))?;
-        Runner::create_limited(&args.out, config, args.max_memory)
+        Runner::create_limited(&c.out, config, c.max_memory())
             .map_err(|e| anyhow!("{e}"))?
-            .on_nan(args.on_nan)
+            .on_nan(c.on_nan())
     };
-    execute(runner, args.device)?;
+    execute(runner, device)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `cargo xtask sweep`: one run per point of the config's `[sweep]` product, under
 /// `<out>/<name>-sweep/<point>/`.
-pub fn sweep(args: &[String]) -> Result<ExitCode> {
-    let args = parse_args(args)?;
-    check_device(args.device)?;
-    if args.resume.is_some() || args.no_repair || args.rerun_changed {
-        bail!("resume one point of a sweep with `cargo xtask run --resume RUN_DIR`");
-    }
-    probe_device(args.device)?;
-    let (text, origin, base) = config_text(args.target.as_deref())?;
-    let config = ExperimentConfig::parse_at(&text, &args.sets, &base)
+pub fn sweep(args: SweepArgs) -> Result<ExitCode> {
+    let c = &args.config;
+    let device = c.device.device;
+    check_device(device)?;
+    probe_device(device)?;
+    let (text, origin, base) = config_text(c.target.as_deref())?;
+    let config = ExperimentConfig::parse_at(&text, &c.sets(), &base)
         .map_err(|e| anyhow!("{origin}: {e}"))?;
     if config.sweep.is_empty() {
         bail!("{origin} has no [sweep] section: add e.g. `[sweep]\\n\"rl.lr\" = [1e-3, 3e-3]`, or use --set sweep.KEY=[...]");
@@ -226,7 +225,7 @@ pub fn sweep(args: &[String]) -> Result<ExitCode> {
     let points = config
         .expand_sweep()
         .map_err(|e| anyhow!("{origin}: {e}"))?;
-    let root = args.out.join(format!("{}-sweep", config.name));
+    let root = c.out.join(format!("{}-sweep", config.name));
     let total = points.len();
     eprintln!("sweep: {total} runs under {}", root.display());
     for (i, (label, mut point)) in points.into_iter().enumerate() {
@@ -241,10 +240,10 @@ pub fn sweep(args: &[String]) -> Result<ExitCode> {
                 }
             })
             .collect();
-        let runner = Runner::create_limited(&root, point, args.max_memory)
+        let runner = Runner::create_limited(&root, point, c.max_memory())
             .map_err(|e| anyhow!("{e}"))?
-            .on_nan(args.on_nan);
-        execute(runner, args.device)?;
+            .on_nan(c.on_nan());
+        execute(runner, device)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,22 @@ use std::{path::Path, process::ExitCode};
 use anyhow::{Context, Result};
 use goodhart_core::testing::{BACKEND_TEST_FILTER, TEST_DEVICE_ENV};
 
+/// `cargo xtask test`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  cargo xtask test                             every test, ndarray then wgpu
+  cargo xtask test -- tiny_rubric              the tests whose names contain tiny_rubric
+  cargo xtask test --no-fail-fast -- --nocapture")]
+pub struct TestArgs {
+    /// Passed to `cargo test` as typed (those after `--` to the test binaries)
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<String>,
+}
+
 /// Runs the workspace tests; extra `args` go to `cargo test` (before any `--`).
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let mut report = Vec::new();

@@ -30,27 +30,55 @@ const BENCHES: &[&[Bench]] = &[
     train::BENCHES,
 ];
 
+/// `cargo xtask bench`.
+#[derive(clap::Args, Debug)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:
+  cargo xtask bench --list                     the benchmarks
+  cargo xtask bench grpo rloo                  two of them
+  cargo xtask bench policy --vs-torch          the policy against PyTorch eager (`bench policy --help`)"
+)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    /// The benchmarks to run [default: all]
+    #[arg(value_name = "NAME")]
+    names: Vec<String>,
+    /// Name every benchmark and what it measures
+    #[arg(long)]
+    list: bool,
+    #[command(flatten)]
+    device: crate::DeviceArg,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BenchCommand {
+    /// The policy LM at a chosen shape, or a Hugging Face architecture, optionally
+    /// against its PyTorch twin
+    Policy(policy::PolicyArgs),
+}
+
 /// Runs the benchmarks named in `args` (all when none).
-pub fn run(args: &[String]) -> Result<ExitCode> {
-    let mut args = args.to_vec();
-    let device = crate::take_device(&mut args)?;
-    if args.first().map(String::as_str) == Some("policy") {
-        policy::command(device, &args[1..])?;
+pub fn run(args: BenchArgs) -> Result<ExitCode> {
+    if let Some(BenchCommand::Policy(p)) = args.command {
+        policy::command(p)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if args.iter().any(|a| a == "--list") {
+    let device = args.device.device;
+    if args.list {
         for b in BENCHES.iter().copied().flatten() {
             println!("{:<16} {}", b.name, b.about);
         }
         return Ok(ExitCode::SUCCESS);
     }
-    for name in &args {
+    for name in &args.names {
         if !BENCHES.iter().copied().flatten().any(|b| b.name == name) {
             bail!("unknown benchmark `{name}` (cargo xtask bench --list)");
         }
     }
     let selected = BENCHES.iter().copied().flatten();
-    for b in selected.filter(|b| args.is_empty() || args.iter().any(|a| a == b.name)) {
+    for b in selected.filter(|b| args.names.is_empty() || args.names.iter().any(|a| a == b.name)) {
         println!("== {} on {device}: {}", b.name, b.about);
         (b.run)(device)?;
     }

@@ -126,68 +126,103 @@ impl Figures {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask bench policy [--batch N] [--prompt N] [--response N]
-    [--layers N] [--width N] [--heads N] [--vocab N] [--positions learned|rotary] [--reps N]
-    [--device D] [--json] [--vs-torch [--runs N] [--python P] [--twin FILE]]
-    [--hf MODEL_DIR]
+/// `cargo xtask bench policy`: generation (KV cache), teacher-forced scoring and one SFT
+/// train step of the policy LM.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Defaults: config S (4 layers, width 128, 4 heads, vocabulary 64, learned \
+positions, batch 64, prompt 16, 64 new tokens, 3 reps). --vs-torch runs this and the PyTorch-eager \
+twin (benches/torch_twin.py) alternately, --runs times each, and prints the medians and their \
+ratios. --hf MODEL_DIR measures the architecture a Hugging Face config.json describes (random \
+weights; --batch, --prompt, --response and --reps still apply) against transformers' own model of \
+it (benches/hf_twin.py).
 
-Measures generation (KV cache), teacher-forced scoring and one SFT train step of the
-policy LM (defaults: config S, 4 layers, width 128, 4 heads, vocabulary 64, learned
-positions, batch 64, prompt 16, 64 new tokens, 3 reps). --vs-torch runs this and the
-PyTorch-eager twin (benches/torch_twin.py) alternately, --runs times each (default 3),
-and prints the medians and their ratios. --hf MODEL_DIR measures the architecture a
-Hugging Face config.json describes (random weights; --batch, --prompt, --response and
---reps still apply), against transformers' own model of it (benches/hf_twin.py).";
+Examples:
+  cargo xtask bench policy --vs-torch
+  cargo xtask bench policy --batch 16 --response 32 --positions rotary --json
+  cargo xtask bench policy --hf /tmp/smollm2 --batch 8 --vs-torch"
+)]
+pub struct PolicyArgs {
+    /// Sequences per batch [default: 64]
+    #[arg(long, value_parser = crate::positive)]
+    batch: Option<usize>,
+    /// Prompt tokens [default: 16]
+    #[arg(long, value_parser = crate::positive)]
+    prompt: Option<usize>,
+    /// New tokens [default: 64]
+    #[arg(long, value_parser = crate::positive)]
+    response: Option<usize>,
+    /// Transformer blocks [default: 4]
+    #[arg(long, value_parser = crate::positive)]
+    layers: Option<usize>,
+    /// Model width [default: 128]
+    #[arg(long, value_parser = crate::positive)]
+    width: Option<usize>,
+    /// Attention heads [default: 4]
+    #[arg(long, value_parser = crate::positive)]
+    heads: Option<usize>,
+    /// Vocabulary size [default: 64]
+    #[arg(long, value_parser = crate::positive)]
+    vocab: Option<usize>,
+    /// Position encoding [default: learned]
+    #[arg(long, value_enum)]
+    positions: Option<PositionsArg>,
+    /// Timed repetitions per figure [default: 3]
+    #[arg(long, value_parser = crate::positive)]
+    reps: Option<usize>,
+    /// One JSON object of the figures
+    #[arg(long)]
+    json: bool,
+    /// Alternate with the PyTorch-eager twin and print the ratios
+    #[arg(long)]
+    vs_torch: bool,
+    /// With --vs-torch: runs of each side
+    #[arg(long, default_value_t = 3, value_parser = crate::positive)]
+    runs: usize,
+    /// With --vs-torch: the Python that runs the twin
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// With --vs-torch: the twin's script [default: benches/torch_twin.py, or hf_twin.py with --hf]
+    #[arg(long)]
+    twin: Option<PathBuf>,
+    /// A Hugging Face model directory whose config.json gives the architecture
+    #[arg(long, value_name = "MODEL_DIR")]
+    hf: Option<PathBuf>,
+    #[command(flatten)]
+    device: crate::DeviceArg,
+}
+
+/// `--positions`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum PositionsArg {
+    /// Learned absolute positions
+    Learned,
+    /// Rotary positions
+    Rotary,
+}
 
 /// `cargo xtask bench policy ARGS`.
-pub fn command(device: DeviceSpec, args: &[String]) -> Result<()> {
-    let mut shape = Shape::default();
-    let (mut json, mut vs_torch, mut runs) = (false, false, 3usize);
-    let mut python = String::from("python3");
-    let mut twin = default_twin();
-    let mut hf: Option<PathBuf> = None;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .with_context(|| format!("{flag} needs a value\n\n{USAGE}"))
-        };
-        let mut number = |name: &str| -> Result<usize> {
-            let v = value()?;
-            match v.parse::<usize>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => bail!("{name}: expected a positive integer, got `{v}`"),
-            }
-        };
-        match flag.as_str() {
-            "--batch" => shape.batch = number(flag)?,
-            "--prompt" => shape.prompt = number(flag)?,
-            "--response" => shape.response = number(flag)?,
-            "--layers" => shape.layers = number(flag)?,
-            "--width" => shape.width = number(flag)?,
-            "--heads" => shape.heads = number(flag)?,
-            "--vocab" => shape.vocab = number(flag)?,
-            "--reps" => shape.reps = number(flag)?,
-            "--runs" => runs = number(flag)?,
-            "--positions" => {
-                shape.positions = match value()?.as_str() {
-                    "learned" => Positions::Learned,
-                    "rotary" => Positions::Rotary,
-                    other => bail!("--positions: expected learned or rotary, got `{other}`"),
-                }
-            }
-            "--python" => python = value()?.clone(),
-            "--twin" => twin = PathBuf::from(value()?),
-            "--hf" => hf = Some(PathBuf::from(value()?)),
-            "--json" => json = true,
-            "--vs-torch" => vs_torch = true,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(());
-            }
-            other => bail!("unknown flag `{other}`\n\n{USAGE}"),
-        }
-    }
+pub fn command(args: PolicyArgs) -> Result<()> {
+    let device = args.device.device;
+    let d = Shape::default();
+    let shape = Shape {
+        batch: args.batch.unwrap_or(d.batch),
+        prompt: args.prompt.unwrap_or(d.prompt),
+        response: args.response.unwrap_or(d.response),
+        layers: args.layers.unwrap_or(d.layers),
+        width: args.width.unwrap_or(d.width),
+        heads: args.heads.unwrap_or(d.heads),
+        vocab: args.vocab.unwrap_or(d.vocab),
+        positions: match args.positions {
+            None => d.positions,
+            Some(PositionsArg::Learned) => Positions::Learned,
+            Some(PositionsArg::Rotary) => Positions::Rotary,
+        },
+        reps: args.reps.unwrap_or(d.reps),
+    };
+    let (json, vs_torch, runs, python, hf) =
+        (args.json, args.vs_torch, args.runs, args.python, args.hf);
+    let mut twin = args.twin.unwrap_or_else(default_twin);
     // The model, and the twin that builds the same one: goodhart's own shape against
     // `torch_twin.py`, or a Hugging Face config against transformers (`hf_twin.py`).
     let (model, twin_args) = match &hf {

@@ -1,0 +1,129 @@
+//! The command line as a user meets it: `cargo xtask` (the binary beside this test's, built
+//! by `cargo build -p xtask`, which `cargo xtask test` and CI do first) prints usage with
+//! examples, suggests a misspelt flag, and refuses bad values before any work.
+
+use std::{path::PathBuf, process::Command};
+
+/// The xtask binary of this build (`target/<profile>/xtask`).
+fn xtask() -> Command {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let bin: PathBuf = dir.join(format!("xtask{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p xtask`",
+        bin.display()
+    );
+    Command::new(bin)
+}
+
+/// Exit code, stdout and stderr of `xtask args`.
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = xtask().args(args).output().expect("xtask runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_command_prints_its_usage_with_an_example() {
+    for (cmd, example) in [
+        (&["run", "--help"][..], "cargo xtask run rubric --seed 3"),
+        (&["sweep", "--help"], "cargo xtask sweep my.toml"),
+        (&["bench", "--help"], "cargo xtask bench grpo rloo"),
+        (
+            &["bench", "policy", "--help"],
+            "cargo xtask bench policy --vs-torch",
+        ),
+        (
+            &["generate", "--help"],
+            "cargo xtask generate crates/goodhart-policy",
+        ),
+        (&["detect", "--help"], "cargo xtask detect trainer_log.csv"),
+        (
+            &["serve", "--help"],
+            "cargo xtask serve crates/goodhart-policy",
+        ),
+        (&["report", "--help"], "cargo xtask report runs/lab/s0"),
+        (&["test", "--help"], "cargo xtask test -- tiny_rubric"),
+        (&["--help"], "cargo xtask list"),
+    ] {
+        let (code, out, err) = run(cmd);
+        assert_eq!(code, 0, "{cmd:?}: {err}");
+        assert!(out.contains("Usage: cargo xtask"), "{cmd:?}: {out}");
+        assert!(out.contains(example), "{cmd:?} lacks `{example}`: {out}");
+    }
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!((code, out.trim()), (0, "xtask 0.1.0"));
+}
+
+#[test]
+fn usage_errors_say_what_is_wrong_in_clap_style() {
+    // A misspelt flag: clap's suggestion, exit code 2, before any work.
+    let (code, _, err) = run(&["run", "--sed", "3"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("unexpected argument '--sed'") && err.contains("'--seed'"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["rnu"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unrecognized subcommand 'rnu'"), "{err}");
+    // Typed values are checked when parsed.
+    for (args, says) in [
+        (&["run", "--device", "tpu"][..], "--device <DEVICE>"),
+        (
+            &["run", "--on-nan", "ignore"],
+            "[possible values: error, skip-batch]",
+        ),
+        (
+            &["run", "--max-memory", "0"],
+            "not a positive number of GiB",
+        ),
+        (
+            &["generate", "m", "--prompt", "x", "--max-new-tokens", "0"],
+            "not a positive integer",
+        ),
+        (
+            &["generate", "m", "--prompt", "x", "--greedy", "--top-k", "5"],
+            "cannot be used with",
+        ),
+        (
+            &["detect", "log.csv", "--where", "series"],
+            "give COLUMN=VALUE",
+        ),
+        (
+            &["bench", "policy", "--positions", "alibi"],
+            "learned, rotary",
+        ),
+        (
+            &["run", "--resume", "runs/x", "--seed", "1"],
+            "cannot be used with",
+        ),
+        (&["run", "--no-repair"], "--resume <RUN_DIR>"),
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A value clap cannot check (a preset that does not exist) is the command's error.
+    let (code, _, err) = run(&["run", "no-such-preset"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("neither a preset"), "{err}");
+}
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        for sub in ["run", "sweep", "bench", "detect", "generate"] {
+            assert!(out.contains(sub), "{shell} completions lack `{sub}`");
+        }
+    }
+}
