@@ -64,33 +64,6 @@ pub fn bnpo_beta_params(success_rates: &[f32]) -> (f64, f64) {
     )
 }
 
-/// `ln Gamma(x)` for `x > 0` (Lanczos, g = 7, 9 terms; ~1e-15 relative).
-pub(crate) fn ln_gamma(x: f64) -> f64 {
-    const C: [f64; 9] = [
-        0.999_999_999_999_809_9,
-        676.520_368_121_885_1,
-        -1_259.139_216_722_402_8,
-        771.323_428_777_653_1,
-        -176.615_029_162_140_6,
-        12.507_343_278_686_905,
-        -0.138_571_095_265_720_12,
-        9.984_369_578_019_572e-6,
-        1.505_632_735_149_311_6e-7,
-    ];
-    if x < 0.5 {
-        // Reflection: Gamma(x) Gamma(1 - x) = pi / sin(pi x).
-        let pi = std::f64::consts::PI;
-        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
-    }
-    let x = x - 1.0;
-    let t = x + 7.5;
-    let series = C[1..]
-        .iter()
-        .enumerate()
-        .fold(C[0], |acc, (i, c)| acc + c / (x + i as f64 + 1.0));
-    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + series.ln()
-}
-
 /// BNPO: `A = (r' - p_q) / BetaPDF(p_q; alpha, beta)` with `r'` the reward rescaled to
 /// `[0, 1]`, `p_q` its group mean, and `(alpha, beta)` from [`bnpo_beta_params`] over the
 /// batch of `p_q` (one per group); `1 / pdf` is clamped at `max_inverse_pdf`. With
@@ -132,7 +105,7 @@ pub fn bnpo<B: Backend>(
     let lone = Lone::new(groups, config.singleton, "bnpo", &r.device())?;
     let p = group_stats(r.clone(), groups)?.mean;
     let (alpha, beta) = bnpo_beta_params(&to_host(p.clone())?);
-    let ln_b = ln_gamma(alpha) + ln_gamma(beta) - ln_gamma(alpha + beta);
+    let ln_b = statrs::function::beta::ln_beta(alpha, beta);
     // ln(1 / pdf) = ln B(a, b) - (a - 1) ln p - (b - 1) ln(1 - p); a term with exponent 0
     // is skipped so that 0 * ln 0 never makes a NaN.
     let mut neg_log_pdf = p.zeros_like() + ln_b as f32;

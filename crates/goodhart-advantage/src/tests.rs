@@ -15,7 +15,7 @@ use proptest::{
 use super::*;
 use crate::{
     a2tgpo::{a2tgpo, A2tgpoConfig},
-    bnpo::{bnpo, bnpo_beta_params, ln_gamma, BnpoConfig},
+    bnpo::{bnpo, bnpo_beta_params, BnpoConfig},
     dr_grpo::{dr_grpo, DrGrpoConfig},
     gae::{gae, GaeConfig},
     gdpo::{gdpo, GdpoConfig},
@@ -179,13 +179,26 @@ goodhart_core::backend_test! {
     }
 }
 
-#[test]
-fn ln_gamma_matches_known_values() {
-    // ln Gamma(5) = ln 24, ln Gamma(0.5) = ln sqrt(pi), ln Gamma(1) = 0
-    assert!((ln_gamma(5.0) - 24f64.ln()).abs() < 1e-12);
-    assert!((ln_gamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-12);
-    assert!(ln_gamma(1.0).abs() < 1e-12);
-    assert!((ln_gamma(100.5) - 361.435_540_467_777_6).abs() < 1e-9);
+goodhart_core::backend_test! {
+    fn bnpo_weights_are_the_inverse_beta_density<B>(device) {
+        // Success rates 1/4, 1/2, 3/4: A = (r - p_q) / pdf(p_q) under statrs' Beta with the
+        // batch's method-of-moments parameters.
+        use statrs::distribution::{Beta, Continuous};
+        let r = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0];
+        let groups = Groups::new((0..12).map(|i| i / 4).collect::<Vec<u64>>()).unwrap();
+        let (a, b) = bnpo_beta_params(&[0.25, 0.5, 0.75]);
+        let beta = Beta::new(a, b).unwrap();
+        let expected: Vec<f32> = r
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let p = [0.25, 0.5, 0.75][i / 4];
+                ((x as f64 - p) / beta.pdf(p)) as f32
+            })
+            .collect();
+        let out = bnpo(t1::<B>(&r, device), &ones::<B>(12, 1, device), &groups, &BnpoConfig::default()).unwrap();
+        assert_close(&per(&out), &expected, tolerance(1e-5));
+    }
 }
 
 goodhart_core::backend_test! {
