@@ -1,4 +1,6 @@
-//! `cargo xtask test`: every test on ndarray, then the backend-matrix tests on wgpu.
+//! `cargo xtask test`: every test on ndarray, then the backend-matrix tests on wgpu, then
+//! every crate's examples (built with the tests' feature set, each run and checked for a
+//! zero exit).
 
 use std::{path::Path, process::ExitCode};
 
@@ -37,6 +39,13 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Err(why) => {
             report.push(format!("wgpu: skipped, {why}"));
         }
+    }
+    if args.is_empty() {
+        let (ok, n) = run_examples()?;
+        report.push(format!("examples ({n}, on cpu): {}", verdict(ok)));
+        all_ok &= ok;
+    } else {
+        report.push("examples: skipped (test arguments given)".into());
     }
     report.push(format!(
         "cuda: {}",
@@ -91,6 +100,51 @@ fn cargo_test(args: &[String], device: &str, filter: Option<&str>) -> Result<boo
     println!("== {TEST_DEVICE_ENV}={device} {cmd:?}");
     let status = cmd.status().context("running cargo test")?;
     Ok(status.success())
+}
+
+/// Builds every crate's examples (`crates/*/examples/*.rs`) with the tests' feature set
+/// (one build of burn) and runs each; whether all exit 0, and how many there are.
+fn run_examples() -> Result<(bool, usize)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut names = Vec::new();
+    for krate in std::fs::read_dir(root.join("crates")).context("listing crates/")? {
+        let dir = krate?.path().join("examples");
+        let Ok(files) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for f in files {
+            let path = f?.path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                if let Some(stem) = path.file_stem() {
+                    names.push(stem.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    names.sort();
+    println!("\n== examples: {}", names.join(", "));
+    let mut cmd = crate::cargo_command();
+    cmd.args(["build", "--workspace", "--examples"])
+        .current_dir(&root);
+    if !cmd.status().context("building the examples")?.success() {
+        return Ok((false, names.len()));
+    }
+    // This binary's own profile directory holds them (`target/<profile>/examples/`).
+    let exe = std::env::current_exe().context("locating xtask")?;
+    let dir = exe.parent().context("xtask's directory")?.join("examples");
+    let mut ok = true;
+    for name in &names {
+        println!("== example {name}");
+        let status = std::process::Command::new(dir.join(name))
+            .current_dir(&root)
+            .status()
+            .with_context(|| format!("running example {name}"))?;
+        if !status.success() {
+            println!("== example {name} FAILED ({status})");
+            ok = false;
+        }
+    }
+    Ok((ok, names.len()))
 }
 
 /// The Vulkan ICD manifest wgpu would load, or why there is none.
