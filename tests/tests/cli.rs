@@ -127,3 +127,47 @@ fn completions_are_generated_for_each_shell() {
         }
     }
 }
+
+#[test]
+fn piped_progress_is_plain_lines_and_quiet_is_silent() {
+    let out = std::env::temp_dir().join(format!("goodhart-cli-{}", std::process::id()));
+    let tiny = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "rubric",
+            "--set",
+            "rubric.seeds=1",
+            "--set",
+            "rl.steps=3",
+            "--set",
+            "sft.steps=2",
+            "--set",
+            "rubric.eval_every=3",
+            "--set",
+            "rubric.verifiers=[{name = \"weak\"}]",
+            "--out",
+        ];
+        let dir = out.to_str().expect("a UTF-8 temp dir");
+        args.push(dir);
+        args.extend(extra);
+        run(&args)
+    };
+    // Stderr is a pipe here: one plain line per finished stage, no bars or escapes.
+    let (code, stdout, stderr) = tiny(&[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("rubric/sft/s0") && stderr.contains("rubric/weak/s0"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "{stderr:?}"
+    );
+    assert!(stdout.contains("Rubric lab: verifier"), "{stdout}");
+    // --quiet: no progress at all, the tables still print.
+    let (code, stdout, stderr) = tiny(&["--quiet"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("rubric/weak/s0"), "{stderr}");
+    assert!(stdout.contains("Rubric lab: verifier"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&out);
+}

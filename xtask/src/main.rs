@@ -22,6 +22,7 @@ mod detect;
 mod fuzz;
 mod generate;
 mod list;
+mod progress;
 mod report;
 mod run;
 mod serve;

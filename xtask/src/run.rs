@@ -4,6 +4,7 @@
 //! Flags: `cargo xtask run --help`, `cargo xtask sweep --help`.
 
 use std::{
+    io::IsTerminal,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Instant,
@@ -12,7 +13,11 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use goodhart_core::device::DeviceSpec;
 use goodhart_train::{
-    config::ExperimentConfig, experiments, policy_gradient::OnNan, presets, runner::Runner,
+    config::ExperimentConfig,
+    experiments,
+    policy_gradient::OnNan,
+    presets,
+    runner::{Lines, Reporter, Runner, Silent},
 };
 use serde_json::Value;
 
@@ -39,6 +44,9 @@ pub struct ConfigArgs {
     /// What an RL step with a non-finite reward, advantage, loss or gradient does
     #[arg(long, value_enum, default_value = "error")]
     on_nan: NanArg,
+    /// No progress output (the tables and the run directory's paths still print)
+    #[arg(long, short)]
+    quiet: bool,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -105,6 +113,17 @@ impl ConfigArgs {
     fn max_memory(&self) -> f64 {
         self.max_memory
             .unwrap_or_else(goodhart_train::memory::default_limit)
+    }
+
+    /// Progress bars on a terminal, plain lines elsewhere, nothing with `--quiet`.
+    fn reporter(&self) -> Box<dyn Reporter> {
+        if self.quiet {
+            Box::new(Silent)
+        } else if std::io::stderr().is_terminal() {
+            Box::new(crate::progress::Bars::new())
+        } else {
+            Box::new(Lines::default())
+        }
     }
 
     fn on_nan(&self) -> OnNan {
@@ -197,6 +216,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             .map_err(|e| anyhow!("{e}"))?
             .repair(!args.no_repair)
             .on_nan(c.on_nan())
+            .with_reporter(c.reporter())
     } else {
         let (text, origin, base) = config_text(c.target.as_deref())?;
         let config = ExperimentConfig::parse_at(&text, &c.sets(), &base)
@@ -204,6 +224,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Runner::create_limited(&c.out, config, c.max_memory())
             .map_err(|e| anyhow!("{e}"))?
             .on_nan(c.on_nan())
+            .with_reporter(c.reporter())
     };
     execute(runner, device)?;
     Ok(ExitCode::SUCCESS)
@@ -242,7 +263,8 @@ pub fn sweep(args: SweepArgs) -> Result<ExitCode> {
             .collect();
         let runner = Runner::create_limited(&root, point, c.max_memory())
             .map_err(|e| anyhow!("{e}"))?
-            .on_nan(c.on_nan());
+            .on_nan(c.on_nan())
+            .with_reporter(c.reporter());
         execute(runner, device)?;
     }
     Ok(ExitCode::SUCCESS)

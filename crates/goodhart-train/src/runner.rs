@@ -234,10 +234,75 @@ pub struct Runner {
     on_nan: OnNan,
     /// Records whose checksums hold in this process: written by it, or checked once.
     checked: std::collections::BTreeSet<usize>,
-    quiet: bool,
+    reporter: Box<dyn Reporter>,
     started: Instant,
     /// Held for the runner's life: a second process writing the run is refused.
     _lock: fs::File,
+}
+
+/// What a run reports while it goes (on stderr, never in its files): its own lines, and
+/// each stage's start, expected length, metric lines and end. `cargo xtask run` draws
+/// progress bars from it on a terminal; [`Lines`] prints plain lines.
+pub trait Reporter {
+    /// A line of the run's own: an experiment starting, a stage done or redone.
+    fn say(&mut self, line: &str);
+    /// Stage `stage` starts (it runs; a stage read back from its checkpoint does not).
+    fn stage_started(&mut self, _stage: &str) {}
+    /// Stage `stage` will log `total` metric lines (its steps), when it knows.
+    fn stage_total(&mut self, _stage: &str, _total: u64) {}
+    /// Stage `stage` logged a metrics line.
+    fn line(&mut self, _stage: &str, _line: &Line) {}
+    /// Stage `stage` ended after `seconds`.
+    fn stage_finished(&mut self, _stage: &str, _seconds: f64) {}
+}
+
+/// Plain progress: [`Reporter::say`]'s lines on stderr, and on a terminal a status line
+/// (the stage, its step, the latest proxy and gold) refreshed at most 4 times a second.
+#[derive(Debug, Default)]
+pub struct Lines {
+    last_status: Option<Instant>,
+}
+
+impl Reporter for Lines {
+    fn say(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
+
+    fn line(&mut self, stage: &str, line: &Line) {
+        if !std::io::stderr().is_terminal()
+            || self
+                .last_status
+                .is_some_and(|t| t.elapsed().as_millis() <= 250)
+        {
+            return;
+        }
+        self.last_status = Some(Instant::now());
+        let show = |k: &str| {
+            line.metrics
+                .get(k)
+                .map_or(String::from("-"), |v| format!("{v:.3}"))
+        };
+        eprint!(
+            "\r\x1b[K  ...   {stage}  step {}  proxy {}  gold {}",
+            line.step,
+            show("reward/proxy/mean"),
+            show("reward/gold/mean")
+        );
+    }
+
+    fn stage_finished(&mut self, _stage: &str, _seconds: f64) {
+        if self.last_status.take().is_some() {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+/// No progress at all (`--quiet`, tests).
+#[derive(Debug, Default)]
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn say(&mut self, _line: &str) {}
 }
 
 impl std::fmt::Debug for Runner {
@@ -382,15 +447,24 @@ impl Runner {
             repair: true,
             on_nan: OnNan::Error,
             checked: Default::default(),
-            quiet: false,
+            reporter: Box::new(Lines::default()),
             started: Instant::now(),
             _lock: lock,
         }
     }
 
     /// Silences the progress lines on stderr (tests).
-    pub fn quiet(mut self, quiet: bool) -> Self {
-        self.quiet = quiet;
+    pub fn quiet(self, quiet: bool) -> Self {
+        if quiet {
+            self.with_reporter(Box::new(Silent))
+        } else {
+            self
+        }
+    }
+
+    /// Reports progress to `reporter` instead of plain lines on stderr ([`Lines`]).
+    pub fn with_reporter(mut self, reporter: Box<dyn Reporter>) -> Self {
+        self.reporter = reporter;
         self
     }
 
@@ -503,15 +577,17 @@ impl Runner {
             samples: JsonlFile::open(self.dir.samples()).map_err(sink_err)?,
             sample_lines: 0,
             discard: redo.is_some(),
-            status: !self.quiet && std::io::stderr().is_terminal(),
-            last_status: None,
+            reporter: self.reporter.as_mut(),
         };
-        let out = f(&mut log)?;
+        log.reporter.stage_started(name);
+        let out = f(&mut log);
+        log.reporter
+            .stage_finished(name, t0.elapsed().as_secs_f64());
+        let out = out?;
         log.metrics.sync().map_err(sink_err)?;
         log.samples.sync().map_err(sink_err)?;
-        if log.last_status.is_some() && !self.quiet {
-            eprint!("\r\x1b[K");
-        }
+        let (log_lines, log_samples) = (log.lines, log.sample_lines);
+        drop(log);
         let unserialisable = |e: &dyn std::fmt::Display| RunError::Checkpoint {
             stage: name.into(),
             reason: format!("result not serialisable: {e}"),
@@ -531,8 +607,8 @@ impl Runner {
             self.repaired += 1;
             self.checked.insert(i);
         } else {
-            self.lines += log.lines;
-            self.samples += log.sample_lines;
+            self.lines += log_lines;
+            self.samples += log_samples;
             let files = self.dir_crcs(&files)?;
             self.progress.stages.push(StageRecord {
                 name: name.to_string(),
@@ -630,11 +706,9 @@ impl Runner {
         Ok(())
     }
 
-    /// Prints a progress line on stderr (unless quiet).
-    pub fn say(&self, line: &str) {
-        if !self.quiet {
-            eprintln!("{line}");
-        }
+    /// Reports a line of the run's own ([`Reporter::say`]).
+    pub fn say(&mut self, line: &str) {
+        self.reporter.say(line);
     }
 
     /// Writes `summary.json` (atomically) and `report.html`.
@@ -649,7 +723,7 @@ impl Runner {
 }
 
 /// What a running stage logs through: its metric lines go to `metrics.jsonl`, its samples
-/// to `samples.jsonl`.
+/// to `samples.jsonl`, and each metric line to the run's [`Reporter`].
 pub struct StageLog<'a> {
     stage: &'a str,
     metrics: JsonlSink,
@@ -658,9 +732,7 @@ pub struct StageLog<'a> {
     sample_lines: usize,
     /// A completed stage run again to rebuild its files: its lines are already written.
     discard: bool,
-    /// Whether to refresh a status line on stderr (a terminal, not quiet).
-    status: bool,
-    last_status: Option<Instant>,
+    reporter: &'a mut dyn Reporter,
 }
 
 impl StageLog<'_> {
@@ -669,7 +741,13 @@ impl StageLog<'_> {
         self.stage
     }
 
-    /// Appends one metrics line. Also refreshes the status line.
+    /// Says how many metric lines (steps) the stage will log, for a progress bar's length
+    /// and ETA.
+    pub fn expect_lines(&mut self, total: u64) {
+        self.reporter.stage_total(self.stage, total);
+    }
+
+    /// Appends one metrics line and reports it to the run's progress.
     pub fn log(&mut self, line: &Line) -> Result<()> {
         if !self.discard {
             self.metrics
@@ -677,25 +755,7 @@ impl StageLog<'_> {
                 .map_err(|e| RunError::Log(Box::new(e)))?;
         }
         self.lines += 1;
-        if self.status
-            && self
-                .last_status
-                .is_none_or(|t| t.elapsed().as_millis() > 250)
-        {
-            self.last_status = Some(Instant::now());
-            let show = |k: &str| {
-                line.metrics
-                    .get(k)
-                    .map_or(String::from("-"), |v| format!("{v:.3}"))
-            };
-            eprint!(
-                "\r\x1b[K  ...   {}  step {}  proxy {}  gold {}",
-                self.stage,
-                line.step,
-                show("reward/proxy/mean"),
-                show("reward/gold/mean")
-            );
-        }
+        self.reporter.line(self.stage, line);
         Ok(())
     }
 
@@ -821,6 +881,72 @@ mod tests {
             let bytes = fs::read(&path).map_err(io_err(&path))?;
             Ok(one + bytes.len() as u64)
         })
+    }
+
+    /// Every reporter call, as text.
+    struct Recorder(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
+
+    impl Reporter for Recorder {
+        fn say(&mut self, line: &str) {
+            self.0.borrow_mut().push(format!("say {}", line.trim()));
+        }
+        fn stage_started(&mut self, stage: &str) {
+            self.0.borrow_mut().push(format!("start {stage}"));
+        }
+        fn stage_total(&mut self, stage: &str, total: u64) {
+            self.0.borrow_mut().push(format!("total {stage} {total}"));
+        }
+        fn line(&mut self, stage: &str, line: &Line) {
+            let v = line.metrics["x"];
+            self.0
+                .borrow_mut()
+                .push(format!("line {stage} {} {v}", line.step));
+        }
+        fn stage_finished(&mut self, stage: &str, _seconds: f64) {
+            self.0.borrow_mut().push(format!("end {stage}"));
+        }
+    }
+
+    #[test]
+    fn the_reporter_sees_stages_their_lengths_and_lines() {
+        let root = scratch("reporter");
+        let events = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let stage = |r: &mut Runner| {
+            r.stage("s", |log| {
+                log.expect_lines(2);
+                for step in 0..2u64 {
+                    let metrics =
+                        std::collections::BTreeMap::from([("x".to_string(), step as f64)]);
+                    log.log(&Line::new(step, metrics))?;
+                }
+                Ok(5usize)
+            })
+        };
+        let dir = {
+            let mut r = Runner::create(&root, config())
+                .unwrap()
+                .with_reporter(Box::new(Recorder(events.clone())));
+            assert_eq!(stage(&mut r).unwrap(), 5);
+            r.dir().path().to_path_buf()
+        };
+        let got = events.borrow().clone();
+        assert_eq!(
+            got[..5],
+            ["start s", "total s 2", "line s 0 0", "line s 1 1", "end s"]
+        );
+        assert!(
+            got[5].starts_with("say ") && got[5].ends_with("s  [0s total]"),
+            "{got:?}"
+        );
+        // A stage read back from its checkpoint runs nothing: one line says so.
+        events.borrow_mut().clear();
+        let mut r = Runner::resume(&dir)
+            .unwrap()
+            .with_reporter(Box::new(Recorder(events.clone())));
+        assert_eq!(stage(&mut r).unwrap(), 5);
+        assert_eq!(*events.borrow(), ["say done  s (from checkpoint)"]);
+        drop(r);
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

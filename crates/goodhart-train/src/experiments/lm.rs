@@ -325,6 +325,7 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
         ..pg.clone()
     };
     runner.stage(name, |log| {
+        log.expect_lines(pg.steps as u64);
         // Loaded only when the stage runs: a completed stage needs none of them.
         let policy = load_base::<B>(&checkpoints, config, seed, device, name)?;
         let reference = load_base::<B::InnerBackend>(&checkpoints, config, seed, device, name)?;

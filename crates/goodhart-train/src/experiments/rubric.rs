@@ -301,6 +301,7 @@ fn rl_stage<B: AutodiffBackend>(
     let series = format!("{}/s{seed}", arm.name);
     let eval_series = format!("{series}/eval");
     runner.stage(&name, |log| {
+        log.expect_lines(rl.steps as u64);
         let err = stage_error(&name);
         // Loaded only when the stage runs: a completed stage needs neither.
         let policy = load_base::<B>(&base, config, &world, device, &name)?;

@@ -332,6 +332,7 @@ fn hf_run<B: AutodiffBackend>(
         ..config.rl.clone()
     };
     let trace = runner.stage(name, |log| {
+        log.expect_lines(pg.steps as u64);
         let TextModel {
             model: policy,
             config: hf_config,
