@@ -169,5 +169,18 @@ fn piped_progress_is_plain_lines_and_quiet_is_silent() {
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains("rubric/weak/s0"), "{stderr}");
     assert!(stdout.contains("Rubric lab: verifier"), "{stdout}");
+    // -v: the runner's tracing events (stages), -vv every metrics line; plain when piped.
+    let (code, _, stderr) = tiny(&["--quiet", "-v"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("stage finished") && stderr.contains("stage=\"rubric/weak/s0\""),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("metrics line") && !stderr.contains('\x1b'),
+        "{stderr:?}"
+    );
+    let (_, _, stderr) = tiny(&["--quiet", "-vv"]);
+    assert_eq!(stderr.matches("metrics line").count(), 3 + 2, "{stderr}");
     let _ = std::fs::remove_dir_all(&out);
 }

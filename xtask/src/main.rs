@@ -48,8 +48,31 @@ use goodhart_core::device::DeviceSpec;
   cargo xtask completions bash > ~/.local/share/bash-completion/completions/cargo-xtask"
 )]
 struct Cli {
+    /// Log what runs do on stderr: -v stages, -vv every metrics line (RUST_LOG, when set,
+    /// decides instead, e.g. RUST_LOG=goodhart_train=debug)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `tracing`'s logs on stderr: RUST_LOG's filter when set, else warnings, with `-v` the
+/// library's info events (stages), with `-vv` its debug events (every metrics line).
+fn logs(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(match verbose {
+            0 => "warn",
+            1 => "warn,goodhart_train=info",
+            _ => "warn,goodhart_train=debug",
+        })
+    });
+    // Only this call installs a subscriber; were one there, its logs would stay.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,6 +172,7 @@ fn main() -> ExitCode {
 fn real_main() -> Result<ExitCode> {
     // Errors and `--help` print in clap's style and exit (2 for a usage error).
     let cli = Cli::parse();
+    logs(cli.verbose);
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Sweep(args) => run::sweep(args),

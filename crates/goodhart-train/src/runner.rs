@@ -541,6 +541,7 @@ impl Runner {
                         self.checked.insert(i);
                         if i < self.resumed {
                             self.skipped += 1;
+                            tracing::info!(stage = name, "stage read from its checkpoint");
                             self.say(&format!("  done  {name} (from checkpoint)"));
                         }
                         return Ok(out);
@@ -580,9 +581,19 @@ impl Runner {
             reporter: self.reporter.as_mut(),
         };
         log.reporter.stage_started(name);
+        tracing::info!(stage = name, redo = redo.is_some(), "stage started");
         let out = f(&mut log);
         log.reporter
             .stage_finished(name, t0.elapsed().as_secs_f64());
+        match &out {
+            Ok(_) => tracing::info!(
+                stage = name,
+                seconds = t0.elapsed().as_secs_f64(),
+                lines = log.lines,
+                "stage finished"
+            ),
+            Err(e) => tracing::warn!(stage = name, error = %e, "stage failed"),
+        }
         let out = out?;
         log.metrics.sync().map_err(sink_err)?;
         log.samples.sync().map_err(sink_err)?;
@@ -755,6 +766,13 @@ impl StageLog<'_> {
                 .map_err(|e| RunError::Log(Box::new(e)))?;
         }
         self.lines += 1;
+        tracing::debug!(
+            stage = self.stage,
+            step = line.step,
+            proxy = line.metrics.get("reward/proxy/mean").copied(),
+            gold = line.metrics.get("reward/gold/mean").copied(),
+            "metrics line"
+        );
         self.reporter.line(self.stage, line);
         Ok(())
     }
