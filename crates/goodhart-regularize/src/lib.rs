@@ -13,8 +13,6 @@
 //! (shaping per-token rewards), an in-loss term, or both, plus its metrics; a TOML file
 //! picks one with `kind = "<name>"` ([`RegularizerConfig`], [`REGISTRY`]).
 
-#![warn(missing_docs)]
-
 use std::collections::BTreeMap;
 
 use burn::tensor::{

@@ -25,8 +25,6 @@
 //! Each family's config picks a method by name (`kind = "uwo"`); [`REGISTRY`] lists them
 //! all for `cargo xtask list`.
 
-#![warn(missing_docs)]
-
 use goodhart_core::registry::MethodInfo;
 
 pub mod bradley_terry;

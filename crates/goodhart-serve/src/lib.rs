@@ -22,8 +22,6 @@
 //! alternatives (`logprobs` > 0 on completions, `top_logprobs` > 0), a prompt and
 //! `max_tokens` beyond the model's positions.
 
-#![warn(missing_docs)]
-
 use std::sync::{
     atomic::{AtomicU64, AtomicUsize, Ordering},
     Arc, Mutex,
