@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use goodhart_metrics::sink::Line;
+use goodhart_metrics::{
+    sink::Line,
+    step::{KEY_GOLD_MEAN, KEY_PROXY_MEAN},
+};
 use goodhart_train::runner::Reporter;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -67,7 +70,7 @@ impl Reporter for Bars {
         // Steps count from 0; a stage may log more than one line per step.
         bar.set_position(bar.position().max(line.step + 1));
         let show = |k: &str| line.metrics.get(k).map(|v| format!("{v:.3}"));
-        if let (Some(p), g) = (show("reward/proxy/mean"), show("reward/gold/mean")) {
+        if let (Some(p), g) = (show(KEY_PROXY_MEAN), show(KEY_GOLD_MEAN)) {
             bar.set_message(format!(
                 "proxy {p}  gold {}",
                 g.unwrap_or_else(|| "-".into())

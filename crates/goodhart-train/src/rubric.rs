@@ -132,11 +132,6 @@ impl<'a> RubricVerifier<'a> {
     pub fn reward(&self, i: usize, credited: &[bool]) -> f64 {
         self.rubrics[i].score(credited)
     }
-
-    /// The rubric of prompt `i`.
-    pub fn rubric(&self, i: usize) -> &Rubric {
-        &self.rubrics[i]
-    }
 }
 
 impl<B: Backend> RewardSource<B> for RubricVerifier<'_> {

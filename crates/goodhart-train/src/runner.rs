@@ -25,6 +25,7 @@ use std::{
 use goodhart_metrics::sink::{
     truncate_lines, JsonlFile, JsonlSink, Line, MetricSink as _, SinkError,
 };
+use goodhart_metrics::step::{KEY_GOLD_MEAN, KEY_PROXY_MEAN};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -285,8 +286,8 @@ impl Reporter for Lines {
         eprint!(
             "\r\x1b[K  ...   {stage}  step {}  proxy {}  gold {}",
             line.step,
-            show("reward/proxy/mean"),
-            show("reward/gold/mean")
+            show(KEY_PROXY_MEAN),
+            show(KEY_GOLD_MEAN)
         );
     }
 
@@ -769,8 +770,8 @@ impl StageLog<'_> {
         tracing::debug!(
             stage = self.stage,
             step = line.step,
-            proxy = line.metrics.get("reward/proxy/mean").copied(),
-            gold = line.metrics.get("reward/gold/mean").copied(),
+            proxy = line.metrics.get(KEY_PROXY_MEAN).copied(),
+            gold = line.metrics.get(KEY_GOLD_MEAN).copied(),
             "metrics line"
         );
         self.reporter.line(self.stage, line);

@@ -453,15 +453,9 @@ fn rl_stage<B: AutodiffBackend>(
     })
 }
 
-/// The checkpoint of the highest `key`, the first of ties.
-fn argmax(points: &[RubricCheckpoint], key: impl Fn(&RubricCheckpoint) -> f64) -> Option<usize> {
-    (0..points.len()).reduce(|best, i| {
-        if key(&points[i]) > key(&points[best]) {
-            i
-        } else {
-            best
-        }
-    })
+/// The index of the highest value, the first of ties.
+fn argmax(values: &[f64]) -> Option<usize> {
+    (0..values.len()).reduce(|best, i| if values[i] > values[best] { i } else { best })
 }
 
 /// What one run gives the summary.
@@ -515,7 +509,7 @@ fn run_figures(run: &RubricRun) -> Option<RunFigures> {
         .into_iter()
         .map(|(_, v)| v)
         .collect();
-    let peak = (0..c.len()).reduce(|b, i| if smooth[i] > smooth[b] { i } else { b })?;
+    let peak = argmax(&smooth)?;
     let stop = |i: usize| (c[i].step, smooth[peak] - smooth[i]);
     let rates: Vec<f64> = c
         .iter()
@@ -541,6 +535,7 @@ fn run_figures(run: &RubricRun) -> Option<RunFigures> {
     }
     by_mode.values_mut().for_each(|w| *w /= exploited);
     let gaps: Vec<f64> = c.iter().map(|p| p.gap).collect();
+    let proxies: Vec<f64> = c.iter().map(|p| p.proxy).collect();
     let refs: Vec<f64> = c.iter().map(|p| p.reference).collect();
     let (g, d): (Vec<f64>, Vec<f64>) = c.iter().filter_map(|p| Some((p.gap, p.kl_d?))).unzip();
     Some(RunFigures {
@@ -563,8 +558,8 @@ fn run_figures(run: &RubricRun) -> Option<RunFigures> {
         pearson_kl: pearson(&g, &d).ok(),
         with_rubric: (first.reference_with_rubric, last.reference_with_rubric),
         gap: (first.gap, last.gap),
-        gap_stop: stop(argmax(c, |p| p.gap)?),
-        train_stop: stop(argmax(c, |p| p.proxy)?),
+        gap_stop: stop(argmax(&gaps)?),
+        train_stop: stop(argmax(&proxies)?),
     })
 }
 
