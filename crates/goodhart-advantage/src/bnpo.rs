@@ -87,7 +87,7 @@ pub fn bnpo<B: Backend>(
             format!("needs finite lo < hi, got [{lo}, {hi}]"),
         ));
     }
-    if !(config.max_inverse_pdf > 0.0) {
+    if config.max_inverse_pdf.is_nan() || config.max_inverse_pdf <= 0.0 {
         return Err(GoodhartError::invalid("max_inverse_pdf", "must be > 0"));
     }
     let r = (rewards - lo) / (hi - lo);

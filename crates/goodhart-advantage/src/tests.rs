@@ -2,6 +2,8 @@
 //! peers' published values from METHODS.md, property invariants, bad input, and the
 //! TOML registry. Every tensor test runs on the backend `GOODHART_TEST_DEVICE` names.
 
+use std::f32::consts::FRAC_1_SQRT_2;
+
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use goodhart_core::{
     testing::{assert_close, tolerance, values},
@@ -112,8 +114,8 @@ goodhart_core::backend_test! {
         let run = |singleton| grpo(r.clone(), &mask, &groups, &GrpoConfig { singleton, ..Default::default() });
         // {1,3}: mu 2, sigma sqrt(2) -> -+0.707106; the lone 5: verl's mean 0, std 1 -> 5 / (1 + 1e-6)
         let tol = tolerance(1e-5);
-        assert_close(&per(&run(SingletonGroups::Reward).unwrap()), &[-0.707106, 0.707106, 4.999995], tol);
-        assert_close(&per(&run(SingletonGroups::Zero).unwrap()), &[-0.707106, 0.707106, 0.0], tol);
+        assert_close(&per(&run(SingletonGroups::Reward).unwrap()), &[-FRAC_1_SQRT_2, FRAC_1_SQRT_2, 4.999995], tol);
+        assert_close(&per(&run(SingletonGroups::Zero).unwrap()), &[-FRAC_1_SQRT_2, FRAC_1_SQRT_2, 0.0], tol);
         assert_eq!(
             run(SingletonGroups::Error).unwrap_err(),
             GoodhartError::GroupTooSmall { group: 7, size: 1, min: 2, method: "grpo".into() }
@@ -291,7 +293,7 @@ goodhart_core::backend_test! {
         // -> (-2/3, 1/3, 1/3) / 0.57735 = -1.1547, 0.57735, 0.57735
         let cfg = ReinforcePlusPlusConfig { gamma: 0.5, ..Default::default() };
         let out = reinforce_plus_plus(r.clone(), &mask, &cfg).unwrap();
-        assert_close(&values(out.advantages), &[-1.154_700, 0.577_350, 0.577_350], tolerance(1e-4));
+        assert_close(&values(out.advantages), &[-1.154_7, 0.577_350, 0.577_350], tolerance(1e-4));
         assert_close(&values(out.returns.unwrap()), &[3.0, 4.0, 4.0], tol);
         // ReMax: reward-to-go [7, 6, 4] minus the greedy reward 5 -> 2, 1, -1
         let out = remax(r, t1::<B>(&[5.0], device), &mask, &RemaxConfig {}).unwrap();
@@ -304,7 +306,7 @@ goodhart_core::backend_test! {
         let mask = t2::<B>(&[1.0, 1.0, 1.0, 0.0], 2, 2, device);
         let out = reinforce_plus_plus_baseline(t1::<B>(&[1.0, 3.0], device), &mask,
             &Groups::new(vec![0, 0]).unwrap(), &ReinforcePlusPlusBaselineConfig::default()).unwrap();
-        assert_close(&values(out.advantages), &[-0.577_350, -0.577_350, 1.154_700, 0.0], tolerance(1e-4));
+        assert_close(&values(out.advantages), &[-0.577_350, -0.577_350, 1.154_7, 0.0], tolerance(1e-4));
     }
 }
 
@@ -338,7 +340,7 @@ goodhart_core::backend_test! {
         let mask = t2::<B>(&[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0], 3, 3, device);
         let cfg = A2tgpoConfig { gamma: 0.5, ..Default::default() };
         let out = a2tgpo(signal, &turn_mask, &token_turn, &mask, &groups, &cfg).unwrap();
-        let (a0, a1) = (0.75, 0.707_106);
+        let (a0, a1) = (0.75, FRAC_1_SQRT_2);
         assert_close(&values(out.advantages), &[-a0, -a0, -a1, a0, a1, a1, 0.0, 0.0, 0.0], tolerance(1e-5));
         // a token naming a turn that does not exist is an error
         let bad = ti::<B>(&[0, 0, 5, 0, 1, 1, 0, -1, -1], 3, 3, device);
@@ -372,7 +374,7 @@ goodhart_core::backend_test! {
         let passed = t2::<B>(&[1.0, 0.0, 1.0, 1.0], 2, 2, device);
         let out = verpo(t1::<B>(&[0.0, 1.0], device), passed, &ones::<B>(2, 2, device),
             &ones::<B>(2, 1, device), &groups, &VerpoConfig::default()).unwrap();
-        assert_close(&per(&out), &[-0.707_106, 0.707_106], tolerance(1e-5));
+        assert_close(&per(&out), &[-FRAC_1_SQRT_2, FRAC_1_SQRT_2], tolerance(1e-5));
     }
 }
 

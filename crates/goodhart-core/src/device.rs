@@ -128,33 +128,40 @@ pub fn device(spec: DeviceSpec) -> Result<DispatchDevice> {
     match spec {
         DeviceSpec::Cpu => {
             #[cfg(feature = "ndarray")]
-            return Ok(cpu());
+            {
+                Ok(cpu())
+            }
             #[cfg(not(feature = "ndarray"))]
-            return Err(not_compiled());
+            {
+                Err(not_compiled())
+            }
         }
         DeviceSpec::Wgpu(index) => {
             #[cfg(feature = "wgpu")]
             {
                 use burn::backend::wgpu::WgpuDevice;
-                return Ok(DispatchDevice::Wgpu(
-                    index.map_or(WgpuDevice::DefaultDevice, WgpuDevice::DiscreteGpu),
-                ));
+                Ok(DispatchDevice::Wgpu(index.map_or(
+                    WgpuDevice::DefaultDevice,
+                    WgpuDevice::DiscreteGpu,
+                )))
             }
             #[cfg(not(feature = "wgpu"))]
             {
                 let _ = index;
-                return Err(not_compiled());
+                Err(not_compiled())
             }
         }
         DeviceSpec::Cuda(index) => {
             #[cfg(feature = "cuda")]
-            return Ok(DispatchDevice::Cuda(burn::backend::cuda::CudaDevice {
-                index,
-            }));
+            {
+                Ok(DispatchDevice::Cuda(burn::backend::cuda::CudaDevice {
+                    index,
+                }))
+            }
             #[cfg(not(feature = "cuda"))]
             {
                 let _ = index;
-                return Err(not_compiled());
+                Err(not_compiled())
             }
         }
     }

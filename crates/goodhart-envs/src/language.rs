@@ -160,7 +160,7 @@ impl Language {
         if config.max_len == 0 {
             return Err(bad("max_len", "must be at least 1"));
         }
-        if !(config.target_len > 0.0) {
+        if config.target_len.is_nan() || config.target_len <= 0.0 {
             return Err(bad("target_len", "must be positive"));
         }
         for (k, v) in [

@@ -775,7 +775,7 @@ pub(crate) mod tests {
         }
         let mut det = GoldAware::new(GoldAwareConfig::default()).unwrap();
         let at = first_firing(&mut det, &run).unwrap();
-        assert!(at % 2 == 0 && (50..=60).contains(&at), "{at}");
+        assert!(at.is_multiple_of(2) && (50..=60).contains(&at), "{at}");
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub fn er_dynamics<B: Backend>(hidden: Tensor<B, 2>, prefixes: &[usize]) -> Resu
     }
     let er: Vec<f64> = prefixes
         .iter()
-        .map(|&p| effective_rank(hidden.clone().slice([0..p])))
+        .map(|&p| effective_rank(hidden.clone().slice(0..p)))
         .collect::<Result<_>>()?;
     let diff_against_history = |x: &[f64], start: usize| -> Vec<f64> {
         (0..x.len())

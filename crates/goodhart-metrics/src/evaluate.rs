@@ -81,10 +81,11 @@ pub struct GoldPeak {
 /// The gold of `run` smoothed by the rule's centred moving average (truncated at the
 /// ends), one `(step, value)` per step with gold. Errors as [`gold_peak`].
 pub fn smoothed_gold(run: &Run, rule: &GoldPeakRule) -> Result<Vec<(u64, f64)>> {
-    if rule.window == 0
-        || !(rule.rel_drop >= 0.0 && rule.abs_drop >= 0.0)
-        || !rule.rel_drop.is_finite()
-        || !rule.abs_drop.is_finite()
+    if !(rule.window != 0
+        && rule.rel_drop >= 0.0
+        && rule.abs_drop >= 0.0
+        && rule.rel_drop.is_finite()
+        && rule.abs_drop.is_finite())
     {
         return Err(GoodhartError::invalid(
             "gold peak rule",

@@ -268,7 +268,7 @@ pub fn clip_fractions<B: Backend>(
         check_same_shape(mask, "mask", t, name)?;
         check_finite_masked(t, mask, name)?;
     }
-    if !(eps_low >= 0.0 && eps_low < 1.0 && eps_high >= 0.0 && eps_high.is_finite()) {
+    if !((0.0..1.0).contains(&eps_low) && eps_high >= 0.0 && eps_high.is_finite()) {
         return Err(GoodhartError::invalid(
             "eps_low/eps_high",
             "need 0 <= eps_low < 1 and 0 <= eps_high",

@@ -301,9 +301,7 @@ fn jsonl_rows(
             }
         }
         let step = match obj.get(&spec.step_key) {
-            Some(Value::Number(n)) => {
-                step_of(n.as_f64().unwrap_or(f64::NAN)).map_err(|r| error(r))?
-            }
+            Some(Value::Number(n)) => step_of(n.as_f64().unwrap_or(f64::NAN)).map_err(&error)?,
             Some(other) => {
                 return Err(error(format!(
                     "step `{}` is {other}, not a number",
@@ -323,7 +321,7 @@ fn jsonl_rows(
                     .map_err(|_| error(format!("`{column}` is {s:?}, not a number")))?,
                 Some(other) => return Err(error(format!("`{column}` is {other}, not a number"))),
             };
-            values.insert(key.clone(), finite(column, x).map_err(|r| error(r))?);
+            values.insert(key.clone(), finite(column, x).map_err(&error)?);
         }
         rows.push((at, step, values));
     }
@@ -375,7 +373,7 @@ fn csv_rows(
             .parse::<f64>()
             .map_err(|_| format!("step `{}` is {step_text:?}, not a number", spec.step_key))
             .and_then(step_of)
-            .map_err(|r| error(r))?;
+            .map_err(&error)?;
         let mut values = BTreeMap::new();
         for (key, column) in &spec.columns {
             let Some(j) = index(column) else { continue };
@@ -386,7 +384,7 @@ fn csv_rows(
             let x = text
                 .parse::<f64>()
                 .map_err(|_| error(format!("`{column}` is {text:?}, not a number")))?;
-            values.insert(key.clone(), finite(column, x).map_err(|r| error(r))?);
+            values.insert(key.clone(), finite(column, x).map_err(&error)?);
         }
         rows.push((at, step, values));
     }

@@ -160,7 +160,7 @@ pub fn generate<B: Backend>(
         ));
     }
     let last: Vec<f32> = host(prompt_mask.clone().narrow(1, p - 1, 1));
-    if last.iter().any(|&m| m == 0.0) {
+    if last.contains(&0.0) {
         return Err(GoodhartError::invalid(
             "prompt_mask",
             "prompts must be left-padded with a real last token",

@@ -192,7 +192,7 @@ pub fn train<B: AutodiffBackend>(
             what: "SFT data / batch".into(),
         });
     }
-    if !(config.lr > 0.0) {
+    if config.lr.is_nan() || config.lr <= 0.0 {
         return Err(GoodhartError::invalid("lr", "must be positive"));
     }
     check_max_grad_norm(f64::from(config.max_grad_norm))?;

@@ -313,7 +313,7 @@ impl TransformerConfig {
                 return Err(GoodhartError::invalid(name, "must be at least 1"));
             }
         }
-        if self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
+        if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
             return Err(GoodhartError::invalid(
                 "d_model",
                 format!(
@@ -322,7 +322,7 @@ impl TransformerConfig {
                 ),
             ));
         }
-        if self.n_heads % self.kv_heads() != 0 {
+        if !self.n_heads.is_multiple_of(self.kv_heads()) {
             return Err(GoodhartError::invalid(
                 "n_kv_heads",
                 format!(
@@ -332,7 +332,7 @@ impl TransformerConfig {
                 ),
             ));
         }
-        if self.positions == Positions::Rotary && self.d_head() % 2 != 0 {
+        if self.positions == Positions::Rotary && !self.d_head().is_multiple_of(2) {
             return Err(GoodhartError::invalid(
                 "d_model",
                 "rotary positions need an even head width",
@@ -341,7 +341,7 @@ impl TransformerConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(GoodhartError::invalid("dropout", "must lie in [0, 1)"));
         }
-        if !(self.rope_theta > 0.0) || !(self.layer_norm_eps > 0.0) {
+        if !(self.rope_theta > 0.0 && self.layer_norm_eps > 0.0) {
             return Err(GoodhartError::invalid(
                 "rope_theta / layer_norm_eps",
                 "must be positive",
@@ -898,7 +898,7 @@ impl<B: Backend> Rope<B> {
             if spec.half {
                 (j % half, (j + half) % d, if j < half { -1.0 } else { 1.0 })
             } else {
-                (j / 2, j ^ 1, if j % 2 == 0 { -1.0 } else { 1.0 })
+                (j / 2, j ^ 1, if j.is_multiple_of(2) { -1.0 } else { 1.0 })
             }
         };
         let freq: Vec<f32> = (0..spec.heads)

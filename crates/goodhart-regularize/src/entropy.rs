@@ -77,7 +77,7 @@ pub fn top_k_mask<B: Backend>(
         .mask_fill(valid.clone().bool_not(), f32::MIN)
         .reshape([b * t])
         .sort_descending(0);
-    let threshold = ranked.slice([k - 1..k]).reshape([1, 1]);
+    let threshold = ranked.slice(k - 1..k).reshape([1, 1]);
     let keep = score
         .greater_equal(threshold.expand([b, t]))
         .bool_and(valid);

@@ -205,7 +205,7 @@ pub fn trimmed_mean<B: Backend>(
     let k = ((trim * n as f64).floor() as usize).min((n - 1) / 2);
     // Invalid entries sort to the end.
     let sorted = x.mask_fill(keep.bool_not(), f32::MAX).sort(0);
-    Ok(sorted.slice([k..n - k]).mean())
+    Ok(sorted.slice(k..n - k).mean())
 }
 
 /// The chi-squared estimate `chi2(mu_pi || mu_base) = E_pi[exp(d)] - 1`, as the mean of

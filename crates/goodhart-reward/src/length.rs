@@ -293,7 +293,7 @@ pub fn fit_length_bias<B: AutodiffBackend>(
             "the fit needs at least two responses",
         ));
     }
-    if config.encoding_dim == 0 || config.encoding_dim % 2 != 0 || config.hidden == 0 {
+    if config.encoding_dim == 0 || !config.encoding_dim.is_multiple_of(2) || config.hidden == 0 {
         return Err(GoodhartError::invalid(
             "fimi",
             "encoding_dim must be even and positive, hidden positive",
@@ -302,7 +302,7 @@ pub fn fit_length_bias<B: AutodiffBackend>(
     let (r, l) = (rewards.detach(), lengths.detach());
     let scalar = |t: Tensor<B, 1>| t.into_scalar().to_f32();
     let length_scale = scalar(l.clone().abs().max());
-    if !(length_scale > 0.0) {
+    if length_scale.is_nan() || length_scale <= 0.0 {
         return Err(GoodhartError::invalid(
             "lengths",
             "need at least one positive length",

@@ -199,7 +199,7 @@ mod tests {
         Aggregator(Aggregator),
         Shaping(ShapingConfig),
         Length(LengthConfig),
-        Text(TextRewardConfig),
+        Text(Box<TextRewardConfig>),
     }
 
     #[test]

@@ -150,7 +150,7 @@ impl<B: Backend> RewardModel<B> {
     /// Stores `mean` and `std` for [`RewardModel::scores`]. Errors on a non-finite mean
     /// or a std that is not positive and finite.
     pub fn with_normalization(mut self, mean: f32, std: f32) -> Result<Self> {
-        if !mean.is_finite() || !(std.is_finite() && std > 0.0) {
+        if !(mean.is_finite() && std.is_finite() && std > 0.0) {
             return Err(GoodhartError::invalid(
                 "reward normalisation",
                 format!("need a finite mean and a positive std, got ({mean}, {std})"),

@@ -503,10 +503,10 @@ impl Sandbox {
 /// `clone` without `CLONE_THREAD` fail with `EAGAIN` and `clone3` with `ENOSYS` (so the
 /// C library makes threads with `clone`). Another architecture's system calls are killed.
 fn seccomp_filter(no_processes: bool) -> Vec<libc::sock_filter> {
-    const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-    const JEQ_K: u16 = 0x05 | 0x10;
-    const JSET_K: u16 = 0x05 | 0x40;
-    const RET_K: u16 = 0x06;
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     #[cfg(target_arch = "x86_64")]
     const ARCH: u32 = 0xC000_003E;
     #[cfg(target_arch = "aarch64")]

@@ -172,8 +172,7 @@ impl DataConfig {
 
     /// The file's records with where each is (`line N` or `row N`); a line that is not a
     /// JSON object is its error.
-    #[allow(clippy::type_complexity)]
-    fn records(&self) -> Result<Vec<(String, Result<Map<String, Value>, String>)>, DataError> {
+    fn records(&self) -> Result<Vec<(String, Parsed)>, DataError> {
         let file_error = |reason: String| DataError::File {
             path: self.path.clone(),
             reason,
@@ -364,8 +363,14 @@ fn implicit_prompt(chosen: Text, rejected: Text) -> Result<(Text, Text, Text), S
     ))
 }
 
+/// One row of a data file (a JSONL line or a Parquet row) as a JSON object.
+type Record = Map<String, Value>;
+
+/// A record, or why its line is not one.
+type Parsed = Result<Record, String>;
+
 /// The rows of a Parquet file as JSON objects, with their row numbers.
-fn read_parquet(path: &Path) -> Result<Vec<(String, Map<String, Value>)>, String> {
+fn read_parquet(path: &Path) -> Result<Vec<(String, Record)>, String> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let reader = SerializedFileReader::new(file).map_err(|e| format!("not a Parquet file: {e}"))?;
@@ -376,7 +381,7 @@ fn read_parquet(path: &Path) -> Result<Vec<(String, Map<String, Value>)>, String
         let record = row
             .get_column_iter()
             .map(|(name, field)| Ok((name.clone(), json(field)?)))
-            .collect::<Result<Map<String, Value>, String>>()
+            .collect::<Result<Record, String>>()
             .map_err(|e| format!("row {i}: {e}"))?;
         out.push((format!("row {i}"), record));
     }

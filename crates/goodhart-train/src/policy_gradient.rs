@@ -1571,6 +1571,9 @@ pub fn train<B: AutodiffBackend>(
     )
 }
 
+/// The callback of [`train_with_checkpoints`]: `checkpoint(s, policy)`.
+type CheckpointFn<'a, B> = dyn FnMut(usize, &TransformerLm<B>) -> Result<()> + 'a;
+
 /// [`train`], also calling `checkpoint(s, policy)` with the policy after `s` steps for
 /// every `s` that is a multiple of `every` (`s = 0` the initial policy, `s = steps` the
 /// final one when the run goes to its end; never when `every` is 0). The callback draws
@@ -1586,7 +1589,7 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
     device: &B::Device,
     log: &mut dyn FnMut(&StepLine) -> Result<()>,
     every: usize,
-    checkpoint: &mut dyn FnMut(usize, &TransformerLm<B::InnerBackend>) -> Result<()>,
+    checkpoint: &mut CheckpointFn<'_, B::InnerBackend>,
 ) -> Result<TransformerLm<B>> {
     let due = |s: usize| every > 0 && s.is_multiple_of(every);
     cfg.validate(task.proxy_members())?;

@@ -55,7 +55,7 @@ pub struct RubricVerifier<'a> {
 /// Where a verifier's uniforms come from.
 enum Draw {
     Systematic(u64),
-    Random(Mutex<seed::ChaCha8Rng>),
+    Random(Box<Mutex<seed::ChaCha8Rng>>),
 }
 
 impl<'a> RubricVerifier<'a> {
@@ -73,7 +73,9 @@ impl<'a> RubricVerifier<'a> {
         rates.validate("rates")?;
         let draw = match errors {
             VerifierErrors::Systematic => Draw::Systematic(seed),
-            VerifierErrors::Random => Draw::Random(Mutex::new(seed::rng(seed, "rubric/verifier"))),
+            VerifierErrors::Random => {
+                Draw::Random(Box::new(Mutex::new(seed::rng(seed, "rubric/verifier"))))
+            }
         };
         Self::build(world, name, Some(rates), draw)
     }

@@ -436,7 +436,7 @@ fn rl_stage<B: AutodiffBackend>(
             seed::derive(seed, &name),
             device,
             &mut |line: &policy_gradient::StepLine| {
-                record(line, &mut points, &mut *logger.borrow_mut())
+                record(line, &mut points, &mut logger.borrow_mut())
             },
             cfg.eval_every,
             &mut evaluate,

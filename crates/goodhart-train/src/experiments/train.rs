@@ -137,8 +137,10 @@ pub(super) fn check_rows(
     rows: &[PromptRow],
     rewards: &RewardsConfig,
 ) -> std::result::Result<(), ConfigError> {
+    /// Whether a row has the column a reward needs.
+    type Has = fn(&PromptRow) -> bool;
     for (key, reward) in [("proxy", &rewards.proxy), ("gold", &rewards.gold)] {
-        let needs: [(&str, bool, fn(&PromptRow) -> bool); 2] = [
+        let needs: [(&str, bool, Has); 2] = [
             ("answer", reward.needs_answers(), |r| r.answer.is_some()),
             ("rubric", reward.needs_rubrics(), |r| r.rubric.is_some()),
         ];
@@ -395,7 +397,7 @@ pub(super) fn text_task<B: burn::tensor::backend::Backend>(
     let cache = run_dir.join("judge_cache");
     proxy.set_cache_dir(&cache, goodhart_metrics::step::PROXY);
     gold.set_cache_dir(&cache, goodhart_metrics::step::GOLD);
-    Ok(TextTask::new(
+    TextTask::new(
         tokenizer,
         rows,
         spec,
@@ -408,7 +410,7 @@ pub(super) fn text_task<B: burn::tensor::backend::Backend>(
         gold.build(goodhart_metrics::step::GOLD, device)
             .map_err(stage_error(stage))?,
     )
-    .map_err(stage_error(stage))?)
+    .map_err(stage_error(stage))
 }
 
 /// Figures (means and standard deviations over seeds) and the table of proxy and gold
