@@ -11,7 +11,9 @@ use std::{
 
 use goodhart_core::device::Autodiff;
 use goodhart_train::{config::ExperimentConfig, experiments, presets, runner::Runner};
-use serde_json::Value;
+use serde_json::{json, Value};
+
+mod browser;
 
 type B = Autodiff<goodhart_core::device::Dispatch>;
 
@@ -79,7 +81,9 @@ fn jsonl(dir: &Path, file: &str) -> Vec<serde_json::Map<String, Value>> {
     goodhart_metrics::sink::read_objects(dir.join(file)).unwrap()
 }
 
-fn assert_run_files(dir: &Path) {
+/// The run's files, its config reading back, and its report checked in headless
+/// Chromium ([`browser::check_report`]; the screenshot is named `name`).
+fn assert_run_files(dir: &Path, name: &str) -> Option<browser::Browser> {
     for f in [
         "config.toml",
         "metrics.jsonl",
@@ -89,18 +93,18 @@ fn assert_run_files(dir: &Path) {
     ] {
         assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
     }
-    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
-    assert!(html.contains("<svg"), "report has no chart");
+    let browser = browser::check_report(dir, name);
     // The resolved config reads back as the same experiment.
     let text = std::fs::read_to_string(dir.join("config.toml")).unwrap();
     ExperimentConfig::parse(&text, &[]).unwrap();
+    browser
 }
 
 #[test]
 fn tiny_tomato_preset() {
     let root = scratch("tomato");
     let (dir, s) = run(tiny("tomato", &[]), &root);
-    assert_run_files(&dir);
+    let _ = assert_run_files(&dir, "tomato");
     // base, proxy, one action-KL and one chi2 coefficient.
     let rows = table(&s, "Tomato");
     let methods: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
@@ -127,7 +131,7 @@ fn tiny_tomato_preset() {
 fn tiny_overopt_preset() {
     let root = scratch("overopt");
     let (dir, s) = run(tiny("overopt", &[]), &root);
-    assert_run_files(&dir);
+    let _ = assert_run_files(&dir, "overopt");
     let rows = table(&s, "Overoptimisation");
     assert_eq!(rows.len(), 2, "one row per proxy size");
     assert_eq!(
@@ -185,7 +189,7 @@ fn tiny_overopt_preset() {
 fn tiny_mitigations_preset() {
     let root = scratch("mitigations");
     let (dir, s) = run(tiny("mitigations", &[]), &root);
-    assert_run_files(&dir);
+    let _ = assert_run_files(&dir, "mitigations");
     let rows = table(&s, "Mitigations");
     let methods: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
     assert_eq!(
@@ -204,6 +208,112 @@ fn tiny_mitigations_preset() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+/// The default preset's report, driven in Chromium: the smoothing slider re-smooths every
+/// step chart with `report::ema`'s average, a click on a legend entry hides its line (a
+/// second shows it), and a zoom on one step chart zooms them all (a double-click resets).
+#[test]
+fn tiny_lab_preset_report_is_driven_in_a_browser() {
+    let root = scratch("lab");
+    let (dir, _) = run(tiny("lab", &[]), &root);
+    let Some(b) = assert_run_files(&dir, "lab") else {
+        return;
+    };
+    let charts = b.eval(
+        "const input = document.getElementById('smoothing');
+         input.value = String(arguments[0]);
+         input.dispatchEvent(new Event('input', {bubbles: true}));
+         return window.goodhartReport.charts.filter(c => c.spec.step).map(c => ({
+             id: c.id, x: c.plot.data[0], ys: c.plot.data.slice(1),
+             lines: c.spec.lines.map(l => ({x: l.x, y: l.y}))}));",
+        json!([0.9]),
+    );
+    let charts = charts.as_array().unwrap();
+    // The three experiments' reward charts and the small multiples.
+    assert!(charts.len() > 3, "{} step charts", charts.len());
+    let mut checked = 0;
+    for c in charts {
+        let xs: Vec<f64> = serde_json::from_value(c["x"].clone()).unwrap();
+        for (k, line) in c["lines"].as_array().unwrap().iter().enumerate() {
+            let x: Vec<f64> = serde_json::from_value(line["x"].clone()).unwrap();
+            let y: Vec<f64> = serde_json::from_value(line["y"].clone()).unwrap();
+            let want = goodhart_train::report::ema(&y, 0.9);
+            for (xi, w) in x.iter().zip(&want) {
+                let at = xs.iter().position(|v| v == xi).unwrap();
+                let got = c["ys"][k][at].as_f64().unwrap();
+                assert!(
+                    (got - w).abs() <= 1e-9 * w.abs().max(1.0),
+                    "{}: line {k} at x = {xi}: drawn {got}, EMA {w}",
+                    c["id"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "{checked} smoothed points checked");
+    assert_eq!(
+        b.eval(
+            "return document.getElementById('smoothing-value').textContent;",
+            json!([])
+        ),
+        "0.90"
+    );
+
+    // A click on the first line's legend entry hides it; a second click shows it again.
+    let state = "const c = window.goodhartReport.charts.find(c => c.id === 'rewards-0');
+                 const row = document.querySelector('[data-chart=\"rewards-0\"] .u-legend .u-series:nth-child(2)');
+                 return [c.plot.series[1].show, row.classList.contains('u-off')];";
+    assert_eq!(b.eval(state, json!([])), json!([true, false]));
+    let entry = "[data-chart=\"rewards-0\"] .u-legend .u-series:nth-child(2)";
+    b.click(entry);
+    assert_eq!(b.eval(state, json!([])), json!([false, true]));
+    b.click(entry);
+    assert_eq!(b.eval(state, json!([])), json!([true, false]));
+
+    // Selecting steps on one chart zooms every step chart to them. uPlot applies scales
+    // in a microtask, so each state is read by the next call.
+    let scales = "return window.goodhartReport.charts.filter(c => c.spec.step)
+                  .map(c => [c.plot.scales.x.min, c.plot.scales.x.max]);";
+    let want = b.eval(
+        "const u = window.goodhartReport.charts.filter(c => c.spec.step)[0].plot;
+         const want = [u.posToVal(40, 'x'), u.posToVal(140, 'x')];
+         u.setSelect({left: 40, top: 0, width: 100, height: 10}, true);
+         return want;",
+        json!([]),
+    );
+    let want: [f64; 2] = serde_json::from_value(want).unwrap();
+    assert!(want[1] > want[0]);
+    let got: Vec<[f64; 2]> = serde_json::from_value(b.eval(scales, json!([]))).unwrap();
+    for g in &got {
+        assert!(
+            (g[0] - want[0]).abs() < 1e-9 && (g[1] - want[1]).abs() < 1e-9,
+            "{g:?} vs {want:?}"
+        );
+    }
+    // A double-click on any step chart resets them all to their data.
+    b.eval(
+        "window.goodhartReport.charts.filter(c => c.spec.step)[1].plot.over
+             .dispatchEvent(new MouseEvent('dblclick', {bubbles: true}));",
+        json!([]),
+    );
+    let reset: Vec<[f64; 2]> = serde_json::from_value(b.eval(scales, json!([]))).unwrap();
+    let full: Vec<[f64; 2]> = serde_json::from_value(b.eval(
+        "return window.goodhartReport.charts.filter(c => c.spec.step)
+             .map(c => [c.plot.data[0][0], c.plot.data[0][c.plot.data[0].length - 1]]);",
+        json!([]),
+    ))
+    .unwrap();
+    for (r, f) in reset.iter().zip(&full) {
+        assert!(
+            r[0] <= f[0] && r[1] >= f[1],
+            "reset {r:?} does not cover the data {f:?}"
+        );
+    }
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    drop(b);
+    let _ = std::fs::remove_dir_all(root);
+}
+
 #[test]
 fn tiny_rubric_preset() {
     let config = tiny(
@@ -219,7 +329,7 @@ fn tiny_rubric_preset() {
     );
     let root = scratch("rubric-a");
     let (dir, summary) = run(config.clone(), &root);
-    assert_run_files(&dir);
+    let _ = assert_run_files(&dir, "rubric");
     for title in [
         "Rubric lab: verifier",
         "Rubric lab: exploitation",
@@ -617,7 +727,7 @@ fn grpo_on_a_hf_model_and_jsonl_prompts_writes_a_model_directory() {
     let config = grpo_hf(&["rl.steps=3"]);
     let (a, summary) = run(config.clone(), &scratch("grpo-hf-a"));
     let (b, _) = run(config.clone(), &scratch("grpo-hf-b"));
-    assert_run_files(&a);
+    let _ = assert_run_files(&a, "grpo-hf");
     // Same seed, same numbers, same weights.
     for f in ["metrics.jsonl", "samples.jsonl"] {
         assert_eq!(
@@ -830,7 +940,7 @@ fn tiny_daa_preset() {
         .to_string();
     assert!(err.contains("daa.train.loss"), "{err}");
     let (dir, summary) = run(config.clone(), &scratch("daa-a"));
-    assert_run_files(&dir);
+    let _ = assert_run_files(&dir, "daa");
     // DPO at each beta, SLiC once (it has no beta).
     let rows = table(&summary, "DAA");
     let names: Vec<(&str, Option<f64>)> = rows
@@ -918,7 +1028,7 @@ fn daa_on_a_hf_model_and_jsonl_pairs_writes_model_directories() {
     let config = daa_hf(&[]).unwrap();
     let (a, summary) = run(config.clone(), &scratch("daa-hf-a"));
     let (b, _) = run(config.clone(), &scratch("daa-hf-b"));
-    assert_run_files(&a);
+    let _ = assert_run_files(&a, "daa-hf");
     // Same seed, same numbers, same weights.
     assert_eq!(
         std::fs::read(a.join("metrics.jsonl")).unwrap(),
@@ -1155,7 +1265,7 @@ fn tiny_detector_corpus_preset() {
     );
     let root = scratch("corpus");
     let (dir, summary) = run(config, &root);
-    assert_run_files(&dir);
+    let _ = assert_run_files(&dir, "detector-corpus");
     // Two settings x two splits, one trace each.
     let traces = table(&summary, "Detector corpus: traces");
     let rows: Vec<(&str, &str, u64)> = traces
