@@ -57,7 +57,18 @@ fn tiny(preset: &str, extra: &[&str]) -> ExperimentConfig {
 }
 
 fn run(config: ExperimentConfig, root: &Path) -> (PathBuf, Value) {
-    let mut runner = Runner::create(root, config).unwrap().quiet(true);
+    run_with_tensorboard(config, root, None)
+}
+
+fn run_with_tensorboard(
+    config: ExperimentConfig,
+    root: &Path,
+    tensorboard: Option<PathBuf>,
+) -> (PathBuf, Value) {
+    let mut runner = Runner::create(root, config)
+        .unwrap()
+        .quiet(true)
+        .tensorboard(tensorboard);
     let summary = experiments::run::<B>(&mut runner, &goodhart_core::device::cpu()).unwrap();
     (runner.dir().path().to_path_buf(), summary)
 }
@@ -98,6 +109,63 @@ fn assert_run_files(dir: &Path, name: &str) -> Option<browser::Browser> {
     let text = std::fs::read_to_string(dir.join("config.toml")).unwrap();
     ExperimentConfig::parse(&text, &[]).unwrap();
     browser
+}
+
+/// TensorBoard's own reader (`tests/scripts/read_tensorboard.py`) returns every finite
+/// metric of `metrics.jsonl`, as `f32`, at its step, in the run `<experiment>/<series>`,
+/// and nothing else. `GOODHART_TENSORBOARD=off` skips the check where the Python package
+/// `tensorboard` is not installed (`.ci/run` installs it).
+fn assert_tensorboard_reads_back(dir: &Path, tb: &Path) {
+    if std::env::var("GOODHART_TENSORBOARD").is_ok_and(|v| v == "off") {
+        eprintln!("GOODHART_TENSORBOARD=off: the TensorBoard read-back is skipped");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/read_tensorboard.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(tb)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "TensorBoard's reader failed (pip install tensorboard, as .ci/run does, or set \
+         GOODHART_TENSORBOARD=off): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut want: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, Vec<(u64, f32)>>,
+    > = Default::default();
+    for line in metric_lines(dir) {
+        let run = format!(
+            "{}/{}",
+            line["experiment"].as_str().unwrap(),
+            line["series"].as_str().unwrap()
+        );
+        for (k, v) in &line {
+            if let Some(x) = v.as_f64().filter(|x| x.is_finite() && k != "step") {
+                want.entry(run.clone())
+                    .or_default()
+                    .entry(k.clone())
+                    .or_default()
+                    .push((line["step"].as_u64().unwrap(), x as f32));
+            }
+        }
+    }
+    let runs: Vec<&String> = read.as_object().unwrap().keys().collect();
+    assert_eq!(runs, want.keys().collect::<Vec<_>>());
+    let mut scalars = 0;
+    for (run, tags) in &want {
+        let got = read[run].as_object().unwrap();
+        assert_eq!(got.len(), tags.len(), "{run}: tags");
+        for (tag, points) in tags {
+            let got: Vec<(u64, f32)> = serde_json::from_value(got[tag].clone()).unwrap();
+            assert_eq!(&got, points, "{run} {tag}");
+            scalars += points.len();
+        }
+    }
+    assert!(scalars > 50, "{scalars} scalars compared");
 }
 
 #[test]
@@ -188,8 +256,10 @@ fn tiny_overopt_preset() {
 #[test]
 fn tiny_mitigations_preset() {
     let root = scratch("mitigations");
-    let (dir, s) = run(tiny("mitigations", &[]), &root);
+    let tb = root.join("tensorboard");
+    let (dir, s) = run_with_tensorboard(tiny("mitigations", &[]), &root, Some(tb.clone()));
     let _ = assert_run_files(&dir, "mitigations");
+    assert_tensorboard_reads_back(&dir, &tb);
     let rows = table(&s, "Mitigations");
     let methods: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
     assert_eq!(

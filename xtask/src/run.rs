@@ -47,6 +47,10 @@ pub struct ConfigArgs {
     /// No progress output (the tables and the run directory's paths still print)
     #[arg(long, short)]
     quiet: bool,
+    /// Also write TensorBoard event files under DIR, rewritten from metrics.jsonl after
+    /// every stage: one TensorBoard run per experiment and series (`tensorboard --logdir DIR`)
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -66,7 +70,8 @@ enum NanArg {
   cargo xtask run                              the default preset (lab), on the CPU
   cargo xtask run rubric --seed 3              a preset with another base seed
   cargo xtask run my.toml --set rl.lr=1e-3 --set rl.steps=200 --device wgpu
-  cargo xtask run --resume runs/lab/s0         continue a run where it stopped")]
+  cargo xtask run --resume runs/lab/s0         continue a run where it stopped
+  cargo xtask run rubric --tensorboard tb      also TensorBoard files: tensorboard --logdir tb")]
 pub struct RunArgs {
     #[command(flatten)]
     config: ConfigArgs,
@@ -216,6 +221,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             .map_err(|e| anyhow!("{e}"))?
             .repair(!args.no_repair)
             .on_nan(c.on_nan())
+            .tensorboard(c.tensorboard.clone())
             .with_reporter(c.reporter())
     } else {
         let (text, origin, base) = config_text(c.target.as_deref())?;
@@ -224,6 +230,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Runner::create_limited(&c.out, config, c.max_memory())
             .map_err(|e| anyhow!("{e}"))?
             .on_nan(c.on_nan())
+            .tensorboard(c.tensorboard.clone())
             .with_reporter(c.reporter())
     };
     execute(runner, device)?;
@@ -261,9 +268,11 @@ pub fn sweep(args: SweepArgs) -> Result<ExitCode> {
                 }
             })
             .collect();
+        let tensorboard = c.tensorboard.as_ref().map(|d| d.join(&point.name));
         let runner = Runner::create_limited(&root, point, c.max_memory())
             .map_err(|e| anyhow!("{e}"))?
             .on_nan(c.on_nan())
+            .tensorboard(tensorboard)
             .with_reporter(c.reporter());
         execute(runner, device)?;
     }

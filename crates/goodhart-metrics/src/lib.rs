@@ -15,7 +15,8 @@
 //! - [`effective_rank`]: effective rank of hidden states, ERV and ERA.
 //! - [`pass_at_k`], [`win_rate`], [`ope`]: unbiased pass@k, bootstrap win rate,
 //!   off-policy estimators (IPS, SNIPS, doubly robust).
-//! - [`sink`]: JSONL, CSV and in-memory metric sinks.
+//! - [`sink`]: JSONL, CSV and in-memory metric sinks; [`tensorboard`]: TensorBoard event
+//!   files mirroring `metrics.jsonl`.
 
 use goodhart_core::registry::MethodInfo;
 
@@ -30,6 +31,7 @@ pub mod pass_at_k;
 pub mod sink;
 pub mod stats;
 pub mod step;
+pub mod tensorboard;
 pub mod training_log;
 pub mod win_rate;
 

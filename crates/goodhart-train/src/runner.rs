@@ -236,6 +236,8 @@ pub struct Runner {
     /// Records whose checksums hold in this process: written by it, or checked once.
     checked: std::collections::BTreeSet<usize>,
     reporter: Box<dyn Reporter>,
+    /// Where TensorBoard event files mirroring `metrics.jsonl` go, if anywhere.
+    tensorboard: Option<PathBuf>,
     started: Instant,
     /// Held for the runner's life: a second process writing the run is refused.
     _lock: fs::File,
@@ -449,6 +451,7 @@ impl Runner {
             on_nan: OnNan::Error,
             checked: Default::default(),
             reporter: Box::new(Lines::default()),
+            tensorboard: None,
             started: Instant::now(),
             _lock: lock,
         }
@@ -467,6 +470,34 @@ impl Runner {
     pub fn with_reporter(mut self, reporter: Box<dyn Reporter>) -> Self {
         self.reporter = reporter;
         self
+    }
+
+    /// Also writes TensorBoard event files mirroring `metrics.jsonl` under `dir`
+    /// ([`goodhart_metrics::tensorboard::export`]), rewritten after every stage and at
+    /// the end.
+    pub fn tensorboard(mut self, dir: Option<PathBuf>) -> Self {
+        self.tensorboard = dir;
+        self
+    }
+
+    /// Rewrites the TensorBoard event files from `metrics.jsonl` (when asked for).
+    fn export_tensorboard(&self) -> Result<()> {
+        let Some(dir) = &self.tensorboard else {
+            return Ok(());
+        };
+        let fail = |reason: String| RunError::Checkpoint {
+            stage: "tensorboard".into(),
+            reason,
+        };
+        let path = self.dir.metrics();
+        let lines = match fs::read_to_string(&path) {
+            Ok(text) => goodhart_metrics::sink::parse_lines(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => return Err(fail(format!("{}: {e}", path.display()))),
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        goodhart_metrics::tensorboard::export(&lines, dir).map_err(|e| fail(e.to_string()))?;
+        Ok(())
     }
 
     /// The run directory.
@@ -638,6 +669,7 @@ impl Runner {
             self.checked.insert(self.progress.stages.len() - 1);
         }
         self.save_progress()?;
+        self.export_tensorboard()?;
         self.say(&format!(
             "  {:>5.1}s {name}  [{:.0}s total]",
             seconds,
@@ -727,6 +759,7 @@ impl Runner {
     pub fn finish(&self, summary: &Value) -> Result<PathBuf> {
         let bytes = serde_json::to_vec_pretty(summary).expect("summary serialises");
         self.dir.write("summary.json", &bytes)?;
+        self.export_tensorboard()?;
         crate::report::write_report(&self.dir).map_err(|e| RunError::Checkpoint {
             stage: "report".into(),
             reason: e.to_string(),
