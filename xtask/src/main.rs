@@ -145,6 +145,13 @@ pub(crate) fn take_panic() -> Option<String> {
 fn main() -> ExitCode {
     // SAFETY: sets one of mimalloc's options; no allocation is in flight.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`| head`) would panic; the
+    // default action ends the process quietly, as for any Unix tool.
+    // SAFETY: restores a signal's default disposition before any thread starts.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if std::env::var_os("RUST_BACKTRACE").is_none() {
         std::panic::set_hook(Box::new(|info| {
             if let Ok(mut first) = FIRST_PANIC.lock() {

@@ -1,6 +1,6 @@
 //! `cargo xtask test`: every test on ndarray, then the backend-matrix tests on wgpu, then
-//! every crate's examples (built with the tests' feature set, each run and checked for a
-//! zero exit).
+//! the doc tests, then every crate's examples (built with the tests' feature set, each run
+//! and checked for a zero exit).
 
 use std::{path::Path, process::ExitCode};
 
@@ -41,11 +41,14 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         }
     }
     if args.is_empty() {
+        let ok = run_doctests()?;
+        report.push(format!("doc tests (on cpu): {}", verdict(ok)));
+        all_ok &= ok;
         let (ok, n) = run_examples()?;
         report.push(format!("examples ({n}, on cpu): {}", verdict(ok)));
         all_ok &= ok;
     } else {
-        report.push("examples: skipped (test arguments given)".into());
+        report.push("doc tests and examples: skipped (test arguments given)".into());
     }
     report.push(format!(
         "cuda: {}",
@@ -80,8 +83,8 @@ fn cargo_test(args: &[String], device: &str, filter: Option<&str>) -> Result<boo
         None => (args, &[][..]),
     };
     let mut cmd = crate::cargo_command();
-    // Library, binary and integration tests; doc tests are skipped (each would link
-    // burn again for a few lines of example).
+    // Library, binary and integration tests; the doc tests run once, on the CPU
+    // ([`run_doctests`]).
     cmd.args([
         "test",
         "--workspace",
@@ -100,6 +103,15 @@ fn cargo_test(args: &[String], device: &str, filter: Option<&str>) -> Result<boo
     println!("== {TEST_DEVICE_ENV}={device} {cmd:?}");
     let status = cmd.status().context("running cargo test")?;
     Ok(status.success())
+}
+
+/// Runs the public items' examples in the docs (`cargo test --doc`); whether all passed.
+fn run_doctests() -> Result<bool> {
+    let mut cmd = crate::cargo_command();
+    cmd.args(["test", "--workspace", "--doc", "--no-fail-fast"])
+        .env(TEST_DEVICE_ENV, "cpu");
+    println!("\n== doc tests: {cmd:?}");
+    Ok(cmd.status().context("running the doc tests")?.success())
 }
 
 /// Builds every crate's examples (`crates/*/examples/*.rs`) with the tests' feature set

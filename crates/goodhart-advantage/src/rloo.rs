@@ -27,6 +27,21 @@ pub struct RlooConfig {
 /// RLOO: each response is compared with the mean of the *other* responses to its prompt,
 /// `A_i = r_i - (sum_j r_j - r_i) / (n - 1) = (r_i - mu) n / (n - 1)`, broadcast over the
 /// response's tokens. An unbiased baseline (it does not depend on the response itself).
+///
+/// ```
+/// use burn::tensor::{Tensor, TensorData};
+/// use goodhart_advantage::{rloo::{rloo, RlooConfig}, Groups};
+/// use goodhart_core::device::{cpu, Dispatch};
+/// // One prompt, four responses: each reward minus the mean of the other three.
+/// let device = cpu();
+/// let r = Tensor::<Dispatch, 1>::from_data(TensorData::new(vec![1.0f32, 0.0, 0.0, 1.0], [4]), &device);
+/// let mask = Tensor::<Dispatch, 2>::ones([4, 1], &device);
+/// let out = rloo(r, &mask, &Groups::contiguous(1, 4)?, &RlooConfig::default())?;
+/// let a: Vec<f32> = out.per_response.unwrap().into_data().convert::<f32>().into_vec().unwrap();
+/// assert!((a[0] - (1.0 - 1.0 / 3.0)).abs() < 1e-6);
+/// assert!((a[1] - (0.0 - 2.0 / 3.0)).abs() < 1e-6);
+/// # Ok::<(), goodhart_core::GoodhartError>(())
+/// ```
 pub fn rloo<B: Backend>(
     rewards: Tensor<B, 1>,
     mask: &Tensor<B, 2>,

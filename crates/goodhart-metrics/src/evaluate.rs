@@ -123,6 +123,19 @@ pub fn smoothed_gold(run: &Run, rule: &GoldPeakRule) -> Result<Vec<(u64, f64)>> 
 /// Finds the gold peak of `run` (the first maximum of [`smoothed_gold`]) and labels it.
 /// Errors when the run has no gold values, a non-finite gold value, non-increasing
 /// steps or a bad rule.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use goodhart_metrics::evaluate::{gold_peak, GoldPeakRule, Run};
+/// // Gold 0 1 2 3 4 3 2 1 0: centred means of 5 are 1, 1.5, 2, 2.6, 2.8, 2.6, 2, 1.5, 1,
+/// // so gold peaks at step 4 and the run hacks (it ends 1.8 below its peak).
+/// let rows = [0.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+///     .map(|g| BTreeMap::from([("reward/gold/mean".to_string(), g)]));
+/// let peak = gold_peak(&Run::from_rows("run", rows.to_vec()), &GoldPeakRule::default())?;
+/// assert_eq!(peak.step, 4);
+/// assert!((peak.value - 2.8).abs() < 1e-12 && peak.hacked);
+/// # Ok::<(), goodhart_core::GoodhartError>(())
+/// ```
 pub fn gold_peak(run: &Run, rule: &GoldPeakRule) -> Result<GoldPeak> {
     let smoothed = smoothed_gold(run, rule)?;
     let (mut at, mut peak) = smoothed[0];

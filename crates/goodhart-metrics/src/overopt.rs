@@ -136,6 +136,18 @@ pub fn fit_bon(d: &[f64], gold: &[f64]) -> Result<OveroptFit> {
 }
 
 /// [`fit`] of the RL law `R(d) = d (alpha - beta log d)` without intercept.
+///
+/// ```
+/// use goodhart_metrics::overopt::fit_rl;
+/// // Gold on the RL law with alpha = 1, beta = 0.5 exactly: the fit recovers them, and
+/// // gold peaks at d* = exp(alpha / beta - 1) = e.
+/// let d: Vec<f64> = (1..=20).map(|i| 0.25 * i as f64).collect();
+/// let gold: Vec<f64> = d.iter().map(|d| d * (1.0 - 0.5 * d.ln())).collect();
+/// let fit = fit_rl(&d, &gold)?;
+/// assert!((fit.alpha - 1.0).abs() < 1e-9 && (fit.beta - 0.5).abs() < 1e-9);
+/// assert!((fit.peak().unwrap().d - std::f64::consts::E).abs() < 1e-9);
+/// # Ok::<(), goodhart_core::GoodhartError>(())
+/// ```
 pub fn fit_rl(d: &[f64], gold: &[f64]) -> Result<OveroptFit> {
     fit(OveroptLaw::Rl, d, gold, false)
 }

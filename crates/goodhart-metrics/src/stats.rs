@@ -159,6 +159,16 @@ pub fn summary(x: &[f64]) -> Result<Summary> {
 ///
 /// Errors on empty, non-finite or mismatched input, and with `InvalidArgument` when
 /// either series is constant (the correlation is undefined there; scipy returns NaN).
+///
+/// ```
+/// use goodhart_metrics::stats::pearson;
+/// // Deviations -1, 0, 1 and -13/6, -1/6, 14/6: r = 4.5 / sqrt(2 * 61 / 6).
+/// let r = pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5])?;
+/// assert!((r - 4.5 / (61.0f64 / 3.0).sqrt()).abs() < 1e-12);
+/// // A constant series has no correlation: an error, not NaN.
+/// assert!(pearson(&[1.0, 1.0], &[0.0, 1.0]).is_err());
+/// # Ok::<(), goodhart_core::GoodhartError>(())
+/// ```
 pub fn pearson(x: &[f64], y: &[f64]) -> Result<f64> {
     check_pair(x, "x", y, "y")?;
     let n = x.len() as f64;

@@ -33,6 +33,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
 /// TensorBoard shows it); characters other than ASCII letters, digits, `.`, `_`, `-`,
 /// `=` and `+` become `_`, and components that would leave the directory (`.`, `..`,
 /// empty) become `_`.
+///
+/// ```
+/// use goodhart_metrics::tensorboard::run_path;
+/// assert_eq!(run_path("weak/s0"), std::path::Path::new("weak/s0"));
+/// assert_eq!(run_path("../kl 0.1"), std::path::Path::new("_/kl_0.1"));
+/// ```
 pub fn run_path(label: &str) -> PathBuf {
     label
         .split('/')
@@ -83,17 +89,19 @@ pub fn export(lines: &[Line], dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
         let path = run_dir.join(EVENT_FILE);
         let tmp = run_dir.join(format!(".{EVENT_FILE}.tmp"));
         let mut out = BufWriter::new(fs::File::create(&tmp).map_err(io(&tmp))?);
-        let mut writer = SummaryWriter::new(&mut out).map_err(io(&tmp))?;
-        for line in lines {
-            for (tag, &value) in &line.metrics {
-                if value.is_finite() {
-                    writer
-                        .write_scalar(tag.as_str(), line.step as i64, value as f32)
-                        .map_err(io(&tmp))?;
+        {
+            // The writer writes each record straight through to `out`.
+            let mut writer = SummaryWriter::new(&mut out).map_err(io(&tmp))?;
+            for line in lines {
+                for (tag, &value) in &line.metrics {
+                    if value.is_finite() {
+                        writer
+                            .write_scalar(tag.as_str(), line.step as i64, value as f32)
+                            .map_err(io(&tmp))?;
+                    }
                 }
             }
         }
-        drop(writer);
         out.flush().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
         written.push(path);

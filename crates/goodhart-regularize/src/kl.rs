@@ -123,6 +123,20 @@ pub(crate) fn check_logprobs<B: Backend>(
 
 /// Per-token KL estimate `[B, T]`, zero where `mask` is zero (padding may hold anything).
 /// Errors on mismatched shapes or non-finite log-probs at valid positions.
+///
+/// ```
+/// use burn::tensor::{Tensor, TensorData};
+/// use goodhart_core::device::{cpu, Dispatch};
+/// use goodhart_regularize::kl::{kl_per_token, KlEstimator};
+/// // k3 = exp(-d) + d - 1 with d = logp - logp_ref; the padded last token gives 0.
+/// let device = cpu();
+/// let t = |x: [f32; 3]| Tensor::<Dispatch, 2>::from_data(TensorData::new(x.to_vec(), [1, 3]), &device);
+/// let kl = kl_per_token(t([-1.0, -0.5, 0.0]), t([-1.2, -0.5, -3.0]), &t([1.0, 1.0, 0.0]), KlEstimator::K3, true)?;
+/// let v: Vec<f32> = kl.into_data().convert::<f32>().into_vec().unwrap();
+/// assert!((v[0] - ((-0.2f32).exp() + 0.2 - 1.0)).abs() < 1e-6);
+/// assert_eq!(&v[1..], &[0.0, 0.0]);
+/// # Ok::<(), goodhart_core::GoodhartError>(())
+/// ```
 pub fn kl_per_token<B: Backend>(
     lp: Tensor<B, 2>,
     lr: Tensor<B, 2>,

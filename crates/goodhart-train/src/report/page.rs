@@ -115,6 +115,13 @@ fn table_html(title: &str, columns: &[String], rows: &[Vec<String>]) -> String {
 /// TensorBoard's smoothing, as the report's slider applies it: a debiased exponential
 /// moving average, `m_i = w m_{i-1} + (1 - w) y_i` from `m_0 = 0`, shown as
 /// `m_i / (1 - w^i)`. `w = 0` returns `ys` unchanged.
+///
+/// ```
+/// use goodhart_train::report::ema;
+/// // w = 0.5: 0.5 / 0.5 = 1, then (0.25 + 1) / 0.75 = 5/3.
+/// let s = ema(&[1.0, 2.0], 0.5);
+/// assert!((s[0] - 1.0).abs() < 1e-12 && (s[1] - 5.0 / 3.0).abs() < 1e-12);
+/// ```
 pub fn ema(ys: &[f64], w: f64) -> Vec<f64> {
     let mut last = 0.0;
     let mut n = 0;
@@ -258,12 +265,20 @@ fn verdict_html(v: &Verdict) -> String {
             .collect();
         html.push_str(&table_html("", &cols, &rows));
     }
+    // One note per reason, naming its series.
+    let mut reasons: Vec<(&str, Vec<&str>)> = Vec::new();
     for (series, why) in &v.unjudged {
+        match reasons.iter_mut().find(|(r, _)| r == why) {
+            Some((_, names)) => names.push(series),
+            None => reasons.push((why, vec![series])),
+        }
+    }
+    for (why, names) in reasons {
         let _ = writeln!(
             html,
-            r#"<p class="note">{}: not judged ({})</p>"#,
-            escape(series),
-            escape(why)
+            r#"<p class="note">Not judged ({}): {}</p>"#,
+            escape(why),
+            escape(&names.join(", "))
         );
     }
     html.push_str("</div>\n");
