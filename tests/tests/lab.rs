@@ -384,6 +384,55 @@ fn tiny_lab_preset_report_is_driven_in_a_browser() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+/// The browser check fails where it should: a report whose script throws (a chart
+/// without its data) is a console error, and a chart container left empty is named.
+#[test]
+fn the_browser_check_fails_on_a_script_error_or_an_undrawn_chart() {
+    use goodhart_train::report::{render, Metrics};
+    let root = scratch("browser-fails");
+    std::fs::create_dir_all(&root).unwrap();
+    let metrics = Metrics::parse(
+        "{\"step\":0,\"reward/proxy/mean\":0.1,\"reward/gold/mean\":0.2,\"entropy\":1}\n\
+         {\"step\":1,\"reward/proxy/mean\":0.3,\"reward/gold/mean\":0.1,\"entropy\":0.9}\n",
+        Path::new("metrics.jsonl"),
+    )
+    .unwrap();
+    let html = render("broken", &metrics, None, &[]);
+    let check = |tag: &str, page: String| -> String {
+        let dir = root.join(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("report.html"), page).unwrap();
+        let err = std::panic::catch_unwind(|| browser::check_report(&dir, "broken").is_some())
+            .expect_err("the check should fail");
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    if browser::Browser::start().is_none() {
+        return;
+    }
+    // The intact page passes.
+    let dir = root.join("intact");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("report.html"), &html).unwrap();
+    assert!(browser::check_report(&dir, "broken").is_some());
+    // A container whose chart has no data: the script throws.
+    let thrown = check(
+        "thrown",
+        html.replacen(r#"data-chart="metric-0""#, r#"data-chart="missing""#, 1),
+    );
+    assert!(thrown.contains("no data for chart missing"), "{thrown}");
+    // An extra container the script never sees (outside the data's ids, after it ran).
+    let undrawn = check(
+        "undrawn",
+        html.replacen(
+            "</body>",
+            r#"<script>document.body.insertAdjacentHTML('beforeend', '<div data-chart="extra"></div>');</script></body>"#,
+            1,
+        ),
+    );
+    assert!(undrawn.contains("charts not drawn"), "{undrawn}");
+    let _ = std::fs::remove_dir_all(root);
+}
+
 #[test]
 fn tiny_rubric_preset() {
     let config = tiny(

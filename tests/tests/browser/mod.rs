@@ -53,43 +53,56 @@ impl Browser {
             eprintln!("GOODHART_BROWSER=off: the report's browser checks are skipped");
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start chromedriver ({e}): install Debian's chromium and \
-                     chromium-driver as .ci/run does, or set GOODHART_BROWSER=off"
-                )
-            });
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        let base = format!("http://127.0.0.1:{port}");
-        let profile = std::env::temp_dir().join(format!("goodhart-chromium-{port}"));
-        let mut browser = Self {
-            driver,
-            base,
-            session: String::new(),
-            agent,
-            profile,
+        // A free port, then ChromeDriver on it; tests run in parallel, so another test's
+        // driver may take the port first: ours then exits and the next try takes another.
+        let mut tries = 0;
+        let mut browser = loop {
+            tries += 1;
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let driver = Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot start chromedriver ({e}): install Debian's chromium and \
+                         chromium-driver as .ci/run does, or set GOODHART_BROWSER=off"
+                    )
+                });
+            let mut browser = Self {
+                driver,
+                base: format!("http://127.0.0.1:{port}"),
+                session: String::new(),
+                agent: agent.clone(),
+                profile: std::env::temp_dir().join(format!("goodhart-chromium-{port}")),
+            };
+            let t0 = Instant::now();
+            let mut up = false;
+            while t0.elapsed() < Duration::from_secs(20) {
+                if browser.driver.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if browser.raw("GET", "/status", None).is_ok() {
+                    // Answered by our driver, not one that took the port first.
+                    up = browser.driver.try_wait().ok().flatten().is_none();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if up {
+                break browser;
+            }
+            assert!(tries < 5, "chromedriver did not start (5 tries)");
         };
-        let t0 = Instant::now();
-        while browser.raw("GET", "/status", None).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "chromedriver did not answer on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
         let binary = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
             .into_iter()
             .find(|p| Path::new(p).exists())
