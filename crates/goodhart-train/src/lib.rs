@@ -16,6 +16,9 @@
 //!   under a Hugging Face tokenizer with text rewards.
 //! - [`rubric`]: rubric verifiers with failure modes, the rubric task, the exploitation
 //!   rate and the self-internalisation gap on goodhart-envs' rubric world.
+//! - [`multiturn`]: turn-by-turn rollouts of goodhart-envs' tool-use world, laid out with
+//!   the tool's tokens masked from the loss, and the turn data of the turn-level
+//!   estimators (IGPO's answer probabilities included).
 //!
 //! Experiments:
 //! - [`config`]: the experiment TOML (`deny_unknown_fields`, `--set`, key-path errors, sweeps).
@@ -25,13 +28,15 @@
 //!
 //! Runs:
 //! - [`run_dir`]: `runs/<name>/<id>/` with atomically written files.
-//! - [`report`]: the self-contained `report.html` of a run (inline SVG charts, tables).
+//! - [`report`]: the self-contained `report.html` of a run (a verdict per experiment,
+//!   uPlot charts, tables, the responses the proxy overrated most).
 
 pub mod best_of_n;
 pub mod config;
 pub mod data;
 pub mod experiments;
 pub mod memory;
+pub mod multiturn;
 pub mod policy_gradient;
 pub mod ppo;
 pub mod preference;

@@ -1,0 +1,781 @@
+//! Multi-turn rollouts of the tool-use world ([`goodhart_envs::multihop`]): the policy
+//! acts turn by turn, the tool's observation is appended after each turn, and the episode
+//! is laid out as one sequence for the trainer, with the tool's tokens masked out of the
+//! loss and every policy token tagged with its turn.
+//!
+//! **Generation.** Each round, every episode that is not over is continued from its whole
+//! transcript so far (context, turns and observations, left-padded to the round's longest),
+//! for at most `max_turn_tokens` tokens ending at `EOS`; the tokens up to and including
+//! the first `EOS` (all of them when there is none: an ill-formed turn) are the turn.
+//!
+//! **Layout** (`[N, P + R]`): the contexts left-padded to the widest `P`, then each
+//! episode's turns and observations, right-padded to the longest `R`. The attention mask
+//! is 1 on every real token (the tool's included: the policy reads them); the response
+//! mask is 1 on the policy's tokens only, so observation tokens carry no gradient; the
+//! batch's `turns` hold each policy token's turn index (`-1` elsewhere).
+//!
+//! **Turn data** ([`TurnRollout::turn_data`]): what the turn-level advantage estimators
+//! read ([`goodhart_advantage::Turns`]): a turn mask `[N, K]` (`K` the most turns of a
+//! row), each token's turn `[N, P + R]`, a signal per turn and, for IGPO, the policy's
+//! probability of the ground-truth answer before the first turn and after each
+//! ([`answer_probs`]: the geometric mean of the answer turn's token probabilities after the
+//! transcript so far, one extra scoring pass).
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use goodhart_advantage::Turns;
+use goodhart_core::{seed, GoodhartError, Result};
+use goodhart_envs::multihop::{MultihopWorld, StepRewards, Transcript, Turn, EOS, PAD};
+use goodhart_policy::{generate, score, GenerationConfig, TransformerLm};
+use goodhart_reward::Sequences;
+
+use crate::policy_gradient::host_rows;
+
+/// Episodes of the tool-use world, rolled out and laid out for the trainer.
+#[derive(Debug, Clone)]
+pub struct TurnRollout<B: Backend> {
+    /// The question of each row.
+    pub questions: Vec<usize>,
+    /// Each row's turns, parsed.
+    pub turns: Vec<Vec<Turn>>,
+    /// Each row's turns as the policy wrote them.
+    pub turn_tokens: Vec<Vec<Vec<u32>>>,
+    /// Each row's transcript (unpadded).
+    pub transcripts: Vec<Transcript>,
+    /// The batch `[N, P + R]` (see the module docs), its `turns` set.
+    pub batch: Sequences<B>,
+    /// The context width `P`.
+    pub context_width: usize,
+    /// The outcome (gold) of each row.
+    pub gold: Vec<f64>,
+    /// The step rewards of each row's turns.
+    pub steps: Vec<Vec<StepRewards>>,
+}
+
+/// Checks that `policy` can roll out episodes of `world`: its vocabulary holds the
+/// world's tokens and its context the longest transcript.
+pub fn check_policy<B: Backend>(policy: &TransformerLm<B>, world: &MultihopWorld) -> Result<()> {
+    if policy.vocab_size() < world.vocab_size() {
+        return Err(GoodhartError::invalid(
+            "policy.vocab",
+            format!(
+                "{} tokens; the tool-use world needs {}",
+                policy.vocab_size(),
+                world.vocab_size()
+            ),
+        ));
+    }
+    // The longest transcript, plus the answer turn IGPO's scoring appends.
+    let need = world.max_transcript_len() + 3;
+    if policy.trunk.max_seq_len() < need {
+        return Err(GoodhartError::invalid(
+            "policy.max_seq_len",
+            format!(
+                "{} positions; episodes of {} turns of {} tokens need {need}",
+                policy.trunk.max_seq_len(),
+                world.config().max_turns,
+                world.config().max_turn_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Left-pads `rows` to their longest: token ids and attention mask `[n, w]`.
+fn left_padded<B: Backend>(
+    rows: &[Vec<u32>],
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2>, usize) {
+    let w = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let n = rows.len();
+    let mut ids = vec![PAD as i64; n * w];
+    let mut mask = vec![0f32; n * w];
+    for (r, row) in rows.iter().enumerate() {
+        let start = (r + 1) * w - row.len();
+        for (j, &t) in row.iter().enumerate() {
+            ids[start + j] = t as i64;
+            mask[start + j] = 1.0;
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(ids, [n, w]), device),
+        Tensor::from_data(TensorData::new(mask, [n, w]), device),
+        w,
+    )
+}
+
+/// Rolls out one episode of each question of `questions` with `policy`, sampling as
+/// `generation` says (its `max_new_tokens`, `eos_id` and `pad_id` are the world's:
+/// `max_turn_tokens`, `EOS`, `PAD`).
+pub fn rollout<B: Backend>(
+    policy: &TransformerLm<B>,
+    world: &MultihopWorld,
+    questions: &[usize],
+    generation: &GenerationConfig,
+    rng: &mut seed::ChaCha8Rng,
+    device: &B::Device,
+) -> Result<TurnRollout<B>> {
+    if questions.is_empty() {
+        return Err(GoodhartError::Empty {
+            what: "questions".into(),
+        });
+    }
+    if let Some(&q) = questions.iter().find(|&&q| q >= world.questions().len()) {
+        return Err(GoodhartError::invalid(
+            "question",
+            format!(
+                "index {q} of a world of {} questions",
+                world.questions().len()
+            ),
+        ));
+    }
+    check_policy(policy, world)?;
+    let mut config = generation.clone();
+    config.max_new_tokens = world.config().max_turn_tokens;
+    config.eos_id = Some(EOS as usize);
+    config.stop_ids = Vec::new();
+    config.pad_id = PAD as usize;
+    let n = questions.len();
+    let mut turns: Vec<Vec<Turn>> = vec![Vec::new(); n];
+    let mut tokens: Vec<Vec<Vec<u32>>> = vec![Vec::new(); n];
+    loop {
+        let active: Vec<usize> = (0..n).filter(|&r| !world.is_done(&turns[r])).collect();
+        if active.is_empty() {
+            break;
+        }
+        let prefixes: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&r| world.transcript(questions[r], &tokens[r]).tokens)
+            .collect();
+        let (ids, mask, w) = left_padded::<B>(&prefixes, device);
+        let gen = generate(policy, ids, mask, &config, rng)?;
+        for (row, &r) in host_rows(&gen.tokens)?.iter().zip(&active) {
+            let mut turn = Vec::new();
+            for &t in &row[w..] {
+                turn.push(t);
+                if t == EOS {
+                    break;
+                }
+            }
+            turns[r].push(world.parse_turn(&turn));
+            tokens[r].push(turn);
+        }
+    }
+    layout(world, questions, turns, tokens, device)
+}
+
+/// Lays out episodes given their turns' tokens (see the module docs).
+pub fn layout<B: Backend>(
+    world: &MultihopWorld,
+    questions: &[usize],
+    turns: Vec<Vec<Turn>>,
+    turn_tokens: Vec<Vec<Vec<u32>>>,
+    device: &B::Device,
+) -> Result<TurnRollout<B>> {
+    let n = questions.len();
+    if turns.len() != n || turn_tokens.len() != n {
+        return Err(GoodhartError::invalid(
+            "turns",
+            format!(
+                "{} and {} rows of turns for {n} questions",
+                turns.len(),
+                turn_tokens.len()
+            ),
+        ));
+    }
+    let transcripts: Vec<Transcript> = questions
+        .iter()
+        .zip(&turn_tokens)
+        .map(|(&q, t)| world.transcript(q, t))
+        .collect();
+    let contexts: Vec<usize> = questions.iter().map(|&q| world.context(q).len()).collect();
+    let p = contexts.iter().copied().max().unwrap_or(0);
+    let r_len = transcripts
+        .iter()
+        .zip(&contexts)
+        .map(|(t, c)| t.tokens.len() - c)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let width = p + r_len;
+    let mut ids = vec![PAD as i64; n * width];
+    let mut attention = vec![0f32; n * width];
+    let mut response = vec![0f32; n * width];
+    let mut turn_of = vec![-1i64; n * width];
+    for (r, (t, &c)) in transcripts.iter().zip(&contexts).enumerate() {
+        // Context right-aligned at `p`, the rest from `p` on.
+        let offset = r * width + p - c;
+        for (j, &tok) in t.tokens.iter().enumerate() {
+            ids[offset + j] = tok as i64;
+            attention[offset + j] = 1.0;
+            response[offset + j] = t.policy_mask[j];
+            if t.policy_mask[j] > 0.0 {
+                turn_of[offset + j] = t.turn[j].map_or(-1, |k| k as i64);
+            }
+        }
+    }
+    let batch = Sequences::new(
+        Tensor::from_data(TensorData::new(ids, [n, width]), device),
+        Tensor::from_data(TensorData::new(attention, [n, width]), device),
+        Tensor::from_data(TensorData::new(response, [n, width]), device),
+    )?;
+    let batch = Sequences {
+        turns: Some(Tensor::from_data(
+            TensorData::new(turn_of, [n, width]),
+            device,
+        )),
+        ..batch
+    };
+    let gold = questions
+        .iter()
+        .zip(&turns)
+        .map(|(&q, t)| world.outcome(q, t))
+        .collect();
+    let steps = questions
+        .iter()
+        .zip(&turns)
+        .map(|(&q, t)| t.iter().map(|&turn| world.step_rewards(q, turn)).collect())
+        .collect();
+    Ok(TurnRollout {
+        questions: questions.to_vec(),
+        turns,
+        turn_tokens,
+        transcripts,
+        batch,
+        context_width: p,
+        gold,
+        steps,
+    })
+}
+
+impl<B: Backend> TurnRollout<B> {
+    /// The most turns of a row, `K`.
+    pub fn max_turns(&self) -> usize {
+        self.turns.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// The turn data of the advantage estimators: the turn mask `[N, K]`, each token's
+    /// turn `[N, P + R]` (0 off the policy's tokens, where the estimators do not read),
+    /// `signal[r][k]` as the per-turn rewards (missing turns 0), and IGPO's answer
+    /// probabilities `[N, K + 1]` when given. Errors when a signal row does not have one
+    /// value per turn of its row, or is not finite.
+    pub fn turn_data(
+        &self,
+        signal: Option<&[Vec<f64>]>,
+        answer_prob: Option<Tensor<B, 2>>,
+    ) -> Result<Turns<B>> {
+        let n = self.turns.len();
+        let k = self.max_turns().max(1);
+        let device = self.batch.tokens.device();
+        let mut mask = vec![0f32; n * k];
+        for (r, t) in self.turns.iter().enumerate() {
+            for j in 0..t.len() {
+                mask[r * k + j] = 1.0;
+            }
+        }
+        let turn_mask = Tensor::from_data(TensorData::new(mask, [n, k]), &device);
+        let token_turn = self
+            .batch
+            .turns
+            .clone()
+            .expect("a rollout's batch has turns")
+            .clamp_min(0);
+        let turn_rewards = match signal {
+            None => None,
+            Some(rows) => {
+                if rows.len() != n {
+                    return Err(GoodhartError::shape("turn signal", &[n], &[rows.len()]));
+                }
+                let mut v = vec![0f32; n * k];
+                for (r, (row, t)) in rows.iter().zip(&self.turns).enumerate() {
+                    if row.len() != t.len() {
+                        return Err(GoodhartError::invalid(
+                            "turn signal",
+                            format!("row {r} has {} values for {} turns", row.len(), t.len()),
+                        ));
+                    }
+                    if let Some(x) = row.iter().find(|x| !x.is_finite()) {
+                        return Err(GoodhartError::invalid(
+                            "turn signal",
+                            format!("row {r} holds {x}"),
+                        ));
+                    }
+                    for (j, &x) in row.iter().enumerate() {
+                        v[r * k + j] = x as f32;
+                    }
+                }
+                Some(Tensor::from_data(TensorData::new(v, [n, k]), &device))
+            }
+        };
+        if let Some(p) = &answer_prob {
+            if p.dims() != [n, k + 1] {
+                return Err(GoodhartError::shape("answer_prob", &[n, k + 1], &p.dims()));
+            }
+        }
+        Ok(Turns {
+            turn_mask,
+            token_turn: Some(token_turn),
+            turn_rewards,
+            answer_prob,
+        })
+    }
+}
+
+/// IGPO's answer probabilities `[N, K + 1]`: for each row, the geometric mean of the
+/// probabilities of the answer turn's tokens (`world.answer_tokens`) after the context
+/// (column 0) and after each of its turns with its observation (column `k`); a row's
+/// columns after its last turn repeat its last value. One scoring pass over the `N (K +
+/// 1)` sequences, right-padded.
+pub fn answer_probs<B: Backend>(
+    policy: &TransformerLm<B>,
+    world: &MultihopWorld,
+    rollout: &TurnRollout<B>,
+) -> Result<Tensor<B, 2>> {
+    let n = rollout.turns.len();
+    let k = rollout.max_turns().max(1);
+    let device = rollout.batch.tokens.device();
+    // Each row's prefixes: the context, then after each turn (its observation included).
+    let mut seqs: Vec<Vec<u32>> = Vec::with_capacity(n * (k + 1));
+    let mut answer_len = Vec::with_capacity(n * (k + 1));
+    for (r, &q) in rollout.questions.iter().enumerate() {
+        let t = &rollout.transcripts[r];
+        let context = world.context(q).len();
+        let answer = world.answer_tokens(q);
+        for j in 0..=k {
+            let cut = match j {
+                0 => context,
+                j => {
+                    let last = j.min(rollout.turns[r].len());
+                    if last == 0 {
+                        context
+                    } else {
+                        // After turn `last`: its observation too (up to the next turn).
+                        t.turn_ends.get(last).map_or(t.tokens.len(), |&next_end| {
+                            next_end - rollout.turn_tokens[r][last].len()
+                        })
+                    }
+                }
+            };
+            let mut s = t.tokens[..cut].to_vec();
+            s.extend(&answer);
+            answer_len.push(answer.len());
+            seqs.push(s);
+        }
+    }
+    let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let m = seqs.len();
+    let mut ids = vec![PAD as i64; m * width];
+    let mut mask = vec![0f32; m * width];
+    for (i, s) in seqs.iter().enumerate() {
+        for (j, &tok) in s.iter().enumerate() {
+            ids[i * width + j] = tok as i64;
+            mask[i * width + j] = 1.0;
+        }
+    }
+    let scores = score(
+        policy,
+        Tensor::from_data(TensorData::new(ids, [m, width]), &device),
+        Tensor::from_data(TensorData::new(mask, [m, width]), &device),
+        1.0,
+    )?;
+    let lp: Vec<f32> = scores
+        .logprobs
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| GoodhartError::invalid("logprobs", format!("{e:?}")))?;
+    let probs: Vec<f32> = seqs
+        .iter()
+        .zip(&answer_len)
+        .enumerate()
+        .map(|(i, (s, &a))| {
+            let row = &lp[i * width..i * width + s.len()];
+            let mean = row[s.len() - a..].iter().sum::<f32>() / a as f32;
+            mean.exp()
+        })
+        .collect();
+    Ok(Tensor::from_data(
+        TensorData::new(probs, [n, k + 1]),
+        &device,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use goodhart_core::device::{cpu, Autodiff, Dispatch};
+    use goodhart_envs::multihop::MultihopWorldConfig;
+    use goodhart_objective::policy::{PolicyInputs, PolicyLossConfig};
+    use goodhart_policy::transformer::TransformerConfig;
+
+    type B = Dispatch;
+
+    fn world() -> MultihopWorld {
+        MultihopWorld::new(MultihopWorldConfig::default()).unwrap()
+    }
+
+    fn policy<Bk: Backend>(w: &MultihopWorld, device: &Bk::Device) -> TransformerLm<Bk> {
+        goodhart_core::seed::seeded::<Bk, _>(device, 7, "test-policy", || {
+            TransformerConfig::new(w.vocab_size(), 16, 1, 2, w.max_transcript_len() + 3)
+                .init::<Bk>(device)
+        })
+        .unwrap()
+    }
+
+    fn host_f32<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec().unwrap()
+    }
+
+    /// A batch of questions of 1 and 2 hops: each row's tokens are its transcript, the
+    /// context right-aligned at the widest; the response mask is the transcript's policy
+    /// mask (0 on `RESULT e` observations); each policy token carries its turn index.
+    #[test]
+    fn episodes_lay_out_with_observations_masked_and_turns_tagged() {
+        let device = cpu();
+        let w = world();
+        let lm = policy::<B>(&w, &device);
+        let qs: Vec<usize> = (0..8).collect();
+        assert!(qs.iter().any(|&q| w.questions()[q].path.len() == 1));
+        assert!(qs.iter().any(|&q| w.questions()[q].path.len() == 2));
+        let gen = GenerationConfig::new(1);
+        let mut rng = seed::rng(1, "test");
+        let out = rollout(&lm, &w, &qs, &gen, &mut rng, &device).unwrap();
+        let [n, width] = out.batch.tokens.dims();
+        assert_eq!(n, 8);
+        assert_eq!(out.context_width, w.max_context_len());
+        let ids: Vec<i64> = out
+            .batch
+            .tokens
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .unwrap();
+        let resp = host_f32(out.batch.response_mask.clone());
+        let att = host_f32(out.batch.attention_mask.clone());
+        let turns: Vec<i64> = out
+            .batch
+            .turns
+            .clone()
+            .unwrap()
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .unwrap();
+        let mut observations = 0;
+        for r in 0..n {
+            let q = qs[r];
+            assert!(w.is_done(&out.turns[r]));
+            assert_eq!(out.gold[r], w.outcome(q, &out.turns[r]));
+            let t = &out.transcripts[r];
+            assert_eq!(*t, w.transcript(q, &out.turn_tokens[r]));
+            let c = w.context(q).len();
+            let start = out.context_width - c;
+            let row = &ids[r * width..(r + 1) * width];
+            let got: Vec<u32> = row[start..start + t.tokens.len()]
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
+            assert_eq!(got, t.tokens);
+            for j in 0..width {
+                let in_t = j >= start && j < start + t.tokens.len();
+                assert_eq!(
+                    att[r * width + j],
+                    f32::from(u8::from(in_t)),
+                    "row {r} col {j}"
+                );
+                if in_t {
+                    let jj = j - start;
+                    assert_eq!(resp[r * width + j], t.policy_mask[jj]);
+                    if t.policy_mask[jj] > 0.0 {
+                        assert_eq!(turns[r * width + j], t.turn[jj].unwrap() as i64);
+                    }
+                } else {
+                    assert_eq!((resp[r * width + j], turns[r * width + j]), (0.0, -1));
+                }
+            }
+            // Each turn's tokens are the policy's, tagged with the turn; the tool's
+            // observation follows it, masked, with no turn index.
+            for (k, turn) in out.turn_tokens[r].iter().enumerate() {
+                let at = start + t.turn_ends[k];
+                for j in at - turn.len()..at {
+                    assert_eq!((resp[r * width + j], turns[r * width + j]), (1.0, k as i64));
+                }
+                let obs = w.observe(w.parse_turn(turn));
+                let got: Vec<u32> = row[at..at + obs.len()].iter().map(|&x| x as u32).collect();
+                assert_eq!(got, obs);
+                for j in at..at + obs.len() {
+                    assert_eq!(resp[r * width + j], 0.0, "the tool's token is masked");
+                    assert_eq!(turns[r * width + j], -1);
+                    observations += 1;
+                }
+            }
+        }
+        assert!(
+            observations > 0,
+            "an untrained policy calls the tool or errs"
+        );
+        // Same seed, same episodes.
+        let again = rollout(&lm, &w, &qs, &gen, &mut seed::rng(1, "test"), &device).unwrap();
+        assert_eq!(again.turn_tokens, out.turn_tokens);
+    }
+
+    /// Greedy episodes of questions batched together equal each question rolled out
+    /// alone: the turns, their boundaries and the turn data survive batching and padding.
+    #[test]
+    fn turn_boundaries_survive_batching_and_padding() {
+        let device = cpu();
+        let w = world();
+        let lm = policy::<B>(&w, &device);
+        let qs = [0usize, 1, 2, 3, 4, 5];
+        let greedy = GenerationConfig::new(1).with_greedy(true);
+        let mut rng = seed::rng(0, "test");
+        let all = rollout(&lm, &w, &qs, &greedy, &mut rng, &device).unwrap();
+        for (r, &q) in qs.iter().enumerate() {
+            let alone = rollout(&lm, &w, &[q], &greedy, &mut rng, &device).unwrap();
+            assert_eq!(alone.turn_tokens[0], all.turn_tokens[r], "question {q}");
+            assert_eq!(alone.transcripts[0].turn_ends, all.transcripts[r].turn_ends);
+        }
+        // Turn data by hand: the mask marks each row's turns; token turns agree with the
+        // batch's (clamped to 0 off the policy's tokens); the signal lands per turn.
+        let signal: Vec<Vec<f64>> = all
+            .turns
+            .iter()
+            .map(|t| (0..t.len()).map(|j| j as f64 + 0.5).collect())
+            .collect();
+        let td = all.turn_data(Some(&signal), None).unwrap();
+        let k = all.max_turns();
+        assert_eq!(td.turn_mask.dims(), [qs.len(), k]);
+        let mask = host_f32(td.turn_mask);
+        let rewards = host_f32(td.turn_rewards.unwrap());
+        for (r, t) in all.turns.iter().enumerate() {
+            for j in 0..k {
+                let has = j < t.len();
+                assert_eq!(mask[r * k + j], f32::from(u8::from(has)));
+                assert_eq!(rewards[r * k + j], if has { j as f32 + 0.5 } else { 0.0 });
+            }
+        }
+        let bad = vec![vec![1.0]; qs.len() - 1];
+        assert!(all.turn_data(Some(&bad), None).is_err());
+    }
+
+    /// The PPO-clip loss of a rollout has no gradient at the tool's tokens and some at
+    /// each policy token.
+    #[test]
+    fn tool_output_tokens_carry_no_gradient() {
+        type A = Autodiff<Dispatch>;
+        let device = cpu();
+        let w = world();
+        let lm = policy::<A>(&w, &device);
+        let mut rng = seed::rng(2, "test");
+        let out: TurnRollout<A> = rollout(
+            &lm,
+            &w,
+            &[0, 1, 2, 3],
+            &GenerationConfig::new(1),
+            &mut rng,
+            &device,
+        )
+        .unwrap();
+        let scores = score(
+            &lm,
+            out.batch.tokens.clone(),
+            out.batch.attention_mask.clone(),
+            1.0,
+        )
+        .unwrap();
+        let lp = scores.logprobs.detach().require_grad();
+        let mask = out.batch.response_mask.clone();
+        let adv = Tensor::<A, 2>::ones(mask.dims(), &device);
+        let inputs = PolicyInputs::new(lp.clone(), lp.clone().detach(), adv, mask.clone()).unwrap();
+        let loss = PolicyLossConfig::PpoClip(Default::default())
+            .loss(&inputs)
+            .unwrap()
+            .loss;
+        let grads = loss.backward();
+        let g: Vec<f32> = lp
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        let m: Vec<f32> = mask
+            .inner()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        let att: Vec<f32> = out
+            .batch
+            .attention_mask
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        let mut tool = 0;
+        for (j, (&gj, &mj)) in g.iter().zip(&m).enumerate() {
+            if mj > 0.0 {
+                assert!(gj != 0.0, "policy token {j} has no gradient");
+            } else {
+                assert_eq!(gj, 0.0, "token {j} off the policy's has a gradient");
+                tool += usize::from(att[j] > 0.0);
+            }
+        }
+        assert!(tool > 0);
+    }
+
+    /// IGPO's probabilities by hand for one row: column 0 scores the answer after the
+    /// context, column 1 after the first turn and its observation.
+    #[test]
+    fn answer_probabilities_score_the_answer_after_each_turn() {
+        let device = cpu();
+        let w = world();
+        let lm = policy::<B>(&w, &device);
+        let q = 1;
+        let (e, rel) = w.chain(q)[0];
+        let turns = vec![
+            Turn::Search {
+                entity: e,
+                relation: rel,
+            },
+            Turn::Answer { entity: 0 },
+        ];
+        let tokens: Vec<Vec<u32>> = turns.iter().map(|&t| w.turn_tokens(t)).collect();
+        let out = layout::<B>(&w, &[q], vec![turns], vec![tokens.clone()], &device).unwrap();
+        let probs = host_f32(answer_probs(&lm, &w, &out).unwrap());
+        assert_eq!(probs.len(), 3);
+        let by_hand = |prefix: Vec<u32>| -> f32 {
+            let mut s = prefix;
+            let a = w.answer_tokens(q);
+            s.extend(&a);
+            let len = s.len();
+            let ids = Tensor::<B, 2, Int>::from_data(
+                TensorData::new(s.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, len]),
+                &device,
+            );
+            let lp = host_f32(
+                score(&lm, ids, Tensor::ones([1, len], &device), 1.0)
+                    .unwrap()
+                    .logprobs,
+            );
+            (lp[len - a.len()..].iter().sum::<f32>() / a.len() as f32).exp()
+        };
+        let ctx = w.context(q);
+        assert!((probs[0] - by_hand(ctx.clone())).abs() < 1e-5);
+        let mut after = ctx;
+        after.extend(&tokens[0]);
+        after.extend(w.observe(w.parse_turn(&tokens[0])));
+        assert!((probs[1] - by_hand(after)).abs() < 1e-5, "{probs:?}");
+        // The last column: after the answer turn (no observation).
+        let full = out.transcripts[0].tokens.clone();
+        assert!((probs[2] - by_hand(full)).abs() < 1e-5);
+    }
+
+    /// The turn-level estimators run on a real rollout's turn data: G-RA on the outcome
+    /// and the step rewards, A2TGPO on the information gain per turn, IGPO on the answer
+    /// probabilities. Each gives finite advantages, 0 off the policy's tokens (the tool's
+    /// included), one value per turn for the turn-level two.
+    #[test]
+    fn turn_estimators_run_on_rollouts() {
+        use goodhart_advantage::{
+            common::outcome_at_last_token, AdvantageConfig, AdvantageInput, Groups,
+        };
+        let device = cpu();
+        let w = world();
+        let lm = policy::<B>(&w, &device);
+        let qs: Vec<usize> = [0usize, 1, 2, 3].iter().flat_map(|&q| [q; 4]).collect();
+        let mut rng = seed::rng(4, "test");
+        let out = rollout(&lm, &w, &qs, &GenerationConfig::new(1), &mut rng, &device).unwrap();
+        let mask = out.batch.response_mask.clone();
+        let groups = Groups::contiguous(4, 4).unwrap();
+        let outcome = Tensor::<B, 1>::from_data(
+            TensorData::new(out.gold.iter().map(|&g| g as f32).collect::<Vec<_>>(), [16]),
+            &device,
+        );
+        let steps: Vec<Vec<f64>> = out
+            .steps
+            .iter()
+            .map(|t| {
+                t.iter()
+                    .map(|s| s.format + s.tool_call + s.relevant)
+                    .collect()
+            })
+            .collect();
+        let probs = answer_probs(&lm, &w, &out).unwrap();
+        let p = host_f32(probs.clone());
+        let k = out.max_turns();
+        let gain: Vec<Vec<f64>> = out
+            .turns
+            .iter()
+            .enumerate()
+            .map(|(r, t)| {
+                (0..t.len())
+                    .map(|j| f64::from(p[r * (k + 1) + j + 1] - p[r * (k + 1) + j]))
+                    .collect()
+            })
+            .collect();
+        let token_turn: Vec<i64> = out
+            .batch
+            .turns
+            .clone()
+            .unwrap()
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .unwrap();
+        let m = host_f32(mask.clone());
+        for (config, signal, turn_level) in [
+            (
+                AdvantageConfig::Gra(Default::default()),
+                Some(&steps),
+                false,
+            ),
+            (
+                AdvantageConfig::A2tgpo(Default::default()),
+                Some(&gain),
+                true,
+            ),
+            (AdvantageConfig::Igpo(Default::default()), None, true),
+        ] {
+            let input = AdvantageInput::new(mask.clone(), &groups)
+                .with_token_rewards(outcome_at_last_token(outcome.clone(), &mask))
+                .with_turns(
+                    out.turn_data(signal.map(|s| s.as_slice()), Some(probs.clone()))
+                        .unwrap(),
+                );
+            let adv = host_f32(config.compute(&input).unwrap().advantages);
+            let width = m.len() / 16;
+            for r in 0..16 {
+                let mut per_turn: Vec<Option<f32>> = vec![None; k];
+                for j in 0..width {
+                    let (a, on) = (adv[r * width + j], m[r * width + j] > 0.0);
+                    assert!(a.is_finite());
+                    if !on {
+                        assert_eq!(a, 0.0, "{config:?}: row {r} col {j}");
+                    } else if turn_level {
+                        let t = token_turn[r * width + j] as usize;
+                        let first = *per_turn[t].get_or_insert(a);
+                        assert!((a - first).abs() < 1e-6, "one value per turn");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let device = cpu();
+        let w = world();
+        let small = TransformerConfig::new(w.vocab_size(), 16, 1, 2, 8)
+            .init::<B>(&device)
+            .unwrap();
+        let gen = GenerationConfig::new(1);
+        let mut rng = seed::rng(0, "test");
+        let err = rollout(&small, &w, &[0], &gen, &mut rng, &device).unwrap_err();
+        assert!(err.to_string().contains("policy.max_seq_len"), "{err}");
+        let lm = policy::<B>(&w, &device);
+        let err = rollout(&lm, &w, &[99], &gen, &mut rng, &device).unwrap_err();
+        assert!(err.to_string().contains("index 99"), "{err}");
+        assert!(rollout(&lm, &w, &[], &gen, &mut rng, &device).is_err());
+    }
+}
