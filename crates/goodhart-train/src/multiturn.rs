@@ -20,15 +20,27 @@
 //! probability of the ground-truth answer before the first turn and after each
 //! ([`answer_probs`]: the geometric mean of the answer turn's token probabilities after the
 //! transcript so far, one extra scoring pass).
+//!
+//! **The task** ([`MultiturnTask`]): the RL trainer's [`Task`] over the world's questions.
+//! It samples episodes itself ([`Task::sample_turns`]); an episode's gold is its outcome,
+//! each turn's dense reward the weighted sum of its step rewards ([`TurnRewardConfig`]),
+//! and its proxy the outcome plus, with `dense`, the sum of its turns' dense rewards
+//! (ungated step rewards); the turn data carries a signal per turn ([`TurnSignal`]: the
+//! dense rewards, for G-RA, or the information gain, for A2TGPO) and with the information
+//! gain IGPO's answer probabilities.
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use goodhart_advantage::Turns;
-use goodhart_core::{seed, GoodhartError, Result};
+use goodhart_core::{ops::zero_masked, seed, GoodhartError, Result};
 use goodhart_envs::multihop::{MultihopWorld, StepRewards, Transcript, Turn, EOS, PAD};
-use goodhart_policy::{generate, score, GenerationConfig, TransformerLm};
+use goodhart_policy::{generate, score, Generation, GenerationConfig, TransformerLm};
 use goodhart_reward::Sequences;
+use serde::{Deserialize, Serialize};
 
-use crate::policy_gradient::host_rows;
+use crate::{
+    policy_gradient::{host_rows, Scored},
+    task::{token_texts, Task, TaskScores},
+};
 
 /// Episodes of the tool-use world, rolled out and laid out for the trainer.
 #[derive(Debug, Clone)]
@@ -399,6 +411,364 @@ pub fn answer_probs<B: Backend>(
     ))
 }
 
+/// How the tool-use task rewards episodes (TOML `[multiturn.reward]`).
+///
+/// Defaults: a turn's dense reward is `0.1 format + 0.2 tool_call + 0.3 relevant`; the
+/// proxy is the outcome alone (`dense = false`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnRewardConfig {
+    /// Weight of a well-formed command.
+    pub format: f64,
+    /// Weight of a search.
+    pub tool_call: f64,
+    /// Weight of a search on the question's chain.
+    pub relevant: f64,
+    /// Whether the proxy adds the episode's dense rewards to the outcome (ungated step
+    /// rewards).
+    pub dense: bool,
+}
+
+impl Default for TurnRewardConfig {
+    fn default() -> Self {
+        Self {
+            format: 0.1,
+            tool_call: 0.2,
+            relevant: 0.3,
+            dense: false,
+        }
+    }
+}
+
+impl TurnRewardConfig {
+    /// A turn's dense reward.
+    pub fn turn_reward(&self, s: &StepRewards) -> f64 {
+        self.format * s.format + self.tool_call * s.tool_call + self.relevant * s.relevant
+    }
+
+    /// Errors unless every weight is finite.
+    pub fn validate(&self) -> Result<()> {
+        for (k, v) in [
+            ("format", self.format),
+            ("tool_call", self.tool_call),
+            ("relevant", self.relevant),
+        ] {
+            if !v.is_finite() {
+                return Err(GoodhartError::invalid(
+                    format!("multiturn.reward.{k}"),
+                    format!("{v} is not finite"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The turn data of a sampled batch, carried through the trainer with its rows.
+#[derive(Debug, Clone)]
+pub struct TurnBatch<B: Backend> {
+    /// `[N, K]`: 1 for each row's turns.
+    pub turn_mask: Tensor<B, 2>,
+    /// `[N, T]`: each token's turn (0 off the policy's tokens).
+    pub token_turn: Tensor<B, 2, Int>,
+    /// `[N, K]`: each turn's dense reward.
+    pub turn_rewards: Tensor<B, 2>,
+    /// `[N, K + 1]`: IGPO's answer probabilities, when the task computes them.
+    pub answer_prob: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> TurnBatch<B> {
+    /// As the advantage estimators read it.
+    pub fn turns(&self) -> Turns<B> {
+        Turns {
+            turn_mask: self.turn_mask.clone(),
+            token_turn: Some(self.token_turn.clone()),
+            turn_rewards: Some(self.turn_rewards.clone()),
+            answer_prob: self.answer_prob.clone(),
+        }
+    }
+}
+
+/// What a batch's per-turn signal (`turn_rewards`, read by G-RA and A2TGPO) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnSignal {
+    /// Each turn's dense reward ([`TurnRewardConfig::turn_reward`]).
+    Dense,
+    /// Each turn's information gain, `ln P_k - ln P_{k-1}` of the answer probabilities
+    /// ([`answer_probs`], computed for every batch: IGPO's and A2TGPO's signal).
+    InformationGain,
+}
+
+/// The tool-use world as an RL task (see the module docs).
+pub struct MultiturnTask<'a> {
+    world: &'a MultihopWorld,
+    contexts: Vec<Vec<u32>>,
+    rewards: TurnRewardConfig,
+    signal: TurnSignal,
+}
+
+impl<'a> MultiturnTask<'a> {
+    /// The task over `world`'s questions, rewarding as `rewards` says, with `signal` as
+    /// each batch's per-turn signal.
+    pub fn new(
+        world: &'a MultihopWorld,
+        rewards: TurnRewardConfig,
+        signal: TurnSignal,
+    ) -> Result<Self> {
+        rewards.validate()?;
+        Ok(Self {
+            world,
+            contexts: (0..world.questions().len())
+                .map(|i| world.context(i))
+                .collect(),
+            rewards,
+            signal,
+        })
+    }
+
+    /// Splits a response (the transcript after the context) into its turns' tokens, as
+    /// [`rollout`] wrote them: each turn up to its `EOS` or `max_turn_tokens` tokens,
+    /// followed by the tool's observation unless it answers.
+    pub fn split_response(&self, response: &[u32]) -> Vec<Vec<u32>> {
+        let max = self.world.config().max_turn_tokens;
+        let mut turns = Vec::new();
+        let mut at = 0;
+        while at < response.len() && !self.world.is_done(&self.parse(&turns)) {
+            let end = response[at..]
+                .iter()
+                .take(max)
+                .position(|&t| t == EOS)
+                .map_or((at + max).min(response.len()), |j| at + j + 1);
+            let turn = response[at..end].to_vec();
+            at = end + self.world.observe(self.world.parse_turn(&turn)).len();
+            turns.push(turn);
+        }
+        turns
+    }
+
+    fn parse(&self, turns: &[Vec<u32>]) -> Vec<Turn> {
+        turns.iter().map(|t| self.world.parse_turn(t)).collect()
+    }
+
+    /// The proxy of an episode of question `q` with these turns.
+    fn proxy(&self, q: usize, turns: &[Turn]) -> f64 {
+        let outcome = self.world.outcome(q, turns);
+        if self.rewards.dense {
+            outcome
+                + turns
+                    .iter()
+                    .map(|&t| self.rewards.turn_reward(&self.world.step_rewards(q, t)))
+                    .sum::<f64>()
+        } else {
+            outcome
+        }
+    }
+}
+
+impl<B: Backend> Task<B> for MultiturnTask<'_> {
+    fn prompts(&self) -> usize {
+        self.contexts.len()
+    }
+
+    fn prompt(&self, i: usize) -> &[u32] {
+        &self.contexts[i]
+    }
+
+    fn prompt_width(&self) -> usize {
+        self.contexts.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.world.vocab_size()
+    }
+
+    fn end_ids(&self) -> &[u32] {
+        &[EOS]
+    }
+
+    fn pad_id(&self) -> u32 {
+        PAD
+    }
+
+    fn proxy_members(&self) -> usize {
+        1
+    }
+
+    fn proxy_max_seq_len(&self) -> Option<usize> {
+        None
+    }
+
+    fn score(
+        &self,
+        prompts: &[usize],
+        batch: &Sequences<B>,
+        responses: &[Vec<u32>],
+    ) -> Result<TaskScores<B>> {
+        if prompts.len() != responses.len() {
+            return Err(GoodhartError::shape(
+                "responses",
+                &[prompts.len()],
+                &[responses.len()],
+            ));
+        }
+        let device = batch.tokens.device();
+        let mut proxy = Vec::with_capacity(prompts.len());
+        let mut gold = Vec::with_capacity(prompts.len());
+        let mut ill_formed = Vec::with_capacity(prompts.len());
+        for (&q, response) in prompts.iter().zip(responses) {
+            let turns = self.parse(&self.split_response(response));
+            proxy.push(self.proxy(q, &turns) as f32);
+            gold.push(self.world.outcome(q, &turns));
+            ill_formed.push(turns.contains(&Turn::Malformed));
+        }
+        let n = proxy.len();
+        let proxy = Tensor::<B, 1>::from_data(TensorData::new(proxy, [n]), &device);
+        Ok(TaskScores {
+            members: proxy.clone().reshape([1, n]),
+            proxy,
+            gold,
+            ill_formed,
+            parts: None,
+            monitors: Vec::new(),
+        })
+    }
+
+    fn text(&self, response: &[u32]) -> String {
+        token_texts(response, |t| self.world.token_text(t))
+    }
+
+    fn anchor_examples(
+        &self,
+        n: usize,
+        rng: &mut seed::ChaCha8Rng,
+    ) -> Result<Vec<(Vec<u32>, usize)>> {
+        let q = self.contexts.len();
+        Ok((0..n)
+            .map(|k| {
+                let i = k % q;
+                let turns = self.world.sample_episode(i, rng);
+                (
+                    self.world.transcript(i, &turns).tokens,
+                    self.contexts[i].len(),
+                )
+            })
+            .collect())
+    }
+
+    fn multi_turn(&self) -> bool {
+        true
+    }
+
+    fn sample_turns(
+        &self,
+        policy: &TransformerLm<B>,
+        prompts: &[usize],
+        generation: &GenerationConfig,
+        rng: &mut seed::ChaCha8Rng,
+        device: &B::Device,
+    ) -> Option<Result<Scored<B>>> {
+        Some(self.sample_episodes(policy, prompts, generation, rng, device))
+    }
+}
+
+impl MultiturnTask<'_> {
+    fn sample_episodes<B: Backend>(
+        &self,
+        policy: &TransformerLm<B>,
+        prompts: &[usize],
+        generation: &GenerationConfig,
+        rng: &mut seed::ChaCha8Rng,
+        device: &B::Device,
+    ) -> Result<Scored<B>> {
+        let t0 = std::time::Instant::now();
+        let out = rollout(policy, self.world, prompts, generation, rng, device)?;
+        // The sampler's log-prob of each policy token, scored in one pass.
+        let batch = &out.batch;
+        let logprobs = zero_masked(
+            score(
+                policy,
+                batch.tokens.clone(),
+                batch.attention_mask.clone(),
+                generation.temperature,
+            )?
+            .logprobs,
+            &batch.response_mask,
+        );
+        let answer_prob = match self.signal {
+            TurnSignal::InformationGain => Some(answer_probs(policy, self.world, &out)?),
+            TurnSignal::Dense => None,
+        };
+        let sample_seconds = t0.elapsed().as_secs_f64();
+        let t0 = std::time::Instant::now();
+        let signal: Vec<Vec<f64>> = match &answer_prob {
+            None => out
+                .steps
+                .iter()
+                .map(|t| t.iter().map(|s| self.rewards.turn_reward(s)).collect())
+                .collect(),
+            Some(p) => {
+                let k = out.max_turns().max(1);
+                let p: Vec<f32> = p
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec()
+                    .map_err(|e| GoodhartError::invalid("answer_prob", format!("{e:?}")))?;
+                out.turns
+                    .iter()
+                    .enumerate()
+                    .map(|(r, t)| {
+                        (0..t.len())
+                            .map(|j| {
+                                let at = |c: usize| f64::from(p[r * (k + 1) + c]).max(1e-30).ln();
+                                at(j + 1) - at(j)
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+        };
+        let turns = out.turn_data(Some(&signal), answer_prob)?;
+        let width = out.context_width;
+        let responses: Vec<Vec<u32>> = out
+            .transcripts
+            .iter()
+            .zip(&out.questions)
+            .map(|(t, &q)| t.tokens[self.world.context(q).len()..].to_vec())
+            .collect();
+        let scores = Task::<B>::score(self, prompts, batch, &responses)?;
+        let score_seconds = t0.elapsed().as_secs_f64();
+        let [_, total] = batch.tokens.dims();
+        Ok(Scored {
+            prompts: prompts.to_vec(),
+            generation: Generation {
+                tokens: batch.tokens.clone(),
+                attention_mask: batch.attention_mask.clone(),
+                response_mask: batch.response_mask.clone(),
+                logprobs,
+                prompt_len: width,
+                response_len: total - width,
+            },
+            members: scores.members,
+            proxy: scores.proxy,
+            gold: scores.gold,
+            ill_formed: scores.ill_formed,
+            responses,
+            parts: None,
+            monitors: Vec::new(),
+            sample_seconds,
+            score_seconds,
+            turns: Some(TurnBatch {
+                turn_mask: turns.turn_mask,
+                token_turn: turns.token_turn.expect("turn data has token turns"),
+                turn_rewards: turns.turn_rewards.expect("turn data has a signal"),
+                answer_prob: turns.answer_prob,
+            }),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -760,6 +1130,104 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The RL trainer on the tool-use task: outcome-only GRPO, GRPO on ungated dense
+    /// rewards, G-RA, A2TGPO and IGPO each train 2 steps; every sample's gold is its
+    /// episode's outcome and its proxy the outcome plus (ungated) the dense rewards; two
+    /// runs of one config log the same numbers.
+    #[test]
+    fn the_trainer_runs_turn_level_estimators_on_episodes() {
+        use crate::policy_gradient::{train, RlConfig, StepLine};
+        type A = Autodiff<Dispatch>;
+        let device = cpu();
+        let w = world();
+        let run = |kind: &str, signal: TurnSignal, dense: bool| -> Vec<StepLine> {
+            let rewards = TurnRewardConfig {
+                dense,
+                ..Default::default()
+            };
+            let task = MultiturnTask::new(&w, rewards, signal).unwrap();
+            let width = Task::<B>::prompt_width(&task);
+            let cfg: RlConfig = toml::from_str(&format!(
+                "steps = 2\nprompts_per_step = 2\ngroup_size = 4\nmax_new_tokens = {}\n\
+                 [advantage]\nkind = \"{kind}\"",
+                w.max_transcript_len() + 3 - width
+            ))
+            .unwrap();
+            let lm = policy::<A>(&w, &device);
+            let reference = policy::<B>(&w, &device);
+            let mut lines = Vec::new();
+            train::<A>(&cfg, &task, lm, &reference, 3, &device, &mut |l| {
+                lines.push(l.clone());
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
+            lines
+        };
+        for (kind, signal, dense) in [
+            ("grpo", TurnSignal::Dense, false),
+            ("grpo", TurnSignal::Dense, true),
+            ("gra", TurnSignal::Dense, false),
+            ("a2tgpo", TurnSignal::InformationGain, false),
+            ("igpo", TurnSignal::InformationGain, false),
+        ] {
+            let lines = run(kind, signal, dense);
+            assert_eq!(lines.len(), 2, "{kind}");
+            for l in &lines {
+                assert!(l.metrics["loss"].is_finite(), "{kind}: {:?}", l.metrics);
+                assert_eq!(l.samples.len(), 8);
+                for sample in &l.samples {
+                    let task = MultiturnTask::new(&w, TurnRewardConfig::default(), signal).unwrap();
+                    let turns = task.parse(&task.split_response(&sample.tokens));
+                    let gold = w.outcome(sample.prompt, &turns);
+                    assert_eq!(sample.rewards["gold"], gold, "{kind}");
+                    let dense_sum: f64 = turns
+                        .iter()
+                        .map(|&t| {
+                            TurnRewardConfig::default()
+                                .turn_reward(&w.step_rewards(sample.prompt, t))
+                        })
+                        .sum();
+                    let want = if dense { gold + dense_sum } else { gold };
+                    assert!(
+                        (sample.rewards["proxy"] - want).abs() < 1e-5,
+                        "{kind}: {:?}",
+                        sample.rewards
+                    );
+                }
+            }
+            let again = run(kind, signal, dense);
+            assert_eq!(
+                lines.iter().map(|l| &l.metrics).collect::<Vec<_>>(),
+                again.iter().map(|l| &l.metrics).collect::<Vec<_>>(),
+                "{kind}: same seed, same numbers"
+            );
+        }
+    }
+
+    /// A response splits back into the turns that wrote it, observations skipped.
+    #[test]
+    fn responses_split_into_their_turns() {
+        let w = world();
+        let task = MultiturnTask::new(&w, TurnRewardConfig::default(), TurnSignal::Dense).unwrap();
+        let mut rng = seed::rng(9, "test");
+        for i in 0..w.questions().len() {
+            let turns = w.sample_episode(i, &mut rng);
+            let t = w.transcript(i, &turns);
+            let response = &t.tokens[w.context(i).len()..];
+            assert_eq!(task.split_response(response), turns, "question {i}");
+        }
+        // A turn without EOS is cut at max_turn_tokens.
+        let long = vec![w.entity_token(1); 6];
+        let split = task.split_response(&long);
+        assert_eq!(split[0].len(), w.config().max_turn_tokens);
+        assert!(TurnRewardConfig {
+            relevant: f64::NAN,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

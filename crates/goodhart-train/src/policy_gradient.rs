@@ -388,6 +388,12 @@ impl RlConfig {
     /// Errors on settings that cannot run against a proxy of `members` reward models,
     /// naming the key (`rl.<key>`).
     pub fn validate(&self, members: usize) -> Result<()> {
+        self.validate_for(members, false)
+    }
+
+    /// [`validate`](Self::validate) for a task whose responses are episodes of turns
+    /// (`multi_turn`), where the turn-level estimators can run.
+    pub fn validate_for(&self, members: usize, multi_turn: bool) -> Result<()> {
         let bad = |k: &str, why: String| GoodhartError::invalid(format!("rl.{k}"), why);
         for (k, v) in [
             ("steps", self.steps),
@@ -431,7 +437,9 @@ impl RlConfig {
                 .validate()
                 .map_err(|e| sub("critic.value_loss", e))?;
         }
-        if let Some(need) = unsupported_estimator_name(self.advantage.name()) {
+        if let Some(need) =
+            unsupported_estimator_name(self.advantage.name()).filter(|_| !multi_turn)
+        {
             return Err(bad(
                 "advantage.kind",
                 format!(
@@ -934,6 +942,8 @@ pub struct Scored<B: Backend> {
     pub sample_seconds: f64,
     /// Seconds spent scoring (proxy and gold).
     pub score_seconds: f64,
+    /// The turn data of a multi-turn task's episodes ([`Task::sample_turns`]).
+    pub turns: Option<crate::multiturn::TurnBatch<B>>,
 }
 
 /// The prompts `prompts` of `task`, left-padded to its prompt width: ids and mask.
@@ -1028,7 +1038,25 @@ pub fn sample_and_score<B: Backend>(
         monitors: scores.monitors,
         sample_seconds,
         score_seconds,
+        turns: None,
     })
+}
+
+/// Samples and scores one response (a multi-turn task: one episode) per prompt index of
+/// `prompts`: the task's own sampler when it has one ([`Task::sample_turns`]), else
+/// [`sample_and_score`].
+pub fn sample_task<B: Backend>(
+    policy: &TransformerLm<B>,
+    task: &dyn Task<B>,
+    prompts: &[usize],
+    generation: &GenerationConfig,
+    rng: &mut seed::ChaCha8Rng,
+    device: &B::Device,
+) -> Result<Scored<B>> {
+    match task.sample_turns(policy, prompts, generation, rng, device) {
+        Some(scored) => scored,
+        None => sample_and_score(policy, task, prompts, generation, rng, device),
+    }
 }
 
 /// A tensor's values on the host as `f64`.
@@ -1295,6 +1323,8 @@ struct Rollout<B: Backend> {
     parts: Option<Tensor<B, 2>>,
     /// Each monitor's score of each row.
     monitors: Vec<Vec<f64>>,
+    /// The turn data of a multi-turn task.
+    turns: Option<crate::multiturn::TurnBatch<B>>,
 }
 
 fn pad_cols<B: Backend, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<B>>(
@@ -1326,6 +1356,7 @@ impl<B: Backend> Rollout<B> {
             responses: s.responses,
             parts: s.parts,
             monitors: s.monitors,
+            turns: s.turns,
         }
     }
 
@@ -1362,6 +1393,12 @@ impl<B: Backend> Rollout<B> {
                 .parts
                 .as_ref()
                 .map(|p| p.clone().select(1, idx.clone())),
+            turns: self.turns.as_ref().map(|t| crate::multiturn::TurnBatch {
+                turn_mask: t.turn_mask.clone().select(0, idx.clone()),
+                token_turn: t.token_turn.clone().select(0, idx.clone()),
+                turn_rewards: t.turn_rewards.clone().select(0, idx.clone()),
+                answer_prob: t.answer_prob.clone().map(|p| p.select(0, idx.clone())),
+            }),
         }
     }
 
@@ -1432,6 +1469,36 @@ impl<B: Backend> Rollout<B> {
                     1,
                 )
             }),
+            turns: parts[0].turns.as_ref().map(|_| {
+                let turns: Vec<&crate::multiturn::TurnBatch<B>> = parts
+                    .iter()
+                    .map(|p| p.turns.as_ref().expect("every rollout of a task has turns"))
+                    .collect();
+                let k = turns
+                    .iter()
+                    .map(|t| t.turn_mask.dims()[1])
+                    .max()
+                    .unwrap_or(0);
+                let cat = |f: &dyn Fn(&crate::multiturn::TurnBatch<B>) -> Tensor<B, 2>,
+                           w: usize| {
+                    Tensor::cat(turns.iter().map(|t| pad_cols(f(t), w)).collect(), 0)
+                };
+                crate::multiturn::TurnBatch {
+                    turn_mask: cat(&|t| t.turn_mask.clone(), k),
+                    token_turn: Tensor::cat(
+                        turns
+                            .iter()
+                            .map(|t| pad_cols(t.token_turn.clone(), width))
+                            .collect(),
+                        0,
+                    ),
+                    turn_rewards: cat(&|t| t.turn_rewards.clone(), k),
+                    answer_prob: turns[0]
+                        .answer_prob
+                        .as_ref()
+                        .map(|_| cat(&|t| t.answer_prob.clone().expect("answer probs"), k + 1)),
+                }
+            }),
         }
     }
 }
@@ -1453,7 +1520,7 @@ fn reference_rewards<B: Backend>(
         .flat_map(|t| std::iter::repeat_n(t, m))
         .collect();
     let mut rng = seed::rng(seed, "pg/references");
-    let s = sample_and_score(reference, task, &rows, generation, &mut rng, device)?;
+    let s = sample_task(reference, task, &rows, generation, &mut rng, device)?;
     let r: Vec<f32> = host(rewards.base(&s)?)?
         .into_iter()
         .map(|x| x as f32)
@@ -1497,7 +1564,7 @@ fn collect<B: Backend>(
         let prompts: Vec<usize> = (0..p)
             .flat_map(|_| std::iter::repeat_n(prompt_rng.random_range(0..prompts_n), g))
             .collect();
-        let s = sample_and_score(sampler, task, &prompts, generation, sample_rng, device)?;
+        let s = sample_task(sampler, task, &prompts, generation, sample_rng, device)?;
         timings.sample += s.sample_seconds;
         timings.score += s.score_seconds;
         let scores = rewards.score(&s, device)?;
@@ -1592,7 +1659,7 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
     checkpoint: &mut CheckpointFn<'_, B::InnerBackend>,
 ) -> Result<TransformerLm<B>> {
     let due = |s: usize| every > 0 && s.is_multiple_of(every);
-    cfg.validate(task.proxy_members())?;
+    cfg.validate_for(task.proxy_members(), task.multi_turn())?;
     let width = task.prompt_width();
     let need = width + cfg.max_new_tokens;
     for (what, len) in [
@@ -1639,7 +1706,7 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         let prompts = task.prompts();
         let rows: Vec<usize> = (0..FIMI_SAMPLES).map(|i| i % prompts).collect();
         let mut rng = seed::rng(seed, "pg/fimi");
-        let s = sample_and_score(reference, task, &rows, &generation, &mut rng, device)?;
+        let s = sample_task(reference, task, &rows, &generation, &mut rng, device)?;
         let lengths = lengths_of(&s.generation.response_mask);
         rewards.bias = Some(fit_length_bias::<B>(
             Tensor::from_inner(s.proxy),
@@ -1821,6 +1888,9 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         // 5. Advantages.
         let mut input =
             AdvantageInput::new(mask.clone(), &groups).with_token_rewards(token_rewards.clone());
+        if let Some(t) = &batch.turns {
+            input = input.with_turns(t.turns());
+        }
         let t0 = clock::<B>(device)?;
         let old_values = critic
             .as_ref()
@@ -1854,7 +1924,7 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             // ReMax: the reward of the greedy response to each prompt.
             let prompts: Vec<usize> = batch.prompts.iter().step_by(g).copied().collect();
             let greedy = generation.clone().with_greedy(true);
-            let s = sample_and_score(&sampler, task, &prompts, &greedy, &mut greedy_rng, device)?;
+            let s = sample_task(&sampler, task, &prompts, &greedy, &mut greedy_rng, device)?;
             timings.sample += s.sample_seconds;
             timings.score += s.score_seconds;
             let per_prompt = rewards.score(&s, device)?.train;

@@ -17,12 +17,14 @@
 use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{seed, GoodhartError, Result};
 use goodhart_envs::language::{Language, EOS, PAD};
-use goodhart_policy::{chat_template::ChatMessage, tokenizer::Tokenizer, HfTokenizer};
+use goodhart_policy::{
+    chat_template::ChatMessage, tokenizer::Tokenizer, GenerationConfig, HfTokenizer, TransformerLm,
+};
 use goodhart_reward::{rubric::Rubric, Composite, RewardSource, Sequences, Texts};
 
 use crate::{
     data::{PreferenceRow, PromptRow, Text},
-    policy_gradient::{host, response_words, Proxy},
+    policy_gradient::{host, response_words, Proxy, Scored},
     preference::PreferencePair,
     sft::{generator_examples, PROMPT_LEN},
 };
@@ -97,6 +99,24 @@ pub trait Task<B: Backend> {
         n: usize,
         rng: &mut seed::ChaCha8Rng,
     ) -> Result<Vec<(Vec<u32>, usize)>>;
+    /// Whether responses are episodes of turns ([`Task::sample_turns`]); the turn-level
+    /// estimators (`gra`, `a2tgpo`, `igpo`) need such a task. False by default.
+    fn multi_turn(&self) -> bool {
+        false
+    }
+    /// For a multi-turn task: samples and scores one episode per prompt index, turn by
+    /// turn, with its turn data ([`Scored::turns`]). `None` (the default): the trainer
+    /// samples one response per prompt ([`crate::policy_gradient::sample_and_score`]).
+    fn sample_turns(
+        &self,
+        _policy: &TransformerLm<B>,
+        _prompts: &[usize],
+        _generation: &GenerationConfig,
+        _rng: &mut seed::ChaCha8Rng,
+        _device: &B::Device,
+    ) -> Option<Result<Scored<B>>> {
+        None
+    }
 }
 
 /// The synthetic language: prompt `t` is topic `t`'s `[BOS, topic, SEP]`; the proxy an
