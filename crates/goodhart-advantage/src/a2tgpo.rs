@@ -1,6 +1,6 @@
-//! A2TGPO: turn-group normalisation with variance-rescaled discounted accumulation, for
-//! multi-turn agents (METHODS.md; the adaptive clip schedule is *unverified* and belongs
-//! to the surrogate loss, not here).
+//! A2TGPO: turn-group normalisation with variance-rescaled discounted accumulation plus
+//! the group-normalised outcome, for multi-turn agents (METHODS-labs.md section 3; the
+//! adaptive turn-level clipping belongs to the surrogate loss, not here).
 
 use burn::tensor::{backend::Backend, Int, Tensor};
 use goodhart_core::{groups::Groups, GoodhartError, Result};
@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     common::{
-        check_positive, check_rows, check_tokens, check_unit, group_column_keys, keyed_zscore,
-        reverse_recursion, turns_to_tokens, SingletonGroups,
+        check_outcome, check_positive, check_rows, check_tokens, check_unit, group_column_keys,
+        keyed_zscore, reverse_recursion, turns_to_tokens, SingletonGroups,
     },
+    grpo::{group_normalise, GrpoConfig},
     AdvantageOutput,
 };
 
@@ -29,6 +30,12 @@ pub struct A2tgpoConfig {
     /// A (prompt, turn) group with one member (only one response reached that turn).
     /// Default [`SingletonGroups::Zero`]: nothing to compare with (goodhart's choice).
     pub singleton: SingletonGroups,
+    /// Weight `alpha` of the turn-level part. Default 0.3 (the method's script).
+    pub alpha: f32,
+    /// Add the outcome, z-scored within each prompt group, to every turn's advantage
+    /// (the method: `A_k = alpha S_k + A_out`). Default true; the estimator then needs the
+    /// outcome reward.
+    pub outcome: bool,
 }
 
 impl Default for A2tgpoConfig {
@@ -39,6 +46,8 @@ impl Default for A2tgpoConfig {
             unbiased_std: true,
             rescale: true,
             singleton: SingletonGroups::Zero,
+            alpha: 0.3,
+            outcome: true,
         }
     }
 }
@@ -80,14 +89,16 @@ pub(crate) fn accumulate_turns<B: Backend>(
 }
 
 /// A2TGPO: a per-turn signal `s [N, K]` is z-scored within each (prompt, turn index)
-/// group, `z = (s - mu_{g,k}) / (sigma_{g,k} + eps)`; each turn's advantage accumulates the
-/// discounted normalised values of it and the later turns, divided by the square root of
-/// the number of terms, `A_k = sum_{j >= k} gamma^{j-k} z_j / sqrt(#{j >= k})`; every token of
-/// turn `k` gets `A_k` (`token_turn [N, T]` names each token's turn). Comparing turn `k`
-/// only with turn `k` of the other responses removes the drift of the signal along the
-/// dialogue.
+/// group, `z = (s - mu_{g,k}) / (sigma_{g,k} + eps)`; each turn accumulates the discounted
+/// normalised values of it and the later turns, divided by the square root of the number
+/// of terms, `S_k = sum_{j >= k} gamma^{j-k} z_j / sqrt(#{j >= k})`; its advantage is
+/// `A_k = alpha S_k`, plus, given `outcome [N]`, the outcome z-scored within its prompt
+/// group (GRPO's normalisation with this `eps` and std); every token of turn `k` gets
+/// `A_k` (`token_turn [N, T]` names each token's turn). Comparing turn `k` only with turn
+/// `k` of the other responses removes the drift of the signal along the dialogue.
 #[allow(clippy::too_many_arguments)]
 pub fn a2tgpo<B: Backend>(
+    outcome: Option<Tensor<B, 1>>,
     turn_signal: Tensor<B, 2>,
     turn_mask: &Tensor<B, 2>,
     token_turn: &Tensor<B, 2, Int>,
@@ -113,7 +124,21 @@ pub fn a2tgpo<B: Backend>(
         groups,
         k,
     )?;
-    let per_turn = accumulate_turns(z, turn_mask, config.gamma, config.rescale);
+    if !config.alpha.is_finite() {
+        return Err(GoodhartError::invalid("alpha", "must be finite"));
+    }
+    let mut per_turn = accumulate_turns(z, turn_mask, config.gamma, config.rescale) * config.alpha;
+    if let Some(outcome) = outcome {
+        check_outcome(&outcome, mask, groups)?;
+        let grpo = GrpoConfig {
+            eps: config.eps,
+            unbiased_std: config.unbiased_std,
+            ..Default::default()
+        };
+        let out = group_normalise(outcome, groups, &grpo, "a2tgpo")?;
+        let n = out.dims()[0];
+        per_turn = per_turn + out.reshape([n, 1]);
+    }
     Ok(AdvantageOutput::tokens(
         turns_to_tokens(per_turn, token_turn, mask)?,
         None,

@@ -349,6 +349,7 @@ pub fn compute<B: Backend>(
             let signal = need(&turns.turn_rewards, "turns.turn_rewards", name)?;
             let token_turn = need(&turns.token_turn, "turns.token_turn", name)?;
             a2tgpo(
+                c.outcome.then(|| input.outcome()).transpose()?,
                 signal.clone(),
                 &turns.turn_mask,
                 token_turn,

@@ -338,14 +338,27 @@ goodhart_core::backend_test! {
         let turn_mask = t2::<B>(&[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], 3, 2, device);
         let token_turn = ti::<B>(&[0, 0, 1, 0, 1, 1, 0, -1, -1], 3, 3, device);
         let mask = t2::<B>(&[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0], 3, 3, device);
-        let cfg = A2tgpoConfig { gamma: 0.5, ..Default::default() };
-        let out = a2tgpo(signal, &turn_mask, &token_turn, &mask, &groups, &cfg).unwrap();
+        let cfg = A2tgpoConfig { gamma: 0.5, alpha: 1.0, outcome: false, ..Default::default() };
+        let out = a2tgpo(None, signal.clone(), &turn_mask, &token_turn, &mask, &groups, &cfg).unwrap();
         let (a0, a1) = (0.75, FRAC_1_SQRT_2);
         assert_close(&values(out.advantages), &[-a0, -a0, -a1, a0, a1, a1, 0.0, 0.0, 0.0], tolerance(1e-5));
+        // With the outcome (the method's default alpha 0.3): outcomes {1, 0} of prompt 0
+        // z-score to +-1/sqrt(2) (mean 0.5, unbiased sd sqrt(0.5)); response 2 is alone
+        // (GRPO's singleton rule keeps its reward 0.5). A = 0.3 S_k + A_out.
+        let outcome = t1::<B>(&[1.0, 0.0, 0.5], device);
+        let cfg = A2tgpoConfig { gamma: 0.5, ..Default::default() };
+        let out = a2tgpo(Some(outcome), signal, &turn_mask, &token_turn, &mask, &groups, &cfg).unwrap();
+        let o = FRAC_1_SQRT_2;
+        let (b0, b1) = (0.3 * a0, 0.3 * a1);
+        assert_close(
+            &values(out.advantages),
+            &[o - b0, o - b0, o - b1, -o + b0, -o + b1, -o + b1, 0.5, 0.0, 0.0],
+            tolerance(1e-5),
+        );
         // a token naming a turn that does not exist is an error
         let bad = ti::<B>(&[0, 0, 5, 0, 1, 1, 0, -1, -1], 3, 3, device);
         let t = t2::<B>(&[1.0, 2.0, 3.0, 6.0, 9.0, 0.0], 3, 2, device);
-        assert!(matches!(a2tgpo(t, &turn_mask, &bad, &mask, &groups, &cfg), Err(GoodhartError::InvalidArgument { .. })));
+        assert!(matches!(a2tgpo(None, t, &turn_mask, &bad, &mask, &groups, &cfg), Err(GoodhartError::InvalidArgument { .. })));
     }
 }
 

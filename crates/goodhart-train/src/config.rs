@@ -32,6 +32,8 @@
 //! [detector_corpus]   # RL traces split by seed: detectors calibrated, then tested
 //! [rubric]            # RL against weak and strong rubric verifiers: exploitation, the
 //!                     #   self-internalisation gap (reads [sft] and [rl])
+//! [multiturn]         # RL on a tool-use world: outcome, dense, gated and turn-level rewards
+//!                     #   (reads [sft] and [rl])
 //!
 //! [sweep]             # `cargo xtask sweep`: one run per point of the product
 //! "rl.lr" = [1e-3, 3e-3]
@@ -52,6 +54,7 @@ pub use crate::experiments::{
     daa::{DaaExperiment, DaaMethod},
     detector_corpus::DetectorCorpusExperiment,
     mitigations::{Arm, MitigationsExperiment},
+    multiturn::{MultiturnExperiment, TurnArm},
     overopt::{BestOfNConfig, OveroptExperiment},
     rubric::{RubricExperiment, VerifierArm},
     tomato::{ProxyInit, TomatoExperiment},
@@ -154,6 +157,10 @@ pub struct ExperimentConfig {
     /// self-internalisation gap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rubric: Option<RubricExperiment>,
+    /// RL on a tool-use world: outcome-only, ungated dense, gated (G-RA) and turn-level
+    /// (IGPO, A2TGPO) rewards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiturn: Option<MultiturnExperiment>,
     /// `cargo xtask sweep`: dotted key path -> values; one run per point of the product.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,

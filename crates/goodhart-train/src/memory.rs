@@ -124,6 +124,26 @@ pub fn estimate(config: &ExperimentConfig) -> Vec<Term> {
             );
         }
     }
+    if let Some(m) = &config.multiturn {
+        let w = &m.world;
+        let vocab =
+            goodhart_envs::multihop::NUM_SPECIAL as f64 + w.entities as f64 + w.relations as f64;
+        add(
+            "multiturn.world.entities",
+            "the knowledge base",
+            w.entities as f64 * w.relations as f64 * I64,
+        );
+        let context = w.max_hops as f64 + 3.0;
+        model_terms(config, vocab, context, &mut add);
+        // An evaluation plays episodes without autodiff: logits and their log-softmax
+        // over each round's transcripts.
+        let len = context + w.max_turns as f64 * (w.max_turn_tokens as f64 + 2.0);
+        add(
+            "multiturn.eval_episodes",
+            "an evaluation's episodes and their logits",
+            w.questions as f64 * m.eval_episodes as f64 * len * (vocab * 2.0 + 16.0) * F32,
+        );
+    }
     if let Some(t) = &config.tomato {
         let obs = goodhart_envs::tomato::Board::parse(&t.env.board)
             .map(|b| b.obs_dim())

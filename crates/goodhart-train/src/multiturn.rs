@@ -37,8 +37,13 @@ use goodhart_policy::{generate, score, Generation, GenerationConfig, Transformer
 use goodhart_reward::Sequences;
 use serde::{Deserialize, Serialize};
 
+use burn::tensor::backend::AutodiffBackend;
+use goodhart_policy::sft::SftExample;
+
 use crate::{
     policy_gradient::{host_rows, Scored},
+    rubric::BaseReport,
+    sft::{fine_tune, SftConfig},
     task::{token_texts, Task, TaskScores},
 };
 
@@ -496,7 +501,8 @@ pub enum TurnSignal {
     /// Each turn's dense reward ([`TurnRewardConfig::turn_reward`]).
     Dense,
     /// Each turn's information gain, `ln P_k - ln P_{k-1}` of the answer probabilities
-    /// ([`answer_probs`], computed for every batch: IGPO's and A2TGPO's signal).
+    /// ([`answer_probs`], computed for every batch: IGPO's and A2TGPO's signal); 0 for
+    /// an answer turn, which retrieves nothing.
     InformationGain,
 }
 
@@ -715,12 +721,16 @@ impl MultiturnTask<'_> {
                     .convert::<f32>()
                     .into_vec()
                     .map_err(|e| GoodhartError::invalid("answer_prob", format!("{e:?}")))?;
+                // A turn's information gain; an answer retrieves nothing (0).
                 out.turns
                     .iter()
                     .enumerate()
                     .map(|(r, t)| {
                         (0..t.len())
                             .map(|j| {
+                                if matches!(t[j], Turn::Answer { .. }) {
+                                    return 0.0;
+                                }
                                 let at = |c: usize| f64::from(p[r * (k + 1) + c]).max(1e-30).ln();
                                 at(j + 1) - at(j)
                             })
@@ -766,6 +776,119 @@ impl MultiturnTask<'_> {
                 answer_prob: turns.answer_prob,
             }),
         })
+    }
+}
+
+/// `n` generator episodes as SFT examples: each transcript with the loss on the policy's
+/// tokens only (the context and the tool's observations masked), questions in turn from
+/// `rng`.
+pub fn base_examples(
+    world: &MultihopWorld,
+    n: usize,
+    rng: &mut seed::ChaCha8Rng,
+) -> Vec<SftExample> {
+    let q = world.questions().len();
+    (0..n)
+        .map(|k| {
+            let i = k % q;
+            let turns = world.sample_episode(i, rng);
+            let t = world.transcript(i, &turns);
+            SftExample {
+                tokens: t.tokens.iter().map(|&x| x as usize).collect(),
+                loss_mask: Some(t.policy_mask),
+            }
+        })
+        .collect()
+}
+
+/// The base policy: `cfg`'s transformer for the world's vocabulary, SFT on
+/// [`base_examples`] (streams `multiturn/sft/init`, `multiturn/sft/examples`,
+/// `multiturn/sft/heldout`, `multiturn/sft/order` of `seed`). Errors when the longest
+/// episode and IGPO's answer turn do not fit `cfg.max_seq_len`.
+pub fn train_base<B: AutodiffBackend>(
+    world: &MultihopWorld,
+    cfg: &SftConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(TransformerLm<B>, BaseReport)> {
+    let need = world.max_transcript_len() + 3;
+    if cfg.max_seq_len < need {
+        return Err(GoodhartError::invalid(
+            "sft.max_seq_len",
+            format!(
+                "{} cannot hold an episode of {} turns and an answer ({need} tokens)",
+                cfg.max_seq_len,
+                world.config().max_turns
+            ),
+        ));
+    }
+    let model = seed::seeded::<B, _>(device, seed, "multiturn/sft/init", || {
+        cfg.transformer(world.vocab_size()).init::<B>(device)
+    })?;
+    let data = base_examples(
+        world,
+        cfg.examples,
+        &mut seed::rng(seed, "multiturn/sft/examples"),
+    );
+    let held = base_examples(
+        world,
+        cfg.heldout,
+        &mut seed::rng(seed, "multiturn/sft/heldout"),
+    );
+    let order = seed::derive(seed, "multiturn/sft/order");
+    let fit = fine_tune(model, &data, &held, cfg, PAD as usize, order)?;
+    Ok((
+        fit.model,
+        BaseReport {
+            initial_nll: fit.initial_nll,
+            heldout_nll: fit.heldout_nll,
+        },
+    ))
+}
+
+/// What a batch of episodes did, averaged per episode (an evaluation's figures).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct EpisodeStats {
+    /// The outcome (gold).
+    pub outcome: f64,
+    /// The dense step rewards, summed over the episode's turns.
+    pub dense: f64,
+    /// Searches.
+    pub tool_calls: f64,
+    /// Searches on the question's chain.
+    pub relevant: f64,
+    /// Turns.
+    pub turns: f64,
+    /// The share of episodes that answered.
+    pub answered: f64,
+}
+
+impl EpisodeStats {
+    /// The means over `rollout`'s episodes, the dense rewards weighted by `rewards`.
+    pub fn of<B: Backend>(rollout: &TurnRollout<B>, rewards: &TurnRewardConfig) -> Self {
+        let n = rollout.turns.len().max(1) as f64;
+        let mut s = Self::default();
+        for (turns, steps) in rollout.turns.iter().zip(&rollout.steps) {
+            s.dense += steps.iter().map(|x| rewards.turn_reward(x)).sum::<f64>();
+            s.tool_calls += steps.iter().map(|x| x.tool_call).sum::<f64>();
+            s.relevant += steps.iter().map(|x| x.relevant).sum::<f64>();
+            s.turns += turns.len() as f64;
+            s.answered += f64::from(u8::from(
+                turns.iter().any(|t| matches!(t, Turn::Answer { .. })),
+            ));
+        }
+        s.outcome = rollout.gold.iter().sum::<f64>();
+        for v in [
+            &mut s.outcome,
+            &mut s.dense,
+            &mut s.tool_calls,
+            &mut s.relevant,
+            &mut s.turns,
+            &mut s.answered,
+        ] {
+            *v /= n;
+        }
+        s
     }
 }
 

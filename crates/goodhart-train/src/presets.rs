@@ -39,6 +39,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/rubric.toml"),
     ),
     (
+        "multiturn",
+        "the multi-turn agentic lab: a tool-use world, outcome-only GRPO, ungated dense step rewards, G-RA gating, IGPO and A2TGPO, 3 seeds",
+        include_str!("../../../docs/presets/multiturn.toml"),
+    ),
+    (
         "daa-full",
         "the daa lab at a larger budget: 4,000 pairs, 3 epochs, seven betas, cDPO too, 5 seeds",
         include_str!("../../../docs/presets/daa-full.toml"),

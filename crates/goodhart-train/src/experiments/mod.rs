@@ -14,6 +14,8 @@
 //!   language's preference pairs, gold and KL of fresh samples.
 //! - [`rubric`]: RL against weak and strong rubric verifiers on the rubric world,
 //!   exploitation rate by failure mode and the self-internalisation gap.
+//! - [`multiturn`]: RL on the tool-use world with outcome, ungated dense, gated (G-RA) and
+//!   turn-level (IGPO, A2TGPO) rewards.
 //! - [`lm`]: the stages the language-model experiments share.
 //!
 //! A new experiment is a module here with its section struct implementing
@@ -24,6 +26,7 @@ pub mod daa;
 pub mod detector_corpus;
 pub mod lm;
 pub mod mitigations;
+pub mod multiturn;
 pub mod overopt;
 pub mod rubric;
 pub mod tomato;
@@ -89,7 +92,7 @@ pub trait Visitor {
 }
 
 /// Every experiment: its section name and summary.
-pub const EXPERIMENTS: [(&str, &str); 7] = [
+pub const EXPERIMENTS: [(&str, &str); 8] = [
     (
         tomato::TomatoExperiment::NAME,
         tomato::TomatoExperiment::SUMMARY,
@@ -114,6 +117,10 @@ pub const EXPERIMENTS: [(&str, &str); 7] = [
     (
         rubric::RubricExperiment::NAME,
         rubric::RubricExperiment::SUMMARY,
+    ),
+    (
+        multiturn::MultiturnExperiment::NAME,
+        multiturn::MultiturnExperiment::SUMMARY,
     ),
 ];
 
@@ -152,6 +159,10 @@ pub fn visit<V: Visitor>(
         v.visit(e)?;
         n += 1;
     }
+    if let Some(e) = &config.multiturn {
+        v.visit(e)?;
+        n += 1;
+    }
     Ok(n)
 }
 
@@ -167,8 +178,12 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
     };
     match family {
         "advantage" => match crate::policy_gradient::unsupported_estimator_name(name) {
-            Some(_) => Vec::new(),
-            None => rl("advantage"),
+            Some(_) => vec!["multiturn (multiturn.arms.rl.advantage)".into()],
+            None => {
+                let mut by = rl("advantage");
+                by.push("multiturn (multiturn.arms.rl.advantage)".into());
+                by
+            }
         },
         "policy loss" => rl("loss"),
         "sample filter" => rl("sample_filter"),
