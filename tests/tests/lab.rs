@@ -433,6 +433,62 @@ fn the_browser_check_fails_on_a_script_error_or_an_undrawn_chart() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+/// The multi-turn lab, tiny: every arm trains 4 steps from one base policy and is
+/// evaluated at steps 0, 2 and 4 on the same fresh episodes at step 0; every sample's
+/// gold is its episode's outcome (0 or 1) and the dense arm's proxy adds the step rewards.
+#[test]
+fn tiny_multiturn_preset() {
+    let config = tiny(
+        "multiturn",
+        &[
+            "multiturn.seeds=1",
+            "multiturn.eval_every=2",
+            "multiturn.eval_episodes=1",
+        ],
+    );
+    let root = scratch("multiturn");
+    let (dir, summary) = run(config, &root);
+    let _ = assert_run_files(&dir, "multiturn");
+    let arms = ["outcome", "dense", "gra", "igpo", "a2tgpo"];
+    let rows = table(&summary, "Multi-turn");
+    let names: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(names, arms);
+    assert_eq!(summary["charts"].as_array().unwrap().len(), 3);
+    let lines = metric_lines(&dir);
+    let mut first_eval = Vec::new();
+    for arm in arms {
+        let train = lines
+            .iter()
+            .filter(|l| l["series"] == format!("{arm}/s0"))
+            .count();
+        assert_eq!(train, 4, "{arm}");
+        let eval: Vec<_> = lines
+            .iter()
+            .filter(|l| l["series"] == format!("{arm}/s0/eval"))
+            .collect();
+        let steps: Vec<u64> = eval.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [0, 2, 4], "{arm}");
+        first_eval.push(eval[0]["eval/outcome"].as_f64().unwrap());
+    }
+    assert!(
+        first_eval.windows(2).all(|w| w[0] == w[1]),
+        "every arm's step-0 evaluation plays the same episodes: {first_eval:?}"
+    );
+    for sample in jsonl(&dir, "samples.jsonl") {
+        let (proxy, gold) = (
+            sample["rewards"]["proxy"].as_f64().unwrap(),
+            sample["rewards"]["gold"].as_f64().unwrap(),
+        );
+        assert!(gold == 0.0 || gold == 1.0, "{sample:?}");
+        if sample["series"] == "dense/s0" {
+            assert!(proxy >= gold - 1e-6, "{sample:?}");
+        } else {
+            assert!((proxy - gold).abs() < 1e-6, "{sample:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(root);
+}
+
 #[test]
 fn tiny_rubric_preset() {
     let config = tiny(

@@ -88,6 +88,34 @@ pub(crate) fn accumulate_turns<B: Backend>(
     }
 }
 
+/// A2TGPO's normalised turn signal `[N, K]`: `s` z-scored within each (prompt, turn
+/// index) group, `(s - mu_{g,k}) / (sigma_{g,k} + eps)` (the std and lone groups as
+/// `config` says); what the advantage accumulates and what scales the turn-level clip
+/// range (`goodhart_objective::turn_clip`).
+pub fn turn_zscores<B: Backend>(
+    turn_signal: Tensor<B, 2>,
+    turn_mask: &Tensor<B, 2>,
+    groups: &Groups,
+    config: &A2tgpoConfig,
+) -> Result<Tensor<B, 2>> {
+    check_positive("eps", config.eps)?;
+    check_turns(&turn_signal, "turn_rewards", turn_mask, groups)?;
+    let k = turn_mask.dims()[1];
+    let device = turn_signal.device();
+    keyed_zscore(
+        turn_signal,
+        turn_mask,
+        group_column_keys::<B>(groups, k, &device),
+        groups.num_groups() * k,
+        config.eps,
+        config.unbiased_std,
+        config.singleton,
+        "a2tgpo",
+        groups,
+        k,
+    )
+}
+
 /// A2TGPO: a per-turn signal `s [N, K]` is z-scored within each (prompt, turn index)
 /// group, `z = (s - mu_{g,k}) / (sigma_{g,k} + eps)`; each turn accumulates the discounted
 /// normalised values of it and the later turns, divided by the square root of the number
@@ -107,23 +135,8 @@ pub fn a2tgpo<B: Backend>(
     config: &A2tgpoConfig,
 ) -> Result<AdvantageOutput<B>> {
     check_unit("gamma", config.gamma)?;
-    check_positive("eps", config.eps)?;
-    check_turns(&turn_signal, "turn_rewards", turn_mask, groups)?;
     check_rows(mask, groups.len(), "mask")?;
-    let k = turn_mask.dims()[1];
-    let device = turn_signal.device();
-    let z = keyed_zscore(
-        turn_signal,
-        turn_mask,
-        group_column_keys::<B>(groups, k, &device),
-        groups.num_groups() * k,
-        config.eps,
-        config.unbiased_std,
-        config.singleton,
-        "a2tgpo",
-        groups,
-        k,
-    )?;
+    let z = turn_zscores(turn_signal, turn_mask, groups, config)?;
     if !config.alpha.is_finite() {
         return Err(GoodhartError::invalid("alpha", "must be finite"));
     }

@@ -409,6 +409,19 @@ impl MultihopWorld {
         }
     }
 
+    /// The checks of question `i` an episode with these turns passes, as unit tests (VeRPO's
+    /// partial credit): one per lookup of its chain (searched at some turn), then the
+    /// answer (the outcome). `hops + 1` values.
+    pub fn checks_passed(&self, i: usize, turns: &[Turn]) -> Vec<bool> {
+        let mut out: Vec<bool> = self
+            .chain(i)
+            .into_iter()
+            .map(|(entity, relation)| turns.contains(&Turn::Search { entity, relation }))
+            .collect();
+        out.push(self.outcome(i, turns) == 1.0);
+        out
+    }
+
     /// Whether an episode with these turns is over: it answered, or used `max_turns`.
     pub fn is_done(&self, turns: &[Turn]) -> bool {
         turns.len() >= self.config.max_turns
@@ -624,6 +637,7 @@ mod tests {
         }
         assert_eq!(w.outcome(i, &right), 1.0);
         assert!(w.is_done(&right));
+        assert_eq!(w.checks_passed(i, &right), [true, true, true]);
         let steps: Vec<StepRewards> = right.iter().map(|&t| w.step_rewards(i, t)).collect();
         assert_eq!(
             steps.iter().map(|s| s.relevant).sum::<f64>(),
@@ -637,6 +651,7 @@ mod tests {
         let farm = vec![Turn::Search { entity, relation }; w.config().max_turns];
         assert!(w.is_done(&farm));
         assert_eq!(w.outcome(i, &farm), 0.0);
+        assert_eq!(w.checks_passed(i, &farm), [true, false, false]);
         for t in &farm {
             let s = w.step_rewards(i, *t);
             assert_eq!((s.format, s.tool_call, s.relevant), (1.0, 1.0, 1.0));

@@ -7,7 +7,8 @@
 //!   [`ppo_clip`] (asymmetric clip, dual-clip), [`gspo`] (sequence-level ratio),
 //!   [`cispo`] (truncated detached IS weight), [`sapo`] (soft gate), [`clip_cov`] and
 //!   [`kl_cov`] (covariance-selected tokens), [`geo_mean`] (GMPO), [`dppo`] (divergence
-//!   trust region, `dppo_tv` / `dppo_kl`); one [`policy::PolicyLossConfig`] picks one by
+//!   trust region, `dppo_tv` / `dppo_kl`), [`turn_clip`] (A2TGPO's turn-level ratio and
+//!   per-turn clip range, `a2tgpo_clip`); one [`policy::PolicyLossConfig`] picks one by
 //!   `kind`, [`policy::REGISTRY`] lists them;
 //! - [`rollout_is`]: truncated importance weights between the rollout engine and the
 //!   trainer, which every policy loss applies per token;
@@ -35,6 +36,7 @@ pub mod ppo_clip;
 pub mod preference;
 pub mod rollout_is;
 pub mod sapo;
+pub mod turn_clip;
 pub mod value;
 
 pub use cispo::CispoConfig;

@@ -27,6 +27,7 @@ use crate::{
     kl_cov::KlCovConfig,
     ppo_clip::PpoClipConfig,
     sapo::SapoConfig,
+    turn_clip::{TurnClipConfig, TurnInputs},
 };
 
 /// Bound on the per-token log-ratio before `exp` (verl's `clamp(-20, 20)`).
@@ -62,6 +63,9 @@ pub struct PolicyInputs<B: Backend> {
     pub global: GlobalBatch,
     /// Seed of the random choices a loss makes (`clip_cov`'s tokens); default 0.
     pub seed: u64,
+    /// Each token's turn and each turn's signal, for the turn-level losses (none by
+    /// default).
+    pub turns: Option<TurnInputs<B>>,
 }
 
 impl<B: Backend> PolicyInputs<B> {
@@ -98,7 +102,35 @@ impl<B: Backend> PolicyInputs<B> {
             rollout_is_weights: None,
             global: GlobalBatch::default(),
             seed: 0,
+            turns: None,
         })
+    }
+
+    /// Sets each token's turn `[B, T]` and each turn's normalised signal and fixed flag
+    /// `[B, K]` (detached). Errors on shapes that do not match the batch.
+    pub fn with_turns(mut self, turns: TurnInputs<B>) -> Result<Self> {
+        let [b, t] = self.logp.dims();
+        if turns.token_turn.dims() != [b, t] {
+            return Err(GoodhartError::shape(
+                "token_turn",
+                &[b, t],
+                &turns.token_turn.dims(),
+            ));
+        }
+        let k = turns.turn_z.dims()[1];
+        if turns.turn_z.dims()[0] != b || k == 0 || turns.fixed.dims() != [b, k] {
+            return Err(GoodhartError::shape(
+                "turn_z / fixed",
+                &[b, k.max(1)],
+                &turns.fixed.dims(),
+            ));
+        }
+        self.turns = Some(TurnInputs {
+            turn_z: turns.turn_z.detach(),
+            fixed: turns.fixed.detach(),
+            token_turn: turns.token_turn,
+        });
+        Ok(self)
     }
 
     /// Sets per-token importance weights `[B, T]` (detached; masked positions become 0).
@@ -270,6 +302,9 @@ pub enum PolicyLossConfig {
     DppoTv(DppoConfig),
     /// DPPO with a binary-KL trust region ([`crate::dppo`]).
     DppoKl(DppoConfig),
+    /// A2TGPO's turn-level ratio and per-turn clip range ([`crate::turn_clip`]; needs
+    /// turns).
+    A2tgpoClip(TurnClipConfig),
 }
 
 impl Default for PolicyLossConfig {
@@ -292,6 +327,7 @@ impl PolicyLossConfig {
             Self::GeoMean(_) => "geo_mean",
             Self::DppoTv(_) => "dppo_tv",
             Self::DppoKl(_) => "dppo_kl",
+            Self::A2tgpoClip(_) => "a2tgpo_clip",
         }
     }
 
@@ -306,6 +342,7 @@ impl PolicyLossConfig {
             Self::KlCov(c) => c.validate(),
             Self::GeoMean(c) => c.validate(),
             Self::DppoTv(c) | Self::DppoKl(c) => c.validate(),
+            Self::A2tgpoClip(c) => c.validate(),
         }
     }
 
@@ -320,6 +357,7 @@ impl PolicyLossConfig {
             Self::ClipCov(c) => c.aggregation = aggregation,
             Self::KlCov(c) => c.aggregation = aggregation,
             Self::DppoTv(c) | Self::DppoKl(c) => c.aggregation = aggregation,
+            Self::A2tgpoClip(c) => c.aggregation = aggregation,
             Self::GeoMean(_) => {
                 return Err(GoodhartError::invalid(
                     "aggregation",
@@ -342,7 +380,13 @@ impl PolicyLossConfig {
             Self::GeoMean(c) => c.loss(inputs),
             Self::DppoTv(c) => c.loss(inputs, Divergence::Tv),
             Self::DppoKl(c) => c.loss(inputs, Divergence::Kl),
+            Self::A2tgpoClip(c) => c.loss(inputs),
         }
+    }
+
+    /// Whether the loss reads each token's turn ([`PolicyInputs::with_turns`]).
+    pub fn needs_turns(&self) -> bool {
+        matches!(self, Self::A2tgpoClip(_))
     }
 }
 
@@ -393,6 +437,11 @@ pub const REGISTRY: &[MethodInfo] = &[
         summary: "-A sg(min(r, c)) lp on tokens whose binary KL to the old probability is at most eps, or that moved against A",
         source: "DPPO (arXiv:2602.04879); verl compute_policy_loss_dppo_kl; defaults verl (0.2, c = 20)",
     },
+    MethodInfo {
+        name: "a2tgpo_clip",
+        summary: "max(-A r, -A clip(r, 1 - eps_low c, 1 + eps_high c)), r the turn's geometric-mean ratio (token gradient), c = 1 + beta (2 sigmoid(z_turn) - 1)",
+        source: "A2TGPO (arXiv 2605.06200; METHODS-labs.md section 3): turn-level IS and adaptive turn-level clipping; defaults from its script (3e-3 / 4e-3, beta 0.3)",
+    },
 ];
 
 /// Validation shared by the clip-range configs.
@@ -424,7 +473,7 @@ mod tests {
             assert_eq!(cfg.name(), info.name);
             cfg.validate().unwrap();
         }
-        assert_eq!(REGISTRY.len(), 9);
+        assert_eq!(REGISTRY.len(), 10);
         let cfg: PolicyLossConfig =
             toml::from_str("kind = \"ppo_clip\"\neps_high = 0.28\ndual_clip = false\naggregation = \"seq-mean-token-sum-norm\"").unwrap();
         assert_eq!(

@@ -265,6 +265,20 @@ pub fn layout<B: Backend>(
 }
 
 impl<B: Backend> TurnRollout<B> {
+    /// `[N, K]`: 1 on each row's answer turns.
+    pub fn answer_turns(&self) -> Tensor<B, 2> {
+        let (n, k) = (self.turns.len(), self.max_turns().max(1));
+        let mut v = vec![0f32; n * k];
+        for (r, t) in self.turns.iter().enumerate() {
+            for (j, turn) in t.iter().enumerate() {
+                if matches!(turn, Turn::Answer { .. }) {
+                    v[r * k + j] = 1.0;
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(v, [n, k]), &self.batch.tokens.device())
+    }
+
     /// The most turns of a row, `K`.
     pub fn max_turns(&self) -> usize {
         self.turns.iter().map(Vec::len).max().unwrap_or(0)
@@ -480,9 +494,24 @@ pub struct TurnBatch<B: Backend> {
     pub turn_rewards: Tensor<B, 2>,
     /// `[N, K + 1]`: IGPO's answer probabilities, when the task computes them.
     pub answer_prob: Option<Tensor<B, 2>>,
+    /// `[N, K]`: 1 on answer turns (whose clip range the turn-level loss leaves as is).
+    pub answer_turn: Tensor<B, 2>,
+    /// `[N, U]`: the question's checks each episode passes, as unit tests (VeRPO): each
+    /// lookup of its chain, then the answer ([`MultihopWorld::checks_passed`]).
+    pub checks: Tensor<B, 2>,
+    /// `[N, U]`: 1 for the checks its question has (`hops + 1`).
+    pub checks_mask: Tensor<B, 2>,
 }
 
 impl<B: Backend> TurnBatch<B> {
+    /// The checks as unit tests, as VeRPO reads them.
+    pub fn unit_tests(&self) -> goodhart_advantage::UnitTests<B> {
+        goodhart_advantage::UnitTests {
+            passed: self.checks.clone(),
+            mask: self.checks_mask.clone(),
+        }
+    }
+
     /// As the advantage estimators read it.
     pub fn turns(&self) -> Turns<B> {
         Turns {
@@ -679,6 +708,29 @@ impl<B: Backend> Task<B> for MultiturnTask<'_> {
 }
 
 impl MultiturnTask<'_> {
+    /// Each episode's checks and their mask `[N, U]`, `U` the most checks of a question.
+    fn checks<B: Backend>(&self, out: &TurnRollout<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let rows: Vec<Vec<bool>> = out
+            .questions
+            .iter()
+            .zip(&out.turns)
+            .map(|(&q, t)| self.world.checks_passed(q, t))
+            .collect();
+        let (n, u) = (rows.len(), self.world.config().max_hops + 1);
+        let (mut passed, mut mask) = (vec![0f32; n * u], vec![0f32; n * u]);
+        for (r, row) in rows.iter().enumerate() {
+            for (j, &p) in row.iter().enumerate() {
+                passed[r * u + j] = f32::from(u8::from(p));
+                mask[r * u + j] = 1.0;
+            }
+        }
+        let device = out.batch.tokens.device();
+        (
+            Tensor::from_data(TensorData::new(passed, [n, u]), &device),
+            Tensor::from_data(TensorData::new(mask, [n, u]), &device),
+        )
+    }
+
     fn sample_episodes<B: Backend>(
         &self,
         policy: &TransformerLm<B>,
@@ -748,6 +800,7 @@ impl MultiturnTask<'_> {
             .map(|(t, &q)| t.tokens[self.world.context(q).len()..].to_vec())
             .collect();
         let scores = Task::<B>::score(self, prompts, batch, &responses)?;
+        let checks = self.checks(&out);
         let score_seconds = t0.elapsed().as_secs_f64();
         let [_, total] = batch.tokens.dims();
         Ok(Scored {
@@ -774,6 +827,9 @@ impl MultiturnTask<'_> {
                 token_turn: turns.token_turn.expect("turn data has token turns"),
                 turn_rewards: turns.turn_rewards.expect("turn data has a signal"),
                 answer_prob: turns.answer_prob,
+                answer_turn: out.answer_turns(),
+                checks: checks.0,
+                checks_mask: checks.1,
             }),
         })
     }
@@ -1162,6 +1218,26 @@ mod tests {
         // The last column: after the answer turn (no observation).
         let full = out.transcripts[0].tokens.clone();
         assert!((probs[2] - by_hand(full)).abs() < 1e-5);
+        // IGPO's turn rewards from them: the search turn gains p1 - p0; the last (answer)
+        // turn gets the outcome, 0 for the wrong answer e0 (the answer is not e0).
+        assert_ne!(w.answer(q), 0);
+        let td = out
+            .turn_data(None, Some(answer_probs(&lm, &w, &out).unwrap()))
+            .unwrap();
+        let outcome = Tensor::<B, 1>::from_data(
+            TensorData::new(out.gold.iter().map(|&g| g as f32).collect::<Vec<_>>(), [1]),
+            &device,
+        );
+        let gains = host_f32(
+            goodhart_advantage::igpo::igpo_turn_rewards(
+                td.answer_prob.unwrap(),
+                outcome,
+                &td.turn_mask,
+            )
+            .unwrap(),
+        );
+        assert!((gains[0] - (probs[1] - probs[0])).abs() < 1e-6, "{gains:?}");
+        assert_eq!(gains[1], 0.0);
     }
 
     /// The turn-level estimators run on a real rollout's turn data: G-RA on the outcome
@@ -1293,12 +1369,30 @@ mod tests {
             ("grpo", TurnSignal::Dense, true),
             ("gra", TurnSignal::Dense, false),
             ("a2tgpo", TurnSignal::InformationGain, false),
+            (
+                "a2tgpo\"\n[loss]\nkind = \"a2tgpo_clip",
+                TurnSignal::InformationGain,
+                false,
+            ),
             ("igpo", TurnSignal::InformationGain, false),
+            ("verpo", TurnSignal::Dense, false),
         ] {
             let lines = run(kind, signal, dense);
             assert_eq!(lines.len(), 2, "{kind}");
             for l in &lines {
                 assert!(l.metrics["loss"].is_finite(), "{kind}: {:?}", l.metrics);
+                // Turn-level KL: the token-mean KL is a weighted mean of the turns'.
+                let per_turn: Vec<f64> = (0..w.config().max_turns)
+                    .filter_map(|k| l.metrics.get(&format!("kl/ref/turn{k}")).copied())
+                    .collect();
+                assert!(l.metrics.contains_key("kl/ref/turn0"), "{kind}");
+                let lo = per_turn.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = per_turn.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let all = l.metrics["kl/ref/token"];
+                assert!(
+                    lo - 1e-6 <= all && all <= hi + 1e-6,
+                    "{kind}: {per_turn:?} {all}"
+                );
                 assert_eq!(l.samples.len(), 8);
                 for sample in &l.samples {
                     let task = MultiturnTask::new(&w, TurnRewardConfig::default(), signal).unwrap();
@@ -1328,6 +1422,21 @@ mod tests {
             );
         }
     }
+
+    /// The turn-level loss needs a multi-turn task: refused for a single-turn one before
+    /// any work.
+    #[test]
+    fn the_turn_level_loss_is_refused_without_turns() {
+        let cfg: RlConfigAlias = toml::from_str("[loss]\nkind = \"a2tgpo_clip\"").unwrap();
+        let err = cfg.validate(1).unwrap_err().to_string();
+        assert!(
+            err.contains("rl.loss.kind") && err.contains("a2tgpo_clip"),
+            "{err}"
+        );
+        cfg.validate_for(1, true).unwrap();
+    }
+
+    type RlConfigAlias = crate::policy_gradient::RlConfig;
 
     /// A response splits back into the turns that wrote it, observations skipped.
     #[test]

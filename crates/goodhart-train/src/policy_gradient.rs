@@ -74,7 +74,8 @@ use goodhart_metrics::{
     step::{batch_metrics, StepInputs, GOLD, PROXY},
 };
 use goodhart_objective::{
-    policy::PolicyInputs, PolicyLossConfig, RolloutIsConfig, SampleFilter, ValueLossConfig,
+    policy::PolicyInputs, turn_clip::TurnInputs, PolicyLossConfig, RolloutIsConfig, SampleFilter,
+    ValueLossConfig,
 };
 use goodhart_policy::{
     generate, score,
@@ -357,7 +358,7 @@ pub fn unsupported_estimator_name(name: &str) -> Option<&'static str> {
         "gra" => Some("per-turn step rewards from a multi-turn environment"),
         "a2tgpo" => Some("per-turn signals from a multi-turn environment"),
         "igpo" => Some("per-turn ground-truth answer probabilities from a multi-turn environment"),
-        "verpo" => Some("unit-test outcomes from a code environment"),
+        "verpo" => Some("unit-test outcomes (the multi-turn task's checks)"),
         _ => None,
     }
 }
@@ -436,6 +437,15 @@ impl RlConfig {
                 .value_loss
                 .validate()
                 .map_err(|e| sub("critic.value_loss", e))?;
+        }
+        if self.loss.needs_turns() && !multi_turn {
+            return Err(bad(
+                "loss.kind",
+                format!(
+                    "`{}` needs each token's turn; the language task has single-turn responses",
+                    self.loss.name()
+                ),
+            ));
         }
         if let Some(need) =
             unsupported_estimator_name(self.advantage.name()).filter(|_| !multi_turn)
@@ -1398,6 +1408,9 @@ impl<B: Backend> Rollout<B> {
                 token_turn: t.token_turn.clone().select(0, idx.clone()),
                 turn_rewards: t.turn_rewards.clone().select(0, idx.clone()),
                 answer_prob: t.answer_prob.clone().map(|p| p.select(0, idx.clone())),
+                answer_turn: t.answer_turn.clone().select(0, idx.clone()),
+                checks: t.checks.clone().select(0, idx.clone()),
+                checks_mask: t.checks_mask.clone().select(0, idx.clone()),
             }),
         }
     }
@@ -1497,6 +1510,12 @@ impl<B: Backend> Rollout<B> {
                         .answer_prob
                         .as_ref()
                         .map(|_| cat(&|t| t.answer_prob.clone().expect("answer probs"), k + 1)),
+                    answer_turn: cat(&|t| t.answer_turn.clone(), k),
+                    checks: Tensor::cat(turns.iter().map(|t| t.checks.clone()).collect(), 0),
+                    checks_mask: Tensor::cat(
+                        turns.iter().map(|t| t.checks_mask.clone()).collect(),
+                        0,
+                    ),
                 }
             }),
         }
@@ -1855,6 +1874,34 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             })
             .transpose()?;
         let is_weights = rollout_is.as_ref().map(|(w, _)| w);
+        // A turn-level loss reads each token's turn and each turn's normalised signal (as
+        // A2TGPO normalises it, with the estimator's settings when it is A2TGPO).
+        let turn_inputs = match (&batch.turns, objective.needs_turns()) {
+            (Some(t), true) => {
+                let a2 = match &cfg.advantage {
+                    AdvantageConfig::A2tgpo(c) => *c,
+                    _ => Default::default(),
+                };
+                let z = goodhart_advantage::a2tgpo::turn_zscores(
+                    t.turn_rewards.clone(),
+                    &t.turn_mask,
+                    &groups,
+                    &a2,
+                )?;
+                Some(TurnInputs {
+                    token_turn: Tensor::<B, 2, Int>::from_inner(t.token_turn.clone()),
+                    turn_z: to_ad(z),
+                    fixed: to_ad(t.answer_turn.clone()),
+                })
+            }
+            (None, true) => {
+                return Err(GoodhartError::invalid(
+                    "rl.loss",
+                    format!("`{}` needs a multi-turn task", objective.name()),
+                ))
+            }
+            _ => None,
+        };
         let (tokens, attention, mask_ad) = (
             Tensor::<B, 2, Int>::from_inner(batch.tokens.clone()),
             to_ad(batch.attention.clone()),
@@ -1889,7 +1936,7 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         let mut input =
             AdvantageInput::new(mask.clone(), &groups).with_token_rewards(token_rewards.clone());
         if let Some(t) = &batch.turns {
-            input = input.with_turns(t.turns());
+            input = input.with_turns(t.turns()).with_unit_tests(t.unit_tests());
         }
         let t0 = clock::<B>(device)?;
         let old_values = critic
@@ -2042,6 +2089,9 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             .with_seed(seed::derive(seed, &format!("pg/loss/{step}/{epoch}")));
             if let Some(w) = is_weights {
                 inputs = inputs.with_rollout_is_weights(w.clone())?;
+            }
+            if let Some(t) = &turn_inputs {
+                inputs = inputs.with_turns(t.clone())?;
             }
             let out = objective.loss(&inputs)?;
             let current = RegInputs::<B> {
@@ -2197,6 +2247,18 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         metrics
             .entry(goodhart_metrics::step::KEY_DISAGREEMENT.into())
             .or_insert(0.0);
+        // Turn-level KL: the per-token KL to the reference over each turn index's policy
+        // tokens (a turn index no episode reached is left out).
+        if let Some(t) = &batch.turns {
+            for k in 0..t.turn_mask.dims()[1] {
+                let on_turn = mask.clone() * t.token_turn.clone().equal_elem(k as i64).float();
+                if host(on_turn.clone().sum())?[0] == 0.0 {
+                    continue;
+                }
+                let kl = goodhart_metrics::step::kl_to_ref(lp_old.clone(), lr.clone(), &on_turn)?;
+                metrics.insert(format!("kl/ref/turn{k}"), kl.k1_token);
+            }
+        }
         for (k, v) in sums {
             metrics.insert(k, v / cfg.epochs as f64);
         }

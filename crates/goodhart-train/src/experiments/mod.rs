@@ -185,7 +185,14 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
                 by
             }
         },
-        "policy loss" => rl("loss"),
+        "policy loss" => match name {
+            "a2tgpo_clip" => vec!["multiturn (multiturn.arms.rl.loss)".into()],
+            _ => {
+                let mut by = rl("loss");
+                by.push("multiturn (multiturn.arms.rl.loss)".into());
+                by
+            }
+        },
         "sample filter" => rl("sample_filter"),
         "aggregation" => rl("aggregation"),
         "regularizer" => match name {

@@ -7,7 +7,8 @@
 //! `max_new_tokens` set to the world's longest episode) trains it on episodes: the
 //! outcome is gold; the proxy is the outcome, plus the episode's dense step rewards for a
 //! `dense` arm; the per-turn signal is the dense reward (G-RA) or the information gain
-//! (`signal = "information_gain"`: IGPO, A2TGPO). Every `eval_every` steps (step 0
+//! (`signal = "information_gain"`: IGPO, A2TGPO, whose arm also uses its turn-level
+//! surrogate `a2tgpo_clip`). Every `eval_every` steps (step 0
 //! included) the checkpoint plays `eval_episodes` fresh episodes per question (one
 //! sampling stream per seed, shared by the arms): the outcome, the dense reward (the
 //! `[multiturn.reward]` weights), tool calls, relevant searches, turns and the share that
@@ -108,7 +109,14 @@ impl Default for MultiturnExperiment {
                 arm("dense", true, TurnSignal::Dense, "grpo"),
                 arm("gra", false, TurnSignal::Dense, "gra"),
                 arm("igpo", false, TurnSignal::InformationGain, "igpo"),
-                arm("a2tgpo", false, TurnSignal::InformationGain, "a2tgpo"),
+                {
+                    // A2TGPO's own surrogate: the turn-level ratio and clip range.
+                    let mut a = arm("a2tgpo", false, TurnSignal::InformationGain, "a2tgpo");
+                    let mut loss = toml::Table::new();
+                    loss.insert("kind".into(), "a2tgpo_clip".into());
+                    a.rl.insert("loss".into(), loss.into());
+                    a
+                },
             ],
             eval_every: 10,
             eval_episodes: 4,
