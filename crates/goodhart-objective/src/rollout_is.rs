@@ -213,7 +213,13 @@ mod tests {
             let old = t2::<B>(vec![-0.6, -0.9, -0.25, -1.9], 2, 2, device);
             let adv = t2::<B>(vec![1.0, 1.0, -0.5, -0.5], 2, 2, device);
             let mask = t2::<B>(vec![1.0; 4], 2, 2, device);
-            let base = crate::PolicyInputs::new(lp, old, adv, mask.clone()).unwrap();
+            // Two turns per row (the turn-level loss reads them; the others ignore them).
+            let turns = crate::turn_clip::TurnInputs {
+                token_turn: Tensor::from_data(burn::tensor::TensorData::new(vec![0i64, 1, 0, 1], [2, 2]), device),
+                turn_z: t2::<B>(vec![0.5, -0.5, 1.0, 0.0], 2, 2, device),
+                fixed: t2::<B>(vec![0.0, 1.0, 0.0, 1.0], 2, 2, device),
+            };
+            let base = crate::PolicyInputs::new(lp, old, adv, mask.clone()).unwrap().with_turns(turns).unwrap();
             for info in crate::policy::REGISTRY {
                 let cfg: PolicyLossConfig = toml::from_str(&format!("kind = \"{}\"", info.name)).unwrap();
                 let plain = values(cfg.loss(&base).unwrap().loss)[0];

@@ -135,8 +135,8 @@ goodhart_core::backend_test! {
             }
             *checked.entry(c.loss.clone()).or_default() += 1;
         }
-        // Every loss of the registry that verl has is covered.
-        for info in crate::policy::REGISTRY {
+        // Every loss of the registry that verl has is covered (it has no turn-level loss).
+        for info in crate::policy::REGISTRY.iter().filter(|i| i.name != "a2tgpo_clip") {
             assert!(checked.get(info.name).copied().unwrap_or(0) >= 4, "{}: {checked:?}", info.name);
         }
     }

@@ -499,18 +499,33 @@ mod tests {
 
     #[test]
     fn every_listed_name_says_who_takes_it() {
-        // The [rl] families go to the three language-model experiments.
-        let both = [
+        // The [rl] families go to the three language-model experiments and the
+        // multi-turn lab; what needs turns only to the multi-turn lab.
+        let turns = "multiturn (multiturn.arms.rl.advantage)".to_string();
+        let all = [
             "overopt (rl.advantage)".to_string(),
             "mitigations (arms.rl.advantage)".into(),
             "train (rl.advantage)".into(),
+            turns.clone(),
         ];
         for m in goodhart_advantage::REGISTRY {
             let by = accepting("advantage", m.name);
             match m.name {
-                "gra" | "a2tgpo" | "igpo" | "verpo" => assert!(by.is_empty(), "{}", m.name),
-                _ => assert_eq!(by, both, "{}", m.name),
+                "gra" | "a2tgpo" | "igpo" | "verpo" => {
+                    assert_eq!(by, [turns.clone()], "{}", m.name)
+                }
+                _ => assert_eq!(by, all, "{}", m.name),
             }
+        }
+        for m in goodhart_objective::policy::REGISTRY {
+            let by = accepting("policy loss", m.name);
+            assert_eq!(
+                by.len(),
+                if m.name == "a2tgpo_clip" { 1 } else { 4 },
+                "{}",
+                m.name
+            );
+            assert_eq!(by.last().unwrap(), "multiturn (multiturn.arms.rl.loss)");
         }
         for m in goodhart_regularize::REGISTRY {
             let by = accepting("regularizer", m.name);
