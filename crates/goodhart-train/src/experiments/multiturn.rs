@@ -26,6 +26,10 @@ use serde_json::{json, Value};
 
 use goodhart_core::seed;
 use goodhart_envs::multihop::{MultihopWorld, MultihopWorldConfig};
+use goodhart_metrics::{
+    evaluate::{gold_peak, GoldPeakRule, Run},
+    step::KEY_GOLD_MEAN,
+};
 use goodhart_policy::{
     checkpoint::{load_module, save_module},
     GenerationConfig, TransformerLm,
@@ -386,11 +390,18 @@ fn summarize(cfg: &MultiturnExperiment, output: &MultiturnOutput) -> Part {
         let last = |g: fn(&EpisodeStats) -> f64| {
             move |r: &TurnRun| g(&r.checkpoints[r.checkpoints.len() - 1].stats)
         };
+        // The peak of the outcome curve smoothed over 3 evaluations (a centred mean), not
+        // the largest single evaluation, which noise biases upwards.
         let peak = |r: &TurnRun| {
-            r.checkpoints
+            let rows = r
+                .checkpoints
                 .iter()
-                .map(|c| c.stats.outcome)
-                .fold(f64::NEG_INFINITY, f64::max)
+                .map(|c| BTreeMap::from([(KEY_GOLD_MEAN.to_string(), c.stats.outcome)]));
+            let rule = GoldPeakRule {
+                window: 3,
+                ..Default::default()
+            };
+            gold_peak(&Run::from_rows(&r.arm, rows.collect()), &rule).map_or(f64::NAN, |p| p.value)
         };
         // Sample efficiency: the mean outcome over the checkpoints (the area under the
         // evaluation curve, per checkpoint).
@@ -461,7 +472,7 @@ fn summarize(cfg: &MultiturnExperiment, output: &MultiturnOutput) -> Part {
                 "arm",
                 "runs",
                 "outcome first",
-                "outcome peak",
+                "outcome peak (smoothed)",
                 "outcome last",
                 "outcome mean",
                 "dense first",
