@@ -76,6 +76,14 @@ pub struct GoldPeak {
     pub final_value: f64,
     /// Whether the run hacks by the rule.
     pub hacked: bool,
+    /// A 95% interval of the smoothed gold at the peak step: `value ± 1.96 sigma / sqrt(k)`,
+    /// `k` the gold values the centred mean averaged there and `sigma^2 = sum (g_{i+1} -
+    /// g_i)^2 / (2 (n - 1))` the difference-based estimate of the per-step noise variance
+    /// (Rice 1984), which a smooth trend barely inflates. It does not count the choice of
+    /// the step: the maximum of the smoothed curve stays biased upwards, by less than the
+    /// raw maximum. `None` with fewer than 2 gold values.
+    #[serde(default)]
+    pub interval: Option<(f64, f64)>,
 }
 
 /// The gold of `run` smoothed by the rule's centred moving average (truncated at the
@@ -134,24 +142,43 @@ pub fn smoothed_gold(run: &Run, rule: &GoldPeakRule) -> Result<Vec<(u64, f64)>> 
 /// let peak = gold_peak(&Run::from_rows("run", rows.to_vec()), &GoldPeakRule::default())?;
 /// assert_eq!(peak.step, 4);
 /// assert!((peak.value - 2.8).abs() < 1e-12 && peak.hacked);
+/// // Noise: successive differences are all 1, sigma^2 = 8 / (2 * 8) = 0.5; the peak's
+/// // mean averages 5 values: 2.8 ± 1.96 sqrt(0.5 / 5).
+/// let (lo, hi) = peak.interval.unwrap();
+/// assert!((hi - 2.8 - 1.96 * 0.1f64.sqrt()).abs() < 1e-12 && (2.8 - lo - (hi - 2.8)).abs() < 1e-12);
 /// # Ok::<(), goodhart_core::GoodhartError>(())
 /// ```
 pub fn gold_peak(run: &Run, rule: &GoldPeakRule) -> Result<GoldPeak> {
     let smoothed = smoothed_gold(run, rule)?;
-    let (mut at, mut peak) = smoothed[0];
-    for &(step, v) in &smoothed {
+    let (mut i, mut at, mut peak) = (0, smoothed[0].0, smoothed[0].1);
+    for (j, &(step, v)) in smoothed.iter().enumerate() {
         if v > peak {
-            (at, peak) = (step, v);
+            (i, at, peak) = (j, step, v);
         }
     }
     let final_value = smoothed.last().map_or(peak, |p| p.1);
     let threshold = rule.abs_drop.max(rule.rel_drop * (peak - smoothed[0].1));
     let drop = peak - final_value;
+    let gold: Vec<f64> = run
+        .steps
+        .iter()
+        .filter_map(|(_, m)| m.get(&rule.gold_key).copied())
+        .collect();
+    let n = gold.len();
+    let interval = (n >= 2).then(|| {
+        let var =
+            gold.windows(2).map(|w| (w[1] - w[0]).powi(2)).sum::<f64>() / (2.0 * (n - 1) as f64);
+        let half = rule.window / 2;
+        let k = ((i + half + 1).min(n) - i.saturating_sub(half)) as f64;
+        let h = 1.96 * (var / k).sqrt();
+        (peak - h, peak + h)
+    });
     Ok(GoldPeak {
         step: at,
         value: peak,
         final_value,
         hacked: drop > 0.0 && drop >= threshold,
+        interval,
     })
 }
 
@@ -483,6 +510,29 @@ mod tests {
         .unwrap();
         assert_eq!((p.step, p.final_value, p.hacked), (3, 1.5, true));
         assert!((p.value - 7.0 / 3.0).abs() < 1e-12);
+        // Differences 1, 1, 1, -1, -1: sigma^2 = 5 / (2 * 5) = 0.5; 3 values averaged at
+        // step 3: half-width 1.96 sqrt(0.5 / 3) = 0.800167.
+        let (lo, hi) = p.interval.unwrap();
+        assert!(
+            (hi - 7.0 / 3.0 - 0.800_167).abs() < 1e-6 && (7.0 / 3.0 - lo - 0.800_167).abs() < 1e-6
+        );
+        // One gold value: no interval. A constant curve: a zero-width one.
+        let one = vec![BTreeMap::from([(KEY_GOLD_MEAN.to_string(), 0.5)])];
+        assert_eq!(
+            gold_peak(&Run::from_rows("one", one), &rule)
+                .unwrap()
+                .interval,
+            None
+        );
+        let flat: Vec<_> = (0..4)
+            .map(|_| BTreeMap::from([(KEY_GOLD_MEAN.to_string(), 2.0)]))
+            .collect();
+        assert_eq!(
+            gold_peak(&Run::from_rows("flat", flat), &rule)
+                .unwrap()
+                .interval,
+            Some((2.0, 2.0))
+        );
         let rising: Vec<_> = (0..6)
             .map(|g| BTreeMap::from([(KEY_GOLD_MEAN.to_string(), g as f64)]))
             .collect();

@@ -651,7 +651,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
                 .filter_map(|r| r.trace.points.first())
                 .map(|p| p.gold),
         );
-        let peak = mean_sd(mine.iter().filter_map(|r| r.trace.peak()).map(|p| p.gold));
+        let peak = mean_sd(mine.iter().filter_map(|r| r.trace.peak()).map(|p| p.value));
         // Where gold peaked, in epochs: within the first epoch below 1.
         let peak_epochs = mean_sd(mine.iter().filter_map(|r| {
             let p = r.trace.peak()?;
@@ -757,7 +757,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
                 "method",
                 "beta",
                 "gold initial",
-                "gold peak",
+                "gold peak (smoothed)",
                 "sd",
                 "peak at (epochs)",
                 "gold final",

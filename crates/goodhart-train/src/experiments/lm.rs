@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use goodhart_core::seed;
 use goodhart_envs::language::Language;
 use goodhart_metrics::{
-    evaluate::Run,
+    evaluate::{gold_peak, smoothed_gold, GoldPeak, GoldPeakRule, Run},
     step::{KEY_GOLD_MEAN, KEY_KL, KEY_KL_D, KEY_PROXY_MEAN},
 };
 use goodhart_policy::{
@@ -94,12 +94,29 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// The step with the highest gold, and that gold.
-    pub fn peak(&self) -> Option<&TracePoint> {
-        self.points
-            .iter()
-            .filter(|p| p.gold.is_finite())
-            .max_by(|a, b| a.gold.total_cmp(&b.gold))
+    /// The gold peak of the curve smoothed by a centred mean of 5 steps (goodhart-metrics'
+    /// [`gold_peak`] with the default rule), with its interval: not the largest single
+    /// batch mean, which noise biases upwards. `None` without a finite gold value.
+    pub fn peak(&self) -> Option<GoldPeak> {
+        gold_peak(&self.gold_run(), &GoldPeakRule::default()).ok()
+    }
+
+    /// The steps with a finite gold, as a [`Run`] of gold alone.
+    fn gold_run(&self) -> Run {
+        Run {
+            name: self.series.clone(),
+            steps: self
+                .points
+                .iter()
+                .filter(|p| p.gold.is_finite())
+                .map(|p| {
+                    (
+                        p.step,
+                        BTreeMap::from([(KEY_GOLD_MEAN.to_string(), p.gold)]),
+                    )
+                })
+                .collect(),
+        }
     }
 
     /// The trace as goodhart-metrics' [`Run`] (named by its series): each step's metrics
@@ -123,13 +140,16 @@ impl Trace {
         }
     }
 
-    /// `(peak - final) / (peak - initial)`: the fraction of the gold gained that was lost
-    /// again (0 when gold never rose).
+    /// `(peak - final) / (peak - initial)` on the smoothed gold of [`Trace::peak`]: the
+    /// fraction of the gold gained that was lost again (0 when gold never rose).
     pub fn drop_fraction(&self) -> Option<f64> {
-        let (first, last, peak) = (self.points.first()?, self.points.last()?, self.peak()?);
-        let gain = peak.gold - first.gold;
+        let run = self.gold_run();
+        let rule = GoldPeakRule::default();
+        let first = smoothed_gold(&run, &rule).ok()?.first()?.1;
+        let peak = gold_peak(&run, &rule).ok()?;
+        let gain = peak.value - first;
         Some(if gain > 0.0 {
-            (peak.gold - last.gold) / gain
+            (peak.value - peak.final_value) / gain
         } else {
             0.0
         })
@@ -397,5 +417,42 @@ pub(crate) fn trace_point(line: &policy_gradient::StepLine) -> TracePoint {
             .filter(|(k, _)| ![KEY_KL_D, KEY_PROXY_MEAN, KEY_GOLD_MEAN].contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), *v))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The peak of the 5-step centred mean, not the largest single batch: a noisy spike at
+    /// step 1 does not move it; the drop fraction is on the smoothed curve.
+    #[test]
+    fn trace_peak_is_the_smoothed_one() {
+        let gold = [0.0, 3.0, 0.0, 1.0, 2.0, 2.0, 2.0, 1.0, 0.0];
+        let trace = Trace {
+            series: "t".into(),
+            points: gold
+                .iter()
+                .enumerate()
+                .map(|(i, &g)| TracePoint {
+                    step: i as u64,
+                    d: 0.0,
+                    proxy: 0.0,
+                    gold: g,
+                    metrics: BTreeMap::new(),
+                })
+                .collect(),
+        };
+        // Centred means of 5 (truncated): 1, 1, 1.2, 1.6, 1.4, 1.6, 1.4, 1.25, 1 -> the
+        // first maximum, 1.6 at step 3 (the raw maximum is 3 at step 1).
+        let p = trace.peak().unwrap();
+        assert_eq!(p.step, 3);
+        assert!((p.value - 1.6).abs() < 1e-12);
+        // Drop fraction: (1.6 - 1) / (1.6 - 1) = 1 on the smoothed curve.
+        assert!((trace.drop_fraction().unwrap() - 1.0).abs() < 1e-12);
+        // A non-finite gold is left out, not an error.
+        let mut gap = trace.clone();
+        gap.points[2].gold = f64::NAN;
+        assert!(gap.peak().is_some());
     }
 }

@@ -233,7 +233,7 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Value)
     let mut rows = Vec::new();
     for arm in &cfg.arms {
         let mine: Vec<&ArmRun> = runs.iter().filter(|r| r.arm == arm.name).collect();
-        let peak = mean_sd(mine.iter().filter_map(|r| r.trace.peak()).map(|p| p.gold));
+        let peak = mean_sd(mine.iter().filter_map(|r| r.trace.peak()).map(|p| p.value));
         let fin = mean_sd(
             mine.iter()
                 .filter_map(|r| r.trace.points.last())
@@ -279,7 +279,7 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Value)
         &[
             "method",
             "gold initial",
-            "gold peak",
+            "gold peak (smoothed)",
             "sd",
             "gold final",
             "sd",

@@ -304,7 +304,8 @@ pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> Part {
                 "proxy_heldout_acc": arm.proxy.heldout_acc,
                 "proxy_gold_pearson": arm.proxy.gold_pearson,
                 "rl_gold_initial": g0,
-                "rl_gold_peak": peak.map(|p| p.gold),
+                "rl_gold_peak": peak.map(|p| p.value),
+                "rl_gold_peak_interval": peak.and_then(|p| p.interval),
                 "rl_gold_peak_step": peak.map(|p| p.step),
                 "rl_gold_final": last.map(|p| p.gold),
                 "rl_proxy_initial": t.points.first().map(|p| p.proxy),
@@ -320,7 +321,9 @@ pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> Part {
             arm.pairs,
             arm.proxy.heldout_acc,
             g0,
-            peak.map(|p| p.gold),
+            peak.map(|p| p.value),
+            peak.and_then(|p| p.interval)
+                .map(|(lo, hi)| format!("[{lo:.3}, {hi:.3}]")),
             peak.map(|p| p.step),
             last.map(|p| p.gold),
             t.drop_fraction(),
@@ -368,7 +371,7 @@ pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> Part {
     }
     // A proxy from more pairs should peak later (at larger d) or higher.
     let later_or_higher = peaks.windows(2).all(|w| match (w[0].1, w[1].1) {
-        (Some(a), Some(b)) => b.step > a.step || b.gold > a.gold,
+        (Some(a), Some(b)) => b.step > a.step || b.value > a.value,
         _ => false,
     });
     if peaks.len() > 1 {
@@ -384,7 +387,8 @@ pub fn summarize(cfg: &OveroptExperiment, out: &OveroptOutput) -> Part {
                 "pairs",
                 "proxy held-out acc",
                 "gold initial",
-                "gold peak",
+                "gold peak (smoothed)",
+                "peak 95%",
                 "peak step",
                 "gold final",
                 "drop fraction",

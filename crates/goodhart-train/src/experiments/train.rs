@@ -431,7 +431,7 @@ pub fn summarize(runs: &[TrainRun]) -> (Value, Value) {
         "proxy_initial": stat(&|r| first(r).map(|p| p.proxy)),
         "proxy_final": stat(&|r| last(r).map(|p| p.proxy)),
         "gold_initial": stat(&|r| first(r).map(|p| p.gold)),
-        "gold_peak": stat(&|r| r.trace.peak().map(|p| p.gold)),
+        "gold_peak": stat(&|r| r.trace.peak().map(|p| p.value)),
         "gold_final": stat(&|r| last(r).map(|p| p.gold)),
         "policies": runs.iter().map(|r| r.policy.clone()).collect::<Vec<_>>(),
     });
@@ -445,7 +445,7 @@ pub fn summarize(runs: &[TrainRun]) -> (Value, Value) {
                 f.map(|p| p.proxy),
                 l.map(|p| p.proxy),
                 f.map(|p| p.gold),
-                r.trace.peak().map(|p| p.gold),
+                r.trace.peak().map(|p| p.value),
                 l.map(|p| p.gold),
                 r.policy,
             ])
@@ -459,7 +459,7 @@ pub fn summarize(runs: &[TrainRun]) -> (Value, Value) {
             "proxy first",
             "proxy final",
             "gold first",
-            "gold peak",
+            "gold peak (smoothed)",
             "gold final",
             "policy",
         ],
