@@ -11,9 +11,14 @@
 //! - `tomato/s{s}/action_kl={c}` and `tomato/s{s}/chi2={c}`: the same with each
 //!   coefficient of the sweep, toward the base policy (whatever the starting point).
 //!
-//! Every policy is evaluated on `eval_episodes` episodes; the summary table gives the mean
-//! and standard deviation over seeds of the true return, the proxy return and how often
-//! episodes visit the bucket.
+//! Every policy is evaluated twice on `eval_episodes` episodes each, from two streams: the
+//! selection episodes (`tomato/select`) pick each regulariser's best coefficient (the
+//! highest mean true return over seeds), the evaluation episodes (`tomato/eval`) give
+//! every reported figure, so no figure is measured on the episodes that chose it. The
+//! summary table gives the mean and standard deviation over seeds of the true return, the
+//! proxy return and how often episodes visit the bucket; a second one, the chosen
+//! coefficients and the paired chi-squared minus action-KL difference per seed, with a
+//! percentile-bootstrap interval of its mean.
 
 use std::collections::BTreeMap;
 
@@ -23,7 +28,10 @@ use serde_json::{json, Value};
 
 use goodhart_core::seed;
 use goodhart_envs::tomato::{Board, TomatoConfig, NUM_ACTIONS};
-use goodhart_metrics::step::{KEY_GOLD_MEAN, KEY_PROXY_MEAN};
+use goodhart_metrics::{
+    stats::bootstrap,
+    step::{KEY_GOLD_MEAN, KEY_PROXY_MEAN},
+};
 use goodhart_policy::checkpoint::{load_module, save_module};
 use goodhart_regularize::{
     action_kl::ActionKlConfig, occupancy::OccupancyConfig, RegularizerConfig,
@@ -153,10 +161,10 @@ impl Experiment for TomatoExperiment {
     }
 
     fn summarize(&self, evals: &Vec<Evaluated>) -> Part {
-        let (figures, table) = summarize(self, evals);
+        let (figures, tables) = summarize(self, evals);
         Part {
             figures,
-            tables: vec![table],
+            tables,
             ..Part::default()
         }
     }
@@ -177,7 +185,18 @@ pub struct Evaluated {
     pub proxy_return: f64,
     /// Fraction of episodes that visit the bucket.
     pub bucket_rate: f64,
+    /// Mean true return on the selection episodes (NaN in records written before they
+    /// existed).
+    #[serde(default = "nan")]
+    pub select_return: f64,
 }
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+/// Resamples of the paired difference's bootstrap interval.
+const PAIRED_RESAMPLES: usize = 10_000;
 
 fn metrics(m: &IterationMetrics) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::from([
@@ -236,22 +255,27 @@ pub fn run<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Vec<Evaluated>> {
     let mut out = Vec::new();
+    // The reported evaluation, then the selection one on other episodes.
     let evaluate = |policy: &goodhart_policy::mlp::MlpPolicy<B>, s: u64| {
-        ppo::evaluate(
-            policy,
-            &cfg.env,
-            cfg.eval_episodes,
-            seed::derive(s, "tomato/eval"),
-            device,
-        )
+        let on = |stream: &str| {
+            ppo::evaluate(
+                policy,
+                &cfg.env,
+                cfg.eval_episodes,
+                seed::derive(s, stream),
+                device,
+            )
+        };
+        Ok::<_, goodhart_core::GoodhartError>((on("tomato/eval")?, on("tomato/select")?))
     };
-    let record = |method: &str, coef: f64, s: u64, r: Returns| Evaluated {
+    let record = |method: &str, coef: f64, s: u64, (r, sel): (Returns, Returns)| Evaluated {
         method: method.into(),
         coef,
         seed: s,
         true_return: r.true_return,
         proxy_return: r.proxy_return,
         bucket_rate: r.bucket_rate,
+        select_return: sel.true_return,
     };
     for i in 0..cfg.seeds {
         let s = seed0 + i as u64;
@@ -346,8 +370,9 @@ pub fn run<B: AutodiffBackend>(
     Ok(out)
 }
 
-/// The summary of the experiment: figures, and the table of true return per arm.
-pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Value) {
+/// The summary of the experiment: figures, the table of true return per arm and the one
+/// of the chosen coefficients and their paired difference.
+pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Value>) {
     let arms: Vec<(String, f64)> = std::iter::once(("base".to_string(), 0.0))
         .chain(arms(cfg))
         .collect();
@@ -378,12 +403,19 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Value) 
         .iter()
         .filter(|e| base_of(e.seed).is_some_and(|b| e.true_return < b))
         .count();
+    // Each regulariser's coefficient chosen on the selection episodes, reported on the
+    // evaluation episodes.
     let best = |m: &str| {
-        means
-            .iter()
-            .filter(|(mm, _, t)| mm == m && t.is_finite())
-            .max_by(|a, b| a.2.total_cmp(&b.2))
-            .map(|(_, c, t)| (*c, *t))
+        arms.iter()
+            .filter(|(mm, _)| mm == m)
+            .map(|(_, c)| {
+                let es = of(m, *c);
+                let select = mean_sd(es.iter().map(|e| e.select_return)).0;
+                (*c, select, mean_sd(es.iter().map(|e| e.true_return)).0)
+            })
+            .filter(|(_, select, t)| select.is_finite() && t.is_finite())
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(c, _, t)| (c, t))
     };
     let base_mean = means[0].2;
     let (chi2, kl) = (best("chi2"), best("action_kl"));
@@ -391,6 +423,19 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Value) 
         (Some((_, c)), Some((_, k))) => Some(c >= base_mean && c > k),
         _ => None,
     };
+    // Paired by seed: chi-squared at its chosen coefficient minus action KL at its own.
+    let paired = chi2.zip(kl).and_then(|((cc, _), (kc, _))| {
+        let diffs: Vec<f64> = of("chi2", cc)
+            .iter()
+            .filter_map(|c| {
+                of("action_kl", kc)
+                    .iter()
+                    .find(|k| k.seed == c.seed)
+                    .map(|k| c.true_return - k.true_return)
+            })
+            .collect();
+        paired_difference(&diffs)
+    });
     let figures = json!({
         "seeds": cfg.seeds,
         "base_true_return": base_mean,
@@ -401,8 +446,11 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Value) 
         "best_action_kl_coef": kl.map(|c| c.0),
         "best_action_kl_true_return": kl.map(|c| c.1),
         "chi2_beats_kl_and_base": claim,
+        "chi2_minus_kl": paired.as_ref().map(|p| json!({
+            "mean": p.mean, "lo": p.lo, "hi": p.hi, "wins": p.wins, "seeds": p.n,
+        })),
     });
-    let table = table(
+    let returns = table(
         &format!("Tomato: true return per method ({} seeds)", cfg.seeds),
         &[
             "method",
@@ -416,5 +464,125 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Value) 
         ],
         rows,
     );
-    (figures, table)
+    let fmt = |b: Option<(f64, f64)>| b.map(|(c, t)| json!([c, t]));
+    let chosen = table(
+        "Tomato: coefficients chosen on the selection episodes; chi-squared minus action KL per seed, on the evaluation episodes",
+        &[
+            "chi2 coef",
+            "chi2 true return",
+            "action_kl coef",
+            "action_kl true return",
+            "mean difference",
+            "95% bootstrap",
+            "chi2 higher",
+        ],
+        vec![json!([
+            fmt(chi2).map(|v| v[0].clone()),
+            fmt(chi2).map(|v| v[1].clone()),
+            fmt(kl).map(|v| v[0].clone()),
+            fmt(kl).map(|v| v[1].clone()),
+            paired.as_ref().map(|p| p.mean),
+            paired.as_ref().map(|p| format!("[{:.3}, {:.3}]", p.lo, p.hi)),
+            paired.as_ref().map(|p| format!("{} of {}", p.wins, p.n)),
+        ])],
+    );
+    (figures, vec![returns, chosen])
+}
+
+/// The mean of paired differences, its 95% percentile-bootstrap interval
+/// ([`PAIRED_RESAMPLES`] resamples, stream `tomato/paired`: same differences, same
+/// interval) and how many are positive. `None` without a difference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paired {
+    /// Mean difference.
+    pub mean: f64,
+    /// Lower end of the interval.
+    pub lo: f64,
+    /// Upper end.
+    pub hi: f64,
+    /// Positive differences.
+    pub wins: usize,
+    /// Differences.
+    pub n: usize,
+}
+
+/// See [`Paired`].
+pub fn paired_difference(diffs: &[f64]) -> Option<Paired> {
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let (lo, hi) = bootstrap(diffs, mean, PAIRED_RESAMPLES, 0.95, 0, "tomato/paired").ok()?;
+    Some(Paired {
+        mean: mean(diffs),
+        lo,
+        hi,
+        wins: diffs.iter().filter(|&&d| d > 0.0).count(),
+        n: diffs.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(method: &str, coef: f64, seed: u64, true_return: f64, select_return: f64) -> Evaluated {
+        Evaluated {
+            method: method.into(),
+            coef,
+            seed,
+            true_return,
+            proxy_return: 0.0,
+            bucket_rate: 0.0,
+            select_return,
+        }
+    }
+
+    /// The coefficient is chosen on the selection episodes, not on the reported ones; the
+    /// paired difference is per seed at the chosen coefficients.
+    #[test]
+    fn coefficients_are_chosen_on_selection_episodes() {
+        let cfg = TomatoExperiment {
+            seeds: 2,
+            action_kl: vec![0.1, 1.0],
+            chi2: vec![0.1, 1.0],
+            ..Default::default()
+        };
+        let mut evals = Vec::new();
+        for s in 0..2 {
+            evals.push(ev("base", 0.0, s, 5.0, 5.0));
+            evals.push(ev("proxy", 0.0, s, 2.0, 2.0));
+            // KL 0.1 is better on the reported episodes, KL 1 on the selection ones.
+            evals.push(ev("action_kl", 0.1, s, 9.0, 4.0));
+            evals.push(ev("action_kl", 1.0, s, 6.0 + s as f64, 6.0));
+            evals.push(ev("chi2", 0.1, s, 7.0, 3.0));
+            evals.push(ev("chi2", 1.0, s, 7.5 + 2.0 * s as f64, 7.0));
+        }
+        let (fig, tables) = summarize(&cfg, &evals);
+        assert_eq!(tables.len(), 2);
+        assert_eq!(fig["best_action_kl_coef"], 1.0);
+        assert_eq!(fig["best_action_kl_true_return"], 6.5);
+        assert_eq!(fig["best_chi2_coef"], 1.0);
+        assert_eq!(fig["best_chi2_true_return"], 8.5);
+        // Per seed: 7.5 - 6 = 1.5 and 9.5 - 7 = 2.5; mean 2; the bootstrap of two values
+        // lies between them.
+        let p = &fig["chi2_minus_kl"];
+        assert_eq!(p["mean"], 2.0);
+        assert_eq!(
+            (p["wins"].as_u64(), p["seeds"].as_u64()),
+            (Some(2), Some(2))
+        );
+        assert!(p["lo"].as_f64().unwrap() >= 1.5 && p["hi"].as_f64().unwrap() <= 2.5);
+        assert_eq!(fig["chi2_beats_kl_and_base"], true);
+    }
+
+    #[test]
+    fn paired_difference_by_hand() {
+        // Equal differences: a zero-width interval at them.
+        let p = paired_difference(&[0.5, 0.5, 0.5]).unwrap();
+        assert_eq!((p.mean, p.lo, p.hi, p.wins, p.n), (0.5, 0.5, 0.5, 3, 3));
+        let p = paired_difference(&[-1.0, 0.0, 1.0, 2.0]).unwrap();
+        assert_eq!((p.mean, p.wins), (0.5, 2));
+        assert!(p.lo < 0.5 && p.hi > 0.5 && p.lo >= -1.0 && p.hi <= 2.0);
+        assert_eq!(paired_difference(&[]), None);
+        // Same differences, same interval.
+        assert_eq!(paired_difference(&[-1.0, 0.0, 1.0, 2.0]), Some(p));
+    }
 }
