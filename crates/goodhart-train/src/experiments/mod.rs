@@ -512,7 +512,7 @@ mod tests {
             let by = accepting("advantage", m.name);
             match m.name {
                 "gra" | "a2tgpo" | "igpo" | "verpo" => {
-                    assert_eq!(by, [turns.clone()], "{}", m.name)
+                    assert_eq!(by, std::slice::from_ref(&turns), "{}", m.name)
                 }
                 _ => assert_eq!(by, all, "{}", m.name),
             }
