@@ -187,13 +187,25 @@ pub(crate) fn load_base<B: Backend>(
     stage: &str,
 ) -> Result<TransformerLm<B>> {
     let lang = language(config, stage)?;
+    let path = checkpoints.join(format!("lm/s{seed}/base"));
+    load_sft_policy(&path, config, lang.vocab_size(), device, stage)
+}
+
+/// Loads a policy fine-tuned with `config.sft` over `vocab` tokens from `path` (a base
+/// policy saved by a lab's SFT stage).
+pub(crate) fn load_sft_policy<B: Backend>(
+    path: &Path,
+    config: &ExperimentConfig,
+    vocab: usize,
+    device: &B::Device,
+    stage: &str,
+) -> Result<TransformerLm<B>> {
     let template = config
         .sft
-        .model(&lang)
+        .transformer(vocab)
         .init::<B>(device)
         .map_err(stage_error(stage))?;
-    let path = checkpoints.join(format!("lm/s{seed}/base"));
-    load_module(template, &path, device).map_err(checkpoint_error(stage))
+    load_module(template, path, device).map_err(checkpoint_error(stage))
 }
 
 fn proxy_name(pairs: usize, k: usize, seed: u64, member: usize) -> String {

@@ -30,14 +30,14 @@ use goodhart_metrics::{
     evaluate::{gold_peak, GoldPeakRule, Run},
     step::KEY_GOLD_MEAN,
 };
-use goodhart_policy::{
-    checkpoint::{load_module, save_module},
-    GenerationConfig, TransformerLm,
-};
+use goodhart_policy::{checkpoint::save_module, GenerationConfig, TransformerLm};
 
 use super::{
-    checkpoint_error, lm::record, mean_sd, mitigations::rl_with, stage_error, table, Experiment,
-    Logger, Part,
+    checkpoint_error,
+    lm::{load_sft_policy, record},
+    mean_sd,
+    mitigations::rl_with,
+    stage_error, table, Experiment, Logger, Part,
 };
 use crate::{
     config::{at, positive, section, ConfigError, ExperimentConfig},
@@ -263,21 +263,6 @@ fn base_stage<B: AutodiffBackend>(
     })
 }
 
-fn load_base<B: burn::tensor::backend::Backend>(
-    path: &std::path::Path,
-    config: &ExperimentConfig,
-    world: &MultihopWorld,
-    device: &B::Device,
-    stage: &str,
-) -> Result<TransformerLm<B>> {
-    let template = config
-        .sft
-        .transformer(world.vocab_size())
-        .init::<B>(device)
-        .map_err(stage_error(stage))?;
-    load_module(template, path, device).map_err(checkpoint_error(stage))
-}
-
 /// Stage `multiturn/{arm}/s{seed}`: RL, checkpoints evaluated.
 fn rl_stage<B: AutodiffBackend>(
     runner: &mut Runner,
@@ -302,8 +287,9 @@ fn rl_stage<B: AutodiffBackend>(
     runner.stage(&name, |log| {
         log.expect_lines(rl.steps as u64);
         let err = stage_error(&name);
-        let policy = load_base::<B>(&base, config, &world, device, &name)?;
-        let reference = load_base::<B::InnerBackend>(&base, config, &world, device, &name)?;
+        let policy = load_sft_policy::<B>(&base, config, world.vocab_size(), device, &name)?;
+        let reference =
+            load_sft_policy::<B::InnerBackend>(&base, config, world.vocab_size(), device, &name)?;
         let rewards = TurnRewardConfig {
             dense: arm.dense,
             ..cfg.reward.clone()

@@ -41,14 +41,14 @@ use goodhart_metrics::{
     stats::pearson,
     step::KEY_GOLD_MEAN,
 };
-use goodhart_policy::{
-    checkpoint::{load_module, save_module},
-    GenerationConfig, TransformerLm,
-};
+use goodhart_policy::{checkpoint::save_module, GenerationConfig, TransformerLm};
 
 use super::{
-    checkpoint_error, lm::record, mean_sd, mitigations::rl_with, stage_error, table, Experiment,
-    Logger, Part,
+    checkpoint_error,
+    lm::{load_sft_policy, record},
+    mean_sd,
+    mitigations::rl_with,
+    stage_error, table, Experiment, Logger, Part,
 };
 use crate::{
     config::{at, positive, section, ConfigError, ExperimentConfig},
@@ -263,22 +263,6 @@ fn base_stage<B: AutodiffBackend>(
     })
 }
 
-/// The base policy saved at `path` by [`base_stage`].
-fn load_base<B: burn::tensor::backend::Backend>(
-    path: &std::path::Path,
-    config: &ExperimentConfig,
-    world: &RubricWorld,
-    device: &B::Device,
-    stage: &str,
-) -> Result<TransformerLm<B>> {
-    let template = config
-        .sft
-        .transformer(world.vocab_size())
-        .init::<B>(device)
-        .map_err(stage_error(stage))?;
-    load_module(template, path, device).map_err(checkpoint_error(stage))
-}
-
 /// Stage `rubric/{verifier}/s{seed}`: RL against the verifier, checkpoints evaluated.
 fn rl_stage<B: AutodiffBackend>(
     runner: &mut Runner,
@@ -304,8 +288,9 @@ fn rl_stage<B: AutodiffBackend>(
         log.expect_lines(rl.steps as u64);
         let err = stage_error(&name);
         // Loaded only when the stage runs: a completed stage needs neither.
-        let policy = load_base::<B>(&base, config, &world, device, &name)?;
-        let reference = load_base::<B::InnerBackend>(&base, config, &world, device, &name)?;
+        let policy = load_sft_policy::<B>(&base, config, world.vocab_size(), device, &name)?;
+        let reference =
+            load_sft_policy::<B::InnerBackend>(&base, config, world.vocab_size(), device, &name)?;
         // The verifier's blind spots (or its random stream) come from the seed and its
         // name, so training and evaluation see the same verifier.
         let verifier_seed = seed::derive(seed, &format!("rubric/verifier/{}", arm.name));
