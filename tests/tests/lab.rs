@@ -266,10 +266,33 @@ fn tiny_mitigations_preset() {
         methods,
         ["none", "kl", "ensemble-uwo", "par", "sequence-chi2"]
     );
+    // The peak, by hand from metrics.jsonl: per seed the largest centred mean of 5 steps
+    // of gold (truncated at the ends), then the mean over seeds.
+    let lines = goodhart_metrics::sink::read_lines(dir.join("metrics.jsonl")).unwrap();
+    let smoothed_peak = |series: &str| {
+        let g: Vec<f64> = lines
+            .iter()
+            .filter(|l| l.labels.get("series").map(String::as_str) == Some(series))
+            .filter_map(|l| l.metrics.get("reward/gold/mean").copied())
+            .collect();
+        assert!(g.len() > 2, "{series}: {} gold values", g.len());
+        (0..g.len())
+            .map(|i| {
+                let (lo, hi) = (i.saturating_sub(2), (i + 3).min(g.len()));
+                g[lo..hi].iter().sum::<f64>() / (hi - lo) as f64
+            })
+            .fold(f64::NEG_INFINITY, f64::max)
+    };
     for r in rows {
         assert_eq!(r[8], 2, "two seeds per arm");
-        let (peak, fin) = (r[2].as_f64().unwrap(), r[4].as_f64().unwrap());
-        assert!(peak >= fin - 1e-12, "peak {peak} below final {fin}");
+        let arm = r[0].as_str().unwrap();
+        let want =
+            (smoothed_peak(&format!("{arm}/s0")) + smoothed_peak(&format!("{arm}/s1"))) / 2.0;
+        let peak = r[2].as_f64().unwrap();
+        assert!(
+            (peak - want).abs() < 1e-9,
+            "{arm}: peak {peak}, by hand {want}"
+        );
         assert!(
             r[3].as_f64().unwrap() >= 0.0,
             "spread is a standard deviation"
