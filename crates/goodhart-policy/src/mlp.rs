@@ -109,8 +109,8 @@ impl<B: Backend> Mlp<B> {
 }
 
 /// `tanh(x) = 2 sigmoid(2x) - 1`, the same function through the backend's sigmoid: the
-/// CPU backend computes `tanh` with a scalar `libm` call per element, which took about
-/// half of a tomato PPO stage's time (docs/speed.md), and its `sigmoid` with `exp`.
+/// CPU backend computes `tanh` with a scalar `libm` `tanhf` per element and `sigmoid`
+/// with the cheaper `expf` (the profile is in docs/speed.md).
 fn tanh<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     sigmoid(x * 2.0) * 2.0 - 1.0
 }
