@@ -106,11 +106,7 @@ pub fn smoothed_gold(run: &Run, rule: &GoldPeakRule) -> Result<Vec<(u64, f64)>> 
             "steps must increase",
         ));
     }
-    let gold: Vec<(u64, f64)> = run
-        .steps
-        .iter()
-        .filter_map(|(s, m)| m.get(&rule.gold_key).map(|g| (*s, *g)))
-        .collect();
+    let gold = gold_of(run, rule);
     let values: Vec<f64> = gold.iter().map(|g| g.1).collect();
     crate::stats::check_series(
         &values,
@@ -126,6 +122,14 @@ pub fn smoothed_gold(run: &Run, rule: &GoldPeakRule) -> Result<Vec<(u64, f64)>> 
             )
         })
         .collect())
+}
+
+/// The `(step, gold)` of every step of `run` with gold.
+fn gold_of(run: &Run, rule: &GoldPeakRule) -> Vec<(u64, f64)> {
+    run.steps
+        .iter()
+        .filter_map(|(s, m)| m.get(&rule.gold_key).map(|g| (*s, *g)))
+        .collect()
 }
 
 /// Finds the gold peak of `run` (the first maximum of [`smoothed_gold`]) and labels it.
@@ -159,15 +163,14 @@ pub fn gold_peak(run: &Run, rule: &GoldPeakRule) -> Result<GoldPeak> {
     let final_value = smoothed.last().map_or(peak, |p| p.1);
     let threshold = rule.abs_drop.max(rule.rel_drop * (peak - smoothed[0].1));
     let drop = peak - final_value;
-    let gold: Vec<f64> = run
-        .steps
-        .iter()
-        .filter_map(|(_, m)| m.get(&rule.gold_key).copied())
-        .collect();
+    let gold = gold_of(run, rule);
     let n = gold.len();
     let interval = (n >= 2).then(|| {
-        let var =
-            gold.windows(2).map(|w| (w[1] - w[0]).powi(2)).sum::<f64>() / (2.0 * (n - 1) as f64);
+        let var = gold
+            .windows(2)
+            .map(|w| (w[1].1 - w[0].1).powi(2))
+            .sum::<f64>()
+            / (2.0 * (n - 1) as f64);
         let half = rule.window / 2;
         let k = ((i + half + 1).min(n) - i.saturating_sub(half)) as f64;
         let h = 1.96 * (var / k).sqrt();

@@ -974,6 +974,10 @@ mod tests {
         t.into_data().convert::<f32>().into_vec().unwrap()
     }
 
+    fn host_i64(t: Tensor<B, 2, Int>) -> Vec<i64> {
+        t.into_data().convert::<i64>().into_vec().unwrap()
+    }
+
     /// A batch of questions of 1 and 2 hops: each row's tokens are its transcript, the
     /// context right-aligned at the widest; the response mask is the transcript's policy
     /// mask (0 on `RESULT e` observations); each policy token carries its turn index.
@@ -991,25 +995,10 @@ mod tests {
         let [n, width] = out.batch.tokens.dims();
         assert_eq!(n, 8);
         assert_eq!(out.context_width, w.max_context_len());
-        let ids: Vec<i64> = out
-            .batch
-            .tokens
-            .clone()
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .unwrap();
+        let ids: Vec<i64> = host_i64(out.batch.tokens.clone());
         let resp = host_f32(out.batch.response_mask.clone());
         let att = host_f32(out.batch.attention_mask.clone());
-        let turns: Vec<i64> = out
-            .batch
-            .turns
-            .clone()
-            .unwrap()
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .unwrap();
+        let turns: Vec<i64> = host_i64(out.batch.turns.clone().unwrap());
         let mut observations = 0;
         for r in 0..n {
             let q = qs[r];
@@ -1283,15 +1272,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let token_turn: Vec<i64> = out
-            .batch
-            .turns
-            .clone()
-            .unwrap()
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .unwrap();
+        let token_turn: Vec<i64> = host_i64(out.batch.turns.clone().unwrap());
         let m = host_f32(mask.clone());
         for (config, signal, turn_level) in [
             (

@@ -464,7 +464,6 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
         ],
         rows,
     );
-    let fmt = |b: Option<(f64, f64)>| b.map(|(c, t)| json!([c, t]));
     let chosen = table(
         "Tomato: coefficients chosen on the selection episodes; chi-squared minus action KL per seed, on the evaluation episodes",
         &[
@@ -477,10 +476,10 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
             "chi2 higher",
         ],
         vec![json!([
-            fmt(chi2).map(|v| v[0].clone()),
-            fmt(chi2).map(|v| v[1].clone()),
-            fmt(kl).map(|v| v[0].clone()),
-            fmt(kl).map(|v| v[1].clone()),
+            chi2.map(|c| c.0),
+            chi2.map(|c| c.1),
+            kl.map(|c| c.0),
+            kl.map(|c| c.1),
             paired.as_ref().map(|p| p.mean),
             paired.as_ref().map(|p| format!("[{:.3}, {:.3}]", p.lo, p.hi)),
             paired.as_ref().map(|p| format!("{} of {}", p.wins, p.n)),
