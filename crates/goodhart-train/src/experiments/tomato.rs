@@ -11,10 +11,11 @@
 //! - `tomato/s{s}/action_kl={c}` and `tomato/s{s}/chi2={c}`: the same with each
 //!   coefficient of the sweep, toward the base policy (whatever the starting point).
 //!
-//! Every policy is evaluated twice on `eval_episodes` episodes each, from two streams: the
-//! selection episodes (`tomato/select`) pick each regulariser's best coefficient (the
-//! highest mean true return over seeds), the evaluation episodes (`tomato/eval`) give
-//! every reported figure, so no figure is measured on the episodes that chose it. The
+//! Every policy is evaluated on `eval_episodes` evaluation episodes (`tomato/eval`), which
+//! give every reported figure; a regularised policy whose sweep has more than one
+//! coefficient also plays as many selection episodes (`tomato/select`), which pick the
+//! sweep's best coefficient (the highest mean true return over seeds), so no figure is
+//! measured on the episodes that chose it. The
 //! summary table gives the mean and standard deviation over seeds of the true return, the
 //! proxy return and how often episodes visit the bucket; a second one, the chosen
 //! coefficients and the paired chi-squared minus action-KL difference per seed, with a
@@ -185,8 +186,8 @@ pub struct Evaluated {
     pub proxy_return: f64,
     /// Fraction of episodes that visit the bucket.
     pub bucket_rate: f64,
-    /// Mean true return on the selection episodes (NaN in records written before they
-    /// existed).
+    /// Mean true return on the selection episodes; NaN where its sweep has one coefficient
+    /// (nothing to choose) and in records written before they existed.
     #[serde(default = "nan")]
     pub select_return: f64,
 }
@@ -255,8 +256,14 @@ pub fn run<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Vec<Evaluated>> {
     let mut out = Vec::new();
-    // The reported evaluation, then the selection one on other episodes.
-    let evaluate = |policy: &goodhart_policy::mlp::MlpPolicy<B>, s: u64| {
+    // The reported evaluation, and the selection one on other episodes where a sweep has
+    // a coefficient to choose (more than one).
+    let choices = |method: &str| match method {
+        "action_kl" => cfg.action_kl.len(),
+        "chi2" => cfg.chi2.len(),
+        _ => 0,
+    };
+    let evaluate = |policy: &goodhart_policy::mlp::MlpPolicy<B>, method: &str, s: u64| {
         let on = |stream: &str| {
             ppo::evaluate(
                 policy,
@@ -266,16 +273,21 @@ pub fn run<B: AutodiffBackend>(
                 device,
             )
         };
-        Ok::<_, goodhart_core::GoodhartError>((on("tomato/eval")?, on("tomato/select")?))
+        let select = if choices(method) > 1 {
+            Some(on("tomato/select")?.true_return)
+        } else {
+            None
+        };
+        Ok::<_, goodhart_core::GoodhartError>((on("tomato/eval")?, select))
     };
-    let record = |method: &str, coef: f64, s: u64, (r, sel): (Returns, Returns)| Evaluated {
+    let record = |method: &str, coef: f64, s: u64, (r, sel): (Returns, Option<f64>)| Evaluated {
         method: method.into(),
         coef,
         seed: s,
         true_return: r.true_return,
         proxy_return: r.proxy_return,
         bucket_rate: r.bucket_rate,
-        select_return: sel.true_return,
+        select_return: sel.unwrap_or(f64::NAN),
     };
     for i in 0..cfg.seeds {
         let s = seed0 + i as u64;
@@ -310,7 +322,7 @@ pub fn run<B: AutodiffBackend>(
             save_module(&agent.policy, &policy_path)
                 .and_then(|()| save_module(&agent.value, &value_path))
                 .map_err(checkpoint_error(&stage))?;
-            let r = evaluate(&agent.policy, s).map_err(stage_error(&stage))?;
+            let r = evaluate(&agent.policy, "base", s).map_err(stage_error(&stage))?;
             Ok(record("base", 0.0, s, r))
         })?;
         out.push(base);
@@ -361,7 +373,7 @@ pub fn run<B: AutodiffBackend>(
                     &mut |m| logger.log(m.iteration as u64, metrics(m)),
                 )
                 .map_err(stage_error(&stage))?;
-                let r = evaluate(&agent.policy, s).map_err(stage_error(&stage))?;
+                let r = evaluate(&agent.policy, &method, s).map_err(stage_error(&stage))?;
                 Ok(record(&method, coef, s, r))
             })?;
             out.push(ev);
@@ -405,15 +417,21 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
         .count();
     // Each regulariser's coefficient chosen on the selection episodes, reported on the
     // evaluation episodes.
+    // A sweep of one coefficient has nothing to choose (and no selection episodes).
     let best = |m: &str| {
-        arms.iter()
+        let sweep: Vec<(f64, f64, f64)> = arms
+            .iter()
             .filter(|(mm, _)| mm == m)
             .map(|(_, c)| {
                 let es = of(m, *c);
                 let select = mean_sd(es.iter().map(|e| e.select_return)).0;
                 (*c, select, mean_sd(es.iter().map(|e| e.true_return)).0)
             })
-            .filter(|(_, select, t)| select.is_finite() && t.is_finite())
+            .collect();
+        let single = sweep.len() == 1;
+        sweep
+            .into_iter()
+            .filter(|(_, select, t)| (single || select.is_finite()) && t.is_finite())
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(c, _, t)| (c, t))
     };
@@ -570,6 +588,27 @@ mod tests {
         );
         assert!(p["lo"].as_f64().unwrap() >= 1.5 && p["hi"].as_f64().unwrap() <= 2.5);
         assert_eq!(fig["chi2_beats_kl_and_base"], true);
+    }
+
+    /// A sweep of one coefficient is chosen without selection episodes (NaN there).
+    #[test]
+    fn a_single_coefficient_needs_no_selection() {
+        let cfg = TomatoExperiment {
+            seeds: 1,
+            action_kl: vec![0.1],
+            chi2: vec![0.1],
+            ..Default::default()
+        };
+        let evals = [
+            ev("base", 0.0, 0, 5.0, f64::NAN),
+            ev("proxy", 0.0, 0, 2.0, f64::NAN),
+            ev("action_kl", 0.1, 0, 6.0, f64::NAN),
+            ev("chi2", 0.1, 0, 7.0, f64::NAN),
+        ];
+        let (fig, _) = summarize(&cfg, &evals);
+        assert_eq!(fig["best_action_kl_true_return"], 6.0);
+        assert_eq!(fig["best_chi2_true_return"], 7.0);
+        assert_eq!(fig["chi2_minus_kl"]["mean"], 1.0);
     }
 
     #[test]
