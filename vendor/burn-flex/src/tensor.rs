@@ -287,6 +287,19 @@ impl FlexTensor {
         }
     }
 
+    /// [`Self::to_contiguous`] by value: a tensor that already covers its whole buffer
+    /// contiguously is returned as it is, so its buffer stays uniquely owned when it was
+    /// (`to_contiguous` returns a second handle, and a write through either copies it).
+    pub fn into_contiguous(self) -> Self {
+        if self.is_contiguous()
+            && self.layout.start_offset() == 0
+            && self.data.len() == self.layout.num_elements() * dtype_size(self.dtype)
+        {
+            return self;
+        }
+        self.to_contiguous()
+    }
+
     /// Copy to contiguous layout if needed.
     pub fn to_contiguous(&self) -> Self {
         // Fast path requires the logical tensor to cover the whole buffer.
@@ -377,6 +390,31 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if all_positive && strides.last() == Some(&1) {
+            // goodhart patch: an N-d layout whose innermost dim is contiguous (a head
+            // permutation `[B, T, H, d] -> [H, B, T, d]`, or its gradient) is copied
+            // a row of that dim at a time, with an odometer over the outer dims,
+            // instead of element by element through `StridedIter`.
+            let rank = shape.len();
+            let run = shape[rank - 1];
+            let mut index = [0usize; COLLAPSE_MAX_RANK];
+            let mut at = offset;
+            for _ in 0..n / run.max(1) {
+                let start = at as usize;
+                dst.extend_from_slice(&src[start..start + run]);
+                // Advance the odometer over dims `0..rank - 1`.
+                let mut d = rank - 1;
+                while d > 0 {
+                    d -= 1;
+                    index[d] += 1;
+                    at += strides[d];
+                    if index[d] < shape[d] {
+                        break;
+                    }
+                    at -= strides[d] * shape[d] as isize;
+                    index[d] = 0;
+                }
+            }
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.

@@ -57,21 +57,19 @@ impl ActivationOps<Flex> for Flex {
     }
 
     fn gelu(tensor: FloatTensor<Flex>) -> FloatTensor<Flex> {
-        // 0.5 * x * (1 + erf(x / sqrt(2)))
-        use crate::ops::unary::{erf_f32, erf_f64};
-        let sqrt2_f32: f32 = core::f32::consts::SQRT_2;
+        // x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))); f32 without libm (goodhart patch)
+        use crate::ops::unary::{erf_f64, normal_cdf_and_exp_f32};
         let sqrt2_f64: f64 = core::f64::consts::SQRT_2;
         unary_op(
             tensor,
-            move |x: f32| 0.5 * x * (1.0 + erf_f32(x / sqrt2_f32)),
+            move |x: f32| x * normal_cdf_and_exp_f32(x).0,
             move |x: f64| 0.5 * x * (1.0 + erf_f64(x / sqrt2_f64)),
         )
     }
 
     fn gelu_backward(x: FloatTensor<Flex>, grad: FloatTensor<Flex>) -> FloatTensor<Flex> {
         // d/dx[gelu(x)] = 0.5 * (1 + erf(x/sqrt(2))) + x * (1/sqrt(2*pi)) * exp(-x^2/2)
-        use crate::ops::unary::{erf_f32, erf_f64};
-        let sqrt2_f32: f32 = core::f32::consts::SQRT_2;
+        use crate::ops::unary::{erf_f64, normal_cdf_and_exp_f32};
         let sqrt2_f64: f64 = core::f64::consts::SQRT_2;
         let inv_sqrt_2pi_f32: f32 = 1.0 / (2.0 * core::f32::consts::PI).sqrt();
         let inv_sqrt_2pi_f64: f64 = 1.0 / (2.0 * core::f64::consts::PI).sqrt();
@@ -79,9 +77,8 @@ impl ActivationOps<Flex> for Flex {
             x,
             grad,
             move |x: f32, g| {
-                let cdf = 0.5 * (1.0 + erf_f32(x / sqrt2_f32));
-                let pdf = inv_sqrt_2pi_f32 * (-0.5 * x * x).exp();
-                g * (cdf + x * pdf)
+                let (cdf, e) = normal_cdf_and_exp_f32(x);
+                g * (cdf + x * inv_sqrt_2pi_f32 * e)
             },
             move |x: f64, g| {
                 let cdf = 0.5 * (1.0 + erf_f64(x / sqrt2_f64));
@@ -366,16 +363,13 @@ fn softmax_row_f32_simd<S: macerator::Simd>(input: &[f32], output: &mut [f32]) {
         }
     }
 
-    // Pass 2: compute exp(x - max), store in output, accumulate sum.
-    // Scalar exp (no SIMD exp in macerator). This pass is the one that
-    // actually does memory reads + writes on the whole row, so scalar
-    // here still lands us at memory bandwidth.
-    let mut sum = 0.0f32;
-    for idx in 0..len {
-        let e = (input[idx] - max_val).exp();
-        output[idx] = e;
-        sum += e;
+    // Pass 2: compute exp(x - max) into output, then sum it. goodhart patch: the
+    // exponential in plain arithmetic (`x - max <= 0`), so the loop vectorises
+    // (one libm `expf` per element was most of a softmax), and the sum as its own loop.
+    for (o, &x) in output.iter_mut().zip(input) {
+        *o = crate::ops::unary::exp_nonpositive_f32(x - max_val);
     }
+    let sum: f32 = output.iter().sum();
 
     // Pass 3: normalize.
     // SIMD splat + multiply, scalar tail.

@@ -55,8 +55,8 @@ where
 /// Apply a unary operation element-wise to a tensor.
 pub fn unary_op<F32Op, F64Op>(tensor: FlexTensor, f32_op: F32Op, f64_op: F64Op) -> FlexTensor
 where
-    F32Op: Fn(f32) -> f32 + Copy,
-    F64Op: Fn(f64) -> f64 + Copy,
+    F32Op: Fn(f32) -> f32 + Copy + Send + Sync,
+    F64Op: Fn(f64) -> f64 + Copy + Send + Sync,
 {
     let dtype = tensor.dtype();
 
@@ -73,7 +73,7 @@ where
 fn unary_op_typed<E, Op>(mut tensor: FlexTensor, op: Op) -> FlexTensor
 where
     E: burn_backend::Element + bytemuck::Pod,
-    Op: Fn(E) -> E,
+    Op: Fn(E) -> E + Send + Sync,
 {
     let n = tensor.layout().num_elements();
 
@@ -81,9 +81,7 @@ where
     if tensor.is_unique() && tensor.layout().is_contiguous() && tensor.layout().start_offset() == 0
     {
         let storage: &mut [E] = tensor.storage_mut();
-        for x in storage[..n].iter_mut() {
-            *x = op(*x);
-        }
+        crate::ops::par::map_inplace(&mut storage[..n], op);
         return tensor;
     }
 
@@ -98,7 +96,7 @@ where
     // Iterate in storage order (contiguous) and preserve original layout.
     // Only valid when all strides are positive.
     if !has_negative_strides && layout.start_offset() == 0 && src.len() == n {
-        let result: Vec<E> = src.iter().map(|&x| op(x)).collect();
+        let result: Vec<E> = crate::ops::par::map(src, op);
         let bytes = Bytes::from_elems(result);
         return FlexTensor::new(bytes, layout, E::dtype());
     }
@@ -121,7 +119,7 @@ where
     let result = match &blocks {
         // Single contiguous block (with offset)
         StridedBlocks::Single { start, len } => {
-            src[*start..*start + *len].iter().map(|&x| op(x)).collect()
+            crate::ops::par::map(&src[*start..*start + *len], &op)
         }
         // Strided: iterate over contiguous blocks
         StridedBlocks::Multiple {
@@ -163,7 +161,13 @@ where
 
 /// Exponential: e^x
 pub fn exp(tensor: FlexTensor) -> FlexTensor {
-    unary_op(tensor, |x| x.exp(), |x| x.exp())
+    // goodhart patch: below -104 `expf` rounds to 0 and takes libm's slow underflow path
+    // (errno); masked attention scores (-1e9) hit it once per element.
+    unary_op(
+        tensor,
+        |x: f32| if x < -104.0 { 0.0 } else { x.exp() },
+        |x| x.exp(),
+    )
 }
 
 /// Natural logarithm: ln(x)
@@ -357,6 +361,49 @@ pub fn erf(tensor: FlexTensor) -> FlexTensor {
 /// Error function for f32.
 pub fn erf_f32(x: f32) -> f32 {
     libm::erff(x)
+}
+
+/// `e^x` for `x <= 0` in plain arithmetic, so that a loop over a slice vectorises
+/// (goodhart patch; `f32::exp` is one libm call per element): `x = n ln 2 + r` with
+/// `|r| <= ln 2 / 2` (Cody-Waite, `ln 2` in two parts), `e^r` by its Taylor polynomial of
+/// degree 6 (relative error below 2e-7 there), `2^n` from the exponent bits. Arguments
+/// above 0 are taken as 0; below -87 the result is 0 (`e^-87` is about 1.6e-38), so a
+/// masked score gets exactly zero weight.
+#[inline(always)]
+pub fn exp_nonpositive_f32(x: f32) -> f32 {
+    let underflow = x < -87.0;
+    const LN2_HI: f32 = 0.693_145_75; // 0x3F317200: n * LN2_HI is exact for |n| < 2^8
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: (y + ROUND) - ROUND rounds y to an integer
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * core::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let y = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if underflow { 0.0 } else { y }
+}
+
+/// The standard normal CDF `Phi(x)` and `e^(-x^2 / 2)` (goodhart patch, for GELU and its
+/// gradient without a libm call per element): `Phi(-|x|) = erfc(|x| / sqrt 2) / 2` by
+/// Abramowitz and Stegun 7.1.26 (absolute error of `erf` at most 1.5e-7), whose
+/// `e^(-z^2)` is the same `e^(-x^2 / 2)`; `Phi(|x|) = 1 - Phi(-|x|)`.
+#[inline(always)]
+pub fn normal_cdf_and_exp_f32(x: f32) -> (f32, f32) {
+    const P: f32 = 0.327_591_1 * core::f32::consts::FRAC_1_SQRT_2;
+    const A: [f32; 5] = [
+        0.254_829_592,
+        -0.284_496_736,
+        1.421_413_741,
+        -1.453_152_027,
+        1.061_405_429,
+    ];
+    let e = exp_nonpositive_f32(-0.5 * x * x);
+    let t = 1.0 / (1.0 + P * x.abs());
+    let lower = 0.5 * t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4])))) * e;
+    (if x >= 0.0 { 1.0 - lower } else { lower }, e)
 }
 
 /// Error function for f64.

@@ -9,12 +9,15 @@ use macerator::{Scalar, Simd, VBitAnd, VBitOr, VBitXor, vload_unaligned, vstore_
 use rayon::prelude::*;
 
 /// Threshold for parallel execution (elements).
-/// For memory-bound operations, parallelism helps when data exceeds L3 cache.
+/// goodhart patch: 32 Ki elements, from 4 Mi. On a 2-core x86 server one core does not
+/// saturate memory bandwidth, so two threads speed up element-wise ops on buffers far
+/// smaller than the L3 cache (a transformer's activations at batch 64 are 0.3-3 Mi).
 #[cfg(feature = "rayon")]
-const PARALLEL_THRESHOLD: usize = 4 * 1024 * 1024;
+const PARALLEL_THRESHOLD: usize = 32 * 1024;
 
+/// goodhart patch: 16 Ki elements per task, from 4 Ki (fewer, cheaper rayon tasks).
 #[cfg(feature = "rayon")]
-const CHUNK_SIZE: usize = 4096;
+const CHUNK_SIZE: usize = 16 * 1024;
 
 // ============================================================================
 // f32 in-place binary ops
