@@ -13,6 +13,8 @@ pub mod batch;
 pub mod device;
 pub mod error;
 pub mod groups;
+#[cfg(test)]
+mod kernel_tests;
 pub mod ops;
 pub mod params;
 pub mod registry;

@@ -1,0 +1,131 @@
+//! The backend's element-wise kernels that goodhart patches on the CPU
+//! (vendor/burn-flex/PATCHES.md), against f64 references and host arithmetic, at sizes
+//! that take both the single-thread and the multi-thread paths.
+
+use crate::device::Autodiff;
+use crate::testing::{assert_close, tolerance, values};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::Tensor;
+use statrs::function::erf::erf;
+
+/// Standard normal CDF and density.
+fn phi(x: f64) -> (f64, f64) {
+    let cdf = 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (cdf, pdf)
+}
+
+/// `n` points spread over `[lo, hi]`.
+fn grid(n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| lo + (hi - lo) * i as f32 / (n - 1) as f32)
+        .collect()
+}
+
+crate::backend_test! {
+    fn gelu_and_its_gradient_match_the_normal_cdf<B>(device) {
+        // 40,001 points (the multi-thread path) and 101 (the single-thread one).
+        for n in [40_001, 101] {
+            let x = grid(n, -10.0, 10.0);
+            let want: Vec<f32> = x.iter().map(|&v| (v as f64 * phi(v as f64).0) as f32).collect();
+            let dwant: Vec<f32> = x
+                .iter()
+                .map(|&v| {
+                    let (cdf, pdf) = phi(v as f64);
+                    (cdf + v as f64 * pdf) as f32
+                })
+                .collect();
+            let t = Tensor::<Autodiff<B>, 1>::from_floats(x.as_slice(), device).require_grad();
+            let y = gelu(t.clone());
+            assert_close(&values(y.clone().inner()), &want, tolerance(1e-6));
+            let grads = y.sum().backward();
+            let dx = t.grad(&grads).expect("gelu's input has a gradient");
+            assert_close(&values(dx), &dwant, tolerance(1e-6));
+        }
+    }
+}
+
+crate::backend_test! {
+    fn softmax_gives_masked_scores_exactly_zero<B>(device) {
+        // 512 rows of 80 scores (a decoding step's attention shape), every third masked
+        // with -1e9 as the attention bias does.
+        let (rows, cols) = (512, 80);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                if i % 3 == 0 {
+                    -1e9
+                } else {
+                    ((i * 7919) % 1000) as f32 / 100.0 - 5.0
+                }
+            })
+            .collect();
+        let mut want = vec![0f32; x.len()];
+        for (row, out) in x.chunks(cols).zip(want.chunks_mut(cols)) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (o, e) in out.iter_mut().zip(e) {
+                *o = (e / sum) as f32;
+            }
+        }
+        let t = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([rows, cols]);
+        let got = values(softmax(t, 1));
+        assert_close(&got, &want, tolerance(1e-6));
+        assert!(got.iter().step_by(3).all(|&p| p == 0.0), "a masked score got weight");
+    }
+}
+
+crate::backend_test! {
+    fn element_wise_ops_on_large_tensors_match_host_arithmetic<B>(device) {
+        // 100,003 elements: the multi-thread path with a ragged last chunk.
+        let n = 100_003;
+        let a: Vec<f32> = (0..n).map(|i| ((i * 37) % 1001) as f32 / 97.0 - 5.0).collect();
+        let b: Vec<f32> = (0..n).map(|i| ((i * 53) % 997) as f32 / 89.0 + 0.5).collect();
+        let ta = || Tensor::<B, 1>::from_floats(a.as_slice(), device);
+        let tb = || Tensor::<B, 1>::from_floats(b.as_slice(), device);
+        let host = |f: fn(f32, f32) -> f32| a.iter().zip(&b).map(|(&x, &y)| f(x, y)).collect::<Vec<_>>();
+        let exact = tolerance(0.0);
+        assert_close(&values(ta() + tb()), &host(|x, y| x + y), exact);
+        assert_close(&values(ta() * tb()), &host(|x, y| x * y), exact);
+        assert_close(&values(ta() / tb()), &host(|x, y| x / y), exact);
+        assert_close(&values(ta() - 2.5), &host(|x, _| x - 2.5), exact);
+        assert_close(&values(ta().abs().sqrt()), &host(|x, _| x.abs().sqrt()), tolerance(1e-6));
+        let exp = values(ta().exp());
+        for (g, w) in exp.iter().zip(a.iter().map(|x| x.exp())) {
+            assert!((g - w).abs() <= tolerance(1e-6) * w, "exp: {g} vs {w}");
+        }
+        // Broadcasts: one shared row, and one scalar per row.
+        let (rows, cols) = (n / 7, 7);
+        let m = &a[..rows * cols];
+        let row: Vec<f32> = b[..cols].to_vec();
+        let per_row: Vec<f32> = b[..rows].to_vec();
+        let tm = Tensor::<B, 1>::from_floats(m, device).reshape([rows, cols]);
+        let shared = tm.clone() * Tensor::<B, 1>::from_floats(row.as_slice(), device).reshape([1, cols]);
+        let want: Vec<f32> = m.iter().enumerate().map(|(i, &x)| x * row[i % cols]).collect();
+        assert_close(&values(shared), &want, exact);
+        let scaled = tm - Tensor::<B, 1>::from_floats(per_row.as_slice(), device).reshape([rows, 1]);
+        let want: Vec<f32> = m.iter().enumerate().map(|(i, &x)| x - per_row[i / cols]).collect();
+        assert_close(&values(scaled), &want, exact);
+    }
+}
+
+crate::backend_test! {
+    fn slice_assign_leaves_other_handles_unchanged<B>(device) {
+        // A buffer written in place when it has one owner must still be copied when it
+        // has two: the clone keeps its zeros.
+        let buf = Tensor::<B, 2>::zeros([300, 200], device);
+        let kept = buf.clone();
+        let ones = Tensor::<B, 2>::ones([2, 200], device);
+        let written = buf.slice_assign([10..12, 0..200], ones);
+        assert_eq!(values(kept.clone()).iter().sum::<f32>(), 0.0);
+        // `written` now has one owner: a second write goes into it.
+        let twos = Tensor::<B, 2>::full([1, 200], 2.0, device);
+        let written = written.slice_assign([299..300, 0..200], twos);
+        let got = values(written);
+        assert_eq!(got.iter().sum::<f32>(), 2.0 * 200.0 + 2.0 * 200.0);
+        assert_eq!(got[10 * 200], 1.0);
+        assert_eq!(got[299 * 200 + 5], 2.0);
+        assert_eq!(got[12 * 200], 0.0);
+        assert_eq!(values(kept).iter().sum::<f32>(), 0.0);
+    }
+}
