@@ -129,3 +129,30 @@ crate::backend_test! {
         assert_eq!(values(kept).iter().sum::<f32>(), 0.0);
     }
 }
+
+crate::backend_test! {
+    fn log_softmax_matches_f64_and_keeps_nan_rows_nan<B>(device) {
+        // 40 rows of 1,001 logits (the multi-thread path): row 3 has a -inf logit (its
+        // log-probability is -inf), row 7 a NaN (the whole row is NaN).
+        let (rows, cols) = (40, 1_001);
+        let mut x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 2003) as f32 / 50.0 - 20.0)
+            .collect();
+        x[3 * cols + 11] = f32::NEG_INFINITY;
+        x[7 * cols + 500] = f32::NAN;
+        let mut want = vec![0f32; x.len()];
+        for (row, out) in x.chunks(cols).zip(want.chunks_mut(cols)) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            let nan = row.iter().any(|v| v.is_nan());
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = if nan { f32::NAN } else { (v as f64 - max - lse) as f32 };
+            }
+        }
+        let t = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([rows, cols]);
+        let got = values(burn::tensor::activation::log_softmax(t, 1));
+        // Log-probabilities reach -60, where an f32 ulp is 3.8e-6.
+        assert_close(&got, &want, tolerance(1e-5));
+        assert_eq!(got[3 * cols + 11], f32::NEG_INFINITY);
+    }
+}

@@ -154,6 +154,62 @@ impl ActivationOps<Flex> for Flex {
     fn softmax(tensor: FloatTensor<Flex>, dim: usize) -> FloatTensor<Flex> {
         softmax(tensor, dim)
     }
+
+    fn log_softmax(tensor: FloatTensor<Flex>, dim: usize) -> FloatTensor<Flex> {
+        // goodhart patch: fused for f32 along the last dim (a policy's log-probs over its
+        // vocabulary), where the trait's decomposition makes six passes with a libm `expf`
+        // per element; other cases keep that decomposition.
+        if tensor.dtype() == DType::F32 && dim + 1 == tensor.shape().num_dims() {
+            return log_softmax_last_f32(tensor.into_contiguous());
+        }
+        let max = Flex::float_max_dim(Flex::float_detach(tensor.clone()), dim);
+        let shifted = Flex::float_sub(tensor, max);
+        let log_sum_exp = Flex::float_log(Flex::float_sum_dim(Flex::float_exp(shifted.clone()), dim));
+        Flex::float_sub(shifted, log_sum_exp)
+    }
+}
+
+/// `log_softmax` of each row of a contiguous f32 tensor over its last dim:
+/// `(x - max) - ln(sum(exp(x - max)))`, rows split over rayon's threads (goodhart patch).
+/// A NaN in a row makes the row NaN, as in the decomposition.
+fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
+    use crate::ops::unary::exp_nonpositive_f32;
+    let shape = tensor.layout().shape().clone();
+    let last = *shape.last().expect("log_softmax: empty shape");
+    let input: &[f32] = tensor.storage();
+    let n = shape.num_elements();
+    if last == 0 || n == 0 {
+        return tensor;
+    }
+    let mut output: Vec<f32> = vec![0.0; n];
+    let rows = |input: &[f32], output: &mut [f32]| {
+        for (row, out) in input.chunks(last).zip(output.chunks_mut(last)) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o = exp_nonpositive_f32(x - max);
+            }
+            let log_sum = out.iter().sum::<f32>().ln();
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o = (x - max) - log_sum;
+            }
+        }
+    };
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        let chunk = (16 * 1024 / last).max(1) * last;
+        output
+            .par_chunks_mut(chunk)
+            .zip(input[..n].par_chunks(chunk))
+            .for_each(|(o, i)| rows(i, o));
+    }
+    #[cfg(not(feature = "rayon"))]
+    rows(&input[..n], &mut output);
+    FlexTensor::new(
+        Bytes::from_elems(output),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
 }
 
 #[inline]
