@@ -299,26 +299,26 @@ impl FlexTensor {
     /// contiguously is returned as it is, so its buffer stays uniquely owned when it was
     /// (`to_contiguous` returns a second handle, and a write through either copies it).
     pub fn into_contiguous(self) -> Self {
-        if self.is_contiguous()
-            && self.layout.start_offset() == 0
-            && self.data.len() == self.layout.num_elements() * dtype_size(self.dtype)
-        {
+        if self.covers_buffer() {
             return self;
         }
         self.to_contiguous()
     }
 
-    /// Copy to contiguous layout if needed.
-    pub fn to_contiguous(&self) -> Self {
-        // Fast path requires the logical tensor to cover the whole buffer.
-        // A contiguous prefix view (e.g. [8, 5] sliced to [5, 5]) has
-        // canonical strides and offset 0 but an oversized buffer, and would
-        // otherwise mislead callers that read `storage()` / `bytes()` by
-        // length (e.g. the SIMD `mask_fill_*` kernels).
-        if self.is_contiguous()
+    /// Whether the tensor is its whole buffer, contiguously from the start.
+    ///
+    /// A contiguous prefix view (e.g. [8, 5] sliced to [5, 5]) has canonical strides and
+    /// offset 0 but an oversized buffer, and would otherwise mislead callers that read
+    /// `storage()` / `bytes()` by length (e.g. the SIMD `mask_fill_*` kernels).
+    fn covers_buffer(&self) -> bool {
+        self.is_contiguous()
             && self.layout.start_offset() == 0
             && self.data.len() == self.layout.num_elements() * dtype_size(self.dtype)
-        {
+    }
+
+    /// Copy to contiguous layout if needed.
+    pub fn to_contiguous(&self) -> Self {
+        if self.covers_buffer() {
             return self.clone();
         }
 

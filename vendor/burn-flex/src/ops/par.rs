@@ -5,13 +5,17 @@
 
 use alloc::vec::Vec;
 
-/// Elements below which a loop runs on the calling thread.
+/// Elements below which a loop runs on the calling thread (also the SIMD kernels'
+/// threshold in `simd/portable.rs`; upstream's was 4 Mi there). On a 2-core x86 server one
+/// core does not saturate memory bandwidth, so two threads speed up element-wise ops on
+/// buffers far smaller than the L3 cache (a transformer's activations at batch 64 are
+/// 0.3-3 Mi elements).
 #[cfg(feature = "rayon")]
-const MIN_PARALLEL: usize = 1 << 15;
+pub(crate) const MIN_PARALLEL: usize = 1 << 15;
 
-/// Elements per rayon task.
+/// Elements per rayon task (also the SIMD kernels'; upstream's was 4 Ki there).
 #[cfg(feature = "rayon")]
-const CHUNK: usize = 1 << 14;
+pub(crate) const CHUNK: usize = 1 << 14;
 
 /// `dst[i] = op(dst[i])`.
 pub fn map_inplace<E, Op>(dst: &mut [E], op: Op)

@@ -8,16 +8,10 @@ use macerator::{Scalar, Simd, VBitAnd, VBitOr, VBitXor, vload_unaligned, vstore_
 #[cfg(feature = "rayon")]
 use rayon::prelude::*;
 
-/// Threshold for parallel execution (elements).
-/// goodhart patch: 32 Ki elements, from 4 Mi. On a 2-core x86 server one core does not
-/// saturate memory bandwidth, so two threads speed up element-wise ops on buffers far
-/// smaller than the L3 cache (a transformer's activations at batch 64 are 0.3-3 Mi).
+/// Threshold for parallel execution (elements) and elements per task: goodhart patch,
+/// the scalar loops' (`ops/par.rs`), from 4 Mi and 4 Ki.
 #[cfg(feature = "rayon")]
-const PARALLEL_THRESHOLD: usize = 32 * 1024;
-
-/// goodhart patch: 16 Ki elements per task, from 4 Ki (fewer, cheaper rayon tasks).
-#[cfg(feature = "rayon")]
-const CHUNK_SIZE: usize = 16 * 1024;
+use crate::ops::par::{CHUNK as CHUNK_SIZE, MIN_PARALLEL as PARALLEL_THRESHOLD};
 
 // ============================================================================
 // f32 in-place binary ops
