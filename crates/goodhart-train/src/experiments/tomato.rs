@@ -15,11 +15,10 @@
 //! give every reported figure; a regularised policy whose sweep has more than one
 //! coefficient also plays as many selection episodes (`tomato/select`), which pick the
 //! sweep's best coefficient (the highest mean true return over seeds), so no figure is
-//! measured on the episodes that chose it. The
-//! summary table gives the mean and standard deviation over seeds of the true return, the
-//! proxy return and how often episodes visit the bucket; a second one, the chosen
-//! coefficients and the paired chi-squared minus action-KL difference per seed, with a
-//! percentile-bootstrap interval of its mean.
+//! measured on the episodes that chose it. The summary table gives the mean and standard
+//! deviation over seeds of the true return, the proxy return and how often episodes visit
+//! the bucket; a second one, the chosen coefficients and the paired chi-squared minus
+//! action-KL difference per seed, with a percentile-bootstrap interval of its mean.
 
 use std::collections::BTreeMap;
 
@@ -508,7 +507,7 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
 
 /// The mean of paired differences, its 95% percentile-bootstrap interval
 /// ([`PAIRED_RESAMPLES`] resamples, stream `tomato/paired`: same differences, same
-/// interval) and how many are positive. `None` without a difference.
+/// interval) and how many are positive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Paired {
     /// Mean difference.
@@ -523,7 +522,7 @@ pub struct Paired {
     pub n: usize,
 }
 
-/// See [`Paired`].
+/// The [`Paired`] summary of `diffs`; `None` without a difference.
 pub fn paired_difference(diffs: &[f64]) -> Option<Paired> {
     let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
     let (lo, hi) = bootstrap(diffs, mean, PAIRED_RESAMPLES, 0.95, 0, "tomato/paired").ok()?;
