@@ -110,6 +110,40 @@ crate::backend_test! {
 }
 
 crate::backend_test! {
+    fn exp_and_sigmoid_match_f64_over_the_whole_range<B>(device) {
+        // 200,001 points from below the smallest subnormal result to past overflow, then
+        // the edges: NaN, the infinities, the largest finite result, the first overflow.
+        let mut x = grid(200_001, -110.0, 95.0);
+        x.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 88.72283, 88.7229, -103.9, -104.0]);
+        // Up to 2 ulp for normal results; subnormal results to their spacing on the CPU
+        // (GPUs may flush them to zero).
+        let rel = tolerance(2.4e-7);
+        let floor = match crate::testing::test_device() {
+            crate::device::DeviceSpec::Cpu => f32::from_bits(1) as f64,
+            _ => f32::MIN_POSITIVE as f64,
+        };
+        let check = |name: &str, got: &[f32], exact: &dyn Fn(f64) -> f64| {
+            for (&v, &g) in x.iter().zip(got) {
+                let w = exact(v as f64);
+                if w.is_nan() {
+                    assert!(g.is_nan(), "{name}({v}) = {g}, want NaN");
+                } else if w > f32::MAX as f64 {
+                    assert_eq!(g, f32::INFINITY, "{name}({v})");
+                } else {
+                    let err = (g as f64 - w).abs();
+                    assert!(err <= rel as f64 * w + floor, "{name}({v}) = {g}, want {w}");
+                }
+            }
+        };
+        let t = || Tensor::<B, 1>::from_floats(x.as_slice(), device);
+        check("exp", &values(t().exp()), &|v| v.exp());
+        check("sigmoid", &values(burn::tensor::activation::sigmoid(t())), &|v| {
+            1.0 / (1.0 + (-v).exp())
+        });
+    }
+}
+
+crate::backend_test! {
     fn slice_assign_leaves_other_handles_unchanged<B>(device) {
         // A buffer written in place when it has one owner must still be copied when it
         // has two: the clone keeps its zeros.

@@ -173,7 +173,7 @@ impl ActivationOps<Flex> for Flex {
 /// `(x - max) - ln(sum(exp(x - max)))`, rows split over rayon's threads (goodhart patch).
 /// A NaN in a row makes the row NaN, as in the decomposition.
 fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
-    use crate::ops::unary::exp_nonpositive_f32;
+    use crate::ops::unary::exp_f32;
     let shape = tensor.layout().shape().clone();
     let last = *shape.last().expect("log_softmax: empty shape");
     let input: &[f32] = tensor.storage();
@@ -186,7 +186,7 @@ fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
         for (row, out) in input.chunks(last).zip(output.chunks_mut(last)) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             for (o, &x) in out.iter_mut().zip(row) {
-                *o = exp_nonpositive_f32(x - max);
+                *o = exp_f32(x - max);
             }
             let log_sum = out.iter().sum::<f32>().ln();
             for (o, &x) in out.iter_mut().zip(row) {
@@ -214,12 +214,10 @@ fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
 
 #[inline]
 fn sigmoid_f32(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    // goodhart patch: one exponential of `-|x|` in plain arithmetic (`exp_f32`), so the
+    // loop vectorises; upstream called libm's `expf` per element.
+    let e = crate::ops::unary::exp_f32(-x.abs());
+    if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) }
 }
 
 #[inline]
@@ -420,10 +418,10 @@ fn softmax_row_f32_simd<S: macerator::Simd>(input: &[f32], output: &mut [f32]) {
     }
 
     // Pass 2: compute exp(x - max) into output, then sum it. goodhart patch: the
-    // exponential in plain arithmetic (`x - max <= 0`), so the loop vectorises
-    // (one libm `expf` per element was most of a softmax), and the sum as its own loop.
+    // exponential in plain arithmetic (`exp_f32`), so the loop vectorises (one libm
+    // `expf` per element was most of a softmax), and the sum as its own loop.
     for (o, &x) in output.iter_mut().zip(input) {
-        *o = crate::ops::unary::exp_nonpositive_f32(x - max_val);
+        *o = crate::ops::unary::exp_f32(x - max_val);
     }
     let sum: f32 = output.iter().sum();
 

@@ -1,9 +1,15 @@
 //! Element-wise loops over contiguous buffers, split across rayon's threads when the
-//! buffer is large enough to repay the split (goodhart patch: upstream runs these loops on
-//! one thread, so with two threads the element-wise half of a forward and backward pass
-//! left one core idle).
+//! buffer is large enough to repay the split, each chunk compiled for the widest x86
+//! vector extension the CPU has (goodhart patch: upstream runs these loops on one thread,
+//! so with two threads the element-wise half of a forward and backward pass left one core
+//! idle, and compiles them for the baseline x86-64, 4 floats per instruction).
+//!
+//! The loops call `op` on one element at a time; LLVM vectorises them when `op` is plain
+//! arithmetic. Rust never contracts `a * b + c` into a fused multiply-add nor reorders
+//! float arithmetic, so every vector width gives the same bits.
 
 use alloc::vec::Vec;
+use core::mem::MaybeUninit;
 
 /// Elements below which a loop runs on the calling thread (also the SIMD kernels'
 /// threshold in `simd/portable.rs`; upstream's was 4 Mi there). On a 2-core x86 server one
@@ -17,6 +23,121 @@ pub(crate) const MIN_PARALLEL: usize = 1 << 15;
 #[cfg(feature = "rayon")]
 pub(crate) const CHUNK: usize = 1 << 14;
 
+/// The four loop bodies. `#[inline(always)]`, so that each is compiled again inside the
+/// `#[target_feature]` functions of [`versions!`], with `op` inlined into the loop.
+#[inline(always)]
+fn map_inplace_body<E: Copy, Op: Fn(E) -> E>(dst: &mut [E], op: &Op) {
+    for x in dst.iter_mut() {
+        *x = op(*x);
+    }
+}
+
+#[inline(always)]
+fn zip_inplace_body<E: Copy, R: Copy, Op: Fn(E, R) -> E>(dst: &mut [E], src: &[R], op: &Op) {
+    for (x, &y) in dst.iter_mut().zip(src) {
+        *x = op(*x, y);
+    }
+}
+
+#[inline(always)]
+fn map_body<E: Copy, R, Op: Fn(E) -> R>(src: &[E], dst: &mut [MaybeUninit<R>], op: &Op) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        d.write(op(x));
+    }
+}
+
+#[inline(always)]
+fn zip_body<E: Copy, R, Op: Fn(E, E) -> R>(
+    a: &[E],
+    b: &[E],
+    dst: &mut [MaybeUninit<R>],
+    op: &Op,
+) {
+    for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+        d.write(op(x, y));
+    }
+}
+
+/// For each loop body `$body`, a function `$name` with the same arguments that runs it
+/// compiled for x86-64-v4 (AVX-512) or x86-64-v3 (AVX2 and FMA) when the CPU has those
+/// (detected once by std), and for the build's target otherwise.
+macro_rules! versions {
+    ($(fn $name:ident<$($g:ident),*>($($arg:ident: $ty:ty),*) = $body:ident where [$($bound:tt)*];)*) => {$(
+        #[inline]
+        fn $name<$($g),*>($($arg: $ty),*) where $($bound)* {
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+                fn v4<$($g),*>($($arg: $ty),*) where $($bound)* {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+                fn v3<$($g),*>($($arg: $ty),*) where $($bound)* {
+                    $body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512dq")
+                {
+                    // SAFETY: the CPU has every feature `v4` enables (the v4 level
+                    // implies v3's).
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("bmi1")
+                    && std::is_x86_feature_detected!("bmi2")
+                    && std::is_x86_feature_detected!("lzcnt")
+                    && std::is_x86_feature_detected!("popcnt")
+                {
+                    // SAFETY: the CPU has every feature `v3` enables.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    )*};
+}
+
+versions! {
+    fn map_inplace_chunk<E, Op>(dst: &mut [E], op: &Op) = map_inplace_body
+        where [E: Copy, Op: Fn(E) -> E];
+    fn zip_inplace_chunk<E, R, Op>(dst: &mut [E], src: &[R], op: &Op) = zip_inplace_body
+        where [E: Copy, R: Copy, Op: Fn(E, R) -> E];
+    fn map_chunk<E, R, Op>(src: &[E], dst: &mut [MaybeUninit<R>], op: &Op) = map_body
+        where [E: Copy, Op: Fn(E) -> R];
+    fn zip_chunk<E, R, Op>(a: &[E], b: &[E], dst: &mut [MaybeUninit<R>], op: &Op) = zip_body
+        where [E: Copy, Op: Fn(E, E) -> R];
+}
+
+/// A buffer of `n` elements written by `fill(chunk, first)` for chunks of the
+/// uninitialised buffer (`first`: the chunk's first index), which must write every element.
+fn build<R, F>(n: usize, fill: F) -> Vec<R>
+where
+    R: Send,
+    F: Fn(&mut [MaybeUninit<R>], usize) + Send + Sync,
+{
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    #[cfg(feature = "rayon")]
+    if n >= MIN_PARALLEL {
+        use rayon::prelude::*;
+        spare
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| fill(c, i * CHUNK));
+    } else {
+        fill(spare, 0);
+    }
+    #[cfg(not(feature = "rayon"))]
+    fill(spare, 0);
+    // SAFETY: `fill` wrote all `n` elements (the callers' bodies write every element of
+    // their chunk; their sources are at least as long as `n`).
+    unsafe { out.set_len(n) };
+    out
+}
+
 /// `dst[i] = op(dst[i])`.
 pub fn map_inplace<E, Op>(dst: &mut [E], op: Op)
 where
@@ -26,16 +147,11 @@ where
     #[cfg(feature = "rayon")]
     if dst.len() >= MIN_PARALLEL {
         use rayon::prelude::*;
-        dst.par_chunks_mut(CHUNK).for_each(|c| {
-            for x in c.iter_mut() {
-                *x = op(*x);
-            }
-        });
+        dst.par_chunks_mut(CHUNK)
+            .for_each(|c| map_inplace_chunk(c, &op));
         return;
     }
-    for x in dst.iter_mut() {
-        *x = op(*x);
-    }
+    map_inplace_chunk(dst, &op);
 }
 
 /// `dst[i] = op(dst[i], src[i])` over the shorter of the two.
@@ -50,16 +166,10 @@ where
         use rayon::prelude::*;
         dst.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| {
-                for (x, &y) in d.iter_mut().zip(s) {
-                    *x = op(*x, y);
-                }
-            });
+            .for_each(|(d, s)| zip_inplace_chunk(d, s, &op));
         return;
     }
-    for (x, &y) in dst.iter_mut().zip(src) {
-        *x = op(*x, y);
-    }
+    zip_inplace_chunk(dst, src, &op);
 }
 
 /// `op(src[i])` for every element, as a new buffer.
@@ -69,12 +179,9 @@ where
     R: Copy + Send + Sync,
     Op: Fn(E) -> R + Send + Sync,
 {
-    #[cfg(feature = "rayon")]
-    if src.len() >= MIN_PARALLEL {
-        use rayon::prelude::*;
-        return src.par_iter().with_min_len(CHUNK).map(|&x| op(x)).collect();
-    }
-    src.iter().map(|&x| op(x)).collect()
+    build(src.len(), |d, first| {
+        map_chunk(&src[first..first + d.len()], d, &op)
+    })
 }
 
 /// `op(a[i], b[i])` for every element of the shorter of the two, as a new buffer.
@@ -84,17 +191,10 @@ where
     R: Copy + Send + Sync,
     Op: Fn(E, E) -> R + Send + Sync,
 {
-    #[cfg(feature = "rayon")]
-    if a.len().min(b.len()) >= MIN_PARALLEL {
-        use rayon::prelude::*;
-        return a
-            .par_iter()
-            .zip(b.par_iter())
-            .with_min_len(CHUNK)
-            .map(|(&x, &y)| op(x, y))
-            .collect();
-    }
-    a.iter().zip(b).map(|(&x, &y)| op(x, y)).collect()
+    build(a.len().min(b.len()), |d, first| {
+        let end = first + d.len();
+        zip_chunk(&a[first..end], &b[first..end], d, &op)
+    })
 }
 
 /// `kernel(rows, first)` over chunks of whole rows of `dst` (rows of `row_len` elements;
