@@ -269,6 +269,28 @@ impl FlexTensor {
         }
     }
 
+    /// A contiguous tensor of `shape` whose elements `write` sets, given the start of the
+    /// buffer (goodhart patch: an output that is overwritten whole, such as a matrix
+    /// product's, is not first filled with zeros, which was most of the cost of `empty`).
+    ///
+    /// # Safety
+    /// `write` must initialise every element of the buffer.
+    pub(crate) unsafe fn from_writer<E: Element + bytemuck::Pod>(
+        shape: Shape,
+        write: impl FnOnce(*mut E),
+    ) -> Self {
+        let n = shape.num_elements();
+        let mut buffer: Vec<E> = Vec::with_capacity(n);
+        write(buffer.as_mut_ptr());
+        // SAFETY: `write` initialised the `n` elements (the caller's contract).
+        unsafe { buffer.set_len(n) };
+        Self::new(
+            Bytes::from_elems(buffer),
+            Layout::contiguous(shape),
+            E::dtype(),
+        )
+    }
+
     /// Create a tensor filled with zeros.
     pub fn zeros(shape: Shape, dtype: DType) -> Self {
         Self::empty(shape, dtype)
