@@ -963,9 +963,9 @@ impl<B: Backend> Attention<B> {
     /// views of the fused projection (queries and keys are copied once, as rows, when
     /// they are normed or rotated; see [`Rope`]), the `G` query heads of a group share its
     /// keys by a broadcast product, the scores `[1, H_kv, G, B, T, T_k]` take the bias
-    /// `[B, T, T_k]` as one row repeated per head, and the output projection runs per head
-    /// and sums over heads, so no tensor is transposed into a new layout (a transposing
-    /// copy is an element-by-element walk on the CPU backend).
+    /// `[B, T, T_k]` as one row repeated per head, and the heads' outputs are copied side
+    /// by side into `[B T, H d_head]` (rows of `d_head`) for one product with the output
+    /// projection.
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -1023,18 +1023,10 @@ impl<B: Backend> Attention<B> {
         let scores = q.matmul(k.swap_dims(4, 5)).reshape([h, b * t * tk]);
         let scores = (scores / (dh as f64).sqrt() + bias.clone()).reshape([1, kv, g, b, t, tk]);
         let y = self.dropout.forward(softmax(scores, 5)).matmul(v); // [1, H_kv, G, B, T, dh]
-        let w = self.out.weight.val().reshape([1, h, dh, d]);
-        // [1, H, B T, D], summed over heads as a product with a row of ones: its gradient
-        // is a product too, where `sum_dim`'s is a broadcast (slow on the CPU backend).
-        let per_head = y.reshape([1, h, b * t, dh]).matmul(w);
-        let ones = Tensor::<B, 2>::ones([1, h], &per_head.device());
-        let y = ones
-            .matmul(per_head.reshape([h, b * t * d]))
-            .reshape([b, t, d]);
-        match &self.out.bias {
-            Some(bias) => y + bias.val().reshape([1, 1, d]),
-            None => y,
-        }
+        // Heads side by side, `[B T, H dh]` (one copy, a row of `dh` at a time), then one
+        // product with the output projection.
+        let y = y.reshape([h, b * t, dh]).swap_dims(0, 1).reshape([b * t, h * dh]);
+        self.out.forward(y).reshape([b, t, d])
     }
 }
 

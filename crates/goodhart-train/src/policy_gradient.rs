@@ -2973,10 +2973,10 @@ mod tests {
                 (sample.rewards["baseline"] - b[i / 4]).abs() < 1e-5,
                 "row {i}"
             );
-            // No KL: every token's advantage is r - b.
+            // No KL: every token's advantage is r - b (to f32 rounding: |r - b| is ~60).
             let a = sample.rewards["train"] - sample.rewards["baseline"];
             assert!(
-                (sample.advantage - a).abs() < 1e-5,
+                (sample.advantage - a).abs() < 1e-6 * a.abs().max(10.0),
                 "row {i}: {} vs {a}",
                 sample.advantage
             );
