@@ -5,7 +5,8 @@
 use crate::device::Autodiff;
 use crate::testing::{assert_close, tolerance, values};
 use burn::tensor::activation::{gelu, log_softmax, softmax};
-use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
 use statrs::function::erf::erf;
 
 /// Standard normal CDF and density.
@@ -188,5 +189,92 @@ crate::backend_test! {
         // Log-probabilities reach -60, where an f32 ulp is 3.8e-6.
         assert_close(&got, &want, tolerance(1e-5));
         assert_eq!(got[3 * cols + 11], f32::NEG_INFINITY);
+    }
+}
+
+/// The backend's layer norm over the last dim, eps 1e-5.
+fn layer_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    gamma: Tensor<B, 1>,
+    beta: Option<Tensor<B, 1>>,
+) -> Tensor<B, 3> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.map(|b| b.into_primitive().tensor()),
+        1e-5,
+    )))
+}
+
+/// `n` values in `[-4, 4)` from a fixed integer hash, distinct per `salt`.
+fn pseudo(n: usize, salt: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729) % 8009) as f32 / 1001.0 - 4.0)
+        .collect()
+}
+
+crate::backend_test! {
+    fn softmax_log_softmax_and_layer_norm_gradients_match_their_decompositions<B>(device) {
+        // The autodiff backend runs these three as single ops with analytic backwards
+        // (vendor/burn-autodiff/PATCHES.md); the references are the same functions
+        // written as element-wise ops and reductions, differentiated op by op. Shapes
+        // take the multi-thread path; softmax is checked over the last and a middle dim.
+        type A<B> = Autodiff<B>;
+        let (b, t, d) = (6, 50, 130);
+        let x = pseudo(b * t * d, 1);
+        let w = pseudo(b * t * d, 2);
+        let input = || Tensor::<A<B>, 1>::from_floats(x.as_slice(), device).reshape([b, t, d]).require_grad();
+        let weights = Tensor::<A<B>, 1>::from_floats(w.as_slice(), device).reshape([b, t, d]);
+        let grad_of = |f: &dyn Fn(Tensor<A<B>, 3>) -> Tensor<A<B>, 3>| {
+            let x = input();
+            let y = f(x.clone());
+            let grads = (y.clone() * weights.clone()).sum().backward();
+            (values(y.inner()), values(x.grad(&grads).expect("the input has a gradient")))
+        };
+        let tol = tolerance(1e-5);
+        for dim in [2, 1] {
+            let (y, g) = grad_of(&|x| softmax(x, dim));
+            let (y_ref, g_ref) = grad_of(&|x| {
+                let e = (x.clone() - x.detach().max_dim(dim)).exp();
+                e.clone() / e.sum_dim(dim)
+            });
+            assert_close(&y, &y_ref, tol);
+            assert_close(&g, &g_ref, tol);
+            let (y, g) = grad_of(&|x| log_softmax(x, dim));
+            let (y_ref, g_ref) = grad_of(&|x| {
+                let s = x.clone() - x.detach().max_dim(dim);
+                s.clone() - s.exp().sum_dim(dim).log()
+            });
+            assert_close(&y, &y_ref, tol);
+            assert_close(&g, &g_ref, tol);
+        }
+        // LayerNorm with and without a shift: the gradients of the input, the scale and
+        // the shift.
+        let gamma = || Tensor::<A<B>, 1>::from_floats(&pseudo(d, 3)[..], device).require_grad();
+        let beta = || Tensor::<A<B>, 1>::from_floats(&pseudo(d, 4)[..], device).require_grad();
+        for with_beta in [true, false] {
+            let run = |fused: bool| {
+                let (x, g, s) = (input(), gamma(), beta());
+                let y = if fused {
+                    layer_norm(x.clone(), g.clone(), with_beta.then(|| s.clone()))
+                } else {
+                    let c = x.clone() - x.clone().mean_dim(2);
+                    let y = c.clone() / (c.square().mean_dim(2) + 1e-5).sqrt()
+                        * g.clone().reshape([1, 1, d]);
+                    if with_beta { y + s.clone().reshape([1, 1, d]) } else { y }
+                };
+                let grads = (y.clone() * weights.clone()).sum().backward();
+                let mut out = vec![values(y.inner()), values(x.grad(&grads).expect("dx")), values(g.grad(&grads).expect("dgamma"))];
+                if with_beta {
+                    out.push(values(s.grad(&grads).expect("dbeta")));
+                }
+                out
+            };
+            // Relative to each tensor's largest value: the scale's gradient sums 300 rows.
+            for (fused, reference) in run(true).iter().zip(run(false)) {
+                let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
+                assert_close(fused, &reference, tolerance(2e-6) * scale);
+            }
+        }
     }
 }

@@ -1022,10 +1022,14 @@ impl<B: Backend> Attention<B> {
         let tk = k.dims()[4];
         let scores = q.matmul(k.swap_dims(4, 5)).reshape([h, b * t * tk]);
         let scores = (scores / (dh as f64).sqrt() + bias.clone()).reshape([1, kv, g, b, t, tk]);
-        let y = self.dropout.forward(softmax(scores, 5)).matmul(v); // [1, H_kv, G, B, T, dh]
+        // [1, H_kv, G, B, T, dh]
+        let y = self.dropout.forward(softmax(scores, 5)).matmul(v);
         // Heads side by side, `[B T, H dh]` (one copy, a row of `dh` at a time), then one
         // product with the output projection.
-        let y = y.reshape([h, b * t, dh]).swap_dims(0, 1).reshape([b * t, h * dh]);
+        let y = y
+            .reshape([h, b * t, dh])
+            .swap_dims(0, 1)
+            .reshape([b * t, h * dh]);
         self.out.forward(y).reshape([b, t, d])
     }
 }

@@ -10,6 +10,8 @@ use burn_backend::Backend;
 use burn_backend::ops::attention::attention_fallback;
 use burn_backend::ops::*;
 use burn_backend::tensor::{FloatTensor, IntTensor};
+use burn_backend::TensorMetadata;
+use burn_std::Shape;
 
 use super::OpsKind;
 
@@ -188,6 +190,88 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
 
     fn linear_bias_backward(_output_grad: AutodiffTensor<B>) -> AutodiffTensor<B> {
         panic!("Can't differentiate linear_bias_backward.");
+    }
+
+    fn layer_norm(
+        tensor: AutodiffTensor<B>,
+        gamma: AutodiffTensor<B>,
+        beta: Option<AutodiffTensor<B>>,
+        epsilon: f64,
+    ) -> AutodiffTensor<B> {
+        // goodhart patch: one op (the backend's, a fused kernel on burn-flex) with the
+        // analytic backward of `layer_norm_backward`, where the trait's default records
+        // its nine-op decomposition, each op with its own backward.
+        #[derive(Debug)]
+        struct LayerNormWithBeta;
+        #[derive(Debug)]
+        struct LayerNormNoBeta;
+
+        impl<B: Backend> Backward<B, 3> for LayerNormWithBeta {
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, gamma, epsilon) = ops.state;
+                if let Some(node) = node_beta {
+                    grads.register::<B>(node.id, sum_rows::<B>(grad.clone()));
+                }
+                layer_norm_backward::<B>(x, gamma, epsilon, grad, node_x, node_gamma, grads);
+            }
+        }
+
+        impl<B: Backend> Backward<B, 2> for LayerNormNoBeta {
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_gamma] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, gamma, epsilon) = ops.state;
+                layer_norm_backward::<B>(x, gamma, epsilon, grad, node_x, node_gamma, grads);
+            }
+        }
+
+        match beta {
+            Some(beta) => match LayerNormWithBeta
+                .prepare::<C>([tensor.node.clone(), gamma.node.clone(), beta.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    (tensor.primitive.clone(), gamma.primitive.clone(), epsilon),
+                    B::layer_norm(tensor.primitive, gamma.primitive, Some(beta.primitive), epsilon),
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(B::layer_norm(
+                    tensor.primitive,
+                    gamma.primitive,
+                    Some(beta.primitive),
+                    epsilon,
+                )),
+            },
+            None => match LayerNormNoBeta
+                .prepare::<C>([tensor.node.clone(), gamma.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    (tensor.primitive.clone(), gamma.primitive.clone(), epsilon),
+                    B::layer_norm(tensor.primitive, gamma.primitive, None, epsilon),
+                ),
+                OpsKind::UnTracked(prep) => {
+                    prep.finish(B::layer_norm(tensor.primitive, gamma.primitive, None, epsilon))
+                }
+            },
+        }
     }
 
     fn conv1d(
@@ -2063,5 +2147,50 @@ impl<B: Backend> Backward<B, 1> for MaxPool2D {
 
             grads.register::<B>(node.id, grad.x_grad);
         }
+    }
+}
+
+/// `x [..., d]` summed over every dim but the last, as `[d]` (goodhart patch).
+fn sum_rows<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = x.shape();
+    let d = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / d.max(1);
+    let summed = B::float_sum_dim(B::float_reshape(x, Shape::new([rows, d])), 0);
+    B::float_reshape(summed, Shape::new([d]))
+}
+
+/// The gradients of `y = x_hat * gamma (+ beta)` with `x_hat = (x - mean) / sqrt(var + eps)`
+/// over the last dim (goodhart patch), registered for the parents that need them:
+/// `d gamma = sum_rows(g * x_hat)` and, with `h = g * gamma`,
+/// `d x = (h - mean(h) - x_hat * mean(h * x_hat)) / sqrt(var + eps)`.
+fn layer_norm_backward<B: Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    epsilon: f64,
+    grad: FloatTensor<B>,
+    node_x: Option<crate::graph::NodeRef>,
+    node_gamma: Option<crate::graph::NodeRef>,
+    grads: &mut Gradients,
+) {
+    let shape = x.shape();
+    let last = shape.num_dims() - 1;
+    let d = shape[last];
+    // x_hat and the denominator as the forward computes them.
+    let mean = B::float_mean_dim(x.clone(), last);
+    let centered = B::float_sub(x, mean);
+    let var = B::float_mean_dim(B::float_mul(centered.clone(), centered.clone()), last);
+    let denom = B::float_sqrt(B::float_add_scalar(var, epsilon.into()));
+    let x_hat = B::float_div(centered, denom.clone());
+    if let Some(node) = node_gamma {
+        let dgamma = sum_rows::<B>(B::float_mul(grad.clone(), x_hat.clone()));
+        grads.register::<B>(node.id, dgamma);
+    }
+    if let Some(node) = node_x {
+        let broadcast: alloc::vec::Vec<usize> = (0..=last).map(|i| if i == last { d } else { 1 }).collect();
+        let h = B::float_mul(grad, B::float_reshape(gamma, Shape::from(broadcast)));
+        let mean_h = B::float_mean_dim(h.clone(), last);
+        let mean_hx = B::float_mean_dim(B::float_mul(h.clone(), x_hat.clone()), last);
+        let dx = B::float_sub(B::float_sub(h, mean_h), B::float_mul(x_hat, mean_hx));
+        grads.register::<B>(node.id, B::float_div(dx, denom));
     }
 }
