@@ -445,6 +445,46 @@ impl FlexTensor {
                     index[d] = 0;
                 }
             }
+        } else if all_positive && n > 0 {
+            // goodhart patch: an N-d layout whose innermost dim is strided (a batched
+            // transpose, such as the gradient of `k.swap_dims` in attention) is copied as
+            // one tiled 2-D copy of its last two dims per index of the outer dims, in
+            // parallel, instead of element by element through `StridedIter`.
+            let rank = shape.len();
+            let (rows, cols) = (shape[rank - 2], shape[rank - 1]);
+            let (row_stride, col_stride) = (strides[rank - 2], strides[rank - 1]);
+            let mut starts = Vec::with_capacity(n / (rows * cols));
+            let mut index = [0usize; COLLAPSE_MAX_RANK];
+            let mut at = offset;
+            for _ in 0..n / (rows * cols) {
+                starts.push(at);
+                let mut d = rank - 2;
+                while d > 0 {
+                    d -= 1;
+                    index[d] += 1;
+                    at += strides[d];
+                    if index[d] < shape[d] {
+                        break;
+                    }
+                    at -= strides[d] * shape[d] as isize;
+                    index[d] = 0;
+                }
+            }
+            // SAFETY: capacity is n; each block of `rows * cols` is written whole by
+            // `copy_2d_tiled`, and the blocks tile `dst`.
+            unsafe { dst.set_len(n) };
+            let copy = |(block, &start): (&mut [E], &isize)| {
+                copy_2d_tiled(block, src, start, rows, cols, row_stride, col_stride)
+            };
+            #[cfg(feature = "rayon")]
+            if n >= crate::ops::par::MIN_PARALLEL {
+                use rayon::prelude::*;
+                dst.par_chunks_mut(rows * cols).zip(starts.par_iter()).for_each(copy);
+            } else {
+                dst.chunks_mut(rows * cols).zip(starts.iter()).for_each(copy);
+            }
+            #[cfg(not(feature = "rayon"))]
+            dst.chunks_mut(rows * cols).zip(starts.iter()).for_each(copy);
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.
