@@ -205,7 +205,30 @@ pub(crate) mod tests {
     use crate::transformer::Positions;
     use goodhart_core::testing::values;
 
-    pub(crate) fn temp_dir(name: &str) -> PathBuf {
+    /// A directory for one test, removed with its contents when dropped.
+    pub(crate) struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for TempDir {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A fresh, empty [`TempDir`] named after the test, the process and the thread.
+    pub(crate) fn temp_dir(name: &str) -> TempDir {
         let d = std::env::temp_dir().join(format!(
             "goodhart-policy-{name}-{}-{:?}",
             std::process::id(),
@@ -213,7 +236,7 @@ pub(crate) mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TempDir(d)
     }
 
     goodhart_core::backend_test! {

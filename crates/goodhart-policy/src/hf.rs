@@ -1333,7 +1333,11 @@ mod tests {
     }
 
     /// A copy of fixture `name` with `edit` applied to its `config.json`.
-    fn edited(name: &str, tag: &str, edit: impl Fn(&mut Map<String, Value>)) -> PathBuf {
+    fn edited(
+        name: &str,
+        tag: &str,
+        edit: impl Fn(&mut Map<String, Value>),
+    ) -> crate::checkpoint::tests::TempDir {
         let dir = crate::checkpoint::tests::temp_dir(&format!("hf-{name}-{tag}"));
         for entry in std::fs::read_dir(fixture(name)).unwrap() {
             let path = entry.unwrap().path();
@@ -1423,7 +1427,7 @@ mod tests {
 
     goodhart_core::backend_test! {
         fn bad_directories_name_the_file_and_key<B>(device) {
-            let err = |dir: PathBuf| load::<B>(&dir, device).map(|_| ()).unwrap_err().to_string();
+            let err = |dir: crate::checkpoint::tests::TempDir| load::<B>(&dir, device).map(|_| ()).unwrap_err().to_string();
             let e = err(edited("llama", "arch", |c| {
                 c["architectures"] = serde_json::json!(["GemmaForCausalLM"]);
             }));

@@ -391,8 +391,7 @@ mod tests {
 
     #[test]
     fn hf_word_level_tokenizer_json_loads() {
-        let dir = std::env::temp_dir().join(format!("goodhart-policy-tok-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::checkpoint::tests::temp_dir("tok");
         let path = dir.join("tokenizer.json");
         let special = |id: u32, content: &str| {
             format!(
