@@ -34,10 +34,33 @@ const TINY: &[&str] = &[
     "mitigations.pairs=20",
 ];
 
-fn scratch(tag: &str) -> PathBuf {
+/// A run root under the system's temporary directory, removed with its contents when
+/// dropped (at the end of the test, passed or failed).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("goodhart-lab-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    dir
+    Scratch(dir)
 }
 
 /// The preset with the tiny overrides that apply to its sections.
@@ -192,7 +215,6 @@ fn tiny_tomato_preset() {
     assert!(lines
         .iter()
         .all(|l| l["reward/gold/mean"].is_number() && l["reward/proxy/mean"].is_number()));
-    let _ = std::fs::remove_dir_all(root);
 }
 
 #[test]
@@ -250,7 +272,6 @@ fn tiny_overopt_preset() {
     assert_eq!(bon.len(), 3);
     // The analytic best-of-n KL: log n - (n - 1) / n (METHODS.md): n = 4 gives 0.636.
     assert!((bon[2]["kl/ref"].as_f64().unwrap() - (4f64.ln() - 0.75)).abs() < 1e-9);
-    let _ = std::fs::remove_dir_all(root);
 }
 
 #[test]
@@ -298,7 +319,6 @@ fn tiny_mitigations_preset() {
             "spread is a standard deviation"
         );
     }
-    let _ = std::fs::remove_dir_all(root);
 }
 
 /// The default preset's report, driven in Chromium: the smoothing slider re-smooths every
@@ -404,7 +424,6 @@ fn tiny_lab_preset_report_is_driven_in_a_browser() {
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
     drop(b);
-    let _ = std::fs::remove_dir_all(root);
 }
 
 /// The browser check fails where it should: a report whose script throws (a chart
@@ -453,7 +472,6 @@ fn the_browser_check_fails_on_a_script_error_or_an_undrawn_chart() {
         ),
     );
     assert!(undrawn.contains("charts not drawn"), "{undrawn}");
-    let _ = std::fs::remove_dir_all(root);
 }
 
 /// The multi-turn lab, tiny: every arm trains 4 steps from one base policy and is
@@ -509,7 +527,6 @@ fn tiny_multiturn_preset() {
             assert!((proxy - gold).abs() < 1e-6, "{sample:?}");
         }
     }
-    let _ = std::fs::remove_dir_all(root);
 }
 
 #[test]
@@ -599,8 +616,6 @@ fn tiny_rubric_preset() {
         std::fs::read(dir.join("metrics.jsonl")).unwrap(),
         std::fs::read(b.join("metrics.jsonl")).unwrap()
     );
-    let _ = std::fs::remove_dir_all(root);
-    let _ = std::fs::remove_dir_all(again);
 }
 
 const CHILD_ENV: &str = "GOODHART_LAB_CHILD_ROOT";
@@ -742,7 +757,6 @@ fn two_processes_and_four_kills_write_the_same_bytes() {
         assert_eq!(records(&dir)[..done], before[..]);
         assert_same_bytes(&reference, &dir);
     }
-    let _ = std::fs::remove_dir_all(root);
 }
 
 /// `[rl]` settings that, together, use every method name `cargo xtask list` gives for
@@ -899,7 +913,6 @@ fn every_rl_method_runs_from_toml() {
         cases.len(),
         failures.join("\n")
     );
-    let _ = std::fs::remove_dir_all(root);
 }
 
 /// The estimators that need turns or unit tests are refused when the file is parsed,
@@ -927,8 +940,9 @@ fn grpo_hf(sets: &[&str]) -> ExperimentConfig {
 fn grpo_on_a_hf_model_and_jsonl_prompts_writes_a_model_directory() {
     use goodhart_policy::hf;
     let config = grpo_hf(&["rl.steps=3"]);
-    let (a, summary) = run(config.clone(), &scratch("grpo-hf-a"));
-    let (b, _) = run(config.clone(), &scratch("grpo-hf-b"));
+    let (root_a, root_b) = (scratch("grpo-hf-a"), scratch("grpo-hf-b"));
+    let (a, summary) = run(config.clone(), &root_a);
+    let (b, _) = run(config.clone(), &root_b);
     let _ = assert_run_files(&a, "grpo-hf");
     // Same seed, same numbers, same weights.
     for f in ["metrics.jsonl", "samples.jsonl"] {
@@ -1141,7 +1155,8 @@ fn tiny_daa_preset() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("daa.train.loss"), "{err}");
-    let (dir, summary) = run(config.clone(), &scratch("daa-a"));
+    let (root_a, root_b) = (scratch("daa-a"), scratch("daa-b"));
+    let (dir, summary) = run(config.clone(), &root_a);
     let _ = assert_run_files(&dir, "daa");
     // DPO at each beta, SLiC once (it has no beta).
     let rows = table(&summary, "DAA");
@@ -1208,7 +1223,7 @@ fn tiny_daa_preset() {
         .collect();
     assert_eq!(steps, [2, 4, 6, 8]);
     // Same seed, same numbers.
-    let (again, _) = run(config, &scratch("daa-b"));
+    let (again, _) = run(config, &root_b);
     assert_eq!(
         std::fs::read(dir.join("metrics.jsonl")).unwrap(),
         std::fs::read(again.join("metrics.jsonl")).unwrap()
@@ -1228,8 +1243,9 @@ fn daa_on_a_hf_model_and_jsonl_pairs_writes_model_directories() {
     use goodhart_core::device::{cpu, Dispatch};
     use goodhart_policy::hf;
     let config = daa_hf(&[]).unwrap();
-    let (a, summary) = run(config.clone(), &scratch("daa-hf-a"));
-    let (b, _) = run(config.clone(), &scratch("daa-hf-b"));
+    let (root_a, root_b) = (scratch("daa-hf-a"), scratch("daa-hf-b"));
+    let (a, summary) = run(config.clone(), &root_a);
+    let (b, _) = run(config.clone(), &root_b);
     let _ = assert_run_files(&a, "daa-hf");
     // Same seed, same numbers, same weights.
     assert_eq!(
@@ -1438,7 +1454,6 @@ fn a_trl_named_csv_of_a_run_fires_where_the_lab_detector_did() {
     };
     let e = read_log(&file, &bad).unwrap_err().to_string();
     assert!(e.contains("no column `KL` (for `kl/ref`)"), "{e}");
-    let _ = std::fs::remove_dir_all(root);
 }
 
 #[test]
@@ -1535,5 +1550,4 @@ fn tiny_detector_corpus_preset() {
             assert!((gap - (proxy - heldout)).abs() < 1e-6, "{gap}");
         }
     }
-    let _ = std::fs::remove_dir_all(root);
 }
