@@ -10,6 +10,7 @@ use std::{
 };
 
 use goodhart_core::device::Autodiff;
+use goodhart_core::testing::TempDir;
 use goodhart_train::{config::ExperimentConfig, experiments, presets, runner::Runner};
 use serde_json::{json, Value};
 
@@ -34,33 +35,9 @@ const TINY: &[&str] = &[
     "mitigations.pairs=20",
 ];
 
-/// A run root under the system's temporary directory, removed with its contents when
-/// dropped (at the end of the test, passed or failed).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(tag: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("goodhart-lab-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    Scratch(dir)
+/// A run root removed with its contents when the test ends.
+fn scratch(tag: &str) -> TempDir {
+    TempDir::new(&format!("lab-{tag}"))
 }
 
 /// The preset with the tiny overrides that apply to its sections.

@@ -108,6 +108,44 @@ pub fn tolerance(cpu: f32) -> f32 {
     }
 }
 
+/// A fresh, empty directory for one test, `goodhart-{tag}-{process}-{thread}` under the
+/// system's temporary directory, removed with its contents when dropped (when the test
+/// ends, passed or failed).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// Creates the directory (emptied if a previous run left it).
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "goodhart-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        Self(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::ElementConversion;

@@ -205,38 +205,11 @@ pub(crate) mod tests {
     use crate::transformer::Positions;
     use goodhart_core::testing::values;
 
-    /// A directory for one test, removed with its contents when dropped.
-    pub(crate) struct TempDir(PathBuf);
+    pub(crate) use goodhart_core::testing::TempDir;
 
-    impl std::ops::Deref for TempDir {
-        type Target = Path;
-        fn deref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl AsRef<Path> for TempDir {
-        fn as_ref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// A fresh, empty [`TempDir`] named after the test, the process and the thread.
+    /// A fresh [`TempDir`] named after the test.
     pub(crate) fn temp_dir(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!(
-            "goodhart-policy-{name}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
+        TempDir::new(&format!("policy-{name}"))
     }
 
     goodhart_core::backend_test! {
