@@ -281,12 +281,16 @@ crate::backend_test! {
 
 crate::backend_test! {
     fn transposing_copies_match_host_indexing<B>(device) {
-        // Permutations whose innermost dim is strided, materialised: a batched transpose
-        // above and below the multi-thread threshold, and a 4-d permutation.
-        let cases: [(&[usize], &[usize]); 3] = [
+        // Permutations materialised: with a strided innermost dim (a batched transpose
+        // above and below the multi-thread threshold, and a 4-d permutation) and with a
+        // contiguous one (attention's head permutation `[B, T, H, d] -> [H, B, T, d]`,
+        // above and below the threshold).
+        let cases: [(&[usize], &[usize]); 5] = [
             (&[5, 90, 80], &[0, 2, 1]),
             (&[2, 3, 4], &[0, 2, 1]),
             (&[4, 10, 12, 70], &[0, 3, 2, 1]),
+            (&[64, 80, 4, 32], &[2, 0, 1, 3]),
+            (&[2, 3, 4, 5], &[2, 0, 1, 3]),
         ];
         for (shape, perm) in cases {
             let n: usize = shape.iter().product();
@@ -314,6 +318,33 @@ crate::backend_test! {
                 }
                 assert_eq!(g, x[src], "shape {shape:?} perm {perm:?} element {i}");
             }
+        }
+    }
+}
+
+crate::backend_test! {
+    fn sums_along_the_first_and_last_dims_match_host_sums<B>(device) {
+        // A bias gradient's shape (`[B T, n]`, summed over rows) and a layer norm's
+        // (`[B T, D]`, summed along rows), above and below the multi-thread threshold.
+        for (rows, cols) in [(5120, 384), (5120, 128), (7, 33)] {
+            let x: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let t = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([rows, cols]);
+            // Each column summed in row order, in f32, as one thread would.
+            let mut columns = vec![0f32; cols];
+            for row in x.chunks(cols) {
+                for (c, v) in columns.iter_mut().zip(row) {
+                    *c += v;
+                }
+            }
+            let got = values(t.clone().sum_dim(0));
+            assert_close(&got, &columns, tolerance(1e-4));
+            let by_row: Vec<f32> = x
+                .chunks(cols)
+                .map(|row| row.iter().map(|&v| v as f64).sum::<f64>() as f32)
+                .collect();
+            assert_close(&values(t.sum_dim(1)), &by_row, tolerance(1e-4));
         }
     }
 }

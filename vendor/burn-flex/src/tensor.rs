@@ -420,66 +420,41 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
-        } else if all_positive && strides.last() == Some(&1) {
-            // goodhart patch: an N-d layout whose innermost dim is contiguous (a head
-            // permutation `[B, T, H, d] -> [H, B, T, d]`, or its gradient) is copied
-            // a row of that dim at a time, with an odometer over the outer dims,
-            // instead of element by element through `StridedIter`.
-            let rank = shape.len();
-            let run = shape[rank - 1];
-            let mut index = [0usize; COLLAPSE_MAX_RANK];
-            let mut at = offset;
-            for _ in 0..n / run.max(1) {
-                let start = at as usize;
-                dst.extend_from_slice(&src[start..start + run]);
-                // Advance the odometer over dims `0..rank - 1`.
-                let mut d = rank - 1;
-                while d > 0 {
-                    d -= 1;
-                    index[d] += 1;
-                    at += strides[d];
-                    if index[d] < shape[d] {
-                        break;
-                    }
-                    at -= strides[d] * shape[d] as isize;
-                    index[d] = 0;
-                }
-            }
         } else if all_positive && n > 0 {
-            // goodhart patch: an N-d layout whose innermost dim is strided (a batched
-            // transpose, such as the gradient of `k.swap_dims` in attention) is copied as
-            // one tiled 2-D copy of its last two dims per index of the outer dims, in
-            // parallel, instead of element by element through `StridedIter`.
+            // goodhart patch: any other positive-stride N-d layout is copied as blocks of
+            // its innermost dims, one block per index of the outer dims, split over
+            // rayon's threads from 32 Ki elements, instead of element by element through
+            // `StridedIter` on one thread. A contiguous innermost dim (a head permutation
+            // `[B, T, H, d] -> [H, B, T, d]`, or its gradient) is copied a row at a time;
+            // a strided one (a batched transpose, such as the gradient of `k.swap_dims` in
+            // attention) as a tiled 2-D copy of the last two dims.
             let rank = shape.len();
-            let (rows, cols) = (shape[rank - 2], shape[rank - 1]);
+            let block = if strides[rank - 1] == 1 { 1 } else { 2 };
+            let (rows, cols) = if block == 1 {
+                (1, shape[rank - 1])
+            } else {
+                (shape[rank - 2], shape[rank - 1])
+            };
             let (row_stride, col_stride) = (strides[rank - 2], strides[rank - 1]);
-            let mut starts = Vec::with_capacity(n / (rows * cols));
-            let mut index = [0usize; COLLAPSE_MAX_RANK];
-            let mut at = offset;
-            for _ in 0..n / (rows * cols) {
-                starts.push(at);
-                let mut d = rank - 2;
-                while d > 0 {
-                    d -= 1;
-                    index[d] += 1;
-                    at += strides[d];
-                    if index[d] < shape[d] {
-                        break;
-                    }
-                    at -= strides[d] * shape[d] as isize;
-                    index[d] = 0;
-                }
-            }
-            // SAFETY: capacity is n; each block of `rows * cols` is written whole by
-            // `copy_2d_tiled`, and the blocks tile `dst`.
+            let starts = block_starts(&shape[..rank - block], &strides[..rank - block], offset);
+            // SAFETY: capacity is n; each block of `rows * cols` is written whole below,
+            // and the blocks tile `dst`.
             unsafe { dst.set_len(n) };
             let copy = |(block, &start): (&mut [E], &isize)| {
-                copy_2d_tiled(block, src, start, rows, cols, row_stride, col_stride)
+                if rows == 1 {
+                    let start = start as usize;
+                    block.copy_from_slice(&src[start..start + cols]);
+                } else {
+                    copy_2d_tiled(block, src, start, rows, cols, row_stride, col_stride)
+                }
             };
             #[cfg(feature = "rayon")]
             if n >= crate::ops::par::MIN_PARALLEL {
                 use rayon::prelude::*;
-                dst.par_chunks_mut(rows * cols).zip(starts.par_iter()).for_each(copy);
+                dst.par_chunks_mut(rows * cols)
+                    .zip(starts.par_iter())
+                    .with_min_len(crate::ops::par::CHUNK.div_ceil(rows * cols))
+                    .for_each(copy);
             } else {
                 dst.chunks_mut(rows * cols).zip(starts.iter()).for_each(copy);
             }
@@ -652,6 +627,31 @@ fn collapse_for_copy(shape: &[usize], strides: &[isize]) -> CollapsedLayout {
     }
 
     out
+}
+
+/// goodhart patch: the storage offset of element 0 of each block, for every index of the
+/// outer dims `shape` (strides `strides`) in row-major order, from `offset`.
+fn block_starts(shape: &[usize], strides: &[isize], offset: isize) -> Vec<isize> {
+    let count: usize = shape.iter().product();
+    let mut starts = Vec::with_capacity(count);
+    let mut index = [0usize; COLLAPSE_MAX_RANK];
+    let mut at = offset;
+    for _ in 0..count {
+        starts.push(at);
+        // Advance the odometer, the last dim fastest.
+        let mut d = shape.len();
+        while d > 0 {
+            d -= 1;
+            index[d] += 1;
+            at += strides[d];
+            if index[d] < shape[d] {
+                break;
+            }
+            at -= strides[d] * shape[d] as isize;
+            index[d] = 0;
+        }
+    }
+    starts
 }
 
 /// Tiled 2D copy from a strided source into a contiguous destination.

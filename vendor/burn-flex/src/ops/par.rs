@@ -197,6 +197,30 @@ where
     })
 }
 
+/// `kernel(block, first)` over blocks of `dst`, where computing one output element reads
+/// `cost` input elements (a reduction): split over rayon's threads when the inputs read
+/// reach [`MIN_PARALLEL`], in blocks of a multiple of `align` outputs that read about
+/// [`CHUNK`] inputs each (`first`: the index of the block's first output).
+pub fn outputs<E, K>(dst: &mut [E], cost: usize, align: usize, kernel: K)
+where
+    E: Send + Sync,
+    K: Fn(&mut [E], usize) + Send + Sync,
+{
+    #[cfg(feature = "rayon")]
+    if dst.len().saturating_mul(cost) >= MIN_PARALLEL && align > 0 {
+        use rayon::prelude::*;
+        let block = CHUNK.div_ceil(cost.max(1)).next_multiple_of(align);
+        if block < dst.len() {
+            dst.par_chunks_mut(block)
+                .enumerate()
+                .for_each(|(i, d)| kernel(d, i * block));
+            return;
+        }
+    }
+    let _ = (cost, align);
+    kernel(dst, 0);
+}
+
 /// `kernel(rows, first)` over chunks of whole rows of `dst` (rows of `row_len` elements;
 /// `first` is the index of the chunk's first row).
 pub fn rows_inplace<E, K>(dst: &mut [E], row_len: usize, kernel: K)

@@ -967,13 +967,18 @@ fn reduce_first_dim_f32(
     {
         // Use aligned allocation for optimal SIMD scatter-add
         let mut result = aligned::alloc_aligned_zeroed::<f32>(inner_size);
-        kernels::scatter_add_f32(
-            &data[start_offset..],
-            &mut result,
-            dim_size,
-            inner_size,
-            dim_stride as usize,
-        );
+        // goodhart patch: blocks of columns on rayon's threads (each column still sums
+        // its rows in order, so the result does not depend on the split).
+        let src = &data[start_offset..];
+        crate::ops::par::outputs(&mut result, dim_size, 64, |block, first| {
+            kernels::scatter_add_f32(
+                &src[first..],
+                block,
+                dim_size,
+                block.len(),
+                dim_stride as usize,
+            )
+        });
         aligned::to_vec(result)
     }
 
@@ -1019,7 +1024,11 @@ fn reduce_last_dim_f32(
     #[cfg(feature = "simd")]
     if matches!(op, ReduceOp::Sum) && outer_stride == dim_size as isize {
         let mut result = vec![0.0f32; rows];
-        kernels::sum_rows_f32(&data[start_offset..], &mut result, rows, dim_size);
+        // goodhart patch: blocks of rows on rayon's threads.
+        let src = &data[start_offset..];
+        crate::ops::par::outputs(&mut result, dim_size, 1, |block, first| {
+            kernels::sum_rows_f32(&src[first * dim_size..], block, block.len(), dim_size)
+        });
         return result;
     }
 
