@@ -495,6 +495,24 @@ pub fn linear_3d<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3
     y.reshape([b, t, o])
 }
 
+/// `x [N, D_in]` times the output columns `at..at + n` of `linear` (a view of its weight
+/// and bias), `[N, n]`. For a fused projection whose blocks are used separately (Q, K, V;
+/// SwiGLU's gate and up): each block's gradient is then its own `[N, n]`, where blocks
+/// narrowed out of one fused output would each take a zero-filled gradient of the whole
+/// output, summed, in the backward pass.
+fn linear_columns<B: Backend>(
+    linear: &Linear<B>,
+    x: Tensor<B, 2>,
+    at: usize,
+    n: usize,
+) -> Tensor<B, 2> {
+    burn::tensor::module::linear(
+        x,
+        linear.weight.val().narrow(1, at, n),
+        linear.bias.as_ref().map(|bias| bias.val().narrow(0, at, n)),
+    )
+}
+
 /// LayerNorm or RMSNorm over the last dimension, with weight `gamma` and, if set, bias
 /// `beta` (LayerNorm has one; the RMSNorms of Llama and Qwen have none); the parameter
 /// names are burn's `LayerNorm`'s.
@@ -960,8 +978,9 @@ impl<B: Backend> Block<B> {
 impl<B: Backend> Attention<B> {
     /// Heads are laid out `[1, H_kv, G, B, T, d_head]` with `G = H / H_kv` query heads
     /// per key/value head (`G = 1` for keys and values): queries, keys and values are
-    /// views of the fused projection (queries and keys are copied once, as rows, when
-    /// they are normed or rotated; see [`Rope`]), the `G` query heads of a group share its
+    /// products with column blocks of the fused projection ([`linear_columns`]; queries
+    /// and keys one product, then views of its rows, when they are normed or rotated;
+    /// see [`Rope`]), the `G` query heads of a group share its
     /// keys by a broadcast product, the scores `[1, H_kv, G, B, T, T_k]` take the bias
     /// `[B, T, T_k]` as one row repeated per head, and the heads' outputs are copied side
     /// by side into `[B T, H d_head]` (rows of `d_head`) for one product with the output
@@ -978,23 +997,21 @@ impl<B: Backend> Attention<B> {
         let g = h / kv;
         let width = self.qkv.weight.dims()[1];
         let dh = width / (h + 2 * kv);
-        // [B T, (H + 2 H_kv) dh], and its blocks of `n H_kv` head columns as
-        // `[1, H_kv, n, B, T, dh]` views.
-        let qkv = self.qkv.forward(x.reshape([b * t, d]));
+        let x = x.reshape([b * t, d]);
+        let project = |at: usize, n: usize| linear_columns(&self.qkv, x.clone(), at, n);
+        // `[B T, n H_kv dh]` as `[1, H_kv, n, B, T, dh]`.
         let heads =
             |x: Tensor<B, 2>, n: usize| x.reshape([b, t, 1, n, kv, dh]).permute([2, 4, 3, 0, 1, 5]);
-        let (q, k, v) = if rope.is_none() && self.q_norm.is_none() && self.k_norm.is_none() {
-            let qkv = heads(qkv, g + 2);
+        let v = heads(project((h + kv) * dh, kv * dh), 1);
+        let (q, k) = if rope.is_none() && self.q_norm.is_none() && self.k_norm.is_none() {
             (
-                qkv.clone().narrow(2, 0, g),
-                qkv.clone().narrow(2, g, 1),
-                qkv.narrow(2, g + 1, 1),
+                heads(project(0, h * dh), g),
+                heads(project(h * dh, kv * dh), 1),
             )
         } else {
             // The per-head norms and the rotation run on the query and key heads as
-            // contiguous rows `[B T, H + H_kv, dh]` (one copy out of the fused output).
-            let v = heads(qkv.clone().narrow(1, (h + kv) * dh, kv * dh), 1);
-            let mut qk = qkv.narrow(1, 0, (h + kv) * dh).reshape([b * t, h + kv, dh]);
+            // contiguous rows `[B T, H + H_kv, dh]`.
+            let mut qk = project(0, (h + kv) * dh).reshape([b * t, h + kv, dh]);
             if self.q_norm.is_some() || self.k_norm.is_some() {
                 let norm = |n: &Option<Norm<B>>, x: Tensor<B, 3>| match n {
                     Some(n) => n.forward(x),
@@ -1013,7 +1030,7 @@ impl<B: Backend> Attention<B> {
                 qk = rope.apply(qk);
             }
             let qk = heads(qk.reshape([b * t, (h + kv) * dh]), g + 1);
-            (qk.clone().narrow(2, 0, g), qk.narrow(2, g, 1), v)
+            (qk.clone().narrow(2, 0, g), qk.narrow(2, g, 1))
         };
         let (k, v) = match cache {
             Some((layer, at, capacity)) => layer.write(k, v, at, capacity),
@@ -1037,16 +1054,14 @@ impl<B: Backend> Attention<B> {
 impl<B: Backend> FeedForward<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        // On `[B T, M]`: SwiGLU's halves are then 2-d views, which the CPU backend walks
-        // row by row (a 3-d view it walks element by element).
-        let hidden = self.fc.forward(x.reshape([b * t, d]));
+        let x = x.reshape([b * t, d]);
         let hidden = if self.gated {
-            let m = hidden.dims()[1] / 2;
-            silu(hidden.clone().narrow(1, 0, m)) * hidden.narrow(1, m, m)
+            let m = self.fc.weight.dims()[1] / 2;
+            silu(linear_columns(&self.fc, x.clone(), 0, m)) * linear_columns(&self.fc, x, m, m)
         } else if self.gelu_tanh {
-            gelu_approximate(hidden)
+            gelu_approximate(self.fc.forward(x))
         } else {
-            gelu(hidden)
+            gelu(self.fc.forward(x))
         };
         self.proj.forward(hidden).reshape([b, t, d])
     }
