@@ -348,3 +348,39 @@ crate::backend_test! {
         }
     }
 }
+
+crate::backend_test! {
+    fn products_of_few_rows_match_host_products<B>(device) {
+        // A decoding step's products (one row per sequence) against f64 dot products:
+        // rows 1, 8 and 64, with the right-hand side a column block of a wider matrix
+        // (a view, as the attention projections use) and its transpose (an LM head
+        // stored `[V, D]`); at these sizes the CPU backend splits the output columns
+        // over threads.
+        let (k, wide, at, n) = (300, 2600, 300, 2000);
+        let w: Vec<f32> = (0..k * wide)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        for m in [1, 8, 64] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 104_729) % 1999) as f32 / 1000.0 - 1.0)
+                .collect();
+            let lhs = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([m, k]);
+            let rhs = Tensor::<B, 1>::from_floats(w.as_slice(), device).reshape([k, wide]);
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    (0..k)
+                        .map(|j| x[r * k + j] as f64 * w[j * wide + at + c] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let got = values(lhs.clone().matmul(rhs.clone().narrow(1, at, n)));
+            assert_close(&got, &want, tolerance(1e-4));
+            // The same product with the right-hand side stored transposed.
+            let stored_t = rhs.narrow(1, at, n).transpose();
+            let stored_t = Tensor::<B, 1>::from_floats(values(stored_t).as_slice(), device);
+            let got = values(lhs.matmul(stored_t.reshape([n, k]).transpose()));
+            assert_close(&got, &want, tolerance(1e-4));
+        }
+    }
+}

@@ -57,6 +57,16 @@ fn checked_size(a: usize, b: usize) -> usize {
 /// 192^3 = ~7M ops - balance between 128x128 (no parallel) and 256x256 (parallel)
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 
+/// goodhart patch: products with at most this many rows and at least
+/// [`COLUMN_SPLIT_THRESHOLD`] multiply-adds are split into blocks of columns over rayon's
+/// threads (`matmul_2d_strided`).
+#[cfg(feature = "rayon")]
+const FEW_ROWS: usize = 64;
+
+/// goodhart patch: see [`FEW_ROWS`] (2 Mi multiply-adds, about 30 us on one core).
+#[cfg(feature = "rayon")]
+const COLUMN_SPLIT_THRESHOLD: usize = 1 << 21;
+
 /// Threshold for batch-level parallelism (total ops across all batches).
 /// Use batch parallelism when individual matrices are small but total work is large.
 #[cfg(feature = "rayon")]
@@ -261,6 +271,47 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let rhs_ptr = unsafe { rhs_data.as_ptr().add(rhs.layout().start_offset()) };
 
     let out_shape = Shape::from(vec![m, n]);
+
+    // goodhart patch: a product of few rows (a decoding step's, one row per sequence)
+    // is split into blocks of output columns, one gemm call each, on rayon's threads.
+    // gemm parallelises over blocks of rows, so with few rows it ran on one thread.
+    // Each output element is the same dot product in the same order as unsplit.
+    #[cfg(feature = "rayon")]
+    if m <= FEW_ROWS && m.saturating_mul(n).saturating_mul(k) >= COLUMN_SPLIT_THRESHOLD {
+        let threads = rayon::current_num_threads();
+        let width = n.div_ceil(2 * threads).max(32).next_multiple_of(16);
+        if threads > 1 && width < n {
+            use rayon::prelude::*;
+            let (lhs_addr, rhs_addr) = (lhs_ptr as usize, rhs_ptr as usize);
+            // SAFETY: the blocks write disjoint columns of the output, and together
+            // every element (gemm without `read_dst`, as below).
+            return unsafe {
+                FlexTensor::from_writer::<T>(out_shape, |out| {
+                    let out_addr = out as usize;
+                    (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
+                        let first = block * width;
+                        let cols = width.min(n - first);
+                        gemm_call(
+                            m,
+                            cols,
+                            k,
+                            (out_addr as *mut T).add(first),
+                            1,
+                            n as isize,
+                            lhs_addr as *const T,
+                            lhs_col_stride,
+                            lhs_row_stride,
+                            (rhs_addr as *const T).offset(first as isize * rhs_col_stride),
+                            rhs_col_stride,
+                            rhs_row_stride,
+                            gemm::Parallelism::None,
+                        )
+                    });
+                })
+            };
+        }
+    }
+
     let parallelism = get_parallelism(m, n, k);
 
     // SAFETY: gemm without `read_dst` writes all `m x n` elements (zeros when `k = 0`)
