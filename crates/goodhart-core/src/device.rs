@@ -169,16 +169,55 @@ pub fn device(spec: DeviceSpec) -> Result<DispatchDevice> {
 
 /// Runs `job` on [`Dispatch`] with the device `spec` names.
 ///
+/// On the CPU the job runs on a worker of the pool whose threads run burn-flex's and
+/// gemm's parallel loops ([`cpu_pool`]): each parallel op then starts from a thread of
+/// that pool, which takes a share of the work, instead of waking the pool from outside
+/// and sleeping until it is done (docs/speed.md).
+///
 /// Errors with [`GoodhartError::BackendNotCompiled`] when the backend's feature is
 /// missing, and [`GoodhartError::BackendUnavailable`] when it has no usable device
-/// (checked by a one-element round trip before the job starts).
+/// (checked by a one-element round trip before the job starts) or the CPU pool's threads
+/// did not start.
 #[cfg(any(feature = "ndarray", feature = "wgpu", feature = "cuda"))]
-pub fn dispatch<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
+pub fn dispatch<J>(spec: DeviceSpec, job: J) -> Result<J::Output>
+where
+    J: BackendJob + Send,
+    J::Output: Send,
+{
     let device = device(spec)?;
     if spec != DeviceSpec::Cpu {
         probe::<Dispatch>(spec, &device)?;
+        return Ok(job.run::<Dispatch>(device));
     }
-    Ok(job.run::<Dispatch>(device))
+    #[cfg(feature = "ndarray")]
+    {
+        Ok(cpu_pool()?.install(move || job.run::<Dispatch>(device)))
+    }
+    #[cfg(not(feature = "ndarray"))]
+    {
+        Ok(job.run::<Dispatch>(device))
+    }
+}
+
+/// The rayon pool of CPU jobs, started on first use: as many threads as rayon's global
+/// pool would have (`RAYON_NUM_THREADS`, else the logical CPUs), each with a 16 MiB
+/// stack (a process's main thread has 8 MiB; rayon's default is 2 MiB).
+#[cfg(feature = "ndarray")]
+pub fn cpu_pool() -> Result<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<std::result::Result<rayon::ThreadPool, String>> =
+        std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("goodhart-cpu-{i}"))
+            .stack_size(16 << 20)
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|reason| GoodhartError::BackendUnavailable {
+        backend: DeviceSpec::Cpu.to_string(),
+        reason: format!("its thread pool did not start: {reason}"),
+    })
 }
 
 /// A one-element round trip: GPU runtimes panic when they find no adapter or driver;
@@ -247,5 +286,41 @@ mod tests {
             err.to_string(),
             "backend `cuda:0` is not compiled in: rebuild with `--features cuda`"
         );
+    }
+
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn cpu_jobs_run_on_a_worker_of_the_cpu_pool() {
+        struct Where;
+        impl BackendJob for Where {
+            type Output = (Option<usize>, Option<String>, usize);
+            fn run<B: burn::tensor::backend::Backend>(self, _: B::Device) -> Self::Output {
+                (
+                    rayon::current_thread_index(),
+                    std::thread::current().name().map(str::to_string),
+                    rayon::current_num_threads(),
+                )
+            }
+        }
+        let pool = cpu_pool().unwrap();
+        let (index, name, threads) = dispatch(DeviceSpec::Cpu, Where).unwrap();
+        let index = index.expect("the job runs on a rayon worker");
+        assert!(index < pool.current_num_threads());
+        assert_eq!(
+            name.as_deref(),
+            Some(format!("goodhart-cpu-{index}").as_str())
+        );
+        assert_eq!(threads, pool.current_num_threads());
+        // Called from inside the pool (a job that dispatches another), it runs in place.
+        struct Nested;
+        impl BackendJob for Nested {
+            type Output = (Option<usize>, Option<usize>);
+            fn run<B: burn::tensor::backend::Backend>(self, _: B::Device) -> Self::Output {
+                let inner = dispatch(DeviceSpec::Cpu, Where).unwrap().0;
+                (rayon::current_thread_index(), inner)
+            }
+        }
+        let (outer, inner) = dispatch(DeviceSpec::Cpu, Nested).unwrap();
+        assert_eq!(outer, inner);
     }
 }

@@ -29,7 +29,11 @@ pub fn test_device() -> DeviceSpec {
 
 /// Runs `job` on the test device; panics (failing the test) with the reason if that
 /// backend is not compiled in or has no device.
-pub fn run_on_test_device<J: BackendJob>(job: J) -> J::Output {
+pub fn run_on_test_device<J>(job: J) -> J::Output
+where
+    J: BackendJob + Send,
+    J::Output: Send,
+{
     let spec = test_device();
     dispatch(spec, job).unwrap_or_else(|e| panic!("{TEST_DEVICE_ENV}={spec}: {e}"))
 }

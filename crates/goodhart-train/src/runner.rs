@@ -246,7 +246,7 @@ pub struct Runner {
 /// What a run reports while it goes (on stderr, never in its files): its own lines, and
 /// each stage's start, expected length, metric lines and end. `cargo xtask run` draws
 /// progress bars from it on a terminal; [`Lines`] prints plain lines.
-pub trait Reporter {
+pub trait Reporter: Send {
     /// A line of the run's own: an experiment starting, a stage done or redone.
     fn say(&mut self, line: &str);
     /// Stage `stage` starts (it runs; a stage read back from its checkpoint does not).
@@ -936,33 +936,37 @@ mod tests {
     }
 
     /// Every reporter call, as text.
-    struct Recorder(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
+    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
 
     impl Reporter for Recorder {
         fn say(&mut self, line: &str) {
-            self.0.borrow_mut().push(format!("say {}", line.trim()));
+            self.0.lock().unwrap().push(format!("say {}", line.trim()));
         }
         fn stage_started(&mut self, stage: &str) {
-            self.0.borrow_mut().push(format!("start {stage}"));
+            self.0.lock().unwrap().push(format!("start {stage}"));
         }
         fn stage_total(&mut self, stage: &str, total: u64) {
-            self.0.borrow_mut().push(format!("total {stage} {total}"));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("total {stage} {total}"));
         }
         fn line(&mut self, stage: &str, line: &Line) {
             let v = line.metrics["x"];
             self.0
-                .borrow_mut()
+                .lock()
+                .unwrap()
                 .push(format!("line {stage} {} {v}", line.step));
         }
         fn stage_finished(&mut self, stage: &str, _seconds: f64) {
-            self.0.borrow_mut().push(format!("end {stage}"));
+            self.0.lock().unwrap().push(format!("end {stage}"));
         }
     }
 
     #[test]
     fn the_reporter_sees_stages_their_lengths_and_lines() {
         let root = scratch("reporter");
-        let events = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stage = |r: &mut Runner| {
             r.stage("s", |log| {
                 log.expect_lines(2);
@@ -981,7 +985,7 @@ mod tests {
             assert_eq!(stage(&mut r).unwrap(), 5);
             r.dir().path().to_path_buf()
         };
-        let got = events.borrow().clone();
+        let got = events.lock().unwrap().clone();
         assert_eq!(
             got[..5],
             ["start s", "total s 2", "line s 0 0", "line s 1 1", "end s"]
@@ -991,12 +995,12 @@ mod tests {
             "{got:?}"
         );
         // A stage read back from its checkpoint runs nothing: one line says so.
-        events.borrow_mut().clear();
+        events.lock().unwrap().clear();
         let mut r = Runner::resume(&dir)
             .unwrap()
             .with_reporter(Box::new(Recorder(events.clone())));
         assert_eq!(stage(&mut r).unwrap(), 5);
-        assert_eq!(*events.borrow(), ["say done  s (from checkpoint)"]);
+        assert_eq!(*events.lock().unwrap(), ["say done  s (from checkpoint)"]);
         drop(r);
         fs::remove_dir_all(&root).unwrap();
     }
