@@ -979,12 +979,11 @@ impl<B: Backend> Attention<B> {
     /// Heads are laid out `[1, H_kv, G, B, T, d_head]` with `G = H / H_kv` query heads
     /// per key/value head (`G = 1` for keys and values): queries, keys and values are
     /// products with column blocks of the fused projection ([`linear_columns`]; queries
-    /// and keys one product, then views of its rows, when they are normed or rotated;
-    /// see [`Rope`]), the `G` query heads of a group share its
-    /// keys by a broadcast product, the scores `[1, H_kv, G, B, T, T_k]` take the bias
-    /// `[B, T, T_k]` as one row repeated per head, and the heads' outputs are copied side
-    /// by side into `[B T, H d_head]` (rows of `d_head`) for one product with the output
-    /// projection.
+    /// and keys one product when they are normed or rotated, see [`Rope`]), the `G`
+    /// query heads of a group share its keys by a broadcast product, the scores
+    /// `[1, H_kv, G, B, T, T_k]` take the bias `[B, T, T_k]` as one row repeated per head,
+    /// and the heads' outputs are copied side by side into `[B T, H d_head]` (rows of
+    /// `d_head`) for one product with the output projection.
     fn forward(
         &self,
         x: Tensor<B, 3>,
