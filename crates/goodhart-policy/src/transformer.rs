@@ -880,7 +880,15 @@ fn attention_bias<B: Backend>(
     if let Some(w) = window {
         causal = causal * distance.lower_elem(w as i64).float();
     }
-    let allowed = causal * key_mask.clone().reshape([b, 1, tk]); // [B, T, Tk]
+    // [B, T Tk]: the key mask repeated per query row (a copy of rows), times the causal
+    // pattern as one shared row (a broadcast the CPU backend vectorises; the product of
+    // the `[1, T, Tk]` and `[B, 1, Tk]` broadcasts it walks element by element).
+    let allowed = key_mask
+        .clone()
+        .reshape([b, 1, tk])
+        .repeat_dim(1, t)
+        .reshape([b, t * tk])
+        * causal.reshape([1, t * tk]);
     ((allowed - 1.0) * 1e9).reshape([1, b * t * tk])
 }
 
@@ -1002,9 +1010,14 @@ impl<B: Backend> Attention<B> {
         let heads =
             |x: Tensor<B, 2>, n: usize| x.reshape([b, t, 1, n, kv, dh]).permute([2, 4, 3, 0, 1, 5]);
         let v = heads(project((h + kv) * dh, kv * dh), 1);
-        let (q, k) = if rope.is_none() && self.q_norm.is_none() && self.k_norm.is_none() {
+        // Queries taken as they come out of their product are scaled by `1/sqrt(dh)` there
+        // (`[B T, H dh]`, fewer elements than the scores `[H, B T, T_k]`); the scores of
+        // normed or rotated ones are divided by `sqrt(dh)`.
+        let scale = 1.0 / (dh as f64).sqrt();
+        let plain = rope.is_none() && self.q_norm.is_none() && self.k_norm.is_none();
+        let (q, k) = if plain {
             (
-                heads(project(0, h * dh), g),
+                heads(project(0, h * dh) * scale, g),
                 heads(project(h * dh, kv * dh), 1),
             )
         } else {
@@ -1037,7 +1050,12 @@ impl<B: Backend> Attention<B> {
         };
         let tk = k.dims()[4];
         let scores = q.matmul(k.swap_dims(4, 5)).reshape([h, b * t * tk]);
-        let scores = (scores / (dh as f64).sqrt() + bias.clone()).reshape([1, kv, g, b, t, tk]);
+        let scores = if plain {
+            scores
+        } else {
+            scores / (dh as f64).sqrt()
+        };
+        let scores = (scores + bias.clone()).reshape([1, kv, g, b, t, tk]);
         // [1, H_kv, G, B, T, dh]
         let y = self.dropout.forward(softmax(scores, 5)).matmul(v);
         // Heads side by side, `[B T, H dh]` (one copy, a row of `dh` at a time), then one
