@@ -429,14 +429,15 @@ impl FlexTensor {
             // a strided one (a batched transpose, such as the gradient of `k.swap_dims` in
             // attention) as a tiled 2-D copy of the last two dims.
             let rank = shape.len();
-            let block = if strides[rank - 1] == 1 { 1 } else { 2 };
-            let (rows, cols) = if block == 1 {
-                (1, shape[rank - 1])
+            let cols = shape[rank - 1];
+            // Blocks of one row, or of the last two dims; `outer`: the dims they tile.
+            let (rows, outer) = if strides[rank - 1] == 1 {
+                (1, rank - 1)
             } else {
-                (shape[rank - 2], shape[rank - 1])
+                (shape[rank - 2], rank - 2)
             };
             let (row_stride, col_stride) = (strides[rank - 2], strides[rank - 1]);
-            let starts = block_starts(&shape[..rank - block], &strides[..rank - block], offset);
+            let starts = block_starts(&shape[..outer], &strides[..outer], offset);
             // SAFETY: capacity is n; each block of `rows * cols` is written whole below,
             // and the blocks tile `dst`.
             unsafe { dst.set_len(n) };
