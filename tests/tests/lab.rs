@@ -251,6 +251,82 @@ fn tiny_overopt_preset() {
     assert!((bon[2]["kl/ref"].as_f64().unwrap() - (4f64.ln() - 0.75)).abs() < 1e-9);
 }
 
+/// Over seeds and reward-model sizes: a proxy, an RL run and a best-of-n curve per seed,
+/// size and pairs count, named by all three; the tables over seeds; bad sizes refused
+/// before any stage, naming the entry.
+#[test]
+fn tiny_overopt_over_seeds_and_sizes() {
+    let root = scratch("overopt-seeds");
+    let sets = [
+        "overopt.seeds=2",
+        "overopt.proxy_sizes=[{ layers = 1, d_model = 8 }, { layers = 2, d_model = 16 }]",
+    ];
+    let (dir, s) = run(tiny("overopt", &sets), &root);
+    let rows = table(&s, "Overoptimisation");
+    assert_eq!(rows.len(), 2 * 2 * 2, "seeds x sizes x pairs counts");
+    // Run order: seed, then size, then pairs; the larger model has more parameters, the
+    // same in both seeds.
+    let col = |r: &Value, i: usize| r[i].as_u64().unwrap();
+    let order: Vec<(u64, u64)> = rows.iter().map(|r| (col(r, 2), col(r, 0))).collect();
+    assert_eq!(
+        order,
+        [
+            (0, 20),
+            (0, 40),
+            (0, 20),
+            (0, 40),
+            (1, 20),
+            (1, 40),
+            (1, 20),
+            (1, 40)
+        ]
+    );
+    let (small, large) = (col(&rows[0], 1), col(&rows[2], 1));
+    assert!(large > small, "{large} vs {small}");
+    assert_eq!((col(&rows[4], 1), col(&rows[6], 1)), (small, large));
+    let series: std::collections::BTreeSet<String> = metric_lines(&dir)
+        .iter()
+        .map(|l| l["series"].as_str().unwrap().to_string())
+        .collect();
+    for name in ["rl p20/l1d8/s0", "rl p40/l2d16/s1", "bon p20/l2d16/s1"] {
+        assert!(series.contains(name), "{name} not in {series:?}");
+    }
+    let progress = std::fs::read_to_string(dir.join("checkpoints/progress.json")).unwrap();
+    assert!(progress.contains("lm/proxy/p40/k1/l2d16/s1"));
+    // Over seeds: a row per size and pairs count, each of 2 seeds.
+    let over = table(&s, "Fits over seeds");
+    assert_eq!(over.len(), 4);
+    assert!(over.iter().all(|r| r[2] == 2));
+    // Trends: for each of 4 coefficients, ln pairs at each size, then ln RM params.
+    let trends = table(&s, "Coefficient trends");
+    assert_eq!(trends.len(), 4 * 3);
+    assert_eq!(
+        (trends[0][2].as_str(), trends[2][1].as_str()),
+        (Some("l1d8"), Some("ln RM params"))
+    );
+    // Bad sizes are refused when the file is parsed.
+    for (size, key) in [
+        (
+            "[{ layers = 1, d_model = 8 }, { layers = 1, d_model = 8 }]",
+            "overopt.proxy_sizes[1]",
+        ),
+        (
+            "[{ layers = 1, d_model = 8 }, { layers = 1, d_model = 9 }]",
+            "overopt.proxy_sizes[1]",
+        ),
+        ("[{ layers = 0, d_model = 8 }]", "overopt.proxy_sizes[0]"),
+    ] {
+        let sets = [format!("overopt.proxy_sizes={size}")];
+        let err = ExperimentConfig::parse(presets::preset("overopt").unwrap(), &sets)
+            .expect_err(size)
+            .to_string();
+        assert!(err.contains(key), "{size}: {err}");
+    }
+    let sets = ["overopt.seeds=0".to_string()];
+    let err = ExperimentConfig::parse(presets::preset("overopt").unwrap(), &sets).unwrap_err();
+    assert!(err.to_string().contains("overopt.seeds"), "{err}");
+}
+
 #[test]
 fn tiny_mitigations_preset() {
     let root = scratch("mitigations");

@@ -1,6 +1,6 @@
 //! Statistics on plain series (`&[f64]`): validation, summaries, the median with a
-//! bootstrap interval, Pearson and Spearman correlation, and the small least-squares
-//! solver the overoptimisation fits use.
+//! bootstrap interval, Pearson and Spearman correlation, the least-squares slope, and the
+//! small least-squares solver the overoptimisation fits use.
 //!
 //! Everything here works on host memory: the series are per-step or per-response values
 //! that are already scalars (a run's gold curve, a batch's rewards read back once).
@@ -187,6 +187,36 @@ pub fn pearson(x: &[f64], y: &[f64]) -> Result<f64> {
         ));
     }
     Ok((sxy / (sxx.sqrt() * syy.sqrt())).clamp(-1.0, 1.0))
+}
+
+/// The least-squares slope of `y` on `x` with an intercept, `S_xy / S_xx`. Errors on
+/// empty, non-finite or mismatched input, and with `InvalidArgument` when `x` is constant
+/// (one point included: the slope is undefined).
+///
+/// ```
+/// use goodhart_metrics::stats::slope;
+/// // Deviations of x: -1, 0, 1, so S_xx = 2 and S_xy = -2 + 6.5 = 4.5 (the deviations
+/// // sum to 0, so y's mean drops out): 4.5 / 2.
+/// assert!((slope(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5])? - 2.25).abs() < 1e-12);
+/// assert!(slope(&[1.0, 1.0], &[0.0, 1.0]).is_err());
+/// # Ok::<(), goodhart_core::GoodhartError>(())
+/// ```
+pub fn slope(x: &[f64], y: &[f64]) -> Result<f64> {
+    check_pair(x, "x", y, "y")?;
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+    }
+    if sxx == 0.0 {
+        return Err(GoodhartError::invalid(
+            "x",
+            "constant series: the slope is undefined",
+        ));
+    }
+    Ok(sxy / sxx)
 }
 
 /// 1-based ranks with ties given the average of the ranks they span (`scipy.stats.rankdata`

@@ -49,6 +49,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/daa-full.toml"),
     ),
     (
+        "overopt-full",
+        "the overopt lab at more scales: five pair counts, three reward-model sizes, 5 seeds, coefficient trends with intervals",
+        include_str!("../../../docs/presets/overopt-full.toml"),
+    ),
+    (
         "daa-hf",
         "DPO and IPO on a Hugging Face model directory (the Qwen2 fixture) and a JSONL preference set, proxy and gold measured, saved as model directories",
         include_str!("../../../docs/presets/daa-hf.toml"),

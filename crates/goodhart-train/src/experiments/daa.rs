@@ -713,7 +713,7 @@ fn summarize(cfg: &DaaExperiment, runs: &[DaaRun]) -> Part {
             &gold,
             g0,
         );
-        let coef = |f: &Option<(Value, f64, Option<f64>)>, k: &str| {
+        let coef = |f: &Option<(Value, OveroptFit)>, k: &str| {
             f.as_ref().map_or(Value::Null, |f| f.0[k].clone())
         };
         fit_rows.push(json!([

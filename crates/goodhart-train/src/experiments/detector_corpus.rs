@@ -51,7 +51,7 @@ use goodhart_metrics::{
 use goodhart_reward::Aggregator;
 
 use super::{
-    lm::{self, base_policy, heldout_proxy, proxies, rl_stage, Trace, HELDOUT},
+    lm::{self, base_policy, heldout_proxy, proxies, rl_stage, ProxySpec, Trace, HELDOUT},
     mitigations::rl_with,
     table, Experiment, Part,
 };
@@ -258,7 +258,8 @@ impl Experiment for DetectorCorpusExperiment {
             let seed = config.seed + i as u64;
             base_policy::<B>(runner, config, seed, device)?;
             for (j, s) in self.settings.iter().enumerate() {
-                proxies::<B>(runner, config, s.pairs, s.ensemble, seed, device)?;
+                let proxy = ProxySpec::ensemble(s.pairs, s.ensemble, s.aggregation);
+                proxies::<B>(runner, config, proxy, seed, device)?;
                 if self.heldout {
                     heldout_proxy::<B>(runner, config, s.pairs, seed, device)?;
                 }
@@ -272,7 +273,7 @@ impl Experiment for DetectorCorpusExperiment {
                     &format!("{}/s{seed}", s.name),
                     &pg,
                     seed,
-                    (s.pairs, s.ensemble, s.aggregation),
+                    proxy,
                     None,
                     self.heldout,
                     device,

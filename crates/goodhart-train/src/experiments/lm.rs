@@ -5,7 +5,8 @@
 //! Stages:
 //! - `lm/sft/s{seed}`: the base (SFT) policy, saved;
 //! - `lm/proxy/p{pairs}/k{members}/s{seed}`: proxy reward models trained on `pairs`
-//!   gold-labelled pairs, saved;
+//!   gold-labelled pairs, saved (`lm/proxy/p{pairs}/k{members}/l{layers}d{d_model}/s{seed}`
+//!   for a [`ProxySize`] other than `[proxy]`'s);
 //! - `lm/heldout/p{pairs}/s{seed}`: a held-out proxy on other pairs, to monitor with;
 //! - an RL stage named by its experiment: RL from the base policy against a proxy, gold
 //!   measured on every sample; its step lines go to `metrics.jsonl`, its samples to
@@ -208,30 +209,112 @@ pub(crate) fn load_sft_policy<B: Backend>(
     load_module(template, path, device).map_err(checkpoint_error(stage))
 }
 
-fn proxy_name(pairs: usize, k: usize, seed: u64, member: usize) -> String {
-    format!("lm/s{seed}/proxy-p{pairs}-k{k}-m{member}")
+/// The architecture of a proxy's reward models when it is not `[proxy]`'s own (the
+/// overopt experiment's reward-model sizes); every other setting is `[proxy]`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySize {
+    /// Transformer blocks of the trunk.
+    pub layers: usize,
+    /// Trunk width.
+    pub d_model: usize,
 }
 
-/// Stage `lm/proxy/p{pairs}/k{k}/s{seed}`: trains and saves `k` proxy reward models on
-/// `pairs` pairs (one plain model when `k = 1`).
+impl ProxySize {
+    /// Its name in stage, artifact and series names: `l{layers}d{d_model}`.
+    pub fn tag(&self) -> String {
+        format!("l{}d{}", self.layers, self.d_model)
+    }
+}
+
+/// A proxy: `members` reward models trained on `pairs` pairs (different seeds; 1 is a
+/// single model), combined by `aggregation`, of `size` (`None`: `[proxy]`'s).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ProxySpec {
+    pub pairs: usize,
+    pub members: usize,
+    pub aggregation: Aggregator,
+    pub size: Option<ProxySize>,
+}
+
+impl ProxySpec {
+    /// One reward model of `[proxy]`'s size on `pairs` pairs.
+    pub fn single(pairs: usize) -> Self {
+        Self::ensemble(pairs, 1, Aggregator::Mean)
+    }
+
+    /// `members` reward models of `[proxy]`'s size on `pairs` pairs.
+    pub fn ensemble(pairs: usize, members: usize, aggregation: Aggregator) -> Self {
+        Self {
+            pairs,
+            members,
+            aggregation,
+            size: None,
+        }
+    }
+
+    /// The same proxy with reward models of `size`.
+    pub fn sized(self, size: Option<ProxySize>) -> Self {
+        Self { size, ..self }
+    }
+
+    /// `[proxy]` with this proxy's pairs and size.
+    pub fn config(&self, config: &ExperimentConfig) -> ProxyConfig {
+        let base = ProxyConfig {
+            pairs: self.pairs,
+            ..config.proxy.clone()
+        };
+        match self.size {
+            Some(s) => ProxyConfig {
+                layers: s.layers,
+                d_model: s.d_model,
+                ..base
+            },
+            None => base,
+        }
+    }
+
+    fn tag(&self, sep: char) -> String {
+        self.size
+            .map_or(String::new(), |s| format!("{sep}{}", s.tag()))
+    }
+
+    fn stage(&self, seed: u64) -> String {
+        format!(
+            "lm/proxy/p{}/k{}{}/s{seed}",
+            self.pairs,
+            self.members,
+            self.tag('/')
+        )
+    }
+
+    fn artifact(&self, seed: u64, member: usize) -> String {
+        format!(
+            "lm/s{seed}/proxy-p{}-k{}{}-m{member}",
+            self.pairs,
+            self.members,
+            self.tag('-')
+        )
+    }
+}
+
+/// Stage `lm/proxy/p{pairs}/k{k}[/{size}]/s{seed}`: trains and saves the reward models
+/// of `spec` (one plain model when `k = 1`).
 pub(crate) fn proxies<B: AutodiffBackend>(
     runner: &mut Runner,
     config: &ExperimentConfig,
-    pairs: usize,
-    k: usize,
+    spec: ProxySpec,
     seed: u64,
     device: &B::Device,
 ) -> Result<Vec<ProxyReport>> {
-    let name = format!("lm/proxy/p{pairs}/k{k}/s{seed}");
+    let name = spec.stage(seed);
+    let k = spec.members;
     let paths = (0..k)
-        .map(|m| runner.artifact(&proxy_name(pairs, k, seed, m)))
+        .map(|m| runner.artifact(&spec.artifact(seed, m)))
         .collect::<Result<Vec<_>>>()?;
     runner.stage(&name, |_| {
         let lang = language(config, &name)?;
-        let cfg = ProxyConfig {
-            pairs,
-            ..config.proxy.clone()
-        };
+        let cfg = spec.config(config);
         let members = if k == 1 {
             vec![train_proxy::<B>(&lang, &cfg, seed, device).map_err(stage_error(&name))?]
         } else {
@@ -278,17 +361,18 @@ pub(crate) fn heldout_proxy<B: AutodiffBackend>(
     })
 }
 
-/// Loads the reward model saved as `name` (under the run's `checkpoints/`).
+/// Loads the reward model of `proxy`'s architecture saved as `name` (under the run's
+/// `checkpoints/`).
 fn load_reward_model<B: Backend>(
     checkpoints: &Path,
     config: &ExperimentConfig,
+    proxy: &ProxyConfig,
     name: &str,
     device: &B::Device,
     stage: &str,
 ) -> Result<goodhart_reward::RewardModel<B>> {
     let lang = language(config, stage)?;
-    let template = config
-        .proxy
+    let template = proxy
         .model(&lang)
         .init::<B>(device)
         .map_err(stage_error(stage))?;
@@ -296,26 +380,24 @@ fn load_reward_model<B: Backend>(
     template.load(&path, device).map_err(stage_error(stage))
 }
 
-/// Loads the proxies saved by [`proxies`] from the run's `checkpoints/` as one
-/// (aggregated) proxy.
-#[allow(clippy::too_many_arguments)]
+/// Loads the reward models of `spec` saved by [`proxies`] from the run's `checkpoints/`
+/// as one (aggregated) proxy.
 pub(crate) fn load_proxy<B: Backend>(
     checkpoints: &Path,
     config: &ExperimentConfig,
-    pairs: usize,
-    k: usize,
+    spec: ProxySpec,
     seed: u64,
-    aggregation: Aggregator,
     device: &B::Device,
     stage: &str,
 ) -> Result<Proxy<B>> {
-    let members = (0..k)
+    let proxy = spec.config(config);
+    let members = (0..spec.members)
         .map(|m| {
-            let name = proxy_name(pairs, k, seed, m);
-            load_reward_model(checkpoints, config, &name, device, stage)
+            let name = spec.artifact(seed, m);
+            load_reward_model(checkpoints, config, &proxy, &name, device, stage)
         })
         .collect::<Result<Vec<_>>>()?;
-    policy_gradient::proxy(members, aggregation).map_err(stage_error(stage))
+    policy_gradient::proxy(members, spec.aggregation).map_err(stage_error(stage))
 }
 
 /// Loads the held-out proxy saved by [`heldout_proxy`].
@@ -328,12 +410,12 @@ fn load_heldout<B: Backend>(
     stage: &str,
 ) -> Result<Proxy<B>> {
     let name = heldout_name(pairs, seed);
-    let model = load_reward_model(checkpoints, config, &name, device, stage)?;
+    let model = load_reward_model(checkpoints, config, &config.proxy, &name, device, stage)?;
     policy_gradient::proxy(vec![model], Aggregator::Mean).map_err(stage_error(stage))
 }
 
-/// A stage that runs RL from the base policy against a proxy and returns its trace; the
-/// trained policy is saved to `save_to` when given. With `heldout`, the held-out proxy
+/// A stage that runs RL from the base policy against the proxy `spec` and returns its
+/// trace; the trained policy is saved to `save_to` when given. With `heldout`, the held-out proxy
 /// of [`heldout_proxy`] (same pairs count and seed) scores every sample as the monitor
 /// [`HELDOUT`].
 #[allow(clippy::too_many_arguments)]
@@ -345,12 +427,11 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
     series: &str,
     pg: &RlConfig,
     seed: u64,
-    proxy: (usize, usize, Aggregator),
+    spec: ProxySpec,
     save_to: Option<std::path::PathBuf>,
     heldout: bool,
     device: &B::Device,
 ) -> Result<Trace> {
-    let (pairs, k, aggregation) = proxy;
     let checkpoints = runner.dir().checkpoints();
     let pg = &RlConfig {
         on_nan: runner.nan_policy(),
@@ -361,18 +442,10 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
         // Loaded only when the stage runs: a completed stage needs none of them.
         let policy = load_base::<B>(&checkpoints, config, seed, device, name)?;
         let reference = load_base::<B::InnerBackend>(&checkpoints, config, seed, device, name)?;
-        let proxy = load_proxy::<B::InnerBackend>(
-            &checkpoints,
-            config,
-            pairs,
-            k,
-            seed,
-            aggregation,
-            device,
-            name,
-        )?;
+        let proxy = load_proxy::<B::InnerBackend>(&checkpoints, config, spec, seed, device, name)?;
         let monitor = heldout
             .then(|| {
+                let pairs = spec.pairs;
                 load_heldout::<B::InnerBackend>(&checkpoints, config, pairs, seed, device, name)
             })
             .transpose()?;

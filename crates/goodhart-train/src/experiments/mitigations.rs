@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use goodhart_reward::Aggregator;
 
 use super::{
-    lm::{self, base_policy, proxies, rl_stage, Trace},
+    lm::{self, base_policy, proxies, rl_stage, ProxySpec, Trace},
     mean_sd, table, Experiment, Part,
 };
 use crate::{
@@ -202,7 +202,8 @@ pub fn run<B: AutodiffBackend>(
         let seed = config.seed + i as u64;
         base_policy::<B>(runner, config, seed, device)?;
         for (a, arm) in cfg.arms.iter().enumerate() {
-            proxies::<B>(runner, config, cfg.pairs, arm.ensemble, seed, device)?;
+            let proxy = ProxySpec::ensemble(cfg.pairs, arm.ensemble, arm.aggregation);
+            proxies::<B>(runner, config, proxy, seed, device)?;
             let pg = arm.rl_config(&config.rl, a)?;
             let trace = rl_stage::<B>(
                 runner,
@@ -212,7 +213,7 @@ pub fn run<B: AutodiffBackend>(
                 &format!("{}/s{seed}", arm.name),
                 &pg,
                 seed,
-                (cfg.pairs, arm.ensemble, arm.aggregation),
+                proxy,
                 None,
                 false,
                 device,

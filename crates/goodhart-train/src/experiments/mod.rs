@@ -402,6 +402,49 @@ pub(crate) fn mean_sd(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// Resamples of [`seed_mean`]'s bootstrap interval.
+const SEED_RESAMPLES: usize = 10_000;
+
+/// The mean of one value per seed (or of paired per-seed differences), its 95%
+/// percentile-bootstrap interval over the seeds ([`SEED_RESAMPLES`] resamples) and how
+/// many values are positive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedMean {
+    /// Mean.
+    pub mean: f64,
+    /// Lower end of the interval.
+    pub lo: f64,
+    /// Upper end.
+    pub hi: f64,
+    /// Positive values.
+    pub positive: usize,
+    /// Values.
+    pub n: usize,
+}
+
+impl SeedMean {
+    /// The interval as a table cell, `[lo, hi]`.
+    pub fn interval(&self) -> String {
+        format!("[{:.3}, {:.3}]", self.lo, self.hi)
+    }
+}
+
+/// The [`SeedMean`] of `values`, its resamples drawn from the stream `stream` of seed 0
+/// (same values and stream, same interval); `None` without a value or with a non-finite
+/// one.
+pub fn seed_mean(values: &[f64], stream: &str) -> Option<SeedMean> {
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let (lo, hi) =
+        goodhart_metrics::stats::bootstrap(values, mean, SEED_RESAMPLES, 0.95, 0, stream).ok()?;
+    Some(SeedMean {
+        mean: mean(values),
+        lo,
+        hi,
+        positive: values.iter().filter(|&&d| d > 0.0).count(),
+        n: values.len(),
+    })
+}
+
 /// A `summary.json` table (`report.html` draws it; [`text_tables`] prints it).
 pub(crate) fn table(title: &str, columns: &[&str], rows: Vec<Value>) -> Value {
     json!({"title": title, "columns": columns, "rows": rows})
@@ -495,6 +538,21 @@ mod tests {
         assert!((sd - (14.0f64 / 3.0).sqrt()).abs() < 1e-12);
         assert_eq!(mean_sd([5.0]), (5.0, 0.0));
         assert!(mean_sd([]).0.is_nan());
+    }
+
+    #[test]
+    fn seed_mean_by_hand() {
+        // Equal values: a zero-width interval at them.
+        let p = seed_mean(&[0.5, 0.5, 0.5], "s").unwrap();
+        assert_eq!((p.mean, p.lo, p.hi, p.positive, p.n), (0.5, 0.5, 0.5, 3, 3));
+        assert_eq!(p.interval(), "[0.500, 0.500]");
+        let p = seed_mean(&[-1.0, 0.0, 1.0, 2.0], "s").unwrap();
+        assert_eq!((p.mean, p.positive), (0.5, 2));
+        assert!(p.lo < 0.5 && p.hi > 0.5 && p.lo >= -1.0 && p.hi <= 2.0);
+        assert_eq!(seed_mean(&[], "s"), None);
+        assert_eq!(seed_mean(&[1.0, f64::NAN], "s"), None);
+        // Same values and stream, same interval.
+        assert_eq!(seed_mean(&[-1.0, 0.0, 1.0, 2.0], "s"), Some(p));
     }
 
     #[test]

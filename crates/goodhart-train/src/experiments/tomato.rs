@@ -28,16 +28,13 @@ use serde_json::{json, Value};
 
 use goodhart_core::seed;
 use goodhart_envs::tomato::{Board, TomatoConfig, NUM_ACTIONS};
-use goodhart_metrics::{
-    stats::bootstrap,
-    step::{KEY_GOLD_MEAN, KEY_PROXY_MEAN},
-};
+use goodhart_metrics::step::{KEY_GOLD_MEAN, KEY_PROXY_MEAN};
 use goodhart_policy::checkpoint::{load_module, save_module};
 use goodhart_regularize::{
     action_kl::ActionKlConfig, occupancy::OccupancyConfig, RegularizerConfig,
 };
 
-use super::{checkpoint_error, mean_sd, stage_error, table, Experiment, Logger, Part};
+use super::{checkpoint_error, mean_sd, seed_mean, stage_error, table, Experiment, Logger, Part};
 use crate::{
     config::{coefficients, positive, section, ConfigError, ExperimentConfig},
     ppo::{self, Agent, IterationMetrics, PpoConfig, Returns, TrainReward},
@@ -194,9 +191,6 @@ pub struct Evaluated {
 fn nan() -> f64 {
     f64::NAN
 }
-
-/// Resamples of the paired difference's bootstrap interval.
-const PAIRED_RESAMPLES: usize = 10_000;
 
 fn metrics(m: &IterationMetrics) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::from([
@@ -451,7 +445,7 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
                     .map(|k| c.true_return - k.true_return)
             })
             .collect();
-        paired_difference(&diffs)
+        seed_mean(&diffs, "tomato/paired")
     });
     let figures = json!({
         "seeds": cfg.seeds,
@@ -464,7 +458,7 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
         "best_action_kl_true_return": kl.map(|c| c.1),
         "chi2_beats_kl_and_base": claim,
         "chi2_minus_kl": paired.as_ref().map(|p| json!({
-            "mean": p.mean, "lo": p.lo, "hi": p.hi, "wins": p.wins, "seeds": p.n,
+            "mean": p.mean, "lo": p.lo, "hi": p.hi, "wins": p.positive, "seeds": p.n,
         })),
     });
     let returns = table(
@@ -499,40 +493,10 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
             kl.map(|c| c.1),
             paired.as_ref().map(|p| p.mean),
             paired.as_ref().map(|p| format!("[{:.3}, {:.3}]", p.lo, p.hi)),
-            paired.as_ref().map(|p| format!("{} of {}", p.wins, p.n)),
+            paired.as_ref().map(|p| format!("{} of {}", p.positive, p.n)),
         ])],
     );
     (figures, vec![returns, chosen])
-}
-
-/// The mean of paired differences, its 95% percentile-bootstrap interval
-/// ([`PAIRED_RESAMPLES`] resamples, stream `tomato/paired`: same differences, same
-/// interval) and how many are positive.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Paired {
-    /// Mean difference.
-    pub mean: f64,
-    /// Lower end of the interval.
-    pub lo: f64,
-    /// Upper end.
-    pub hi: f64,
-    /// Positive differences.
-    pub wins: usize,
-    /// Differences.
-    pub n: usize,
-}
-
-/// The [`Paired`] summary of `diffs`; `None` without a difference.
-pub fn paired_difference(diffs: &[f64]) -> Option<Paired> {
-    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
-    let (lo, hi) = bootstrap(diffs, mean, PAIRED_RESAMPLES, 0.95, 0, "tomato/paired").ok()?;
-    Some(Paired {
-        mean: mean(diffs),
-        lo,
-        hi,
-        wins: diffs.iter().filter(|&&d| d > 0.0).count(),
-        n: diffs.len(),
-    })
 }
 
 #[cfg(test)]
@@ -608,18 +572,5 @@ mod tests {
         assert_eq!(fig["best_action_kl_true_return"], 6.0);
         assert_eq!(fig["best_chi2_true_return"], 7.0);
         assert_eq!(fig["chi2_minus_kl"]["mean"], 1.0);
-    }
-
-    #[test]
-    fn paired_difference_by_hand() {
-        // Equal differences: a zero-width interval at them.
-        let p = paired_difference(&[0.5, 0.5, 0.5]).unwrap();
-        assert_eq!((p.mean, p.lo, p.hi, p.wins, p.n), (0.5, 0.5, 0.5, 3, 3));
-        let p = paired_difference(&[-1.0, 0.0, 1.0, 2.0]).unwrap();
-        assert_eq!((p.mean, p.wins), (0.5, 2));
-        assert!(p.lo < 0.5 && p.hi > 0.5 && p.lo >= -1.0 && p.hi <= 2.0);
-        assert_eq!(paired_difference(&[]), None);
-        // Same differences, same interval.
-        assert_eq!(paired_difference(&[-1.0, 0.0, 1.0, 2.0]), Some(p));
     }
 }

@@ -22,11 +22,11 @@ use serde_json::{json, Value};
 use goodhart_core::seed;
 use goodhart_policy::{hf, pipeline::check_vocab, HfTokenizer, TextModel};
 use goodhart_regularize::RegularizerConfig;
-use goodhart_reward::{Aggregator, TextRewardConfig};
+use goodhart_reward::TextRewardConfig;
 
 use super::{
     checkpoint_error,
-    lm::{self, base_policy, proxies, record, rl_stage, Trace, TracePoint},
+    lm::{self, base_policy, proxies, record, rl_stage, ProxySpec, Trace, TracePoint},
     mean_sd, stage_error, table, Experiment, Logger, Part,
 };
 use crate::{
@@ -276,7 +276,7 @@ impl Experiment for TrainExperiment {
                 }
                 None => {
                     base_policy::<B>(runner, config, seed, device)?;
-                    proxies::<B>(runner, config, self.pairs, 1, seed, device)?;
+                    proxies::<B>(runner, config, ProxySpec::single(self.pairs), seed, device)?;
                     let rel = format!("{name}/policy");
                     let path = runner.artifact(&rel)?;
                     let trace = rl_stage::<B>(
@@ -287,7 +287,7 @@ impl Experiment for TrainExperiment {
                         &format!("s{seed}"),
                         &config.rl,
                         seed,
-                        (self.pairs, 1, Aggregator::Mean),
+                        ProxySpec::single(self.pairs),
                         Some(path),
                         false,
                         device,
