@@ -357,9 +357,26 @@ fn tiny_mitigations_preset() {
             })
             .fold(f64::NEG_INFINITY, f64::max)
     };
+    let final_gold = |series: &str| {
+        lines
+            .iter()
+            .rfind(|l| l.labels.get("series").map(String::as_str) == Some(series))
+            .and_then(|l| l.metrics.get("reward/gold/mean").copied())
+            .unwrap()
+    };
+    assert!(rows[0][6].is_null(), "the first arm is the reference");
     for r in rows {
-        assert_eq!(r[8], 2, "two seeds per arm");
+        assert_eq!(r[11], 2, "two seeds per arm");
         let arm = r[0].as_str().unwrap();
+        if arm != "none" {
+            // Final gold minus none's, paired by seed, then the mean.
+            let want = (0..2)
+                .map(|s| final_gold(&format!("{arm}/s{s}")) - final_gold(&format!("none/s{s}")))
+                .sum::<f64>()
+                / 2.0;
+            let got = r[6].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-9, "{arm}: {got} vs {want}");
+        }
         let want =
             (smoothed_peak(&format!("{arm}/s0")) + smoothed_peak(&format!("{arm}/s1"))) / 2.0;
         let peak = r[2].as_f64().unwrap();
@@ -372,6 +389,66 @@ fn tiny_mitigations_preset() {
             "spread is a standard deviation"
         );
     }
+}
+
+/// Ensembles as "Helping or Herding?" builds them: members fine-tuned from their own
+/// pretrained trunks, or all from one; best-of-n once per distinct proxy.
+#[test]
+fn tiny_mitigations_ensembles_and_best_of_n() {
+    let root = scratch("mitigations-ensembles");
+    let arms = "mitigations.arms=[\
+        { name = \"none\" },\
+        { name = \"kl\", rl = { regularizers = [{ kind = \"kl\", controller = { kind = \"fixed\", coef = 0.05 } }] } },\
+        { name = \"pre\", ensemble = 2, ensemble_kind = \"pretrain\" },\
+        { name = \"ft\", ensemble = 2, ensemble_kind = \"finetune\", aggregation = { kind = \"worst_case\" } }]";
+    let bon = "mitigations.best_of_n={ ns = [1, 2, 4], samples_per_prompt = 4, prompts = 2 }";
+    let (dir, s) = run(tiny("mitigations", &[arms, bon]), &root);
+    let progress = std::fs::read_to_string(dir.join("checkpoints/progress.json")).unwrap();
+    for stage in [
+        "lm/rm-pretrain/t0/s0",
+        "lm/rm-pretrain/t1/s1",
+        "lm/proxy/p20/k2/pretrain/s0",
+        "lm/proxy/p20/k2/finetune/s1",
+        "mitigations/bon/none/s1",
+        "mitigations/bon/pre/s0",
+    ] {
+        assert!(progress.contains(&format!("\"{stage}\"")), "{stage}");
+    }
+    // The finetune ensemble shares trunk t0 with the pretrain one: no t2; kl shares
+    // none's proxy, so no best-of-n of its own.
+    assert!(!progress.contains("lm/rm-pretrain/t2"));
+    assert!(!progress.contains("mitigations/bon/kl"));
+    let bon_rows = table(&s, "Best-of-n against each proxy");
+    let arms: Vec<&str> = bon_rows.iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(arms, ["none, kl", "pre", "ft"]);
+    assert_eq!(
+        (
+            bon_rows[1][2].as_str(),
+            bon_rows[2][2].as_str(),
+            bon_rows[2][3].as_str()
+        ),
+        (Some("pretrain"), Some("finetune"), Some("worst_case"))
+    );
+    // Gold at the largest n, by hand from metrics.jsonl: the mean over seeds of the n = 4
+    // line of each seed's curve.
+    let lines = metric_lines(&dir);
+    let at4 = |series: &str| {
+        lines
+            .iter()
+            .find(|l| l["series"] == series && l["n"] == 4.0)
+            .unwrap()["reward/gold/mean"]
+            .as_f64()
+            .unwrap()
+    };
+    let want = (at4("bon pre/s0") + at4("bon pre/s1")) / 2.0;
+    assert!((bon_rows[1][7].as_f64().unwrap() - want).abs() < 1e-9);
+    let diff =
+        (at4("bon pre/s0") - at4("bon none/s0") + at4("bon pre/s1") - at4("bon none/s1")) / 2.0;
+    assert!((bon_rows[1][9].as_f64().unwrap() - diff).abs() < 1e-9);
+    // An unknown kind is refused when the file is parsed, naming the key.
+    let sets = ["mitigations.arms=[{ name = \"x\", ensemble_kind = \"pretrained\" }]".to_string()];
+    let err = ExperimentConfig::parse(presets::preset("mitigations").unwrap(), &sets).unwrap_err();
+    assert!(err.to_string().contains("ensemble_kind"), "{err}");
 }
 
 /// The default preset's report, driven in Chromium: the smoothing slider re-smooths every

@@ -54,6 +54,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/overopt-full.toml"),
     ),
     (
+        "mitigations-full",
+        "the mitigations lab with ensembles of 5 pretrained or fine-tuned reward models (mean, WCO, UWO), PAR, KL, chi-squared; RL and best-of-n, 5 seeds",
+        include_str!("../../../docs/presets/mitigations-full.toml"),
+    ),
+    (
         "daa-hf",
         "DPO and IPO on a Hugging Face model directory (the Qwen2 fixture) and a JSONL preference set, proxy and gold measured, saved as model directories",
         include_str!("../../../docs/presets/daa-hf.toml"),

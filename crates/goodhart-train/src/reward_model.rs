@@ -24,9 +24,9 @@ use burn::{
     module::AutodiffModule,
     tensor::backend::{AutodiffBackend, Backend},
 };
-use goodhart_core::{seed, GoodhartError, Result};
+use goodhart_core::{params::materialized, seed, GoodhartError, Result};
 use goodhart_envs::language::{Language, PAD};
-use goodhart_policy::{Positions, TransformerConfig};
+use goodhart_policy::{transformer::Trunk, Positions, TransformerConfig, TransformerLm};
 use goodhart_reward::{
     model::{RewardModel, RewardModelConfig},
     source::Sequences,
@@ -35,7 +35,7 @@ use goodhart_reward::{
 use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
 
-use crate::sft::PROMPT_LEN;
+use crate::sft::{train_lm, SftConfig, SftReport, PROMPT_LEN};
 
 /// Settings of a proxy reward model (TOML under `[proxy]`).
 ///
@@ -222,7 +222,9 @@ pub fn score_responses<B: Backend>(
     Ok(out)
 }
 
-/// One member: trained on `train`, evaluated on `held` and `samples`.
+/// One member: trained on `train` from `trunk` with a new head (`None`: from a fresh
+/// model), evaluated on `held` and `samples`.
+#[allow(clippy::too_many_arguments)]
 fn fit_member<B: AutodiffBackend>(
     lang: &Language,
     cfg: &ProxyConfig,
@@ -230,10 +232,12 @@ fn fit_member<B: AutodiffBackend>(
     held: &Preferences,
     samples: &Samples,
     member_seed: u64,
+    trunk: Option<Trunk<B>>,
     device: &B::Device,
 ) -> Result<(RewardModel<B>, ProxyReport)> {
-    let model = seed::seeded::<B, _>(device, member_seed, "proxy/init", || {
-        cfg.model(lang).init::<B>(device)
+    let model = seed::seeded::<B, _>(device, member_seed, "proxy/init", || match trunk {
+        Some(trunk) => Ok(materialized(RewardModel::from_trunk(trunk, device))),
+        None => cfg.model(lang).init::<B>(device),
     })?;
     let (model, report) = train_reward_model(
         model,
@@ -327,7 +331,22 @@ pub fn train_proxy<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<(RewardModel<B>, ProxyReport)> {
     let (train, held, samples) = proxy_data(lang, cfg, seed)?;
-    fit_member(lang, cfg, &train, &held, &samples, seed, device)
+    fit_member(lang, cfg, &train, &held, &samples, seed, None, device)
+}
+
+/// An LM of the architecture of `cfg`'s reward-model trunk, trained on the language's
+/// generator sequences as the base policy is (`sft`'s examples, steps, batch and learning
+/// rate; [`crate::sft::train_lm`]) with seed `seed`: a pretrained trunk for
+/// [`train_proxy_ensemble_on`].
+pub fn pretrain_trunk<B: AutodiffBackend>(
+    lang: &Language,
+    cfg: &ProxyConfig,
+    sft: &SftConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(TransformerLm<B>, SftReport)> {
+    cfg.validate(lang)?;
+    train_lm(lang, &cfg.model(lang).trunk, sft, seed, device)
 }
 
 /// Trains `k` proxies on the same pairs (those of [`train_proxy`] with `seed`) that differ
@@ -350,7 +369,37 @@ pub fn train_proxy_ensemble<B: AutodiffBackend>(
     (0..k)
         .map(|i| {
             let s = seed::derive(seed, &format!("proxy/member/{i}"));
-            fit_member(lang, cfg, &train, &held, &samples, s, device)
+            fit_member(lang, cfg, &train, &held, &samples, s, None, device)
+        })
+        .collect()
+}
+
+/// One proxy per trunk of `trunks` (pretrained ones, [`pretrain_trunk`]), each the trunk
+/// with a new head, fine-tuned on the pairs of [`train_proxy`] with `seed`; member `i`'s
+/// head and data order come from the seed of [`train_proxy_ensemble`]'s member `i`. The
+/// same trunk `k` times makes an ensemble that differs only in fine-tuning, `k` trunks
+/// pretrained with different seeds one that differs in pretraining too ("Helping or
+/// Herding?", Eisenstein et al. 2023). Errors without a trunk.
+pub fn train_proxy_ensemble_on<B: AutodiffBackend>(
+    lang: &Language,
+    cfg: &ProxyConfig,
+    trunks: Vec<Trunk<B>>,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Vec<(RewardModel<B>, ProxyReport)>> {
+    if trunks.is_empty() {
+        return Err(GoodhartError::invalid(
+            "ensemble size",
+            "must be at least 1",
+        ));
+    }
+    let (train, held, samples) = proxy_data(lang, cfg, seed)?;
+    trunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, trunk)| {
+            let s = seed::derive(seed, &format!("proxy/member/{i}"));
+            fit_member(lang, cfg, &train, &held, &samples, s, Some(trunk), device)
         })
         .collect()
 }
@@ -448,6 +497,33 @@ mod tests {
             let ens = train_proxy_ensemble::<Autodiff<B>>(&l, &ProxyConfig { pairs: 50, epochs: 1, ..cfg }, 2, 1, device).unwrap();
             assert_eq!(ens.len(), 2);
             assert_ne!(ens[0].1.gold_pearson, ens[1].1.gold_pearson, "members differ by seed");
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn members_start_from_the_trunks_they_are_given<B>(device) {
+            if test_device() != DeviceSpec::Cpu {
+                return;
+            }
+            let l = Language::new(crate::sft::lab_language()).unwrap();
+            // A learning rate of 1e-12: fine-tuning leaves each trunk where it started.
+            let cfg = ProxyConfig { pairs: 64, epochs: 1, heldout_pairs: 16, pearson_samples: 32, lr: 1e-12, ..Default::default() };
+            let sft = SftConfig { examples: 64, heldout: 16, steps: 4, batch: 8, ..Default::default() };
+            let (a, _) = pretrain_trunk::<Autodiff<B>>(&l, &cfg, &sft, 1, device).unwrap();
+            let (b, _) = pretrain_trunk::<Autodiff<B>>(&l, &cfg, &sft, 2, device).unwrap();
+            let emb = |t: &Trunk<Autodiff<B>>| t.tok_emb.weight.val().into_data().into_vec::<f32>().unwrap();
+            let (ea, eb) = (emb(&a.trunk), emb(&b.trunk));
+            assert_ne!(ea, eb, "pretraining seeds differ");
+            let trunks = vec![a.trunk.clone(), a.trunk, b.trunk];
+            let members = train_proxy_ensemble_on::<Autodiff<B>>(&l, &cfg, trunks, 3, device).unwrap();
+            let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-6);
+            for (m, want) in members.iter().zip([&ea, &ea, &eb]) {
+                assert!(close(&emb(&m.0.trunk), want));
+            }
+            // Members 0 and 1 share a trunk but not their heads (fine-tuning seeds differ).
+            let head = |i: usize| members[i].0.head.weight.val().into_data().into_vec::<f32>().unwrap();
+            assert_ne!(head(0), head(1));
+            assert!(train_proxy_ensemble_on::<Autodiff<B>>(&l, &cfg, Vec::new(), 3, device).is_err());
         }
     }
 

@@ -158,6 +158,7 @@ fn stage_sections(name: &str) -> Option<&'static [&'static str]> {
         (Some("lm"), Some("sft")) => &["seed", "language", "sft"],
         (Some("lm"), Some("proxy")) => &["seed", "language", "proxy"],
         (Some("lm"), Some("heldout")) => &["seed", "language", "proxy"],
+        (Some("lm"), Some("rm-pretrain")) => &["seed", "language", "sft", "proxy"],
         (Some("overopt"), Some("bon")) => &["seed", "language", "sft", "proxy", "overopt"],
         (Some("overopt"), _) => &["seed", "language", "sft", "proxy", "rl", "overopt"],
         (Some("mitigations"), _) => &["seed", "language", "sft", "proxy", "rl", "mitigations"],

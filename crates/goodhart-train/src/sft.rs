@@ -199,9 +199,20 @@ pub fn train_base<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<(TransformerLm<B>, SftReport)> {
     cfg.validate(lang)?;
-    let model = seed::seeded::<B, _>(device, seed, "sft/init", || {
-        cfg.model(lang).init::<B>(device)
-    })?;
+    train_lm(lang, &cfg.model(lang), cfg, seed, device)
+}
+
+/// An LM of architecture `model` trained as the base policy is (its sizes are `model`'s;
+/// `cfg` gives the examples, held-out sequences, steps, batch and learning rate), with
+/// [`train_base`]'s streams of `seed`: a reward model's pretrained trunk.
+pub fn train_lm<B: AutodiffBackend>(
+    lang: &Language,
+    model: &TransformerConfig,
+    cfg: &SftConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(TransformerLm<B>, SftReport)> {
+    let model = seed::seeded::<B, _>(device, seed, "sft/init", || model.init::<B>(device))?;
     let data = generator_examples(lang, cfg.examples, &mut seed::rng(seed, "sft/examples"));
     let held = generator_examples(lang, cfg.heldout, &mut seed::rng(seed, "sft/heldout"));
     let pad = goodhart_envs::language::PAD as usize;

@@ -29,11 +29,15 @@ use goodhart_policy::{
 };
 use goodhart_reward::Aggregator;
 
-use super::{checkpoint_error, stage_error, Logger};
+use super::{checkpoint_error, overopt::BestOfNConfig, stage_error, Logger};
 use crate::{
+    best_of_n::{best_of_n, BonPoint},
     config::{at, section, ConfigError, ExperimentConfig},
     policy_gradient::{self, LanguageGold, Proxy, RlConfig},
-    reward_model::{train_proxy, train_proxy_ensemble, ProxyConfig, ProxyReport},
+    reward_model::{
+        pretrain_trunk, train_proxy, train_proxy_ensemble, train_proxy_ensemble_on, ProxyConfig,
+        ProxyReport,
+    },
     runner::{Result, Runner},
     sft::{train_base, SftReport, PROMPT_LEN},
     task::LanguageTask,
@@ -227,14 +231,45 @@ impl ProxySize {
     }
 }
 
+/// How the reward models of a proxy start and what their members share: the
+/// "pretrain" and "finetune" ensembles of "Helping or Herding? Reward Model Ensembles
+/// Mitigate but do not Eliminate Reward Hacking" (Eisenstein et al. 2023).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnsembleKind {
+    /// Trained from a fresh initialisation; members differ in initialisation and data
+    /// order.
+    #[default]
+    Scratch,
+    /// Member `i` fine-tuned from its own pretrained trunk `t{i}` (pretraining seeds
+    /// differ, and fine-tuning seeds: head initialisation and data order).
+    Pretrain,
+    /// Every member fine-tuned from the one pretrained trunk `t0`: only the fine-tuning
+    /// seed differs.
+    Finetune,
+}
+
+impl EnsembleKind {
+    /// The pretrained trunks `members` reward models of this kind start from.
+    fn trunks(self, members: usize) -> usize {
+        match self {
+            Self::Scratch => 0,
+            Self::Pretrain => members,
+            Self::Finetune => 1,
+        }
+    }
+}
+
 /// A proxy: `members` reward models trained on `pairs` pairs (different seeds; 1 is a
-/// single model), combined by `aggregation`, of `size` (`None`: `[proxy]`'s).
+/// single model) starting as `kind` says, combined by `aggregation`, of `size` (`None`:
+/// `[proxy]`'s).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct ProxySpec {
     pub pairs: usize,
     pub members: usize,
     pub aggregation: Aggregator,
     pub size: Option<ProxySize>,
+    pub kind: EnsembleKind,
 }
 
 impl ProxySpec {
@@ -250,7 +285,13 @@ impl ProxySpec {
             members,
             aggregation,
             size: None,
+            kind: EnsembleKind::Scratch,
         }
+    }
+
+    /// The same proxy with reward models that start as `kind` says.
+    pub fn of_kind(self, kind: EnsembleKind) -> Self {
+        Self { kind, ..self }
     }
 
     /// The same proxy with reward models of `size`.
@@ -274,9 +315,28 @@ impl ProxySpec {
         }
     }
 
+    /// The size's and kind's parts of stage and artifact names (none for `[proxy]`'s
+    /// size and [`EnsembleKind::Scratch`]).
     fn tag(&self, sep: char) -> String {
-        self.size
-            .map_or(String::new(), |s| format!("{sep}{}", s.tag()))
+        let mut tag = self
+            .size
+            .map_or(String::new(), |s| format!("{sep}{}", s.tag()));
+        match self.kind {
+            EnsembleKind::Scratch => {}
+            EnsembleKind::Pretrain => tag += &format!("{sep}pretrain"),
+            EnsembleKind::Finetune => tag += &format!("{sep}finetune"),
+        }
+        tag
+    }
+
+    /// Pretrained trunk `i` of this proxy's size: its stage and artifact names.
+    fn trunk(&self, seed: u64, i: usize) -> (String, String) {
+        let size = self.size.map_or(String::new(), |s| format!("/{}", s.tag()));
+        let file = self.size.map_or(String::new(), |s| format!("-{}", s.tag()));
+        (
+            format!("lm/rm-pretrain{size}/t{i}/s{seed}"),
+            format!("lm/s{seed}/rm-trunk{file}-t{i}"),
+        )
     }
 
     fn stage(&self, seed: u64) -> String {
@@ -298,8 +358,34 @@ impl ProxySpec {
     }
 }
 
-/// Stage `lm/proxy/p{pairs}/k{k}[/{size}]/s{seed}`: trains and saves the reward models
-/// of `spec` (one plain model when `k = 1`).
+/// Stage `lm/rm-pretrain[/{size}]/t{i}/s{seed}`: pretrains and saves trunk `i` of the
+/// reward models of `spec`'s size (an LM of that architecture trained as the base policy
+/// is, with `[sft]`'s data and optimiser settings and the seed `derive(seed,
+/// "rm-pretrain/t{i}")`).
+fn pretrained_trunk<B: AutodiffBackend>(
+    runner: &mut Runner,
+    config: &ExperimentConfig,
+    spec: ProxySpec,
+    i: usize,
+    seed: u64,
+    device: &B::Device,
+) -> Result<SftReport> {
+    let (name, artifact) = spec.trunk(seed, i);
+    let path = runner.artifact(&artifact)?;
+    runner.stage(&name, |_| {
+        let lang = language(config, &name)?;
+        let s = seed::derive(seed, &format!("rm-pretrain/t{i}"));
+        let (model, report) =
+            pretrain_trunk::<B>(&lang, &spec.config(config), &config.sft, s, device)
+                .map_err(stage_error(&name))?;
+        save_module(&model, &path).map_err(checkpoint_error(&name))?;
+        Ok(report)
+    })
+}
+
+/// Stage `lm/proxy/p{pairs}/k{k}[/{size}][/{kind}]/s{seed}`: trains and saves the reward
+/// models of `spec` (one plain model when `k = 1`), after the pretrained trunks they
+/// start from ([`EnsembleKind`]), each its own stage.
 pub(crate) fn proxies<B: AutodiffBackend>(
     runner: &mut Runner,
     config: &ExperimentConfig,
@@ -307,15 +393,40 @@ pub(crate) fn proxies<B: AutodiffBackend>(
     seed: u64,
     device: &B::Device,
 ) -> Result<Vec<ProxyReport>> {
-    let name = spec.stage(seed);
     let k = spec.members;
+    for i in 0..spec.kind.trunks(k) {
+        pretrained_trunk::<B>(runner, config, spec, i, seed, device)?;
+    }
+    let name = spec.stage(seed);
     let paths = (0..k)
         .map(|m| runner.artifact(&spec.artifact(seed, m)))
         .collect::<Result<Vec<_>>>()?;
+    let checkpoints = runner.dir().checkpoints();
     runner.stage(&name, |_| {
         let lang = language(config, &name)?;
         let cfg = spec.config(config);
-        let members = if k == 1 {
+        let members = if spec.kind != EnsembleKind::Scratch {
+            let trunks = (0..k)
+                .map(|m| {
+                    let t = if spec.kind == EnsembleKind::Pretrain {
+                        m
+                    } else {
+                        0
+                    };
+                    let path = checkpoints.join(spec.trunk(seed, t).1);
+                    let template = cfg
+                        .model(&lang)
+                        .trunk
+                        .init::<B>(device)
+                        .map_err(stage_error(&name))?;
+                    let lm =
+                        load_module(template, &path, device).map_err(checkpoint_error(&name))?;
+                    Ok(lm.trunk)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            train_proxy_ensemble_on::<B>(&lang, &cfg, trunks, seed, device)
+                .map_err(stage_error(&name))?
+        } else if k == 1 {
             vec![train_proxy::<B>(&lang, &cfg, seed, device).map_err(stage_error(&name))?]
         } else {
             train_proxy_ensemble::<B>(&lang, &cfg, k, seed, device).map_err(stage_error(&name))?
@@ -474,6 +585,53 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
             series: series.to_string(),
             points,
         })
+    })
+}
+
+/// A stage that runs best-of-n ([`best_of_n`], the unbiased estimator) from the base
+/// policy against the proxy `spec` and logs one line per n (`n`, `kl/ref`, `kl/d` and
+/// both rewards) under `series`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bon_stage<B: AutodiffBackend>(
+    runner: &mut Runner,
+    config: &ExperimentConfig,
+    name: &str,
+    experiment: &str,
+    series: &str,
+    spec: ProxySpec,
+    seed: u64,
+    bon: &BestOfNConfig,
+    device: &B::Device,
+) -> Result<Vec<BonPoint>> {
+    let checkpoints = runner.dir().checkpoints();
+    runner.stage(name, |log| {
+        let policy = load_base::<B::InnerBackend>(&checkpoints, config, seed, device, name)?;
+        let proxy = load_proxy::<B::InnerBackend>(&checkpoints, config, spec, seed, device, name)?;
+        let lang = language(config, name)?;
+        let mut logger = Logger::new(log, experiment, series);
+        let points = best_of_n(
+            &policy,
+            &lang,
+            &proxy,
+            &LanguageGold::new(&lang),
+            &bon.ns,
+            bon.samples_per_prompt,
+            bon.prompts,
+            seed::derive(seed, name),
+            device,
+        )
+        .map_err(stage_error(name))?;
+        for p in &points {
+            let m = BTreeMap::from([
+                ("n".to_string(), p.n as f64),
+                ("kl/ref".to_string(), p.kl),
+                (KEY_KL_D.to_string(), p.d),
+                (KEY_PROXY_MEAN.to_string(), p.proxy),
+                (KEY_GOLD_MEAN.to_string(), p.gold),
+            ]);
+            logger.log(p.n as u64, m).map_err(stage_error(name))?;
+        }
+        Ok(points)
     })
 }
 

@@ -1,10 +1,13 @@
 //! Mitigations compared on the overoptimisation task: for each arm (the `[rl]` algorithm
-//! with the arm's overrides, against a proxy of `ensemble` reward models combined by the
-//! arm's aggregation) and each seed, one RL run from that seed's base policy. The table
-//! gives peak and final gold per arm, mean and standard deviation over seeds.
+//! with the arm's overrides, against a proxy of `ensemble` reward models of the arm's
+//! [`EnsembleKind`] combined by the arm's aggregation) and each seed, one RL run from that
+//! seed's base policy, and with `best_of_n` set, best-of-n against each distinct proxy.
+//! The tables give peak and final gold per arm, mean and standard deviation over seeds,
+//! and each arm's final gold minus the first arm's, paired by seed, with a bootstrap
+//! interval.
 //!
-//! Stages: `lm/sft/s{seed}` and `lm/proxy/p{pairs}/k{k}/s{seed}` ([`super::lm`]), then
-//! `mitigations/{arm}/s{seed}`.
+//! Stages: `lm/sft/s{seed}`, the proxies' `lm/rm-pretrain/...` and `lm/proxy/...`
+//! ([`super::lm`]), then `mitigations/{arm}/s{seed}` and `mitigations/bon/{arm}/s{seed}`.
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -13,10 +16,13 @@ use serde_json::{json, Value};
 use goodhart_reward::Aggregator;
 
 use super::{
-    lm::{self, base_policy, proxies, rl_stage, ProxySpec, Trace},
-    mean_sd, table, Experiment, Part,
+    lm::{self, base_policy, bon_stage, proxies, rl_stage, EnsembleKind, ProxySpec, Trace},
+    mean_sd,
+    overopt::BestOfNConfig,
+    seed_mean, table, Experiment, Part,
 };
 use crate::{
+    best_of_n::BonPoint,
     config::{from_toml, merge, positive, ConfigError, ExperimentConfig},
     policy_gradient::RlConfig,
     runner::{Result, Runner},
@@ -33,6 +39,9 @@ pub struct MitigationsExperiment {
     pub pairs: usize,
     /// The methods compared.
     pub arms: Vec<Arm>,
+    /// Best-of-n from the base policy against each distinct proxy of the arms (none when
+    /// absent).
+    pub best_of_n: Option<BestOfNConfig>,
 }
 
 impl Default for MitigationsExperiment {
@@ -41,6 +50,7 @@ impl Default for MitigationsExperiment {
             name: name.into(),
             rl: rl.parse().expect("built-in arm overrides are valid TOML"),
             ensemble,
+            ensemble_kind: EnsembleKind::Scratch,
             aggregation,
         };
         Self {
@@ -77,6 +87,7 @@ impl Default for MitigationsExperiment {
                     Aggregator::Mean,
                 ),
             ],
+            best_of_n: None,
         }
     }
 }
@@ -93,6 +104,11 @@ pub struct Arm {
     /// Reward models in the proxy (different seeds); 1 is a single model.
     #[serde(default = "one")]
     pub ensemble: usize,
+    /// How they start and what they share: `"scratch"` (fresh initialisations, the
+    /// default), `"pretrain"` (each from its own pretrained trunk) or `"finetune"` (all
+    /// from one pretrained trunk).
+    #[serde(default)]
+    pub ensemble_kind: EnsembleKind,
     /// How the members' rewards are combined.
     #[serde(default)]
     pub aggregation: Aggregator,
@@ -137,6 +153,16 @@ pub struct ArmRun {
     pub seed: u64,
     /// The trace.
     pub trace: Trace,
+    /// Best-of-n against its proxy (the curve of the first arm with the same proxy), when
+    /// `best_of_n` is set.
+    pub bon: Option<Vec<BonPoint>>,
+}
+
+impl Arm {
+    /// Its proxy.
+    fn proxy(&self, pairs: usize) -> ProxySpec {
+        ProxySpec::ensemble(pairs, self.ensemble, self.aggregation).of_kind(self.ensemble_kind)
+    }
 }
 
 impl Experiment for MitigationsExperiment {
@@ -148,6 +174,9 @@ impl Experiment for MitigationsExperiment {
     fn validate(&self, config: &ExperimentConfig) -> std::result::Result<(), ConfigError> {
         positive("mitigations.seeds", self.seeds)?;
         positive("mitigations.pairs", self.pairs)?;
+        if let Some(b) = &self.best_of_n {
+            b.validate("mitigations.best_of_n")?;
+        }
         if self.arms.is_empty() {
             return Err(ConfigError::invalid("mitigations.arms", "is empty"));
         }
@@ -181,10 +210,10 @@ impl Experiment for MitigationsExperiment {
     }
 
     fn summarize(&self, runs: &Vec<ArmRun>) -> Part {
-        let (figures, table) = summarize(self, runs);
+        let (figures, tables) = summarize(self, runs);
         Part {
             figures,
-            tables: vec![table],
+            tables,
             ..Part::default()
         }
     }
@@ -201,8 +230,10 @@ pub fn run<B: AutodiffBackend>(
     for i in 0..cfg.seeds {
         let seed = config.seed + i as u64;
         base_policy::<B>(runner, config, seed, device)?;
+        // Best-of-n per distinct proxy: the first arm with it names the stage.
+        let mut bons: Vec<(ProxySpec, Vec<BonPoint>)> = Vec::new();
         for (a, arm) in cfg.arms.iter().enumerate() {
-            let proxy = ProxySpec::ensemble(cfg.pairs, arm.ensemble, arm.aggregation);
+            let proxy = arm.proxy(cfg.pairs);
             proxies::<B>(runner, config, proxy, seed, device)?;
             let pg = arm.rl_config(&config.rl, a)?;
             let trace = rl_stage::<B>(
@@ -218,47 +249,85 @@ pub fn run<B: AutodiffBackend>(
                 false,
                 device,
             )?;
+            let bon = match &cfg.best_of_n {
+                Some(bon_cfg) => Some(match bons.iter().find(|b| b.0 == proxy) {
+                    Some(b) => b.1.clone(),
+                    None => {
+                        let points = bon_stage::<B>(
+                            runner,
+                            config,
+                            &format!("mitigations/bon/{}/s{seed}", arm.name),
+                            "mitigations",
+                            &format!("bon {}/s{seed}", arm.name),
+                            proxy,
+                            seed,
+                            bon_cfg,
+                            device,
+                        )?;
+                        bons.push((proxy, points.clone()));
+                        points
+                    }
+                }),
+                None => None,
+            };
             out.push(ArmRun {
                 arm: arm.name.clone(),
                 seed,
                 trace,
+                bon,
             });
         }
     }
     Ok(out)
 }
 
-/// Figures and the table of peak and final gold per arm.
-pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Value) {
+/// The mean and sample sd over `runs` of `get`, where it has a value.
+fn over<'a>(runs: &[&'a ArmRun], get: impl Fn(&'a ArmRun) -> Option<f64>) -> (f64, f64) {
+    mean_sd(runs.iter().filter_map(|r| get(r)))
+}
+
+/// Per seed, `get` of `arm`'s run minus `get` of `first`'s (seeds where both have one).
+fn paired<'a>(
+    arm: &[&'a ArmRun],
+    first: &[&'a ArmRun],
+    get: impl Fn(&'a ArmRun) -> Option<f64>,
+) -> Vec<f64> {
+    arm.iter()
+        .filter_map(|r| {
+            let f = first.iter().find(|f| f.seed == r.seed)?;
+            Some(get(r)? - get(f)?)
+        })
+        .collect()
+}
+
+/// Figures and tables: peak and final gold per arm with the paired difference of final
+/// gold to the first arm's; with best-of-n, the gold it reached per distinct proxy.
+pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Vec<Value>) {
     let mut figures = serde_json::Map::new();
     let mut rows = Vec::new();
+    let of = |name: &str| -> Vec<&ArmRun> { runs.iter().filter(|r| r.arm == name).collect() };
+    let first = of(&cfg.arms[0].name);
+    let final_gold = |r: &ArmRun| r.trace.points.last().map(|p| p.gold);
     for arm in &cfg.arms {
-        let mine: Vec<&ArmRun> = runs.iter().filter(|r| r.arm == arm.name).collect();
-        let peak = mean_sd(mine.iter().filter_map(|r| r.trace.peak()).map(|p| p.value));
-        let fin = mean_sd(
-            mine.iter()
-                .filter_map(|r| r.trace.points.last())
-                .map(|p| p.gold),
-        );
-        let proxy = mean_sd(
-            mine.iter()
-                .filter_map(|r| r.trace.points.last())
-                .map(|p| p.proxy),
-        );
-        let d = mean_sd(
-            mine.iter()
-                .filter_map(|r| r.trace.points.last())
-                .map(|p| p.d),
-        );
-        let initial = mean_sd(
-            mine.iter()
-                .filter_map(|r| r.trace.points.first())
-                .map(|p| p.gold),
-        );
+        let mine = of(&arm.name);
+        let peak = over(&mine, |r| r.trace.peak().map(|p| p.value));
+        let fin = over(&mine, final_gold);
+        let proxy = over(&mine, |r| r.trace.points.last().map(|p| p.proxy));
+        let d = over(&mine, |r| r.trace.points.last().map(|p| p.d));
+        let initial = over(&mine, |r| r.trace.points.first().map(|p| p.gold));
+        let vs_first = (arm.name != cfg.arms[0].name)
+            .then(|| {
+                let diffs = paired(&mine, &first, final_gold);
+                seed_mean(&diffs, &format!("mitigations/{}/final", arm.name))
+            })
+            .flatten();
         figures.insert(
             arm.name.clone(),
             json!({"gold_peak": peak.0, "gold_peak_sd": peak.1, "gold_final": fin.0,
-                   "gold_final_sd": fin.1, "proxy_final": proxy.0, "d_final": d.0}),
+                   "gold_final_sd": fin.1, "proxy_final": proxy.0, "d_final": d.0,
+                   "gold_final_minus_first": vs_first.as_ref().map(|m| m.mean),
+                   "gold_final_minus_first_interval":
+                       vs_first.as_ref().map(|m| [m.lo, m.hi])}),
         );
         rows.push(json!([
             arm.name,
@@ -267,12 +336,18 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Value)
             peak.1,
             fin.0,
             fin.1,
+            vs_first.as_ref().map(|m| m.mean),
+            vs_first.as_ref().map(|m| m.interval()),
+            vs_first
+                .as_ref()
+                .map(|m| format!("{} of {}", m.positive, m.n)),
             proxy.0,
             d.0,
             mine.len()
         ]));
     }
-    let table = table(
+    let first_name = &cfg.arms[0].name;
+    let mut tables = vec![table(
         &format!(
             "Mitigations: gold per method ({} seeds, proxy from {} pairs)",
             cfg.seeds, cfg.pairs
@@ -284,11 +359,102 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Value)
             "sd",
             "gold final",
             "sd",
+            &format!("final - {first_name} (paired)"),
+            "95%",
+            "higher in",
             "proxy final",
             "d final",
             "seeds",
         ],
         rows,
-    );
-    (Value::Object(figures), table)
+    )];
+    if cfg.best_of_n.is_some() {
+        tables.push(best_of_n_table(cfg, runs, &mut figures));
+    }
+    (Value::Object(figures), tables)
+}
+
+/// Best-of-n per distinct proxy (the arms sharing it named together): gold at n = 1, the
+/// largest gold over n and gold at the largest n, mean and sd over seeds, and gold at the
+/// largest n minus the first proxy's, paired by seed. Figures `bon/{arm}`.
+fn best_of_n_table(
+    cfg: &MitigationsExperiment,
+    runs: &[ArmRun],
+    figures: &mut serde_json::Map<String, Value>,
+) -> Value {
+    let mut groups: Vec<(ProxySpec, Vec<&Arm>)> = Vec::new();
+    for arm in &cfg.arms {
+        let spec = arm.proxy(cfg.pairs);
+        match groups.iter_mut().find(|g| g.0 == spec) {
+            Some(g) => g.1.push(arm),
+            None => groups.push((spec, vec![arm])),
+        }
+    }
+    let of = |name: &str| -> Vec<&ArmRun> { runs.iter().filter(|r| r.arm == name).collect() };
+    let first = of(&groups[0].1[0].name);
+    let at = |r: &ArmRun, pick: fn(&[BonPoint]) -> Option<f64>| r.bon.as_deref().and_then(pick);
+    let n1: fn(&[BonPoint]) -> Option<f64> = |b| b.first().map(|p| p.gold);
+    let best: fn(&[BonPoint]) -> Option<f64> = |b| b.iter().map(|p| p.gold).max_by(f64::total_cmp);
+    let last: fn(&[BonPoint]) -> Option<f64> = |b| b.last().map(|p| p.gold);
+    let mut rows = Vec::new();
+    for (i, (spec, arms)) in groups.iter().enumerate() {
+        let mine = of(&arms[0].name);
+        let names: Vec<&str> = arms.iter().map(|a| a.name.as_str()).collect();
+        let (g1, gb, gl) = (
+            over(&mine, |r| at(r, n1)),
+            over(&mine, |r| at(r, best)),
+            over(&mine, |r| at(r, last)),
+        );
+        let vs_first = (i > 0)
+            .then(|| {
+                let diffs = paired(&mine, &first, |r| at(r, last));
+                seed_mean(&diffs, &format!("mitigations/bon/{}", arms[0].name))
+            })
+            .flatten();
+        figures.insert(
+            format!("bon/{}", arms[0].name),
+            json!({"gold_n1": g1.0, "gold_best": gb.0, "gold_best_sd": gb.1,
+                   "gold_largest_n": gl.0, "gold_largest_n_sd": gl.1,
+                   "gold_largest_n_minus_first": vs_first.as_ref().map(|m| m.mean)}),
+        );
+        rows.push(json!([
+            names.join(", "),
+            spec.members,
+            format!("{:?}", spec.kind).to_lowercase(),
+            spec.aggregation.name(),
+            g1.0,
+            gb.0,
+            gb.1,
+            gl.0,
+            gl.1,
+            vs_first.as_ref().map(|m| m.mean),
+            vs_first.as_ref().map(|m| m.interval()),
+            vs_first
+                .as_ref()
+                .map(|m| format!("{} of {}", m.positive, m.n)),
+        ]));
+    }
+    let largest = cfg
+        .best_of_n
+        .as_ref()
+        .and_then(|b| b.ns.iter().max().copied())
+        .unwrap_or(0);
+    table(
+        &format!("Best-of-n against each proxy (largest n = {largest})"),
+        &[
+            "arms",
+            "members",
+            "kind",
+            "aggregation",
+            "gold n = 1",
+            "best gold over n",
+            "sd",
+            "gold at largest n",
+            "sd",
+            &format!("largest n - {} (paired)", groups[0].1[0].name),
+            "95%",
+            "higher in",
+        ],
+        rows,
+    )
 }

@@ -22,27 +22,21 @@ use burn::{module::Module, tensor::backend::AutodiffBackend};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use goodhart_core::seed;
 use goodhart_envs::language::Language;
 use goodhart_metrics::{
     detect::{DetectorConfig, GoldAwareConfig, ProxyOnlyConfig},
     evaluate::{evaluate, GoldPeak, GoldPeakRule},
     overopt::{fit, OveroptFit, OveroptLaw},
     stats,
-    step::{KEY_GOLD_MEAN, KEY_KL_D, KEY_PROXY_MEAN},
 };
 
 use super::{
-    lm::{
-        self, base_policy, language, load_base, load_proxy, proxies, rl_stage, ProxySize,
-        ProxySpec, Trace,
-    },
-    mean_sd, seed_mean, stage_error, table, Experiment, Logger, Part, SeedMean,
+    lm::{self, base_policy, bon_stage, language, proxies, rl_stage, ProxySize, ProxySpec, Trace},
+    mean_sd, seed_mean, stage_error, table, Experiment, Part, SeedMean,
 };
 use crate::{
-    best_of_n::{best_of_n, BonPoint},
+    best_of_n::BonPoint,
     config::{at, positive, section, ConfigError, ExperimentConfig},
-    policy_gradient::LanguageGold,
     reward_model::ProxyReport,
     runner::{Result, Runner},
     sft::SftReport,
@@ -104,6 +98,30 @@ impl Default for BestOfNConfig {
     }
 }
 
+impl BestOfNConfig {
+    /// Errors on settings that cannot estimate the curve; `path` names the section.
+    pub fn validate(&self, path: &str) -> std::result::Result<(), ConfigError> {
+        positive(&format!("{path}.prompts"), self.prompts)?;
+        let max_n = self.ns.iter().copied().max().unwrap_or(0);
+        if self.ns.contains(&0) || self.ns.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{path}.ns"),
+                "must be a non-empty list of positive integers",
+            ));
+        }
+        if self.samples_per_prompt < max_n {
+            return Err(ConfigError::invalid(
+                format!("{path}.samples_per_prompt"),
+                format!(
+                    "{} is below the largest n ({max_n})",
+                    self.samples_per_prompt
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Everything the overopt stages produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OveroptOutput {
@@ -160,21 +178,7 @@ impl Experiment for OveroptExperiment {
             let cfg = ProxySpec::single(1).sized(Some(size)).config(config);
             cfg.validate(&lang).map_err(|e| at(&path, e))?;
         }
-        let b = &self.best_of_n;
-        positive("overopt.best_of_n.prompts", b.prompts)?;
-        let max_n = b.ns.iter().copied().max().unwrap_or(0);
-        if b.ns.contains(&0) || b.ns.is_empty() {
-            return Err(ConfigError::invalid(
-                "overopt.best_of_n.ns",
-                "must be a non-empty list of positive integers",
-            ));
-        }
-        if b.samples_per_prompt < max_n {
-            return Err(ConfigError::invalid(
-                "overopt.best_of_n.samples_per_prompt",
-                format!("{} is below the largest n ({max_n})", b.samples_per_prompt),
-            ));
-        }
+        self.best_of_n.validate("overopt.best_of_n")?;
         // Overopt trains against one reward model per pairs count.
         lm::validate(config, &config.rl, "rl", 1)?;
         section(
@@ -261,40 +265,17 @@ pub fn run<B: AutodiffBackend>(
             false,
             device,
         )?;
-        let name = format!("overopt/bon/{arm}");
-        let checkpoints = runner.dir().checkpoints();
-        let bon_cfg = &cfg.best_of_n;
-        let bon = runner.stage(&name, |log| {
-            let policy = load_base::<B::InnerBackend>(&checkpoints, config, seed, device, &name)?;
-            let proxy_model =
-                load_proxy::<B::InnerBackend>(&checkpoints, config, spec, seed, device, &name)?;
-            let lang = language(config, &name)?;
-            let series = format!("bon {arm}");
-            let mut logger = Logger::new(log, "overopt", &series);
-            let points = best_of_n(
-                &policy,
-                &lang,
-                &proxy_model,
-                &LanguageGold::new(&lang),
-                &bon_cfg.ns,
-                bon_cfg.samples_per_prompt,
-                bon_cfg.prompts,
-                seed::derive(seed, &name),
-                device,
-            )
-            .map_err(stage_error(&name))?;
-            for p in &points {
-                let m = BTreeMap::from([
-                    ("n".to_string(), p.n as f64),
-                    ("kl/ref".to_string(), p.kl),
-                    (KEY_KL_D.to_string(), p.d),
-                    (KEY_PROXY_MEAN.to_string(), p.proxy),
-                    (KEY_GOLD_MEAN.to_string(), p.gold),
-                ]);
-                logger.log(p.n as u64, m).map_err(stage_error(&name))?;
-            }
-            Ok(points)
-        })?;
+        let bon = bon_stage::<B>(
+            runner,
+            config,
+            &format!("overopt/bon/{arm}"),
+            "overopt",
+            &format!("bon {arm}"),
+            spec,
+            seed,
+            &cfg.best_of_n,
+            device,
+        )?;
         let proxy_params = {
             let lang = language(config, "overopt")?;
             spec.config(config)
