@@ -297,9 +297,11 @@ fn tiny_overopt_over_seeds_and_sizes() {
     let over = table(&s, "Fits over seeds");
     assert_eq!(over.len(), 4);
     assert!(over.iter().all(|r| r[2] == 2));
-    // Trends: for each of 4 coefficients, ln pairs at each size, then ln RM params.
+    // Trends: for each of 4 coefficients and the gold peak, ln pairs at each size, then
+    // ln RM params.
     let trends = table(&s, "Coefficient trends");
-    assert_eq!(trends.len(), 4 * 3);
+    assert_eq!(trends.len(), 5 * 3);
+    assert_eq!(trends[12][0], "gold peak");
     assert_eq!(
         (trends[0][2].as_str(), trends[2][1].as_str()),
         (Some("l1d8"), Some("ln RM params"))

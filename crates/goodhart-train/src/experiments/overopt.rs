@@ -338,6 +338,9 @@ const COEFFICIENTS: [Coefficient; 4] = [
     ("BoN beta", |f| f.bon.as_ref().map(|f| f.beta)),
 ];
 
+/// The RL run's smoothed gold peak ([`Trace::peak`]).
+const GOLD_PEAK: Coefficient = ("gold peak", |f| f.peak.map(|p| p.value));
+
 /// Fits, peaks and detectors (`cfg.detectors`, replayed over each RL trace) of each
 /// arm's curves; with several seeds, each coefficient's mean over seeds per size and
 /// pairs count, and its trends in `ln pairs` and `ln` reward-model parameters.
@@ -565,15 +568,8 @@ fn over_seeds(fitted: &[Fitted], figures: &mut serde_json::Map<String, Value>) -
             json!(group.len()),
         ];
         let mut figure = serde_json::Map::new();
-        let peak = |f: &Fitted| f.peak.map(|p| p.value);
-        let r2 = |f: &Fitted| f.rl.as_ref().map(|f| f.r_squared);
-        let columns: Vec<Coefficient> = COEFFICIENTS
-            .into_iter()
-            .chain([
-                ("RL R^2", r2 as fn(&Fitted) -> Option<f64>),
-                ("gold peak", peak),
-            ])
-            .collect();
+        let r2: Coefficient = ("RL R^2", |f| f.rl.as_ref().map(|f| f.r_squared));
+        let columns = COEFFICIENTS.into_iter().chain([r2, GOLD_PEAK]);
         for (what, get) in columns {
             let values: Vec<f64> = group.iter().filter_map(|f| get(f)).collect();
             let m = seed_mean(&values, &format!("overopt/{name}/{what}"));
@@ -607,8 +603,8 @@ fn over_seeds(fitted: &[Fitted], figures: &mut serde_json::Map<String, Value>) -
     )
 }
 
-/// Each coefficient's least-squares slope in `ln pairs` (per size) and in `ln` reward-model
-/// parameters (the mean over pairs counts of the slopes across sizes), computed per seed:
+/// Each coefficient's (and the smoothed gold peak's) least-squares slope in `ln pairs`
+/// (per size) and in `ln` reward-model parameters (the mean over pairs counts of the slopes across sizes), computed per seed:
 /// the mean over seeds with its 95% bootstrap interval, how many seeds' slopes are
 /// positive, and the trend it shows (rises or falls when the interval excludes 0). Figures
 /// `trend/{coefficient}/{against}[/{size}]`.
@@ -671,7 +667,7 @@ fn trends(
             trend,
         ]));
     };
-    for (what, get) in COEFFICIENTS {
+    for (what, get) in COEFFICIENTS.into_iter().chain([GOLD_PEAK]) {
         if cfg.pairs.len() > 1 {
             for &size in &sizes {
                 let slopes = seeds
@@ -880,13 +876,14 @@ mod tests {
         close(&trend("trend/BoN beta/ln RM params")["mean"], 0.03);
         close(&trend("trend/BoN beta/ln pairs/l1d8")["mean"], 0.0);
         // The table's verdicts, in coefficient order: for each, ln pairs at each size,
-        // then ln RM params.
+        // then ln RM params; the gold peak's three rows last.
         let verdicts: Vec<&str> = rows(&part, "Coefficient trends")
             .iter()
             .map(|r| r[6].as_str().unwrap())
             .collect();
+        assert_eq!(verdicts.len(), 15);
         assert_eq!(
-            verdicts,
+            verdicts[..12],
             [
                 "rises",
                 "rises",
