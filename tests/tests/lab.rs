@@ -366,17 +366,21 @@ fn tiny_mitigations_preset() {
             .and_then(|l| l.metrics.get("reward/gold/mean").copied())
             .unwrap()
     };
-    assert!(rows[0][6].is_null(), "the first arm is the reference");
+    assert!(
+        rows[0][6].is_null() && rows[0][7].is_null(),
+        "the first arm is the reference"
+    );
     for r in rows {
-        assert_eq!(r[11], 2, "two seeds per arm");
+        assert_eq!(r[12], 2, "two seeds per arm");
         let arm = r[0].as_str().unwrap();
         if arm != "none" {
+            assert_eq!(r[6], "none");
             // Final gold minus none's, paired by seed, then the mean.
             let want = (0..2)
                 .map(|s| final_gold(&format!("{arm}/s{s}")) - final_gold(&format!("none/s{s}")))
                 .sum::<f64>()
                 / 2.0;
-            let got = r[6].as_f64().unwrap();
+            let got = r[7].as_f64().unwrap();
             assert!((got - want).abs() < 1e-9, "{arm}: {got} vs {want}");
         }
         let want =
@@ -402,7 +406,7 @@ fn tiny_mitigations_ensembles_and_best_of_n() {
         { name = \"none\" },\
         { name = \"kl\", rl = { regularizers = [{ kind = \"kl\", controller = { kind = \"fixed\", coef = 0.05 } }] } },\
         { name = \"pre\", ensemble = 2, ensemble_kind = \"pretrain\" },\
-        { name = \"ft\", ensemble = 2, ensemble_kind = \"finetune\", aggregation = { kind = \"worst_case\" } }]";
+        { name = \"ft\", ensemble = 2, ensemble_kind = \"finetune\", aggregation = { kind = \"worst_case\" }, compare_to = \"pre\" }]";
     let bon = "mitigations.best_of_n={ ns = [1, 2, 4], samples_per_prompt = 4, prompts = 2 }";
     let (dir, s) = run(tiny("mitigations", &[arms, bon]), &root);
     let progress = std::fs::read_to_string(dir.join("checkpoints/progress.json")).unwrap();
@@ -446,11 +450,28 @@ fn tiny_mitigations_ensembles_and_best_of_n() {
     assert!((bon_rows[1][7].as_f64().unwrap() - want).abs() < 1e-9);
     let diff =
         (at4("bon pre/s0") - at4("bon none/s0") + at4("bon pre/s1") - at4("bon none/s1")) / 2.0;
-    assert!((bon_rows[1][9].as_f64().unwrap() - diff).abs() < 1e-9);
+    assert_eq!(bon_rows[1][9], "none");
+    assert!((bon_rows[1][10].as_f64().unwrap() - diff).abs() < 1e-9);
+    // `ft` is compared with `pre`, in both tables.
+    assert_eq!(bon_rows[2][9], "pre");
+    let diff = (at4("bon ft/s0") - at4("bon pre/s0") + at4("bon ft/s1") - at4("bon pre/s1")) / 2.0;
+    assert!((bon_rows[2][10].as_f64().unwrap() - diff).abs() < 1e-9);
+    let rl_rows = table(&s, "Mitigations");
+    assert_eq!(
+        (rl_rows[1][6].as_str(), rl_rows[3][6].as_str()),
+        (Some("none"), Some("pre"))
+    );
     // An unknown kind is refused when the file is parsed, naming the key.
     let sets = ["mitigations.arms=[{ name = \"x\", ensemble_kind = \"pretrained\" }]".to_string()];
     let err = ExperimentConfig::parse(presets::preset("mitigations").unwrap(), &sets).unwrap_err();
     assert!(err.to_string().contains("ensemble_kind"), "{err}");
+    let sets =
+        ["mitigations.arms=[{ name = \"x\" }, { name = \"y\", compare_to = \"z\" }]".to_string()];
+    let err = ExperimentConfig::parse(presets::preset("mitigations").unwrap(), &sets).unwrap_err();
+    assert!(
+        err.to_string().contains("mitigations.arms[1].compare_to"),
+        "{err}"
+    );
 }
 
 /// The default preset's report, driven in Chromium: the smoothing slider re-smooths every

@@ -4,9 +4,11 @@
 //!
 //! Stages:
 //! - `lm/sft/s{seed}`: the base (SFT) policy, saved;
-//! - `lm/proxy/p{pairs}/k{members}/s{seed}`: proxy reward models trained on `pairs`
-//!   gold-labelled pairs, saved (`lm/proxy/p{pairs}/k{members}/l{layers}d{d_model}/s{seed}`
-//!   for a [`ProxySize`] other than `[proxy]`'s);
+//! - `lm/rm-pretrain[/l{layers}d{d_model}]/t{i}/s{seed}`: a pretrained trunk for reward
+//!   models (an LM of their architecture), saved, when a proxy's [`EnsembleKind`] needs it;
+//! - `lm/proxy/p{pairs}/k{members}[/l{layers}d{d_model}][/{kind}]/s{seed}`: proxy reward
+//!   models trained on `pairs` gold-labelled pairs, saved (the size part for a
+//!   [`ProxySize`] other than `[proxy]`'s, the kind part for `pretrain` and `finetune`);
 //! - `lm/heldout/p{pairs}/s{seed}`: a held-out proxy on other pairs, to monitor with;
 //! - an RL stage named by its experiment: RL from the base policy against a proxy, gold
 //!   measured on every sample; its step lines go to `metrics.jsonl`, its samples to
@@ -250,6 +252,15 @@ pub enum EnsembleKind {
 }
 
 impl EnsembleKind {
+    /// Its TOML name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scratch => "scratch",
+            Self::Pretrain => "pretrain",
+            Self::Finetune => "finetune",
+        }
+    }
+
     /// The pretrained trunks `members` reward models of this kind start from.
     fn trunks(self, members: usize) -> usize {
         match self {
@@ -321,10 +332,8 @@ impl ProxySpec {
         let mut tag = self
             .size
             .map_or(String::new(), |s| format!("{sep}{}", s.tag()));
-        match self.kind {
-            EnsembleKind::Scratch => {}
-            EnsembleKind::Pretrain => tag += &format!("{sep}pretrain"),
-            EnsembleKind::Finetune => tag += &format!("{sep}finetune"),
+        if self.kind != EnsembleKind::Scratch {
+            tag += &format!("{sep}{}", self.kind.name());
         }
         tag
     }

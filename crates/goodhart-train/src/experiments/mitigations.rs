@@ -3,8 +3,8 @@
 //! [`EnsembleKind`] combined by the arm's aggregation) and each seed, one RL run from that
 //! seed's base policy, and with `best_of_n` set, best-of-n against each distinct proxy.
 //! The tables give peak and final gold per arm, mean and standard deviation over seeds,
-//! and each arm's final gold minus the first arm's, paired by seed, with a bootstrap
-//! interval.
+//! and each arm's final gold minus that of the arm it is compared with (`compare_to`,
+//! default the first arm), paired by seed, with a bootstrap interval.
 //!
 //! Stages: `lm/sft/s{seed}`, the proxies' `lm/rm-pretrain/...` and `lm/proxy/...`
 //! ([`super::lm`]), then `mitigations/{arm}/s{seed}` and `mitigations/bon/{arm}/s{seed}`.
@@ -52,6 +52,7 @@ impl Default for MitigationsExperiment {
             ensemble,
             ensemble_kind: EnsembleKind::Scratch,
             aggregation,
+            compare_to: None,
         };
         Self {
             seeds: 3,
@@ -112,6 +113,9 @@ pub struct Arm {
     /// How the members' rewards are combined.
     #[serde(default)]
     pub aggregation: Aggregator,
+    /// The arm it is compared with, paired by seed (default: the first arm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_to: Option<String>,
 }
 
 fn one() -> usize {
@@ -159,6 +163,13 @@ pub struct ArmRun {
 }
 
 impl Arm {
+    /// The arm it is compared with: `compare_to`, else the first of `arms` (`None` for
+    /// the first arm itself).
+    fn reference<'a>(&'a self, arms: &'a [Arm]) -> Option<&'a str> {
+        let name = self.compare_to.as_deref().unwrap_or(&arms[0].name);
+        (name != self.name).then_some(name)
+    }
+
     /// Its proxy.
     fn proxy(&self, pairs: usize) -> ProxySpec {
         ProxySpec::ensemble(pairs, self.ensemble, self.aggregation).of_kind(self.ensemble_kind)
@@ -188,6 +199,14 @@ impl Experiment for MitigationsExperiment {
                     format!("mitigations.arms[{i}].name"),
                     format!("`{}` is used by two arms", arm.name),
                 ));
+            }
+            if let Some(other) = &arm.compare_to {
+                if other == &arm.name || !self.arms.iter().any(|a| &a.name == other) {
+                    return Err(ConfigError::invalid(
+                        format!("mitigations.arms[{i}].compare_to"),
+                        format!("`{other}` is not another arm's name"),
+                    ));
+                }
             }
             let rl = arm.rl_config(&config.rl, i)?;
             lm::validate(
@@ -301,12 +320,12 @@ fn paired<'a>(
 }
 
 /// Figures and tables: peak and final gold per arm with the paired difference of final
-/// gold to the first arm's; with best-of-n, the gold it reached per distinct proxy.
+/// gold to that of the arm it is compared with ([`Arm::compare_to`]); with best-of-n, the
+/// gold it reached per distinct proxy.
 pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Vec<Value>) {
     let mut figures = serde_json::Map::new();
     let mut rows = Vec::new();
     let of = |name: &str| -> Vec<&ArmRun> { runs.iter().filter(|r| r.arm == name).collect() };
-    let first = of(&cfg.arms[0].name);
     let final_gold = |r: &ArmRun| r.trace.points.last().map(|p| p.gold);
     for arm in &cfg.arms {
         let mine = of(&arm.name);
@@ -315,19 +334,18 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Vec<Va
         let proxy = over(&mine, |r| r.trace.points.last().map(|p| p.proxy));
         let d = over(&mine, |r| r.trace.points.last().map(|p| p.d));
         let initial = over(&mine, |r| r.trace.points.first().map(|p| p.gold));
-        let vs_first = (arm.name != cfg.arms[0].name)
-            .then(|| {
-                let diffs = paired(&mine, &first, final_gold);
-                seed_mean(&diffs, &format!("mitigations/{}/final", arm.name))
-            })
-            .flatten();
+        let reference = arm.reference(&cfg.arms);
+        let vs = reference.and_then(|other| {
+            let diffs = paired(&mine, &of(other), final_gold);
+            seed_mean(&diffs, &format!("mitigations/{}/final", arm.name))
+        });
         figures.insert(
             arm.name.clone(),
             json!({"gold_peak": peak.0, "gold_peak_sd": peak.1, "gold_final": fin.0,
                    "gold_final_sd": fin.1, "proxy_final": proxy.0, "d_final": d.0,
-                   "gold_final_minus_first": vs_first.as_ref().map(|m| m.mean),
-                   "gold_final_minus_first_interval":
-                       vs_first.as_ref().map(|m| [m.lo, m.hi])}),
+                   "compared_with": reference,
+                   "gold_final_difference": vs.as_ref().map(|m| m.mean),
+                   "gold_final_difference_interval": vs.as_ref().map(|m| [m.lo, m.hi])}),
         );
         rows.push(json!([
             arm.name,
@@ -336,17 +354,15 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Vec<Va
             peak.1,
             fin.0,
             fin.1,
-            vs_first.as_ref().map(|m| m.mean),
-            vs_first.as_ref().map(|m| m.interval()),
-            vs_first
-                .as_ref()
-                .map(|m| format!("{} of {}", m.positive, m.n)),
+            reference,
+            vs.as_ref().map(|m| m.mean),
+            vs.as_ref().map(|m| m.interval()),
+            vs.as_ref().map(|m| format!("{} of {}", m.positive, m.n)),
             proxy.0,
             d.0,
             mine.len()
         ]));
     }
-    let first_name = &cfg.arms[0].name;
     let mut tables = vec![table(
         &format!(
             "Mitigations: gold per method ({} seeds, proxy from {} pairs)",
@@ -359,7 +375,8 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Vec<Va
             "sd",
             "gold final",
             "sd",
-            &format!("final - {first_name} (paired)"),
+            "compared with",
+            "final difference (paired)",
             "95%",
             "higher in",
             "proxy final",
@@ -376,7 +393,8 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Vec<Va
 
 /// Best-of-n per distinct proxy (the arms sharing it named together): gold at n = 1, the
 /// largest gold over n and gold at the largest n, mean and sd over seeds, and gold at the
-/// largest n minus the first proxy's, paired by seed. Figures `bon/{arm}`.
+/// largest n minus that of the proxy of the arm its first arm is compared with, paired
+/// by seed. Figures `bon/{arm}`.
 fn best_of_n_table(
     cfg: &MitigationsExperiment,
     runs: &[ArmRun],
@@ -391,13 +409,12 @@ fn best_of_n_table(
         }
     }
     let of = |name: &str| -> Vec<&ArmRun> { runs.iter().filter(|r| r.arm == name).collect() };
-    let first = of(&groups[0].1[0].name);
     let at = |r: &ArmRun, pick: fn(&[BonPoint]) -> Option<f64>| r.bon.as_deref().and_then(pick);
     let n1: fn(&[BonPoint]) -> Option<f64> = |b| b.first().map(|p| p.gold);
     let best: fn(&[BonPoint]) -> Option<f64> = |b| b.iter().map(|p| p.gold).max_by(f64::total_cmp);
     let last: fn(&[BonPoint]) -> Option<f64> = |b| b.last().map(|p| p.gold);
     let mut rows = Vec::new();
-    for (i, (spec, arms)) in groups.iter().enumerate() {
+    for (spec, arms) in &groups {
         let mine = of(&arms[0].name);
         let names: Vec<&str> = arms.iter().map(|a| a.name.as_str()).collect();
         let (g1, gb, gl) = (
@@ -405,33 +422,38 @@ fn best_of_n_table(
             over(&mine, |r| at(r, best)),
             over(&mine, |r| at(r, last)),
         );
-        let vs_first = (i > 0)
-            .then(|| {
-                let diffs = paired(&mine, &first, |r| at(r, last));
-                seed_mean(&diffs, &format!("mitigations/bon/{}", arms[0].name))
-            })
-            .flatten();
+        // The proxy of the arm the group's first arm is compared with, unless its own.
+        let reference = arms[0].reference(&cfg.arms).and_then(|other| {
+            let group = groups
+                .iter()
+                .find(|g| g.1.iter().any(|a| a.name == other))?;
+            (group.0 != *spec).then_some(group.1[0].name.as_str())
+        });
+        let vs = reference.and_then(|other| {
+            let diffs = paired(&mine, &of(other), |r| at(r, last));
+            seed_mean(&diffs, &format!("mitigations/bon/{}", arms[0].name))
+        });
         figures.insert(
             format!("bon/{}", arms[0].name),
             json!({"gold_n1": g1.0, "gold_best": gb.0, "gold_best_sd": gb.1,
                    "gold_largest_n": gl.0, "gold_largest_n_sd": gl.1,
-                   "gold_largest_n_minus_first": vs_first.as_ref().map(|m| m.mean)}),
+                   "compared_with": reference,
+                   "gold_largest_n_difference": vs.as_ref().map(|m| m.mean)}),
         );
         rows.push(json!([
             names.join(", "),
             spec.members,
-            format!("{:?}", spec.kind).to_lowercase(),
+            spec.kind.name(),
             spec.aggregation.name(),
             g1.0,
             gb.0,
             gb.1,
             gl.0,
             gl.1,
-            vs_first.as_ref().map(|m| m.mean),
-            vs_first.as_ref().map(|m| m.interval()),
-            vs_first
-                .as_ref()
-                .map(|m| format!("{} of {}", m.positive, m.n)),
+            reference,
+            vs.as_ref().map(|m| m.mean),
+            vs.as_ref().map(|m| m.interval()),
+            vs.as_ref().map(|m| format!("{} of {}", m.positive, m.n)),
         ]));
     }
     let largest = cfg
@@ -451,7 +473,8 @@ fn best_of_n_table(
             "sd",
             "gold at largest n",
             "sd",
-            &format!("largest n - {} (paired)", groups[0].1[0].name),
+            "compared with",
+            "largest n difference (paired)",
             "95%",
             "higher in",
         ],

@@ -406,8 +406,8 @@ pub(crate) fn mean_sd(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
 const SEED_RESAMPLES: usize = 10_000;
 
 /// The mean of one value per seed (or of paired per-seed differences), its 95%
-/// percentile-bootstrap interval over the seeds ([`SEED_RESAMPLES`] resamples) and how
-/// many values are positive.
+/// percentile-bootstrap interval over the seeds (10,000 resamples) and how many values
+/// are positive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeedMean {
     /// Mean.
