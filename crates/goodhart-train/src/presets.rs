@@ -49,6 +49,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         include_str!("../../../docs/presets/daa-full.toml"),
     ),
     (
+        "tomato-full",
+        "the tomato lab at ORPO's budget: PPO for 500 iterations of 30 environments (1.5M steps), 10 seeds",
+        include_str!("../../../docs/presets/tomato-full.toml"),
+    ),
+    (
         "overopt-full",
         "the overopt lab at more scales: five pair counts, three reward-model sizes, 5 seeds, coefficient trends with intervals",
         include_str!("../../../docs/presets/overopt-full.toml"),
