@@ -604,10 +604,10 @@ fn over_seeds(fitted: &[Fitted], figures: &mut serde_json::Map<String, Value>) -
 }
 
 /// Each coefficient's (and the smoothed gold peak's) least-squares slope in `ln pairs`
-/// (per size) and in `ln` reward-model parameters (the mean over pairs counts of the slopes across sizes), computed per seed:
-/// the mean over seeds with its 95% bootstrap interval, how many seeds' slopes are
-/// positive, and the trend it shows (rises or falls when the interval excludes 0). Figures
-/// `trend/{coefficient}/{against}[/{size}]`.
+/// (per size) and in `ln` reward-model parameters (the mean over pairs counts of the
+/// slopes across sizes), computed per seed: the mean over seeds with its 95% bootstrap
+/// interval, how many seeds' slopes are positive, and the trend it shows (rises or falls
+/// when the interval excludes 0). Figures `trend/{coefficient}/{against}[/{size}]`.
 fn trends(
     cfg: &OveroptExperiment,
     fitted: &[Fitted],
