@@ -1670,6 +1670,8 @@ fn tiny_detector_corpus_preset() {
             "cusum on kl/ref",
             "cusum on entropy",
             "cusum on gap/heldout",
+            "cusum on ood/mean",
+            "proxy-only on ood/mean",
             "gold-aware on reward/heldout/mean",
             "gold-aware",
             "end",
@@ -1677,11 +1679,13 @@ fn tiny_detector_corpus_preset() {
             "kl-budget"
         ]
     );
-    let end = &rules[8];
+    let end = &rules[10];
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
     // Each trace is an RL series of 8 steps, with the held-out proxy's mean and the
-    // proxy's mean minus it; the samples carry its score, whose mean is the line's.
+    // proxy's mean minus it, and the summary of the out-of-distribution score (a
+    // distance, not a reward: no `reward/ood/...`, no gap); the samples carry both
+    // scores, whose means (and extremes) are the line's.
     let lines = metric_lines(&dir);
     let samples = jsonl(&dir, "samples.jsonl");
     for series in ["p20/s0", "p20/s1", "gold/s0", "gold/s1"] {
@@ -1701,6 +1705,17 @@ fn tiny_detector_corpus_preset() {
             assert!((logged - heldout).abs() < 1e-6, "{logged} vs {heldout}");
             let gap = l["gap/heldout"].as_f64().unwrap();
             assert!((gap - (proxy - heldout)).abs() < 1e-6, "{gap}");
+            let ood: Vec<f64> = samples
+                .iter()
+                .filter(|s| s["series"] == series && s["step"] == l["step"])
+                .map(|s| s["rewards"]["ood"].as_f64().unwrap())
+                .collect();
+            assert!(ood.iter().all(|&d| d > 0.0), "{ood:?}");
+            let mean = ood.iter().sum::<f64>() / ood.len() as f64;
+            assert!((l["ood/mean"].as_f64().unwrap() - mean).abs() < 1e-9);
+            let max = ood.iter().copied().fold(f64::MIN, f64::max);
+            assert!((l["ood/max"].as_f64().unwrap() - max).abs() < 1e-12);
+            assert!(l.get("reward/ood/mean").is_none() && l.get("gap/ood").is_none());
         }
     }
 }

@@ -12,7 +12,8 @@
 //! - [`detect`]: online hacking detectors (gold-aware, proxy-only, [`cusum`]); [`evaluate`]: their
 //!   lead / lag against the gold peak, false alarms and stopping regret over logged runs;
 //!   [`training_log`]: any trainer's JSONL or CSV log as such a run.
-//! - [`effective_rank`]: effective rank of hidden states, ERV and ERA.
+//! - [`effective_rank`]: effective rank of hidden states, ERV and ERA; [`ood`]: the
+//!   Mahalanobis distance of a row from a reference sample.
 //! - [`pass_at_k`], [`win_rate`], [`ope`]: unbiased pass@k, bootstrap win rate,
 //!   off-policy estimators (IPS, SNIPS, doubly robust).
 //! - [`sink`]: JSONL, CSV and in-memory metric sinks; [`tensorboard`]: TensorBoard event
@@ -25,6 +26,7 @@ pub mod detect;
 pub mod effective_rank;
 pub mod evaluate;
 pub mod hacking;
+pub mod ood;
 pub mod ope;
 pub mod overopt;
 pub mod pass_at_k;

@@ -122,6 +122,38 @@ impl<B: Backend> RewardModel<B> {
         Ok(per_token.gather(1, last).reshape([n]))
     }
 
+    /// The hidden state `[N, D]` the head reads: each row's at its last token with
+    /// `attention_mask = 1` (an embedding of the sequence, e.g. for an out-of-distribution
+    /// score). Errors as [`RewardModel::raw_scores`].
+    pub fn embeddings(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        attention_mask: Tensor<B, 2>,
+    ) -> Result<Tensor<B, 2>> {
+        let [n, t] = tokens.dims();
+        if attention_mask.dims() != [n, t] {
+            return Err(GoodhartError::shape(
+                "attention_mask",
+                &[n, t],
+                &attention_mask.dims(),
+            ));
+        }
+        let device = tokens.device();
+        let hidden = self.trunk.forward(tokens, attention_mask.clone())?;
+        let d = hidden.dims()[2];
+        let pos = Tensor::<B, 1, Int>::arange(1..t as i64 + 1, &device)
+            .float()
+            .reshape([1, t]);
+        let valid = attention_mask.greater_elem(0.0).float();
+        if n > 0 && valid.clone().sum_dim(1).min().into_scalar().to_f32() <= 0.0 {
+            return Err(GoodhartError::Empty {
+                what: "a sequence of the batch (no token with attention_mask = 1)".into(),
+            });
+        }
+        let last = (valid * pos).argmax(1).reshape([n, 1, 1]).repeat_dim(2, d);
+        Ok(hidden.gather(1, last).reshape([n, d]))
+    }
+
     /// Normalised scores `(raw - mean) / std` with the stored statistics.
     pub fn scores(
         &self,
@@ -249,6 +281,30 @@ mod tests {
                 Tensor::<B, 2>::ones([1, 3], device)).unwrap());
             assert_close(&n, &[(alone[0] - 1.0) / 2.0], tolerance(1e-5));
             assert!(model.clone().with_normalization(0.0, 0.0).is_err());
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn embeddings_are_what_the_head_reads<B>(device) {
+            let model = tiny().init::<B>(device).unwrap();
+            let tokens = Tensor::<B, 2, Int>::from_ints([[0, 1, 2, 3], [4, 5, 6, 7]], device);
+            let mask = Tensor::<B, 2>::from_floats([[0.0, 1.0, 1.0, 1.0], [1.0; 4]], device);
+            let e = model.embeddings(tokens.clone(), mask.clone()).unwrap();
+            assert_eq!(e.dims(), [2, 16]);
+            // The head on the embedding is the raw score.
+            let via = values(model.head.forward(e.clone()).reshape([2]));
+            let raw = values(model.raw_scores(tokens, mask).unwrap());
+            assert_close(&via, &raw, tolerance(1e-5));
+            // Left padding: the embedding of [pad 1 2 3] is that of [1 2 3] alone.
+            let alone = values(model.embeddings(
+                Tensor::<B, 2, Int>::from_ints([[1, 2, 3]], device),
+                Tensor::<B, 2>::ones([1, 3], device)).unwrap().reshape([16]));
+            assert_close(&values(e.slice(0..1).reshape([16])), &alone, tolerance(1e-5));
+            let none = Tensor::<B, 2>::from_floats([[1.0, 1.0], [0.0, 0.0]], device);
+            let t = Tensor::<B, 2, Int>::from_ints([[1, 2], [3, 4]], device);
+            assert!(matches!(model.embeddings(t.clone(), none), Err(GoodhartError::Empty { .. })));
+            assert!(matches!(model.embeddings(t, Tensor::ones([2, 3], device)),
+                Err(GoodhartError::ShapeMismatch { .. })));
         }
     }
 

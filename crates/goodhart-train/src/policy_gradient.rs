@@ -732,6 +732,17 @@ impl LoggedKeys {
         self
     }
 
+    /// These keys with those of the non-reward monitors `names`
+    /// ([`Task::monitor_is_reward`]): `<name>/{mean,std,min,max}`.
+    pub fn with_scores(mut self, names: &[&str]) -> Self {
+        for name in names {
+            for stat in ["mean", "std", "min", "max"] {
+                self.keys.insert(format!("{name}/{stat}"));
+            }
+        }
+        self
+    }
+
     /// The keys, for an error message.
     pub fn describe(&self) -> String {
         let mut parts: Vec<String> = self.keys.iter().map(|k| format!("`{k}`")).collect();
@@ -2228,7 +2239,10 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         if cfg.reward_shaping.is_some() || cfg.length_penalty.is_some() || cfg.ctrl_u.is_some() {
             rollout = rollout.with_reward("shaped", batch.scores.reward.clone())?;
         }
-        for (name, values) in task.monitors().iter().zip(&batch.monitors) {
+        for (i, (name, values)) in task.monitors().iter().zip(&batch.monitors).enumerate() {
+            if !task.monitor_is_reward(i) {
+                continue;
+            }
             let values = values.iter().map(|&x| x as f32).collect();
             rollout = rollout.with_reward(
                 name,
@@ -2291,8 +2305,21 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         for (c, v) in cfg.components.iter().zip(&component_returns) {
             metrics.insert(format!("reward/component/{}", c.name), *v);
         }
-        // The mean of the proxy minus each monitor's (their means are the rollout's).
-        for name in task.monitors() {
+        // The mean of the proxy minus each reward monitor's (their means are the
+        // rollout's); the other monitors' summaries.
+        for (i, name) in task.monitors().iter().enumerate() {
+            if !task.monitor_is_reward(i) {
+                let s = goodhart_metrics::stats::summary(&batch.monitors[i])?;
+                for (stat, v) in [
+                    ("mean", s.mean),
+                    ("std", s.std),
+                    ("min", s.min),
+                    ("max", s.max),
+                ] {
+                    metrics.insert(format!("{name}/{stat}"), v);
+                }
+                continue;
+            }
             let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
             let gap =
                 get(goodhart_metrics::step::KEY_PROXY_MEAN) - get(&format!("reward/{name}/mean"));

@@ -10,17 +10,19 @@
 //!
 //! Every prompt is left-padded to the task's [`Task::prompt_width`], so the responses of
 //! all batches start at the same column. A task may also name monitors
-//! ([`Task::monitors`]: rewards scored on every sample, never trained on; a held-out
-//! proxy on the language task). [`encode_preferences`] encodes a preference set for the
+//! ([`Task::monitors`]: scores of every sample, never trained on; on the language task a
+//! held-out proxy, a reward, and [`EmbeddingOod`], how far the proxy's embedding of a
+//! sample lies from its embeddings of the data it was trained on). [`encode_preferences`] encodes a preference set for the
 //! offline preference trainer the way [`TextTask`] encodes prompts.
 
 use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{seed, GoodhartError, Result};
 use goodhart_envs::language::{Language, EOS, PAD};
+use goodhart_metrics::ood::Mahalanobis;
 use goodhart_policy::{
     chat_template::ChatMessage, tokenizer::Tokenizer, GenerationConfig, HfTokenizer, TransformerLm,
 };
-use goodhart_reward::{rubric::Rubric, Composite, RewardSource, Sequences, Texts};
+use goodhart_reward::{rubric::Rubric, Composite, RewardModel, RewardSource, Sequences, Texts};
 
 use crate::{
     data::{PreferenceRow, PromptRow, Text},
@@ -79,11 +81,17 @@ pub trait Task<B: Backend> {
         batch: &Sequences<B>,
         responses: &[Vec<u32>],
     ) -> Result<TaskScores<B>>;
-    /// The names of rewards measured on every sample but never trained on (a held-out
-    /// proxy: a gold-free view of how far the training proxy can be trusted), logged as
-    /// `reward/<name>/{mean,std,min,max}` and `gap/<name>`; none by default.
+    /// The names of scores measured on every sample but never trained on, logged as
+    /// `reward/<name>/{mean,std,min,max}` and `gap/<name>` when monitor `i` is a reward
+    /// ([`Task::monitor_is_reward`]; a held-out proxy: a gold-free view of how far the
+    /// training proxy can be trusted), else as `<name>/{mean,std,min,max}`; none by
+    /// default.
     fn monitors(&self) -> &[String] {
         &[]
+    }
+    /// Whether monitor `i` of [`Task::monitors`] is a reward (true by default).
+    fn monitor_is_reward(&self, _i: usize) -> bool {
+        true
     }
     /// A response as text (`samples.jsonl`).
     fn text(&self, response: &[u32]) -> String;
@@ -128,7 +136,56 @@ pub struct LanguageTask<'a, B: Backend> {
     gold: &'a dyn RewardSource<B>,
     prompts: Vec<Vec<u32>>,
     monitor_names: Vec<String>,
-    monitors: Vec<&'a Proxy<B>>,
+    monitors: Vec<Monitor<'a, B>>,
+}
+
+/// A score of every sample of a [`LanguageTask`] that it does not train on.
+#[derive(Clone, Copy)]
+pub enum Monitor<'a, B: Backend> {
+    /// A proxy's reward (e.g. a reward model trained on other pairs).
+    Reward(&'a Proxy<B>),
+    /// A reward model's out-of-distribution score ([`EmbeddingOod`]), not a reward.
+    Ood(&'a EmbeddingOod<B>),
+}
+
+/// How far a reward model's embedding of a sample ([`RewardModel::embeddings`]) lies
+/// from its embeddings of a reference sample: the Mahalanobis distance
+/// ([`goodhart_metrics::ood::Mahalanobis`]) under the Gaussian fitted to the reference
+/// embeddings. With the reference drawn from the data the reward model was trained on, a
+/// policy that drifts to samples unlike that data scores high (Lee et al. 2018's
+/// detector on a reward model's features).
+pub struct EmbeddingOod<B: Backend> {
+    model: RewardModel<B>,
+    gaussian: Mahalanobis,
+}
+
+impl<B: Backend> EmbeddingOod<B> {
+    /// Fits the Gaussian to `model`'s embeddings of `reference`, its covariance shrunk by
+    /// `shrinkage` (see [`Mahalanobis::fit`], whose errors it returns).
+    pub fn fit(model: RewardModel<B>, reference: &Sequences<B>, shrinkage: f64) -> Result<Self> {
+        let rows = embedding_rows(&model, reference)?;
+        let gaussian = Mahalanobis::fit(&rows, shrinkage)?;
+        Ok(Self { model, gaussian })
+    }
+
+    /// The distance of each row of `batch`.
+    pub fn score(&self, batch: &Sequences<B>) -> Result<Vec<f64>> {
+        embedding_rows(&self.model, batch)?
+            .iter()
+            .map(|r| self.gaussian.distance(r))
+            .collect()
+    }
+}
+
+/// `model`'s embedding of each row of `batch`, on the host.
+fn embedding_rows<B: Backend>(
+    model: &RewardModel<B>,
+    batch: &Sequences<B>,
+) -> Result<Vec<Vec<f64>>> {
+    let e = model.embeddings(batch.tokens.clone(), batch.attention_mask.clone())?;
+    let [n, d] = e.dims();
+    let flat = host(e.reshape([n * d]))?;
+    Ok(flat.chunks(d.max(1)).map(<[f64]>::to_vec).collect())
 }
 
 impl<'a, B: Backend> LanguageTask<'a, B> {
@@ -147,7 +204,7 @@ impl<'a, B: Backend> LanguageTask<'a, B> {
 
     /// The task with `monitor` (e.g. a proxy trained on other pairs) scoring every
     /// sample as [`Task::monitors`]' `name`.
-    pub fn with_monitor(mut self, name: &str, monitor: &'a Proxy<B>) -> Self {
+    pub fn with_monitor(mut self, name: &str, monitor: Monitor<'a, B>) -> Self {
         self.monitor_names.push(name.into());
         self.monitors.push(monitor);
         self
@@ -209,7 +266,10 @@ impl<B: Backend> Task<B> for LanguageTask<'_, B> {
         let monitors = self
             .monitors
             .iter()
-            .map(|m| host(m.score(batch)?.reward))
+            .map(|m| match m {
+                Monitor::Reward(p) => host(p.score(batch)?.reward),
+                Monitor::Ood(o) => o.score(batch),
+            })
             .collect::<Result<_>>()?;
         Ok(TaskScores {
             members,
@@ -223,6 +283,10 @@ impl<B: Backend> Task<B> for LanguageTask<'_, B> {
 
     fn monitors(&self) -> &[String] {
         &self.monitor_names
+    }
+
+    fn monitor_is_reward(&self, i: usize) -> bool {
+        matches!(self.monitors.get(i), Some(Monitor::Reward(_)))
     }
 
     fn text(&self, response: &[u32]) -> String {

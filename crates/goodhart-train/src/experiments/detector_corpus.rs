@@ -51,7 +51,10 @@ use goodhart_metrics::{
 use goodhart_reward::Aggregator;
 
 use super::{
-    lm::{self, base_policy, heldout_proxy, proxies, rl_stage, ProxySpec, Trace, HELDOUT},
+    lm::{
+        self, base_policy, heldout_proxy, proxies, rl_stage, Monitors, ProxySpec, Trace, HELDOUT,
+        OOD,
+    },
     mitigations::rl_with,
     table, Experiment, Part,
 };
@@ -89,6 +92,11 @@ pub struct DetectorCorpusExperiment {
     /// sample: `reward/heldout/mean` and `gap/heldout` (the proxy's mean minus it) are
     /// logged for the detectors to read.
     pub heldout: bool,
+    /// The proxy's out-of-distribution score of every sample (the Mahalanobis distance
+    /// of its first reward model's embedding from its embeddings of fresh pairs of the
+    /// data it was trained on, [`crate::task::EmbeddingOod`]) is logged as
+    /// `ood/{mean,std,min,max}` for the detectors to read.
+    pub ood: bool,
 }
 
 impl Default for DetectorCorpusExperiment {
@@ -130,6 +138,7 @@ impl Default for DetectorCorpusExperiment {
             plateau_fraction: 0.05,
             resamples: 1000,
             heldout: true,
+            ood: true,
         }
     }
 }
@@ -239,6 +248,9 @@ impl Experiment for DetectorCorpusExperiment {
             if self.heldout {
                 logged = logged.with_monitors(&[HELDOUT]);
             }
+            if self.ood {
+                logged = logged.with_scores(&[OOD]);
+            }
             section(
                 "detector_corpus",
                 check_detectors("detector_corpus.detectors", &self.detectors, &logged),
@@ -275,7 +287,10 @@ impl Experiment for DetectorCorpusExperiment {
                     seed,
                     proxy,
                     None,
-                    self.heldout,
+                    Monitors {
+                        heldout: self.heldout,
+                        ood: self.ood,
+                    },
                     device,
                 )?;
                 out.push(CorpusTrace {

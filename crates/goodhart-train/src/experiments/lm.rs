@@ -20,7 +20,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 
 use goodhart_core::seed;
-use goodhart_envs::language::Language;
+use goodhart_envs::language::{Language, PAD};
 use goodhart_metrics::{
     evaluate::{gold_peak, smoothed_gold, GoldPeak, GoldPeakRule, Run},
     step::{KEY_GOLD_MEAN, KEY_KL, KEY_KL_D, KEY_PROXY_MEAN},
@@ -29,7 +29,7 @@ use goodhart_policy::{
     checkpoint::{load_module, save_module},
     transformer::TransformerLm,
 };
-use goodhart_reward::Aggregator;
+use goodhart_reward::{Aggregator, Sequences};
 
 use super::{checkpoint_error, overopt::BestOfNConfig, stage_error, Logger};
 use crate::{
@@ -42,7 +42,7 @@ use crate::{
     },
     runner::{Result, Runner},
     sft::{train_base, SftReport, PROMPT_LEN},
-    task::LanguageTask,
+    task::{EmbeddingOod, LanguageTask, Monitor},
 };
 
 /// Checks the sections every language-model experiment reads, and `[rl]` against a proxy
@@ -452,6 +452,55 @@ pub(crate) fn proxies<B: AutodiffBackend>(
 /// The name of the monitor a held-out proxy is logged under ([`crate::task::Task::monitors`]).
 pub(crate) const HELDOUT: &str = "heldout";
 
+/// The name of the out-of-distribution monitor ([`crate::task::EmbeddingOod`]):
+/// `ood/{mean,std,min,max}`.
+pub(crate) const OOD: &str = "ood";
+
+/// Pairs drawn for the out-of-distribution monitor's reference sample (both responses of
+/// each: 1024 sequences).
+const OOD_REFERENCE_PAIRS: usize = 512;
+
+/// Shrinkage of the out-of-distribution monitor's covariance toward a multiple of the
+/// identity ([`goodhart_metrics::ood::Mahalanobis::fit`]).
+const OOD_SHRINKAGE: f64 = 0.1;
+
+/// The monitors an RL stage scores every sample with (none by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Monitors {
+    /// The held-out proxy of [`heldout_proxy`] (same pairs count and seed), as [`HELDOUT`].
+    pub heldout: bool,
+    /// The proxy's first reward model's out-of-distribution score ([`OOD`]), its
+    /// reference [`OOD_REFERENCE_PAIRS`] fresh pairs of the language's generator (the
+    /// distribution its training pairs come from).
+    pub ood: bool,
+}
+
+/// `model`'s out-of-distribution score against its embeddings of the reference sample
+/// of [`Monitors::ood`] (stream `ood/reference` of `seed`).
+fn ood_monitor<B: Backend>(
+    lang: &Language,
+    model: goodhart_reward::RewardModel<B>,
+    seed: u64,
+    device: &B::Device,
+) -> goodhart_core::Result<EmbeddingOod<B>> {
+    let pairs = lang.preference_pairs(
+        OOD_REFERENCE_PAIRS,
+        0.0,
+        seed::derive(seed, "ood/reference"),
+    )?;
+    let items: Vec<(&[u32], &[u32])> = pairs
+        .iter()
+        .flat_map(|p| {
+            [
+                (&p.prompt[..], &p.chosen[..]),
+                (&p.prompt[..], &p.rejected[..]),
+            ]
+        })
+        .collect();
+    let reference = Sequences::<B>::from_pairs(&items, PAD, device)?;
+    EmbeddingOod::fit(model, &reference, OOD_SHRINKAGE)
+}
+
 fn heldout_name(pairs: usize, seed: u64) -> String {
     format!("lm/s{seed}/heldout-p{pairs}")
 }
@@ -535,9 +584,8 @@ fn load_heldout<B: Backend>(
 }
 
 /// A stage that runs RL from the base policy against the proxy `spec` and returns its
-/// trace; the trained policy is saved to `save_to` when given. With `heldout`, the held-out proxy
-/// of [`heldout_proxy`] (same pairs count and seed) scores every sample as the monitor
-/// [`HELDOUT`].
+/// trace; the trained policy is saved to `save_to` when given. `monitors` score every
+/// sample ([`Monitors`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rl_stage<B: AutodiffBackend>(
     runner: &mut Runner,
@@ -549,7 +597,7 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
     seed: u64,
     spec: ProxySpec,
     save_to: Option<std::path::PathBuf>,
-    heldout: bool,
+    monitors: Monitors,
     device: &B::Device,
 ) -> Result<Trace> {
     let checkpoints = runner.dir().checkpoints();
@@ -563,19 +611,30 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
         let policy = load_base::<B>(&checkpoints, config, seed, device, name)?;
         let reference = load_base::<B::InnerBackend>(&checkpoints, config, seed, device, name)?;
         let proxy = load_proxy::<B::InnerBackend>(&checkpoints, config, spec, seed, device, name)?;
-        let monitor = heldout
+        let monitor = monitors
+            .heldout
             .then(|| {
                 let pairs = spec.pairs;
                 load_heldout::<B::InnerBackend>(&checkpoints, config, pairs, seed, device, name)
             })
             .transpose()?;
         let lang = language(config, name)?;
+        let ood = monitors
+            .ood
+            .then(|| {
+                let model = proxy.members()[0].clone();
+                ood_monitor(&lang, model, seed, device).map_err(stage_error(name))
+            })
+            .transpose()?;
         let mut logger = Logger::new(log, experiment, series);
         let mut points = Vec::new();
         let gold = LanguageGold::new(&lang);
         let mut task = LanguageTask::new(&lang, &proxy, &gold);
         if let Some(m) = &monitor {
-            task = task.with_monitor(HELDOUT, m);
+            task = task.with_monitor(HELDOUT, Monitor::Reward(m));
+        }
+        if let Some(o) = &ood {
+            task = task.with_monitor(OOD, Monitor::Ood(o));
         }
         let trained = policy_gradient::train(
             pg,

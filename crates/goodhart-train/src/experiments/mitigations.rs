@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 use goodhart_reward::Aggregator;
 
 use super::{
-    lm::{self, base_policy, bon_stage, proxies, rl_stage, EnsembleKind, ProxySpec, Trace},
+    lm::{
+        self, base_policy, bon_stage, proxies, rl_stage, EnsembleKind, Monitors, ProxySpec, Trace,
+    },
     mean_sd,
     overopt::BestOfNConfig,
     seed_mean, table, Experiment, Part,
@@ -265,7 +267,7 @@ pub fn run<B: AutodiffBackend>(
                 seed,
                 proxy,
                 None,
-                false,
+                Monitors::default(),
                 device,
             )?;
             let bon = match &cfg.best_of_n {

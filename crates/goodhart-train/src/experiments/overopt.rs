@@ -31,7 +31,10 @@ use goodhart_metrics::{
 };
 
 use super::{
-    lm::{self, base_policy, bon_stage, language, proxies, rl_stage, ProxySize, ProxySpec, Trace},
+    lm::{
+        self, base_policy, bon_stage, language, proxies, rl_stage, Monitors, ProxySize, ProxySpec,
+        Trace,
+    },
     mean_sd, seed_mean, stage_error, table, Experiment, Part, SeedMean,
 };
 use crate::{
@@ -262,7 +265,7 @@ pub fn run<B: AutodiffBackend>(
             seed,
             spec,
             None,
-            false,
+            Monitors::default(),
             device,
         )?;
         let bon = bon_stage::<B>(

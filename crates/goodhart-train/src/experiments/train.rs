@@ -26,7 +26,7 @@ use goodhart_reward::TextRewardConfig;
 
 use super::{
     checkpoint_error,
-    lm::{self, base_policy, proxies, record, rl_stage, ProxySpec, Trace, TracePoint},
+    lm::{self, base_policy, proxies, record, rl_stage, Monitors, ProxySpec, Trace, TracePoint},
     mean_sd, stage_error, table, Experiment, Logger, Part,
 };
 use crate::{
@@ -289,7 +289,7 @@ impl Experiment for TrainExperiment {
                         seed,
                         ProxySpec::single(self.pairs),
                         Some(path),
-                        false,
+                        Monitors::default(),
                         device,
                     )?;
                     TrainRun {
