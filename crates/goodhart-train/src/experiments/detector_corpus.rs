@@ -29,7 +29,9 @@
 //! With `heldout` (the default), a held-out proxy per pairs count and seed (a reward model
 //! on other pairs) scores every sample, logged as `reward/heldout/mean` and `gap/heldout`:
 //! a gold-free signal the detectors can read (a gold-aware detector with `gold_key =
-//! "reward/heldout/mean"` uses it in place of gold).
+//! "reward/heldout/mean"` uses it in place of gold). With `ood` (the default), the
+//! proxy's out-of-distribution score of every sample ([`crate::task::EmbeddingOod`]) is
+//! logged as `ood/{mean,std,min,max}`.
 //!
 //! Stages: `lm/sft/s{seed}`, `lm/proxy/p{pairs}/k{k}/s{seed}`, `lm/heldout/p{pairs}/s{seed}`
 //! ([`super::lm`]), then `corpus/{setting}/s{seed}`.
