@@ -1615,6 +1615,7 @@ fn tiny_detector_corpus_preset() {
         "detector-corpus",
         &[
             "rl.steps=8",
+            "rl.effective_rank=true",
             "detector_corpus.calibration_seeds=1",
             "detector_corpus.test_seeds=1",
             "detector_corpus.settings=[{ name = \"p20\", pairs = 20 }, { name = \"gold\", pairs = 20, control = true, rl = { components = [{ name = \"gold\" }] } }]",
@@ -1672,6 +1673,7 @@ fn tiny_detector_corpus_preset() {
             "cusum on gap/heldout",
             "cusum on ood/mean",
             "proxy-only on ood/mean",
+            "cusum on hidden/effective_rank",
             "gold-aware on reward/heldout/mean",
             "gold-aware",
             "end",
@@ -1679,7 +1681,7 @@ fn tiny_detector_corpus_preset() {
             "kl-budget"
         ]
     );
-    let end = &rules[10];
+    let end = &rules[11];
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
     // Each trace is an RL series of 8 steps, with the held-out proxy's mean and the
@@ -1716,6 +1718,9 @@ fn tiny_detector_corpus_preset() {
             let max = ood.iter().copied().fold(f64::MIN, f64::max);
             assert!((l["ood/max"].as_f64().unwrap() - max).abs() < 1e-12);
             assert!(l.get("reward/ood/mean").is_none() && l.get("gap/ood").is_none());
+            // The effective rank of 8 pooled hidden states, centred: rank at most 7.
+            let er = l["hidden/effective_rank"].as_f64().unwrap();
+            assert!(er > 1.0 && er <= 7.0, "{er}");
         }
     }
 }

@@ -199,6 +199,11 @@ pub struct RlConfig {
     /// `raise_kl`: the factor on the `kl` regulariser's coefficient at each firing
     /// (default 10).
     pub kl_raise: f64,
+    /// Log `hidden/effective_rank` on every step: the effective rank
+    /// ([`goodhart_metrics::effective_rank`]) of the sampling policy's final hidden states
+    /// that generated each response, mean-pooled per response (`[N, D]`); a gold-free
+    /// signal of the samples' diversity. One more forward pass per step; off by default.
+    pub effective_rank: bool,
 }
 
 /// What a detector's firing does to an RL run (`[rl] on_alarm`).
@@ -263,6 +268,7 @@ impl Default for RlConfig {
             on_alarm: OnAlarm::Log,
             rollback_steps: 5,
             kl_raise: 10.0,
+            effective_rank: false,
         }
     }
 }
@@ -801,6 +807,9 @@ impl RlConfig {
         if self.max_grad_norm > 0.0 {
             keys.insert("grad_norm".into());
         }
+        if self.effective_rank {
+            keys.insert(KEY_EFFECTIVE_RANK.into());
+        }
         if self.dynamic_sampling.is_some() {
             keys.insert("sampling/rollouts".into());
             keys.insert("sampling/spread_share".into());
@@ -1078,6 +1087,35 @@ pub fn sample_task<B: Backend>(
         Some(scored) => scored,
         None => sample_and_score(policy, task, prompts, generation, rng, device),
     }
+}
+
+/// The key of [`RlConfig::effective_rank`]'s metric.
+pub const KEY_EFFECTIVE_RANK: &str = "hidden/effective_rank";
+
+/// The effective rank of `policy`'s final hidden states that generated each response
+/// (the state at `t - 1` predicts token `t`; `response [N, T]` marks the response
+/// tokens), mean-pooled per response: a `[N, D]` matrix.
+fn response_effective_rank<B: Backend>(
+    policy: &TransformerLm<B>,
+    tokens: &Tensor<B, 2, Int>,
+    attention: &Tensor<B, 2>,
+    response: &Tensor<B, 2>,
+) -> Result<f64> {
+    let [n, t] = tokens.dims();
+    if t < 2 {
+        return Err(GoodhartError::Empty {
+            what: "responses (the batch has no response token)".into(),
+        });
+    }
+    let hidden = policy
+        .trunk
+        .forward(tokens.clone(), attention.clone())?
+        .narrow(1, 0, t - 1);
+    let d = hidden.dims()[2];
+    let generated = response.clone().narrow(1, 1, t - 1).reshape([n, t - 1, 1]);
+    let count = generated.clone().sum_dim(1).reshape([n, 1]).clamp_min(1.0);
+    let pooled = (hidden * generated).sum_dim(1).reshape([n, d]) / count;
+    goodhart_metrics::effective_rank::effective_rank(pooled)
 }
 
 /// A tensor's values on the host as `f64`.
@@ -1853,6 +1891,14 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
                 continue 'steps;
             }
         }
+        let effective_rank = if cfg.effective_rank {
+            let t0 = clock::<B>(device)?;
+            let er = response_effective_rank(&sampler, &batch.tokens, &batch.attention, &mask)?;
+            timings.score += since::<B>(t0, device)?;
+            Some(er)
+        } else {
+            None
+        };
         // 4. Log-probs of the sampling policy and the reference.
         let t0 = clock::<B>(device)?;
         let old = score(
@@ -2304,6 +2350,9 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             .collect::<Result<_>>()?;
         for (c, v) in cfg.components.iter().zip(&component_returns) {
             metrics.insert(format!("reward/component/{}", c.name), *v);
+        }
+        if let Some(er) = effective_rank {
+            metrics.insert(KEY_EFFECTIVE_RANK.into(), er);
         }
         // The mean of the proxy minus each reward monitor's (their means are the
         // rollout's); the other monitors' summaries.
@@ -3189,6 +3238,27 @@ mod tests {
                 lines.iter().any(|l| l.metrics.contains_key(k)),
                 "{k} is in logged_keys but never logged"
             );
+        }
+    }
+
+    goodhart_core::backend_test! {
+        fn effective_rank_reads_the_states_that_generated_each_response<B>(device) {
+            let policy = TransformerConfig::new(16, 16, 1, 2, 32).init::<B>(device).unwrap();
+            // Prompt [1 2], response of 3 tokens; the state at t - 1 generates token t.
+            let er = |rows: [[i64; 5]; 2]| {
+                let tokens = Tensor::<B, 2, Int>::from_ints(rows, device);
+                let attention = Tensor::<B, 2>::ones([2, 5], device);
+                let response = Tensor::<B, 2>::from_floats([[0.0, 0.0, 1.0, 1.0, 1.0]; 2], device);
+                response_effective_rank(&policy, &tokens, &attention, &response).unwrap()
+            };
+            // Responses that differ in their first token: the states generating the second
+            // and third differ, two distinct pooled rows, a centred matrix of rank 1.
+            assert!((er([[1, 2, 3, 4, 5], [1, 2, 6, 4, 5]]) - 1.0).abs() < 1e-6);
+            // Responses that differ only in their last token: no state reads it, the pooled
+            // rows are equal, no spread.
+            assert_eq!(er([[1, 2, 3, 4, 5], [1, 2, 3, 4, 9]]), 0.0);
+            let one = Tensor::<B, 2, Int>::from_ints([[1]], device);
+            assert!(response_effective_rank(&policy, &one, &Tensor::ones([1, 1], device), &Tensor::zeros([1, 1], device)).is_err());
         }
     }
 
