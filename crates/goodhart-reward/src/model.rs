@@ -91,34 +91,9 @@ impl<B: Backend> RewardModel<B> {
         attention_mask: Tensor<B, 2>,
     ) -> Result<Tensor<B, 1>> {
         let [n, t] = tokens.dims();
-        if attention_mask.dims() != [n, t] {
-            return Err(GoodhartError::shape(
-                "attention_mask",
-                &[n, t],
-                &attention_mask.dims(),
-            ));
-        }
-        if n > 0
-            && attention_mask
-                .clone()
-                .sum_dim(1)
-                .min()
-                .into_scalar()
-                .to_f32()
-                <= 0.0
-        {
-            return Err(GoodhartError::Empty {
-                what: "a sequence of the batch (no token with attention_mask = 1)".into(),
-            });
-        }
-        let device = tokens.device();
-        let hidden = self.trunk.forward(tokens, attention_mask.clone())?;
+        let last = last_valid(&tokens, &attention_mask)?;
+        let hidden = self.trunk.forward(tokens, attention_mask)?;
         let per_token = self.head.forward(hidden).reshape([n, t]);
-        // Last valid position: argmax over t of mask_t * (t + 1).
-        let pos = Tensor::<B, 1, Int>::arange(1..t as i64 + 1, &device)
-            .float()
-            .reshape([1, t]);
-        let last = (attention_mask.greater_elem(0.0).float() * pos).argmax(1);
         Ok(per_token.gather(1, last).reshape([n]))
     }
 
@@ -130,28 +105,12 @@ impl<B: Backend> RewardModel<B> {
         tokens: Tensor<B, 2, Int>,
         attention_mask: Tensor<B, 2>,
     ) -> Result<Tensor<B, 2>> {
-        let [n, t] = tokens.dims();
-        if attention_mask.dims() != [n, t] {
-            return Err(GoodhartError::shape(
-                "attention_mask",
-                &[n, t],
-                &attention_mask.dims(),
-            ));
-        }
-        let device = tokens.device();
-        let hidden = self.trunk.forward(tokens, attention_mask.clone())?;
+        let n = tokens.dims()[0];
+        let last = last_valid(&tokens, &attention_mask)?;
+        let hidden = self.trunk.forward(tokens, attention_mask)?;
         let d = hidden.dims()[2];
-        let pos = Tensor::<B, 1, Int>::arange(1..t as i64 + 1, &device)
-            .float()
-            .reshape([1, t]);
-        let valid = attention_mask.greater_elem(0.0).float();
-        if n > 0 && valid.clone().sum_dim(1).min().into_scalar().to_f32() <= 0.0 {
-            return Err(GoodhartError::Empty {
-                what: "a sequence of the batch (no token with attention_mask = 1)".into(),
-            });
-        }
-        let last = (valid * pos).argmax(1).reshape([n, 1, 1]).repeat_dim(2, d);
-        Ok(hidden.gather(1, last).reshape([n, d]))
+        let at = last.reshape([n, 1, 1]).repeat_dim(2, d);
+        Ok(hidden.gather(1, at).reshape([n, d]))
     }
 
     /// Normalised scores `(raw - mean) / std` with the stored statistics.
@@ -246,6 +205,40 @@ impl<B: Backend> RewardSource<B> for RewardModel<B> {
     fn score(&self, input: &Sequences<B>) -> Result<RewardOutput<B>> {
         RewardOutput::scalar(self.scores(input.tokens.clone(), input.attention_mask.clone())?)
     }
+}
+
+/// Each row's last position with `attention_mask = 1`, `[N, 1]`: the argmax over `t` of
+/// `mask_t * (t + 1)`. Errors unless the mask has `tokens`' shape and every row has a
+/// valid token.
+fn last_valid<B: Backend>(
+    tokens: &Tensor<B, 2, Int>,
+    attention_mask: &Tensor<B, 2>,
+) -> Result<Tensor<B, 2, Int>> {
+    let [n, t] = tokens.dims();
+    if attention_mask.dims() != [n, t] {
+        return Err(GoodhartError::shape(
+            "attention_mask",
+            &[n, t],
+            &attention_mask.dims(),
+        ));
+    }
+    if n > 0
+        && attention_mask
+            .clone()
+            .sum_dim(1)
+            .min()
+            .into_scalar()
+            .to_f32()
+            <= 0.0
+    {
+        return Err(GoodhartError::Empty {
+            what: "a sequence of the batch (no token with attention_mask = 1)".into(),
+        });
+    }
+    let pos = Tensor::<B, 1, Int>::arange(1..t as i64 + 1, &tokens.device())
+        .float()
+        .reshape([1, t]);
+    Ok((attention_mask.clone().greater_elem(0.0).float() * pos).argmax(1))
 }
 
 #[cfg(test)]
