@@ -50,7 +50,7 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
     ),
     (
         "tomato-full",
-        "the tomato lab at ORPO's budget: PPO for 500 iterations of 30 environments (1.5M steps), 10 seeds",
+        "the tomato lab at ORPO's budget: ORPO's base policy (3 PPO iterations of 30 environments), PPO for 500 iterations of 30 environments (1.5M steps), 10 seeds",
         include_str!("../../../docs/presets/tomato-full.toml"),
     ),
     (
