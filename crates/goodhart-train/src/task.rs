@@ -12,8 +12,9 @@
 //! all batches start at the same column. A task may also name monitors
 //! ([`Task::monitors`]: scores of every sample, never trained on; on the language task a
 //! held-out proxy, a reward, and [`EmbeddingOod`], how far the proxy's embedding of a
-//! sample lies from its embeddings of the data it was trained on). [`encode_preferences`] encodes a preference set for the
-//! offline preference trainer the way [`TextTask`] encodes prompts.
+//! sample lies from its embeddings of the data it was trained on). [`encode_preferences`]
+//! encodes a preference set for the offline preference trainer the way [`TextTask`]
+//! encodes prompts.
 
 use burn::tensor::{backend::Backend, Tensor};
 use goodhart_core::{seed, GoodhartError, Result};
@@ -151,9 +152,9 @@ pub enum Monitor<'a, B: Backend> {
 /// How far a reward model's embedding of a sample ([`RewardModel::embeddings`]) lies
 /// from its embeddings of a reference sample: the Mahalanobis distance
 /// ([`goodhart_metrics::ood::Mahalanobis`]) under the Gaussian fitted to the reference
-/// embeddings. With the reference drawn from the data the reward model was trained on, a
-/// policy that drifts to samples unlike that data scores high (Lee et al. 2018's
-/// detector on a reward model's features).
+/// embeddings. With the reference drawn from the distribution the reward model was
+/// trained on, a policy that drifts to samples unlike that data scores high (Lee et al.
+/// 2018's detector, on a reward model's features).
 pub struct EmbeddingOod<B: Backend> {
     model: RewardModel<B>,
     gaussian: Mahalanobis,
