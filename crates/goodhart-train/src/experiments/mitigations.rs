@@ -395,9 +395,8 @@ pub fn summarize(cfg: &MitigationsExperiment, runs: &[ArmRun]) -> (Value, Vec<Va
 
 /// Best-of-n per distinct proxy (the arms sharing it named together): gold at n = 1 and
 /// at the largest n (not the largest over n, which noise biases upwards), mean and sd
-/// over seeds, and gold at the
-/// largest n minus that of the proxy of the arm its first arm is compared with, paired
-/// by seed. Figures `bon/{arm}`.
+/// over seeds, and gold at the largest n minus that of the proxy of the arm its first arm
+/// is compared with, paired by seed. Figures `bon/{arm}`.
 fn best_of_n_table(
     cfg: &MitigationsExperiment,
     runs: &[ArmRun],
