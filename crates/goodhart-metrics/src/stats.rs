@@ -1,6 +1,6 @@
 //! Statistics on plain series (`&[f64]`): validation, summaries, the median with a
-//! bootstrap interval, Pearson and Spearman correlation, the least-squares slope, and the
-//! small least-squares solver the overoptimisation fits use.
+//! bootstrap interval, Wilcoxon's signed-rank test, Pearson and Spearman correlation, the
+//! least-squares slope, and the small least-squares solver the overoptimisation fits use.
 //!
 //! Everything here works on host memory: the series are per-step or per-response values
 //! that are already scalars (a run's gold curve, a batch's rewards read back once).
@@ -249,6 +249,87 @@ pub fn spearman(x: &[f64], y: &[f64]) -> Result<f64> {
     pearson(&ranks(x)?, &ranks(y)?)
 }
 
+/// Wilcoxon's signed-rank test of paired differences: statistic and two-sided p-value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SignedRank {
+    /// The smaller of the positive and negative differences' rank sums.
+    pub statistic: f64,
+    /// Two-sided p-value against differences symmetric about 0.
+    pub p_value: f64,
+    /// Non-zero differences ranked.
+    pub n: usize,
+    /// Whether the p-value is exact (no zeros, no ties, `n <= 50`) or the normal
+    /// approximation.
+    pub exact: bool,
+}
+
+/// Wilcoxon's signed-rank test of `d` (paired differences, e.g. one per seed) against a
+/// distribution symmetric about 0. Zeros are dropped (Wilcoxon's convention, scipy's
+/// `zero_method="wilcox"`); the absolute values are ranked with ties at their average rank
+/// ([`ranks`]). Without zeros or ties and with at most 50 values, the p-value is exact: the
+/// share of the `2^n` sign assignments whose smaller rank sum is at most the statistic,
+/// doubled. Otherwise it is the normal approximation with the tie-corrected variance
+/// `n(n+1)(2n+1)/24 - sum(t^3 - t)/48` and no continuity correction (scipy's
+/// `method="approx"`). Errors on an empty or non-finite series, or when every difference
+/// is 0.
+pub fn wilcoxon_signed_rank(d: &[f64]) -> Result<SignedRank> {
+    check_series(d, "differences")?;
+    let nz: Vec<f64> = d.iter().copied().filter(|&v| v != 0.0).collect();
+    if nz.is_empty() {
+        return Err(GoodhartError::invalid(
+            "differences",
+            "every difference is 0: the signed-rank test is undefined",
+        ));
+    }
+    let n = nz.len();
+    let r = ranks(&nz.iter().map(|v| v.abs()).collect::<Vec<_>>())?;
+    let plus: f64 = nz
+        .iter()
+        .zip(&r)
+        .filter(|(v, _)| **v > 0.0)
+        .map(|(_, r)| r)
+        .sum();
+    let total = (n * (n + 1)) as f64 / 2.0;
+    let statistic = plus.min(total - plus);
+    // Tie groups: sizes of the runs of equal absolute values.
+    let mut abs: Vec<f64> = nz.iter().map(|v| v.abs()).collect();
+    abs.sort_by(f64::total_cmp);
+    let mut tie_term = 0.0;
+    let mut i = 0;
+    while i < n {
+        let j = abs[i..].iter().take_while(|&&a| a == abs[i]).count();
+        tie_term += (j * j * j - j) as f64;
+        i += j;
+    }
+    let exact = tie_term == 0.0 && n == d.len() && n <= 50;
+    let p_value = if exact {
+        // counts[s]: sign assignments whose positive ranks sum to s (ranks 1..=n); f64
+        // holds them exactly up to 2^53.
+        let max = n * (n + 1) / 2;
+        let mut counts = vec![0.0f64; max + 1];
+        counts[0] = 1.0;
+        for k in 1..=n {
+            for s in (k..=max).rev() {
+                counts[s] += counts[s - k];
+            }
+        }
+        let below: f64 = counts[..=statistic as usize].iter().sum();
+        (2.0 * below / 2f64.powi(n as i32)).min(1.0)
+    } else {
+        let nf = n as f64;
+        let mean = nf * (nf + 1.0) / 4.0;
+        let var = nf * (nf + 1.0) * (2.0 * nf + 1.0) / 24.0 - tie_term / 48.0;
+        let z = (statistic - mean) / var.sqrt();
+        statrs::function::erf::erfc(z.abs() / std::f64::consts::SQRT_2).min(1.0)
+    };
+    Ok(SignedRank {
+        statistic,
+        p_value,
+        n,
+        exact,
+    })
+}
+
 /// Ordinary least squares `y ~ sum_j c_j X_j` for a few feature columns, by modified
 /// Gram-Schmidt QR (stabler than the normal equations). Returns the coefficients and
 /// `R^2 = 1 - SS_res / SS_tot` (SS_tot around the mean of `y`, so a model without an
@@ -339,6 +420,68 @@ mod tests {
         // dx = -1.5,-.5,.5,1.5; dy = -1.5,0,0,1.5: sxy = 4.5, sxx = 5, syy = 4.5
         let s = spearman(&[1.0, 2.0, 3.0, 4.0], &[0.0, 7.0, 7.0, 9.0]).unwrap();
         assert!((s - 4.5 / (5.0f64 * 4.5).sqrt()).abs() < 1e-12, "{s}");
+    }
+
+    #[test]
+    fn signed_rank_by_hand_and_against_scipy() {
+        // d = 1, -2, 3: ranks 1, 2, 3; W+ = 4, W- = 2. The 8 sign assignments of ranks
+        // {1, 2, 3} have positive sums 0, 1, 2, 3, 3, 4, 5, 6: three are <= 2, so
+        // p = 2 * 3/8.
+        let w = wilcoxon_signed_rank(&[1.0, -2.0, 3.0]).unwrap();
+        assert_eq!((w.statistic, w.p_value, w.n, w.exact), (2.0, 0.75, 3, true));
+        // All positive: only the empty set sums to 0, p = 2 / 2^n.
+        let w = wilcoxon_signed_rank(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        assert_eq!((w.statistic, w.p_value), (0.0, 0.0625));
+        // scipy.stats.wilcoxon 1.17 (exact): statistic 14, p 0.193359375 = 198/1024.
+        let d = [-0.02, 1.38, -0.2, 1.21, -0.15, -0.3, 0.33, 0.68, 0.01, 0.61];
+        let w = wilcoxon_signed_rank(&d).unwrap();
+        assert_eq!(
+            (w.statistic, w.p_value, w.exact),
+            (14.0, 198.0 / 1024.0, true)
+        );
+        // Ties and a zero: scipy's method="approx" gives statistic 6.5, p
+        // 0.0560482126217636 (the zero dropped, n = 9).
+        let d = [1.0, 1.0, 2.0, -2.0, 3.0, 3.0, 3.0, -1.0, 4.0, 0.0];
+        let w = wilcoxon_signed_rank(&d).unwrap();
+        assert_eq!((w.statistic, w.n, w.exact), (6.5, 9, false));
+        assert!(
+            (w.p_value - 0.0560482126217636).abs() < 1e-9,
+            "{}",
+            w.p_value
+        );
+        assert!(matches!(
+            wilcoxon_signed_rank(&[0.0, 0.0]),
+            Err(GoodhartError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            wilcoxon_signed_rank(&[1.0, f64::NAN]),
+            Err(GoodhartError::NonFinite { .. })
+        ));
+        assert!(matches!(
+            wilcoxon_signed_rank(&[]),
+            Err(GoodhartError::Empty { .. })
+        ));
+    }
+
+    proptest! {
+        /// Flipping every sign or scaling by a positive constant leaves the test as it is;
+        /// the p-value is a probability.
+        #[test]
+        fn signed_rank_is_sign_and_scale_free(
+            d in proptest::collection::vec(-5.0f64..5.0, 1..40),
+            scale in 0.1f64..10.0,
+        ) {
+            prop_assume!(d.iter().any(|&v| v != 0.0));
+            let w = wilcoxon_signed_rank(&d).unwrap();
+            let flipped: Vec<f64> = d.iter().map(|v| -v).collect();
+            let scaled: Vec<f64> = d.iter().map(|v| v * scale).collect();
+            let f = wilcoxon_signed_rank(&flipped).unwrap();
+            prop_assert_eq!(w, f);
+            let s = wilcoxon_signed_rank(&scaled).unwrap();
+            prop_assert_eq!(w.statistic, s.statistic);
+            prop_assert!((w.p_value - s.p_value).abs() < 1e-12);
+            prop_assert!(w.p_value > 0.0 && w.p_value <= 1.0);
+        }
     }
 
     #[test]

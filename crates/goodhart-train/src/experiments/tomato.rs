@@ -18,7 +18,8 @@
 //! measured on the episodes that chose it. The summary table gives the mean and standard
 //! deviation over seeds of the true return, the proxy return and how often episodes visit
 //! the bucket; a second one, the chosen coefficients and the paired chi-squared minus
-//! action-KL difference per seed, with a percentile-bootstrap interval of its mean.
+//! action-KL difference per seed, with a percentile-bootstrap interval of its mean and
+//! Wilcoxon's signed-rank test (`goodhart_metrics::stats::wilcoxon_signed_rank`).
 
 use std::collections::BTreeMap;
 
@@ -445,7 +446,8 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
                     .map(|k| c.true_return - k.true_return)
             })
             .collect();
-        seed_mean(&diffs, "tomato/paired")
+        let test = goodhart_metrics::stats::wilcoxon_signed_rank(&diffs).ok();
+        seed_mean(&diffs, "tomato/paired").map(|m| (m, test))
     });
     let figures = json!({
         "seeds": cfg.seeds,
@@ -457,8 +459,10 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
         "best_action_kl_coef": kl.map(|c| c.0),
         "best_action_kl_true_return": kl.map(|c| c.1),
         "chi2_beats_kl_and_base": claim,
-        "chi2_minus_kl": paired.as_ref().map(|p| json!({
+        "chi2_minus_kl": paired.as_ref().map(|(p, w)| json!({
             "mean": p.mean, "lo": p.lo, "hi": p.hi, "wins": p.positive, "seeds": p.n,
+            "wilcoxon_statistic": w.map(|w| w.statistic),
+            "wilcoxon_p": w.map(|w| w.p_value),
         })),
     });
     let returns = table(
@@ -485,15 +489,17 @@ pub fn summarize(cfg: &TomatoExperiment, evals: &[Evaluated]) -> (Value, Vec<Val
             "mean difference",
             "95% bootstrap",
             "chi2 higher",
+            "Wilcoxon p",
         ],
         vec![json!([
             chi2.map(|c| c.0),
             chi2.map(|c| c.1),
             kl.map(|c| c.0),
             kl.map(|c| c.1),
-            paired.as_ref().map(|p| p.mean),
-            paired.as_ref().map(|p| format!("[{:.3}, {:.3}]", p.lo, p.hi)),
-            paired.as_ref().map(|p| format!("{} of {}", p.positive, p.n)),
+            paired.as_ref().map(|(p, _)| p.mean),
+            paired.as_ref().map(|(p, _)| p.interval()),
+            paired.as_ref().map(|(p, _)| format!("{} of {}", p.positive, p.n)),
+            paired.as_ref().and_then(|(_, w)| w.map(|w| w.p_value)),
         ])],
     );
     (figures, vec![returns, chosen])
@@ -550,6 +556,12 @@ mod tests {
             (Some(2), Some(2))
         );
         assert!(p["lo"].as_f64().unwrap() >= 1.5 && p["hi"].as_f64().unwrap() <= 2.5);
+        // Wilcoxon's signed-rank test of the two differences, both positive: statistic 0,
+        // exact p = 2 * 1/4.
+        assert_eq!(
+            (p["wilcoxon_statistic"].as_f64(), p["wilcoxon_p"].as_f64()),
+            (Some(0.0), Some(0.5))
+        );
         assert_eq!(fig["chi2_beats_kl_and_base"], true);
     }
 
