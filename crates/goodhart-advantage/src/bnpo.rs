@@ -1,7 +1,7 @@
 //! BNPO: beta normalisation policy optimisation (Xiao et al. 2025, "BNPO: Beta
 //! Normalization Policy Optimization", arXiv:2506.02864).
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use goodhart_core::{
     groups::Groups,
     ops::{group_stats, per_response, to_host},
@@ -72,7 +72,7 @@ pub fn bnpo_beta_params(success_rates: &[f32]) -> (f64, f64) {
 ///
 /// The moments are taken over groups (one `p_q` per prompt), the population variance, as
 /// METHODS.md reads the paper. Two scalars (alpha, beta) are fitted on the host from the
-/// `[G]` success rates.
+/// `[G]` success rates, and `1 / pdf` of each rate is computed there in f64.
 pub fn bnpo<B: Backend>(
     rewards: Tensor<B, 1>,
     mask: &Tensor<B, 2>,
@@ -104,18 +104,29 @@ pub fn bnpo<B: Backend>(
     let r = r.clamp(0.0, 1.0);
     let lone = Lone::new(groups, config.singleton, "bnpo", &r.device())?;
     let p = group_stats(r.clone(), groups)?.mean;
-    let (alpha, beta) = bnpo_beta_params(&to_host(p.clone())?);
+    let rates = to_host(p.clone())?;
+    let (alpha, beta) = bnpo_beta_params(&rates);
     let ln_b = statrs::function::beta::ln_beta(alpha, beta);
-    // ln(1 / pdf) = ln B(a, b) - (a - 1) ln p - (b - 1) ln(1 - p); a term with exponent 0
-    // is skipped so that 0 * ln 0 never makes a NaN.
-    let mut neg_log_pdf = p.zeros_like() + ln_b as f32;
-    if alpha > 1.0 {
-        neg_log_pdf = neg_log_pdf - p.clone().log() * (alpha - 1.0) as f32;
-    }
-    if beta > 1.0 {
-        neg_log_pdf = neg_log_pdf - (-p.clone() + 1.0).log() * (beta - 1.0) as f32;
-    }
-    let inv_pdf = neg_log_pdf.clamp_max(config.max_inverse_pdf.ln()).exp();
+    let max_ln = (config.max_inverse_pdf as f64).ln();
+    // ln(1 / pdf) = ln B(a, b) - (a - 1) ln p - (b - 1) ln(1 - p), on the host in f64: with
+    // nearly equal group rates the fit's alpha and beta reach 1e7 and more, and the terms
+    // cancel far below f32's precision. A term with exponent 0 is skipped so that 0 * ln 0
+    // never makes a NaN.
+    let inv_pdf: Vec<f32> = rates
+        .iter()
+        .map(|&q| {
+            let q = q as f64;
+            let mut neg_log_pdf = ln_b;
+            if alpha > 1.0 {
+                neg_log_pdf -= (alpha - 1.0) * q.ln();
+            }
+            if beta > 1.0 {
+                neg_log_pdf -= (beta - 1.0) * (1.0 - q).ln();
+            }
+            neg_log_pdf.min(max_ln).exp() as f32
+        })
+        .collect();
+    let inv_pdf = Tensor::<B, 1>::from_data(TensorData::new(inv_pdf, [rates.len()]), &p.device());
     let baseline = lone.patch(p, 0.0);
     let adv = (r - per_response(baseline, groups)) * per_response(inv_pdf, groups);
     Ok(AdvantageOutput::outcome(lone.finish(adv, groups), mask))

@@ -776,3 +776,24 @@ goodhart_core::backend_test! {
         assert_close(&ours[3 * t..], &verl[3 * t..], tolerance(1e-5));
     }
 }
+
+goodhart_core::backend_test! {
+    /// A failure the permutation proptest found: two groups whose success rates differ by
+    /// about 1e-4 make BNPO's Beta fit so sharp (alpha and beta near 1e7) that `1 / pdf`
+    /// computed in f32 gave one group or the other the 1e6 clamp depending on the order of
+    /// the groups. In f64 both orders agree.
+    fn bnpo_with_nearly_equal_group_rates_is_order_free<B>(device) {
+        let ids: Vec<u64> = vec![3, 3, 3, 3, 10, 10, 3, 10, 10, 10];
+        let raw = [1.7082431f32, -1.3197047, 4.148659, -0.90979975, -0.06917135, -4.384835, -3.9023075, 2.4225545, -1.8365808, 3.5928533];
+        let r: Vec<f32> = raw.iter().map(|x| (x + 5.0) / 10.0).collect();
+        let perm = [5usize, 1, 2, 8, 9, 3, 7, 6, 0, 4];
+        let p_ids: Vec<u64> = perm.iter().map(|&i| ids[i]).collect();
+        let p_r: Vec<f32> = perm.iter().map(|&i| r[i]).collect();
+        let cfg: AdvantageConfig = toml::from_str("kind = \"bnpo\"").unwrap();
+        let (g, pg) = (Groups::new(ids).unwrap(), Groups::new(p_ids).unwrap());
+        let a = values(compute(&cfg, &AdvantageInput::new(ones::<B>(10, 1, device), &g).with_rewards(t1::<B>(&r, device))).unwrap().advantages);
+        let b = values(compute(&cfg, &AdvantageInput::new(ones::<B>(10, 1, device), &pg).with_rewards(t1::<B>(&p_r, device))).unwrap().advantages);
+        let expected: Vec<f32> = perm.iter().map(|&i| a[i]).collect();
+        assert_close(&b, &expected, tolerance(1e-4));
+    }
+}
