@@ -384,3 +384,44 @@ crate::backend_test! {
         }
     }
 }
+
+crate::backend_test! {
+    fn weight_gradient_products_match_host_products_on_any_thread_count<B>(device) {
+        // A weight gradient's product `x^T dY` (`[D_in, B T] x [B T, D_out]`, the left side
+        // a transposed view of `x [B T, D_in]`) against f64 dot products, at the shapes the
+        // CPU backend splits along `B T` (vendor/burn-flex/PATCHES.md, patch 13), with an
+        // inner dimension that its blocks do not divide evenly; and the same values on a
+        // pool of one thread as on the default one (the blocks do not depend on threads).
+        for (rows, d_in, d_out) in [(5120, 128, 128), (5123, 128, 512), (4100, 512, 8)] {
+            let x: Vec<f32> = (0..rows * d_in)
+                .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let g: Vec<f32> = (0..rows * d_out)
+                .map(|i| ((i * 104_729) % 1999) as f32 / 1000.0 - 1.0)
+                .collect();
+            let xt = Tensor::<B, 1>::from_floats(x.as_slice(), device)
+                .reshape([rows, d_in])
+                .transpose();
+            let gt = Tensor::<B, 1>::from_floats(g.as_slice(), device).reshape([rows, d_out]);
+            let want: Vec<f32> = (0..d_in * d_out)
+                .map(|i| {
+                    let (r, c) = (i / d_out, i % d_out);
+                    (0..rows)
+                        .map(|j| x[j * d_in + r] as f64 * g[j * d_out + c] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let got = values(xt.clone().matmul(gt.clone()));
+            assert_close(&got, &want, tolerance(1e-3));
+            #[cfg(feature = "ndarray")]
+            if crate::testing::test_device() == crate::device::DeviceSpec::Cpu {
+                let one = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("a pool of one thread");
+                let on_one = one.install(|| values(xt.matmul(gt)));
+                assert_eq!(got, on_one, "{rows} x {d_in} x {d_out}");
+            }
+        }
+    }
+}

@@ -67,6 +67,25 @@ const FEW_ROWS: usize = 64;
 #[cfg(feature = "rayon")]
 const COLUMN_SPLIT_THRESHOLD: usize = 1 << 21;
 
+/// goodhart patch: products with at most this many output elements and an inner
+/// dimension of at least [`SPLIT_K_MIN_DEPTH`] and [`SPLIT_K_DEPTH_RATIO`] times their
+/// larger output dimension are split along the inner dimension (`matmul_2d_split_k_f32`).
+#[cfg(feature = "rayon")]
+const SPLIT_K_MAX_OUTPUT: usize = 512 * 512;
+
+/// goodhart patch: see [`SPLIT_K_MAX_OUTPUT`].
+#[cfg(feature = "rayon")]
+const SPLIT_K_MIN_DEPTH: usize = 4096;
+
+/// goodhart patch: see [`SPLIT_K_MAX_OUTPUT`].
+#[cfg(feature = "rayon")]
+const SPLIT_K_DEPTH_RATIO: usize = 8;
+
+/// goodhart patch: the number of inner-dimension blocks of a split product, fixed so that
+/// its sums do not depend on the number of threads.
+#[cfg(feature = "rayon")]
+const SPLIT_K_BLOCKS: usize = 8;
+
 /// Threshold for batch-level parallelism (total ops across all batches).
 /// Use batch parallelism when individual matrices are small but total work is large.
 #[cfg(feature = "rayon")]
@@ -105,6 +124,13 @@ pub fn matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     let k_lhs = lhs_shape[lhs_rank - 1];
     let k_rhs = rhs_shape[rhs_rank - 2];
     assert_eq!(k_lhs, k_rhs, "matmul: inner dimensions must match");
+
+    #[cfg(feature = "rayon")]
+    if lhs.dtype() == DType::F32 && lhs_rank == 2 && rhs_rank == 2 {
+        if let Some(out) = matmul_2d_split_k_f32(&lhs, &rhs) {
+            return out;
+        }
+    }
 
     match lhs.dtype() {
         DType::F32 => matmul_gemm::<f32>(lhs, rhs),
@@ -335,6 +361,83 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             )
         })
     }
+}
+
+/// goodhart patch: a 2-D f32 product with a small output and a long inner dimension (a
+/// weight gradient `x^T dY`, `[D_in, B T] x [B T, D_out]`) as [`SPLIT_K_BLOCKS`]
+/// single-threaded products over consecutive blocks of the inner dimension, run on
+/// rayon's threads, then summed block by block in order. gemm parallelises over blocks
+/// of output rows and columns, which such a product has few of: it ran little faster on
+/// two threads than on one. The blocks and the order of the sum are fixed, so the result
+/// does not depend on the number of threads. `None` for other shapes.
+#[cfg(feature = "rayon")]
+fn matmul_2d_split_k_f32(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
+    use rayon::prelude::*;
+
+    let (m, k) = (lhs.layout().shape()[0], lhs.layout().shape()[1]);
+    let n = rhs.layout().shape()[1];
+    let output = m.checked_mul(n)?;
+    if output == 0
+        || output > SPLIT_K_MAX_OUTPUT
+        || k < SPLIT_K_MIN_DEPTH
+        || k < SPLIT_K_DEPTH_RATIO.saturating_mul(m.max(n))
+    {
+        return None;
+    }
+    let (lhs_rs, lhs_cs) = get_2d_strides(lhs.layout());
+    let (rhs_rs, rhs_cs) = get_2d_strides(rhs.layout());
+    let lhs_data: &[f32] = lhs.storage();
+    let rhs_data: &[f32] = rhs.storage();
+    let lhs_addr = unsafe { lhs_data.as_ptr().add(lhs.layout().start_offset()) } as usize;
+    let rhs_addr = unsafe { rhs_data.as_ptr().add(rhs.layout().start_offset()) } as usize;
+    let depth = k.div_ceil(SPLIT_K_BLOCKS);
+    let blocks = k.div_ceil(depth);
+    // Block 0 is written into the output, blocks 1.. into `rest`.
+    let mut rest: Vec<f32> = Vec::with_capacity((blocks - 1) * output);
+    let rest_addr = rest.as_mut_ptr() as usize;
+    // SAFETY: each block's gemm (without `read_dst`) writes every element of its own
+    // `m x n` buffer and reads none; block 0's buffer is the output, which is then only
+    // added to, so every output element is initialised.
+    let out = unsafe {
+        FlexTensor::from_writer::<f32>(Shape::from(vec![m, n]), |out| {
+            let out_addr = out as usize;
+            (0..blocks).into_par_iter().for_each(|b| {
+                let first = b * depth;
+                let dst = if b == 0 {
+                    out_addr as *mut f32
+                } else {
+                    (rest_addr as *mut f32).add((b - 1) * output)
+                };
+                gemm_call::<f32>(
+                    m,
+                    n,
+                    depth.min(k - first),
+                    dst,
+                    1,
+                    n as isize,
+                    (lhs_addr as *const f32).offset(first as isize * lhs_cs),
+                    lhs_cs,
+                    lhs_rs,
+                    (rhs_addr as *const f32).offset(first as isize * rhs_rs),
+                    rhs_cs,
+                    rhs_rs,
+                    gemm::Parallelism::None,
+                )
+            });
+            rest.set_len((blocks - 1) * output);
+            let out = core::slice::from_raw_parts_mut(out, output);
+            let rest = &rest;
+            crate::ops::par::outputs(out, blocks, 16, |dst, first| {
+                let len = dst.len();
+                for part in rest.chunks_exact(output) {
+                    for (d, p) in dst.iter_mut().zip(&part[first..first + len]) {
+                        *d += *p;
+                    }
+                }
+            });
+        })
+    };
+    Some(out)
 }
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
