@@ -184,3 +184,79 @@ fn piped_progress_is_plain_lines_and_quiet_is_silent() {
     assert_eq!(stderr.matches("metrics line").count(), 3 + 2, "{stderr}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn vs_torch_reports_the_ratio_of_medians_and_each_runs_ratio() {
+    // A stand-in twin (same JSON keys as benches/torch_twin.py) that reports 100 / 200 /
+    // 300 tokens/s on its first run and 400 / 800 / 1200 on its second.
+    let dir = std::env::temp_dir().join(format!("goodhart-twin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let twin = dir.join("twin.py");
+    std::fs::write(
+        &twin,
+        "import json, os, sys\n\
+         p = os.path.join(os.path.dirname(sys.argv[0]), 'count')\n\
+         n = int(open(p).read()) if os.path.exists(p) else 0\n\
+         open(p, 'w').write(str(n + 1))\n\
+         f = [100.0, 400.0][n]\n\
+         print(json.dumps({'gen_tok_s': f, 'score_tok_s': 2 * f, 'train_tok_s': 3 * f}))\n",
+    )
+    .expect("the twin is written");
+    let (code, out, err) = run(&[
+        "bench",
+        "policy",
+        "--vs-torch",
+        "--runs",
+        "2",
+        "--json",
+        "--twin",
+        twin.to_str().expect("a UTF-8 temp dir"),
+        "--batch",
+        "2",
+        "--prompt",
+        "4",
+        "--response",
+        "4",
+        "--layers",
+        "1",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--vocab",
+        "11",
+        "--reps",
+        "1",
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    // goodhart's figures of each run, as it logged them (one decimal).
+    let ours: Vec<Vec<f64>> = err
+        .lines()
+        .filter(|l| l.contains("goodhart:"))
+        .map(|l| {
+            let figures = l.split("goodhart:").nth(1).expect("figures");
+            let figures = figures.split("tokens/s").next().expect("figures");
+            figures
+                .split('/')
+                .map(|x| x.trim().parse().expect("a number"))
+                .collect()
+        })
+        .collect();
+    assert_eq!(ours.len(), 2, "{err}");
+    for (i, key) in ["gen", "score", "train"].into_iter().enumerate() {
+        let scale = (i + 1) as f64;
+        // Each run's ratio against that run of the twin.
+        let r = [ours[0][i] / (100.0 * scale), ours[1][i] / (400.0 * scale)];
+        let (lo, hi) = (r[0].min(r[1]), r[0].max(r[1]));
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * b.abs().max(1e-9) + 1e-3;
+        let range = &json["pair_ratio"][key];
+        assert!(close(range["min"].as_f64().unwrap(), lo), "{key}: {json}");
+        assert!(close(range["max"].as_f64().unwrap(), hi), "{key}: {json}");
+        // The ratio of the medians: of two runs, the median is the larger figure.
+        let median_ours = ours[0][i].max(ours[1][i]);
+        let ratio = json["ratio"][key].as_f64().unwrap();
+        assert!(close(ratio, median_ours / (400.0 * scale)), "{key}: {json}");
+    }
+}

@@ -132,8 +132,8 @@ impl Figures {
 #[command(
     after_help = "Defaults: config S (4 layers, width 128, 4 heads, vocabulary 64, learned \
 positions, batch 64, prompt 16, 64 new tokens, 3 reps). --vs-torch runs this and the PyTorch-eager \
-twin (benches/torch_twin.py) alternately, --runs times each, and prints the medians and their \
-ratios. --hf MODEL_DIR measures the architecture a Hugging Face config.json describes (random \
+twin (benches/torch_twin.py) alternately, --runs times each, and prints the medians, their \
+ratios and the lowest and highest ratio of one run to the twin's beside it. --hf MODEL_DIR measures the architecture a Hugging Face config.json describes (random \
 weights; --batch, --prompt, --response and --reps still apply) against transformers' own model of \
 it (benches/hf_twin.py).
 
@@ -310,9 +310,14 @@ pub fn command(args: PolicyArgs) -> Result<()> {
             run_twin(&python, &twin, &twin_args, &torch_device)
         })?);
     }
+    let pairs = |i: usize| pair_ratio_range(&ours, &theirs, i);
     let (ours, theirs) = (median(&ours), median(&theirs));
     if json {
         let ratio = |i: usize| ours.get(i) / theirs.get(i);
+        let range = |i: usize| {
+            let (lo, hi) = pairs(i);
+            serde_json::json!({ "min": lo, "max": hi })
+        };
         let out = serde_json::json!({
             "shape": shape_json,
             "device": device.to_string(),
@@ -325,6 +330,11 @@ pub fn command(args: PolicyArgs) -> Result<()> {
                 "score": ratio(1),
                 "train": ratio(2),
             },
+            "pair_ratio": {
+                "gen": range(0),
+                "score": range(1),
+                "train": range(2),
+            },
             "peak_rss_mib": peak_rss_mib(),
         });
         println!("{out}");
@@ -334,15 +344,18 @@ pub fn command(args: PolicyArgs) -> Result<()> {
             threads()
         );
         println!(
-            "{:<12} {:>14} {:>14} {:>8}",
-            "figure", "goodhart", "torch eager", "ratio"
+            "{:<12} {:>14} {:>14} {:>8} {:>15}",
+            "figure", "goodhart", "torch eager", "ratio", "runs' ratios"
         );
         for (i, name) in Figures::NAMES.iter().enumerate() {
+            let (lo, hi) = pairs(i);
             println!(
-                "{name:<12} {:>14.1} {:>14.1} {:>7.2}x",
+                "{name:<12} {:>14.1} {:>14.1} {:>7.2}x {:>8.2}-{:.2}x",
                 ours.get(i),
                 theirs.get(i),
-                ours.get(i) / theirs.get(i)
+                ours.get(i) / theirs.get(i),
+                lo,
+                hi
             );
         }
     }
@@ -400,6 +413,18 @@ fn median(runs: &[Figures]) -> Figures {
         score_tok_s: m(1),
         train_tok_s: m(2),
     }
+}
+
+/// The lowest and highest ratio `ours / theirs` of figure `i` over the alternating runs
+/// (goodhart's run `k` against the twin's run `k`): the spread behind the ratio of the
+/// medians.
+fn pair_ratio_range(ours: &[Figures], theirs: &[Figures], i: usize) -> (f64, f64) {
+    ours.iter()
+        .zip(theirs)
+        .map(|(a, b)| a.get(i) / b.get(i))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+            (lo.min(r), hi.max(r))
+        })
 }
 
 /// Threads the CPU backend uses (rayon's pool: `RAYON_NUM_THREADS` or every core).
