@@ -133,9 +133,9 @@ impl Figures {
     after_help = "Defaults: config S (4 layers, width 128, 4 heads, vocabulary 64, learned \
 positions, batch 64, prompt 16, 64 new tokens, 3 reps). --vs-torch runs this and the PyTorch-eager \
 twin (benches/torch_twin.py) alternately, --runs times each, and prints the medians, their \
-ratios and the lowest and highest ratio of one run to the twin's beside it. --hf MODEL_DIR measures the architecture a Hugging Face config.json describes (random \
-weights; --batch, --prompt, --response and --reps still apply) against transformers' own model of \
-it (benches/hf_twin.py).
+ratios and the lowest and highest ratio of one run to the twin's beside it. --hf MODEL_DIR \
+measures the architecture a Hugging Face config.json describes (random weights; --batch, --prompt, \
+--response and --reps still apply) against transformers' own model of it (benches/hf_twin.py).
 
 Examples:
   cargo xtask bench policy --vs-torch

@@ -366,10 +366,10 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
 /// goodhart patch: a 2-D f32 product with a small output and a long inner dimension (a
 /// weight gradient `x^T dY`, `[D_in, B T] x [B T, D_out]`) as [`SPLIT_K_BLOCKS`]
 /// single-threaded products over consecutive blocks of the inner dimension, run on
-/// rayon's threads, then summed block by block in order. gemm parallelises over blocks
-/// of output rows and columns, which such a product has few of: it ran little faster on
-/// two threads than on one. The blocks and the order of the sum are fixed, so the result
-/// does not depend on the number of threads. `None` for other shapes.
+/// rayon's threads, then summed block by block in order (gemm parallelises over blocks
+/// of output rows and columns, which such a product has few of). The blocks and the
+/// order of the sum are fixed, so the result does not depend on the number of threads.
+/// `None` for other shapes.
 #[cfg(feature = "rayon")]
 fn matmul_2d_split_k_f32(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
     use rayon::prelude::*;
