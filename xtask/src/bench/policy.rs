@@ -310,14 +310,11 @@ pub fn command(args: PolicyArgs) -> Result<()> {
             run_twin(&python, &twin, &twin_args, &torch_device)
         })?);
     }
-    let pairs = |i: usize| pair_ratio_range(&ours, &theirs, i);
+    let pairs: [(f64, f64); 3] = std::array::from_fn(|i| pair_ratio_range(&ours, &theirs, i));
     let (ours, theirs) = (median(&ours), median(&theirs));
     if json {
         let ratio = |i: usize| ours.get(i) / theirs.get(i);
-        let range = |i: usize| {
-            let (lo, hi) = pairs(i);
-            serde_json::json!({ "min": lo, "max": hi })
-        };
+        let range = |i: usize| serde_json::json!({ "min": pairs[i].0, "max": pairs[i].1 });
         let out = serde_json::json!({
             "shape": shape_json,
             "device": device.to_string(),
@@ -348,7 +345,7 @@ pub fn command(args: PolicyArgs) -> Result<()> {
             "figure", "goodhart", "torch eager", "ratio", "runs' ratios"
         );
         for (i, name) in Figures::NAMES.iter().enumerate() {
-            let (lo, hi) = pairs(i);
+            let (lo, hi) = pairs[i];
             println!(
                 "{name:<12} {:>14.1} {:>14.1} {:>7.2}x {:>8.2}-{:.2}x",
                 ours.get(i),
