@@ -1678,12 +1678,23 @@ fn tiny_detector_corpus_preset() {
             "gold-aware",
             "end",
             "proxy-plateau",
-            "kl-budget"
+            "kl-budget",
+            "gold peak -1",
+            "gold peak +1"
         ]
     );
     let end = &rules[11];
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
+    // The references that read gold stop every trace (a step beside its gold peak): all
+    // the hacking traces and all the controls.
+    for reference in &rules[14..] {
+        for col in [2, 4] {
+            let cell = reference[col].as_str().unwrap();
+            let (n, of) = cell.split_once('/').unwrap();
+            assert_eq!(n, of, "{reference:?}");
+        }
+    }
     // Each trace is an RL series of 8 steps, with the held-out proxy's mean and the
     // proxy's mean minus it, and the summary of the out-of-distribution score (a
     // distance, not a reward: no `reward/ood/...`, no gap); the samples carry both

@@ -21,7 +21,9 @@
 //! the end); `proxy-plateau` when the proxy's EMA gained less than `plateau_fraction` of
 //! its rise over the last `plateau_window` steps ([`proxy_plateau_stop`]); `kl-budget`
 //! when `kl/ref` reaches the median over the calibration traces that hacked of `kl/ref`
-//! at their gold peak ([`kl_budget_stop`]). On the test traces, per rule: the lead
+//! at their gold peak ([`kl_budget_stop`]); and two references that read gold, `gold peak
+//! -1` and `gold peak +1`, one step before and one after the smoothed gold peak (on every
+//! trace, controls too). On the test traces, per rule: the lead
 //! (`peak step - stop step`) on hacking traces, the false alarms on controls, and the
 //! stopping regret ([`stopping_regret`]) on hacking traces and on all, medians with
 //! percentile-bootstrap intervals.
@@ -449,6 +451,22 @@ fn rules<'a>(
             "no calibration trace hacked: no budget".into(),
             Box::new(|_| Ok(None)),
         )),
+    }
+    // References that read gold: a step before and a step after the smoothed gold peak,
+    // the regret a rule pays for missing the peak by one step either way.
+    for offset in [-1i64, 1] {
+        out.push((
+            format!("gold peak {offset:+}"),
+            "reads gold".into(),
+            Box::new(move |run| {
+                let peak = gold_peak(run, &cfg.peak)?;
+                let at = run.steps.iter().position(|(s, _)| *s == peak.step);
+                Ok(at.map(|i| {
+                    let j = i.saturating_add_signed(offset as isize);
+                    run.steps[j.min(run.steps.len() - 1)].0
+                }))
+            }),
+        ));
     }
     out
 }
