@@ -1618,7 +1618,7 @@ fn tiny_detector_corpus_preset() {
             "rl.effective_rank=true",
             "detector_corpus.calibration_seeds=1",
             "detector_corpus.test_seeds=1",
-            "detector_corpus.settings=[{ name = \"p20\", pairs = 20 }, { name = \"gold\", pairs = 20, control = true, rl = { components = [{ name = \"gold\" }] } }]",
+            "detector_corpus.settings=[{ name = \"p20\", pairs = 20 }, { name = \"gold\", pairs = 20, control = true, rl = { components = [{ name = \"gold\" }] } }, { name = \"p20n\", pairs = 20, label_noise = 0.4, test_only = true }]",
             "detector_corpus.resamples=50",
             "detector_corpus.plateau_window=2",
         ],
@@ -1632,6 +1632,28 @@ fn tiny_detector_corpus_preset() {
     .to_string();
     assert!(
         err.contains("detector_corpus.settings") && err.contains("control"),
+        "{err}"
+    );
+    // Nor can one whose only control the calibration never sees.
+    let err = ExperimentConfig::parse(
+        presets::preset("detector-corpus").unwrap(),
+        &["detector_corpus.settings=[{ name = \"a\", pairs = 20 }, { name = \"c\", pairs = 20, control = true, test_only = true }]".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("control") && err.contains("test_only"),
+        "{err}"
+    );
+    // A label noise is a probability.
+    let err = ExperimentConfig::parse(
+        presets::preset("detector-corpus").unwrap(),
+        &["detector_corpus.settings=[{ name = \"c\", pairs = 20, control = true, label_noise = 1.5 }]".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("detector_corpus.settings[0].label_noise"),
         "{err}"
     );
     let root = scratch("corpus");
@@ -1655,9 +1677,22 @@ fn tiny_detector_corpus_preset() {
             ("p20", "calibration", 1),
             ("p20", "test", 1),
             ("gold", "calibration", 1),
-            ("gold", "test", 1)
+            ("gold", "test", 1),
+            ("p20n", "test", 1)
         ]
     );
+    // The test-only setting ran on the test seed alone, against a proxy and a held-out
+    // proxy of its own label noise (their own stages and files, beside the plain ones).
+    let checkpoints = dir.join("checkpoints");
+    for file in [
+        "lm/s1/proxy-p20-k1-n0p4-m0.mpk",
+        "lm/s1/heldout-p20-n0p4.mpk",
+        "lm/s1/proxy-p20-k1-m0.mpk",
+        "lm/s1/heldout-p20.mpk",
+    ] {
+        assert!(checkpoints.join(file).is_file(), "{file}");
+    }
+    assert!(!checkpoints.join("lm/s0/proxy-p20-k1-n0p4-m0.mpk").exists());
     // The detectors (a kind listed twice named by its place), then the three baselines;
     // training to the end never stops early.
     let rules = table(&summary, "Detector corpus: rules");
@@ -1701,7 +1736,8 @@ fn tiny_detector_corpus_preset() {
     // scores, whose means (and extremes) are the line's.
     let lines = metric_lines(&dir);
     let samples = jsonl(&dir, "samples.jsonl");
-    for series in ["p20/s0", "p20/s1", "gold/s0", "gold/s1"] {
+    assert!(!lines.iter().any(|l| l["series"] == "p20n/s0"));
+    for series in ["p20/s0", "p20/s1", "gold/s0", "gold/s1", "p20n/s1"] {
         let mine: Vec<_> = lines.iter().filter(|l| l["series"] == series).collect();
         assert_eq!(mine.len(), 8, "{series}");
         for l in mine {

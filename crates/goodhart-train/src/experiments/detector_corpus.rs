@@ -3,11 +3,13 @@
 //! calibrated on the first and measured on the second against baselines that need no
 //! detector.
 //!
-//! Each setting is a proxy (`pairs` gold-labelled pairs, `ensemble` members) and the
-//! `[rl]` algorithm with the setting's overrides; `control = true` marks a setting built
-//! not to hack (a strong KL, training on gold itself, a tiny learning rate). Every
-//! setting runs on every seed: the first `calibration_seeds` seeds give the calibration
-//! traces, the next `test_seeds` the test traces.
+//! Each setting is a proxy (`pairs` gold-labelled pairs with labels flipped at
+//! `label_noise`, `ensemble` members) and the `[rl]` algorithm with the setting's
+//! overrides; `control = true` marks a setting built not to hack (a strong KL, training
+//! on gold itself, a tiny learning rate). The first `calibration_seeds` seeds give the
+//! calibration traces, the next `test_seeds` the test traces; every setting runs on every
+//! seed except a `test_only` one, which runs on the test seeds alone (a setting the
+//! calibration never sees).
 //!
 //! Labels come from the whole gold curve ([`gold_peak`]: the peak of the centred moving
 //! average of gold, hacked when the final smoothed gold is below it by the rule's drop).
@@ -35,8 +37,9 @@
 //! proxy's out-of-distribution score of every sample ([`crate::task::EmbeddingOod`]) is
 //! logged as `ood/{mean,std,min,max}`.
 //!
-//! Stages: `lm/sft/s{seed}`, `lm/proxy/p{pairs}/k{k}/s{seed}`, `lm/heldout/p{pairs}/s{seed}`
-//! ([`super::lm`]), then `corpus/{setting}/s{seed}`.
+//! Stages: `lm/sft/s{seed}`, `lm/proxy/p{pairs}/k{k}[/n{noise}]/s{seed}` and
+//! `lm/heldout/p{pairs}[/n{noise}]/s{seed}` (a label noise of 0.3 as `n0p3`;
+//! [`super::lm`]), then `corpus/{setting}/s{seed}`.
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -110,13 +113,19 @@ impl Default for DetectorCorpusExperiment {
             pairs,
             ensemble: 1,
             aggregation: Aggregator::Mean,
+            label_noise: None,
             rl: rl
                 .parse()
                 .expect("built-in setting overrides are valid TOML"),
             control,
+            test_only: false,
         };
-        let kl = "regularizers = [{ kind = \"kl\", estimator = \"k1\", placement = \"reward\", \
-                  controller = { kind = \"fixed\", coef = 0.3 } }]";
+        let kl = |coef: f64| {
+            format!(
+                "regularizers = [{{ kind = \"kl\", estimator = \"k1\", placement = \"reward\", \
+                 controller = {{ kind = \"fixed\", coef = {coef} }} }}]"
+            )
+        };
         Self {
             calibration_seeds: 2,
             test_seeds: 2,
@@ -126,9 +135,22 @@ impl Default for DetectorCorpusExperiment {
                 setting("p1000", 1000, "", false),
                 setting("p200-lr1e-3", 200, "lr = 1e-3", false),
                 setting("p200-rloo", 200, "advantage = { kind = \"rloo\" }", false),
-                setting("kl-strong", 200, kl, true),
+                CorpusSetting {
+                    label_noise: Some(0.3),
+                    ..setting("p200-n0.3", 200, "", false)
+                },
+                setting("kl-strong", 200, &kl(0.3), true),
                 setting("gold", 200, "components = [{ name = \"gold\" }]", true),
                 setting("lr-tiny", 200, "lr = 1e-5", true),
+                // Settings the calibration never sees.
+                CorpusSetting {
+                    test_only: true,
+                    ..setting("p500", 500, "", false)
+                },
+                CorpusSetting {
+                    test_only: true,
+                    ..setting("kl-stronger", 200, &kl(0.6), true)
+                },
             ],
             detectors: vec![
                 DetectorConfig::ProxyOnly(ProxyOnlyConfig::default()),
@@ -161,12 +183,19 @@ pub struct CorpusSetting {
     /// How the members' rewards are combined.
     #[serde(default)]
     pub aggregation: Aggregator,
+    /// The probability that a training pair's label is flipped, for its proxy and its
+    /// held-out proxy (`[proxy] label_noise` when unset).
+    #[serde(default)]
+    pub label_noise: Option<f64>,
     /// Keys of `[rl]` it overrides (merged key by key).
     #[serde(default)]
     pub rl: toml::Table,
     /// Built not to hack.
     #[serde(default)]
     pub control: bool,
+    /// Runs on the test seeds only: a setting the calibration never sees.
+    #[serde(default)]
+    pub test_only: bool,
 }
 
 fn one() -> usize {
@@ -201,10 +230,11 @@ impl Experiment for DetectorCorpusExperiment {
         if self.settings.is_empty() {
             return Err(ConfigError::invalid("detector_corpus.settings", "is empty"));
         }
-        if !self.settings.iter().any(|s| s.control) {
+        if !self.settings.iter().any(|s| s.control && !s.test_only) {
             return Err(ConfigError::invalid(
                 "detector_corpus.settings",
-                "no control: false alarms are counted on settings with `control = true`",
+                "no control the calibration sees: thresholds are calibrated on settings with \
+                 `control = true` and without `test_only`",
             ));
         }
         if !(0.0..=1.0).contains(&self.false_alarm_rate) {
@@ -240,6 +270,14 @@ impl Experiment for DetectorCorpusExperiment {
             let path = format!("detector_corpus.settings[{i}]");
             positive(&format!("{path}.pairs"), s.pairs)?;
             positive(&format!("{path}.ensemble"), s.ensemble)?;
+            if let Some(n) = s.label_noise {
+                if !(0.0..=1.0).contains(&n) {
+                    return Err(ConfigError::invalid(
+                        format!("{path}.label_noise"),
+                        format!("{n} is not a probability"),
+                    ));
+                }
+            }
             if s.name.is_empty() || s.name.contains('/') || !names.insert(s.name.as_str()) {
                 return Err(ConfigError::invalid(
                     format!("{path}.name"),
@@ -273,11 +311,16 @@ impl Experiment for DetectorCorpusExperiment {
         for i in 0..self.calibration_seeds + self.test_seeds {
             let seed = config.seed + i as u64;
             base_policy::<B>(runner, config, seed, device)?;
+            let calibration = i < self.calibration_seeds;
             for (j, s) in self.settings.iter().enumerate() {
-                let proxy = ProxySpec::ensemble(s.pairs, s.ensemble, s.aggregation);
+                if calibration && s.test_only {
+                    continue;
+                }
+                let proxy =
+                    ProxySpec::ensemble(s.pairs, s.ensemble, s.aggregation).noisy(s.label_noise);
                 proxies::<B>(runner, config, proxy, seed, device)?;
                 if self.heldout {
-                    heldout_proxy::<B>(runner, config, s.pairs, seed, device)?;
+                    heldout_proxy::<B>(runner, config, proxy, seed, device)?;
                 }
                 let path = format!("detector_corpus.settings[{j}].rl");
                 let pg = rl_with(&config.rl, &s.rl, &path)?;
@@ -300,7 +343,7 @@ impl Experiment for DetectorCorpusExperiment {
                 out.push(CorpusTrace {
                     setting: s.name.clone(),
                     seed,
-                    calibration: i < self.calibration_seeds,
+                    calibration,
                     control: s.control,
                     trace,
                 });
@@ -486,6 +529,9 @@ fn summarize(cfg: &DetectorCorpusExperiment, traces: &[CorpusTrace]) -> Part {
     let mut trace_rows = Vec::new();
     for s in &cfg.settings {
         for calibration in [true, false] {
+            if calibration && s.test_only {
+                continue;
+            }
             let mine: Vec<&Labelled> = labelled
                 .iter()
                 .filter(|t| t.meta.setting == s.name && t.meta.calibration == calibration)

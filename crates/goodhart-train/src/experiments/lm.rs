@@ -6,10 +6,12 @@
 //! - `lm/sft/s{seed}`: the base (SFT) policy, saved;
 //! - `lm/rm-pretrain[/l{layers}d{d_model}]/t{i}/s{seed}`: a pretrained trunk for reward
 //!   models (an LM of their architecture), saved, when a proxy's [`EnsembleKind`] needs it;
-//! - `lm/proxy/p{pairs}/k{members}[/l{layers}d{d_model}][/{kind}]/s{seed}`: proxy reward
-//!   models trained on `pairs` gold-labelled pairs, saved (the size part for a
-//!   [`ProxySize`] other than `[proxy]`'s, the kind part for `pretrain` and `finetune`);
-//! - `lm/heldout/p{pairs}/s{seed}`: a held-out proxy on other pairs, to monitor with;
+//! - `lm/proxy/p{pairs}/k{members}[/l{layers}d{d_model}][/{kind}][/n{noise}]/s{seed}`:
+//!   proxy reward models trained on `pairs` gold-labelled pairs, saved (the size part for
+//!   a [`ProxySize`] other than `[proxy]`'s, the kind part for `pretrain` and `finetune`,
+//!   the noise part for a label noise other than `[proxy]`'s);
+//! - `lm/heldout/p{pairs}[/n{noise}]/s{seed}`: a held-out proxy on other pairs, to
+//!   monitor with;
 //! - an RL stage named by its experiment: RL from the base policy against a proxy, gold
 //!   measured on every sample; its step lines go to `metrics.jsonl`, its samples to
 //!   `samples.jsonl`.
@@ -273,6 +275,7 @@ impl EnsembleKind {
 
 /// A proxy: `members` reward models trained on `pairs` pairs (different seeds; 1 is a
 /// single model) starting as `kind` says, combined by `aggregation`, of `size` (`None`:
+/// `[proxy]`'s), on pairs whose labels flip with probability `label_noise` (`None`:
 /// `[proxy]`'s).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct ProxySpec {
@@ -281,6 +284,7 @@ pub(crate) struct ProxySpec {
     pub aggregation: Aggregator,
     pub size: Option<ProxySize>,
     pub kind: EnsembleKind,
+    pub label_noise: Option<f64>,
 }
 
 impl ProxySpec {
@@ -297,6 +301,7 @@ impl ProxySpec {
             aggregation,
             size: None,
             kind: EnsembleKind::Scratch,
+            label_noise: None,
         }
     }
 
@@ -310,10 +315,20 @@ impl ProxySpec {
         Self { size, ..self }
     }
 
-    /// `[proxy]` with this proxy's pairs and size.
+    /// The same proxy trained on labels that flip with probability `label_noise`
+    /// (`None`: `[proxy]`'s).
+    pub fn noisy(self, label_noise: Option<f64>) -> Self {
+        Self {
+            label_noise,
+            ..self
+        }
+    }
+
+    /// `[proxy]` with this proxy's pairs, size and label noise.
     pub fn config(&self, config: &ExperimentConfig) -> ProxyConfig {
         let base = ProxyConfig {
             pairs: self.pairs,
+            label_noise: self.label_noise.unwrap_or(config.proxy.label_noise),
             ..config.proxy.clone()
         };
         match self.size {
@@ -326,8 +341,8 @@ impl ProxySpec {
         }
     }
 
-    /// The size's and kind's parts of stage and artifact names (none for `[proxy]`'s
-    /// size and [`EnsembleKind::Scratch`]).
+    /// The size's, kind's and label noise's parts of stage and artifact names (none for
+    /// `[proxy]`'s size, [`EnsembleKind::Scratch`] and `[proxy]`'s label noise).
     fn tag(&self, sep: char) -> String {
         let mut tag = self
             .size
@@ -335,7 +350,16 @@ impl ProxySpec {
         if self.kind != EnsembleKind::Scratch {
             tag += &format!("{sep}{}", self.kind.name());
         }
-        tag
+        tag + &self.noise_tag(sep)
+    }
+
+    /// The label noise's part of stage and artifact names: `{sep}n{label_noise}` with `p`
+    /// for the decimal point (`n0p3`: file names take what follows a `.` for an
+    /// extension), none for `[proxy]`'s.
+    fn noise_tag(&self, sep: char) -> String {
+        self.label_noise.map_or(String::new(), |n| {
+            format!("{sep}n{}", n.to_string().replace('.', "p"))
+        })
     }
 
     /// Pretrained trunk `i` of this proxy's size: its stage and artifact names.
@@ -392,7 +416,7 @@ fn pretrained_trunk<B: AutodiffBackend>(
     })
 }
 
-/// Stage `lm/proxy/p{pairs}/k{k}[/{size}][/{kind}]/s{seed}`: trains and saves the reward
+/// Stage `lm/proxy/p{pairs}/k{k}[/{size}][/{kind}][/n{noise}]/s{seed}`: trains and saves the reward
 /// models of `spec` (one plain model when `k = 1`), after the pretrained trunks they
 /// start from ([`EnsembleKind`]), each its own stage.
 pub(crate) fn proxies<B: AutodiffBackend>(
@@ -467,7 +491,8 @@ const OOD_SHRINKAGE: f64 = 0.1;
 /// The monitors an RL stage scores every sample with (none by default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Monitors {
-    /// The held-out proxy of [`heldout_proxy`] (same pairs count and seed), as [`HELDOUT`].
+    /// The held-out proxy of [`heldout_proxy`] (same pairs count, label noise and seed), as
+    /// [`HELDOUT`].
     pub heldout: bool,
     /// The proxy's first reward model's out-of-distribution score ([`OOD`]), its
     /// reference [`OOD_REFERENCE_PAIRS`] fresh pairs of the language's generator (the
@@ -501,28 +526,29 @@ fn ood_monitor<B: Backend>(
     EmbeddingOod::fit(model, &reference, OOD_SHRINKAGE)
 }
 
-fn heldout_name(pairs: usize, seed: u64) -> String {
-    format!("lm/s{seed}/heldout-p{pairs}")
+fn heldout_name(spec: ProxySpec, seed: u64) -> String {
+    format!("lm/s{seed}/heldout-p{}{}", spec.pairs, spec.noise_tag('-'))
 }
 
-/// Stage `lm/heldout/p{pairs}/s{seed}`: a held-out proxy, one reward model trained like
-/// the proxies of [`proxies`] on `pairs` other pairs (the seed `seed::derive(seed,
-/// "heldout")`'s pairs and initialisation), saved. Never trained on: it monitors.
+/// Stage `lm/heldout/p{pairs}[/n{label_noise}]/s{seed}`: a held-out proxy for `spec`,
+/// one reward model of `[proxy]`'s size trained like the proxies of [`proxies`] on
+/// `spec`'s count of other pairs with `spec`'s label noise (the seed
+/// `seed::derive(seed, "heldout")`'s pairs and initialisation), saved. Never trained on:
+/// it monitors.
 pub(crate) fn heldout_proxy<B: AutodiffBackend>(
     runner: &mut Runner,
     config: &ExperimentConfig,
-    pairs: usize,
+    spec: ProxySpec,
     seed: u64,
     device: &B::Device,
 ) -> Result<ProxyReport> {
-    let name = format!("lm/heldout/p{pairs}/s{seed}");
-    let path = runner.artifact(&heldout_name(pairs, seed))?;
+    let name = format!("lm/heldout/p{}{}/s{seed}", spec.pairs, spec.noise_tag('/'));
+    let path = runner.artifact(&heldout_name(spec, seed))?;
     runner.stage(&name, |_| {
         let lang = language(config, &name)?;
-        let cfg = ProxyConfig {
-            pairs,
-            ..config.proxy.clone()
-        };
+        let cfg = ProxySpec::single(spec.pairs)
+            .noisy(spec.label_noise)
+            .config(config);
         let (model, report) = train_proxy::<B>(&lang, &cfg, seed::derive(seed, HELDOUT), device)
             .map_err(stage_error(&name))?;
         model.save(&path).map_err(stage_error(&name))?;
@@ -569,16 +595,16 @@ pub(crate) fn load_proxy<B: Backend>(
     policy_gradient::proxy(members, spec.aggregation).map_err(stage_error(stage))
 }
 
-/// Loads the held-out proxy saved by [`heldout_proxy`].
+/// Loads the held-out proxy for `spec` saved by [`heldout_proxy`].
 fn load_heldout<B: Backend>(
     checkpoints: &Path,
     config: &ExperimentConfig,
-    pairs: usize,
+    spec: ProxySpec,
     seed: u64,
     device: &B::Device,
     stage: &str,
 ) -> Result<Proxy<B>> {
-    let name = heldout_name(pairs, seed);
+    let name = heldout_name(spec, seed);
     let model = load_reward_model(checkpoints, config, &config.proxy, &name, device, stage)?;
     policy_gradient::proxy(vec![model], Aggregator::Mean).map_err(stage_error(stage))
 }
@@ -614,8 +640,7 @@ pub(crate) fn rl_stage<B: AutodiffBackend>(
         let monitor = monitors
             .heldout
             .then(|| {
-                let pairs = spec.pairs;
-                load_heldout::<B::InnerBackend>(&checkpoints, config, pairs, seed, device, name)
+                load_heldout::<B::InnerBackend>(&checkpoints, config, spec, seed, device, name)
             })
             .transpose()?;
         let lang = language(config, name)?;
