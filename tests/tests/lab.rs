@@ -1623,35 +1623,31 @@ fn tiny_detector_corpus_preset() {
             "detector_corpus.plateau_window=2",
         ],
     );
-    // A corpus without a control cannot count false alarms.
-    let err = ExperimentConfig::parse(
-        presets::preset("detector-corpus").unwrap(),
-        &["detector_corpus.settings=[{ name = \"a\", pairs = 20 }]".into()],
-    )
-    .unwrap_err()
-    .to_string();
+    // The preset with `settings` in place of its own: the error it is refused with.
+    let refused = |settings: &str| {
+        ExperimentConfig::parse(
+            presets::preset("detector-corpus").unwrap(),
+            &[format!("detector_corpus.settings=[{settings}]")],
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    // A corpus without a control cannot count false alarms; nor can one whose only
+    // control the calibration never sees.
+    let err = refused("{ name = \"a\", pairs = 20 }");
     assert!(
         err.contains("detector_corpus.settings") && err.contains("control"),
         "{err}"
     );
-    // Nor can one whose only control the calibration never sees.
-    let err = ExperimentConfig::parse(
-        presets::preset("detector-corpus").unwrap(),
-        &["detector_corpus.settings=[{ name = \"a\", pairs = 20 }, { name = \"c\", pairs = 20, control = true, test_only = true }]".into()],
-    )
-    .unwrap_err()
-    .to_string();
+    let err = refused(
+        "{ name = \"a\", pairs = 20 }, { name = \"c\", pairs = 20, control = true, test_only = true }",
+    );
     assert!(
         err.contains("control") && err.contains("test_only"),
         "{err}"
     );
     // A label noise is a probability.
-    let err = ExperimentConfig::parse(
-        presets::preset("detector-corpus").unwrap(),
-        &["detector_corpus.settings=[{ name = \"c\", pairs = 20, control = true, label_noise = 1.5 }]".into()],
-    )
-    .unwrap_err()
-    .to_string();
+    let err = refused("{ name = \"c\", pairs = 20, control = true, label_noise = 1.5 }");
     assert!(
         err.contains("detector_corpus.settings[0].label_noise"),
         "{err}"
