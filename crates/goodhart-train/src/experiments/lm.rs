@@ -416,9 +416,9 @@ fn pretrained_trunk<B: AutodiffBackend>(
     })
 }
 
-/// Stage `lm/proxy/p{pairs}/k{k}[/{size}][/{kind}][/n{noise}]/s{seed}`: trains and saves the reward
-/// models of `spec` (one plain model when `k = 1`), after the pretrained trunks they
-/// start from ([`EnsembleKind`]), each its own stage.
+/// Stage `lm/proxy/p{pairs}/k{k}[/{size}][/{kind}][/n{noise}]/s{seed}`: trains and saves
+/// the reward models of `spec` (one plain model when `k = 1`), after the pretrained
+/// trunks they start from ([`EnsembleKind`]), each its own stage.
 pub(crate) fn proxies<B: AutodiffBackend>(
     runner: &mut Runner,
     config: &ExperimentConfig,
