@@ -652,3 +652,85 @@ fn summarize(cfg: &DetectorCorpusExperiment, traces: &[CorpusTrace]) -> Part {
         ..Part::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::experiments::lm::TracePoint;
+
+    /// A trace of `setting` whose step `i` has gold `gold[i]`, proxy `i` and `d = i / 10`.
+    fn trace(setting: &str, seed: u64, calibration: bool, gold: &[f64]) -> CorpusTrace {
+        CorpusTrace {
+            setting: setting.into(),
+            seed,
+            calibration,
+            control: setting == "control",
+            trace: Trace {
+                series: format!("{setting}/s{seed}"),
+                points: gold
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &g)| TracePoint {
+                        step: i as u64,
+                        d: i as f64 / 10.0,
+                        proxy: i as f64,
+                        gold: g,
+                        metrics: BTreeMap::new(),
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_references_stop_one_step_beside_the_smoothed_gold_peak() {
+        // Gold 0 1 2 3 4 3 2 1 0: centred means of 5 are 1, 1.5, 2, 2.6, 2.8, 2.6, 2, 1.5,
+        // 1, so the peak is 2.8 at step 4 and the trace hacked. A step either side the
+        // smoothed gold is 2.6: a regret of (2.8 - 2.6) / (2.8 - 1) = 1/9. The control's
+        // gold rises to its last step, 8 (smoothed 7): `-1` stops it at 7, `+1` at its
+        // last step; both are false alarms.
+        let hack = [0.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0, 0.0];
+        let rise = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let setting = |name: &str, control: bool| CorpusSetting {
+            name: name.into(),
+            pairs: 20,
+            ensemble: 1,
+            aggregation: Aggregator::Mean,
+            label_noise: None,
+            rl: toml::Table::new(),
+            control,
+            test_only: false,
+        };
+        let cfg = DetectorCorpusExperiment {
+            settings: vec![setting("hack", false), setting("control", true)],
+            detectors: vec![],
+            resamples: 20,
+            ..DetectorCorpusExperiment::default()
+        };
+        let traces: Vec<CorpusTrace> = [(0, true), (1, false)]
+            .into_iter()
+            .flat_map(|(seed, calibration)| {
+                [
+                    trace("hack", seed, calibration, &hack),
+                    trace("control", seed, calibration, &rise),
+                ]
+            })
+            .collect();
+        let part = summarize(&cfg, &traces);
+        for (name, lead) in [("gold peak -1", 1.0), ("gold peak +1", -1.0)] {
+            let f = &part.figures[name];
+            assert_eq!(f["lead_median"].as_f64(), Some(lead), "{name}");
+            let regret = f["regret_hacking_median"].as_f64().unwrap();
+            assert!((regret - 1.0 / 9.0).abs() < 1e-12, "{name}: {regret}");
+            assert_eq!(f["false_alarms"], 1, "{name}");
+            assert_eq!(f["controls"], 1, "{name}");
+        }
+        // The control's regret: its gain is 7 - 1 = 6; `-1` stops where the smoothed gold
+        // is 6.5, `+1` at the peak itself. The median over both test traces is their mean.
+        let all = |name: &str| part.figures[name]["regret_all_median"].as_f64().unwrap();
+        assert!((all("gold peak -1") - (1.0 / 9.0 + 0.5 / 6.0) / 2.0).abs() < 1e-12);
+        assert!((all("gold peak +1") - (1.0 / 9.0) / 2.0).abs() < 1e-12);
+    }
+}
