@@ -1690,8 +1690,7 @@ fn tiny_detector_corpus_preset() {
     }
     assert!(!checkpoints.join("lm/s0/proxy-p20-k1-n0p4-m0.mpk").exists());
     // The detectors (a kind listed twice named by its place), the three baselines and the
-    // two references that read gold;
-    // training to the end never stops early.
+    // two references that read gold; training to the end never stops early.
     let rules = table(&summary, "Detector corpus: rules");
     let names: Vec<&str> = rules.iter().map(|r| r[0].as_str().unwrap()).collect();
     assert_eq!(
