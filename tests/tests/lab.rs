@@ -1616,6 +1616,7 @@ fn tiny_detector_corpus_preset() {
         &[
             "rl.steps=8",
             "rl.effective_rank=true",
+            "rl.eval={ samples = 12 }",
             "detector_corpus.calibration_seeds=1",
             "detector_corpus.test_seeds=1",
             "detector_corpus.settings=[{ name = \"p20\", pairs = 20 }, { name = \"gold\", pairs = 20, control = true, rl = { components = [{ name = \"gold\" }] } }, { name = \"p20n\", pairs = 20, label_noise = 0.4, test_only = true }]",
@@ -1652,6 +1653,22 @@ fn tiny_detector_corpus_preset() {
         err.contains("detector_corpus.settings[0].label_noise"),
         "{err}"
     );
+    // The peak is read from a gold key the runs log: the evaluation batch's needs it on.
+    for set in [
+        "detector_corpus.peak.gold_key=\"eval/gold/maen\"",
+        "rl.eval.samples=0",
+    ] {
+        let err =
+            ExperimentConfig::parse(presets::preset("detector-corpus").unwrap(), &[set.into()])
+                .unwrap_err()
+                .to_string();
+        let key = if set.starts_with("rl") {
+            "rl.eval.samples"
+        } else {
+            "detector_corpus.peak.gold_key"
+        };
+        assert!(err.contains(key), "{set}: {err}");
+    }
     let root = scratch("corpus");
     let (dir, summary) = run(config, &root);
     let _ = assert_run_files(&dir, "detector-corpus");
@@ -1676,6 +1693,35 @@ fn tiny_detector_corpus_preset() {
             ("gold", "test", 1),
             ("p20n", "test", 1)
         ]
+    );
+    // Each trace's peak is where its evaluation batch's gold peaks (the first maximum of
+    // the centred mean of 5), not its training batch's.
+    let lines = metric_lines(&dir);
+    let peak_of = |series: &str, key: &str| -> usize {
+        let g: Vec<f64> = lines
+            .iter()
+            .filter(|l| l["series"] == series)
+            .map(|l| l[key].as_f64().unwrap())
+            .collect();
+        let smooth: Vec<f64> = (0..g.len())
+            .map(|i| {
+                let (lo, hi) = (i.saturating_sub(2), (i + 3).min(g.len()));
+                g[lo..hi].iter().sum::<f64>() / (hi - lo) as f64
+            })
+            .collect();
+        (0..smooth.len()).fold(0, |best, i| if smooth[i] > smooth[best] { i } else { best })
+    };
+    let seeds = ["s0", "s1", "s0", "s1", "s1"];
+    for (row, seed) in traces.iter().zip(seeds) {
+        let series = format!("{}/{seed}", row[0].as_str().unwrap());
+        let peak = peak_of(&series, "eval/gold/mean");
+        assert_eq!(row[5].as_f64().unwrap(), peak as f64, "{series}");
+    }
+    assert!(
+        ["p20/s0", "p20/s1", "gold/s0", "gold/s1", "p20n/s1"]
+            .iter()
+            .any(|s| peak_of(s, "eval/gold/mean") != peak_of(s, "reward/gold/mean")),
+        "the two golds peak at the same step on every trace: the test cannot tell them apart"
     );
     // The test-only setting ran on the test seed alone, against a proxy and a held-out
     // proxy of its own label noise (their own stages and files, beside the plain ones).
@@ -1730,7 +1776,6 @@ fn tiny_detector_corpus_preset() {
     // proxy's mean minus it, and the summary of the out-of-distribution score (a
     // distance, not a reward: no `reward/ood/...`, no gap); the samples carry both
     // scores, whose means (and extremes) are the line's.
-    let lines = metric_lines(&dir);
     let samples = jsonl(&dir, "samples.jsonl");
     assert!(!lines.iter().any(|l| l["series"] == "p20n/s0"));
     for series in ["p20/s0", "p20/s1", "gold/s0", "gold/s1", "p20n/s1"] {

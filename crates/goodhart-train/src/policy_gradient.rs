@@ -35,7 +35,9 @@
 //! Each step yields one [`StepLine`]: the flat metrics of goodhart-metrics'
 //! [`batch_metrics`] (proxy and gold, their gap and correlation, zero-std groups,
 //! advantage statistics, KL, entropy, length, ensemble disagreement) plus the loss's,
-//! the regularisers' and the trainer's own, and one [`Sample`] per response.
+//! the regularisers' and the trainer's own, and one [`Sample`] per response; with
+//! `[rl] eval` ([`EvalConfig`]), the proxy and gold of an evaluation batch the step
+//! never trains on.
 //!
 //! Sources: Schulman et al. 2017 (PPO); Shao et al. 2024 (GRPO); Yu et al. 2025 (DAPO:
 //! dynamic sampling, overlong filtering); Ziegler et al. 2019 and verl (KL in the reward
@@ -204,6 +206,40 @@ pub struct RlConfig {
     /// that generated each response, mean-pooled per response (`[N, D]`); a gold-free
     /// signal of the samples' diversity. One more forward pass per step; off by default.
     pub effective_rank: bool,
+    /// An evaluation batch, never trained on, measured before each due step's update
+    /// (`eval = { samples = 1024, every = 1 }`, [`EvalConfig`]); `None` = off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalConfig>,
+}
+
+/// The evaluation batch of an RL run (`[rl] eval`): on every `every`-th step, before the
+/// update, the sampling policy answers `samples` prompts and the task scores each
+/// response, proxy and gold; the step logs `eval/gold/{mean,std,min,max}` and
+/// `eval/proxy/{mean,std,min,max}`. Row `i` answers prompt `i mod prompts`, at every
+/// evaluation, with the same uniforms (stream `pg/eval`, restarted at each evaluation:
+/// common random numbers, so two evaluations differ by what the policy changed and not by
+/// fresh draws). Nothing is trained on it and it draws from no stream of the training
+/// batch, so a run's training is the same with it as without.
+///
+/// Why: the training batch's mean gold carries the noise of a few prompts and their
+/// samples (a batch of 128 moves by about 0.1 from step to step on the overopt task),
+/// so where a gold curve peaks is partly noise; an evaluation batch several times larger,
+/// on fixed prompts and uniforms, places the peak by the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Responses per evaluation (1 to 65536).
+    pub samples: usize,
+    /// Evaluate on steps `0, every, 2 every, ...` (default 1: every step).
+    #[serde(default = "every_step")]
+    pub every: usize,
+}
+
+/// The largest [`EvalConfig::samples`]: one batch of it is held in memory at once.
+pub const MAX_EVAL_SAMPLES: usize = 1 << 16;
+
+fn every_step() -> usize {
+    1
 }
 
 /// What a detector's firing does to an RL run (`[rl] on_alarm`).
@@ -269,6 +305,7 @@ impl Default for RlConfig {
             rollback_steps: 5,
             kl_raise: 10.0,
             effective_rank: false,
+            eval: None,
         }
     }
 }
@@ -423,6 +460,17 @@ impl RlConfig {
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
             return Err(bad("max_grad_norm", "must be finite and >= 0".into()));
+        }
+        if let Some(e) = &self.eval {
+            if !(1..=MAX_EVAL_SAMPLES).contains(&e.samples) {
+                return Err(bad(
+                    "eval.samples",
+                    format!("must be 1 to {MAX_EVAL_SAMPLES}, got {}", e.samples),
+                ));
+            }
+            if e.every == 0 {
+                return Err(bad("eval.every", "must be at least 1".into()));
+            }
         }
         let sub = |k: &str, e: GoodhartError| match e {
             GoodhartError::InvalidArgument { name, reason } => {
@@ -761,7 +809,8 @@ impl RlConfig {
     /// The metric keys [`train`] logs on every step with this config: goodhart-metrics'
     /// [`batch_metrics`] of the batch (rewards `proxy`, `gold`, `train`, and `shaped` when
     /// the proxy is transformed), the loss's and the trainer's own, and each
-    /// regulariser's (`<name>/...`).
+    /// regulariser's (`<name>/...`); with [`RlConfig::eval`], its keys (on the steps it
+    /// evaluates).
     pub fn logged_keys(&self) -> LoggedKeys {
         let mut keys = std::collections::BTreeSet::new();
         let mut sources = vec![PROXY, GOLD, "train"];
@@ -809,6 +858,13 @@ impl RlConfig {
         }
         if self.effective_rank {
             keys.insert(KEY_EFFECTIVE_RANK.into());
+        }
+        if self.eval.is_some() {
+            for s in [PROXY, GOLD] {
+                for stat in ["mean", "std", "min", "max"] {
+                    keys.insert(format!("eval/{s}/{stat}"));
+                }
+            }
         }
         if self.dynamic_sampling.is_some() {
             keys.insert("sampling/rollouts".into());
@@ -1146,10 +1202,10 @@ pub struct StepLine {
 /// the seconds are the device's too on asynchronous backends.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepTimings {
-    /// Generating the responses (ReMax's greedy ones included).
+    /// Generating the responses (ReMax's greedy ones and the evaluation batch's included).
     pub sample: f64,
-    /// Forward passes without gradients: the proxy's members, the sampler's and the
-    /// reference's log-probs, the critic's values.
+    /// Forward passes without gradients: the proxy's members (on the evaluation batch
+    /// too), the sampler's and the reference's log-probs, the critic's values.
     pub score: f64,
     /// The policy's forward, backward and AdamW step in each epoch, and the critic's.
     pub update: f64,
@@ -1679,7 +1735,7 @@ fn collect<B: Backend>(
 /// `reference` is the initial policy (frozen, inner backend): KL terms, the chi-squared
 /// term, shaping's references and the reported `kl/ref` are measured against it.
 /// Deterministic in `seed` on a given backend (streams `pg/init`, `pg/prompts`,
-/// `pg/sample`, `pg/greedy`, `pg/references`, `pg/fimi`, `pg/anchor`).
+/// `pg/sample`, `pg/greedy`, `pg/references`, `pg/fimi`, `pg/anchor`, `pg/eval`).
 ///
 /// Errors on a bad config, a vocabulary other than the task's, a prompt plus
 /// `max_new_tokens` longer than the policy's or a proxy member's `max_seq_len`,
@@ -1848,6 +1904,10 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         std::collections::VecDeque::new();
     // Whether an alarm ended the run before its last step.
     let mut stopped = false;
+    // The evaluation batch's prompts: every prompt in turn, the same at every evaluation.
+    let eval_prompts: Vec<usize> = cfg.eval.map_or_else(Vec::new, |e| {
+        (0..e.samples).map(|i| i % task.prompts().max(1)).collect()
+    });
     'steps: for step in 0..cfg.steps {
         let mut timings = StepTimings::default();
         let t_step = clock::<B>(device)?;
@@ -1873,6 +1933,20 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             &mut timings,
             device,
         )?;
+        // The evaluation batch, in chunks of the training batch's size (its memory).
+        let mut evaluation: Option<(Vec<f64>, Vec<f64>)> = None;
+        if cfg.eval.is_some_and(|e| step.is_multiple_of(e.every)) {
+            let mut rng = seed::rng(seed, "pg/eval");
+            let (mut proxy, mut gold) = (Vec::new(), Vec::new());
+            for rows in eval_prompts.chunks(n) {
+                let s = sample_task(&sampler, task, rows, &generation, &mut rng, device)?;
+                timings.sample += s.sample_seconds;
+                timings.score += s.score_seconds;
+                proxy.extend(host(s.proxy)?);
+                gold.extend(s.gold);
+            }
+            evaluation = Some((proxy, gold));
+        }
         let mask = batch.response.clone();
         for (what, finite) in [
             ("proxy reward", check_finite(&batch.proxy, "").is_ok()),
@@ -1884,6 +1958,12 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             (
                 "monitor reward",
                 batch.monitors.iter().flatten().all(|g| g.is_finite()),
+            ),
+            (
+                "evaluation reward",
+                evaluation
+                    .iter()
+                    .all(|(p, g)| p.iter().chain(g).all(|v| v.is_finite())),
             ),
         ] {
             if !finite {
@@ -2353,6 +2433,19 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         }
         if let Some(er) = effective_rank {
             metrics.insert(KEY_EFFECTIVE_RANK.into(), er);
+        }
+        if let Some((proxy, gold)) = &evaluation {
+            for (name, values) in [(PROXY, proxy), (GOLD, gold)] {
+                let s = goodhart_metrics::stats::summary(values)?;
+                for (stat, v) in [
+                    ("mean", s.mean),
+                    ("std", s.std),
+                    ("min", s.min),
+                    ("max", s.max),
+                ] {
+                    metrics.insert(format!("eval/{name}/{stat}"), v);
+                }
+            }
         }
         // The mean of the proxy minus each reward monitor's (their means are the
         // rollout's); the other monitors' summaries.
@@ -2868,6 +2961,9 @@ mod tests {
             ("regularizers = [{ kind = \"entropy\", coef = -1.0 }]", 1, "rl.regularizers[0].coef"),
             ("reward_shaping = { kind = \"par\", m = 0 }", 1, "rl.reward_shaping.m"),
             ("dynamic_sampling = { max_batches = 0 }", 1, "rl.dynamic_sampling.max_batches"),
+            ("eval = { samples = 0 }", 1, "rl.eval.samples"),
+            ("eval = { samples = 65537 }", 1, "rl.eval.samples"),
+            ("eval = { samples = 64, every = 0 }", 1, "rl.eval.every"),
         ] {
             assert_eq!(rejected(toml, members), key, "{toml}");
         }
@@ -2878,6 +2974,8 @@ mod tests {
             "loss = { kind = \"ppo\" }",
             "aggregation = \"mean\"",
             "sample_filter = \"neg\"",
+            "eval = { every = 2 }",
+            "eval = { samples = 64, batch = 8 }",
         ] {
             assert!(toml::from_str::<RlConfig>(toml).is_err(), "{toml}");
         }
@@ -3001,6 +3099,75 @@ mod tests {
         // The policy starts at the reference: KL 0 (up to rounding) and no clipping.
         assert!(lines[0].get("kl/ref").abs() < 1e-4);
         assert_eq!(lines[0].get("clip/frac"), 0.0);
+    }
+
+    #[test]
+    fn the_evaluation_batch_is_measured_apart_from_training() {
+        let plain = rl("steps = 3");
+        // 40 rows: chunks of the training batch's 16, 16 and 8.
+        let with = rl("steps = 3\neval = { samples = 40, every = 2 }");
+        let (a, b) = (run_cpu(&plain, 1).unwrap(), run_cpu(&with, 1).unwrap());
+        let keys = with.logged_keys();
+        for (x, y) in a.iter().zip(&b) {
+            // Training is the same, draw for draw.
+            let trained: BTreeMap<_, _> = y
+                .metrics
+                .iter()
+                .filter(|(k, _)| !k.starts_with("eval/"))
+                .collect();
+            assert_eq!(trained, x.metrics.iter().collect::<BTreeMap<_, _>>());
+            assert_eq!(
+                x.samples.iter().map(|s| &s.tokens).collect::<Vec<_>>(),
+                y.samples.iter().map(|s| &s.tokens).collect::<Vec<_>>()
+            );
+            // Steps 0 and 2 evaluate, step 1 does not; the keys are the config's.
+            let logged: Vec<&String> = y
+                .metrics
+                .keys()
+                .filter(|k| k.starts_with("eval/"))
+                .collect();
+            assert_eq!(
+                logged.len(),
+                if y.step == 1 { 0 } else { 8 },
+                "step {}",
+                y.step
+            );
+            assert!(logged.iter().all(|k| keys.accepts(k)));
+        }
+        // Step 0's policy is the reference: its evaluation is the reference's 40 responses
+        // to prompts 0, 1, ... in turn, drawn from `pg/eval` in chunks of 16.
+        let device = cpu();
+        let l = lang();
+        let (_, reference, proxy) = setup::<Cpu>(&l, 1, &device);
+        let gold = LanguageGold::new(&l);
+        let task = LanguageTask::new(&l, &proxy, &gold);
+        let prompts: Vec<usize> = (0..40)
+            .map(|i| i % Task::<Dispatch>::prompts(&task))
+            .collect();
+        let generation = GenerationConfig::new(12)
+            .with_eos_id(Some(goodhart_envs::language::EOS as usize))
+            .with_pad_id(PAD as usize);
+        let mut rng = seed::rng(5, "pg/eval");
+        let mut golds = Vec::new();
+        for rows in prompts.chunks(16) {
+            golds.extend(
+                sample_task(&reference, &task, rows, &generation, &mut rng, &device)
+                    .unwrap()
+                    .gold,
+            );
+        }
+        let s = goodhart_metrics::stats::summary(&golds).unwrap();
+        assert_eq!(b[0].get("eval/gold/mean"), s.mean);
+        assert_eq!(b[0].get("eval/gold/max"), s.max);
+        // Common random numbers: a policy that does not move evaluates to the same numbers.
+        let still = rl("steps = 3\nlr = 1e-30\neval = { samples = 40, every = 2 }");
+        let c = run_cpu(&still, 1).unwrap();
+        assert_eq!(c[0].get("eval/gold/mean"), s.mean);
+        for k in ["eval/gold/mean", "eval/gold/std", "eval/proxy/mean"] {
+            assert_eq!(c[2].get(k), c[0].get(k), "{k}");
+        }
+        // While two training batches of that policy differ in their draws.
+        assert_ne!(c[2].get("reward/gold/mean"), c[0].get("reward/gold/mean"));
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //!
 //! Labels come from the whole gold curve ([`gold_peak`]: the peak of the centred moving
 //! average of gold, hacked when the final smoothed gold is below it by the rule's drop).
+//! Gold is the rule's `gold_key`: the training batch's `reward/gold/mean`, or with `[rl]
+//! eval` an evaluation batch's `eval/gold/mean`; the stopping regrets read the same curve.
 //! A false alarm is a firing on a control trace that did not hack.
 //!
 //! Calibration: a proxy-only or CUSUM detector's `threshold` is the smallest of `thresholds` at
@@ -292,6 +294,16 @@ impl Experiment for DetectorCorpusExperiment {
             }
             if self.ood {
                 logged = logged.with_scores(&[OOD]);
+            }
+            if !logged.accepts(&self.peak.gold_key) {
+                return Err(ConfigError::invalid(
+                    "detector_corpus.peak.gold_key",
+                    format!(
+                        "`{}` is not logged by setting `{}`: gold is `reward/gold/mean` on \
+                         the training batch, `eval/gold/mean` with `[rl] eval`",
+                        self.peak.gold_key, s.name
+                    ),
+                ));
             }
             section(
                 "detector_corpus",
