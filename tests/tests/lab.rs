@@ -1752,6 +1752,7 @@ fn tiny_detector_corpus_preset() {
             "proxy-only on ood/mean",
             "cusum on hidden/effective_rank",
             "gold-aware on reward/heldout/mean",
+            "gold-aware on eval/gold/mean",
             "gold-aware",
             "end",
             "proxy-plateau",
@@ -1760,12 +1761,17 @@ fn tiny_detector_corpus_preset() {
             "gold peak +1"
         ]
     );
-    let end = &rules[11];
+    // Early stopping on the evaluation batch's gold reads gold, as the plain one does.
+    for r in &rules[10..12] {
+        assert_eq!(r[1], "as configured (reads gold)", "{r:?}");
+    }
+    assert_eq!(rules[9][1], "as configured");
+    let end = &rules[12];
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
     // The references that read gold stop every trace (a step beside its gold peak): all
     // the hacking traces and all the controls.
-    for reference in &rules[14..] {
+    for reference in &rules[15..] {
         for col in [2, 4] {
             let cell = reference[col].as_str().unwrap();
             let (n, of) = cell.split_once('/').unwrap();

@@ -453,7 +453,7 @@ fn rules<'a>(
             }
             DetectorConfig::GoldAware(c) => out.push((
                 name,
-                if c.gold_key == KEY_GOLD_MEAN {
+                if c.gold_key == KEY_GOLD_MEAN || c.gold_key == cfg.peak.gold_key {
                     "as configured (reads gold)".into()
                 } else {
                     "as configured".into()
