@@ -1145,6 +1145,20 @@ pub fn sample_task<B: Backend>(
     }
 }
 
+/// `<prefix>/{mean,std,min,max}` of `values` (non-empty and finite) into `metrics`.
+fn insert_summary(metrics: &mut BTreeMap<String, f64>, prefix: &str, values: &[f64]) -> Result<()> {
+    let s = goodhart_metrics::stats::summary(values)?;
+    for (stat, v) in [
+        ("mean", s.mean),
+        ("std", s.std),
+        ("min", s.min),
+        ("max", s.max),
+    ] {
+        metrics.insert(format!("{prefix}/{stat}"), v);
+    }
+    Ok(())
+}
+
 /// The key of [`RlConfig::effective_rank`]'s metric.
 pub const KEY_EFFECTIVE_RANK: &str = "hidden/effective_rank";
 
@@ -2435,31 +2449,14 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             metrics.insert(KEY_EFFECTIVE_RANK.into(), er);
         }
         if let Some((proxy, gold)) = &evaluation {
-            for (name, values) in [(PROXY, proxy), (GOLD, gold)] {
-                let s = goodhart_metrics::stats::summary(values)?;
-                for (stat, v) in [
-                    ("mean", s.mean),
-                    ("std", s.std),
-                    ("min", s.min),
-                    ("max", s.max),
-                ] {
-                    metrics.insert(format!("eval/{name}/{stat}"), v);
-                }
-            }
+            insert_summary(&mut metrics, &format!("eval/{PROXY}"), proxy)?;
+            insert_summary(&mut metrics, &format!("eval/{GOLD}"), gold)?;
         }
         // The mean of the proxy minus each reward monitor's (their means are the
         // rollout's); the other monitors' summaries.
         for (i, name) in task.monitors().iter().enumerate() {
             if !task.monitor_is_reward(i) {
-                let s = goodhart_metrics::stats::summary(&batch.monitors[i])?;
-                for (stat, v) in [
-                    ("mean", s.mean),
-                    ("std", s.std),
-                    ("min", s.min),
-                    ("max", s.max),
-                ] {
-                    metrics.insert(format!("{name}/{stat}"), v);
-                }
+                insert_summary(&mut metrics, name, &batch.monitors[i])?;
                 continue;
             }
             let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
