@@ -2800,6 +2800,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_detector_stops_a_run_on_the_evaluation_batch() {
+        let on_eval = AT_STEP_2.replace("reward/proxy/mean", "eval/gold/mean");
+        // Without the evaluation batch the key is not logged: refused, named.
+        let e = rl(&on_eval).validate(1).unwrap_err().to_string();
+        assert!(
+            e.contains("rl.detectors[0]") && e.contains("eval/gold/mean"),
+            "{e}"
+        );
+        let cfg = rl(&format!(
+            "steps = 5\nlr = 1e-2\non_alarm = \"stop\"\neval = {{ samples = 8 }}\n{on_eval}"
+        ));
+        let lines = run_cpu(&cfg, 1).unwrap();
+        // Any change of the evaluation gold after the warm-up fires at step 2; the run
+        // stops there.
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2].get("detector/proxy-only/fired"), 1.0);
+        assert_ne!(
+            lines[2].get("eval/gold/mean"),
+            lines[1].get("eval/gold/mean")
+        );
+    }
+
     /// The language's gold, but NaN for every response on call `nan_at` (a source that
     /// breaks the finite-values contract).
     struct FlakyGold<'a> {
