@@ -221,10 +221,9 @@ pub struct RlConfig {
 /// fresh draws). Nothing is trained on it and it draws from no stream of the training
 /// batch, so a run's training is the same with it as without.
 ///
-/// Why: the training batch's mean gold carries the noise of a few prompts and their
-/// samples (a batch of 128 moves by about 0.1 from step to step on the overopt task),
-/// so where a gold curve peaks is partly noise; an evaluation batch several times larger,
-/// on fixed prompts and uniforms, places the peak by the policy.
+/// Why: the training batch's mean gold carries the noise of its few prompts and their
+/// samples, so where a gold curve peaks is partly noise; an evaluation batch several
+/// times larger, on fixed prompts and uniforms, places the peak by the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
@@ -235,7 +234,7 @@ pub struct EvalConfig {
     pub every: usize,
 }
 
-/// The largest [`EvalConfig::samples`]: one batch of it is held in memory at once.
+/// The largest [`EvalConfig::samples`] (its scores are held until the step's line).
 pub const MAX_EVAL_SAMPLES: usize = 1 << 16;
 
 fn every_step() -> usize {
