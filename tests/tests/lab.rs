@@ -1751,6 +1751,9 @@ fn tiny_detector_corpus_preset() {
             "cusum on ood/mean",
             "proxy-only on ood/mean",
             "cusum on hidden/effective_rank",
+            "cusum on eval/ood/mean",
+            "proxy-only on eval/ood/mean",
+            "cusum on eval/gap/heldout",
             "gold-aware on reward/heldout/mean",
             "gold-aware on eval/gold/mean",
             "gold-aware",
@@ -1762,16 +1765,16 @@ fn tiny_detector_corpus_preset() {
         ]
     );
     // Early stopping on the evaluation batch's gold reads gold, as the plain one does.
-    for r in &rules[10..12] {
+    for r in &rules[13..15] {
         assert_eq!(r[1], "as configured (reads gold)", "{r:?}");
     }
-    assert_eq!(rules[9][1], "as configured");
-    let end = &rules[12];
+    assert_eq!(rules[12][1], "as configured");
+    let end = &rules[15];
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
     // The references that read gold stop every trace (a step beside its gold peak): all
     // the hacking traces and all the controls.
-    for reference in &rules[15..] {
+    for reference in &rules[18..] {
         for col in [2, 4] {
             let cell = reference[col].as_str().unwrap();
             let (n, of) = cell.split_once('/').unwrap();
@@ -1815,6 +1818,13 @@ fn tiny_detector_corpus_preset() {
             // The effective rank of 8 pooled hidden states, centred: rank at most 7.
             let er = l["hidden/effective_rank"].as_f64().unwrap();
             assert!(er > 1.0 && er <= 7.0, "{er}");
+            // The evaluation batch's monitors: the held-out gap is the means' difference,
+            // the out-of-distribution score a distance.
+            let eval = |k: &str| l[&format!("eval/{k}")].as_f64().unwrap();
+            let gap = eval("proxy/mean") - eval("heldout/mean");
+            assert!((eval("gap/heldout") - gap).abs() < 1e-12, "{gap}");
+            assert!(eval("ood/min") > 0.0 && eval("ood/min") <= eval("ood/mean"));
+            assert!(eval("ood/mean") <= eval("ood/max"));
         }
     }
 }

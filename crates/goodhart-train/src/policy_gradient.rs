@@ -214,8 +214,10 @@ pub struct RlConfig {
 
 /// The evaluation batch of an RL run (`[rl] eval`): on every `every`-th step, before the
 /// update, the sampling policy answers `samples` prompts and the task scores each
-/// response, proxy and gold; the step logs `eval/gold/{mean,std,min,max}` and
-/// `eval/proxy/{mean,std,min,max}`. Row `i` answers prompt `i mod prompts`, at every
+/// response (proxy, gold and the task's monitors); the step logs
+/// `eval/{gold,proxy}/{mean,std,min,max}`, `eval/<monitor>/{mean,std,min,max}` for each
+/// of the task's monitors ([`Task::monitors`]) and `eval/gap/<monitor>` (the proxy's mean
+/// minus the monitor's) for each reward monitor. Row `i` answers prompt `i mod prompts`, at every
 /// evaluation, with the same uniforms (stream `pg/eval`, restarted at each evaluation:
 /// common random numbers, so two evaluations differ by what the policy changed and not by
 /// fresh draws). Nothing is trained on it and it draws from no stream of the training
@@ -761,6 +763,8 @@ pub struct LoggedKeys {
     keys: std::collections::BTreeSet<String>,
     /// Regulariser names whose own metrics (`<name>/...`) are logged too.
     prefixes: Vec<String>,
+    /// Whether an evaluation batch is logged (`eval/...`, monitors included).
+    eval: bool,
 }
 
 impl LoggedKeys {
@@ -774,23 +778,39 @@ impl LoggedKeys {
     }
 
     /// These keys with those of the monitors `names` ([`Task::monitors`]):
-    /// `reward/<name>/{mean,std,min,max}` and `gap/<name>`.
+    /// `reward/<name>/{mean,std,min,max}` and `gap/<name>`; with an evaluation batch, also
+    /// `eval/<name>/{mean,std,min,max}` and `eval/gap/<name>`.
     pub fn with_monitors(mut self, names: &[&str]) -> Self {
         for name in names {
             for stat in ["mean", "std", "min", "max"] {
                 self.keys.insert(format!("reward/{name}/{stat}"));
             }
             self.keys.insert(format!("gap/{name}"));
+            if self.eval {
+                self.keys.insert(format!("eval/gap/{name}"));
+            }
         }
-        self
+        self.with_eval_scores(names)
     }
 
     /// These keys with those of the non-reward monitors `names`
-    /// ([`Task::monitor_is_reward`]): `<name>/{mean,std,min,max}`.
+    /// ([`Task::monitor_is_reward`]): `<name>/{mean,std,min,max}`; with an evaluation
+    /// batch, also `eval/<name>/{mean,std,min,max}`.
     pub fn with_scores(mut self, names: &[&str]) -> Self {
         for name in names {
             for stat in ["mean", "std", "min", "max"] {
                 self.keys.insert(format!("{name}/{stat}"));
+            }
+        }
+        self.with_eval_scores(names)
+    }
+
+    fn with_eval_scores(mut self, names: &[&str]) -> Self {
+        if self.eval {
+            for name in names {
+                for stat in ["mean", "std", "min", "max"] {
+                    self.keys.insert(format!("eval/{name}/{stat}"));
+                }
             }
         }
         self
@@ -895,7 +915,11 @@ impl RlConfig {
                 }
             }
         }
-        LoggedKeys { keys, prefixes }
+        LoggedKeys {
+            keys,
+            prefixes,
+            eval: self.eval.is_some(),
+        }
     }
 }
 
@@ -1946,19 +1970,24 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             &mut timings,
             device,
         )?;
-        // The evaluation batch, in chunks of the training batch's size (its memory).
-        let mut evaluation: Option<(Vec<f64>, Vec<f64>)> = None;
+        // The evaluation batch, in chunks of the training batch's size (its memory):
+        // proxy, gold and each monitor's score of every response.
+        let mut evaluation: Option<(Vec<f64>, Vec<f64>, Vec<Vec<f64>>)> = None;
         if cfg.eval.is_some_and(|e| step.is_multiple_of(e.every)) {
             let mut rng = seed::rng(seed, "pg/eval");
             let (mut proxy, mut gold) = (Vec::new(), Vec::new());
+            let mut monitors = vec![Vec::new(); task.monitors().len()];
             for rows in eval_prompts.chunks(n) {
                 let s = sample_task(&sampler, task, rows, &generation, &mut rng, device)?;
                 timings.sample += s.sample_seconds;
                 timings.score += s.score_seconds;
                 proxy.extend(host(s.proxy)?);
                 gold.extend(s.gold);
+                for (all, chunk) in monitors.iter_mut().zip(s.monitors) {
+                    all.extend(chunk);
+                }
             }
-            evaluation = Some((proxy, gold));
+            evaluation = Some((proxy, gold, monitors));
         }
         let mask = batch.response.clone();
         for (what, finite) in [
@@ -1974,9 +2003,12 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             ),
             (
                 "evaluation reward",
-                evaluation
-                    .iter()
-                    .all(|(p, g)| p.iter().chain(g).all(|v| v.is_finite())),
+                evaluation.iter().all(|(p, g, m)| {
+                    p.iter()
+                        .chain(g)
+                        .chain(m.iter().flatten())
+                        .all(|v| v.is_finite())
+                }),
             ),
         ] {
             if !finite {
@@ -2447,9 +2479,16 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         if let Some(er) = effective_rank {
             metrics.insert(KEY_EFFECTIVE_RANK.into(), er);
         }
-        if let Some((proxy, gold)) = &evaluation {
+        if let Some((proxy, gold, monitors)) = &evaluation {
             insert_summary(&mut metrics, &format!("eval/{PROXY}"), proxy)?;
             insert_summary(&mut metrics, &format!("eval/{GOLD}"), gold)?;
+            let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+            for (i, (name, values)) in task.monitors().iter().zip(monitors).enumerate() {
+                insert_summary(&mut metrics, &format!("eval/{name}"), values)?;
+                if task.monitor_is_reward(i) {
+                    metrics.insert(format!("eval/gap/{name}"), mean(proxy) - mean(values));
+                }
+            }
         }
         // The mean of the proxy minus each reward monitor's (their means are the
         // rollout's); the other monitors' summaries.
