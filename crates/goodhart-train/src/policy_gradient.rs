@@ -1168,6 +1168,15 @@ pub fn sample_task<B: Backend>(
     }
 }
 
+/// The scores of one evaluation batch ([`EvalConfig`]), each response's.
+#[derive(Debug, Default)]
+struct Evaluation {
+    proxy: Vec<f64>,
+    gold: Vec<f64>,
+    /// Per monitor of [`Task::monitors`].
+    monitors: Vec<Vec<f64>>,
+}
+
 /// `<prefix>/{mean,std,min,max}` of `values` (non-empty and finite) into `metrics`.
 fn insert_summary(metrics: &mut BTreeMap<String, f64>, prefix: &str, values: &[f64]) -> Result<()> {
     let s = goodhart_metrics::stats::summary(values)?;
@@ -1972,22 +1981,24 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         )?;
         // The evaluation batch, in chunks of the training batch's size (its memory):
         // proxy, gold and each monitor's score of every response.
-        let mut evaluation: Option<(Vec<f64>, Vec<f64>, Vec<Vec<f64>>)> = None;
+        let mut evaluation: Option<Evaluation> = None;
         if cfg.eval.is_some_and(|e| step.is_multiple_of(e.every)) {
             let mut rng = seed::rng(seed, "pg/eval");
-            let (mut proxy, mut gold) = (Vec::new(), Vec::new());
-            let mut monitors = vec![Vec::new(); task.monitors().len()];
+            let mut e = Evaluation {
+                monitors: vec![Vec::new(); task.monitors().len()],
+                ..Default::default()
+            };
             for rows in eval_prompts.chunks(n) {
                 let s = sample_task(&sampler, task, rows, &generation, &mut rng, device)?;
                 timings.sample += s.sample_seconds;
                 timings.score += s.score_seconds;
-                proxy.extend(host(s.proxy)?);
-                gold.extend(s.gold);
-                for (all, chunk) in monitors.iter_mut().zip(s.monitors) {
+                e.proxy.extend(host(s.proxy)?);
+                e.gold.extend(s.gold);
+                for (all, chunk) in e.monitors.iter_mut().zip(s.monitors) {
                     all.extend(chunk);
                 }
             }
-            evaluation = Some((proxy, gold, monitors));
+            evaluation = Some(e);
         }
         let mask = batch.response.clone();
         for (what, finite) in [
@@ -2003,10 +2014,11 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
             ),
             (
                 "evaluation reward",
-                evaluation.iter().all(|(p, g, m)| {
-                    p.iter()
-                        .chain(g)
-                        .chain(m.iter().flatten())
+                evaluation.iter().all(|e| {
+                    e.proxy
+                        .iter()
+                        .chain(&e.gold)
+                        .chain(e.monitors.iter().flatten())
                         .all(|v| v.is_finite())
                 }),
             ),
@@ -2479,14 +2491,14 @@ pub fn train_with_checkpoints<B: AutodiffBackend>(
         if let Some(er) = effective_rank {
             metrics.insert(KEY_EFFECTIVE_RANK.into(), er);
         }
-        if let Some((proxy, gold, monitors)) = &evaluation {
-            insert_summary(&mut metrics, &format!("eval/{PROXY}"), proxy)?;
-            insert_summary(&mut metrics, &format!("eval/{GOLD}"), gold)?;
+        if let Some(e) = &evaluation {
+            insert_summary(&mut metrics, &format!("eval/{PROXY}"), &e.proxy)?;
+            insert_summary(&mut metrics, &format!("eval/{GOLD}"), &e.gold)?;
             let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
-            for (i, (name, values)) in task.monitors().iter().zip(monitors).enumerate() {
+            for (i, (name, values)) in task.monitors().iter().zip(&e.monitors).enumerate() {
                 insert_summary(&mut metrics, &format!("eval/{name}"), values)?;
                 if task.monitor_is_reward(i) {
-                    metrics.insert(format!("eval/gap/{name}"), mean(proxy) - mean(values));
+                    metrics.insert(format!("eval/gap/{name}"), mean(&e.proxy) - mean(values));
                 }
             }
         }
