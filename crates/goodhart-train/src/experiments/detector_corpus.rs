@@ -200,6 +200,13 @@ pub struct CorpusSetting {
     pub test_only: bool,
 }
 
+impl CorpusSetting {
+    /// Whether it runs on the calibration seeds (`calibration`) or on the test seeds.
+    fn runs_on(&self, calibration: bool) -> bool {
+        !(calibration && self.test_only)
+    }
+}
+
 fn one() -> usize {
     1
 }
@@ -232,7 +239,7 @@ impl Experiment for DetectorCorpusExperiment {
         if self.settings.is_empty() {
             return Err(ConfigError::invalid("detector_corpus.settings", "is empty"));
         }
-        if !self.settings.iter().any(|s| s.control && !s.test_only) {
+        if !self.settings.iter().any(|s| s.control && s.runs_on(true)) {
             return Err(ConfigError::invalid(
                 "detector_corpus.settings",
                 "no control the calibration sees: thresholds are calibrated on settings with \
@@ -325,7 +332,7 @@ impl Experiment for DetectorCorpusExperiment {
             base_policy::<B>(runner, config, seed, device)?;
             let calibration = i < self.calibration_seeds;
             for (j, s) in self.settings.iter().enumerate() {
-                if calibration && s.test_only {
+                if !s.runs_on(calibration) {
                     continue;
                 }
                 let proxy =
@@ -541,7 +548,7 @@ fn summarize(cfg: &DetectorCorpusExperiment, traces: &[CorpusTrace]) -> Part {
     let mut trace_rows = Vec::new();
     for s in &cfg.settings {
         for calibration in [true, false] {
-            if calibration && s.test_only {
+            if !s.runs_on(calibration) {
                 continue;
             }
             let mine: Vec<&Labelled> = labelled
