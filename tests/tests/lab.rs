@@ -1624,15 +1624,14 @@ fn tiny_detector_corpus_preset() {
             "detector_corpus.plateau_window=2",
         ],
     );
-    // The preset with `settings` in place of its own: the error it is refused with.
-    let refused = |settings: &str| {
-        ExperimentConfig::parse(
-            presets::preset("detector-corpus").unwrap(),
-            &[format!("detector_corpus.settings=[{settings}]")],
-        )
-        .unwrap_err()
-        .to_string()
+    // The preset with one key set (`refused`: its `settings`): the error it is refused
+    // with.
+    let refused_with = |set: String| {
+        ExperimentConfig::parse(presets::preset("detector-corpus").unwrap(), &[set])
+            .unwrap_err()
+            .to_string()
     };
+    let refused = |settings: &str| refused_with(format!("detector_corpus.settings=[{settings}]"));
     // A corpus without a control cannot count false alarms; nor can one whose only
     // control the calibration never sees.
     let err = refused("{ name = \"a\", pairs = 20 }");
@@ -1654,19 +1653,14 @@ fn tiny_detector_corpus_preset() {
         "{err}"
     );
     // The peak is read from a gold key the runs log: the evaluation batch's needs it on.
-    for set in [
-        "detector_corpus.peak.gold_key=\"eval/gold/maen\"",
-        "rl.eval.samples=0",
+    for (set, key) in [
+        (
+            "detector_corpus.peak.gold_key=\"eval/gold/maen\"",
+            "detector_corpus.peak.gold_key",
+        ),
+        ("rl.eval.samples=0", "rl.eval.samples"),
     ] {
-        let err =
-            ExperimentConfig::parse(presets::preset("detector-corpus").unwrap(), &[set.into()])
-                .unwrap_err()
-                .to_string();
-        let key = if set.starts_with("rl") {
-            "rl.eval.samples"
-        } else {
-            "detector_corpus.peak.gold_key"
-        };
+        let err = refused_with(set.into());
         assert!(err.contains(key), "{set}: {err}");
     }
     let root = scratch("corpus");
