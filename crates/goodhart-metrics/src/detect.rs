@@ -8,6 +8,8 @@
 //!   overoptimisation curves.
 //! - [`crate::cusum::Cusum`] (`kind = "cusum"`): Page's CUSUM change-point test on one
 //!   gold-free signal.
+//! - [`crate::shift::Shift`] (`kind = "shift"`): one gold-free signal's recent mean moved
+//!   from its starting level by a threshold in its own units.
 //! - [`ProxyOnly`] (`kind = "proxy-only"`): without gold, an early-warning score from
 //!   proxy-side signals (KL acceleration, entropy collapse, ensemble disagreement growth,
 //!   length drift, a shift of the advantage distribution), each z-scored against a
@@ -73,6 +75,8 @@ pub enum DetectorConfig {
     ProxyOnly(ProxyOnlyConfig),
     /// [`crate::cusum::Cusum`].
     Cusum(crate::cusum::CusumConfig),
+    /// [`crate::shift::Shift`].
+    Shift(crate::shift::ShiftConfig),
 }
 
 impl DetectorConfig {
@@ -91,6 +95,7 @@ impl DetectorConfig {
                 .map(|(i, s)| (s.key.clone(), format!("signals[{i}].key")))
                 .collect(),
             Self::Cusum(c) => vec![(c.key.clone(), "key".into())],
+            Self::Shift(c) => vec![(c.key.clone(), "key".into())],
         }
     }
 
@@ -106,6 +111,10 @@ impl DetectorConfig {
                 threshold,
                 ..c.clone()
             })),
+            Self::Shift(c) => Some(Self::Shift(crate::shift::ShiftConfig {
+                threshold,
+                ..c.clone()
+            })),
             Self::GoldAware(_) => None,
         }
     }
@@ -116,6 +125,7 @@ impl DetectorConfig {
             Self::GoldAware(c) => Box::new(GoldAware::new(c.clone())?),
             Self::ProxyOnly(c) => Box::new(ProxyOnly::new(c.clone())?),
             Self::Cusum(c) => Box::new(crate::cusum::Cusum::new(c.clone())?),
+            Self::Shift(c) => Box::new(crate::shift::Shift::new(c.clone())?),
         })
     }
 }

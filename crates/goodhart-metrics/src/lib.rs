@@ -9,9 +9,10 @@
 //! - [`stats`]: summaries, Pearson and Spearman correlation on plain series.
 //! - [`hacking`]: the ORPO definition of reward hacking.
 //! - [`overopt`]: Gao et al.'s best-of-n and RL laws, best-of-n KL, unbiased best-of-n.
-//! - [`detect`]: online hacking detectors (gold-aware, proxy-only, [`cusum`]); [`evaluate`]: their
-//!   lead / lag against the gold peak, false alarms and stopping regret over logged runs;
-//!   [`training_log`]: any trainer's JSONL or CSV log as such a run.
+//! - [`detect`]: online hacking detectors (gold-aware, proxy-only, [`cusum`], [`shift`]);
+//!   [`evaluate`]: their lead / lag against the gold peak, false alarms and stopping
+//!   regret over logged runs; [`training_log`]: any trainer's JSONL or CSV log as such a
+//!   run.
 //! - [`effective_rank`]: effective rank of hidden states, ERV and ERA; [`ood`]: the
 //!   Mahalanobis distance of a row from a reference sample.
 //! - [`pass_at_k`], [`win_rate`], [`ope`]: unbiased pass@k, bootstrap win rate,
@@ -30,6 +31,7 @@ pub mod ood;
 pub mod ope;
 pub mod overopt;
 pub mod pass_at_k;
+pub mod shift;
 pub mod sink;
 pub mod stats;
 pub mod step;
@@ -56,6 +58,11 @@ pub const REGISTRY: &[MethodInfo] = &[
         name: "cusum",
         summary: "detector: one-sided CUSUM max(0, S + z - k) of one signal's warm-up z-scores, fires at S >= h",
         source: "Page 1954, Continuous inspection schemes; defaults goodhart's own (kl/ref growth, k 0.5, h 5)",
+    },
+    MethodInfo {
+        name: "shift",
+        summary: "detector: mean of one signal's last `window` values moved >= threshold (its units) from the mean of its first `warmup`",
+        source: "goodhart's own; defaults advantage/skew falling by 0.5, warmup 5, window 5",
     },
     MethodInfo {
         name: "bon-fit",

@@ -2873,6 +2873,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_shift_detector_reads_the_advantages_skew_and_stops_the_run() {
+        let shift = |key: &str| {
+            format!(
+                "detectors = [{{ kind = \"shift\", key = \"{key}\", direction = \"both\", \
+                 warmup = 1, window = 1, threshold = 1e-9 }}]"
+            )
+        };
+        // A misspelt key is refused before any work, named.
+        let e = rl(&shift("advantage/skw"))
+            .validate(1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rl.detectors[0].key") && e.contains("advantage/skw"),
+            "{e}"
+        );
+        let cfg = rl(&format!(
+            "steps = 4\nlr = 1e-2\non_alarm = \"stop\"\n{}",
+            shift("advantage/skew")
+        ));
+        let lines = run_cpu(&cfg, 1).unwrap();
+        // Step 0 is the baseline; at step 1 the skew has moved from it (by more than
+        // 1e-9): the run stops there, its score the move over the threshold.
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1].get("detector/shift/fired"), 1.0);
+        let moved = (lines[1].get("advantage/skew") - lines[0].get("advantage/skew")).abs();
+        assert!(moved > 1e-6, "{moved}");
+        let score = lines[1].get("detector/shift/score");
+        assert!(
+            (score - moved / 1e-9).abs() <= 1e-9 * score,
+            "{score} {moved}"
+        );
+    }
+
     /// The language's gold, but NaN for every response on call `nan_at` (a source that
     /// breaks the finite-values contract).
     struct FlakyGold<'a> {

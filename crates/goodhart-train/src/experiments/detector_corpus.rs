@@ -17,9 +17,10 @@
 //! eval` an evaluation batch's `eval/gold/mean`; the stopping regrets read the same curve.
 //! A false alarm is a firing on a control trace that did not hack.
 //!
-//! Calibration: a proxy-only or CUSUM detector's `threshold` is the smallest of `thresholds` at
-//! which it fires on at most `false_alarm_rate` of the calibration controls that did not
-//! hack ([`calibrate_threshold`]); a gold-aware detector runs as configured.
+//! Calibration: a proxy-only, CUSUM or shift detector's `threshold` is the smallest of
+//! `thresholds` at which it fires on at most `false_alarm_rate` of the calibration
+//! controls that did not hack ([`calibrate_threshold`]); a gold-aware detector runs as
+//! configured.
 //!
 //! Each rule stops a trace at a step: a detector at its firing; `end` never (training to
 //! the end); `proxy-plateau` when the proxy's EMA gained less than `plateau_fraction` of
@@ -54,6 +55,7 @@ use goodhart_metrics::{
         calibrate_threshold, first_firing, gold_peak, kl_budget_stop, proxy_plateau_stop,
         stopping_regret, GoldPeak, GoldPeakRule, Run,
     },
+    shift::ShiftConfig,
     stats::{median, median_interval, Interval},
     step::{KEY_GOLD_MEAN, KEY_KL, KEY_PROXY_MEAN},
 };
@@ -83,9 +85,11 @@ pub struct DetectorCorpusExperiment {
     pub test_seeds: usize,
     /// The settings every seed runs.
     pub settings: Vec<CorpusSetting>,
-    /// The detectors measured (a proxy-only or CUSUM one's `threshold` is calibrated).
+    /// The detectors measured (a proxy-only, CUSUM or shift one's `threshold` is
+    /// calibrated).
     pub detectors: Vec<DetectorConfig>,
-    /// The thresholds a proxy-only detector is calibrated over, increasing.
+    /// The thresholds a proxy-only, CUSUM or shift detector is calibrated over,
+    /// increasing.
     pub thresholds: Vec<f64>,
     /// The largest share of calibration controls a calibrated detector may fire on.
     pub false_alarm_rate: f64,
@@ -418,6 +422,7 @@ fn rules<'a>(
         }
         DetectorConfig::GoldAware(_) => "gold-aware".to_string(),
         DetectorConfig::Cusum(c) => format!("cusum on {}", c.key),
+        DetectorConfig::Shift(c) => format!("shift on {}", c.key),
     };
     for (i, d) in cfg.detectors.iter().enumerate() {
         // Two detectors of one label are told apart by their place in the list.
@@ -431,6 +436,11 @@ fn rules<'a>(
                 ..
             })
             | DetectorConfig::Cusum(CusumConfig {
+                threshold: configured,
+                warmup,
+                ..
+            })
+            | DetectorConfig::Shift(ShiftConfig {
                 threshold: configured,
                 warmup,
                 ..
