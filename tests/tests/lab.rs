@@ -1748,6 +1748,7 @@ fn tiny_detector_corpus_preset() {
             "cusum on eval/ood/mean",
             "proxy-only on eval/ood/mean",
             "cusum on eval/gap/heldout",
+            "shift on advantage/skew",
             "gold-aware on reward/heldout/mean",
             "gold-aware on eval/gold/mean",
             "gold-aware",
@@ -1758,17 +1759,29 @@ fn tiny_detector_corpus_preset() {
             "gold peak +1"
         ]
     );
+    let rule = |name: &str| {
+        rules
+            .iter()
+            .find(|r| r[0] == name)
+            .unwrap_or_else(|| panic!("no rule {name}"))
+    };
     // Early stopping on the evaluation batch's gold reads gold, as the plain one does.
-    for r in &rules[13..15] {
-        assert_eq!(r[1], "as configured (reads gold)", "{r:?}");
+    for name in ["gold-aware on eval/gold/mean", "gold-aware"] {
+        assert_eq!(rule(name)[1], "as configured (reads gold)", "{name}");
     }
-    assert_eq!(rules[12][1], "as configured");
-    let end = &rules[15];
+    assert_eq!(
+        rule("gold-aware on reward/heldout/mean")[1],
+        "as configured"
+    );
+    // The shift detector's threshold is calibrated, as CUSUM's is.
+    let shift = rule("shift on advantage/skew")[1].as_str().unwrap();
+    assert!(shift.starts_with("threshold "), "{shift}");
+    let end = rule("end");
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");
     // The references that read gold stop every trace (a step beside its gold peak): all
     // the hacking traces and all the controls.
-    for reference in &rules[18..] {
+    for reference in [rule("gold peak -1"), rule("gold peak +1")] {
         for col in [2, 4] {
             let cell = reference[col].as_str().unwrap();
             let (n, of) = cell.split_once('/').unwrap();
