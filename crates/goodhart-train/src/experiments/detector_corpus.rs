@@ -146,6 +146,8 @@ impl Default for DetectorCorpusExperiment {
                     ..setting("p200-n0.3", 200, "", false)
                 },
                 setting("kl-strong", 200, &kl(0.3), true),
+                // The KL of the mitigations lab's `kl` arm.
+                setting("kl", 200, &kl(0.05), true),
                 setting("gold", 200, "components = [{ name = \"gold\" }]", true),
                 setting("lr-tiny", 200, "lr = 1e-5", true),
                 // Settings the calibration never sees.
