@@ -254,6 +254,18 @@ fn vs_torch_reports_the_ratio_of_medians_and_each_runs_ratio() {
         let range = &json["pair_ratio"][key];
         assert!(close(range["min"].as_f64().unwrap(), lo), "{key}: {json}");
         assert!(close(range["max"].as_f64().unwrap(), hi), "{key}: {json}");
+        // Their median (of two, the mean), inside its bootstrap interval, whose ends are
+        // resampled medians: the ratios or their mean.
+        let (m, mlo, mhi) = (
+            range["median"].as_f64().unwrap(),
+            range["median_lo"].as_f64().unwrap(),
+            range["median_hi"].as_f64().unwrap(),
+        );
+        assert!(close(m, (r[0] + r[1]) / 2.0), "{key}: {json}");
+        assert!(mlo <= m && m <= mhi, "{key}: {json}");
+        for end in [mlo, mhi] {
+            assert!([lo, m, hi].iter().any(|&v| close(end, v)), "{key}: {json}");
+        }
         // The ratio of the medians: of two runs, the median is the larger figure.
         let median_ours = ours[0][i].max(ours[1][i]);
         let ratio = json["ratio"][key].as_f64().unwrap();

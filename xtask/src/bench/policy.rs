@@ -26,6 +26,7 @@ use goodhart_core::{
     device::{dispatch, Autodiff, BackendJob, DeviceSpec},
     seed,
 };
+use goodhart_metrics::stats::{median_interval, Interval};
 use goodhart_policy::{
     generate, score::score, sft, GenerationConfig, Positions, TransformerConfig,
 };
@@ -133,7 +134,8 @@ impl Figures {
     after_help = "Defaults: config S (4 layers, width 128, 4 heads, vocabulary 64, learned \
 positions, batch 64, prompt 16, 64 new tokens, 3 reps). --vs-torch runs this and the PyTorch-eager \
 twin (benches/torch_twin.py) alternately, --runs times each, and prints the medians, their \
-ratios and the lowest and highest ratio of one run to the twin's beside it. --hf MODEL_DIR \
+ratios, the lowest and highest ratio of one run to the twin's beside it, and those ratios' median \
+with a 95% bootstrap interval. --hf MODEL_DIR \
 measures the architecture a Hugging Face config.json describes (random weights; --batch, --prompt, \
 --response and --reps still apply) against transformers' own model of it (benches/hf_twin.py).
 
@@ -310,11 +312,19 @@ pub fn command(args: PolicyArgs) -> Result<()> {
             run_twin(&python, &twin, &twin_args, &torch_device)
         })?);
     }
-    let pairs: [(f64, f64); 3] = std::array::from_fn(|i| pair_ratio_range(&ours, &theirs, i));
+    let pairs = (0..3)
+        .map(|i| PairRatios::new(&ours, &theirs, i))
+        .collect::<Result<Vec<_>>>()?;
     let (ours, theirs) = (median(&ours), median(&theirs));
     if json {
         let ratio = |i: usize| ours.get(i) / theirs.get(i);
-        let range = |i: usize| serde_json::json!({ "min": pairs[i].0, "max": pairs[i].1 });
+        let range = |i: usize| {
+            let p = &pairs[i];
+            serde_json::json!({
+                "min": p.min, "max": p.max,
+                "median": p.median.value, "median_lo": p.median.lo, "median_hi": p.median.hi,
+            })
+        };
         let out = serde_json::json!({
             "shape": shape_json,
             "device": device.to_string(),
@@ -341,18 +351,21 @@ pub fn command(args: PolicyArgs) -> Result<()> {
             threads()
         );
         println!(
-            "{:<12} {:>14} {:>14} {:>8} {:>15}",
-            "figure", "goodhart", "torch eager", "ratio", "runs' ratios"
+            "{:<12} {:>14} {:>14} {:>8} {:>15} {:>24}",
+            "figure", "goodhart", "torch eager", "ratio", "runs' ratios", "their median [95% CI]"
         );
         for (i, name) in Figures::NAMES.iter().enumerate() {
-            let (lo, hi) = pairs[i];
+            let p = &pairs[i];
             println!(
-                "{name:<12} {:>14.1} {:>14.1} {:>7.2}x {:>8.2}-{:.2}x",
+                "{name:<12} {:>14.1} {:>14.1} {:>7.2}x {:>8.2}-{:.2}x {:>9.2}x [{:.2}, {:.2}]",
                 ours.get(i),
                 theirs.get(i),
                 ours.get(i) / theirs.get(i),
-                lo,
-                hi
+                p.min,
+                p.max,
+                p.median.value,
+                p.median.lo,
+                p.median.hi
             );
         }
     }
@@ -412,16 +425,30 @@ fn median(runs: &[Figures]) -> Figures {
     }
 }
 
-/// The lowest and highest ratio `ours / theirs` of figure `i` over the alternating runs
-/// (goodhart's run `k` against the twin's run `k`): the spread behind the ratio of the
-/// medians.
-fn pair_ratio_range(ours: &[Figures], theirs: &[Figures], i: usize) -> (f64, f64) {
-    ours.iter()
-        .zip(theirs)
-        .map(|(a, b)| a.get(i) / b.get(i))
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
-            (lo.min(r), hi.max(r))
+/// The ratios `ours / theirs` of one figure over the alternating runs (goodhart's run
+/// `k` against the twin's run `k`): the spread behind the ratio of the medians.
+struct PairRatios {
+    min: f64,
+    max: f64,
+    /// Their median, with a 95% percentile-bootstrap interval (2,000 resamples, seed 0).
+    median: Interval,
+}
+
+impl PairRatios {
+    fn new(ours: &[Figures], theirs: &[Figures], i: usize) -> Result<Self> {
+        let r: Vec<f64> = ours
+            .iter()
+            .zip(theirs)
+            .map(|(a, b)| a.get(i) / b.get(i))
+            .collect();
+        let median = median_interval(&r, 2_000, 0.95, 0)
+            .with_context(|| format!("the runs' ratios of {}: {r:?}", Figures::NAMES[i]))?;
+        Ok(Self {
+            min: r.iter().copied().fold(f64::INFINITY, f64::min),
+            max: r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            median,
         })
+    }
 }
 
 /// Threads the CPU backend uses (rayon's pool: `RAYON_NUM_THREADS` or every core).
