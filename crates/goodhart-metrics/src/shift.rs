@@ -58,7 +58,8 @@ impl Default for ShiftConfig {
 pub struct Shift {
     cfg: ShiftConfig,
     last_step: Option<u64>,
-    baseline: Vec<f64>,
+    /// The sum and count of the baseline's observations so far.
+    baseline: (f64, usize),
     recent: VecDeque<f64>,
     score: Option<f64>,
     fired: Option<Firing>,
@@ -82,17 +83,12 @@ impl Shift {
         Ok(Self {
             cfg,
             last_step: None,
-            baseline: Vec::new(),
+            baseline: (0.0, 0),
             recent: VecDeque::new(),
             score: None,
             fired: None,
         })
     }
-}
-
-fn mean<'a>(xs: impl ExactSizeIterator<Item = &'a f64>) -> f64 {
-    let n = xs.len() as f64;
-    xs.sum::<f64>() / n
 }
 
 impl Detector for Shift {
@@ -110,24 +106,28 @@ impl Detector for Shift {
         if self.recent.len() > c.window {
             self.recent.pop_front();
         }
-        if self.baseline.len() < c.warmup {
-            self.baseline.push(x);
+        let (sum, n) = &mut self.baseline;
+        if *n < c.warmup {
+            *sum += x;
+            *n += 1;
             return Ok(None);
         }
-        let (b, m) = (mean(self.baseline.iter()), mean(self.recent.iter()));
+        let b = *sum / *n as f64;
+        let m = self.recent.iter().sum::<f64>() / self.recent.len() as f64;
         let shift = match c.direction {
             Direction::Up => m - b,
             Direction::Down => b - m,
             Direction::Both => (m - b).abs(),
         };
-        self.score = Some(shift / c.threshold);
+        let score = shift / c.threshold;
+        self.score = Some(score);
         if self.fired.is_some() || shift < c.threshold {
             return Ok(None);
         }
         let firing = Firing {
             detector: self.name().into(),
             step,
-            score: shift / c.threshold,
+            score,
             reason: format!(
                 "`{}` moved {shift:.3} >= {} from its first {} observations' mean {b:.3} \
                  (mean of the last {}: {m:.3})",
