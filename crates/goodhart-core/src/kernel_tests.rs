@@ -49,30 +49,32 @@ crate::backend_test! {
 crate::backend_test! {
     fn softmax_gives_masked_scores_exactly_zero<B>(device) {
         // 512 rows of 80 scores (a decoding step's attention shape), every third masked
-        // with -1e9 as the attention bias does.
-        let (rows, cols) = (512, 80);
-        let x: Vec<f32> = (0..rows * cols)
-            .map(|i| {
-                if i % 3 == 0 {
-                    -1e9
-                } else {
-                    ((i * 7919) % 1000) as f32 / 100.0 - 5.0
+        // with -1e9 as the attention bias does; then rows of 83, whose sums end in a
+        // partial group of lanes.
+        for (rows, cols) in [(512, 80), (400, 83)] {
+            let x: Vec<f32> = (0..rows * cols)
+                .map(|i| {
+                    if i % 3 == 0 {
+                        -1e9
+                    } else {
+                        ((i * 7919) % 1000) as f32 / 100.0 - 5.0
+                    }
+                })
+                .collect();
+            let mut want = vec![0f32; x.len()];
+            for (row, out) in x.chunks(cols).zip(want.chunks_mut(cols)) {
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (o, e) in out.iter_mut().zip(e) {
+                    *o = (e / sum) as f32;
                 }
-            })
-            .collect();
-        let mut want = vec![0f32; x.len()];
-        for (row, out) in x.chunks(cols).zip(want.chunks_mut(cols)) {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            for (o, e) in out.iter_mut().zip(e) {
-                *o = (e / sum) as f32;
             }
+            let t = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([rows, cols]);
+            let got = values(softmax(t, 1));
+            assert_close(&got, &want, tolerance(1e-6));
+            assert!(got.iter().step_by(3).all(|&p| p == 0.0), "a masked score got weight");
         }
-        let t = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([rows, cols]);
-        let got = values(softmax(t, 1));
-        assert_close(&got, &want, tolerance(1e-6));
-        assert!(got.iter().step_by(3).all(|&p| p == 0.0), "a masked score got weight");
     }
 }
 
@@ -167,8 +169,9 @@ crate::backend_test! {
 
 crate::backend_test! {
     fn log_softmax_matches_f64_and_keeps_nan_rows_nan<B>(device) {
-        // 40 rows of 1,001 logits (the multi-thread path): row 3 has a -inf logit (its
-        // log-probability is -inf), row 7 a NaN (the whole row is NaN).
+        // 40 rows of 1,001 logits (the multi-thread path; 62 full groups of lanes and 9
+        // left over): row 3 has a -inf logit (its log-probability is -inf), row 7 a NaN
+        // (the whole row is NaN).
         let (rows, cols) = (40, 1_001);
         let mut x: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 2003) as f32 / 50.0 - 20.0)

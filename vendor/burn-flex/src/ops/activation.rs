@@ -171,9 +171,10 @@ impl ActivationOps<Flex> for Flex {
 
 /// `log_softmax` of each row of a contiguous f32 tensor over its last dim:
 /// `(x - max) - ln(sum(exp(x - max)))`, rows split over rayon's threads (goodhart patch).
+/// Three passes over each row (its max, its sum of exponentials, the output), the first
+/// two reductions in [`LANES`] lanes; the output is written once, never zero-filled.
 /// A NaN in a row makes the row NaN, as in the decomposition.
 fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
-    use crate::ops::unary::exp_f32;
     let shape = tensor.layout().shape().clone();
     let last = *shape.last().expect("log_softmax: empty shape");
     let input: &[f32] = tensor.storage();
@@ -181,35 +182,88 @@ fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
     if last == 0 || n == 0 {
         return tensor;
     }
-    let mut output: Vec<f32> = vec![0.0; n];
-    let rows = |input: &[f32], output: &mut [f32]| {
-        for (row, out) in input.chunks(last).zip(output.chunks_mut(last)) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            for (o, &x) in out.iter_mut().zip(row) {
-                *o = exp_f32(x - max);
-            }
-            let log_sum = out.iter().sum::<f32>().ln();
-            for (o, &x) in out.iter_mut().zip(row) {
-                *o = (x - max) - log_sum;
-            }
+    let output = crate::ops::par::map_rows(&input[..n], last, |row: &[f32], out| {
+        let max = row_max_f32(row);
+        let log_sum = row_sum_exp_f32(row, max).ln();
+        for (o, &x) in out.iter_mut().zip(row) {
+            o.write((x - max) - log_sum);
         }
-    };
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        let chunk = (16 * 1024 / last).max(1) * last;
-        output
-            .par_chunks_mut(chunk)
-            .zip(input[..n].par_chunks(chunk))
-            .for_each(|(o, i)| rows(i, o));
-    }
-    #[cfg(not(feature = "rayon"))]
-    rows(&input[..n], &mut output);
+    });
     FlexTensor::new(
         Bytes::from_elems(output),
         Layout::contiguous(shape),
         DType::F32,
     )
+}
+
+/// Independent accumulators of the row reductions below (goodhart patch): a reduction
+/// into one variable waits on each add's latency and does not vectorise, since float
+/// addition is not associative; 16 lanes fill two AVX2 registers or one AVX-512 register.
+/// The lanes are combined in a fixed order, so the result does not depend on the CPU.
+const LANES: usize = 16;
+
+/// The largest element of `row` (`-inf` when empty); NaNs are skipped, as by `f32::max`.
+#[inline(always)]
+fn row_max_f32(row: &[f32]) -> f32 {
+    let max = |m: f32, x: f32| if x > m { x } else { m };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = max(*a, x);
+        }
+    }
+    acc.into_iter().chain(tail.iter().copied()).fold(f32::NEG_INFINITY, max)
+}
+
+/// `sum(exp(x - shift))` over `row`, in [`LANES`] lanes.
+#[inline(always)]
+fn row_sum_exp_f32(row: &[f32], shift: f32) -> f32 {
+    use crate::ops::unary::exp_f32;
+    let mut acc = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += exp_f32(x - shift);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(tail) {
+        *a += exp_f32(x - shift);
+    }
+    lanes_sum(acc)
+}
+
+/// `sum(row)` in [`LANES`] lanes.
+#[cfg_attr(not(feature = "simd"), allow(dead_code))]
+#[inline(always)]
+fn row_sum_f32(row: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(tail) {
+        *a += x;
+    }
+    lanes_sum(acc)
+}
+
+/// The lanes summed pairwise: (0 + 8) ... (7 + 15), then halves again.
+#[inline(always)]
+fn lanes_sum(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
 }
 
 #[inline]
@@ -419,11 +473,11 @@ fn softmax_row_f32_simd<S: macerator::Simd>(input: &[f32], output: &mut [f32]) {
 
     // Pass 2: compute exp(x - max) into output, then sum it. goodhart patch: the
     // exponential in plain arithmetic (`exp_f32`), so the loop vectorises (one libm
-    // `expf` per element was most of a softmax), and the sum as its own loop.
+    // `expf` per element was most of a softmax), and the sum as its own loop, in lanes.
     for (o, &x) in output.iter_mut().zip(input) {
         *o = crate::ops::unary::exp_f32(x - max_val);
     }
-    let sum: f32 = output.iter().sum();
+    let sum = row_sum_f32(output);
 
     // Pass 3: normalize.
     // SIMD splat + multiply, scalar tail.

@@ -100,7 +100,23 @@ macro_rules! versions {
     )*};
 }
 
+/// `kernel(row, out)` for each row of `src` and the matching row of `dst` (rows of
+/// `row_len` elements).
+#[inline(always)]
+fn rows_body<E: Copy, R, K: Fn(&[E], &mut [MaybeUninit<R>])>(
+    src: &[E],
+    dst: &mut [MaybeUninit<R>],
+    row_len: usize,
+    kernel: &K,
+) {
+    for (s, d) in src.chunks(row_len).zip(dst.chunks_mut(row_len)) {
+        kernel(s, d);
+    }
+}
+
 versions! {
+    fn rows_chunk<E, R, K>(src: &[E], dst: &mut [MaybeUninit<R>], row_len: usize, kernel: &K) = rows_body
+        where [E: Copy, K: Fn(&[E], &mut [MaybeUninit<R>])];
     fn map_inplace_chunk<E, Op>(dst: &mut [E], op: &Op) = map_inplace_body
         where [E: Copy, Op: Fn(E) -> E];
     fn zip_inplace_chunk<E, R, Op>(dst: &mut [E], src: &[R], op: &Op) = zip_inplace_body
@@ -195,6 +211,45 @@ where
         let end = first + d.len();
         zip_chunk(&a[first..end], &b[first..end], d, &op)
     })
+}
+
+/// A new buffer of `src.len()` elements, row by row: `kernel(row, out)` for each row of
+/// `row_len` elements of `src`, which must write every element of `out`, the same row of
+/// the new buffer. Whole rows on rayon's threads (about [`CHUNK`] elements per task) once
+/// `src` reaches [`MIN_PARALLEL`] elements, each task compiled as `map`'s loops are.
+///
+/// # Panics
+///
+/// If `row_len` is 0 or does not divide `src.len()`.
+pub fn map_rows<E, R, K>(src: &[E], row_len: usize, kernel: K) -> Vec<R>
+where
+    E: Copy + Send + Sync,
+    R: Send,
+    K: Fn(&[E], &mut [MaybeUninit<R>]) + Send + Sync,
+{
+    let n = src.len();
+    assert!(
+        row_len > 0 && n % row_len == 0,
+        "map_rows: rows of {row_len} do not tile {n} elements"
+    );
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    #[cfg(feature = "rayon")]
+    if n >= MIN_PARALLEL {
+        use rayon::prelude::*;
+        let chunk = CHUNK.div_ceil(row_len) * row_len;
+        spare
+            .par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| rows_chunk(s, d, row_len, &kernel));
+    } else {
+        rows_chunk(src, spare, row_len, &kernel);
+    }
+    #[cfg(not(feature = "rayon"))]
+    rows_chunk(src, spare, row_len, &kernel);
+    // SAFETY: every element lies in one row, and `kernel` wrote every element of each row.
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// `kernel(block, first)` over blocks of `dst`, where computing one output element reads
