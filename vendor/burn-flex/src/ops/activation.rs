@@ -182,9 +182,10 @@ fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
     if last == 0 || n == 0 {
         return tensor;
     }
+    use crate::ops::unary::exp_f32;
     let output = crate::ops::par::map_rows(&input[..n], last, |row: &[f32], out| {
         let max = row_max_f32(row);
-        let log_sum = row_sum_exp_f32(row, max).ln();
+        let log_sum = row_sum_f32(row, |x| exp_f32(x - max)).ln();
         for (o, &x) in out.iter_mut().zip(row) {
             o.write((x - max) - log_sum);
         }
@@ -217,38 +218,19 @@ fn row_max_f32(row: &[f32]) -> f32 {
     acc.into_iter().chain(tail.iter().copied()).fold(f32::NEG_INFINITY, max)
 }
 
-/// `sum(exp(x - shift))` over `row`, in [`LANES`] lanes.
+/// `sum(f(x))` over `row`, in [`LANES`] lanes.
 #[inline(always)]
-fn row_sum_exp_f32(row: &[f32], shift: f32) -> f32 {
-    use crate::ops::unary::exp_f32;
+fn row_sum_f32(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = row.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
-            *a += exp_f32(x - shift);
+            *a += f(x);
         }
     }
     for (a, &x) in acc.iter_mut().zip(tail) {
-        *a += exp_f32(x - shift);
-    }
-    lanes_sum(acc)
-}
-
-/// `sum(row)` in [`LANES`] lanes.
-#[cfg_attr(not(feature = "simd"), allow(dead_code))]
-#[inline(always)]
-fn row_sum_f32(row: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    for (a, &x) in acc.iter_mut().zip(tail) {
-        *a += x;
+        *a += f(x);
     }
     lanes_sum(acc)
 }
@@ -477,7 +459,7 @@ fn softmax_row_f32_simd<S: macerator::Simd>(input: &[f32], output: &mut [f32]) {
     for (o, &x) in output.iter_mut().zip(input) {
         *o = crate::ops::unary::exp_f32(x - max_val);
     }
-    let sum = row_sum_f32(output);
+    let sum = row_sum_f32(output, |x| x);
 
     // Pass 3: normalize.
     // SIMD splat + multiply, scalar tail.
