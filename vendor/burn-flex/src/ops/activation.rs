@@ -183,13 +183,16 @@ fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
         return tensor;
     }
     use crate::ops::unary::exp_f32;
-    let output = crate::ops::par::map_rows(&input[..n], last, |row: &[f32], out| {
-        let max = row_max_f32(row);
-        let log_sum = row_sum_f32(row, |x| exp_f32(x - max)).ln();
-        for (o, &x) in out.iter_mut().zip(row) {
-            o.write((x - max) - log_sum);
-        }
-    });
+    // SAFETY: `out` and `row` have the same length, so the last loop writes all of `out`.
+    let output = unsafe {
+        crate::ops::par::map_rows(&input[..n], last, |row: &[f32], out| {
+            let max = row_max_f32(row);
+            let log_sum = row_sum_f32(row, |x| exp_f32(x - max)).ln();
+            for (o, &x) in out.iter_mut().zip(row) {
+                o.write((x - max) - log_sum);
+            }
+        })
+    };
     FlexTensor::new(
         Bytes::from_elems(output),
         Layout::contiguous(shape),

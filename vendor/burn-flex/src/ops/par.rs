@@ -214,14 +214,18 @@ where
 }
 
 /// A new buffer of `src.len()` elements, row by row: `kernel(row, out)` for each row of
-/// `row_len` elements of `src`, which must write every element of `out`, the same row of
-/// the new buffer. Whole rows on rayon's threads (about [`CHUNK`] elements per task) once
-/// `src` reaches [`MIN_PARALLEL`] elements, each task compiled as `map`'s loops are.
+/// `row_len` elements of `src`, where `out` is the same row of the new buffer. Whole rows
+/// on rayon's threads (about [`CHUNK`] elements per task) once `src` reaches
+/// [`MIN_PARALLEL`] elements, each task compiled as `map`'s loops are.
+///
+/// # Safety
+///
+/// `kernel` must write every element of `out`: the buffer is returned as initialised.
 ///
 /// # Panics
 ///
 /// If `row_len` is 0 or does not divide `src.len()`.
-pub fn map_rows<E, R, K>(src: &[E], row_len: usize, kernel: K) -> Vec<R>
+pub(crate) unsafe fn map_rows<E, R, K>(src: &[E], row_len: usize, kernel: K) -> Vec<R>
 where
     E: Copy + Send + Sync,
     R: Send,
@@ -247,7 +251,8 @@ where
     }
     #[cfg(not(feature = "rayon"))]
     rows_chunk(src, spare, row_len, &kernel);
-    // SAFETY: every element lies in one row, and `kernel` wrote every element of each row.
+    // SAFETY: every element lies in one row, and the caller's `kernel` wrote every element
+    // of each row.
     unsafe { out.set_len(n) };
     out
 }
