@@ -127,9 +127,10 @@ versions! {
         where [E: Copy, Op: Fn(E, E) -> R];
 }
 
-/// A buffer of `n` elements written by `fill(chunk, first)` for chunks of the
-/// uninitialised buffer (`first`: the chunk's first index), which must write every element.
-fn build<R, F>(n: usize, fill: F) -> Vec<R>
+/// A buffer of `n` elements written by `fill(chunk, first)` for chunks of `chunk`
+/// elements of the uninitialised buffer (`first`: the chunk's first index), which must
+/// write every element; on rayon's threads once `n` reaches [`MIN_PARALLEL`].
+fn build<R, F>(n: usize, chunk: usize, fill: F) -> Vec<R>
 where
     R: Send,
     F: Fn(&mut [MaybeUninit<R>], usize) + Send + Sync,
@@ -140,16 +141,20 @@ where
     if n >= MIN_PARALLEL {
         use rayon::prelude::*;
         spare
-            .par_chunks_mut(CHUNK)
+            .par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(i, c)| fill(c, i * CHUNK));
+            .for_each(|(i, c)| fill(c, i * chunk));
     } else {
         fill(spare, 0);
     }
     #[cfg(not(feature = "rayon"))]
-    fill(spare, 0);
-    // SAFETY: `fill` wrote all `n` elements (the callers' bodies write every element of
-    // their chunk; their sources are at least as long as `n`).
+    {
+        let _ = chunk;
+        fill(spare, 0);
+    }
+    // SAFETY: `fill` wrote all `n` elements (`map`'s and `zip`'s bodies write every element
+    // of their chunk, their sources being at least `n` long; `map_rows`'s kernels write
+    // every element of their rows, by its contract).
     unsafe { out.set_len(n) };
     out
 }
@@ -195,7 +200,7 @@ where
     R: Copy + Send + Sync,
     Op: Fn(E) -> R + Send + Sync,
 {
-    build(src.len(), |d, first| {
+    build(src.len(), CHUNK, |d, first| {
         map_chunk(&src[first..first + d.len()], d, &op)
     })
 }
@@ -207,7 +212,7 @@ where
     R: Copy + Send + Sync,
     Op: Fn(E, E) -> R + Send + Sync,
 {
-    build(a.len().min(b.len()), |d, first| {
+    build(a.len().min(b.len()), CHUNK, |d, first| {
         let end = first + d.len();
         zip_chunk(&a[first..end], &b[first..end], d, &op)
     })
@@ -236,25 +241,10 @@ where
         row_len > 0 && n % row_len == 0,
         "map_rows: rows of {row_len} do not tile {n} elements"
     );
-    let mut out = Vec::with_capacity(n);
-    let spare = &mut out.spare_capacity_mut()[..n];
-    #[cfg(feature = "rayon")]
-    if n >= MIN_PARALLEL {
-        use rayon::prelude::*;
-        let chunk = CHUNK.div_ceil(row_len) * row_len;
-        spare
-            .par_chunks_mut(chunk)
-            .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| rows_chunk(s, d, row_len, &kernel));
-    } else {
-        rows_chunk(src, spare, row_len, &kernel);
-    }
-    #[cfg(not(feature = "rayon"))]
-    rows_chunk(src, spare, row_len, &kernel);
-    // SAFETY: every element lies in one row, and the caller's `kernel` wrote every element
-    // of each row.
-    unsafe { out.set_len(n) };
-    out
+    let chunk = CHUNK.div_ceil(row_len) * row_len;
+    build(n, chunk, |d, first| {
+        rows_chunk(&src[first..first + d.len()], d, row_len, &kernel)
+    })
 }
 
 /// `kernel(block, first)` over blocks of `dst`, where computing one output element reads
