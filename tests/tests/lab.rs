@@ -1749,6 +1749,8 @@ fn tiny_detector_corpus_preset() {
             "proxy-only on eval/ood/mean",
             "cusum on eval/gap/heldout",
             "shift on advantage/skew",
+            "logistic",
+            "logistic on kl/ref, advantage/skew, entropy, hidden/effective_rank, ood/mean, reward/proxy/mean, length/mean, gap/heldout",
             "gold-aware on reward/heldout/mean",
             "gold-aware on eval/gold/mean",
             "gold-aware",
@@ -1776,6 +1778,17 @@ fn tiny_detector_corpus_preset() {
     // The shift detector's threshold is calibrated, as CUSUM's is.
     let shift = rule("shift on advantage/skew")[1].as_str().unwrap();
     assert!(shift.starts_with("threshold "), "{shift}");
+    // A logistic detector is fitted on the calibration traces that hacked: this tiny
+    // corpus has none (8 steps), and its rows say so rather than stop nothing.
+    for name in ["logistic", "logistic on kl/ref, advantage/skew, entropy, hidden/effective_rank, ood/mean, reward/proxy/mean, length/mean, gap/heldout"] {
+        let row = rule(name);
+        let note = row[1].as_str().unwrap();
+        assert!(
+            note.starts_with("not fitted") && note.contains("no calibration trace hacked"),
+            "{name}: {note}"
+        );
+        assert!(row[2].is_null(), "{row:?}");
+    }
     let end = rule("end");
     assert!(end[2].as_str().unwrap().starts_with("0/"), "{end:?}");
     assert!(end[4].as_str().unwrap().starts_with("0/"), "{end:?}");

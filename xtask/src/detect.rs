@@ -42,9 +42,9 @@ pub struct DetectArgs {
     /// Read only the rows whose COLUMN holds VALUE (one series of a log)
     #[arg(long = "where", value_name = "COLUMN=VALUE", value_parser = parse_where)]
     filter: Option<(String, String)>,
-    /// A detector as TOML (`kind = "proxy-only"`, `"gold-aware"`, `"cusum"` or `"shift"`
-    /// and its settings, as under [overopt] detectors); its signals are read from columns
-    /// of their own names unless mapped
+    /// A detector as TOML (`kind = "proxy-only"`, `"gold-aware"`, `"cusum"`, `"shift"` or
+    /// `"logistic"` and its settings, as under [overopt] detectors); its signals are read
+    /// from columns of their own names unless mapped
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
     /// One JSON object: `fired_step` (null if none), `signals`, `score`, `reason`, `steps`,

@@ -10,6 +10,8 @@
 //!   gold-free signal.
 //! - [`crate::shift::Shift`] (`kind = "shift"`): one gold-free signal's recent mean moved
 //!   from its starting level by a threshold in its own units.
+//! - [`crate::logistic::Logistic`] (`kind = "logistic"`): a logistic regression over
+//!   features of gold-free signals, fitted on traces with gold known.
 //! - [`ProxyOnly`] (`kind = "proxy-only"`): without gold, an early-warning score from
 //!   proxy-side signals (KL acceleration, entropy collapse, ensemble disagreement growth,
 //!   length drift, a shift of the advantage distribution), each z-scored against a
@@ -77,6 +79,8 @@ pub enum DetectorConfig {
     Cusum(crate::cusum::CusumConfig),
     /// [`crate::shift::Shift`].
     Shift(crate::shift::ShiftConfig),
+    /// [`crate::logistic::Logistic`].
+    Logistic(crate::logistic::LogisticConfig),
 }
 
 impl DetectorConfig {
@@ -96,6 +100,12 @@ impl DetectorConfig {
                 .collect(),
             Self::Cusum(c) => vec![(c.key.clone(), "key".into())],
             Self::Shift(c) => vec![(c.key.clone(), "key".into())],
+            Self::Logistic(c) => c
+                .features
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.key.clone(), format!("features[{i}].key")))
+                .collect(),
         }
     }
 
@@ -115,6 +125,10 @@ impl DetectorConfig {
                 threshold,
                 ..c.clone()
             })),
+            Self::Logistic(c) => Some(Self::Logistic(crate::logistic::LogisticConfig {
+                threshold,
+                ..c.clone()
+            })),
             Self::GoldAware(_) => None,
         }
     }
@@ -126,6 +140,7 @@ impl DetectorConfig {
             Self::ProxyOnly(c) => Box::new(ProxyOnly::new(c.clone())?),
             Self::Cusum(c) => Box::new(crate::cusum::Cusum::new(c.clone())?),
             Self::Shift(c) => Box::new(crate::shift::Shift::new(c.clone())?),
+            Self::Logistic(c) => Box::new(crate::logistic::Logistic::new(c.clone())?),
         })
     }
 }

@@ -9,10 +9,10 @@
 //! - [`stats`]: summaries, Pearson and Spearman correlation on plain series.
 //! - [`hacking`]: the ORPO definition of reward hacking.
 //! - [`overopt`]: Gao et al.'s best-of-n and RL laws, best-of-n KL, unbiased best-of-n.
-//! - [`detect`]: online hacking detectors (gold-aware, proxy-only, [`cusum`], [`shift`]);
-//!   [`evaluate`]: their lead / lag against the gold peak, false alarms and stopping
-//!   regret over logged runs; [`training_log`]: any trainer's JSONL or CSV log as such a
-//!   run.
+//! - [`detect`]: online hacking detectors (gold-aware, proxy-only, [`cusum`], [`shift`],
+//!   [`logistic`]); [`evaluate`]: their lead / lag against the gold peak, false alarms
+//!   and stopping regret over logged runs; [`training_log`]: any trainer's JSONL or CSV
+//!   log as such a run.
 //! - [`effective_rank`]: effective rank of hidden states, ERV and ERA; [`ood`]: the
 //!   Mahalanobis distance of a row from a reference sample.
 //! - [`pass_at_k`], [`win_rate`], [`ope`]: unbiased pass@k, bootstrap win rate,
@@ -27,6 +27,7 @@ pub mod detect;
 pub mod effective_rank;
 pub mod evaluate;
 pub mod hacking;
+pub mod logistic;
 pub mod ood;
 pub mod ope;
 pub mod overopt;
@@ -63,6 +64,11 @@ pub const REGISTRY: &[MethodInfo] = &[
         name: "shift",
         summary: "detector: mean of one signal's last `window` values moved >= threshold (its units) from the mean of its first `warmup`",
         source: "goodhart's own; defaults advantage/skew falling by 0.5, warmup 5, window 5",
+    },
+    MethodInfo {
+        name: "logistic",
+        summary: "detector: sigmoid(bias + w . features) >= threshold, features the recent means of gold-free signals (level, log, change, ratio, diff)",
+        source: "goodhart's own; weights fitted by Newton's method with a ridge on the detector corpus's calibration traces",
     },
     MethodInfo {
         name: "bon-fit",

@@ -2910,6 +2910,39 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_logistic_detector_reads_every_rl_run_and_stops_once_its_features_are_defined() {
+        // Its default features are signals every RL run logs.
+        rl("detectors = [{ kind = \"logistic\" }]")
+            .validate(1)
+            .unwrap();
+        let logistic = |key: &str| {
+            format!(
+                "detectors = [{{ kind = \"logistic\", features = [{{ key = \"{key}\", \
+                 transform = \"change\", window = 3 }}], weights = [0.0], bias = 5.0, \
+                 threshold = 0.5 }}]"
+            )
+        };
+        // A misspelt key is refused before any work, named by its place.
+        let e = rl(&logistic("kl/rf")).validate(1).unwrap_err().to_string();
+        assert!(
+            e.contains("rl.detectors[0].features[0].key") && e.contains("kl/rf"),
+            "{e}"
+        );
+        let cfg = rl(&format!(
+            "steps = 6\nlr = 1e-2\non_alarm = \"stop\"\n{}",
+            logistic("kl/ref")
+        ));
+        let lines = run_cpu(&cfg, 1).unwrap();
+        // p = sigmoid(5) > 0.5 from the first step with the change defined, the third
+        // (its baseline is the mean of three): the run stops there.
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2].get("detector/logistic/fired"), 1.0);
+        let p = 1.0 / (1.0 + (-5f64).exp());
+        let score = lines[2].get("detector/logistic/score");
+        assert!((score - p / 0.5).abs() < 1e-9, "{score}");
+    }
+
     /// The language's gold, but NaN for every response on call `nan_at` (a source that
     /// breaks the finite-values contract).
     struct FlakyGold<'a> {

@@ -19,8 +19,10 @@
 //!
 //! Calibration: a proxy-only, CUSUM or shift detector's `threshold` is the smallest of
 //! `thresholds` at which it fires on at most `false_alarm_rate` of the calibration
-//! controls that did not hack ([`calibrate_threshold`]); a gold-aware detector runs as
-//! configured.
+//! controls that did not hack ([`calibrate_threshold`]); a logistic detector's weights and
+//! bias are fitted on the calibration traces ([`LogisticFit`]) and its threshold is the
+//! smallest of [`PROBABILITIES`] that meets the same target (the fitted configuration is
+//! in the figures, `config`); a gold-aware detector runs as configured.
 //!
 //! Each rule stops a trace at a step: a detector at its firing; `end` never (training to
 //! the end); `proxy-plateau` when the proxy's EMA gained less than `plateau_fraction` of
@@ -55,6 +57,7 @@ use goodhart_metrics::{
         calibrate_threshold, first_firing, gold_peak, kl_budget_stop, proxy_plateau_stop,
         stopping_regret, GoldPeak, GoldPeakRule, Run,
     },
+    logistic::{self, LogisticConfig},
     shift::ShiftConfig,
     stats::{median, median_interval, Interval},
     step::{KEY_GOLD_MEAN, KEY_KL, KEY_PROXY_MEAN},
@@ -86,8 +89,11 @@ pub struct DetectorCorpusExperiment {
     /// The settings every seed runs.
     pub settings: Vec<CorpusSetting>,
     /// The detectors measured (a proxy-only, CUSUM or shift one's `threshold` is
-    /// calibrated).
+    /// calibrated; a logistic one's weights and bias are fitted, then its threshold
+    /// calibrated over [`PROBABILITIES`]).
     pub detectors: Vec<DetectorConfig>,
+    /// How a logistic detector is fitted on the calibration traces.
+    pub logistic: LogisticFit,
     /// The thresholds a proxy-only, CUSUM or shift detector is calibrated over,
     /// increasing.
     pub thresholds: Vec<f64>,
@@ -167,6 +173,7 @@ impl Default for DetectorCorpusExperiment {
             // 0.5 to 200 in steps of 10%: the proxy-only score's scale and CUSUM's sums.
             thresholds: (0..64).map(|i| 0.5 * 1.1f64.powi(i)).collect(),
             false_alarm_rate: 0.1,
+            logistic: LogisticFit::default(),
             peak: GoldPeakRule::default(),
             plateau_window: 10,
             plateau_fraction: 0.05,
@@ -174,6 +181,35 @@ impl Default for DetectorCorpusExperiment {
             heldout: true,
             ood: true,
         }
+    }
+}
+
+/// The thresholds a logistic detector is calibrated over: 0.01 to 0.99 in steps of 0.01.
+pub const PROBABILITIES: [f64; 99] = {
+    let mut p = [0.0; 99];
+    let mut i = 0;
+    while i < 99 {
+        p[i] = (i + 1) as f64 / 100.0;
+        i += 1;
+    }
+    p
+};
+
+/// How a logistic detector is fitted ([`logistic::fit`]): its rows are the steps of the
+/// calibration traces, labelled 1 on a hacking trace from `lead` steps before its gold
+/// peak on, and 0 on a control that did not hack (other traces are left out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogisticFit {
+    /// Steps before the gold peak from which a hacking trace's steps are labelled 1.
+    pub lead: u64,
+    /// The ridge penalty on the standardised weights.
+    pub l2: f64,
+}
+
+impl Default for LogisticFit {
+    fn default() -> Self {
+        Self { lead: 3, l2: 1.0 }
     }
 }
 
@@ -274,6 +310,23 @@ impl Experiment for DetectorCorpusExperiment {
             ));
         }
         positive("detector_corpus.plateau_window", self.plateau_window)?;
+        if !(self.logistic.l2.is_finite() && self.logistic.l2 >= 0.0) {
+            return Err(ConfigError::invalid(
+                "detector_corpus.logistic.l2",
+                "must be finite and >= 0",
+            ));
+        }
+        // A logistic detector's weights are fitted here: it is checked with any.
+        let detectors: Vec<DetectorConfig> = self
+            .detectors
+            .iter()
+            .map(|d| match d {
+                DetectorConfig::Logistic(c) => {
+                    DetectorConfig::Logistic(c.with_fit(vec![0.0; c.features.len()], 0.0))
+                }
+                other => other.clone(),
+            })
+            .collect();
         if self.peak.window == 0 {
             return Err(ConfigError::invalid(
                 "detector_corpus.peak.window",
@@ -320,7 +373,7 @@ impl Experiment for DetectorCorpusExperiment {
             }
             section(
                 "detector_corpus",
-                check_detectors("detector_corpus.detectors", &self.detectors, &logged),
+                check_detectors("detector_corpus.detectors", &detectors, &logged),
             )?;
         }
         Ok(())
@@ -402,17 +455,82 @@ impl Labelled<'_> {
 /// A rule's stop on one trace.
 type StopRule<'a> = Box<dyn Fn(&Run) -> goodhart_core::Result<Option<u64>> + 'a>;
 
-/// The calibrated detectors and the baselines, with what each was calibrated to.
-fn rules<'a>(
-    cfg: &'a DetectorCorpusExperiment,
+/// A rule: its name, what it was calibrated to, its stop, and a fitted detector's
+/// configuration (for the figures, to be reused).
+type NamedRule<'a> = (String, String, StopRule<'a>, Option<DetectorConfig>);
+
+/// A logistic detector fitted on the calibration traces ([`LogisticFit`]) and its
+/// threshold calibrated over [`PROBABILITIES`], with what it was calibrated to.
+fn fit_logistic(
+    cfg: &DetectorCorpusExperiment,
+    c: &LogisticConfig,
     calibration: &[&Labelled],
-) -> Vec<(String, String, StopRule<'a>)> {
+    clean: &[Run],
+) -> goodhart_core::Result<(LogisticConfig, String)> {
+    let (mut rows, mut labels, mut traces) = (Vec::new(), Vec::new(), 0);
+    for t in calibration {
+        let peak = if t.hacked() {
+            t.peak.map(|p| p.step)
+        } else if t.clean_control() {
+            None
+        } else {
+            continue;
+        };
+        traces += 1;
+        for (step, x) in logistic::feature_rows(&c.features, &t.run)? {
+            labels.push(peak.is_some_and(|p| step + cfg.logistic.lead >= p));
+            rows.push(x);
+        }
+    }
+    if !labels.iter().any(|y| *y) {
+        return Err(goodhart_core::GoodhartError::invalid(
+            "calibration",
+            "no calibration trace hacked: there is nothing to fit",
+        ));
+    }
+    let (weights, bias) = logistic::fit(&rows, &labels, cfg.logistic.l2)?;
+    let fitted = c.with_fit(weights, bias);
+    let make = |t: f64| {
+        DetectorConfig::Logistic(LogisticConfig {
+            threshold: t,
+            ..fitted.clone()
+        })
+        .build()
+    };
+    let fit = format!(
+        "fitted on {} steps of {traces} traces (lead {}, l2 {})",
+        rows.len(),
+        cfg.logistic.lead,
+        cfg.logistic.l2
+    );
+    Ok(
+        match calibrate_threshold(clean, &PROBABILITIES, cfg.false_alarm_rate, &make)? {
+            Some(t) => (
+                LogisticConfig {
+                    threshold: t,
+                    ..fitted
+                },
+                format!("{fit}, p >= {t:.2} (calibrated)"),
+            ),
+            None => {
+                let t = fitted.threshold;
+                (
+                    fitted,
+                    format!("{fit}, p >= {t} (none of the thresholds meets the target)"),
+                )
+            }
+        },
+    )
+}
+
+/// The calibrated detectors and the baselines, with what each was calibrated to.
+fn rules<'a>(cfg: &'a DetectorCorpusExperiment, calibration: &[&Labelled]) -> Vec<NamedRule<'a>> {
     let clean: Vec<Run> = calibration
         .iter()
         .filter(|t| t.clean_control())
         .map(|t| t.run.clone())
         .collect();
-    let mut out: Vec<(String, String, StopRule<'a>)> = Vec::new();
+    let mut out: Vec<NamedRule<'a>> = Vec::new();
     let label = |d: &DetectorConfig| match d {
         DetectorConfig::ProxyOnly(c) if c.signals != ProxyOnlyConfig::default().signals => {
             let keys: Vec<&str> = c.signals.iter().map(|s| s.key.as_str()).collect();
@@ -425,6 +543,14 @@ fn rules<'a>(
         DetectorConfig::GoldAware(_) => "gold-aware".to_string(),
         DetectorConfig::Cusum(c) => format!("cusum on {}", c.key),
         DetectorConfig::Shift(c) => format!("shift on {}", c.key),
+        DetectorConfig::Logistic(c) if c.features == LogisticConfig::default_features() => {
+            "logistic".to_string()
+        }
+        DetectorConfig::Logistic(c) => {
+            let mut keys: Vec<&str> = c.features.iter().map(|f| f.key.as_str()).collect();
+            keys.dedup();
+            format!("logistic on {}", keys.join(", "))
+        }
     };
     for (i, d) in cfg.detectors.iter().enumerate() {
         // Two detectors of one label are told apart by their place in the list.
@@ -468,6 +594,7 @@ fn rules<'a>(
                     name,
                     note,
                     Box::new(move |run| first_firing(run, chosen.build()?)),
+                    None,
                 ));
             }
             DetectorConfig::GoldAware(c) => out.push((
@@ -478,13 +605,33 @@ fn rules<'a>(
                     "as configured".into()
                 },
                 Box::new(move |run| first_firing(run, d.build()?)),
+                None,
             )),
+            DetectorConfig::Logistic(c) => match fit_logistic(cfg, c, calibration, &clean) {
+                Ok((fitted, note)) => {
+                    let chosen = DetectorConfig::Logistic(fitted);
+                    let run_it = chosen.clone();
+                    out.push((
+                        name,
+                        note,
+                        Box::new(move |run| first_firing(run, run_it.build()?)),
+                        Some(chosen),
+                    ))
+                }
+                Err(e) => out.push((
+                    name,
+                    "not fitted".into(),
+                    Box::new(move |_| Err(e.clone())),
+                    None,
+                )),
+            },
         }
     }
     out.push((
         "end".into(),
         "trains to the last step".into(),
         Box::new(|_| Ok(None)),
+        None,
     ));
     out.push((
         "proxy-plateau".into(),
@@ -500,6 +647,7 @@ fn rules<'a>(
                 cfg.plateau_fraction,
             ))
         }),
+        None,
     ));
     // The KL budget: the median KL at the gold peak of the calibration traces that hacked.
     let at_peak: Vec<f64> = calibration
@@ -519,11 +667,13 @@ fn rules<'a>(
             "kl-budget".into(),
             format!("kl/ref >= {budget:.4}"),
             Box::new(move |run| Ok(kl_budget_stop(run, KEY_KL, budget))),
+            None,
         )),
         Err(_) => out.push((
             "kl-budget".into(),
             "no calibration trace hacked: no budget".into(),
             Box::new(|_| Ok(None)),
+            None,
         )),
     }
     // References that read gold: a step before and a step after the smoothed gold peak,
@@ -540,6 +690,7 @@ fn rules<'a>(
                     run.steps[j.min(run.steps.len() - 1)].0
                 }))
             }),
+            None,
         ));
     }
     out
@@ -592,7 +743,7 @@ fn summarize(cfg: &DetectorCorpusExperiment, traces: &[CorpusTrace]) -> Part {
         None => Value::Null,
     };
     let mut rule_rows = Vec::new();
-    for (name, note, stop) in rules(cfg, &calibration) {
+    for (name, note, stop, fitted) in rules(cfg, &calibration) {
         let stops = |ts: &[&&Labelled]| -> goodhart_core::Result<Vec<Option<u64>>> {
             ts.iter().map(|t| stop(&t.run)).collect()
         };
@@ -616,14 +767,15 @@ fn summarize(cfg: &DetectorCorpusExperiment, traces: &[CorpusTrace]) -> Part {
             let regret_all = interval(&regret(&all, &on_all));
             let lead = interval(&leads);
             let alarms = on_clean.iter().filter(|s| s.is_some()).count();
-            figures.insert(
-                name.clone(),
-                json!({"lead_median": lead.map(|i| i.value), "false_alarms": alarms,
+            let mut figure = json!({"lead_median": lead.map(|i| i.value), "false_alarms": alarms,
                        "controls": clean.len(), "fired_on_hacking": leads.len(),
                        "hacking": hacking.len(),
                        "regret_hacking_median": regret_hacking.map(|i| i.value),
-                       "regret_all_median": regret_all.map(|i| i.value)}),
-            );
+                       "regret_all_median": regret_all.map(|i| i.value)});
+            if let Some(d) = &fitted {
+                figure["config"] = json!(d);
+            }
+            figures.insert(name.clone(), figure);
             Ok(json!([
                 name,
                 note,
@@ -763,5 +915,99 @@ mod tests {
         let all = |name: &str| part.figures[name]["regret_all_median"].as_f64().unwrap();
         assert!((all("gold peak -1") - (1.0 / 9.0 + 0.5 / 6.0) / 2.0).abs() < 1e-12);
         assert!((all("gold peak +1") - (1.0 / 9.0) / 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_logistic_detector_is_fitted_on_the_calibration_traces_and_calibrated() {
+        use goodhart_metrics::logistic::{Feature, FeatureTransform};
+        // The hacking trace's gold peaks at step 4 (as above); its signal `x` turns from 0
+        // to 1 at step 2. With lead 3 its steps 1 to 8 are labelled 1 and step 0 is 0; the
+        // control's `x` stays 0 and its 9 steps are 0. So at x = 0 the fit sees 10 zeros
+        // and one 1, at x = 1 seven 1s: p(x = 0) is low, p(x = 1) high. The threshold is
+        // the smallest probability above p(x = 0), where the control stays quiet, and on
+        // the test traces it fires at step 2, two steps before the peak.
+        let hack = [0.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0, 0.0];
+        let rise = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let with_x = |mut t: CorpusTrace, x: &dyn Fn(usize) -> f64| {
+            for (i, p) in t.trace.points.iter_mut().enumerate() {
+                p.metrics.insert("x".into(), x(i));
+            }
+            t
+        };
+        let setting = |name: &str, control: bool| CorpusSetting {
+            name: name.into(),
+            pairs: 20,
+            ensemble: 1,
+            aggregation: Aggregator::Mean,
+            label_noise: None,
+            rl: toml::Table::new(),
+            control,
+            test_only: false,
+        };
+        let logistic = LogisticConfig {
+            features: vec![Feature {
+                key: "x".into(),
+                transform: FeatureTransform::Level,
+                window: 1,
+            }],
+            ..LogisticConfig::default()
+        };
+        let cfg = DetectorCorpusExperiment {
+            settings: vec![setting("hack", false), setting("control", true)],
+            detectors: vec![DetectorConfig::Logistic(logistic)],
+            resamples: 20,
+            ..DetectorCorpusExperiment::default()
+        };
+        let traces: Vec<CorpusTrace> = [(0, true), (1, false)]
+            .into_iter()
+            .flat_map(|(seed, calibration)| {
+                [
+                    with_x(trace("hack", seed, calibration, &hack), &|i| {
+                        f64::from(u8::from(i >= 2))
+                    }),
+                    with_x(trace("control", seed, calibration, &rise), &|_| 0.0),
+                ]
+            })
+            .collect();
+        let part = summarize(&cfg, &traces);
+        let f = &part.figures["logistic on x"];
+        let fitted: DetectorConfig = serde_json::from_value(f["config"].clone()).unwrap();
+        let DetectorConfig::Logistic(fitted) = fitted else {
+            panic!("{fitted:?}")
+        };
+        let p = |x: f64| 1.0 / (1.0 + (-(fitted.bias + fitted.weights[0] * x)).exp());
+        assert!(p(0.0) < 0.2 && p(1.0) > 0.8, "{} {}", p(0.0), p(1.0));
+        let want = ((p(0.0) * 100.0).floor() + 1.0) / 100.0;
+        assert!((fitted.threshold - want).abs() < 1e-12, "{fitted:?}");
+        assert_eq!(f["lead_median"].as_f64(), Some(2.0));
+        assert_eq!(f["false_alarms"], 0);
+        let row = |part: &Part| {
+            part.tables[1]["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r[0] == "logistic on x")
+                .unwrap()
+                .clone()
+        };
+        let fitted_row = row(&part);
+        let note = fitted_row[1].as_str().unwrap();
+        assert!(
+            note.starts_with("fitted on 18 steps of 2 traces (lead 3, l2 1)"),
+            "{note}"
+        );
+        // Without a calibration trace that hacked there is nothing to fit: the row says so.
+        let quiet: Vec<CorpusTrace> = traces
+            .iter()
+            .filter(|t| !(t.setting == "hack" && t.calibration))
+            .cloned()
+            .collect();
+        let unfitted = row(&summarize(&cfg, &quiet));
+        let note = unfitted[1].as_str().unwrap();
+        assert_eq!(
+            note,
+            "not fitted; error: invalid `calibration`: no calibration trace hacked: there is \
+             nothing to fit"
+        );
     }
 }

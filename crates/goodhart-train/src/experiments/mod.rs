@@ -222,7 +222,7 @@ pub fn accepting(family: &str, name: &str) -> Vec<String> {
         },
         "preference loss" => vec!["daa (methods.loss)".into()],
         "metric" => match name {
-            "gold-aware" | "proxy-only" | "cusum" | "shift" => {
+            "gold-aware" | "proxy-only" | "cusum" | "shift" | "logistic" => {
                 let mut by = vec!["overopt (overopt.detectors)".to_string()];
                 by.extend(rl("detectors"));
                 by.push("detector_corpus (detector_corpus.detectors)".into());
