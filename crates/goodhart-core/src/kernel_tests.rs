@@ -428,3 +428,49 @@ crate::backend_test! {
         }
     }
 }
+
+crate::backend_test! {
+    fn products_of_many_rows_match_host_products_on_any_thread_count<B>(device) {
+        // The policy's forward and input-gradient products (`[B T, k] x [k, n]`, the right
+        // side also a transposed view, as `dY W^T` reads it) against f64 dot products, at
+        // shapes the CPU backend splits into blocks of rows (vendor/burn-flex/PATCHES.md),
+        // with a row count its blocks do not divide evenly; and the same values on a pool
+        // of one thread, where it does not split.
+        for (rows, k, n) in [(5120, 128, 384), (5123, 384, 128), (1000, 96, 80)] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104_729) % 1999) as f32 / 1000.0 - 1.0)
+                .collect();
+            let lhs = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([rows, k]);
+            let rhs = Tensor::<B, 1>::from_floats(w.as_slice(), device).reshape([k, n]);
+            // The right side stored as its transpose `[n, k]`, read through a view.
+            let w_t: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let rhs_view = Tensor::<B, 1>::from_floats(w_t.as_slice(), device)
+                .reshape([n, k])
+                .transpose();
+            let want: Vec<f32> = (0..rows * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    (0..k)
+                        .map(|j| x[r * k + j] as f64 * w[j * n + c] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let got = values(lhs.clone().matmul(rhs.clone()));
+            assert_close(&got, &want, tolerance(1e-4));
+            let through_view = values(lhs.clone().matmul(rhs_view.clone()));
+            assert_close(&through_view, &want, tolerance(1e-4));
+            #[cfg(feature = "ndarray")]
+            if crate::testing::test_device() == crate::device::DeviceSpec::Cpu {
+                let one = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("a pool of one thread");
+                let on_one = one.install(|| values(lhs.matmul(rhs)));
+                assert_eq!(got, on_one, "{rows} x {k} x {n}");
+            }
+        }
+    }
+}

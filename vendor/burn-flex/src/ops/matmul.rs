@@ -67,6 +67,22 @@ const FEW_ROWS: usize = 64;
 #[cfg(feature = "rayon")]
 const COLUMN_SPLIT_THRESHOLD: usize = 1 << 21;
 
+/// goodhart patch: products that gemm would run on several threads, with at least this
+/// many rows and a right operand of at most [`ROW_SPLIT_MAX_RHS`] elements, are split into
+/// blocks of rows, [`ROW_BLOCKS_PER_THREAD`] per rayon thread, one single-threaded gemm
+/// call each (`matmul_2d_strided`). Each call packs the right operand again, hence the
+/// bound on its size.
+#[cfg(feature = "rayon")]
+const ROW_SPLIT_MIN_ROWS: usize = 512;
+
+/// goodhart patch: see [`ROW_SPLIT_MIN_ROWS`] (1 Mi elements, 4 MiB of f32).
+#[cfg(feature = "rayon")]
+const ROW_SPLIT_MAX_RHS: usize = 1 << 20;
+
+/// goodhart patch: see [`ROW_SPLIT_MIN_ROWS`].
+#[cfg(feature = "rayon")]
+const ROW_BLOCKS_PER_THREAD: usize = 4;
+
 /// goodhart patch: products with at most this many output elements and an inner
 /// dimension of at least [`SPLIT_K_MIN_DEPTH`] and [`SPLIT_K_DEPTH_RATIO`] times their
 /// larger output dimension are split along the inner dimension (`matmul_2d_split_k_f32`).
@@ -339,6 +355,48 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     }
 
     let parallelism = get_parallelism(m, n, k);
+
+    // goodhart patch: a product of many rows that gemm would thread is split into blocks
+    // of output rows, one single-threaded gemm call each, on rayon's threads (measured
+    // faster than gemm's own threading on the policy's products, docs/speed.md). Each
+    // output element is the same dot product as unsplit.
+    #[cfg(feature = "rayon")]
+    if m >= ROW_SPLIT_MIN_ROWS
+        && k.saturating_mul(n) <= ROW_SPLIT_MAX_RHS
+        && !matches!(parallelism, gemm::Parallelism::None)
+    {
+        let threads = rayon::current_num_threads();
+        let height = m.div_ceil(ROW_BLOCKS_PER_THREAD * threads).next_multiple_of(16);
+        if threads > 1 && height < m {
+            use rayon::prelude::*;
+            let (lhs_addr, rhs_addr) = (lhs_ptr as usize, rhs_ptr as usize);
+            // SAFETY: the blocks write disjoint rows of the output, and together every
+            // element (gemm without `read_dst`, as below).
+            return unsafe {
+                FlexTensor::from_writer::<T>(out_shape, |out| {
+                    let out_addr = out as usize;
+                    (0..m.div_ceil(height)).into_par_iter().for_each(|block| {
+                        let first = block * height;
+                        gemm_call(
+                            height.min(m - first),
+                            n,
+                            k,
+                            (out_addr as *mut T).add(first * n),
+                            1,
+                            n as isize,
+                            (lhs_addr as *const T).offset(first as isize * lhs_row_stride),
+                            lhs_col_stride,
+                            lhs_row_stride,
+                            rhs_addr as *const T,
+                            rhs_col_stride,
+                            rhs_row_stride,
+                            gemm::Parallelism::None,
+                        )
+                    });
+                })
+            };
+        }
+    }
 
     // SAFETY: gemm without `read_dst` writes all `m x n` elements (zeros when `k = 0`)
     // and reads none (goodhart patch: the output is not zero-filled first).
