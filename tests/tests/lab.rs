@@ -1530,7 +1530,22 @@ fn a_trl_named_csv_of_a_run_fires_where_the_lab_detector_did() {
          { key = \"entropy\", transform = \"level\", direction = \"down\" }]",
     ];
     let config: DetectorConfig = toml::from_str(&fields.join("\n")).unwrap();
-    let detectors = format!("overopt.detectors=[{{ {} }}]", fields.join(", "));
+    // And a logistic one over three signals, one of them a TRL column of another name.
+    let logistic_fields = [
+        "kind = \"logistic\"",
+        "features = [{ key = \"kl/ref\", transform = \"change\", window = 2 }, \
+         { key = \"entropy\", transform = \"ratio\", window = 2 }, \
+         { key = \"length/mean\", transform = \"level\", window = 1 }]",
+        "weights = [2000.0, -5.0, 0.01]",
+        "bias = 0.0",
+        "threshold = 0.9",
+    ];
+    let logistic: DetectorConfig = toml::from_str(&logistic_fields.join("\n")).unwrap();
+    let detectors = format!(
+        "overopt.detectors=[{{ {} }}, {{ {} }}]",
+        fields.join(", "),
+        logistic_fields.join(", ")
+    );
     let root = scratch("detect-csv");
     let (dir, summary) = run(
         tiny(
@@ -1539,13 +1554,15 @@ fn a_trl_named_csv_of_a_run_fires_where_the_lab_detector_did() {
         ),
         &root,
     );
-    let fired = summary["detections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["series"] == "rl p20")
-        .map(|d| d["step"].as_u64().unwrap())
-        .expect("the lab's detector fired on the RL run");
+    let fired_by = |detector: &str| {
+        summary["detections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["series"] == "rl p20" && d["detector"] == detector)
+            .map(|d| d["step"].as_u64().unwrap())
+    };
+    let fired = fired_by("proxy-only").expect("the lab's detector fired on the RL run");
     // The run's RL series as a trainer's CSV, in TRL's column names.
     let mut csv = String::from("step,kl,entropy,completions/mean_length,eval_gold\n");
     for l in metric_lines(&dir)
@@ -1583,6 +1600,18 @@ fn a_trl_named_csv_of_a_run_fires_where_the_lab_detector_did() {
     let peak = out.gold_peak.unwrap().step;
     assert_eq!(out.lead, Some(peak as i64 - fired as i64));
     assert!(out.stopping_regret.is_some_and(|r| r.is_finite()));
+    // The logistic detector reads the same CSV, `length/mean` from TRL's column, and
+    // fires where it did in the lab.
+    let mut logistic_maps = maps.clone();
+    logistic_maps.push(("length/mean".into(), "completions/mean_length".into()));
+    let logistic_spec = LogSpec {
+        columns: columns_for(&logistic, &logistic_maps).unwrap(),
+        ..spec.clone()
+    };
+    let logistic_log = read_log(&file, &logistic_spec).unwrap();
+    let out = detect_run(&logistic_log, logistic.build().unwrap(), &rule).unwrap();
+    let in_lab = fired_by("logistic").expect("the lab's logistic detector fired");
+    assert_eq!(out.firing.map(|f| f.step), Some(in_lab));
     // goodhart's own metrics.jsonl, one series of it, gives the same.
     let own = LogSpec {
         columns: columns_for(&config, &[]).unwrap(),
