@@ -418,15 +418,21 @@ crate::backend_test! {
             assert_close(&got, &want, tolerance(1e-3));
             #[cfg(feature = "ndarray")]
             if crate::testing::test_device() == crate::device::DeviceSpec::Cpu {
-                let one = rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .build()
-                    .expect("a pool of one thread");
-                let on_one = one.install(|| values(xt.matmul(gt)));
+                let on_one = on_one_thread(|| values(xt.matmul(gt)));
                 assert_eq!(got, on_one, "{rows} x {d_in} x {d_out}");
             }
         }
     }
+}
+
+/// `f` on a rayon pool of one thread (the CPU backend's kernels then split nothing).
+#[cfg(feature = "ndarray")]
+fn on_one_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a pool of one thread")
+        .install(f)
 }
 
 crate::backend_test! {
@@ -464,11 +470,7 @@ crate::backend_test! {
             assert_close(&through_view, &want, tolerance(1e-4));
             #[cfg(feature = "ndarray")]
             if crate::testing::test_device() == crate::device::DeviceSpec::Cpu {
-                let one = rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .build()
-                    .expect("a pool of one thread");
-                let on_one = one.install(|| values(lhs.matmul(rhs)));
+                let on_one = on_one_thread(|| values(lhs.matmul(rhs)));
                 assert_eq!(got, on_one, "{rows} x {k} x {n}");
             }
         }

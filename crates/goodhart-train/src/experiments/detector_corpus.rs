@@ -867,6 +867,20 @@ mod tests {
         }
     }
 
+    /// A setting of 20 pairs and the default `[rl]`.
+    fn setting(name: &str, control: bool) -> CorpusSetting {
+        CorpusSetting {
+            name: name.into(),
+            pairs: 20,
+            ensemble: 1,
+            aggregation: Aggregator::Mean,
+            label_noise: None,
+            rl: toml::Table::new(),
+            control,
+            test_only: false,
+        }
+    }
+
     #[test]
     fn the_references_stop_one_step_beside_the_smoothed_gold_peak() {
         // Gold 0 1 2 3 4 3 2 1 0: centred means of 5 are 1, 1.5, 2, 2.6, 2.8, 2.6, 2, 1.5,
@@ -876,16 +890,6 @@ mod tests {
         // last step; both are false alarms.
         let hack = [0.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0, 0.0];
         let rise = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
-        let setting = |name: &str, control: bool| CorpusSetting {
-            name: name.into(),
-            pairs: 20,
-            ensemble: 1,
-            aggregation: Aggregator::Mean,
-            label_noise: None,
-            rl: toml::Table::new(),
-            control,
-            test_only: false,
-        };
         let cfg = DetectorCorpusExperiment {
             settings: vec![setting("hack", false), setting("control", true)],
             detectors: vec![],
@@ -933,16 +937,6 @@ mod tests {
                 p.metrics.insert("x".into(), x(i));
             }
             t
-        };
-        let setting = |name: &str, control: bool| CorpusSetting {
-            name: name.into(),
-            pairs: 20,
-            ensemble: 1,
-            aggregation: Aggregator::Mean,
-            label_noise: None,
-            rl: toml::Table::new(),
-            control,
-            test_only: false,
         };
         let logistic = LogisticConfig {
             features: vec![Feature {
