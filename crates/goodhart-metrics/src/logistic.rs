@@ -196,7 +196,7 @@ impl Default for LogisticConfig {
 }
 
 /// One feature's running state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct FeatureState {
     recent: VecDeque<f64>,
     /// The last `window + 1` recent means (for `diff`).
@@ -204,33 +204,24 @@ struct FeatureState {
     baseline: Option<f64>,
 }
 
-/// The features of a configuration, fed one step at a time.
+/// The running state of a list of features, fed one step at a time.
 #[derive(Debug, Clone)]
-struct Features {
-    features: Vec<Feature>,
-    states: Vec<FeatureState>,
-}
+struct Features(Vec<FeatureState>);
 
 impl Features {
-    fn new(features: &[Feature]) -> Self {
-        Self {
-            features: features.to_vec(),
-            states: vec![
-                FeatureState {
-                    recent: VecDeque::new(),
-                    means: VecDeque::new(),
-                    baseline: None,
-                };
-                features.len()
-            ],
-        }
+    fn new(count: usize) -> Self {
+        Self(vec![FeatureState::default(); count])
     }
 
     /// Feeds one step: `Ok(None)` when a key is missing (nothing is updated) or a feature
     /// is not yet defined, else the features' values.
-    fn push(&mut self, metrics: &BTreeMap<String, f64>) -> Result<Option<Vec<f64>>> {
-        let mut xs = Vec::with_capacity(self.features.len());
-        for f in &self.features {
+    fn push(
+        &mut self,
+        features: &[Feature],
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<Option<Vec<f64>>> {
+        let mut xs = Vec::with_capacity(features.len());
+        for f in features {
             match read(metrics, &f.key)? {
                 Some(x) => xs.push(x),
                 None => return Ok(None),
@@ -238,7 +229,7 @@ impl Features {
         }
         let mut out = Vec::with_capacity(xs.len());
         let mut ready = true;
-        for ((f, s), x) in self.features.iter().zip(&mut self.states).zip(xs) {
+        for ((f, s), x) in features.iter().zip(&mut self.0).zip(xs) {
             s.recent.push_back(x);
             if s.recent.len() > f.window {
                 s.recent.pop_front();
@@ -278,10 +269,10 @@ impl Features {
 /// The features of `features` at every step of `run` where all are defined, as
 /// `(step, values)`: the rows [`fit`] learns from, as the detector sees them online.
 pub fn feature_rows(features: &[Feature], run: &Run) -> Result<Vec<(u64, Vec<f64>)>> {
-    let mut state = Features::new(features);
+    let mut state = Features::new(features.len());
     let mut rows = Vec::new();
     for (step, metrics) in &run.steps {
-        if let Some(x) = state.push(metrics)? {
+        if let Some(x) = state.push(features, metrics)? {
             rows.push((*step, x));
         }
     }
@@ -419,7 +410,7 @@ fn cholesky_solve(mut a: Vec<Vec<f64>>, b: &[f64]) -> Result<Vec<f64>> {
 #[derive(Debug, Clone)]
 pub struct Logistic {
     cfg: LogisticConfig,
-    features: Features,
+    state: Features,
     last_step: Option<u64>,
     score: Option<f64>,
     fired: Option<Firing>,
@@ -431,7 +422,7 @@ impl Logistic {
     pub fn new(cfg: LogisticConfig) -> Result<Self> {
         cfg.check()?;
         Ok(Self {
-            features: Features::new(&cfg.features),
+            state: Features::new(cfg.features.len()),
             cfg,
             last_step: None,
             score: None,
@@ -447,7 +438,7 @@ impl Detector for Logistic {
 
     fn update(&mut self, step: u64, metrics: &BTreeMap<String, f64>) -> Result<Option<Firing>> {
         advance(&mut self.last_step, step)?;
-        let Some(x) = self.features.push(metrics)? else {
+        let Some(x) = self.state.push(&self.cfg.features, metrics)? else {
             return Ok(None);
         };
         let c = &self.cfg;
