@@ -330,9 +330,7 @@ crate::backend_test! {
         // A bias gradient's shape (`[B T, n]`, summed over rows) and a layer norm's
         // (`[B T, D]`, summed along rows), above and below the multi-thread threshold.
         for (rows, cols) in [(5120, 384), (5120, 128), (7, 33)] {
-            let x: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-                .collect();
+            let x = pattern(rows * cols, 7919, 2001);
             let t = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([rows, cols]);
             // Each column summed in row order, in f32, as one thread would.
             let mut columns = vec![0f32; cols];
@@ -360,23 +358,12 @@ crate::backend_test! {
         // stored `[V, D]`); at these sizes the CPU backend splits the output columns
         // over threads.
         let (k, wide, at, n) = (300, 2600, 300, 2000);
-        let w: Vec<f32> = (0..k * wide)
-            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
+        let w = pattern(k * wide, 7919, 2001);
         for m in [1, 8, 64] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 104_729) % 1999) as f32 / 1000.0 - 1.0)
-                .collect();
+            let x = pattern(m * k, 104_729, 1999);
             let lhs = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([m, k]);
             let rhs = Tensor::<B, 1>::from_floats(w.as_slice(), device).reshape([k, wide]);
-            let want: Vec<f32> = (0..m * n)
-                .map(|i| {
-                    let (r, c) = (i / n, i % n);
-                    (0..k)
-                        .map(|j| x[r * k + j] as f64 * w[j * wide + at + c] as f64)
-                        .sum::<f64>() as f32
-                })
-                .collect();
+            let want = host_product(m, k, n, |r, j| x[r * k + j], |j, c| w[j * wide + at + c]);
             let got = values(lhs.clone().matmul(rhs.clone().narrow(1, at, n)));
             assert_close(&got, &want, tolerance(1e-4));
             // The same product with the right-hand side stored transposed.
@@ -396,24 +383,13 @@ crate::backend_test! {
         // inner dimension that its blocks do not divide evenly; and the same values on a
         // pool of one thread as on the default one (the blocks do not depend on threads).
         for (rows, d_in, d_out) in [(5120, 128, 128), (5123, 128, 512), (4100, 512, 8)] {
-            let x: Vec<f32> = (0..rows * d_in)
-                .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-                .collect();
-            let g: Vec<f32> = (0..rows * d_out)
-                .map(|i| ((i * 104_729) % 1999) as f32 / 1000.0 - 1.0)
-                .collect();
+            let x = pattern(rows * d_in, 7919, 2001);
+            let g = pattern(rows * d_out, 104_729, 1999);
             let xt = Tensor::<B, 1>::from_floats(x.as_slice(), device)
                 .reshape([rows, d_in])
                 .transpose();
             let gt = Tensor::<B, 1>::from_floats(g.as_slice(), device).reshape([rows, d_out]);
-            let want: Vec<f32> = (0..d_in * d_out)
-                .map(|i| {
-                    let (r, c) = (i / d_out, i % d_out);
-                    (0..rows)
-                        .map(|j| x[j * d_in + r] as f64 * g[j * d_out + c] as f64)
-                        .sum::<f64>() as f32
-                })
-                .collect();
+            let want = host_product(d_in, rows, d_out, |r, j| x[j * d_in + r], |j, c| g[j * d_out + c]);
             let got = values(xt.clone().matmul(gt.clone()));
             assert_close(&got, &want, tolerance(1e-3));
             #[cfg(feature = "ndarray")]
@@ -435,6 +411,32 @@ fn on_one_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
         .install(f)
 }
 
+/// `len` values in `[-1, 1)`: `(i * step) % modulus`, scaled by 1/1000 and shifted by -1.
+fn pattern(len: usize, step: usize, modulus: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * step) % modulus) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
+/// The `[rows, cols]` product of `a(r, j)` and `b(j, c)` over `inner`, each element
+/// summed in f64 and rounded to f32 once.
+fn host_product(
+    rows: usize,
+    inner: usize,
+    cols: usize,
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize, usize) -> f32,
+) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            (0..inner)
+                .map(|j| a(r, j) as f64 * b(j, c) as f64)
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
 crate::backend_test! {
     fn products_of_many_rows_match_host_products_on_any_thread_count<B>(device) {
         // The policy's forward and input-gradient products (`[B T, k] x [k, n]`, the right
@@ -443,12 +445,8 @@ crate::backend_test! {
         // with a row count its blocks do not divide evenly; and the same values on a pool
         // of one thread, where it does not split.
         for (rows, k, n) in [(5120, 128, 384), (5123, 384, 128), (1000, 96, 80)] {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-                .collect();
-            let w: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 104_729) % 1999) as f32 / 1000.0 - 1.0)
-                .collect();
+            let x = pattern(rows * k, 7919, 2001);
+            let w = pattern(k * n, 104_729, 1999);
             let lhs = Tensor::<B, 1>::from_floats(x.as_slice(), device).reshape([rows, k]);
             let rhs = Tensor::<B, 1>::from_floats(w.as_slice(), device).reshape([k, n]);
             // The right side stored as its transpose `[n, k]`, read through a view.
@@ -456,14 +454,7 @@ crate::backend_test! {
             let rhs_view = Tensor::<B, 1>::from_floats(w_t.as_slice(), device)
                 .reshape([n, k])
                 .transpose();
-            let want: Vec<f32> = (0..rows * n)
-                .map(|i| {
-                    let (r, c) = (i / n, i % n);
-                    (0..k)
-                        .map(|j| x[r * k + j] as f64 * w[j * n + c] as f64)
-                        .sum::<f64>() as f32
-                })
-                .collect();
+            let want = host_product(rows, k, n, |r, j| x[r * k + j], |j, c| w[j * n + c]);
             let got = values(lhs.clone().matmul(rhs.clone()));
             assert_close(&got, &want, tolerance(1e-4));
             let through_view = values(lhs.clone().matmul(rhs_view.clone()));
