@@ -323,33 +323,20 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
         let threads = rayon::current_num_threads();
         let width = n.div_ceil(2 * threads).max(32).next_multiple_of(16);
         if threads > 1 && width < n {
-            use rayon::prelude::*;
-            let (lhs_addr, rhs_addr) = (lhs_ptr as usize, rhs_ptr as usize);
-            // SAFETY: the blocks write disjoint columns of the output, and together
-            // every element (gemm without `read_dst`, as below).
+            // SAFETY: the pointers and strides are the operands' own; the column blocks
+            // are disjoint and cover the output.
             return unsafe {
-                FlexTensor::from_writer::<T>(out_shape, |out| {
-                    let out_addr = out as usize;
-                    (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
+                matmul_2d_in_blocks::<T>(
+                    out_shape,
+                    k,
+                    (lhs_ptr, lhs_row_stride, lhs_col_stride),
+                    (rhs_ptr, rhs_row_stride, rhs_col_stride),
+                    n.div_ceil(width),
+                    |block| {
                         let first = block * width;
-                        let cols = width.min(n - first);
-                        gemm_call(
-                            m,
-                            cols,
-                            k,
-                            (out_addr as *mut T).add(first),
-                            1,
-                            n as isize,
-                            lhs_addr as *const T,
-                            lhs_col_stride,
-                            lhs_row_stride,
-                            (rhs_addr as *const T).offset(first as isize * rhs_col_stride),
-                            rhs_col_stride,
-                            rhs_row_stride,
-                            gemm::Parallelism::None,
-                        )
-                    });
-                })
+                        (0, m, first, width.min(n - first))
+                    },
+                )
             };
         }
     }
@@ -368,32 +355,20 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
         let threads = rayon::current_num_threads();
         let height = m.div_ceil(ROW_BLOCKS_PER_THREAD * threads).next_multiple_of(16);
         if threads > 1 && height < m {
-            use rayon::prelude::*;
-            let (lhs_addr, rhs_addr) = (lhs_ptr as usize, rhs_ptr as usize);
-            // SAFETY: the blocks write disjoint rows of the output, and together every
-            // element (gemm without `read_dst`, as below).
+            // SAFETY: as for the column blocks above; the row blocks are disjoint and
+            // cover the output.
             return unsafe {
-                FlexTensor::from_writer::<T>(out_shape, |out| {
-                    let out_addr = out as usize;
-                    (0..m.div_ceil(height)).into_par_iter().for_each(|block| {
+                matmul_2d_in_blocks::<T>(
+                    out_shape,
+                    k,
+                    (lhs_ptr, lhs_row_stride, lhs_col_stride),
+                    (rhs_ptr, rhs_row_stride, rhs_col_stride),
+                    m.div_ceil(height),
+                    |block| {
                         let first = block * height;
-                        gemm_call(
-                            height.min(m - first),
-                            n,
-                            k,
-                            (out_addr as *mut T).add(first * n),
-                            1,
-                            n as isize,
-                            (lhs_addr as *const T).offset(first as isize * lhs_row_stride),
-                            lhs_col_stride,
-                            lhs_row_stride,
-                            rhs_addr as *const T,
-                            rhs_col_stride,
-                            rhs_row_stride,
-                            gemm::Parallelism::None,
-                        )
-                    });
-                })
+                        (first, height.min(m - first), 0, n)
+                    },
+                )
             };
         }
     }
@@ -417,6 +392,55 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
                 rhs_row_stride,
                 parallelism,
             )
+        })
+    }
+}
+
+/// goodhart patch: the 2-D product `[m, k] x [k, n]` (`out_shape = [m, n]`) as `blocks`
+/// single-threaded gemm calls on rayon's threads, block `i` covering the output rows
+/// `r..r + rows` and columns `c..c + cols`, where `(r, rows, c, cols) = block(i)`. Each
+/// operand is `(pointer to its first element, row stride, column stride)`. Each output
+/// element is the same dot product, summed in the same order, as one unsplit call's.
+///
+/// # Safety
+///
+/// The operands must point to `[m, k]` and `[k, n]` matrices under their strides, and the
+/// blocks must be disjoint and together cover every output element (gemm is called
+/// without `read_dst`, so an uncovered element would stay uninitialised).
+#[cfg(feature = "rayon")]
+unsafe fn matmul_2d_in_blocks<T: GemmScalar>(
+    out_shape: Shape,
+    k: usize,
+    lhs: (*const T, isize, isize),
+    rhs: (*const T, isize, isize),
+    blocks: usize,
+    block: impl Fn(usize) -> (usize, usize, usize, usize) + Sync,
+) -> FlexTensor {
+    use rayon::prelude::*;
+    let n = out_shape[1];
+    let (lhs_addr, lhs_rs, lhs_cs) = (lhs.0 as usize, lhs.1, lhs.2);
+    let (rhs_addr, rhs_rs, rhs_cs) = (rhs.0 as usize, rhs.1, rhs.2);
+    unsafe {
+        FlexTensor::from_writer::<T>(out_shape, |out| {
+            let out_addr = out as usize;
+            (0..blocks).into_par_iter().for_each(|i| {
+                let (row, rows, col, cols) = block(i);
+                gemm_call(
+                    rows,
+                    cols,
+                    k,
+                    (out_addr as *mut T).add(row * n + col),
+                    1,
+                    n as isize,
+                    (lhs_addr as *const T).offset(row as isize * lhs_rs),
+                    lhs_cs,
+                    lhs_rs,
+                    (rhs_addr as *const T).offset(col as isize * rhs_cs),
+                    rhs_cs,
+                    rhs_rs,
+                    gemm::Parallelism::None,
+                )
+            });
         })
     }
 }
