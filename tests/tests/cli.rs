@@ -185,32 +185,15 @@ fn piped_progress_is_plain_lines_and_quiet_is_silent() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-#[test]
-fn vs_torch_reports_the_ratio_of_medians_and_each_runs_ratio() {
-    // A stand-in twin (same JSON keys as benches/torch_twin.py) that reports 100 / 200 /
-    // 300 tokens/s on its first run and 400 / 800 / 1200 on its second.
-    let dir = std::env::temp_dir().join(format!("goodhart-twin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temp dir");
-    let twin = dir.join("twin.py");
-    std::fs::write(
-        &twin,
-        "import json, os, sys\n\
-         p = os.path.join(os.path.dirname(sys.argv[0]), 'count')\n\
-         n = int(open(p).read()) if os.path.exists(p) else 0\n\
-         open(p, 'w').write(str(n + 1))\n\
-         f = [100.0, 400.0][n]\n\
-         print(json.dumps({'gen_tok_s': f, 'score_tok_s': 2 * f, 'train_tok_s': 3 * f}))\n",
-    )
-    .expect("the twin is written");
-    let (code, out, err) = run(&[
-        "bench",
-        "policy",
-        "--vs-torch",
-        "--runs",
-        "2",
-        "--json",
+/// `bench policy --vs-torch --runs 2 --json` of a tiny model against the stand-in twin
+/// `twin`, with the flags `extra`.
+fn bench_against(twin: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
+    let twin = twin.to_str().expect("a UTF-8 temp dir");
+    let mut args = vec!["bench", "policy", "--vs-torch", "--runs", "2", "--json"];
+    args.extend_from_slice(extra);
+    args.extend([
         "--twin",
-        twin.to_str().expect("a UTF-8 temp dir"),
+        twin,
         "--batch",
         "2",
         "--prompt",
@@ -228,15 +211,39 @@ fn vs_torch_reports_the_ratio_of_medians_and_each_runs_ratio() {
         "--reps",
         "1",
     ]);
+    run(&args)
+}
+
+#[test]
+fn vs_torch_reports_the_ratio_of_medians_and_each_runs_ratio() {
+    // A stand-in twin (same JSON keys as benches/torch_twin.py) that reports 100 / 200 /
+    // 300 tokens/s on its first run and 400 / 800 / 1200 on its second.
+    let dir = std::env::temp_dir().join(format!("goodhart-twin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let twin = dir.join("twin.py");
+    std::fs::write(
+        &twin,
+        "import json, os, sys\n\
+         p = os.path.join(os.path.dirname(sys.argv[0]), 'count')\n\
+         n = int(open(p).read()) if os.path.exists(p) else 0\n\
+         open(p, 'w').write(str(n + 1))\n\
+         f = [100.0, 400.0][n]\n\
+         print(json.dumps({'gen_tok_s': f, 'score_tok_s': 2 * f, 'train_tok_s': 3 * f}))\n",
+    )
+    .expect("the twin is written");
+    let (code, out, err) = bench_against(&twin, &[]);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, 0, "{err}");
     let json: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    // goodhart's figures of each run, as it logged them (one decimal).
+    assert_pair_ratios(&json, &logged_figures(&err));
+}
+
+/// goodhart's figures of each run or round, as it logged them (one decimal).
+fn logged_figures(err: &str) -> Vec<Vec<f64>> {
     let ours: Vec<Vec<f64>> = err
         .lines()
-        .filter(|l| l.contains("goodhart:"))
-        .map(|l| {
-            let figures = l.split("goodhart:").nth(1).expect("figures");
+        .filter_map(|l| l.split("goodhart:").nth(1))
+        .map(|figures| {
             let figures = figures.split("tokens/s").next().expect("figures");
             figures
                 .split('/')
@@ -245,6 +252,13 @@ fn vs_torch_reports_the_ratio_of_medians_and_each_runs_ratio() {
         })
         .collect();
     assert_eq!(ours.len(), 2, "{err}");
+    ours
+}
+
+/// The report of two runs or rounds against a stand-in twin whose figures are 100 / 200 /
+/// 300 tokens/s in the first and 400 / 800 / 1200 in the second, given goodhart's figures
+/// of each (`ours[run][figure]`).
+fn assert_pair_ratios(json: &serde_json::Value, ours: &[Vec<f64>]) {
     for (i, key) in ["gen", "score", "train"].into_iter().enumerate() {
         let scale = (i + 1) as f64;
         // Each run's ratio against that run of the twin.
@@ -271,4 +285,54 @@ fn vs_torch_reports_the_ratio_of_medians_and_each_runs_ratio() {
         let ratio = json["ratio"][key].as_f64().unwrap();
         assert!(close(ratio, median_ours / (400.0 * scale)), "{key}: {json}");
     }
+}
+
+#[test]
+fn interleave_alternates_single_measurements_with_a_long_lived_twin() {
+    // A stand-in for benches/twin_calls.py: ready at once, then 100 / 200 / 300 tokens/s
+    // for the first request of each figure and 400 / 800 / 1200 for the second. It logs
+    // its flags and every request.
+    let dir = std::env::temp_dir().join(format!("goodhart-calls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let twin = dir.join("twin.py");
+    std::fs::write(&twin, "raise SystemExit('only imported by the server')\n").expect("written");
+    std::fs::write(
+        dir.join("twin_calls.py"),
+        "import os, sys\n\
+         log = open(os.path.join(os.path.dirname(sys.argv[0]), 'log'), 'w')\n\
+         log.write(' '.join(sys.argv[1:]) + '\\n'); log.flush()\n\
+         print('ready', flush=True)\n\
+         base = {'gen_tok_s': 100.0, 'score_tok_s': 200.0, 'train_tok_s': 300.0}\n\
+         seen = {}\n\
+         for line in sys.stdin:\n\
+         \x20   f = line.strip(); log.write(f + '\\n'); log.flush()\n\
+         \x20   if f == 'quit': break\n\
+         \x20   seen[f] = seen.get(f, 0) + 1\n\
+         \x20   print(base[f] * [1, 4][seen[f] - 1], flush=True)\n",
+    )
+    .expect("the server is written");
+    let (code, out, err) = bench_against(&twin, &["--interleave"]);
+    let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = log.lines().collect();
+    // One process: the twin's script and flags, then the figures in order, round by
+    // round, and `quit`.
+    assert!(
+        lines[0].starts_with(&format!("--twin {}", twin.display()))
+            && lines[0].contains("--reps 1"),
+        "{log}"
+    );
+    let figures = ["gen_tok_s", "score_tok_s", "train_tok_s"];
+    let expected: Vec<&str> = figures
+        .iter()
+        .chain(&figures)
+        .copied()
+        .chain(["quit"])
+        .collect();
+    assert_eq!(lines[1..], expected[..], "{log}");
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(json["interleave"], true, "{json}");
+    assert_eq!(json["torch"]["gen_tok_s"], 400.0, "{json}");
+    assert_pair_ratios(&json, &logged_figures(&err));
 }

@@ -1,6 +1,8 @@
 //! `cargo xtask bench policy`: generation, scoring and train-step throughput of the policy
 //! LM, the same three figures as the PyTorch-eager twin (`benches/torch_twin.py`), and
-//! `--vs-torch` to measure both alternately and print the ratios.
+//! `--vs-torch` to measure both alternately and print the ratios: whole runs in turn, or
+//! with `--interleave` single measurements of each figure in turn between two long-lived
+//! processes (`benches/twin_calls.py` serves the twin's).
 //!
 //! The model is the twin's: decoder-only, pre-norm, LayerNorm, fused QKV with biases,
 //! exact GELU MLP of width 4D, untied LM head without bias. Figures, each after a warm-up:
@@ -12,8 +14,9 @@
 //!   backward, AdamW at lr 1e-4).
 
 use std::{
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::Instant,
 };
 
@@ -119,6 +122,16 @@ pub struct Figures {
     pub train_tok_s: f64,
 }
 
+impl From<[f64; 3]> for Figures {
+    fn from([gen_tok_s, score_tok_s, train_tok_s]: [f64; 3]) -> Self {
+        Self {
+            gen_tok_s,
+            score_tok_s,
+            train_tok_s,
+        }
+    }
+}
+
 impl Figures {
     const NAMES: [&'static str; 3] = ["gen_tok_s", "score_tok_s", "train_tok_s"];
 
@@ -135,12 +148,15 @@ impl Figures {
 positions, batch 64, prompt 16, 64 new tokens, 3 reps). --vs-torch runs this and the PyTorch-eager \
 twin (benches/torch_twin.py) alternately, --runs times each, and prints the medians, their \
 ratios, the lowest and highest ratio of one run to the twin's beside it, and those ratios' median \
-with a 95% bootstrap interval. --hf MODEL_DIR \
+with a 95% bootstrap interval. With --interleave, one twin process (benches/twin_calls.py, beside \
+the twin) serves single measurements, and each figure of each of --runs rounds is measured by both \
+sides back to back, each side going first in alternate rounds. --hf MODEL_DIR \
 measures the architecture a Hugging Face config.json describes (random weights; --batch, --prompt, \
 --response and --reps still apply) against transformers' own model of it (benches/hf_twin.py).
 
 Examples:
   cargo xtask bench policy --vs-torch
+  cargo xtask bench policy --vs-torch --interleave --runs 15
   cargo xtask bench policy --batch 16 --response 32 --positions rotary --json
   cargo xtask bench policy --hf /tmp/smollm2 --batch 8 --vs-torch"
 )]
@@ -178,9 +194,13 @@ pub struct PolicyArgs {
     /// Alternate with the PyTorch-eager twin and print the ratios
     #[arg(long)]
     vs_torch: bool,
-    /// With --vs-torch: runs of each side
+    /// With --vs-torch: runs of each side (rounds with --interleave)
     #[arg(long, default_value_t = 3, value_parser = crate::positive)]
     runs: usize,
+    /// With --vs-torch: keep one process per side and alternate single measurements of
+    /// each figure between them, instead of alternating whole runs (benches/twin_calls.py)
+    #[arg(long, requires = "vs_torch", conflicts_with = "hf")]
+    interleave: bool,
     /// With --vs-torch: the Python that runs the twin
     #[arg(long, default_value = "python3")]
     python: String,
@@ -222,8 +242,14 @@ pub fn command(args: PolicyArgs) -> Result<()> {
         },
         reps: args.reps.unwrap_or(d.reps),
     };
-    let (json, vs_torch, runs, python, hf) =
-        (args.json, args.vs_torch, args.runs, args.python, args.hf);
+    let (json, vs_torch, runs, python, hf, interleave) = (
+        args.json,
+        args.vs_torch,
+        args.runs,
+        args.python,
+        args.hf,
+        args.interleave,
+    );
     let mut twin = args.twin.unwrap_or_else(default_twin);
     // The model, and the twin that builds the same one: goodhart's own shape against
     // `torch_twin.py`, or a Hugging Face config against transformers (`hf_twin.py`).
@@ -291,27 +317,40 @@ pub fn command(args: PolicyArgs) -> Result<()> {
         DeviceSpec::Cuda(n) => format!("cuda:{n}"),
         DeviceSpec::Wgpu(_) => bail!("--vs-torch: PyTorch has no wgpu device; use cpu or cuda"),
     };
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for run in 1..=runs {
-        let timed = |who: &str, f: &dyn Fn() -> Result<Figures>| {
-            let start = Instant::now();
-            let out = f()?;
-            eprintln!(
-                "run {run}/{runs} {who:<9} {:.1} / {:.1} / {:.1} tokens/s ({:.1} s)",
-                out.gen_tok_s,
-                out.score_tok_s,
-                out.train_tok_s,
-                start.elapsed().as_secs_f64()
+    let (ours, theirs) = if interleave {
+        let server = twin.with_file_name("twin_calls.py");
+        if !server.is_file() {
+            bail!(
+                "--interleave: the twin's server {} is not there (beside --twin FILE)",
+                server.display()
             );
-            anyhow::Ok(out)
-        };
-        ours.push(timed("goodhart:", &|| {
-            measure_model(device, shape, model.clone())
-        })?);
-        theirs.push(timed("torch:", &|| {
-            run_twin(&python, &twin, &twin_args, &torch_device)
-        })?);
-    }
+        }
+        let mut calls = TwinCalls::start(&python, &server, &twin, &twin_args, &torch_device)?;
+        measure_rounds(device, shape, model, Some(&mut calls), runs)?
+    } else {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for run in 1..=runs {
+            let timed = |who: &str, f: &dyn Fn() -> Result<Figures>| {
+                let start = Instant::now();
+                let out = f()?;
+                eprintln!(
+                    "run {run}/{runs} {who:<9} {:.1} / {:.1} / {:.1} tokens/s ({:.1} s)",
+                    out.gen_tok_s,
+                    out.score_tok_s,
+                    out.train_tok_s,
+                    start.elapsed().as_secs_f64()
+                );
+                anyhow::Ok(out)
+            };
+            ours.push(timed("goodhart:", &|| {
+                measure_model(device, shape, model.clone())
+            })?);
+            theirs.push(timed("torch:", &|| {
+                run_twin(&python, &twin, &twin_args, &torch_device)
+            })?);
+        }
+        (ours, theirs)
+    };
     let pairs = (0..3)
         .map(|i| PairRatios::new(&ours, &theirs, i))
         .collect::<Result<Vec<_>>>()?;
@@ -329,6 +368,7 @@ pub fn command(args: PolicyArgs) -> Result<()> {
             "shape": shape_json,
             "device": device.to_string(),
             "runs": runs,
+            "interleave": interleave,
             "threads": threads(),
             "goodhart": ours,
             "torch": theirs,
@@ -347,7 +387,12 @@ pub fn command(args: PolicyArgs) -> Result<()> {
         println!("{out}");
     } else {
         println!(
-            "medians of {runs} alternating runs, {} threads, {shape_json}",
+            "medians of {runs} alternating {}, {} threads, {shape_json}",
+            if interleave {
+                "rounds of single measurements"
+            } else {
+                "runs"
+            },
             threads()
         );
         println!(
@@ -500,6 +545,93 @@ fn run_twin(python: &str, twin: &Path, args: &[String], device: &str) -> Result<
     serde_json::from_str(line).with_context(|| format!("the twin's output: {line}"))
 }
 
+/// A long-lived PyTorch-eager twin (`benches/twin_calls.py` around the twin's model) that
+/// measures one figure per request, for `--interleave`.
+struct TwinCalls {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl TwinCalls {
+    /// Starts `server` with the twin's script and flags, and waits for its warm-ups.
+    fn start(
+        python: &str,
+        server: &Path,
+        twin: &Path,
+        args: &[String],
+        device: &str,
+    ) -> Result<Self> {
+        let mut child = Command::new(python)
+            .arg(server)
+            .arg("--twin")
+            .arg(twin)
+            .args(args)
+            .args(["--device", device, "--threads", &threads().to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("could not start `{python}` for the PyTorch twin"))?;
+        let stdin = child.stdin.take().context("the twin's stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("the twin's stdout")?);
+        let mut twin = Self {
+            child,
+            stdin,
+            stdout,
+        };
+        let line = twin.line()?;
+        if line != "ready" {
+            bail!(
+                "the PyTorch twin {} did not start: {line:?}",
+                server.display()
+            );
+        }
+        Ok(twin)
+    }
+
+    /// The twin's next output line, or why there is none.
+    fn line(&mut self) -> Result<String> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            let status = self.child.wait()?;
+            bail!("the PyTorch twin exited ({status}); its error is above");
+        }
+        Ok(line.trim().to_string())
+    }
+
+    /// One measurement of `figure` (a [`Figures`] key) by the twin.
+    fn measure(&mut self, figure: &str) -> Result<f64> {
+        writeln!(self.stdin, "{figure}")?;
+        self.stdin.flush()?;
+        let line = self.line()?;
+        line.parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .with_context(|| format!("the PyTorch twin's {figure}: {line:?}"))
+    }
+}
+
+impl Drop for TwinCalls {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+    }
+}
+
+/// Seconds that `reps` calls of `f` take, after one untimed call first when `warm_up`.
+fn time_calls(reps: usize, warm_up: bool, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    if warm_up {
+        f()?;
+    }
+    let start = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
 fn sync<B: Backend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
 }
@@ -512,11 +644,27 @@ pub fn measure(device: DeviceSpec, shape: Shape) -> Result<Figures> {
 /// Measures the three figures of a model of architecture `cfg` (random weights) with
 /// `shape`'s batch, prompt, response and reps.
 fn measure_model(device: DeviceSpec, shape: Shape, cfg: TransformerConfig) -> Result<Figures> {
-    struct Job(Shape, TransformerConfig);
-    impl BackendJob for Job {
-        type Output = Result<Figures>;
-        fn run<B: Backend>(self, device: B::Device) -> Result<Figures> {
-            let (s, cfg) = (self.0, self.1);
+    let (ours, _) = measure_rounds(device, shape, cfg, None, 1)?;
+    Ok(ours[0])
+}
+
+/// The three figures of a model of architecture `cfg` (random weights) with `shape`'s
+/// batch, prompt, response and reps, measured `rounds` times in one process. With `twin`,
+/// the twin measures each figure right after goodhart in even rounds and right before it
+/// in odd ones. Returns goodhart's figures and the twin's (none without a twin), a
+/// [`Figures`] per round each.
+fn measure_rounds(
+    device: DeviceSpec,
+    shape: Shape,
+    cfg: TransformerConfig,
+    twin: Option<&mut TwinCalls>,
+    rounds: usize,
+) -> Result<(Vec<Figures>, Vec<Figures>)> {
+    struct Job<'a>(Shape, TransformerConfig, Option<&'a mut TwinCalls>, usize);
+    impl BackendJob for Job<'_> {
+        type Output = Result<(Vec<Figures>, Vec<Figures>)>;
+        fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+            let (s, cfg, mut twin, rounds) = (self.0, self.1, self.2, self.3);
             B::seed(&device, 0);
             let model = cfg.init::<B>(&device)?;
             let prompt = Tensor::<B, 2, Int>::random(
@@ -538,58 +686,89 @@ fn measure_model(device: DeviceSpec, shape: Shape, cfg: TransformerConfig) -> Re
                 anyhow::Ok(g)
             };
             run(8.min(s.response), &mut rng)?;
-            let start = Instant::now();
-            let mut last = None;
-            for _ in 0..s.reps {
-                last = Some(run(s.response, &mut rng)?);
-            }
-            let secs = start.elapsed().as_secs_f64();
-            let gen_tok_s = (s.reps * s.batch * s.response) as f64 / secs;
-            let g = last.expect("reps >= 1");
-
             let full = s.batch * (s.prompt + s.response);
-            let score_once = || {
-                let sc = score(&model, g.tokens.clone(), g.attention_mask.clone(), 1.0)?;
-                sync::<B>(&device)?;
-                anyhow::Ok(sc)
-            };
-            score_once()?;
-            let start = Instant::now();
-            for _ in 0..s.reps {
-                score_once()?;
+            // Filled by the first round: the sequences scored and trained on, and the
+            // trained model with its optimizer and batch (after a warm-up each).
+            let mut sequences = None;
+            let mut trainer = None;
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for round in 0..rounds {
+                let (mut mine, mut other) = ([0.0; 3], [0.0; 3]);
+                for (i, name) in Figures::NAMES.iter().enumerate() {
+                    let twin_first = round % 2 == 1;
+                    if let (true, Some(t)) = (twin_first, twin.as_deref_mut()) {
+                        other[i] = t.measure(name)?;
+                    }
+                    mine[i] = match i {
+                        0 => {
+                            let start = Instant::now();
+                            let mut last = None;
+                            for _ in 0..s.reps {
+                                last = Some(run(s.response, &mut rng)?);
+                            }
+                            let secs = start.elapsed().as_secs_f64();
+                            sequences = last;
+                            (s.reps * s.batch * s.response) as f64 / secs
+                        }
+                        1 => {
+                            let g = sequences.as_ref().expect("generation runs first");
+                            let secs = time_calls(s.reps, round == 0, || {
+                                score(&model, g.tokens.clone(), g.attention_mask.clone(), 1.0)?;
+                                sync::<B>(&device)
+                            })?;
+                            (s.reps * full) as f64 / secs
+                        }
+                        _ => {
+                            if trainer.is_none() {
+                                let g = sequences.as_ref().expect("generation runs first");
+                                let ids: Vec<i64> =
+                                    g.tokens.to_data().convert::<i64>().into_vec()?;
+                                let examples: Vec<sft::SftExample> = ids
+                                    .chunks(s.prompt + g.response_len)
+                                    .map(|row| {
+                                        sft::SftExample::new(
+                                            row.iter().map(|&t| t as usize).collect(),
+                                        )
+                                    })
+                                    .collect();
+                                let refs: Vec<&sft::SftExample> = examples.iter().collect();
+                                let batch = sft::collate::<Autodiff<B>>(&refs, 0, &device)?;
+                                let model = cfg.init::<Autodiff<B>>(&device)?;
+                                trainer = Some((Some(model), AdamWConfig::new().init(), batch));
+                            }
+                            let (model, optim, batch) =
+                                trainer.as_mut().expect("the trainer is set up above");
+                            let secs = time_calls(s.reps, round == 0, || {
+                                let m = model.take().expect("model");
+                                let loss = sft::nll(&m, batch)?;
+                                let grads = GradientsParams::from_grads(loss.backward(), &m);
+                                *model = Some(optim.step(1e-4, m, grads));
+                                sync::<B>(&device)
+                            })?;
+                            (s.reps * full) as f64 / secs
+                        }
+                    };
+                    if let (false, Some(t)) = (twin_first, twin.as_deref_mut()) {
+                        other[i] = t.measure(name)?;
+                    }
+                }
+                ours.push(Figures::from(mine));
+                if twin.is_some() {
+                    let (a, b) = (Figures::from(mine), Figures::from(other));
+                    for (who, f) in [("goodhart:", &a), ("torch:", &b)] {
+                        eprintln!(
+                            "round {}/{rounds} {who:<9} {:.1} / {:.1} / {:.1} tokens/s",
+                            round + 1,
+                            f.gen_tok_s,
+                            f.score_tok_s,
+                            f.train_tok_s
+                        );
+                    }
+                    theirs.push(b);
+                }
             }
-            let score_tok_s = (s.reps * full) as f64 / start.elapsed().as_secs_f64();
-
-            let mut model = Some(cfg.init::<Autodiff<B>>(&device)?);
-            let mut optim = AdamWConfig::new().init();
-            let ids: Vec<i64> = g.tokens.to_data().convert::<i64>().into_vec()?;
-            let width = s.prompt + g.response_len;
-            let examples: Vec<sft::SftExample> = ids
-                .chunks(width)
-                .map(|row| sft::SftExample::new(row.iter().map(|&t| t as usize).collect()))
-                .collect();
-            let refs: Vec<&sft::SftExample> = examples.iter().collect();
-            let batch = sft::collate::<Autodiff<B>>(&refs, 0, &device)?;
-            let mut step = || {
-                let m = model.take().expect("model");
-                let loss = sft::nll(&m, &batch)?;
-                let grads = GradientsParams::from_grads(loss.backward(), &m);
-                model = Some(optim.step(1e-4, m, grads));
-                sync::<B>(&device)?;
-                anyhow::Ok(())
-            };
-            step()?;
-            let start = Instant::now();
-            for _ in 0..s.reps {
-                step()?;
-            }
-            let train_tok_s = (s.reps * full) as f64 / start.elapsed().as_secs_f64();
-            Ok(Figures {
-                gen_tok_s,
-                score_tok_s,
-                train_tok_s,
-            })
+            Ok((ours, theirs))
         }
     }
-    dispatch(device, Job(shape, cfg))?
+    dispatch(device, Job(shape, cfg, twin, rounds))?
 }
