@@ -694,20 +694,17 @@ fn measure_rounds(
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             for round in 0..rounds {
                 let (mut mine, mut other) = ([0.0; 3], [0.0; 3]);
+                let twin_first = round % 2 == 1;
                 for (i, name) in Figures::NAMES.iter().enumerate() {
-                    let twin_first = round % 2 == 1;
                     if let (true, Some(t)) = (twin_first, twin.as_deref_mut()) {
                         other[i] = t.measure(name)?;
                     }
                     mine[i] = match i {
                         0 => {
-                            let start = Instant::now();
-                            let mut last = None;
-                            for _ in 0..s.reps {
-                                last = Some(run(s.response, &mut rng)?);
-                            }
-                            let secs = start.elapsed().as_secs_f64();
-                            sequences = last;
+                            let secs = time_calls(s.reps, false, || {
+                                sequences = Some(run(s.response, &mut rng)?);
+                                Ok(())
+                            })?;
                             (s.reps * s.batch * s.response) as f64 / secs
                         }
                         1 => {
@@ -752,9 +749,9 @@ fn measure_rounds(
                         other[i] = t.measure(name)?;
                     }
                 }
-                ours.push(Figures::from(mine));
+                let (a, b) = (Figures::from(mine), Figures::from(other));
+                ours.push(a);
                 if twin.is_some() {
-                    let (a, b) = (Figures::from(mine), Figures::from(other));
                     for (who, f) in [("goodhart:", &a), ("torch:", &b)] {
                         eprintln!(
                             "round {}/{rounds} {who:<9} {:.1} / {:.1} / {:.1} tokens/s",
